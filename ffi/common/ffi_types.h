@@ -1,0 +1,52 @@
+// Mapping from XLA FFI buffer types to the kernels' DType, and shape printing
+// for error messages.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "ffi/common/dtype.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mla {
+
+inline std::optional<DType> ToDType(xla::ffi::DataType t) {
+  switch (t) {
+    case xla::ffi::DataType::F32: return DType::kF32;
+    case xla::ffi::DataType::F16: return DType::kF16;
+    case xla::ffi::DataType::BF16: return DType::kBF16;
+    default: return std::nullopt;
+  }
+}
+
+template <typename Dims>
+std::string ShapeString(const Dims& dims) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
+  s << "]";
+  return s.str();
+}
+
+// True when `dims` equals `expected` exactly.
+template <typename Dims>
+bool ShapeIs(const Dims& dims, std::initializer_list<int64_t> expected) {
+  if (dims.size() != expected.size()) return false;
+  size_t i = 0;
+  for (int64_t e : expected)
+    if (dims[i++] != e) return false;
+  return true;
+}
+
+inline std::string ShapeString(std::initializer_list<int64_t> dims) {
+  std::ostringstream s;
+  s << "[";
+  size_t i = 0;
+  for (int64_t d : dims) s << (i++ ? ", " : "") << d;
+  s << "]";
+  return s.str();
+}
+
+}  // namespace jax_mla

@@ -1,0 +1,66 @@
+// Plain parameter structs shared by the FFI handlers (ffi/<backend>/<op>) and
+// the kernels. Every pointer is commented with the shape it points to.
+#pragma once
+
+#include <cstdint>
+
+#include "ffi/common/dtype.h"
+
+namespace jax_mla {
+
+// A strided view of key or value rows: row t of (batch b, kv head h) starts at
+// data + b * batch_stride + t * row_stride + h * head_stride (in elements).
+struct RowView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t batch_stride = 0;
+  int64_t row_stride = 0;
+  int64_t head_stride = 0;
+};
+
+// Attention of Sq query positions x Hq heads against Skv keys of Hkv heads.
+// flash_attention and flash_mla both reduce to it: MLA is Hkv = 1 with K the
+// whole latent row and V a slice of the same row (same data, other offset).
+struct AttentionParams {
+  int64_t batch = 0;     // B
+  int64_t seq_q = 0;     // Sq
+  int64_t heads_q = 0;   // Hq
+  int64_t heads_kv = 0;  // Hkv, divides Hq
+  int64_t seq_kv = 0;    // Skv
+  int64_t dk = 0;        // K head dim (q and k rows)
+  int64_t dv = 0;        // V head dim (v rows and output)
+  float scale = 1.f;
+  bool causal = false;
+
+  const void* q = nullptr;  // [B, Sq, Hq, Dk], dtype q_dtype
+  DType q_dtype = DType::kF32;
+  RowView k;                // K rows [B, Skv, Hkv, Dk] (or MLA latent rows)
+  RowView v;                // V rows [B, Skv, Hkv, Dv] (or a slice of the latent rows)
+  const int32_t* q_pos = nullptr;   // [B]: absolute position of query row 0
+  const int32_t* kv_len = nullptr;  // [B]: keys at positions >= kv_len do not exist
+
+  void* out = nullptr;      // [B, Sq, Hq, Dv], dtype q_dtype
+  float* lse = nullptr;     // [B, Hq, Sq]
+
+  // Split-KV: the key range is cut into num_splits chunks of split_len keys;
+  // with num_splits > 1 each split writes its normalized partial output and
+  // LSE here and a combine step merges them by LSE.
+  int64_t num_splits = 1;
+  int64_t split_len = 0;
+  float* part_out = nullptr;  // [B, num_splits, Sq, Hq, Dv] float32
+  float* part_lse = nullptr;  // [B, num_splits, Sq, Hq] float32
+};
+
+// Number of keys a row at query position `pos` sees, given the batch row's
+// kv_len (clamped to [0, Skv], DESIGN.md) and the causal flag. Visible keys are
+// always the prefix [0, n) of the cache.
+inline int64_t VisibleKeys(int64_t pos, int32_t kv_len, int64_t seq_kv, bool causal) {
+  int64_t n = kv_len < 0 ? 0 : (kv_len > seq_kv ? seq_kv : int64_t(kv_len));
+  if (causal) {
+    const int64_t limit = pos + 1 < 0 ? 0 : pos + 1;
+    if (limit < n) n = limit;
+  }
+  return n;
+}
+
+}  // namespace jax_mla

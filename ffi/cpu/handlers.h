@@ -1,0 +1,11 @@
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mla::cpu {
+
+// FFI handlers, registered as jax_mla_flash_attention / jax_mla_flash_mla.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
+
+}  // namespace jax_mla::cpu

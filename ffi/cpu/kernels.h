@@ -1,0 +1,59 @@
+// The interface between the CPU drivers (which split work across threads and
+// handle positions, splits and outputs) and the kernels (which are compiled
+// once per ISA level in ffi/cpu/kernels.cc and chosen at run time, isa.cc).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "ffi/common/dtype.h"
+
+namespace jax_mla::cpu {
+
+// Keys per tile of the attention kernels. The Python num_splits heuristic reads
+// it through the module's kv_tile() so that there is one table (STYLE.md #8).
+inline constexpr int64_t kKvTile = 32;
+
+// A block of query rows that attend to the same key/value head.
+struct RowBlock {
+  int64_t n_rows = 0;
+  const float* q = nullptr;      // [n_rows, dk] float32, already multiplied by scale
+  const int64_t* end = nullptr;  // [n_rows] exclusive key end of each row (<= kv_end)
+  float* o = nullptr;            // [n_rows, dv] running unnormalized output
+  float* m = nullptr;            // [n_rows] running max of the scores (-inf at start)
+  float* l = nullptr;            // [n_rows] running sum of exp(score - m)
+};
+
+// Key and value rows of one (batch, kv head): row t starts at data + t * stride
+// (elements of dtype).
+struct KvRows {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t stride = 0;
+};
+
+struct KernelTable {
+  const char* isa;
+  // Online-softmax attention of `rows` over keys [kv_begin, max(rows.end)),
+  // updating o/m/l. `scratch` holds AttendScratchFloats(dk, dv) floats.
+  void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk,
+                 int64_t dv, int64_t kv_begin, float* scratch);
+  // dst[i] = float(src[i]) for i < n.
+  void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
+};
+
+inline size_t AttendScratchFloats(int64_t dk, int64_t dv) {
+  return size_t(dk * kKvTile + kKvTile * dv + kKvTile + dk);
+}
+
+// The kernels for the ISA chosen by JAX_MLA_CPU_ISA (auto|avx2|avx512|generic,
+// default auto = the best the CPU has). Returns nullptr and sets *error when the
+// requested ISA is unknown, not built, or not supported by this CPU.
+const KernelTable* SelectKernels(std::string* error);
+
+// ISAs compiled into this build and, of those, the ones this CPU can run.
+std::string BuiltIsas();
+std::string SupportedIsas();
+
+}  // namespace jax_mla::cpu

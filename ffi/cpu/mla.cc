@@ -1,0 +1,124 @@
+// flash_mla on the CPU: one latent KV head; K is the whole latent row and V is
+// dv columns of the same row starting at v_offset, read in place (no V copy).
+// Checks, parameters, then the shared driver (flash.cc) with split-KV.
+#include "ffi/common/check.h"
+#include "ffi/common/ffi_types.h"
+#include "ffi/common/params.h"
+#include "ffi/cpu/flash.h"
+#include "ffi/cpu/handlers.h"
+
+namespace jax_mla::cpu {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 576;
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q_pos,
+                    ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
+                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                    ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                    ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
+                    int64_t num_splits, AttentionParams* p) {
+  const auto qd = q.dimensions(), kd = kv.dimensions();
+  JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
+      << "flash_mla: q must have rank 4 [B, Sq, H, Dk], got shape " << ShapeString(qd);
+  JAX_MLA_CHECK(kd.size() == 3, InvalidArgument)
+      << "flash_mla: kv must have rank 3 [B, Skv, Dk], got shape " << ShapeString(kd);
+  const auto qt = ToDType(q.element_type()), kt = ToDType(kv.element_type());
+  JAX_MLA_CHECK(qt && kt, InvalidArgument)
+      << "flash_mla: q and kv must be float32, float16 or bfloat16";
+  const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = kd[1];
+  JAX_MLA_CHECK(kd[0] == B && kd[2] == Dk, InvalidArgument)
+      << "flash_mla: kv shape " << ShapeString(kd) << " must be [" << B << ", Skv, " << Dk
+      << "] to match q " << ShapeString(qd);
+  JAX_MLA_CHECK(ShapeIs(q_pos.dimensions(), {B}) && ShapeIs(kv_len.dimensions(), {B}),
+                InvalidArgument)
+      << "flash_mla: q_pos and kv_len must have shape [" << B << "], got "
+      << ShapeString(q_pos.dimensions()) << " and " << ShapeString(kv_len.dimensions());
+  JAX_MLA_CHECK(dv > 0 && v_offset >= 0 && v_offset + dv <= Dk, InvalidArgument)
+      << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", "
+      << v_offset + dv << ") must lie inside the row of " << Dk;
+  JAX_MLA_CHECK(num_splits >= 1, InvalidArgument)
+      << "flash_mla: num_splits must be >= 1, got " << num_splits;
+  JAX_MLA_CHECK(Dk % 16 == 0 && dv % 16 == 0 && Dk <= kMaxHeadDim, Unimplemented)
+      << "flash_mla (CPU): Dk and dv must be multiples of 16 with Dk <= " << kMaxHeadDim
+      << ", got Dk = " << Dk << ", dv = " << dv;
+  JAX_MLA_CHECK(out->element_type() == q.element_type() && ShapeIs(out->dimensions(), {B, Sq, H, dv}),
+                InvalidArgument)
+      << "flash_mla: output must be " << ShapeString({B, Sq, H, dv}) << " in q's dtype, got "
+      << ShapeString(out->dimensions());
+  JAX_MLA_CHECK(ShapeIs(lse->dimensions(), {B, H, Sq}), InvalidArgument)
+      << "flash_mla: lse must be " << ShapeString({B, H, Sq}) << ", got "
+      << ShapeString(lse->dimensions());
+  if (num_splits > 1) {
+    JAX_MLA_CHECK(ShapeIs(part_out->dimensions(), {B, num_splits, Sq, H, dv}) &&
+                      ShapeIs(part_lse->dimensions(), {B, num_splits, Sq, H}),
+                  InvalidArgument)
+        << "flash_mla: split partials must be " << ShapeString({B, num_splits, Sq, H, dv})
+        << " and " << ShapeString({B, num_splits, Sq, H}) << ", got "
+        << ShapeString(part_out->dimensions()) << " and " << ShapeString(part_lse->dimensions());
+  }
+
+  p->batch = B;
+  p->seq_q = Sq;
+  p->heads_q = H;
+  p->heads_kv = 1;
+  p->seq_kv = Skv;
+  p->dk = Dk;
+  p->dv = dv;
+  p->q = q.untyped_data();
+  p->q_dtype = *qt;
+  p->k = RowView{kv.untyped_data(), *kt, Skv * Dk, Dk, 0};
+  // V is a view of the same rows, shifted by v_offset elements.
+  p->v = RowView{static_cast<const char*>(kv.untyped_data()) + v_offset * DTypeBytes(*kt), *kt,
+                 Skv * Dk, Dk, 0};
+  p->q_pos = q_pos.typed_data();
+  p->kv_len = kv_len.typed_data();
+  p->out = out->untyped_data();
+  p->lse = lse->typed_data();
+  p->num_splits = num_splits;
+  // Splits cover whole key tiles; trailing splits may be empty (LSE -inf).
+  p->split_len = CeilDiv(CeilDiv(std::max<int64_t>(Skv, 1), num_splits), kKvTile) * kKvTile;
+  p->part_out = part_out->typed_data();
+  p->part_lse = part_lse->typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Future FlashMla(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kv,
+                     ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                     ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                     ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale, bool causal,
+                     int64_t dv, int64_t v_offset, int64_t num_splits) {
+  AttentionParams p;
+  ffi::Error error = CheckMla(q, kv, q_pos, kv_len, out, lse, part_out, part_lse, dv, v_offset,
+                              num_splits, &p);
+  if (error.failure()) return ReadyFuture(std::move(error));
+  const KernelTable* kernels = CurrentKernels(&error);
+  if (kernels == nullptr) return ReadyFuture(std::move(error));
+  p.scale = scale;
+  p.causal = causal;
+  return RunFlash(p, *kernels, pool);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // q [B, Sq, H, Dk]
+                                  .Arg<ffi::AnyBuffer>()          // kv [B, Skv, Dk] latent rows
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_len [B]
+                                  .Ret<ffi::AnyBuffer>()          // out [B, Sq, H, dv]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse [B, H, Sq]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_out [B, ns, Sq, H, dv] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_lse [B, ns, Sq, H] or [0]
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("dv")
+                                  .Attr<int64_t>("v_offset")
+                                  .Attr<int64_t>("num_splits"));
+
+}  // namespace jax_mla::cpu

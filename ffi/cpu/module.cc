@@ -1,0 +1,40 @@
+// The _cpu nanobind module: bindings only.
+#include <string>
+#include <type_traits>
+
+#include "ffi/cpu/handlers.h"
+#include "ffi/cpu/kernels.h"
+#include "nanobind/nanobind.h"
+#include "nanobind/stl/string.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename T>
+nb::capsule EncapsulateFfiHandler(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "Encapsulated function must be an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_cpu, m) {
+  m.def("registrations", [] {
+    nb::dict d;
+    d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttention);
+    d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMla);
+    return d;
+  });
+  m.def("kv_tile", [] { return jax_mla::cpu::kKvTile; },
+        "Keys per kernel tile; num_splits is clamped to the number of tiles.");
+  m.def("isa", [] {
+    std::string error;
+    const jax_mla::cpu::KernelTable* t = jax_mla::cpu::SelectKernels(&error);
+    if (t == nullptr) throw nb::value_error(error.c_str());
+    return std::string(t->isa);
+  }, "The ISA path the kernels take now (JAX_MLA_CPU_ISA or the best available).");
+  m.def("built_isas", &jax_mla::cpu::BuiltIsas);
+  m.def("supported_isas", &jax_mla::cpu::SupportedIsas);
+}

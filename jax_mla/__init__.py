@@ -1,0 +1,10 @@
+"""jax_mla: DeepSeek-style attention (MLA over the latent cache, flash
+attention with Dk != Dv, split-KV decoding) as native XLA FFI kernels for JAX."""
+
+from jax_mla._ffi import backends
+from jax_mla.attention import flash_attention
+from jax_mla.mla import flash_mla
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "flash_attention", "flash_mla"]

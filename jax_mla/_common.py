@@ -1,0 +1,143 @@
+"""Argument checks, position handling, backend choice and vmap folding shared by
+the ops (attention.py, mla.py).
+
+Errors follow DESIGN.md: TypeError for a wrong kind of value or dtype,
+ValueError for wrong ranks, mismatched dims and out-of-range concrete values,
+NotImplementedError for valid configurations a backend does not support yet.
+Every message names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mla import _ffi
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+BACKENDS = (None, "native", "reference")
+# CPU kernels take any head dim that is a multiple of 16 up to this (DESIGN.md).
+CPU_MAX_HEAD_DIM = 576
+
+
+def check_float_array(op: str, name: str, x, rank: int, layout: str) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{op}: {name} must be an array {layout}, got {type(x).__name__}")
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float32, float16 or bfloat16, got dtype {jnp.dtype(x.dtype)}")
+    if x.ndim != rank:
+        raise ValueError(f"{op}: {name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")
+
+
+def check_scale(op: str, scale, default: float) -> float:
+    if scale is None:
+        return default
+    if isinstance(scale, jax.core.Tracer) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a static Python or numpy float, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_static_int(op: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be a static int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def per_batch_int32(op: str, name: str, x, batch: int, lo: int | None = None,
+                    hi: int | None = None) -> jax.Array | None:
+    """q_pos / kv_len: None, or an integer scalar or [B] -> int32 [B].
+
+    Concrete values are range-checked (ValueError); traced ones cannot be and
+    follow the documented rules instead (kv_len clamped to [0, Skv]).
+    """
+    if x is None:
+        return None
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be an int32 scalar or [B] array, got bool")
+    if isinstance(x, numbers.Integral):
+        x = np.asarray(x)
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{op}: {name} must be an int32 scalar or [B] array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{op}: {name} must have an integer dtype, got {jnp.dtype(x.dtype)}")
+    if x.shape not in ((), (batch,)):
+        raise ValueError(f"{op}: {name} must be a scalar or have shape ({batch},), got {tuple(x.shape)}")
+    if not isinstance(x, jax.core.Tracer):
+        values = np.asarray(x).astype(np.int64)
+        i32 = np.iinfo(np.int32)
+        lo_ = i32.min if lo is None else lo
+        hi_ = i32.max if hi is None else hi
+        bad = (values < lo_) | (values > hi_)
+        if bad.any():
+            raise ValueError(
+                f"{op}: {name} must lie in [{lo_}, {hi_}], got {values.reshape(-1)[bad.reshape(-1)][0]}")
+    return jnp.broadcast_to(jnp.asarray(x).astype(jnp.int32), (batch,))
+
+
+def positions(op: str, q_pos, kv_len, batch: int, seq_q: int, seq_kv: int):
+    """Materialized (q_pos, kv_len), both int32 [B], with the contract's defaults."""
+    kv_len = per_batch_int32(op, "kv_len", kv_len, batch, 0, seq_kv)
+    if kv_len is None:
+        kv_len = jnp.full((batch,), seq_kv, jnp.int32)
+    q_pos = per_batch_int32(op, "q_pos", q_pos, batch)
+    if q_pos is None:
+        # Clamp first, as the kernels do with a traced kv_len.
+        q_pos = jnp.clip(kv_len, 0, seq_kv) - seq_q
+    return q_pos, kv_len
+
+
+_warned: set[str] = set()
+
+
+def resolve_backend(op: str, backend, target: str) -> str:
+    """'native' or 'reference' for this call (DESIGN.md, "Backends and errors")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of None, 'native', 'reference', got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    platform = jax.default_backend()
+    if _ffi.has_target(platform, target):
+        return "native"
+    why = _ffi.why_missing(platform, target)
+    if backend == "native":
+        if _ffi.module(platform) is not None:
+            raise NotImplementedError(f"{op}: backend='native' on {platform}: {why}")
+        raise RuntimeError(
+            f"{op}: backend='native' but {why}. Build it with "
+            "`pip install -Ccmake.define.JAX_MLA_CUDA=ON .` for CUDA, or reinstall jax_mla "
+            "with a C++ compiler for the CPU module")
+    if (platform, target) not in _warned:
+        _warned.add((platform, target))
+        warnings.warn(f"{op}: using the pure-JAX reference on {platform} because {why}",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def check_cpu_head_dims(op: str, **dims: int) -> None:
+    for name, d in dims.items():
+        if d <= 0 or d % 16 or d > CPU_MAX_HEAD_DIM:
+            raise NotImplementedError(
+                f"{op}: the CPU kernel supports head dims that are multiples of 16 up to "
+                f"{CPU_MAX_HEAD_DIM}; got {name} = {d} (backend='reference' takes any)")
+
+
+def fold_vmap_into_batch(call, axis_size: int, in_batched, args):
+    """Batching rule for ops whose every argument leads with B: broadcast the
+    unbatched arguments, merge the vmap axis into B, call, and split it back."""
+    merged = []
+    for x, batched in zip(args, in_batched):
+        if not batched:
+            x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+        merged.append(x.reshape((axis_size * x.shape[1],) + x.shape[2:]))
+    outs = call(*merged)
+    return tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)

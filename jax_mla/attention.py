@@ -1,0 +1,121 @@
+"""flash_attention: checks, the FFI call, and its vmap rule."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mla import _common, reference
+
+_OP = "flash_attention"
+_TARGET = "jax_mla_flash_attention"
+
+
+def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None,
+                    return_lse=False, backend=None):
+    """Flash attention with independent K and V head dims (DeepSeek: 192 / 128).
+
+    Letters: B batch, Sq queries, Skv keys, Hq query heads, Hkv key/value heads
+    (Hq % Hkv == 0: MHA, GQA, MQA; query head h uses KV head h // (Hq // Hkv)),
+    Dk query/key head dim, Dv value head dim.
+
+    Args:
+      q: [B, Sq, Hq, Dk] float32, float16 or bfloat16.
+      k: [B, Skv, Hkv, Dk], any of those float dtypes (need not match q).
+      v: [B, Skv, Hkv, Dv], any of those float dtypes.
+      scale: static float multiplying q.k; default 1/sqrt(Dk).
+      causal: the query at absolute position p sees keys j <= p.
+      q_pos: int32 scalar or [B]: absolute position of query row 0, so row i
+        is at q_pos + i. Default kv_len - Sq (the queries are the last Sq
+        tokens). May be negative or run past kv_len.
+      kv_len: int32 scalar or [B] (default Skv): keys at positions >= kv_len do
+        not exist. Concrete values must lie in [0, Skv]; traced values are
+        clamped to it.
+      return_lse: also return the log-sum-exp of the scaled scores.
+      backend: None (the native kernel when built for this platform, else the
+        reference with a warning), "native" or "reference".
+
+    Causal alignment, Sq = 3 queries at the end of Skv = 5 keys (q_pos = 2);
+    x = visible:
+                  key 0 1 2 3 4
+        query 0 (p=2) x x x . .
+        query 1 (p=3) x x x x .
+        query 2 (p=4) x x x x x
+    With Sq > kv_len, q_pos is negative and the first queries see no key.
+
+    Returns:
+      out [B, Sq, Hq, Dv] in q's dtype (float32 accumulation); with
+      return_lse also lse [B, Hq, Sq] float32 (natural log). A query that sees
+      no key gets out 0 and lse -inf.
+    """
+    _common.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
+    _common.check_float_array(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
+    _common.check_float_array(_OP, "v", v, 4, "[B, Skv, Hkv, Dv]")
+    batch, seq_q, heads_q, dk = q.shape
+    _, seq_kv, heads_kv, _ = k.shape
+    dv = v.shape[3]
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"{_OP}: k and v must have batch {batch} like q, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[3] != dk:
+        raise ValueError(f"{_OP}: k head dim must equal q's {dk}, got k {tuple(k.shape)}")
+    if v.shape[1:3] != (seq_kv, heads_kv):
+        raise ValueError(f"{_OP}: v must have Skv = {seq_kv} and Hkv = {heads_kv} like k, "
+                         f"got v {tuple(v.shape)}")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"{_OP}: the query heads Hq = {heads_q} must be a multiple of the "
+                         f"KV heads Hkv = {heads_kv}")
+    scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
+    q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
+
+    if _common.resolve_backend(_OP, backend, _TARGET) == "reference":
+        out, lse = reference.attention(q, k, v, scale=scale, causal=bool(causal), q_pos=q_pos,
+                                       kv_len=kv_len)
+    else:
+        _common.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
+        out, lse = _native(scale, bool(causal))(q, k, v, q_pos, kv_len)
+    return (out, lse) if return_lse else out
+
+
+@functools.lru_cache(maxsize=None)
+def _native(scale: float, causal: bool):
+    """The FFI call for one static configuration, with its vmap rule."""
+
+    @jax.custom_batching.custom_vmap
+    def call(q, k, v, q_pos, kv_len):
+        batch, seq_q, heads_q, _ = q.shape
+        out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads_q, v.shape[3]), q.dtype),
+                     jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32))
+        # vmap never reaches the FFI call: custom_vmap's rule below folds it.
+        return jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
+            q, k, v, q_pos, kv_len,
+            scale=np.float32(scale),  # C++ float
+            causal=np.bool_(causal))  # C++ bool
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, q, k, v, q_pos, kv_len):
+        if in_batched == [True, False, False, False, False]:
+            return _fold_vmap_into_heads(call, axis_size, q, k, v, q_pos, kv_len), (True, True)
+        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, k, v, q_pos, kv_len))
+        return outs, (True, True)
+
+    return call
+
+
+def _fold_vmap_into_heads(call, n, q, k, v, q_pos, kv_len):
+    """vmap over q alone: the n query sets share every KV head, which is just
+    more query heads per KV head ("this is just a GQA")."""
+    _, batch, seq_q, heads_q, dk = q.shape
+    heads_kv = k.shape[2]
+    group = heads_q // heads_kv
+    # Query head index h = hkv * group + g; make it hkv * (n * group) + j * group + g.
+    qf = q.reshape(n, batch, seq_q, heads_kv, group, dk).transpose(1, 2, 3, 0, 4, 5)
+    out, lse = call(qf.reshape(batch, seq_q, heads_kv * n * group, dk), k, v, q_pos, kv_len)
+    dv = out.shape[-1]
+    out = out.reshape(batch, seq_q, heads_kv, n, group, dv).transpose(3, 0, 1, 2, 4, 5)
+    lse = lse.reshape(batch, heads_kv, n, group, seq_q).transpose(2, 0, 1, 3, 4)
+    return (out.reshape(n, batch, seq_q, heads_q, dv), lse.reshape(n, batch, heads_q, seq_q))

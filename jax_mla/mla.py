@@ -1,0 +1,146 @@
+"""flash_mla: attention over the MLA latent cache (one latent KV head, V a slice
+of the same rows), with split-KV decoding."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mla import _common, _ffi, reference
+
+_OP = "flash_mla"
+_TARGET = "jax_mla_flash_mla"
+# Query rows one CPU work item holds (ffi/cpu/flash.h kTargetRows).
+_CPU_ROWS_PER_BLOCK = 32
+
+
+def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None,
+              num_splits=None, return_lse=False, backend=None):
+    """MLA attention in latent space: all query heads share one latent KV head.
+
+    Letters: B batch, Sq queries, Skv cached tokens, H query heads, Dk latent
+    row width (kv_lora_rank + rope dim: 576 for DeepSeek).
+
+    Args:
+      q: [B, Sq, H, Dk] float32, float16 or bfloat16 (queries already absorbed
+        into latent space).
+      kv: [B, Skv, Dk] latent cache, any of those float dtypes. K is the whole
+        row; V is kv[..., v_offset:v_offset + dv] of the same rows, read in
+        place: no V copy is ever made. DeepSeek's rows are [c_kv | k_pe], so
+        V is the first 512 columns (v_offset=0).
+      dv: static width of V (default 512).
+      v_offset: static first column of V in the row (default 0).
+      scale: static float; default 1/sqrt(Dk) as in FlashMLA. DeepSeek models
+        pass 1/sqrt(qk_nope + qk_rope) times YaRN's mscale^2.
+      causal, q_pos, kv_len, return_lse, backend: as in flash_attention.
+      num_splits: static number of KV chunks a call is split into, computed in
+        parallel and merged by their LSE. None picks it from B, H, Sq, Skv and
+        the CPU's thread count; it is clamped to the number of KV tiles, and
+        results do not depend on it beyond rounding. Must be >= 1.
+
+    Returns:
+      out [B, Sq, H, dv] in q's dtype; with return_lse also lse [B, H, Sq]
+      float32. A query that sees no key gets out 0 and lse -inf.
+    """
+    _common.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
+    _common.check_float_array(_OP, "kv", kv, 3, "[B, Skv, Dk]")
+    batch, seq_q, heads, dk = q.shape
+    seq_kv = kv.shape[1]
+    if kv.shape[0] != batch or kv.shape[2] != dk:
+        raise ValueError(f"{_OP}: kv must have shape ({batch}, Skv, {dk}) to match q "
+                         f"{tuple(q.shape)}, got {tuple(kv.shape)}")
+    dv = _common.check_static_int(_OP, "dv", dv, 1)
+    v_offset = _common.check_static_int(_OP, "v_offset", v_offset, 0)
+    if v_offset + dv > dk:
+        raise ValueError(f"{_OP}: the V slice [v_offset, v_offset + dv) = [{v_offset}, "
+                         f"{v_offset + dv}) must fit in the row of Dk = {dk}")
+    if num_splits is not None:
+        num_splits = _common.check_static_int(_OP, "num_splits", num_splits, 1)
+    scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
+    q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
+
+    if _common.resolve_backend(_OP, backend, _TARGET) == "reference":
+        out, lse = reference.mla(q, kv, dv=dv, v_offset=v_offset, scale=scale,
+                                 causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
+    else:
+        _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
+        kv_tile = _ffi.module(jax.default_backend()).kv_tile()
+        tiles = max(1, -(-seq_kv // kv_tile))
+        if num_splits is None:
+            num_splits = num_splits_heuristic(batch, seq_q, heads, seq_kv, kv_tile=kv_tile,
+                                              workers=_cpu_workers())
+        num_splits = min(num_splits, tiles)
+        out, lse = _native(dv, v_offset, scale, bool(causal), num_splits)(q, kv, q_pos, kv_len)
+    return (out, lse) if return_lse else out
+
+
+def num_splits_heuristic(batch: int, seq_q: int, heads: int, seq_kv: int, *, kv_tile: int,
+                         workers: int, rows_per_block: int = _CPU_ROWS_PER_BLOCK) -> int:
+    """How many KV chunks to split a call into (a pure function, so testable).
+
+    Work items are blocks of query rows (all heads of a few query positions)
+    times KV chunks. When the row blocks alone give every worker something to
+    do, no split is needed: splitting only adds the LSE merge. Otherwise split
+    the keys so that there are about as many items as workers, keeping at
+    least two KV tiles per chunk so each item stays GEMM-shaped.
+    """
+    tiles = -(-seq_kv // kv_tile)
+    row_blocks = batch * -(-(seq_q * heads) // max(rows_per_block, heads))
+    if tiles < 4 or row_blocks == 0 or row_blocks >= workers:
+        return 1
+    return max(1, min(-(-workers // row_blocks), tiles // 2))
+
+
+def _cpu_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int):
+    """The FFI call for one static configuration, with its vmap rule."""
+
+    @jax.custom_batching.custom_vmap
+    def call(q, kv, q_pos, kv_len):
+        batch, seq_q, heads, _ = q.shape
+        # Split partials are FFI results (no allocation inside the handler);
+        # with one split the kernel writes the output directly.
+        ns = num_splits
+        part_out = (batch, ns, seq_q, heads, dv) if ns > 1 else (0,)
+        part_lse = (batch, ns, seq_q, heads) if ns > 1 else (0,)
+        out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
+                     jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+                     jax.ShapeDtypeStruct(part_out, jnp.float32),
+                     jax.ShapeDtypeStruct(part_lse, jnp.float32))
+        # vmap never reaches the FFI call: custom_vmap's rule below folds it.
+        out, lse, _, _ = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
+            q, kv, q_pos, kv_len,
+            scale=np.float32(scale),      # C++ float
+            causal=np.bool_(causal),      # C++ bool
+            dv=np.int64(dv),              # C++ int64_t
+            v_offset=np.int64(v_offset),  # C++ int64_t
+            num_splits=np.int64(ns))      # C++ int64_t
+        return out, lse
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, q, kv, q_pos, kv_len):
+        if in_batched == [True, False, False, False]:
+            # Every head reads the same latent rows: the vmapped query sets are
+            # just more heads.
+            n, batch, seq_q, heads, dk = q.shape
+            out, lse = call(q.transpose(1, 2, 0, 3, 4).reshape(batch, seq_q, n * heads, dk),
+                            kv, q_pos, kv_len)
+            out = out.reshape(batch, seq_q, n, heads, dv).transpose(2, 0, 1, 3, 4)
+            lse = lse.reshape(batch, n, heads, seq_q).transpose(1, 0, 2, 3)
+            return (out, lse), (True, True)
+        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, kv, q_pos, kv_len))
+        return outs, (True, True)
+
+    return call
