@@ -38,7 +38,8 @@ struct Plan {
 };
 
 Plan MakePlan(const AttentionParams& p) {
-  Plan plan;
+  Plan plan{};
+  if (p.batch == 0 || p.seq_q == 0 || p.heads_q == 0) return plan;  // nothing to compute
   plan.group = p.heads_q / p.heads_kv;
   plan.heads_blk = std::min(plan.group, kMaxHeadsPerBlock);
   plan.n_head_blk = CeilDiv(plan.group, plan.heads_blk);
