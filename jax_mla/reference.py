@@ -67,7 +67,11 @@ def attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None):
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows that see nothing: avoid inf - inf
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=hi)
+    # Keys past kv_len do not exist: zero them so that whatever the cache holds
+    # there (stale rows, NaN poison) cannot leak in through 0 * NaN.
+    exists = jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None]
+    vf = jnp.where(exists[:, :, None, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=hi)
     l_q = jnp.moveaxis(l[..., 0], -1, 1)[..., None]  # [B, Sq, Hkv, G, 1]
     o = jnp.where(l_q > 0, o / jnp.where(l_q > 0, l_q, 1.0), 0.0)
     lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m[..., 0], -jnp.inf)
