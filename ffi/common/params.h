@@ -36,6 +36,9 @@ struct AttentionParams {
   DType q_dtype = DType::kF32;
   RowView k;                // K rows [B, Skv, Hkv, Dk] (or MLA latent rows)
   RowView v;                // V rows [B, Skv, Hkv, Dv] (or a slice of the latent rows)
+  // MLA: V is columns [v_in_k, v_in_k + dv) of the K rows, so kernels can read
+  // it from the K data they already loaded; -1 when V is a separate tensor.
+  int64_t v_in_k = -1;
   const int32_t* q_pos = nullptr;   // [B]: absolute position of query row 0
   const int32_t* kv_len = nullptr;  // [B]: keys at positions >= kv_len do not exist
 

@@ -64,7 +64,7 @@ struct Scratch {
     grow(m, size_t(rows));
     grow(l, size_t(rows));
     grow(end, size_t(rows));
-    grow(kernel, AttendScratchFloats(dk, dv));
+    grow(kernel, AttendScratchFloats(dk, dv, rows));
   }
 };
 
@@ -117,7 +117,7 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
            p.v.dtype, p.v.row_stride};
   RowBlock block{n_rows, scratch.q.data(), scratch.end.data(), scratch.o.data(), scratch.m.data(),
                  scratch.l.data()};
-  if (kv1 > kv0) kern.attend(block, k, v, dk, dv, kv0, scratch.kernel.data());
+  if (kv1 > kv0) kern.attend(block, k, v, p.v_in_k, dk, dv, kv0, scratch.kernel.data());
 
   // Normalize and write: straight to the outputs, or to the split partials.
   for (int64_t i = i0; i < i1; ++i) {

@@ -1,23 +1,28 @@
 // The attention kernels, compiled once per ISA level: CMake builds this file
-// with -DJAX_MLA_ISA=<isa> and that ISA's target flags (generic, avx2,
-// avx512), each copy in its own namespace so the copies never mix. Only
-// isa.cc, after checking the CPU, hands out a copy's table.
+// with -DJAX_MLA_ISA=<isa> and that level's target flags (generic, avx2,
+// avx512), each copy in its own namespace so the copies never mix; isa.cc
+// hands out a copy only after checking the CPU.
 //
-// The loops are written so that the compiler vectorizes them without
-// reassociating floating-point sums: scores accumulate over d with the keys of
-// a tile in the vector lanes (K tile transposed), and P.V accumulates over t
-// with the value dims in the lanes (V row-major). Every product and sum is
-// float32; nothing is rounded to a narrower type.
+// One call attends a block of R query rows (all heads that share a KV head,
+// times a few query positions) over a range of keys, tile by tile:
+//   1. the tile's K (and V) rows are converted once to float32 in scratch;
+//      for MLA, V is a column range of the same converted rows;
+//   2. S = Q K^T as a small GEMM. With enough rows, rows sit in the vector
+//      lanes (Q transposed once per call, K elements broadcast), so no
+//      horizontal sums are needed and the online softmax below is vectorized
+//      across rows; with few rows (decode with small GQA groups) the dot
+//      products run along the head dim instead;
+//   3. online softmax per row, masking keys past each row's end;
+//   4. O += P V with value dims in the lanes, V un-transposed.
+// Every product and sum is float32 (inputs are exact in float32); only the
+// summation order differs from the reference.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 #include "ffi/cpu/kernels.h"
+#include "ffi/cpu/simd.h"
 
 #ifndef JAX_MLA_ISA
 #error "JAX_MLA_ISA must be defined (generic, avx2 or avx512)"
@@ -28,26 +33,30 @@
 namespace jax_mla::cpu::JAX_MLA_ISA {
 namespace {
 
+using simd::F32;
+constexpr int W = simd::kWidth;
+constexpr int64_t T = kKvTile;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+static_assert(T % simd::kQkKeys == 0 && T % 4 == 0, "key blocks must divide the tile");
+
+int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
 void ToFloat(const void* src, DType dtype, float* dst, int64_t n) {
+  int64_t i = 0;
   switch (dtype) {
     case DType::kF32:
       std::memcpy(dst, src, size_t(n) * sizeof(float));
       return;
-    case DType::kBF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = BF16ToFloat(s[i]);
-      return;
-    }
     case DType::kF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
-      int64_t i = 0;
-#if defined(__F16C__)
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-      }
-#endif
+      for (; i + W <= n; i += W) simd::LoadF16(s + i).Store(dst + i);
       for (; i < n; ++i) dst[i] = F16ToFloat(s[i]);
+      return;
+    }
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (; i + W <= n; i += W) simd::LoadBF16(s + i).Store(dst + i);
+      for (; i < n; ++i) dst[i] = BF16ToFloat(s[i]);
       return;
     }
   }
@@ -57,61 +66,186 @@ const void* RowPtr(const KvRows& rows, int64_t t) {
   return static_cast<const char*>(rows.data) + t * rows.stride * DTypeBytes(rows.dtype);
 }
 
-void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
-            int64_t kv_begin, float* scratch) {
-  constexpr int64_t T = kKvTile;
-  float* kt = scratch;       // [dk, T] K tile, transposed
-  float* vt = kt + dk * T;   // [T, dv] V tile
-  float* s = vt + T * dv;    // [T]     scores of one row
-  float* krow = s + T;       // [dk]    one K row being converted
+// st[t][r] = sum_d qt[d][r] * kt[t][d] for t in [t0, t0 + KB), rows
+// [r0, r0 + RV * W): rows in lanes, one broadcast K element per FMA group.
+template <int RV, int KB>
+void QkLanes(const float* qt, int64_t rp, const float* kt, int64_t dk, float* st, int64_t t0,
+             int64_t r0) {
+  F32 acc[KB][RV];
+  for (auto& row : acc)
+    for (F32& a : row) a = F32::Zero();
+  for (int64_t d = 0; d < dk; ++d) {
+    F32 q[RV];
+    for (int j = 0; j < RV; ++j) q[j] = F32::Load(qt + d * rp + r0 + j * W);
+    for (int i = 0; i < KB; ++i) {
+      const F32 k = F32::Splat(kt[(t0 + i) * dk + d]);
+      for (int j = 0; j < RV; ++j) acc[i][j] = simd::Fma(k, q[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < KB; ++i)
+    for (int j = 0; j < RV; ++j) acc[i][j].Store(st + (t0 + i) * rp + r0 + j * W);
+}
+
+// st[t][r] for one row r and keys [t0, t0 + 4): dot products along d.
+void QkDot(const float* q, const float* kt, int64_t dk, float* st, int64_t rp, int64_t t0,
+           int64_t r) {
+  F32 acc[4] = {F32::Zero(), F32::Zero(), F32::Zero(), F32::Zero()};
+  for (int64_t d = 0; d < dk; d += W) {
+    const F32 qv = F32::Load(q + d);
+    for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, F32::Load(kt + (t0 + i) * dk + d), acc[i]);
+  }
+  for (int i = 0; i < 4; ++i) st[(t0 + i) * rp + r] = simd::ReduceAdd(acc[i]);
+}
+
+// o[r][d] += sum_{t < tn} st[t][r] * vt[t][d] for RB rows from r0 and DB
+// vectors of dims from d0.
+template <int RB, int DB>
+void PvBlock(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vstride,
+             int64_t tn, float* o, int64_t dv, int64_t d0) {
+  F32 acc[RB][DB];
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < DB; ++j) acc[i][j] = F32::Load(o + (r0 + i) * dv + d0 + j * W);
+  for (int64_t t = 0; t < tn; ++t) {
+    F32 v[DB];
+    for (int j = 0; j < DB; ++j) v[j] = F32::Load(vt + t * vstride + d0 + j * W);
+    for (int i = 0; i < RB; ++i) {
+      const F32 p = F32::Splat(st[t * rp + r0 + i]);
+      for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, v[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < DB; ++j) acc[i][j].Store(o + (r0 + i) * dv + d0 + j * W);
+}
+
+template <int RB>
+void PvRows(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vstride, int64_t tn,
+            float* o, int64_t dv) {
+  constexpr int DB = simd::kPvVecs;
+  int64_t d0 = 0;
+  for (; d0 + DB * W <= dv; d0 += DB * W) PvBlock<RB, DB>(st, rp, r0, vt, vstride, tn, o, dv, d0);
+  for (; d0 < dv; d0 += W) PvBlock<RB, 1>(st, rp, r0, vt, vstride, tn, o, dv, d0);
+}
+
+// Scratch layout (floats), see AttendScratchFloats.
+struct Work {
+  float* qt;   // [dk, rp]  Q transposed (lanes path) or unused
+  float* kt;   // [T, dk]   K tile
+  float* vt;   // [T, dv]   V tile (unused when V lies inside the K rows)
+  float* st;   // [T, rp]   scores, then probabilities
+  float* m;    // [rp]
+  float* l;    // [rp]
+  float* cnt;  // [rp]      keys of the current tile each row sees
+  float* corr; // [rp]      rescale factor of the current tile
+};
+
+Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
+  Work w;
+  w.qt = scratch;
+  w.kt = w.qt + dk * rp;
+  w.vt = w.kt + T * dk;
+  w.st = w.vt + T * dv;
+  w.m = w.st + T * rp;
+  w.l = w.m + rp;
+  w.cnt = w.l + rp;
+  w.corr = w.cnt + rp;
+  return w;
+}
+
+// Online-softmax update for one tile; st holds scores in, probabilities out.
+void Softmax(const Work& w, int64_t rp, int64_t tn) {
+  const F32 neg_inf = F32::Splat(kNegInf), zero = F32::Zero(), one = F32::Splat(1.f);
+  for (int64_t r0 = 0; r0 < rp; r0 += W) {
+    const F32 n = F32::Load(w.cnt + r0);
+    F32 mx = neg_inf;
+    for (int64_t t = 0; t < tn; ++t) {
+      F32 s = F32::Load(w.st + t * rp + r0);
+      s = simd::SelectLt(F32::Splat(float(t)), n, s, neg_inf);
+      mx = simd::Max(mx, s);
+      s.Store(w.st + t * rp + r0);
+    }
+    const F32 m_old = F32::Load(w.m + r0);
+    const F32 m_new = simd::Max(m_old, mx);
+    // Rows that have seen no key yet keep m = -inf and corr = 1; their
+    // probabilities are selected to 0 below (exp(-inf - -inf) is discarded).
+    const F32 corr = simd::SelectEq(m_old, m_new, one, simd::Exp(simd::Sub(m_old, m_new)));
+    F32 sum = zero;
+    for (int64_t t = 0; t < tn; ++t) {
+      const F32 s = F32::Load(w.st + t * rp + r0);
+      const F32 p = simd::SelectLt(F32::Splat(float(t)), n, simd::Exp(simd::Sub(s, m_new)), zero);
+      sum = simd::Add(sum, p);
+      p.Store(w.st + t * rp + r0);
+    }
+    m_new.Store(w.m + r0);
+    simd::Fma(F32::Load(w.l + r0), corr, sum).Store(w.l + r0);
+    corr.Store(w.corr + r0);
+  }
+}
+
+void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k, int64_t dk,
+            int64_t dv, int64_t kv_begin, float* scratch) {
+  const int64_t R = rows.n_rows;
+  const int64_t rp = RoundUp(R, W);
+  const bool lanes = 2 * R >= W;  // enough rows to fill the lanes
+  const Work w = Carve(scratch, dk, dv, rp);
 
   int64_t kv_end = kv_begin;
-  for (int64_t r = 0; r < rows.n_rows; ++r) kv_end = std::max(kv_end, rows.end[r]);
+  for (int64_t r = 0; r < R; ++r) kv_end = std::max(kv_end, rows.end[r]);
+  if (kv_end <= kv_begin) return;
+
+  for (int64_t r = 0; r < rp; ++r) {
+    w.m[r] = r < R ? rows.m[r] : kNegInf;
+    w.l[r] = r < R ? rows.l[r] : 0.f;
+  }
+  if (lanes) {
+    for (int64_t d = 0; d < dk; ++d)
+      for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
+  }
+  // V inside the K rows (MLA): read it from the converted K tile.
+  const float* vtile = v_in_k >= 0 ? w.kt + v_in_k : w.vt;
+  const int64_t vstride = v_in_k >= 0 ? dk : dv;
 
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
-    // Convert the tile once for all rows of the block. Keys past the block's
-    // largest end are never read: they may lie past kv_len (and be garbage).
+    // Keys past the block's largest end are never read: they may lie past
+    // kv_len and hold anything. Padding rows of the tile are zeros.
     const int64_t tn = std::min(T, kv_end - t0);
     for (int64_t t = 0; t < tn; ++t) {
-      ToFloat(RowPtr(k, t0 + t), k.dtype, krow, dk);
-      for (int64_t d = 0; d < dk; ++d) kt[d * T + t] = krow[d];
-      ToFloat(RowPtr(v, t0 + t), v.dtype, vt + t * dv, dv);
+      ToFloat(RowPtr(k, t0 + t), k.dtype, w.kt + t * dk, dk);
+      if (v_in_k < 0) ToFloat(RowPtr(v, t0 + t), v.dtype, w.vt + t * dv, dv);
     }
-    for (int64_t t = tn; t < T; ++t)
-      for (int64_t d = 0; d < dk; ++d) kt[d * T + t] = 0.f;
+    if (tn < T) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
+    for (int64_t r = 0; r < rp; ++r)
+      w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
 
-    for (int64_t r = 0; r < rows.n_rows; ++r) {
-      const int64_t n = std::min(tn, rows.end[r] - t0);  // keys of this tile the row sees
-      if (n <= 0) continue;
-      const float* q = rows.q + r * dk;
-      for (int64_t t = 0; t < T; ++t) s[t] = 0.f;
-      for (int64_t d = 0; d < dk; ++d) {
-        const float qd = q[d];
-        const float* kd = kt + d * T;
-        for (int64_t t = 0; t < T; ++t) s[t] += qd * kd[t];
+    const int64_t t_blocks = RoundUp(tn, lanes ? simd::kQkKeys : 4);
+    if (lanes) {
+      constexpr int RV = simd::kQkRowVecs, KB = simd::kQkKeys;
+      for (int64_t t = 0; t < t_blocks; t += KB) {
+        int64_t r0 = 0;
+        for (; r0 + RV * W <= rp; r0 += RV * W) QkLanes<RV, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
+        for (; r0 < rp; r0 += W) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
       }
-      float mx = s[0];
-      for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
-      const float m_old = rows.m[r];
-      const float m_new = std::max(m_old, mx);
-      // exp(-inf) = 0 covers the first tile (m_old = -inf, m_new finite).
-      const float corr = std::exp(m_old - m_new);
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        s[t] = std::exp(s[t] - m_new);
-        sum += s[t];
-      }
-      rows.m[r] = m_new;
-      rows.l[r] = rows.l[r] * corr + sum;
-      float* o = rows.o + r * dv;
-      if (corr != 1.f)
-        for (int64_t d = 0; d < dv; ++d) o[d] *= corr;
-      for (int64_t t = 0; t < n; ++t) {
-        const float p = s[t];
-        const float* vr = vt + t * dv;
-        for (int64_t d = 0; d < dv; ++d) o[d] += p * vr[d];
-      }
+    } else {
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t t = 0; t < t_blocks; t += 4) QkDot(rows.q + r * dk, w.kt, dk, w.st, rp, t, r);
     }
+
+    Softmax(w, rp, tn);
+    for (int64_t r = 0; r < R; ++r) {
+      const float c = w.corr[r];
+      if (c == 1.f) continue;
+      float* o = rows.o + r * dv;
+      for (int64_t d = 0; d < dv; d += W) simd::Mul(F32::Load(o + d), F32::Splat(c)).Store(o + d);
+    }
+
+    constexpr int RB = simd::kPvRows;
+    int64_t r0 = 0;
+    for (; r0 + RB <= R; r0 += RB) PvRows<RB>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
+    for (; r0 < R; ++r0) PvRows<1>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
+  }
+
+  for (int64_t r = 0; r < R; ++r) {
+    rows.m[r] = w.m[r];
+    rows.l[r] = w.l[r];
   }
 }
 

@@ -13,7 +13,7 @@ namespace jax_mla::cpu {
 
 // Keys per tile of the attention kernels. The Python num_splits heuristic reads
 // it through the module's kv_tile() so that there is one table (STYLE.md #8).
-inline constexpr int64_t kKvTile = 32;
+inline constexpr int64_t kKvTile = 16;
 
 // A block of query rows that attend to the same key/value head.
 struct RowBlock {
@@ -36,15 +36,19 @@ struct KvRows {
 struct KernelTable {
   const char* isa;
   // Online-softmax attention of `rows` over keys [kv_begin, max(rows.end)),
-  // updating o/m/l. `scratch` holds AttendScratchFloats(dk, dv) floats.
-  void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk,
-                 int64_t dv, int64_t kv_begin, float* scratch);
+  // updating o/m/l. v_in_k >= 0 says V is columns [v_in_k, v_in_k + dv) of
+  // the K rows (MLA), read from the same converted tile; then `v` is unused.
+  // `scratch` holds AttendScratchFloats(dk, dv, rows.n_rows) floats.
+  void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k,
+                 int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
 };
 
-inline size_t AttendScratchFloats(int64_t dk, int64_t dv) {
-  return size_t(dk * kKvTile + kKvTile * dv + kKvTile + dk);
+// Rows are padded to a multiple of the widest vector (16 floats).
+inline size_t AttendScratchFloats(int64_t dk, int64_t dv, int64_t n_rows) {
+  const int64_t rp = (n_rows + 15) / 16 * 16;
+  return size_t(dk * rp + kKvTile * (dk + dv + rp) + 4 * rp);
 }
 
 // The kernels for the ISA chosen by JAX_MLA_CPU_ISA (auto|avx2|avx512|generic,

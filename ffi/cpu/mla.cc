@@ -73,6 +73,7 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
   // V is a view of the same rows, shifted by v_offset elements.
   p->v = RowView{static_cast<const char*>(kv.untyped_data()) + v_offset * DTypeBytes(*kt), *kt,
                  Skv * Dk, Dk, 0};
+  p->v_in_k = v_offset;
   p->q_pos = q_pos.typed_data();
   p->kv_len = kv_len.typed_data();
   p->out = out->untyped_data();

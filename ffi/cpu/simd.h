@@ -1,0 +1,205 @@
+// A minimal float32 SIMD vector for the CPU kernels, one definition per ISA
+// level. kernels.cc is compiled once per level (CMake passes the target flags),
+// so exactly one branch below is active in each copy. The kernels are written
+// against this interface only; register blocking constants live next to it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "ffi/common/dtype.h"
+
+namespace jax_mla::cpu::simd {
+
+#if defined(__AVX512F__)
+
+struct F32 {
+  static constexpr int kWidth = 16;
+  __m512 v;
+  static F32 Load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static F32 Splat(float x) { return {_mm512_set1_ps(x)}; }
+  static F32 Zero() { return {_mm512_setzero_ps()}; }
+  // Lane i = i as a float.
+  static F32 Iota() {
+    return {_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)};
+  }
+  void Store(float* p) const { _mm512_storeu_ps(p, v); }
+};
+inline F32 Fma(F32 a, F32 b, F32 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline F32 Mul(F32 a, F32 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline F32 Add(F32 a, F32 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline F32 Sub(F32 a, F32 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline F32 Max(F32 a, F32 b) { return {_mm512_max_ps(a.v, b.v)}; }
+// where(a < b, x, y)
+inline F32 SelectLt(F32 a, F32 b, F32 x, F32 y) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), y.v, x.v)};
+}
+inline F32 SelectEq(F32 a, F32 b, F32 x, F32 y) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ), y.v, x.v)};
+}
+inline float ReduceAdd(F32 a) { return _mm512_reduce_add_ps(a.v); }
+inline F32 Round(F32 a) {
+  return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+// a * 2^n for integral-valued n.
+inline F32 Scale2(F32 a, F32 n) { return {_mm512_scalef_ps(a.v, n.v)}; }
+
+inline F32 LoadF16(const uint16_t* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline F32 LoadBF16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+
+// Register blocking: 32 zmm registers.
+inline constexpr int kQkRowVecs = 2;  // QK: row vectors (x16 rows) per block
+inline constexpr int kQkKeys = 8;     // QK: keys per block
+inline constexpr int kPvRows = 4;     // PV: rows per block
+inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
+
+#elif defined(__AVX2__)
+
+struct F32 {
+  static constexpr int kWidth = 8;
+  __m256 v;
+  static F32 Load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static F32 Splat(float x) { return {_mm256_set1_ps(x)}; }
+  static F32 Zero() { return {_mm256_setzero_ps()}; }
+  static F32 Iota() { return {_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)}; }
+  void Store(float* p) const { _mm256_storeu_ps(p, v); }
+};
+inline F32 Fma(F32 a, F32 b, F32 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline F32 Mul(F32 a, F32 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F32 Add(F32 a, F32 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline F32 Sub(F32 a, F32 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline F32 Max(F32 a, F32 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline F32 SelectLt(F32 a, F32 b, F32 x, F32 y) {
+  return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))};
+}
+inline F32 SelectEq(F32 a, F32 b, F32 x, F32 y) {
+  return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ))};
+}
+inline float ReduceAdd(F32 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline F32 Round(F32 a) {
+  return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+inline F32 Scale2(F32 a, F32 n) {
+  // n is in [-127, 128] after Exp's clamp; build 2^n from its exponent bits in
+  // two halves so that n = -127 or 128 do not overflow the exponent field.
+  const __m256i ni = _mm256_cvtps_epi32(n.v);
+  const __m256i h1 = _mm256_srai_epi32(ni, 1);
+  const __m256i h2 = _mm256_sub_epi32(ni, h1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h1, bias), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h2, bias), 23));
+  return {_mm256_mul_ps(_mm256_mul_ps(a.v, p1), p2)};
+}
+
+inline F32 LoadF16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+inline F32 LoadBF16(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+
+// Register blocking: 16 ymm registers.
+inline constexpr int kQkRowVecs = 2;
+inline constexpr int kQkKeys = 4;
+inline constexpr int kPvRows = 2;
+inline constexpr int kPvVecs = 4;
+
+#else  // generic: plain loops the compiler may vectorize for the baseline ISA
+
+struct F32 {
+  static constexpr int kWidth = 8;
+  float v[kWidth];
+  static F32 Load(const float* p) {
+    F32 r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  static F32 Splat(float x) {
+    F32 r;
+    for (float& e : r.v) e = x;
+    return r;
+  }
+  static F32 Zero() { return Splat(0.f); }
+  static F32 Iota() {
+    F32 r;
+    for (int i = 0; i < kWidth; ++i) r.v[i] = float(i);
+    return r;
+  }
+  void Store(float* p) const { std::memcpy(p, v, sizeof(v)); }
+};
+#define JAX_MLA_LANEWISE(expr)                        \
+  F32 r;                                              \
+  for (int i = 0; i < F32::kWidth; ++i) r.v[i] = expr; \
+  return r
+inline F32 Fma(F32 a, F32 b, F32 c) { JAX_MLA_LANEWISE(std::fma(a.v[i], b.v[i], c.v[i])); }
+inline F32 Mul(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] * b.v[i]); }
+inline F32 Add(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] + b.v[i]); }
+inline F32 Sub(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] - b.v[i]); }
+inline F32 Max(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
+inline F32 SelectLt(F32 a, F32 b, F32 x, F32 y) { JAX_MLA_LANEWISE(a.v[i] < b.v[i] ? x.v[i] : y.v[i]); }
+inline F32 SelectEq(F32 a, F32 b, F32 x, F32 y) { JAX_MLA_LANEWISE(a.v[i] == b.v[i] ? x.v[i] : y.v[i]); }
+inline F32 Round(F32 a) { JAX_MLA_LANEWISE(std::nearbyint(a.v[i])); }
+inline F32 Scale2(F32 a, F32 n) { JAX_MLA_LANEWISE(std::ldexp(a.v[i], int(n.v[i]))); }
+#undef JAX_MLA_LANEWISE
+inline float ReduceAdd(F32 a) {
+  float s = 0.f;
+  for (float e : a.v) s += e;
+  return s;
+}
+inline F32 LoadF16(const uint16_t* p) {
+  F32 r;
+  for (int i = 0; i < F32::kWidth; ++i) r.v[i] = F16ToFloat(p[i]);
+  return r;
+}
+inline F32 LoadBF16(const uint16_t* p) {
+  F32 r;
+  for (int i = 0; i < F32::kWidth; ++i) r.v[i] = BF16ToFloat(p[i]);
+  return r;
+}
+
+inline constexpr int kQkRowVecs = 1;
+inline constexpr int kQkKeys = 4;
+inline constexpr int kPvRows = 2;
+inline constexpr int kPvVecs = 2;
+
+#endif
+
+inline constexpr int kWidth = F32::kWidth;
+
+// exp(x) in float32, Cephes' expf scheme (range reduction by ln 2 in two
+// parts, degree-5 polynomial): within 2 ulp of the true value for
+// x in [-87, 88]. Inputs below about -87.3 return a tiny value or 0, never NaN;
+// callers mask out keys that do not exist instead of relying on exp(-inf).
+inline F32 Exp(F32 x) {
+  x = Max(F32::Splat(-87.3365478515625f), x);
+  x = SelectLt(F32::Splat(88.3762626647949f), x, F32::Splat(88.3762626647949f), x);
+  const F32 n = Round(Mul(x, F32::Splat(1.44269504088896341f)));
+  F32 r = Sub(x, Mul(n, F32::Splat(0.693359375f)));
+  r = Sub(r, Mul(n, F32::Splat(-2.12194440e-4f)));
+  F32 p = F32::Splat(1.9875691500e-4f);
+  p = Fma(p, r, F32::Splat(1.3981999507e-3f));
+  p = Fma(p, r, F32::Splat(8.3334519073e-3f));
+  p = Fma(p, r, F32::Splat(4.1665795894e-2f));
+  p = Fma(p, r, F32::Splat(1.6666665459e-1f));
+  p = Fma(p, r, F32::Splat(5.0000001201e-1f));
+  p = Fma(p, Mul(r, r), Add(r, F32::Splat(1.f)));
+  return Scale2(p, n);
+}
+
+}  // namespace jax_mla::cpu::simd
