@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 
 import jax
@@ -141,3 +142,50 @@ def fold_vmap_into_batch(call, axis_size: int, in_batched, args):
         merged.append(x.reshape((axis_size * x.shape[1],) + x.shape[2:]))
     outs = call(*merged)
     return tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)
+
+
+def num_splits_heuristic(items: int, seq_kv: int, *, kv_tile: int, workers: int) -> int:
+    """How many KV chunks to split a call into (a pure function, so testable).
+
+    `items` is how many work items the native driver makes of the call
+    without splitting (the module's work_items(), so its plan is the only
+    one). When they already give every worker something to do, splitting
+    only adds the LSE merge. Otherwise split the keys so that there are about
+    as many items as workers, keeping at least two KV tiles per chunk so each
+    item stays GEMM-shaped.
+    """
+    tiles = -(-seq_kv // kv_tile)
+    if tiles < 4 or items <= 0 or items >= workers:
+        return 1
+    return max(1, min(-(-workers // items), tiles // 2))
+
+
+def cpu_workers() -> int:
+    """Threads the CPU kernels can use: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_num_splits(num_splits, batch: int, seq_q: int, heads_q: int, heads_kv: int,
+                      seq_kv: int) -> int:
+    """num_splits for a native CPU call: the caller's value or the heuristic's,
+    clamped to the number of KV tiles."""
+    module = _ffi.module("cpu")
+    kv_tile = module.kv_tile()
+    if num_splits is None:
+        items = module.work_items(batch, seq_q, heads_q, heads_kv)
+        num_splits = num_splits_heuristic(items, seq_kv, kv_tile=kv_tile, workers=cpu_workers())
+    return max(1, min(num_splits, -(-seq_kv // kv_tile)))
+
+
+def split_partial_types(batch: int, num_splits: int, seq_q: int, heads: int, dv: int):
+    """The split-KV partial results (out, lse) an FFI call declares. They are
+    results rather than allocations in the handler; with one split the kernel
+    writes the output directly and they are empty."""
+    if num_splits == 1:
+        shapes = ((0,), (0,))
+    else:
+        shapes = ((batch, num_splits, seq_q, heads, dv), (batch, num_splits, seq_q, heads))
+    return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)

@@ -77,24 +77,30 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
                                        kv_len=kv_len)
     else:
         _common.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
-        out, lse = _native(scale, bool(causal))(q, k, v, q_pos, kv_len)
+        # Decode with few query rows per KV head splits the keys across threads.
+        num_splits = _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv)
+        out, lse = _native(scale, bool(causal), num_splits)(q, k, v, q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=None)
-def _native(scale: float, causal: bool):
+def _native(scale: float, causal: bool, num_splits: int):
     """The FFI call for one static configuration, with its vmap rule."""
 
     @jax.custom_batching.custom_vmap
     def call(q, k, v, q_pos, kv_len):
         batch, seq_q, heads_q, _ = q.shape
-        out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads_q, v.shape[3]), q.dtype),
-                     jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32))
+        dv = v.shape[3]
+        out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype),
+                     jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
+                     *_common.split_partial_types(batch, num_splits, seq_q, heads_q, dv))
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
-        return jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
+        out, lse, _, _ = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
             q, k, v, q_pos, kv_len,
-            scale=np.float32(scale),  # C++ float
-            causal=np.bool_(causal))  # C++ bool
+            scale=np.float32(scale),          # C++ float
+            causal=np.bool_(causal),          # C++ bool
+            num_splits=np.int64(num_splits))  # C++ int64_t
+        return out, lse
 
     @call.def_vmap
     def rule(axis_size, in_batched, q, k, v, q_pos, kv_len):

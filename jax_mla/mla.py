@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _common, _ffi, reference
+from jax_mla import _common, reference
 
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
-# Query rows one CPU work item holds (ffi/cpu/flash.h kTargetRows).
-_CPU_ROWS_PER_BLOCK = 32
 
 
 def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None,
@@ -69,38 +66,9 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
                                  causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
     else:
         _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
-        kv_tile = _ffi.module(jax.default_backend()).kv_tile()
-        tiles = max(1, -(-seq_kv // kv_tile))
-        if num_splits is None:
-            num_splits = num_splits_heuristic(batch, seq_q, heads, seq_kv, kv_tile=kv_tile,
-                                              workers=_cpu_workers())
-        num_splits = min(num_splits, tiles)
+        num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv)
         out, lse = _native(dv, v_offset, scale, bool(causal), num_splits)(q, kv, q_pos, kv_len)
     return (out, lse) if return_lse else out
-
-
-def num_splits_heuristic(batch: int, seq_q: int, heads: int, seq_kv: int, *, kv_tile: int,
-                         workers: int, rows_per_block: int = _CPU_ROWS_PER_BLOCK) -> int:
-    """How many KV chunks to split a call into (a pure function, so testable).
-
-    Work items are blocks of query rows (all heads of a few query positions)
-    times KV chunks. When the row blocks alone give every worker something to
-    do, no split is needed: splitting only adds the LSE merge. Otherwise split
-    the keys so that there are about as many items as workers, keeping at
-    least two KV tiles per chunk so each item stays GEMM-shaped.
-    """
-    tiles = -(-seq_kv // kv_tile)
-    row_blocks = batch * -(-(seq_q * heads) // max(rows_per_block, heads))
-    if tiles < 4 or row_blocks == 0 or row_blocks >= workers:
-        return 1
-    return max(1, min(-(-workers // row_blocks), tiles // 2))
-
-
-def _cpu_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,15 +78,9 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int)
     @jax.custom_batching.custom_vmap
     def call(q, kv, q_pos, kv_len):
         batch, seq_q, heads, _ = q.shape
-        # Split partials are FFI results (no allocation inside the handler);
-        # with one split the kernel writes the output directly.
-        ns = num_splits
-        part_out = (batch, ns, seq_q, heads, dv) if ns > 1 else (0,)
-        part_lse = (batch, ns, seq_q, heads) if ns > 1 else (0,)
         out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
                      jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
-                     jax.ShapeDtypeStruct(part_out, jnp.float32),
-                     jax.ShapeDtypeStruct(part_lse, jnp.float32))
+                     *_common.split_partial_types(batch, num_splits, seq_q, heads, dv))
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         out, lse, _, _ = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
             q, kv, q_pos, kv_len,
@@ -126,7 +88,7 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int)
             causal=np.bool_(causal),      # C++ bool
             dv=np.int64(dv),              # C++ int64_t
             v_offset=np.int64(v_offset),  # C++ int64_t
-            num_splits=np.int64(ns))      # C++ int64_t
+            num_splits=np.int64(num_splits))  # C++ int64_t
         return out, lse
 
     @call.def_vmap

@@ -16,6 +16,8 @@ constexpr int64_t kMaxHeadDim = 576;
 ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                           ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t num_splits,
                           AttentionParams* p) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
@@ -55,6 +57,8 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   JAX_MLA_CHECK(ShapeIs(lse->dimensions(), {B, Hq, Sq}), InvalidArgument)
       << "flash_attention: lse must be " << ShapeString({B, Hq, Sq}) << ", got "
       << ShapeString(lse->dimensions());
+  JAX_MLA_RETURN_IF_ERROR(CheckSplitPartials("flash_attention", num_splits, B, Sq, Hq, Dv,
+                                             part_out->dimensions(), part_lse->dimensions()));
 
   p->batch = B;
   p->seq_q = Sq;
@@ -71,15 +75,23 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   p->kv_len = kv_len.typed_data();
   p->out = out->untyped_data();
   p->lse = lse->typed_data();
+  p->num_splits = num_splits;
+  p->split_len = SplitLength(Skv, num_splits);
+  p->part_out = part_out->typed_data();
+  p->part_lse = part_lse->typed_data();
   return ffi::Error::Success();
 }
 
 ffi::Future FlashAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                            ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_pos,
                            ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
-                           ffi::Result<ffi::Buffer<ffi::F32>> lse, float scale, bool causal) {
+                           ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                           ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                           ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale, bool causal,
+                           int64_t num_splits) {
   AttentionParams p;
-  ffi::Error error = CheckAttention(q, k, v, q_pos, kv_len, out, lse, &p);
+  ffi::Error error =
+      CheckAttention(q, k, v, q_pos, kv_len, out, lse, part_out, part_lse, num_splits, &p);
   if (error.failure()) return ReadyFuture(std::move(error));
   const KernelTable* kernels = CurrentKernels(&error);
   if (kernels == nullptr) return ReadyFuture(std::move(error));
@@ -100,7 +112,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttention, FlashAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()    // kv_len [B]
                                   .Ret<ffi::AnyBuffer>()           // out [B, Sq, Hq, Dv]
                                   .Ret<ffi::Buffer<ffi::F32>>()    // lse [B, Hq, Sq]
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_out [B, ns, Sq, Hq, Dv] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_lse [B, ns, Sq, Hq] or [0]
                                   .Attr<float>("scale")
-                                  .Attr<bool>("causal"));
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("num_splits"));
 
 }  // namespace jax_mla::cpu

@@ -25,37 +25,11 @@ void FillNaN(void* data, DType dtype, int64_t n) {
   for (int64_t i = 0; i < n; ++i) StoreFromFloat(data, i, dtype, nan);
 }
 
-// How the problem is cut into work items: (b, kv head, head chunk, query chunk, split).
-struct Plan {
-  int64_t group;        // query heads per KV head
-  int64_t heads_blk;    // heads of the group per block
-  int64_t n_head_blk;
-  int64_t pos_blk;      // query positions per block
-  int64_t n_pos_blk;
-  int64_t split_len;    // keys per split
-  int64_t items;
-  int64_t max_rows;     // rows of the largest block
-};
-
-Plan MakePlan(const AttentionParams& p) {
-  Plan plan{};
-  if (p.batch == 0 || p.seq_q == 0 || p.heads_q == 0) return plan;  // nothing to compute
-  plan.group = p.heads_q / p.heads_kv;
-  plan.heads_blk = std::min(plan.group, kMaxHeadsPerBlock);
-  plan.n_head_blk = CeilDiv(plan.group, plan.heads_blk);
-  plan.pos_blk = std::max<int64_t>(1, std::min(p.seq_q, kTargetRows / plan.heads_blk));
-  plan.n_pos_blk = CeilDiv(p.seq_q, plan.pos_blk);
-  plan.split_len = p.num_splits > 1 ? p.split_len : std::max<int64_t>(p.seq_kv, 1);
-  plan.items = p.batch * p.heads_kv * plan.n_head_blk * plan.n_pos_blk * p.num_splits;
-  plan.max_rows = plan.heads_blk * plan.pos_blk;
-  return plan;
-}
-
 // Per-thread scratch, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, o, m, l, kernel;
-  std::vector<int64_t> end;
-  void Reserve(int64_t rows, int64_t dk, int64_t dv) {
+  std::vector<int64_t> end, chunk_end;
+  void Reserve(int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
     };
@@ -64,12 +38,65 @@ struct Scratch {
     grow(m, size_t(rows));
     grow(l, size_t(rows));
     grow(end, size_t(rows));
-    grow(kernel, AttendScratchFloats(dk, dv, rows));
+    grow(chunk_end, size_t(rows));
+    grow(kernel, AttendScratchFloats(dk, dv, block_rows));
   }
 };
 
+// Loads the block's query rows (scaled, float32) and sets the softmax state.
+// Rows are position-major: (i, g) -> (i - i0) * (g1 - g0) + (g - g0).
+void LoadRows(const AttentionParams& p, const KernelTable& kern, int64_t b, int64_t hkv,
+              int64_t group, int64_t i0, int64_t i1, int64_t g0, int64_t g1, int64_t kv0,
+              int64_t kv1, float* q, int64_t* end, float* m, float* l, float* o) {
+  const int64_t q_elem = DTypeBytes(p.q_dtype), dk = p.dk;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t pos = int64_t(p.q_pos[b]) + i;
+    const int64_t visible = VisibleKeys(pos, p.kv_len[b], p.seq_kv, p.causal);
+    const int64_t row_end = std::max(kv0, std::min(visible, kv1));
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r = (i - i0) * (g1 - g0) + (g - g0);
+      const int64_t h = hkv * group + g;
+      const char* src =
+          static_cast<const char*>(p.q) + ((b * p.seq_q + i) * p.heads_q + h) * dk * q_elem;
+      kern.to_float(src, p.q_dtype, q + r * dk, dk);
+      for (int64_t d = 0; d < dk; ++d) q[r * dk + d] *= p.scale;
+      end[r] = row_end;
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+  }
+  std::fill_n(o, (i1 - i0) * (g1 - g0) * p.dv, 0.f);
+}
+
+// Normalizes the block's rows and writes them to the outputs, or to the split
+// partials when the keys are split.
+void StoreRows(const AttentionParams& p, int64_t b, int64_t hkv, int64_t group, int64_t s,
+               int64_t i0, int64_t i1, int64_t g0, int64_t g1, const float* m, const float* l,
+               const float* o) {
+  const int64_t dv = p.dv;
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r = (i - i0) * (g1 - g0) + (g - g0);
+      const int64_t h = hkv * group + g;
+      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      const float lse = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+      const float* src = o + r * dv;
+      if (p.num_splits == 1) {
+        const int64_t base = ((b * p.seq_q + i) * p.heads_q + h) * dv;
+        for (int64_t d = 0; d < dv; ++d) StoreFromFloat(p.out, base + d, p.q_dtype, src[d] * inv);
+        p.lse[(b * p.heads_q + h) * p.seq_q + i] = lse;
+      } else {
+        const int64_t row = ((b * p.num_splits + s) * p.seq_q + i) * p.heads_q + h;
+        float* dst = p.part_out + row * dv;
+        for (int64_t d = 0; d < dv; ++d) dst[d] = src[d] * inv;
+        p.part_lse[row] = lse;
+      }
+    }
+  }
+}
+
 void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern, int64_t item) {
-  // Split innermost, so consecutive items share query rows (cache-warm q).
+  // Split innermost, so consecutive items share query rows.
   int64_t rest = item;
   const int64_t s = rest % p.num_splits;
   rest /= p.num_splits;
@@ -77,69 +104,48 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   rest /= plan.n_pos_blk;
   const int64_t hb = rest % plan.n_head_blk;
   rest /= plan.n_head_blk;
-  const int64_t hkv = rest % p.heads_kv;
-  const int64_t b = rest / p.heads_kv;
+  const int64_t kb = rest % plan.n_kv_head_blk;
+  const int64_t b = rest / plan.n_kv_head_blk;
 
   const int64_t i0 = pb * plan.pos_blk, i1 = std::min(p.seq_q, i0 + plan.pos_blk);
   const int64_t g0 = hb * plan.heads_blk, g1 = std::min(plan.group, g0 + plan.heads_blk);
+  const int64_t h0 = kb * plan.kv_heads_blk, h1 = std::min(p.heads_kv, h0 + plan.kv_heads_blk);
   const int64_t kv0 = std::min(p.seq_kv, s * plan.split_len);
   const int64_t kv1 = std::min(p.seq_kv, kv0 + plan.split_len);
   const int64_t dk = p.dk, dv = p.dv;
+  const int64_t R = (i1 - i0) * (g1 - g0);  // rows per KV head
+  const int64_t nh = h1 - h0;
 
   thread_local Scratch scratch;
-  scratch.Reserve(plan.max_rows, dk, dv);
-
-  // Rows are position-major: (i, g) -> (i - i0) * (g1 - g0) + (g - g0).
-  const int64_t n_rows = (i1 - i0) * (g1 - g0);
-  const int64_t q_elem = DTypeBytes(p.q_dtype);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t pos = int64_t(p.q_pos[b]) + i;
-    const int64_t visible = VisibleKeys(pos, p.kv_len[b], p.seq_kv, p.causal);
-    const int64_t end = std::max(kv0, std::min(visible, kv1));
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t r = (i - i0) * (g1 - g0) + (g - g0);
-      const int64_t h = hkv * plan.group + g;
-      const char* src = static_cast<const char*>(p.q) + ((b * p.seq_q + i) * p.heads_q + h) * dk * q_elem;
-      float* q = scratch.q.data() + r * dk;
-      kern.to_float(src, p.q_dtype, q, dk);
-      for (int64_t d = 0; d < dk; ++d) q[d] *= p.scale;
-      scratch.end[r] = end;
-      scratch.m[r] = kNegInf;
-      scratch.l[r] = 0.f;
-    }
-  }
-  std::fill_n(scratch.o.data(), n_rows * dv, 0.f);
+  scratch.Reserve(nh * R, R, dk, dv);
+  float *q = scratch.q.data(), *o = scratch.o.data(), *m = scratch.m.data(),
+        *l = scratch.l.data();
+  int64_t *end = scratch.end.data(), *chunk_end = scratch.chunk_end.data();
+  for (int64_t u = 0; u < nh; ++u)
+    LoadRows(p, kern, b, h0 + u, plan.group, i0, i1, g0, g1, kv0, kv1, q + u * R * dk,
+             end + u * R, m + u * R, l + u * R, o + u * R * dv);
 
   const int64_t k_bytes = DTypeBytes(p.k.dtype), v_bytes = DTypeBytes(p.v.dtype);
-  KvRows k{static_cast<const char*>(p.k.data) + (b * p.k.batch_stride + hkv * p.k.head_stride) * k_bytes,
-           p.k.dtype, p.k.row_stride};
-  KvRows v{static_cast<const char*>(p.v.data) + (b * p.v.batch_stride + hkv * p.v.head_stride) * v_bytes,
-           p.v.dtype, p.v.row_stride};
-  RowBlock block{n_rows, scratch.q.data(), scratch.end.data(), scratch.o.data(), scratch.m.data(),
-                 scratch.l.data()};
-  if (kv1 > kv0) kern.attend(block, k, v, p.v_in_k, dk, dv, kv0, scratch.kernel.data());
-
-  // Normalize and write: straight to the outputs, or to the split partials.
-  for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t r = (i - i0) * (g1 - g0) + (g - g0);
-      const int64_t h = hkv * plan.group + g;
-      const float l = scratch.l[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float lse = l > 0.f ? scratch.m[r] + std::log(l) : kNegInf;
-      const float* o = scratch.o.data() + r * dv;
-      if (p.num_splits == 1) {
-        const int64_t base = ((b * p.seq_q + i) * p.heads_q + h) * dv;
-        for (int64_t d = 0; d < dv; ++d) StoreFromFloat(p.out, base + d, p.q_dtype, o[d] * inv);
-        p.lse[(b * p.heads_q + h) * p.seq_q + i] = lse;
-      } else {
-        const int64_t row = ((b * p.num_splits + s) * p.seq_q + i) * p.heads_q + h;
-        float* dst = p.part_out + row * dv;
-        for (int64_t d = 0; d < dv; ++d) dst[d] = o[d] * inv;
-        p.part_lse[row] = lse;
-      }
+  auto rows_of = [](const RowView& view, int64_t bytes, int64_t b, int64_t h) {
+    return KvRows{static_cast<const char*>(view.data) +
+                      (b * view.batch_stride + h * view.head_stride) * bytes,
+                  view.dtype, view.row_stride};
+  };
+  // One KV head: the whole key range in one call. Several: walk the keys
+  // chunk by chunk and visit every head in each chunk, so that memory is read
+  // in order (K rows of all heads are interleaved in the cache).
+  const int64_t chunk = nh == 1 ? std::max<int64_t>(kv1 - kv0, 1) : kMultiHeadChunk;
+  for (int64_t c0 = kv0; c0 < kv1; c0 += chunk) {
+    const int64_t c1 = std::min(kv1, c0 + chunk);
+    for (int64_t u = 0; u < nh; ++u) {
+      for (int64_t r = 0; r < R; ++r) chunk_end[r] = std::min(end[u * R + r], c1);
+      RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
+      kern.attend(block, rows_of(p.k, k_bytes, b, h0 + u), rows_of(p.v, v_bytes, b, h0 + u),
+                  p.v_in_k, dk, dv, c0, scratch.kernel.data());
     }
   }
+  for (int64_t u = 0; u < nh; ++u)
+    StoreRows(p, b, h0 + u, plan.group, s, i0, i1, g0, g1, m + u * R, l + u * R, o + u * R * dv);
 }
 
 // Merges the split partials of every (b, i, h) by their LSE.
@@ -174,6 +180,23 @@ void Combine(const AttentionParams& p) {
 
 }  // namespace
 
+Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t seq_kv,
+              int64_t num_splits, int64_t split_len) {
+  Plan plan{};
+  if (batch <= 0 || seq_q <= 0 || heads_q <= 0 || heads_kv <= 0) return plan;  // no work
+  plan.group = heads_q / heads_kv;
+  plan.heads_blk = std::min(plan.group, kMaxHeadsPerBlock);
+  plan.n_head_blk = CeilDiv(plan.group, plan.heads_blk);
+  plan.pos_blk = std::max<int64_t>(1, std::min(seq_q, kTargetRows / plan.heads_blk));
+  plan.n_pos_blk = CeilDiv(seq_q, plan.pos_blk);
+  const int64_t rows = plan.heads_blk * plan.pos_blk;
+  plan.kv_heads_blk = rows < kMinRowsPerKvHead ? heads_kv : 1;
+  plan.n_kv_head_blk = CeilDiv(heads_kv, plan.kv_heads_blk);
+  plan.split_len = num_splits > 1 ? split_len : std::max<int64_t>(seq_kv, 1);
+  plan.items = batch * plan.n_kv_head_blk * plan.n_head_blk * plan.n_pos_blk * num_splits;
+  return plan;
+}
+
 const KernelTable* CurrentKernels(ffi::Error* error) {
   std::string select_error;
   const KernelTable* table = SelectKernels(&select_error);
@@ -193,7 +216,8 @@ ffi::Future RunFlash(const AttentionParams& params, const KernelTable& kernels,
       FillNaN(p.part_lse, DType::kF32, p.batch * p.seq_q * p.heads_q * p.num_splits);
     }
   }
-  const Plan plan = MakePlan(p);
+  const Plan plan =
+      MakePlan(p.batch, p.seq_q, p.heads_q, p.heads_kv, p.seq_kv, p.num_splits, p.split_len);
   const KernelTable* kern = &kernels;
   return ParallelFor(
       pool, plan.items, /*max_tasks=*/plan.items,
@@ -201,6 +225,11 @@ ffi::Future RunFlash(const AttentionParams& params, const KernelTable& kernels,
       [p] {
         if (p.num_splits > 1) Combine(p);
       });
+}
+
+int64_t SplitLength(int64_t seq_kv, int64_t num_splits) {
+  // Splits cover whole key tiles; trailing splits may be empty (LSE -inf).
+  return CeilDiv(CeilDiv(std::max<int64_t>(seq_kv, 1), num_splits), kKvTile) * kKvTile;
 }
 
 }  // namespace jax_mla::cpu

@@ -16,6 +16,33 @@ namespace jax_mla::cpu {
 inline constexpr int64_t kTargetRows = 32;
 // At most this many heads of one KV head go in a block (bounds the scratch).
 inline constexpr int64_t kMaxHeadsPerBlock = 128;
+// Below this many rows per KV head (decode with small GQA groups), one work
+// item takes all KV heads and walks the keys in chunks of kMultiHeadChunk,
+// visiting every head per chunk: the cache is then read in memory order
+// instead of jumping a whole row of heads per key.
+inline constexpr int64_t kMinRowsPerKvHead = 8;
+inline constexpr int64_t kMultiHeadChunk = kKvTile;
+
+// How a problem is cut into work items:
+// (batch, KV-head block, query-head block, query-position block, split).
+struct Plan {
+  int64_t group = 0;          // query heads per KV head
+  int64_t heads_blk = 0;      // query heads of the group per item
+  int64_t n_head_blk = 0;
+  int64_t pos_blk = 0;        // query positions per item
+  int64_t n_pos_blk = 0;
+  int64_t kv_heads_blk = 0;   // KV heads per item
+  int64_t n_kv_head_blk = 0;
+  int64_t split_len = 0;      // keys per split
+  int64_t items = 0;
+};
+
+Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t seq_kv,
+              int64_t num_splits, int64_t split_len);
+
+// Keys per split for num_splits splits: whole tiles, so trailing splits may
+// be empty (their LSE is -inf and the merge ignores them).
+int64_t SplitLength(int64_t seq_kv, int64_t num_splits);
 
 // Validated parameters in, future out. Never reads keys at or past a row's
 // visible end, so cache slots past kv_len may hold anything.

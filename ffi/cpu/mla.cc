@@ -12,8 +12,6 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 576;
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q_pos,
                     ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::F32>> lse,
@@ -39,8 +37,6 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
   JAX_MLA_CHECK(dv > 0 && v_offset >= 0 && v_offset + dv <= Dk, InvalidArgument)
       << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", "
       << v_offset + dv << ") must lie inside the row of " << Dk;
-  JAX_MLA_CHECK(num_splits >= 1, InvalidArgument)
-      << "flash_mla: num_splits must be >= 1, got " << num_splits;
   JAX_MLA_CHECK(Dk % 16 == 0 && dv % 16 == 0 && Dk <= kMaxHeadDim, Unimplemented)
       << "flash_mla (CPU): Dk and dv must be multiples of 16 with Dk <= " << kMaxHeadDim
       << ", got Dk = " << Dk << ", dv = " << dv;
@@ -51,14 +47,8 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
   JAX_MLA_CHECK(ShapeIs(lse->dimensions(), {B, H, Sq}), InvalidArgument)
       << "flash_mla: lse must be " << ShapeString({B, H, Sq}) << ", got "
       << ShapeString(lse->dimensions());
-  if (num_splits > 1) {
-    JAX_MLA_CHECK(ShapeIs(part_out->dimensions(), {B, num_splits, Sq, H, dv}) &&
-                      ShapeIs(part_lse->dimensions(), {B, num_splits, Sq, H}),
-                  InvalidArgument)
-        << "flash_mla: split partials must be " << ShapeString({B, num_splits, Sq, H, dv})
-        << " and " << ShapeString({B, num_splits, Sq, H}) << ", got "
-        << ShapeString(part_out->dimensions()) << " and " << ShapeString(part_lse->dimensions());
-  }
+  JAX_MLA_RETURN_IF_ERROR(CheckSplitPartials("flash_mla", num_splits, B, Sq, H, dv,
+                                             part_out->dimensions(), part_lse->dimensions()));
 
   p->batch = B;
   p->seq_q = Sq;
@@ -79,8 +69,7 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
   p->out = out->untyped_data();
   p->lse = lse->typed_data();
   p->num_splits = num_splits;
-  // Splits cover whole key tiles; trailing splits may be empty (LSE -inf).
-  p->split_len = CeilDiv(CeilDiv(std::max<int64_t>(Skv, 1), num_splits), kKvTile) * kKvTile;
+  p->split_len = SplitLength(Skv, num_splits);
   p->part_out = part_out->typed_data();
   p->part_lse = part_lse->typed_data();
   return ffi::Error::Success();

@@ -2,6 +2,7 @@
 #include <string>
 #include <type_traits>
 
+#include "ffi/cpu/flash.h"
 #include "ffi/cpu/handlers.h"
 #include "ffi/cpu/kernels.h"
 #include "nanobind/nanobind.h"
@@ -35,6 +36,13 @@ NB_MODULE(_cpu, m) {
     if (t == nullptr) throw nb::value_error(error.c_str());
     return std::string(t->isa);
   }, "The ISA path the kernels take now (JAX_MLA_CPU_ISA or the best available).");
+  m.def("work_items",
+        [](int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv) {
+          return jax_mla::cpu::MakePlan(batch, seq_q, heads_q, heads_kv, 1, 1, 1).items;
+        },
+        nb::arg("batch"), nb::arg("seq_q"), nb::arg("heads_q"), nb::arg("heads_kv"),
+        "Work items the CPU driver makes of a call without split-KV (the num_splits "
+        "heuristic splits the keys when there are fewer items than threads).");
   m.def("built_isas", &jax_mla::cpu::BuiltIsas);
   m.def("supported_isas", &jax_mla::cpu::SupportedIsas);
 }
