@@ -1,0 +1,7 @@
+"""`python -m jax_mla`: the benchmark (see jax_mla/bench.py, or --help)."""
+
+import sys
+
+from jax_mla.bench import main
+
+sys.exit(main())

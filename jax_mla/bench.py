@@ -1,0 +1,480 @@
+"""The benchmark behind `python -m jax_mla`: a llama-bench-style sweep over
+DeepSeek attention shapes, native kernels against the best plain-JAX
+formulation, each row checked against jax_mla.reference before it is timed.
+
+Tests (llama-bench names, batch 1, f32 queries over a cache of the given dtype):
+  tg@N     decode: 1 query at the end of N cached tokens.
+  ppS@N    prefill chunk: S causal queries that are the last S of N tokens
+           (query i sees N - S + i + 1 keys).
+
+Backends:
+  native   jax_mla.flash_mla / flash_attention(backend="native").
+  jax      what a JAX user would write: einsums in the cache's own dtype with
+           float32 accumulation (preferred_element_type), masking, softmax;
+           for MLA, V is the slice kv[..., :512]. Not the naive reference.
+
+Timing: a jitted call as a user makes it (dispatch included), warm; each pass
+is the median of R calls (R adapts to the call's duration) with
+block_until_ready after each; the best of 3 passes is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_mla
+from jax_mla import reference
+
+# DeepSeek-V2-Lite attention: 16 heads; MLA over the 576-wide latent row
+# (kv_lora_rank 512 + rope 64, V = the first 512 columns); standard attention
+# with per-head K 192 (nope 128 + rope 64) and V 128, 16 KV heads.
+HEADS = 16
+MLA_DK, MLA_DV = 576, 512
+STD_DK, STD_DV, STD_KV_HEADS = 192, 128, 16
+SCALE = 1.0 / math.sqrt(192)  # as ik_bench and ANCHORS.md use for both ops
+
+OPS = ("flash_mla", "flash_attention")
+CACHES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32}
+BACKENDS = ("native", "jax")
+QUICK_TESTS = ("tg@1024", "tg@4096", "pp64@1024")
+FULL_TESTS = ("tg@1024", "tg@4096", "tg@16384", "pp512@512", "pp512@4096")
+
+PASSES = 3
+MIN_REPS, MAX_REPS = 3, 50
+# Max |out - ref| / max |ref| allowed. The native kernels accumulate in f32 from
+# exact inputs, so they must be close to the f32 reference whatever the cache;
+# the plain-JAX baseline rounds q and the probabilities to the cache dtype.
+TOLERANCE = {"native": {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4},
+             "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2}}
+# Above this many reference FLOPs (dense, float32 at HIGHEST precision), the
+# check uses only the last CHECK_QUERIES queries of the row.
+CHECK_MAX_FLOPS = 4e9
+CHECK_QUERIES = 64
+# A row timed while other processes kept more than this many cores busy is
+# marked: on a 2-core machine its time is not trustworthy.
+DISTURBED_CORES = 0.25
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration (both backends are timed on it)."""
+    op: str      # "flash_mla" | "flash_attention"
+    seq_q: int   # queries per call; 1 = decode
+    n_kv: int    # cached tokens; the queries are the last seq_q of them
+    cache: str   # key of CACHES
+
+    @property
+    def test(self) -> str:
+        return f"tg@{self.n_kv}" if self.seq_q == 1 else f"pp{self.seq_q}@{self.n_kv}"
+
+    @property
+    def causal(self) -> bool:
+        return self.seq_q > 1
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return (MLA_DK, MLA_DV) if self.op == "flash_mla" else (STD_DK, STD_DV)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        size = jnp.dtype(CACHES[self.cache]).itemsize
+        return MLA_DK * size if self.op == "flash_mla" else STD_KV_HEADS * (STD_DK + STD_DV) * size
+
+    @property
+    def visible_keys(self) -> int:
+        """Sum over the queries of the keys each one sees."""
+        if not self.causal:
+            return self.seq_q * self.n_kv
+        s, n = self.seq_q, self.n_kv
+        return s * (n - s) + s * (s + 1) // 2
+
+    @property
+    def flops(self) -> int:
+        dk, dv = self.dims
+        return 2 * HEADS * self.visible_keys * (dk + dv)
+
+
+@dataclass
+class Row:
+    """One line of the table (and of the JSON output)."""
+    test: str
+    op: str
+    cache: str
+    backend: str
+    ms: float
+    tokens_per_s: float
+    gflops: float         # 2 * Sq * H * visible keys * (Dk + Dv) / time
+    gbps: float           # cache bytes read (each cached token once) / time
+    speedup: float | None  # plain-JAX ms / native ms, on native rows
+    err: float            # max |out - ref| / max |ref| against jax_mla.reference
+    checked_queries: int  # queries the check covered (all, or the last CHECK_QUERIES)
+    reps: int
+    other_load: float | None  # cores other processes kept busy while this row was timed
+    seq_q: int
+    n_kv: int
+    kv_bytes_per_token: int
+
+
+def parse_test(name: str) -> tuple[int, int]:
+    """'tg@N' -> (1, N); 'ppS@N' -> (S, N)."""
+    m = re.fullmatch(r"(tg|pp(\d+))@(\d+)", name)
+    if not m:
+        raise argparse.ArgumentTypeError(f"test {name!r} is not tg@N or ppS@N")
+    seq_q, n_kv = (1 if m[1] == "tg" else int(m[2])), int(m[3])
+    if not 1 <= seq_q <= n_kv:
+        raise argparse.ArgumentTypeError(f"test {name!r}: need 1 <= S <= N")
+    return seq_q, n_kv
+
+
+# ------------------------------------------------------------------ inputs and functions
+
+def make_inputs(case: Case, seed: int = 0) -> tuple[jax.Array, ...]:
+    """f32 queries and a cache of case.cache dtype, N(0, 1) entries."""
+    dk, dv = case.dims
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dtype = CACHES[case.cache]
+    q = jax.random.normal(keys[0], (1, case.seq_q, HEADS, dk), jnp.float32)
+    if case.op == "flash_mla":
+        return q, jax.random.normal(keys[1], (1, case.n_kv, dk), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (1, case.n_kv, STD_KV_HEADS, dk), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (1, case.n_kv, STD_KV_HEADS, dv), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def native_fn(case: Case):
+    if case.op == "flash_mla":
+        fn = functools.partial(jax_mla.flash_mla, dv=MLA_DV, scale=SCALE, causal=case.causal,
+                               backend="native")
+    else:
+        fn = functools.partial(jax_mla.flash_attention, scale=SCALE, causal=case.causal,
+                               backend="native")
+    return jax.jit(fn)
+
+
+def reference_fn(case: Case):
+    if case.op == "flash_mla":
+        fn = functools.partial(reference.mla, dv=MLA_DV, scale=SCALE, causal=case.causal)
+    else:
+        fn = functools.partial(reference.attention, scale=SCALE, causal=case.causal)
+    return jax.jit(lambda *args: fn(*args)[0])
+
+
+def _softmax_f32(s, causal: bool):
+    """Softmax over the last axis of f32 scores [..., Sq, N], causal with the
+    queries at the end of the keys."""
+    if causal:
+        seq_q, n_kv = s.shape[-2:]
+        q_pos = jnp.arange(seq_q)[:, None] + (n_kv - seq_q)
+        s = jnp.where(jnp.arange(n_kv)[None, :] <= q_pos, s, -jnp.inf)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def plain_mla(q, kv, *, causal: bool):
+    """MLA as a JAX user writes it: scores against the whole row, V the slice."""
+    s = jnp.einsum("bqhd,bkd->bhqk", q.astype(kv.dtype), kv,
+                   preferred_element_type=jnp.float32) * jnp.float32(SCALE)
+    p = _softmax_f32(s, causal).astype(kv.dtype)
+    out = jnp.einsum("bhqk,bkd->bqhd", p, kv[..., :MLA_DV], preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def plain_attention(q, k, v, *, causal: bool):
+    """GQA attention as a JAX user writes it (query head h uses KV head h // group)."""
+    batch, seq_q, heads, dk = q.shape
+    heads_kv = k.shape[2]
+    qg = q.reshape(batch, seq_q, heads_kv, heads // heads_kv, dk).astype(k.dtype)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
+                   preferred_element_type=jnp.float32) * jnp.float32(SCALE)
+    p = _softmax_f32(s, causal).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, seq_q, heads, v.shape[-1]).astype(q.dtype)
+
+
+def plain_fn(case: Case):
+    fn = plain_mla if case.op == "flash_mla" else plain_attention
+    return jax.jit(functools.partial(fn, causal=case.causal))
+
+
+BACKEND_FNS = {"native": native_fn, "jax": plain_fn}
+
+
+# ------------------------------------------------------------------ check and timing
+
+def check_inputs(case: Case, inputs):
+    """The row's inputs, or its last CHECK_QUERIES queries when the reference
+    would be too slow (the queries stay at the end of the cache)."""
+    dk, dv = case.dims
+    dense_flops = 2 * HEADS * case.seq_q * case.n_kv * (dk + dv)
+    if dense_flops <= CHECK_MAX_FLOPS or case.seq_q <= CHECK_QUERIES:
+        return inputs
+    return (inputs[0][:, -CHECK_QUERIES:],) + tuple(inputs[1:])
+
+
+def relative_error(fn, ref_fn, inputs) -> float:
+    out = np.asarray(jax.block_until_ready(fn(*inputs)), np.float64)
+    ref = np.asarray(ref_fn(*inputs), np.float64)
+    return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _call_s(fn, args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def time_call(fn, args, budget_s: float) -> tuple[float, int]:
+    """Best over PASSES of the median of R calls, in seconds; returns (s, R).
+    R is chosen so that a pass takes about budget_s."""
+    _call_s(fn, args)  # compiles if the check ran on other shapes; warms caches
+    reps = max(MIN_REPS, min(MAX_REPS, round(budget_s / _call_s(fn, args))))
+    best = min(statistics.median(_call_s(fn, args) for _ in range(reps)) for _ in range(PASSES))
+    return best, reps
+
+
+def _busy_s() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this
+    process), from /proc/stat; None where it is unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+class OtherLoad:
+    """Measures how many cores other processes kept busy during a block, so a
+    timing disturbed by someone else's work on a small machine shows."""
+
+    def __enter__(self):
+        self._start, self._t0, self.cores = _busy_s(), time.perf_counter(), None
+        return self
+
+    def __exit__(self, *exc):
+        end, wall = _busy_s(), time.perf_counter() - self._t0
+        if self._start and end and wall > 0:
+            self.cores = max(0.0, (end[0] - self._start[0]) - (end[1] - self._start[1])) / wall
+
+
+def run_case(case: Case, backends, budget_s: float) -> list[Row]:
+    inputs = make_inputs(case)
+    checked = check_inputs(case, inputs)
+    ref_fn = reference_fn(case)
+    rows = []
+    for backend in backends:
+        fn = BACKEND_FNS[backend](case)
+        err = relative_error(fn, ref_fn, checked)
+        seconds, reps, other = math.nan, 0, None
+        if err <= TOLERANCE[backend][case.cache]:  # False for NaN too
+            with OtherLoad() as load:
+                seconds, reps = time_call(fn, inputs, budget_s)
+            other = load.cores
+        rows.append(Row(
+            test=case.test, op=case.op, cache=case.cache, backend=backend,
+            ms=seconds * 1e3, tokens_per_s=case.seq_q / seconds,
+            gflops=case.flops / seconds / 1e9,
+            gbps=case.n_kv * case.kv_bytes_per_token / seconds / 1e9,
+            speedup=None, err=err, checked_queries=checked[0].shape[1], reps=reps,
+            other_load=other, seq_q=case.seq_q, n_kv=case.n_kv,
+            kv_bytes_per_token=case.kv_bytes_per_token))
+    by_backend = {r.backend: r for r in rows}
+    if "native" in by_backend and "jax" in by_backend:
+        by_backend["native"].speedup = by_backend["jax"].ms / by_backend["native"].ms
+    return rows
+
+
+def failed(row: Row) -> bool:
+    return not row.err <= TOLERANCE[row.backend][row.cache]
+
+
+def disturbed(row: Row) -> bool:
+    return row.other_load is not None and row.other_load > DISTURBED_CORES
+
+
+# ------------------------------------------------------------------ reporting
+
+def cpu_info() -> dict:
+    """Model name, family/model and the flags that decide the kernel path."""
+    info = {"model": platform.processor() or platform.machine(), "family": None,
+            "model_id": None, "avx512f": None, "avx2": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read().split("\n\n")[0]
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info.update(model=fields.get("model name", info["model"]), family=fields.get("cpu family"),
+                model_id=fields.get("model"), avx512f="avx512f" in flags, avx2="avx2" in flags)
+    return info
+
+
+def threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def metadata(quick: bool) -> dict:
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": quick,
+        "cpu": cpu_info(),
+        "threads": threads(),
+        "jax": jax.__version__,
+        "jax_mla": jax_mla.__version__,
+        "isa": jax_mla.backends()["cpu"]["isa"],
+        "shapes": {"heads": HEADS, "mla": [MLA_DK, MLA_DV],
+                   "standard": [STD_DK, STD_DV, STD_KV_HEADS], "scale": SCALE,
+                   "batch": 1, "query_dtype": "f32"},
+        "timing": {"passes": PASSES, "min_reps": MIN_REPS, "max_reps": MAX_REPS},
+    }
+
+
+def header(meta: dict) -> str:
+    cpu = meta["cpu"]
+    kind = cpu["model"]
+    if cpu["family"] is not None:
+        kind += f" (family {cpu['family']}, model {cpu['model_id']})"
+    yes = {True: "yes", False: "no", None: "unknown"}
+    return "\n".join([
+        f"jax_mla {meta['jax_mla']} benchmark{' (--quick)' if meta['quick'] else ''}, "
+        f"{meta['date']}",
+        f"CPU: {kind}, avx512f: {yes[cpu['avx512f']]}, avx2: {yes[cpu['avx2']]}; "
+        f"{meta['threads']} threads; jax {meta['jax']}; jax_mla CPU ISA path: {meta['isa']}",
+        f"DeepSeek-V2-Lite shapes: {HEADS} heads; flash_mla {MLA_DK}/{MLA_DV} over one latent "
+        f"head; flash_attention {STD_DK}/{STD_DV} with {STD_KV_HEADS} KV heads; batch 1, f32 "
+        f"queries, scale 1/sqrt(192)",
+        "tg@N: decode over N cached tokens; ppS@N: S causal queries ending a cache of N",
+        "native: jax_mla kernel; jax: plain-JAX einsums in the cache dtype, f32 accumulation",
+        f"ms: jitted call incl. dispatch, warm, best of {PASSES} passes of the median of "
+        f"{MIN_REPS}..{MAX_REPS} calls; GB/s: cache bytes read; speedup: jax ms / native ms; "
+        "err: max|out-ref|/max|ref| vs jax_mla.reference",
+    ])
+
+
+# (field, title, width, format); widths are fixed so rows print as they finish.
+COLUMNS = (("test", "test", 11, "{}"), ("op", "op", 15, "{}"), ("cache", "cache", 5, "{}"),
+           ("backend", "backend", 7, "{}"), ("ms", "ms", 10, "{:.3f}"),
+           ("tokens_per_s", "tokens/s", 9, "{:.1f}"), ("gflops", "GFLOP/s", 7, "{:.1f}"),
+           ("gbps", "GB/s", 6, "{:.2f}"), ("speedup", "speedup", 7, "{:.2f}"),
+           ("err", "err", 12, "{:.1e}"))
+LEFT = {"test", "op", "cache", "backend"}
+
+
+def format_cell(row: Row, name: str, fmt: str) -> str:
+    value = getattr(row, name)
+    if value is None:
+        return ""
+    text = fmt.format(value)
+    if name == "err" and failed(row):
+        return text + " FAIL"
+    if name == "ms" and disturbed(row):
+        return text + " *"
+    return text
+
+
+def _line(values) -> str:
+    return "| " + " | ".join(f"{v:{'<' if name in LEFT else '>'}{width}}"
+                             for v, (name, _, width, _) in zip(values, COLUMNS)) + " |"
+
+
+def table_head() -> str:
+    """The title line and rule of a markdown table, like llama-bench's."""
+    rule = "| " + " | ".join("-" * width if name in LEFT else "-" * (width - 1) + ":"
+                             for name, _, width, _ in COLUMNS) + " |"
+    return _line([title for _, title, _, _ in COLUMNS]) + "\n" + rule
+
+
+def table_row(row: Row) -> str:
+    return _line([format_cell(row, name, fmt) for name, _, _, fmt in COLUMNS])
+
+
+# ------------------------------------------------------------------ main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m jax_mla",
+        description="Benchmark jax_mla's native kernels against plain JAX on DeepSeek-V2-Lite "
+                    "attention shapes, checking each against jax_mla.reference first.")
+    p.add_argument("--quick", action="store_true",
+                   help=f"small sweep, f16 cache only ({', '.join(QUICK_TESTS)}); under a minute")
+    p.add_argument("--json", metavar="PATH", help="also write the rows and metadata as JSON")
+    p.add_argument("--tests", type=lambda s: [parse_test(t) for t in s.split(",")],
+                   help="comma-separated tg@N / ppS@N (default: the quick or full list)")
+    p.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS),
+                   help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--caches", type=lambda s: s.split(","),
+                   help="comma-separated subset of f16,bf16,f32 (default: f16 with --quick, all)")
+    args = p.parse_args(argv)
+    for name, given, allowed in (("--ops", args.ops, OPS), ("--caches", args.caches or [], CACHES)):
+        bad = [x for x in given if x not in allowed]
+        if bad:
+            p.error(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if args.tests is None:
+        args.tests = [parse_test(t) for t in (QUICK_TESTS if args.quick else FULL_TESTS)]
+    if args.caches is None:
+        args.caches = ["f16"] if args.quick else list(CACHES)
+    return args
+
+
+def native_ready() -> str | None:
+    """Why the native CPU kernels cannot be benchmarked here, or None."""
+    if jax.default_backend() != "cpu":
+        return (f"the default JAX platform is {jax.default_backend()!r}, but jax_mla has CPU "
+                "kernels only so far; rerun with JAX_PLATFORMS=cpu")
+    cpu = jax_mla.backends()["cpu"]
+    if not cpu["loaded"]:
+        return f"the native CPU module did not load: {cpu['error']}"
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    why = native_ready()
+    if why:
+        print(f"python -m jax_mla: {why}", file=sys.stderr)
+        return 2
+    meta = metadata(args.quick)
+    print(header(meta), flush=True)
+    budget_s = 0.1 if args.quick else 0.5
+    cases = [Case(op, seq_q, n_kv, cache) for seq_q, n_kv in args.tests
+             for op in args.ops for cache in args.caches]
+    print(table_head(), flush=True)
+    rows = []
+    for case in cases:
+        for row in run_case(case, BACKENDS, budget_s):
+            print(table_row(row), flush=True)
+            rows.append(row)
+    noisy = [r for r in rows if disturbed(r)]
+    if noisy:
+        print(f"* timed while other processes kept up to "
+              f"{max(r.other_load for r in noisy):.1f} cores busy: rerun on a quiet machine")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    bad = [r for r in rows if failed(r)]
+    sys.stdout.flush()
+    for r in bad:
+        print(f"FAILED CHECK: {r.test} {r.op} {r.cache} {r.backend}: err {r.err:.3g} > "
+              f"{TOLERANCE[r.backend][r.cache]:g} (vs jax_mla.reference)", file=sys.stderr)
+    return 1 if bad else 0
