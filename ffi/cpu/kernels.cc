@@ -37,7 +37,10 @@ using simd::F32;
 constexpr int W = simd::kWidth;
 constexpr int64_t T = kKvTile;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-static_assert(T % simd::kQkKeys == 0 && T % 4 == 0, "key blocks must divide the tile");
+// Key blocks may run past the tile's valid rows (tn) up to T: those rows are
+// zero padding, so every block must divide the tile.
+static_assert(T % simd::kQkKeys == 0 && T % simd::kQkKeys1 == 0 && T % 4 == 0,
+              "key blocks must divide the tile");
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -216,17 +219,20 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
 
-    const int64_t t_blocks = RoundUp(tn, lanes ? simd::kQkKeys : 4);
-    if (lanes) {
+    if (lanes && rp == W) {
+      // One row vector: more keys per block keep the FMA units busy.
+      constexpr int KB = simd::kQkKeys1;
+      for (int64_t t = 0; t < tn; t += KB) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, 0);
+    } else if (lanes) {
       constexpr int RV = simd::kQkRowVecs, KB = simd::kQkKeys;
-      for (int64_t t = 0; t < t_blocks; t += KB) {
+      for (int64_t t = 0; t < tn; t += KB) {
         int64_t r0 = 0;
         for (; r0 + RV * W <= rp; r0 += RV * W) QkLanes<RV, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
         for (; r0 < rp; r0 += W) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
       }
     } else {
       for (int64_t r = 0; r < R; ++r)
-        for (int64_t t = 0; t < t_blocks; t += 4) QkDot(rows.q + r * dk, w.kt, dk, w.st, rp, t, r);
+        for (int64_t t = 0; t < tn; t += 4) QkDot(rows.q + r * dk, w.kt, dk, w.st, rp, t, r);
     }
 
     Softmax(w, rp, tn);

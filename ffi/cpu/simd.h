@@ -60,6 +60,7 @@ inline F32 LoadBF16(const uint16_t* p) {
 // Register blocking: 32 zmm registers.
 inline constexpr int kQkRowVecs = 2;  // QK: row vectors (x16 rows) per block
 inline constexpr int kQkKeys = 8;     // QK: keys per block
+inline constexpr int kQkKeys1 = 16;   // QK: keys per block with a single row vector
 inline constexpr int kPvRows = 4;     // PV: rows per block
 inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
 
@@ -117,6 +118,7 @@ inline F32 LoadBF16(const uint16_t* p) {
 // Register blocking: 16 ymm registers.
 inline constexpr int kQkRowVecs = 2;
 inline constexpr int kQkKeys = 4;
+inline constexpr int kQkKeys1 = 8;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 4;
 
@@ -175,6 +177,7 @@ inline F32 LoadBF16(const uint16_t* p) {
 
 inline constexpr int kQkRowVecs = 1;
 inline constexpr int kQkKeys = 4;
+inline constexpr int kQkKeys1 = 4;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 2;
 
