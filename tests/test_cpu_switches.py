@@ -1,0 +1,129 @@
+"""The CPU kernels' run-time switches, read at every call: JAX_MLA_CPU_ISA
+picks the ISA path (each supported one is tested here; an unknown or
+unsupported one is an error), and JAX_MLA_DEBUG_NAN_FILL=1 fills outputs with
+NaN first, so an element the kernel forgets to write shows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jax_mla
+from jax_mla import _common, _ffi
+
+from .conftest import (KV_TILE, assert_close, check_attention, check_mla, randn,
+                       reference_attention)
+
+SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
+BUILT_ISAS = _ffi.module("cpu").built_isas().split(",")
+
+
+@pytest.fixture(params=["auto"] + SUPPORTED_ISAS)
+def isa(request, monkeypatch, cpu):
+    monkeypatch.setenv("JAX_MLA_CPU_ISA", request.param)
+    return request.param
+
+
+def test_isa_switch_is_read_at_run_time(isa):
+    chosen = _ffi.module("cpu").isa()
+    assert chosen == (SUPPORTED_ISAS[0] if isa == "auto" else isa)
+    assert jax_mla.backends()["cpu"]["isa"] == chosen
+
+
+ATTENTION_CASES = {
+    # lanes path (many rows per block), GQA, causal, kv_len per batch
+    "gqa_prefill": dict(batch=2, seq_q=7, heads_q=8, heads_kv=2, seq_kv=77, dk=64, dv=64,
+                        causal=True, kv_len=[77, 30]),
+    # few rows per block (dot products along Dk), DeepSeek standard dims
+    "decode_192x128": dict(batch=2, seq_q=1, heads_q=2, heads_kv=2, seq_kv=300, dk=192, dv=128,
+                           dtypes=(jnp.float16,) * 3, kv_len=[300, 1]),
+    # MQA, Sq > Skv with empty rows, odd head count and dims
+    "mqa_sq_gt_skv": dict(batch=2, seq_q=40, heads_q=5, heads_kv=1, seq_kv=KV_TILE + 1, dk=80,
+                          dv=48, dtypes=(jnp.bfloat16,) * 3, causal=True, kv_len=[KV_TILE + 1, 3]),
+    "mixed_112x208": dict(batch=1, seq_q=2, heads_q=4, heads_kv=4, seq_kv=KV_TILE - 1, dk=112,
+                          dv=208, dtypes=(jnp.float32, jnp.bfloat16, jnp.float16)),
+}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+def test_attention_on_each_isa(rng, isa, case):
+    check_attention(rng, **case)
+
+
+MLA_CASES = {
+    "deepseek_decode_split": dict(batch=2, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512,
+                                  dtypes=(jnp.float32, jnp.bfloat16), kv_len=[300, 45],
+                                  num_splits=3, scale=0.135),
+    "prefill_offset": dict(batch=2, seq_q=4, heads=16, seq_kv=77, dk=192, dv=64, v_offset=24,
+                           dtypes=(jnp.float16, jnp.float16), causal=True, kv_len=[77, 0]),
+}
+
+
+@pytest.mark.parametrize("case", MLA_CASES.values(), ids=MLA_CASES.keys())
+def test_mla_on_each_isa(rng, isa, case):
+    check_mla(rng, **case)
+
+
+UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]
+
+
+@pytest.mark.parametrize("requested", ["bogus"] + UNSUPPORTED_ISAS)
+def test_unknown_or_unsupported_isa_is_an_error(rng, cpu, monkeypatch, requested):
+    q = randn(rng, (1, 2, 4, 64), jnp.float32)
+    kv = randn(rng, (1, 10, 64), jnp.float32)
+    k, v = kv[:, :, None], kv[:, :, None, :32]
+    why = "is not one of auto," if requested == "bogus" else "this CPU does not support it"
+    match = f"JAX_MLA_CPU_ISA={requested} .*{why}"
+    monkeypatch.setenv("JAX_MLA_CPU_ISA", requested)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=match):
+        jax.block_until_ready(jax_mla.flash_attention(q, k, v, backend="native"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=match):
+        jax.block_until_ready(jax_mla.flash_mla(q, kv, dv=32, backend="native"))
+    assert jax_mla.backends()["cpu"]["isa"].startswith(f"error: JAX_MLA_CPU_ISA={requested}")
+    # The same compiled calls run again once the switch is valid.
+    monkeypatch.setenv("JAX_MLA_CPU_ISA", "auto")
+    out = jax_mla.flash_attention(q, k, v, backend="native")
+    assert_close(out, reference_attention(q, k, v)[0], jnp.float32)
+
+
+@pytest.fixture
+def nan_fill(monkeypatch, platform):
+    monkeypatch.setenv("JAX_MLA_DEBUG_NAN_FILL", "1")
+    # As on a many-core machine: decode calls are split, so the split partials
+    # and their merge are checked for unwritten elements too.
+    monkeypatch.setattr(_common, "cpu_workers", lambda: 64)
+
+
+NAN_FILL_ATTENTION = {
+    "empty_rows_gqa": dict(batch=3, seq_q=5, heads_q=8, heads_kv=2, seq_kv=77, dk=64, dv=32,
+                           causal=True, q_pos=-2, kv_len=[0, 5, 77]),
+    "split_decode": dict(batch=2, seq_q=1, heads_q=4, heads_kv=4, seq_kv=300, dk=64, dv=64,
+                         kv_len=[300, 0]),
+    "half_output": dict(batch=2, seq_q=3, heads_q=4, heads_kv=1, seq_kv=KV_TILE + 1, dk=192,
+                        dv=128, dtypes=(jnp.bfloat16,) * 3, kv_len=[KV_TILE + 1, 0]),
+}
+
+
+@pytest.mark.parametrize("case", NAN_FILL_ATTENTION.values(), ids=NAN_FILL_ATTENTION.keys())
+def test_nan_fill_attention(rng, nan_fill, case):
+    check_attention(rng, **case)
+
+
+NAN_FILL_MLA = {
+    # splits past kv_len are empty; batch rows 1 and 2 see few or no keys
+    "decode_splits": dict(batch=3, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512,
+                          kv_len=[300, 10, 0], num_splits=7),
+    "decode_splits_clamped": dict(batch=2, seq_q=1, heads=16, seq_kv=77, dk=576, dv=512,
+                                  dtypes=(jnp.bfloat16,) * 2, kv_len=[77, 0], num_splits=64),
+    "prefill_splits_empty_rows": dict(batch=2, seq_q=6, heads=4, seq_kv=77, dk=96, dv=64,
+                                      v_offset=32, causal=True, q_pos=[-3, 70], kv_len=[77, 40],
+                                      num_splits=3),
+    "no_split": dict(batch=2, seq_q=2, heads=16, seq_kv=77, dk=576, dv=512, causal=True,
+                     kv_len=[77, 0], num_splits=1),
+}
+
+
+@pytest.mark.parametrize("case", NAN_FILL_MLA.values(), ids=NAN_FILL_MLA.keys())
+def test_nan_fill_mla(rng, nan_fill, case):
+    check_mla(rng, **case)
