@@ -38,8 +38,10 @@ def visible_mask(q_pos, kv_len, seq_q: int, seq_kv: int, causal: bool) -> jax.Ar
     key = jnp.arange(seq_kv, dtype=jnp.int32)
     mask = key[None, None, :] < kv_len[:, None, None]
     if causal:
-        pos = q_pos[:, None] + jnp.arange(seq_q, dtype=jnp.int32)[None, :]
-        mask = mask & (key[None, None, :] <= pos[:, :, None])
+        # key j <= q_pos + i, written as j - i <= q_pos: q_pos + i may not fit
+        # in int32 (q_pos near 2**31 - 1), j - i always does.
+        row = jnp.arange(seq_q, dtype=jnp.int32)
+        mask = mask & (key[None, None, :] - row[None, :, None] <= q_pos[:, None, None])
     return mask
 
 
