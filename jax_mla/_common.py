@@ -100,13 +100,26 @@ def positions(op: str, q_pos, kv_len, batch: int, seq_q: int, seq_kv: int):
 _warned: set[str] = set()
 
 
-def resolve_backend(op: str, backend, target: str) -> str:
-    """'native' or 'reference' for this call (DESIGN.md, "Backends and errors")."""
+def target_platform(*arrays) -> str:
+    """The platform the call will run on, as far as trace time can tell: the
+    device of a concrete input, else the default device (jax.default_device),
+    else JAX's default backend."""
+    for x in arrays:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return next(iter(x.devices())).platform
+    device = jax.config.jax_default_device
+    if device is not None:
+        return device if isinstance(device, str) else device.platform
+    return jax.default_backend()
+
+
+def resolve_backend(op: str, backend, target: str, platform: str) -> str:
+    """'native' or 'reference' for this call on `platform` (DESIGN.md,
+    "Backends and errors")."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of None, 'native', 'reference', got {backend!r}")
     if backend == "reference":
         return "reference"
-    platform = jax.default_backend()
     if _ffi.has_target(platform, target):
         return "native"
     why = _ffi.why_missing(platform, target)
@@ -132,13 +145,27 @@ def check_cpu_head_dims(op: str, **dims: int) -> None:
                 f"{CPU_MAX_HEAD_DIM}; got {name} = {d} (backend='reference' takes any)")
 
 
-def fold_vmap_into_batch(call, axis_size: int, in_batched, args):
-    """Batching rule for ops whose every argument leads with B: broadcast the
-    unbatched arguments, merge the vmap axis into B, call, and split it back."""
+def fold_vmap_into_batch(call, axis_size: int, in_batched, args, caches=()):
+    """Batching rule for ops whose every argument leads with B (args[0] is q):
+    merge the vmap axis into B (index v * B + b), call, and split it back.
+
+    Unbatched arguments are broadcast, except the caches (indices in
+    `caches`): the kernels let a K/V batch that divides q's serve query batch
+    b from cache row b % kv_batch, so an unbatched cache is passed as it is
+    and never copied per vmapped example. A batched cache whose batch is
+    already smaller than q's (shared by an inner vmap) is tiled up to q's
+    batch first, since the modulo rule only holds for the outermost axis.
+    """
+    q_batch = args[0].shape[1] if in_batched[0] else args[0].shape[0]
     merged = []
-    for x, batched in zip(args, in_batched):
+    for i, (x, batched) in enumerate(zip(args, in_batched)):
+        if i in caches and not batched:
+            merged.append(x)
+            continue
         if not batched:
             x = jnp.broadcast_to(x, (axis_size,) + x.shape)
+        elif i in caches and x.shape[1] != q_batch:
+            x = jnp.tile(x, (1, q_batch // x.shape[1]) + (1,) * (x.ndim - 2))
         merged.append(x.reshape((axis_size * x.shape[1],) + x.shape[2:]))
     outs = call(*merged)
     return tuple(o.reshape((axis_size, -1) + o.shape[1:]) for o in outs)

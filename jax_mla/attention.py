@@ -72,7 +72,8 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
     scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    if _common.resolve_backend(_OP, backend, _TARGET) == "reference":
+    platform = _common.target_platform(q, k, v)
+    if _common.resolve_backend(_OP, backend, _TARGET, platform) == "reference":
         out, lse = reference.attention(q, k, v, scale=scale, causal=bool(causal), q_pos=q_pos,
                                        kv_len=kv_len)
     else:
@@ -106,7 +107,11 @@ def _native(scale: float, causal: bool, num_splits: int):
     def rule(axis_size, in_batched, q, k, v, q_pos, kv_len):
         if in_batched == [True, False, False, False, False]:
             return _fold_vmap_into_heads(call, axis_size, q, k, v, q_pos, kv_len), (True, True)
-        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, k, v, q_pos, kv_len))
+        # k and v are shared (not copied) only together: the kernel reads both
+        # with one batch mapping.
+        caches = (1, 2) if in_batched[1] == in_batched[2] else ()
+        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, k, v, q_pos, kv_len),
+                                            caches=caches)
         return outs, (True, True)
 
     return call

@@ -61,7 +61,8 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
     scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    if _common.resolve_backend(_OP, backend, _TARGET) == "reference":
+    platform = _common.target_platform(q, kv)
+    if _common.resolve_backend(_OP, backend, _TARGET, platform) == "reference":
         out, lse = reference.mla(q, kv, dv=dv, v_offset=v_offset, scale=scale,
                                  causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
     else:
@@ -102,7 +103,8 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int)
             out = out.reshape(batch, seq_q, n, heads, dv).transpose(2, 0, 1, 3, 4)
             lse = lse.reshape(batch, n, heads, seq_q).transpose(1, 0, 2, 3)
             return (out, lse), (True, True)
-        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, kv, q_pos, kv_len))
+        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, kv, q_pos, kv_len),
+                                            caches=(1,))
         return outs, (True, True)
 
     return call

@@ -103,8 +103,8 @@ ATTENTION_CASES = {
              r"k head dim 48 must equal q's 64"),
     "v_shape": (lambda: flash_attention_ffi(Q, K, ones(B, SKV + 1, 2, 32)), "INVALID_ARGUMENT",
                 r"v shape \[2, 41, 2, 32\] must match k \[2, 40, 2, 64\] in Skv and Hkv"),
-    "batch": (lambda: flash_attention_ffi(Q, ones(1, SKV, 2, DK), ones(1, SKV, 2, 32)),
-              "INVALID_ARGUMENT", r"batch of k 1 and v 1 must equal q's 2"),
+    "batch": (lambda: flash_attention_ffi(Q, ones(3, SKV, 2, DK), ones(3, SKV, 2, 32)),
+              "INVALID_ARGUMENT", r"batch of k 3 and v 3 must equal q's 2"),
     "kv_len_shape": (
         lambda: flash_attention_ffi(Q, K, V, kv_len=jnp.zeros((), jnp.int32)), "INVALID_ARGUMENT",
         r"q_pos and kv_len must have shape \[2\], got \[2\] and \[\]"),

@@ -131,21 +131,32 @@ def test_empty_cache(rng, platform):
     check_mla(rng, batch=2, seq_q=2, heads=4, seq_kv=0, dk=64, dv=32, causal=True, num_splits=4)
 
 
-@pytest.mark.parametrize("vmap_q", [False, True], ids=["call", "vmap_q"])
+@pytest.mark.parametrize("mode", ["call", "vmap_q", "vmap_q_kv_len"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_no_copy_of_the_latent_cache(cpu, num_splits, vmap_q):
+def test_no_copy_of_the_latent_cache(cpu, num_splits, mode):
     # V is read in place from the latent rows: the executable's scratch holds
-    # at most the split partials, never a V slice or a copy of the cache.
-    q = jnp.ones((3, 1, 1, 16, 576) if vmap_q else (1, 1, 16, 576), jnp.float32)
+    # at most the split partials, never a V slice or a copy of the cache, also
+    # when vmap maps queries and lengths over one shared cache.
+    q = jnp.ones((1, 1, 16, 576) if mode == "call" else (3, 1, 1, 16, 576), jnp.float32)
     kv = jnp.ones((1, 4096, 576), jnp.bfloat16)
+    kv_len = jnp.array([[4096], [4000], [1]], jnp.int32)
 
-    def op(q, kv):
-        return jax_mla.flash_mla(q, kv, dv=512, num_splits=num_splits, backend="native")
+    def op(q, kv, kv_len=None):
+        return jax_mla.flash_mla(q, kv, dv=512, kv_len=kv_len, num_splits=num_splits,
+                                 backend="native")
 
-    fn = jax.jit(jax.vmap(op, in_axes=(0, None)) if vmap_q else op)
-    lowered = fn.lower(q, kv)
+    if mode == "call":
+        fn = jax.jit(op)
+        args = (q, kv)
+    elif mode == "vmap_q":
+        fn = jax.jit(jax.vmap(op, in_axes=(0, None)))
+        args = (q, kv)
+    else:
+        fn = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))
+        args = (q, kv, kv_len)
+    lowered = fn.lower(*args)
     assert "stablehlo.slice" not in lowered.as_text()
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     assert temp < kv.nbytes // 8, f"{temp} bytes of scratch for a {kv.nbytes}-byte cache"
     # Equal scores and V rows of ones: every output is the mean of ones.
-    np.testing.assert_allclose(np.asarray(fn(q, kv)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(fn(*args)), 1.0, rtol=1e-6)

@@ -49,6 +49,12 @@ inline std::string ShapeString(std::initializer_list<int64_t> dims) {
   return s.str();
 }
 
+// A K/V batch of kv_batch rows serves a query batch of `batch` rows when it is
+// the same, or (a vmapped call sharing one cache) a divisor of it.
+inline bool BatchSharable(int64_t batch, int64_t kv_batch) {
+  return kv_batch == batch || (kv_batch > 0 && batch % kv_batch == 0);
+}
+
 // The split-KV partial results: [B, ns, Sq, H, Dv] and [B, ns, Sq, H] float32
 // when num_splits > 1; unused (any shape, typically [0]) with one split.
 template <typename Dims>

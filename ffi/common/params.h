@@ -22,7 +22,9 @@ struct RowView {
 // flash_attention and flash_mla both reduce to it: MLA is Hkv = 1 with K the
 // whole latent row and V a slice of the same row (same data, other offset).
 struct AttentionParams {
-  int64_t batch = 0;     // B
+  int64_t batch = 0;     // B (of q)
+  int64_t kv_batch = 0;  // batch of K/V: B, or a divisor of it when a vmapped
+                         // call shares one cache (query batch b reads b % kv_batch)
   int64_t seq_q = 0;     // Sq
   int64_t heads_q = 0;   // Hq
   int64_t heads_kv = 0;  // Hkv, divides Hq

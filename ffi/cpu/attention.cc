@@ -32,8 +32,9 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       << "flash_attention: q, k and v must be float32, float16 or bfloat16";
   const int64_t B = qd[0], Sq = qd[1], Hq = qd[2], Dk = qd[3];
   const int64_t Skv = kd[1], Hkv = kd[2], Dv = vd[3];
-  JAX_MLA_CHECK(kd[0] == B && vd[0] == B, InvalidArgument)
-      << "flash_attention: batch of k " << kd[0] << " and v " << vd[0] << " must equal q's " << B;
+  JAX_MLA_CHECK(kd[0] == vd[0] && BatchSharable(B, kd[0]), InvalidArgument)
+      << "flash_attention: batch of k " << kd[0] << " and v " << vd[0] << " must equal q's " << B
+      << " (or divide it, when a vmapped call shares the cache)";
   JAX_MLA_CHECK(kd[3] == Dk, InvalidArgument)
       << "flash_attention: k head dim " << kd[3] << " must equal q's " << Dk;
   JAX_MLA_CHECK(vd[1] == Skv && vd[2] == Hkv, InvalidArgument)
@@ -61,6 +62,7 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                                              part_out->dimensions(), part_lse->dimensions()));
 
   p->batch = B;
+  p->kv_batch = kd[0];
   p->seq_q = Sq;
   p->heads_q = Hq;
   p->heads_kv = Hkv;

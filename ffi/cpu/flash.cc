@@ -126,9 +126,10 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
              end + u * R, m + u * R, l + u * R, o + u * R * dv);
 
   const int64_t k_bytes = DTypeBytes(p.k.dtype), v_bytes = DTypeBytes(p.v.dtype);
-  auto rows_of = [](const RowView& view, int64_t bytes, int64_t b, int64_t h) {
+  const int64_t bkv = b % p.kv_batch;
+  auto rows_of = [bkv](const RowView& view, int64_t bytes, int64_t h) {
     return KvRows{static_cast<const char*>(view.data) +
-                      (b * view.batch_stride + h * view.head_stride) * bytes,
+                      (bkv * view.batch_stride + h * view.head_stride) * bytes,
                   view.dtype, view.row_stride};
   };
   // One KV head: the whole key range in one call. Several: walk the keys
@@ -140,7 +141,7 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
     for (int64_t u = 0; u < nh; ++u) {
       for (int64_t r = 0; r < R; ++r) chunk_end[r] = std::min(end[u * R + r], c1);
       RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
-      kern.attend(block, rows_of(p.k, k_bytes, b, h0 + u), rows_of(p.v, v_bytes, b, h0 + u),
+      kern.attend(block, rows_of(p.k, k_bytes, h0 + u), rows_of(p.v, v_bytes, h0 + u),
                   p.v_in_k, dk, dv, c0, scratch.kernel.data());
     }
   }

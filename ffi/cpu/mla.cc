@@ -27,9 +27,10 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
   JAX_MLA_CHECK(qt && kt, InvalidArgument)
       << "flash_mla: q and kv must be float32, float16 or bfloat16";
   const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = kd[1];
-  JAX_MLA_CHECK(kd[0] == B && kd[2] == Dk, InvalidArgument)
+  JAX_MLA_CHECK(BatchSharable(B, kd[0]) && kd[2] == Dk, InvalidArgument)
       << "flash_mla: kv shape " << ShapeString(kd) << " must be [" << B << ", Skv, " << Dk
-      << "] to match q " << ShapeString(qd);
+      << "] to match q " << ShapeString(qd)
+      << " (its batch may divide q's when a vmapped call shares the cache)";
   JAX_MLA_CHECK(ShapeIs(q_pos.dimensions(), {B}) && ShapeIs(kv_len.dimensions(), {B}),
                 InvalidArgument)
       << "flash_mla: q_pos and kv_len must have shape [" << B << "], got "
@@ -51,6 +52,7 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
                                              part_out->dimensions(), part_lse->dimensions()));
 
   p->batch = B;
+  p->kv_batch = kd[0];
   p->seq_q = Sq;
   p->heads_q = H;
   p->heads_kv = 1;
