@@ -68,6 +68,8 @@ CHECK_QUERIES = 64
 # A row timed while other processes kept more than this many cores busy is
 # marked: on a 2-core machine its time is not trustworthy.
 DISTURBED_CORES = 0.25
+# /proc/stat counts in clock ticks (10 ms): a shorter timing cannot tell.
+MIN_LOAD_WINDOW_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ class Row:
     err: float            # max |out - ref| / max |ref| against jax_mla.reference
     checked_queries: int  # queries the check covered (all, or the last CHECK_QUERIES)
     reps: int
-    other_load: float | None  # cores other processes kept busy while this row was timed
+    other_load: float | None  # cores other processes kept busy while this row was
+                              # timed (None: unknown, or timed too briefly to tell)
     seq_q: int
     n_kv: int
     kv_bytes_per_token: int
@@ -269,7 +272,7 @@ class OtherLoad:
 
     def __exit__(self, *exc):
         end, wall = _busy_s(), time.perf_counter() - self._t0
-        if self._start and end and wall > 0:
+        if self._start and end and wall >= MIN_LOAD_WINDOW_S:
             self.cores = max(0.0, (end[0] - self._start[0]) - (end[1] - self._start[1])) / wall
 
 
@@ -445,6 +448,8 @@ def native_ready() -> str | None:
     cpu = jax_mla.backends()["cpu"]
     if not cpu["loaded"]:
         return f"the native CPU module did not load: {cpu['error']}"
+    if str(cpu["isa"]).startswith("error"):  # JAX_MLA_CPU_ISA names a path this CPU lacks
+        return cpu["isa"]
     return None
 
 
