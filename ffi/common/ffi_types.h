@@ -55,26 +55,4 @@ inline bool BatchSharable(int64_t batch, int64_t kv_batch) {
   return kv_batch == batch || (kv_batch > 0 && batch % kv_batch == 0);
 }
 
-// The split-KV partial results: [B, ns, Sq, H, Dv] and [B, ns, Sq, H] float32
-// when num_splits > 1; unused (any shape, typically [0]) with one split.
-template <typename Dims>
-xla::ffi::Error CheckSplitPartials(const char* op, int64_t num_splits, int64_t B, int64_t Sq,
-                                   int64_t H, int64_t Dv, const Dims& part_out,
-                                   const Dims& part_lse) {
-  if (num_splits < 1) {
-    return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument,
-                           std::string(op) + ": num_splits must be >= 1, got " +
-                               std::to_string(num_splits));
-  }
-  if (num_splits > 1 && !(ShapeIs(part_out, {B, num_splits, Sq, H, Dv}) &&
-                          ShapeIs(part_lse, {B, num_splits, Sq, H}))) {
-    return xla::ffi::Error(xla::ffi::ErrorCode::kInvalidArgument,
-                           std::string(op) + ": split partials must be " +
-                               ShapeString({B, num_splits, Sq, H, Dv}) + " and " +
-                               ShapeString({B, num_splits, Sq, H}) + ", got " +
-                               ShapeString(part_out) + " and " + ShapeString(part_lse));
-  }
-  return xla::ffi::Error::Success();
-}
-
 }  // namespace jax_mla

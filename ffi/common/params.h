@@ -47,11 +47,10 @@ struct AttentionParams {
   void* out = nullptr;      // [B, Sq, Hq, Dv], dtype q_dtype
   float* lse = nullptr;     // [B, Hq, Sq]
 
-  // Split-KV: the key range is cut into num_splits chunks of split_len keys;
-  // with num_splits > 1 each split writes its normalized partial output and
-  // LSE here and a combine step merges them by LSE.
+  // Split-KV: the key range is cut into num_splits chunks (the backend
+  // chooses their length); with num_splits > 1 each split writes its
+  // normalized partial output and LSE here and a combine step merges them.
   int64_t num_splits = 1;
-  int64_t split_len = 0;
   float* part_out = nullptr;  // [B, num_splits, Sq, Hq, Dv] float32
   float* part_lse = nullptr;  // [B, num_splits, Sq, Hq] float32
 };

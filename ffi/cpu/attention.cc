@@ -3,6 +3,7 @@
 // (jax_mla/attention.py) so that no input reaches a kernel unchecked.
 #include "ffi/cpu/handlers.h"
 
+#include "ffi/common/attention_args.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/params.h"
@@ -42,25 +43,11 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
       << " in Skv and Hkv";
   JAX_MLA_CHECK(Hkv > 0 && Hq % Hkv == 0, InvalidArgument)
       << "flash_attention: Hq = " << Hq << " must be a multiple of Hkv = " << Hkv;
-  JAX_MLA_CHECK(ShapeIs(q_pos.dimensions(), {B}) && ShapeIs(kv_len.dimensions(), {B}),
-                InvalidArgument)
-      << "flash_attention: q_pos and kv_len must have shape [" << B << "], got "
-      << ShapeString(q_pos.dimensions()) << " and " << ShapeString(kv_len.dimensions());
   JAX_MLA_CHECK(Dk % 16 == 0 && Dv % 16 == 0 && Dk > 0 && Dv > 0 && Dk <= kMaxHeadDim &&
                     Dv <= kMaxHeadDim,
                 Unimplemented)
       << "flash_attention (CPU): head dims must be multiples of 16 up to " << kMaxHeadDim
       << ", got Dk = " << Dk << ", Dv = " << Dv;
-  JAX_MLA_CHECK(out->element_type() == q.element_type() && ShapeIs(out->dimensions(), {B, Sq, Hq, Dv}),
-                InvalidArgument)
-      << "flash_attention: output must be " << ShapeString({B, Sq, Hq, Dv}) << " in q's dtype, got "
-      << ShapeString(out->dimensions());
-  JAX_MLA_CHECK(ShapeIs(lse->dimensions(), {B, Hq, Sq}), InvalidArgument)
-      << "flash_attention: lse must be " << ShapeString({B, Hq, Sq}) << ", got "
-      << ShapeString(lse->dimensions());
-  JAX_MLA_RETURN_IF_ERROR(CheckSplitPartials("flash_attention", num_splits, B, Sq, Hq, Dv,
-                                             part_out->dimensions(), part_lse->dimensions()));
-
   p->batch = B;
   p->kv_batch = kd[0];
   p->seq_q = Sq;
@@ -73,15 +60,8 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   p->q_dtype = *qt;
   p->k = RowView{k.untyped_data(), *kt, Skv * Hkv * Dk, Hkv * Dk, Dk};
   p->v = RowView{v.untyped_data(), *vt, Skv * Hkv * Dv, Hkv * Dv, Dv};
-  p->q_pos = q_pos.typed_data();
-  p->kv_len = kv_len.typed_data();
-  p->out = out->untyped_data();
-  p->lse = lse->typed_data();
-  p->num_splits = num_splits;
-  p->split_len = SplitLength(Skv, num_splits);
-  p->part_out = part_out->typed_data();
-  p->part_lse = part_lse->typed_data();
-  return ffi::Error::Success();
+  return SetPositionsAndOutputs("flash_attention", q_pos, kv_len, out, lse, part_out, part_lse,
+                                num_splits, p);
 }
 
 ffi::Future FlashAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -92,14 +72,11 @@ ffi::Future FlashAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffe
                            ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale, bool causal,
                            int64_t num_splits) {
   AttentionParams p;
-  ffi::Error error =
-      CheckAttention(q, k, v, q_pos, kv_len, out, lse, part_out, part_lse, num_splits, &p);
-  if (error.failure()) return ReadyFuture(std::move(error));
-  const KernelTable* kernels = CurrentKernels(&error);
-  if (kernels == nullptr) return ReadyFuture(std::move(error));
   p.scale = scale;
   p.causal = causal;
-  return RunFlash(p, *kernels, pool);
+  return RunChecked(
+      CheckAttention(q, k, v, q_pos, kv_len, out, lse, part_out, part_lse, num_splits, &p), p,
+      pool);
 }
 
 }  // namespace

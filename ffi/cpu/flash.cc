@@ -182,7 +182,7 @@ void Combine(const AttentionParams& p) {
 }  // namespace
 
 Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t seq_kv,
-              int64_t num_splits, int64_t split_len) {
+              int64_t num_splits) {
   Plan plan{};
   if (batch <= 0 || seq_q <= 0 || heads_q <= 0 || heads_kv <= 0) return plan;  // no work
   plan.group = heads_q / heads_kv;
@@ -193,20 +193,17 @@ Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, i
   const int64_t rows = plan.heads_blk * plan.pos_blk;
   plan.kv_heads_blk = rows < kMinRowsPerKvHead ? heads_kv : 1;
   plan.n_kv_head_blk = CeilDiv(heads_kv, plan.kv_heads_blk);
-  plan.split_len = num_splits > 1 ? split_len : std::max<int64_t>(seq_kv, 1);
+  plan.split_len = CeilDiv(CeilDiv(std::max<int64_t>(seq_kv, 1), num_splits), kKvTile) * kKvTile;
   plan.items = batch * plan.n_kv_head_blk * plan.n_head_blk * plan.n_pos_blk * num_splits;
   return plan;
 }
 
-const KernelTable* CurrentKernels(ffi::Error* error) {
+ffi::Future RunChecked(ffi::Error checked, const AttentionParams& params, ffi::ThreadPool pool) {
+  if (checked.failure()) return ReadyFuture(std::move(checked));
   std::string select_error;
-  const KernelTable* table = SelectKernels(&select_error);
-  if (table == nullptr) *error = ffi::Error(ffi::ErrorCode::kInvalidArgument, select_error);
-  return table;
-}
-
-ffi::Future RunFlash(const AttentionParams& params, const KernelTable& kernels,
-                     ffi::ThreadPool pool) {
+  const KernelTable* kern = SelectKernels(&select_error);
+  if (kern == nullptr)
+    return ReadyFuture(ffi::Error(ffi::ErrorCode::kInvalidArgument, select_error));
   const AttentionParams p = params;
   const int64_t out_elems = p.batch * p.seq_q * p.heads_q * p.dv;
   if (NanFillRequested()) {
@@ -217,20 +214,13 @@ ffi::Future RunFlash(const AttentionParams& params, const KernelTable& kernels,
       FillNaN(p.part_lse, DType::kF32, p.batch * p.seq_q * p.heads_q * p.num_splits);
     }
   }
-  const Plan plan =
-      MakePlan(p.batch, p.seq_q, p.heads_q, p.heads_kv, p.seq_kv, p.num_splits, p.split_len);
-  const KernelTable* kern = &kernels;
+  const Plan plan = MakePlan(p.batch, p.seq_q, p.heads_q, p.heads_kv, p.seq_kv, p.num_splits);
   return ParallelFor(
       pool, plan.items, /*max_tasks=*/plan.items,
       [p, plan, kern](int64_t item) { RunItem(p, plan, *kern, item); },
       [p] {
         if (p.num_splits > 1) Combine(p);
       });
-}
-
-int64_t SplitLength(int64_t seq_kv, int64_t num_splits) {
-  // Splits cover whole key tiles; trailing splits may be empty (LSE -inf).
-  return CeilDiv(CeilDiv(std::max<int64_t>(seq_kv, 1), num_splits), kKvTile) * kKvTile;
 }
 
 }  // namespace jax_mla::cpu

@@ -37,20 +37,17 @@ struct Plan {
   int64_t items = 0;
 };
 
+// Splits cover whole key tiles, so trailing splits may be empty (their LSE is
+// -inf and the merge ignores them).
 Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t seq_kv,
-              int64_t num_splits, int64_t split_len);
+              int64_t num_splits);
 
-// Keys per split for num_splits splits: whole tiles, so trailing splits may
-// be empty (their LSE is -inf and the merge ignores them).
-int64_t SplitLength(int64_t seq_kv, int64_t num_splits);
-
-// Validated parameters in, future out. Never reads keys at or past a row's
-// visible end, so cache slots past kv_len may hold anything.
-ffi::Future RunFlash(const AttentionParams& params, const KernelTable& kernels,
-                     ffi::ThreadPool pool);
-
-// The kernels JAX_MLA_CPU_ISA asks for now (read at every call, so a test can
-// switch paths without restarting), or nullptr and an error naming the problem.
-const KernelTable* CurrentKernels(ffi::Error* error);
+// A handler's last step: the future of `params` if `checked` (the result of
+// its argument checks) succeeded and the kernels JAX_MLA_CPU_ISA asks for are
+// available (the switch is read at every call, so a test can change paths
+// without restarting), else a future holding the error.
+// The driver never reads keys at or past a row's visible end, so cache slots
+// past kv_len may hold anything.
+ffi::Future RunChecked(ffi::Error checked, const AttentionParams& params, ffi::ThreadPool pool);
 
 }  // namespace jax_mla::cpu

@@ -1,6 +1,7 @@
 // flash_mla on the CPU: one latent KV head; K is the whole latent row and V is
 // dv columns of the same row starting at v_offset, read in place (no V copy).
 // Checks, parameters, then the shared driver (flash.cc) with split-KV.
+#include "ffi/common/attention_args.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/params.h"
@@ -31,26 +32,12 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
       << "flash_mla: kv shape " << ShapeString(kd) << " must be [" << B << ", Skv, " << Dk
       << "] to match q " << ShapeString(qd)
       << " (its batch may divide q's when a vmapped call shares the cache)";
-  JAX_MLA_CHECK(ShapeIs(q_pos.dimensions(), {B}) && ShapeIs(kv_len.dimensions(), {B}),
-                InvalidArgument)
-      << "flash_mla: q_pos and kv_len must have shape [" << B << "], got "
-      << ShapeString(q_pos.dimensions()) << " and " << ShapeString(kv_len.dimensions());
   JAX_MLA_CHECK(dv > 0 && v_offset >= 0 && v_offset + dv <= Dk, InvalidArgument)
       << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", "
       << v_offset + dv << ") must lie inside the row of " << Dk;
   JAX_MLA_CHECK(Dk % 16 == 0 && dv % 16 == 0 && Dk <= kMaxHeadDim, Unimplemented)
       << "flash_mla (CPU): Dk and dv must be multiples of 16 with Dk <= " << kMaxHeadDim
       << ", got Dk = " << Dk << ", dv = " << dv;
-  JAX_MLA_CHECK(out->element_type() == q.element_type() && ShapeIs(out->dimensions(), {B, Sq, H, dv}),
-                InvalidArgument)
-      << "flash_mla: output must be " << ShapeString({B, Sq, H, dv}) << " in q's dtype, got "
-      << ShapeString(out->dimensions());
-  JAX_MLA_CHECK(ShapeIs(lse->dimensions(), {B, H, Sq}), InvalidArgument)
-      << "flash_mla: lse must be " << ShapeString({B, H, Sq}) << ", got "
-      << ShapeString(lse->dimensions());
-  JAX_MLA_RETURN_IF_ERROR(CheckSplitPartials("flash_mla", num_splits, B, Sq, H, dv,
-                                             part_out->dimensions(), part_lse->dimensions()));
-
   p->batch = B;
   p->kv_batch = kd[0];
   p->seq_q = Sq;
@@ -66,15 +53,8 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
   p->v = RowView{static_cast<const char*>(kv.untyped_data()) + v_offset * DTypeBytes(*kt), *kt,
                  Skv * Dk, Dk, 0};
   p->v_in_k = v_offset;
-  p->q_pos = q_pos.typed_data();
-  p->kv_len = kv_len.typed_data();
-  p->out = out->untyped_data();
-  p->lse = lse->typed_data();
-  p->num_splits = num_splits;
-  p->split_len = SplitLength(Skv, num_splits);
-  p->part_out = part_out->typed_data();
-  p->part_lse = part_lse->typed_data();
-  return ffi::Error::Success();
+  return SetPositionsAndOutputs("flash_mla", q_pos, kv_len, out, lse, part_out, part_lse,
+                                num_splits, p);
 }
 
 ffi::Future FlashMla(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kv,
@@ -84,14 +64,11 @@ ffi::Future FlashMla(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kv,
                      ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale, bool causal,
                      int64_t dv, int64_t v_offset, int64_t num_splits) {
   AttentionParams p;
-  ffi::Error error = CheckMla(q, kv, q_pos, kv_len, out, lse, part_out, part_lse, dv, v_offset,
-                              num_splits, &p);
-  if (error.failure()) return ReadyFuture(std::move(error));
-  const KernelTable* kernels = CurrentKernels(&error);
-  if (kernels == nullptr) return ReadyFuture(std::move(error));
   p.scale = scale;
   p.causal = causal;
-  return RunFlash(p, *kernels, pool);
+  return RunChecked(CheckMla(q, kv, q_pos, kv_len, out, lse, part_out, part_lse, dv, v_offset,
+                             num_splits, &p),
+                    p, pool);
 }
 
 }  // namespace

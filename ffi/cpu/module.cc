@@ -38,7 +38,7 @@ NB_MODULE(_cpu, m) {
   }, "The ISA path the kernels take now (JAX_MLA_CPU_ISA or the best available).");
   m.def("work_items",
         [](int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv) {
-          return jax_mla::cpu::MakePlan(batch, seq_q, heads_q, heads_kv, 1, 1, 1).items;
+          return jax_mla::cpu::MakePlan(batch, seq_q, heads_q, heads_kv, 1, 1).items;
         },
         nb::arg("batch"), nb::arg("seq_q"), nb::arg("heads_q"), nb::arg("heads_kv"),
         "Work items the CPU driver makes of a call without split-KV (the num_splits "
