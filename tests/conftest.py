@@ -53,6 +53,9 @@ PLATFORMS = _platforms()
 @pytest.fixture(params=PLATFORMS)
 def platform(request):
     """Runs the test with the platform's first device as the default device."""
+    if request.param == "gpu" and not jax_mla.backends()["cuda"]["targets"]:
+        # Only reachable on a GPU machine (CI deselects the gpu marker).
+        pytest.skip("the CUDA module registers no kernels yet (issue: CUDA kernels)")
     with jax.default_device(jax.devices(request.param)[0]):
         yield request.param
 
