@@ -86,7 +86,7 @@ ATTENTION_ERRORS = {
 
 @pytest.mark.parametrize("call, error, match", ATTENTION_ERRORS.values(),
                          ids=ATTENTION_ERRORS.keys())
-def test_attention_errors(call, error, match):
+def test_attention_errors(cpu, call, error, match):
     with pytest.raises(error, match=r"flash_attention: .*" + match):
         call()
 
@@ -130,12 +130,12 @@ MLA_ERRORS = {
 
 
 @pytest.mark.parametrize("call, error, match", MLA_ERRORS.values(), ids=MLA_ERRORS.keys())
-def test_mla_errors(call, error, match):
+def test_mla_errors(cpu, call, error, match):
     with pytest.raises(error, match=r"flash_mla: .*" + match):
         call()
 
 
-def test_unsupported_head_dims_work_with_the_reference(rng):
+def test_unsupported_head_dims_work_with_the_reference(cpu, rng):
     # Dk = 100, Dv = 40: valid, only the CPU kernel lacks them.
     q = randn(rng, (2, 3, 4, 100), jnp.float32)
     k = randn(rng, (2, 10, 2, 100), jnp.float32)
