@@ -7,13 +7,13 @@
 // times a few query positions) over a range of keys, tile by tile:
 //   1. the tile's K (and V) rows are converted once to float32 in scratch;
 //      for MLA, V is a column range of the same converted rows;
-//   2. S = Q K^T as a small GEMM. With enough rows, rows sit in the vector
-//      lanes (Q transposed once per call, K elements broadcast), so no
-//      horizontal sums are needed and the online softmax below is vectorized
-//      across rows; with few rows (decode with small GQA groups) the dot
-//      products run along the head dim instead;
+//   2. S = Q K^T as a small GEMM with the rows in the vector lanes (Q
+//      transposed once per call, K elements broadcast), so no horizontal sums
+//      are needed and the online softmax below is vectorized across rows;
 //   3. online softmax per row, masking keys past each row's end;
 //   4. O += P V with value dims in the lanes, V un-transposed.
+// With fewer rows than half a vector (decode with small GQA groups) that
+// would waste the lanes; AttendFew then runs one GEMV per row instead.
 // Every product and sum is float32 (inputs are exact in float32); only the
 // summation order differs from the reference.
 #include <algorithm>
@@ -39,7 +39,7 @@ constexpr int64_t T = kKvTile;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Key blocks may run past the tile's valid rows (tn) up to T: those rows are
 // zero padding, so every block must divide the tile.
-static_assert(T % simd::kQkKeys == 0 && T % simd::kQkKeys1 == 0 && T % 4 == 0,
+static_assert(T % simd::kQkKeys == 0 && T % simd::kQkKeys1 == 0,
               "key blocks must divide the tile");
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -89,17 +89,6 @@ void QkLanes(const float* qt, int64_t rp, const float* kt, int64_t dk, float* st
     for (int j = 0; j < RV; ++j) acc[i][j].Store(st + (t0 + i) * rp + r0 + j * W);
 }
 
-// st[t][r] for one row r and keys [t0, t0 + 4): dot products along d.
-void QkDot(const float* q, const float* kt, int64_t dk, float* st, int64_t rp, int64_t t0,
-           int64_t r) {
-  F32 acc[4] = {F32::Zero(), F32::Zero(), F32::Zero(), F32::Zero()};
-  for (int64_t d = 0; d < dk; d += W) {
-    const F32 qv = F32::Load(q + d);
-    for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, F32::Load(kt + (t0 + i) * dk + d), acc[i]);
-  }
-  for (int i = 0; i < 4; ++i) st[(t0 + i) * rp + r] = simd::ReduceAdd(acc[i]);
-}
-
 // o[r][d] += sum_{t < tn} st[t][r] * vt[t][d] for RB rows from r0 and DB
 // vectors of dims from d0.
 template <int RB, int DB>
@@ -131,7 +120,7 @@ void PvRows(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vs
 
 // Scratch layout (floats), see AttendScratchFloats.
 struct Work {
-  float* qt;   // [dk, rp]  Q transposed (lanes path) or unused
+  float* qt;   // [dk, rp]  Q transposed
   float* kt;   // [T, dk]   K tile
   float* vt;   // [T, dv]   V tile (unused when V lies inside the K rows)
   float* st;   // [T, rp]   scores, then probabilities
@@ -184,11 +173,98 @@ void Softmax(const Work& w, int64_t rp, int64_t tn) {
   }
 }
 
+// Decode with few rows per KV head (GQA groups smaller than half a vector):
+// a GEMV per row, so no tile is converted or transposed. K and V are read in
+// their own dtype straight from the cache (converted in registers), scores
+// are dot products along d, and the online softmax runs over blocks of kFew
+// keys with the exp vectorized across the block.
+constexpr int64_t kFew = 16;
+
+template <DType T>
+F32 LoadAs(const void* row, int64_t d) {
+  if constexpr (T == DType::kF32) return F32::Load(static_cast<const float*>(row) + d);
+  if constexpr (T == DType::kF16) return simd::LoadF16(static_cast<const uint16_t*>(row) + d);
+  if constexpr (T == DType::kBF16) return simd::LoadBF16(static_cast<const uint16_t*>(row) + d);
+}
+
+template <DType KT, DType VT>
+void AttendFew(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
+               int64_t kv_begin, float* scratch) {
+  static_assert(kFew % W == 0, "the softmax block is whole vectors");
+  float* s = scratch;  // [kFew] scores, then probabilities
+  const F32 zero = F32::Zero();
+  for (int64_t r = 0; r < rows.n_rows; ++r) {
+    const int64_t end = rows.end[r];
+    const float* q = rows.q + r * dk;
+    float* o = rows.o + r * dv;
+    float m = rows.m[r], l = rows.l[r];
+    for (int64_t t0 = kv_begin; t0 < end; t0 += kFew) {
+      const int64_t n = std::min(kFew, end - t0);
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        const void* kr[4] = {RowPtr(k, t0 + t), RowPtr(k, t0 + t + 1), RowPtr(k, t0 + t + 2),
+                             RowPtr(k, t0 + t + 3)};
+        F32 acc[4] = {zero, zero, zero, zero};
+        for (int64_t d = 0; d < dk; d += W) {
+          const F32 qv = F32::Load(q + d);
+          for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, LoadAs<KT>(kr[i], d), acc[i]);
+        }
+        for (int i = 0; i < 4; ++i) s[t + i] = simd::ReduceAdd(acc[i]);
+      }
+      for (; t < n; ++t) {
+        const void* kr = RowPtr(k, t0 + t);
+        F32 acc = zero;
+        for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr, d), acc);
+        s[t] = simd::ReduceAdd(acc);
+      }
+      float mx = s[0];
+      for (t = 1; t < n; ++t) mx = std::max(mx, s[t]);
+      const float m_new = std::max(m, mx);
+      const float corr = m == m_new ? 1.f : std::exp(m - m_new);  // exp(-inf) = 0 at the start
+      F32 sum = zero;
+      for (t = 0; t < kFew; t += W) {
+        // Lanes past n hold stale scores: select them to 0, never multiply.
+        const F32 valid = F32::Splat(float(n - t));
+        const F32 p = simd::SelectLt(F32::Iota(), valid,
+                                     simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))), zero);
+        sum = simd::Add(sum, p);
+        p.Store(s + t);
+      }
+      l = l * corr + simd::ReduceAdd(sum);
+      m = m_new;
+      const F32 c = F32::Splat(corr);
+      for (int64_t d = 0; d < dv; d += W) {
+        F32 acc = simd::Mul(F32::Load(o + d), c);
+        for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(s[t]), LoadAs<VT>(RowPtr(v, t0 + t), d), acc);
+        acc.Store(o + d);
+      }
+    }
+    rows.m[r] = m;
+    rows.l[r] = l;
+  }
+}
+
+template <DType KT>
+void AttendFewV(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
+                int64_t kv_begin, float* scratch) {
+  switch (v.dtype) {
+    case DType::kF32: return AttendFew<KT, DType::kF32>(rows, k, v, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendFew<KT, DType::kF16>(rows, k, v, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendFew<KT, DType::kBF16>(rows, k, v, dk, dv, kv_begin, scratch);
+  }
+}
+
 void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k, int64_t dk,
             int64_t dv, int64_t kv_begin, float* scratch) {
   const int64_t R = rows.n_rows;
+  if (2 * R < W) {  // too few rows to fill the lanes
+    switch (k.dtype) {
+      case DType::kF32: return AttendFewV<DType::kF32>(rows, k, v, dk, dv, kv_begin, scratch);
+      case DType::kF16: return AttendFewV<DType::kF16>(rows, k, v, dk, dv, kv_begin, scratch);
+      case DType::kBF16: return AttendFewV<DType::kBF16>(rows, k, v, dk, dv, kv_begin, scratch);
+    }
+  }
   const int64_t rp = RoundUp(R, W);
-  const bool lanes = 2 * R >= W;  // enough rows to fill the lanes
   const Work w = Carve(scratch, dk, dv, rp);
 
   int64_t kv_end = kv_begin;
@@ -199,10 +275,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     w.m[r] = r < R ? rows.m[r] : kNegInf;
     w.l[r] = r < R ? rows.l[r] : 0.f;
   }
-  if (lanes) {
-    for (int64_t d = 0; d < dk; ++d)
-      for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
-  }
+  for (int64_t d = 0; d < dk; ++d)
+    for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
   // V inside the K rows (MLA): read it from the converted K tile.
   const float* vtile = v_in_k >= 0 ? w.kt + v_in_k : w.vt;
   const int64_t vstride = v_in_k >= 0 ? dk : dv;
@@ -219,20 +293,17 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
 
-    if (lanes && rp == W) {
+    if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
       constexpr int KB = simd::kQkKeys1;
       for (int64_t t = 0; t < tn; t += KB) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, 0);
-    } else if (lanes) {
+    } else {
       constexpr int RV = simd::kQkRowVecs, KB = simd::kQkKeys;
       for (int64_t t = 0; t < tn; t += KB) {
         int64_t r0 = 0;
         for (; r0 + RV * W <= rp; r0 += RV * W) QkLanes<RV, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
         for (; r0 < rp; r0 += W) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
       }
-    } else {
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t t = 0; t < tn; t += 4) QkDot(rows.q + r * dk, w.kt, dk, w.st, rp, t, r);
     }
 
     Softmax(w, rp, tn);
