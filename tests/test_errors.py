@@ -15,7 +15,10 @@ from .conftest import assert_close, randn
 
 
 def ones(*shape, dtype=jnp.float32):
-    return jnp.ones(shape, dtype)
+    # numpy, not jax arrays: module-level inputs would otherwise be committed
+    # to the default device at import (a GPU where there is one), and the
+    # calls would leave the CPU the tests pin.
+    return np.ones(shape, dtype)
 
 
 Q, K, V = ones(2, 3, 4, 64), ones(2, 10, 2, 64), ones(2, 10, 2, 32)

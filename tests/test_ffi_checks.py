@@ -55,7 +55,10 @@ def flash_attention_ffi(q, k, v, *, num_splits=1, q_pos=None, kv_len=None, out_d
 
 
 def ones(*shape, dtype=jnp.float32):
-    return jnp.ones(shape, dtype)
+    # numpy, not jax arrays: module-level inputs would otherwise be committed
+    # to the default device at import (a GPU where there is one), and the
+    # calls would leave the CPU the tests pin.
+    return np.ones(shape, dtype)
 
 
 QM, KV = ones(B, SQ, H, DK), ones(B, SKV, DK)
