@@ -8,8 +8,8 @@
 // named. Never exit, abort or assert on user input (STYLE.md #4).
 #pragma once
 
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -18,19 +18,31 @@ namespace jax_mla {
 
 namespace ffi = xla::ffi;
 
+// Builds the message with plain string appends, not iostreams: a module that
+// carries its own static copy of libstdc++ (some toolchains link it that
+// way) may find the stream locale machinery uninitialized and crash in
+// operator<<, as seen with GCC 13 on the GPU machine.
 class ErrorBuilder {
  public:
   explicit ErrorBuilder(ffi::ErrorCode code) : code_(code) {}
-  template <typename T>
-  ErrorBuilder& operator<<(const T& value) {
-    stream_ << value;
+  ErrorBuilder& operator<<(const char* text) {
+    message_ += text;
     return *this;
   }
-  operator ffi::Error() const { return ffi::Error(code_, stream_.str()); }
+  ErrorBuilder& operator<<(const std::string& text) {
+    message_ += text;
+    return *this;
+  }
+  template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+  ErrorBuilder& operator<<(T value) {
+    message_ += std::to_string(value);
+    return *this;
+  }
+  operator ffi::Error() const { return ffi::Error(code_, message_); }
 
  private:
   ffi::ErrorCode code_;
-  std::ostringstream stream_;
+  std::string message_;
 };
 
 }  // namespace jax_mla

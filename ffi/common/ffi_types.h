@@ -4,8 +4,8 @@
 
 #include <cstdint>
 #include <optional>
-#include <sstream>
 #include <string>
+#include <vector>
 
 #include "ffi/common/dtype.h"
 #include "xla/ffi/api/ffi.h"
@@ -21,13 +21,15 @@ inline std::optional<DType> ToDType(xla::ffi::DataType t) {
   }
 }
 
+// "[2, 10, 576]" (plain appends; see check.h on why not iostreams).
 template <typename Dims>
 std::string ShapeString(const Dims& dims) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << "]";
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(dims[i]);
+  }
+  return s + "]";
 }
 
 // True when `dims` equals `expected` exactly.
@@ -41,12 +43,7 @@ bool ShapeIs(const Dims& dims, std::initializer_list<int64_t> expected) {
 }
 
 inline std::string ShapeString(std::initializer_list<int64_t> dims) {
-  std::ostringstream s;
-  s << "[";
-  size_t i = 0;
-  for (int64_t d : dims) s << (i++ ? ", " : "") << d;
-  s << "]";
-  return s.str();
+  return ShapeString(std::vector<int64_t>(dims));
 }
 
 // A K/V batch of kv_batch rows serves a query batch of `batch` rows when it is
