@@ -153,7 +153,10 @@ def test_many_native_calls_in_one_jit(rng, platform):
     result = {}
 
     def run():
-        result["out"] = jax.block_until_ready(many(q, k, v, kv))
+        # jax.default_device is thread-local: the platform fixture's setting
+        # does not reach this thread by itself.
+        with jax.default_device(jax.devices(platform)[0]):
+            result["out"] = jax.block_until_ready(many(q, k, v, kv))
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
