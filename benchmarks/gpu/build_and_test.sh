@@ -15,5 +15,7 @@ export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1
   time python3 -m pip install --no-build-isolation --no-deps -v \
       -Ccmake.define.JAX_MLA_CUDA=ON . 2>&1 | grep -E "nvcc|CUDA|Building|Linking|error|Successfully" || true
   python3 -P -c "import jax, jax_mla; print('jax', jax.__version__, jax.devices()); print(jax_mla.backends()); print('SMs', jax_mla._ffi.module('gpu').sm_count())"
-  PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -P -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tail -25
+  PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -P -X faulthandler -m pytest tests -v -p no:cacheprovider -rs \
+      > "$OUT/pytest.log" 2>&1 || echo "pytest exited with $?"
+  grep -E "passed|failed|FAILED|Fatal|File \"$PWD" "$OUT/pytest.log" | tail -25
 } 2>&1 | tee "$OUT/build_and_test.log"
