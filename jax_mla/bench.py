@@ -12,6 +12,10 @@ Backends:
   jax      what a JAX user would write: einsums in the cache's own dtype with
            float32 accumulation (preferred_element_type), masking, softmax;
            for MLA, V is the slice kv[..., :512]. Not the naive reference.
+  ik       with --ik-bench DIR: ik_llama.cpp's flash attention on the same op
+           and shape, run by ik_bench's fa_bench_ik (f16/bf16 caches) with the
+           same best-of-passes-of-medians timing; its err is its own float64
+           check. "vs ik" on native rows is native ms / ik ms.
 
 Timing: a jitted call as a user makes it (dispatch included), warm; each pass
 is the median of R calls (R adapts to the call's duration) with
@@ -29,6 +33,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -60,7 +65,11 @@ MIN_REPS, MAX_REPS = 3, 50
 # exact inputs, so they must be close to the f32 reference whatever the cache;
 # the plain-JAX baseline rounds q and the probabilities to the cache dtype.
 TOLERANCE = {"native": {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4},
-             "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2}}
+             "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2},
+             # ik_llama.cpp's own --check: relative error against float64.
+             "ik": {"f16": 1e-2, "bf16": 1e-2}}
+# ik_bench's harness for ik_llama.cpp (../shared/tools/ik_bench): its cache types.
+IK_BINARY = "fa_bench_ik"
 # Above this many reference FLOPs (dense, float32 at HIGHEST precision), the
 # check uses only the last CHECK_QUERIES queries of the row.
 CHECK_MAX_FLOPS = 4e9
@@ -123,6 +132,7 @@ class Row:
     gflops: float         # 2 * Sq * H * visible keys * (Dk + Dv) / time
     gbps: float           # cache bytes read (each cached token once) / time
     speedup: float | None  # plain-JAX ms / native ms, on native rows
+    vs_ik: float | None    # native ms / ik_llama.cpp ms, on native rows with --ik-bench
     err: float            # max |out - ref| / max |ref| against jax_mla.reference
     checked_queries: int  # queries the check covered (all, or the last CHECK_QUERIES)
     reps: int
@@ -294,13 +304,42 @@ def run_case(case: Case, backends, budget_s: float) -> list[Row]:
             ms=seconds * 1e3, tokens_per_s=case.seq_q / seconds,
             gflops=case.flops / seconds / 1e9,
             gbps=case.n_kv * case.kv_bytes_per_token / seconds / 1e9,
-            speedup=None, err=err, checked_queries=checked[0].shape[1], reps=reps,
+            speedup=None, vs_ik=None, err=err, checked_queries=checked[0].shape[1], reps=reps,
             other_load=other, seq_q=case.seq_q, n_kv=case.n_kv,
             kv_bytes_per_token=case.kv_bytes_per_token))
     by_backend = {r.backend: r for r in rows}
     if "native" in by_backend and "jax" in by_backend:
         by_backend["native"].speedup = by_backend["jax"].ms / by_backend["native"].ms
     return rows
+
+
+def run_ik(case: Case, ik_dir: str, native: Row) -> Row | None:
+    """ik_llama.cpp on the same op and shape, timed by ik_bench the same way (best
+    of PASSES medians), with its float64 check as the error; None for a cache
+    type ik_bench has no equivalent for."""
+    if case.cache not in TOLERANCE["ik"]:
+        return None
+    cmd = [os.path.join(ik_dir, IK_BINARY), "mla" if case.op == "flash_mla" else "std", case.cache,
+           str(case.seq_q), str(case.n_kv), "--threads", str(threads()), "--reps", str(native.reps)]
+    if case.op == "flash_mla":
+        cmd += ["--voff", "0"]  # V = the first 512 columns, as native_fn reads it
+    if case.causal:
+        cmd.append("--causal")
+
+    def run(*extra):
+        line = subprocess.run(cmd + list(extra), check=True, capture_output=True, text=True).stdout
+        return dict(re.findall(r"(\w+)=(\S+)", line))
+
+    err = float(run("--check", "--reps", "1")["rel_err"])
+    ms = min(float(run()["median_ms"]) for _ in range(PASSES))
+    native.vs_ik = native.ms / ms
+    seconds = ms / 1e3
+    return Row(test=case.test, op=case.op, cache=case.cache, backend="ik", ms=ms,
+               tokens_per_s=case.seq_q / seconds, gflops=case.flops / seconds / 1e9,
+               gbps=case.n_kv * case.kv_bytes_per_token / seconds / 1e9, speedup=None,
+               vs_ik=None, err=err, checked_queries=case.seq_q, reps=native.reps,
+               other_load=None, seq_q=case.seq_q, n_kv=case.n_kv,
+               kv_bytes_per_token=case.kv_bytes_per_token)
 
 
 def failed(row: Row) -> bool:
@@ -337,7 +376,7 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
-def metadata(quick: bool) -> dict:
+def metadata(quick: bool, ik_bench: str | None = None) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": quick,
@@ -350,6 +389,7 @@ def metadata(quick: bool) -> dict:
                    "standard": [STD_DK, STD_DV, STD_KV_HEADS], "scale": SCALE,
                    "batch": 1, "query_dtype": "f32"},
         "timing": {"passes": PASSES, "min_reps": MIN_REPS, "max_reps": MAX_REPS},
+        "ik_bench": ik_bench,
     }
 
 
@@ -368,7 +408,9 @@ def header(meta: dict) -> str:
         f"head; flash_attention {STD_DK}/{STD_DV} with {STD_KV_HEADS} KV heads; batch 1, f32 "
         f"queries, scale 1/sqrt(192)",
         "tg@N: decode over N cached tokens; ppS@N: S causal queries ending a cache of N",
-        "native: jax_mla kernel; jax: plain-JAX einsums in the cache dtype, f32 accumulation",
+        "native: jax_mla kernel; jax: plain-JAX einsums in the cache dtype, f32 accumulation"
+        + ("; ik: ik_llama.cpp via ik_bench (vs ik: native ms / ik ms; its err: rel. error vs "
+           "float64)" if meta.get("ik_bench") else ""),
         f"ms: jitted call incl. dispatch, warm, best of {PASSES} passes of the median of "
         f"{MIN_REPS}..{MAX_REPS} calls; GB/s: cache bytes read; speedup: jax ms / native ms; "
         "err: max|out-ref|/max|ref| vs jax_mla.reference",
@@ -380,7 +422,7 @@ COLUMNS = (("test", "test", 11, "{}"), ("op", "op", 15, "{}"), ("cache", "cache"
            ("backend", "backend", 7, "{}"), ("ms", "ms", 10, "{:.3f}"),
            ("tokens_per_s", "tokens/s", 9, "{:.1f}"), ("gflops", "GFLOP/s", 7, "{:.1f}"),
            ("gbps", "GB/s", 6, "{:.2f}"), ("speedup", "speedup", 7, "{:.2f}"),
-           ("err", "err", 12, "{:.1e}"))
+           ("vs_ik", "vs ik", 5, "{:.2f}"), ("err", "err", 12, "{:.1e}"))
 LEFT = {"test", "op", "cache", "backend"}
 
 
@@ -428,7 +470,13 @@ def parse_args(argv):
                    help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--caches", type=lambda s: s.split(","),
                    help="comma-separated subset of f16,bf16,f32 (default: f16 with --quick, all)")
+    p.add_argument("--ik-bench", metavar="DIR", default=os.environ.get("JAX_MLA_IK_BENCH"),
+                   help=f"folder holding ik_bench's {IK_BINARY} (../shared/tools/ik_bench; default "
+                        "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16/bf16 row and "
+                        "print native ms / ik ms")
     args = p.parse_args(argv)
+    if args.ik_bench and not os.access(os.path.join(args.ik_bench, IK_BINARY), os.X_OK):
+        p.error(f"--ik-bench: no executable {IK_BINARY} in {args.ik_bench}")
     for name, given, allowed in (("--ops", args.ops, OPS), ("--caches", args.caches or [], CACHES)):
         bad = [x for x in given if x not in allowed]
         if bad:
@@ -459,7 +507,7 @@ def main(argv=None) -> int:
     if why:
         print(f"python -m jax_mla: {why}", file=sys.stderr)
         return 2
-    meta = metadata(args.quick)
+    meta = metadata(args.quick, args.ik_bench)
     print(header(meta), flush=True)
     budget_s = 0.1 if args.quick else 0.5
     cases = [Case(op, seq_q, n_kv, cache) for seq_q, n_kv in args.tests
@@ -467,7 +515,13 @@ def main(argv=None) -> int:
     print(table_head(), flush=True)
     rows = []
     for case in cases:
-        for row in run_case(case, BACKENDS, budget_s):
+        case_rows = run_case(case, BACKENDS, budget_s)
+        native = next(r for r in case_rows if r.backend == "native")
+        if args.ik_bench and not failed(native):
+            ik = run_ik(case, args.ik_bench, native)
+            if ik is not None:
+                case_rows.append(ik)
+        for row in case_rows:
             print(table_row(row), flush=True)
             rows.append(row)
     noisy = [r for r in rows if disturbed(r)]
