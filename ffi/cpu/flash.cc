@@ -28,8 +28,9 @@ void FillNaN(void* data, DType dtype, int64_t n) {
 // Per-thread scratch, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, o, m, l, kernel;
-  std::vector<int64_t> end, chunk_end;
-  void Reserve(int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
+  std::vector<int64_t> end;
+  std::vector<RowBlock> blocks;
+  void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
     };
@@ -38,8 +39,9 @@ struct Scratch {
     grow(m, size_t(rows));
     grow(l, size_t(rows));
     grow(end, size_t(rows));
-    grow(chunk_end, size_t(rows));
-    grow(kernel, AttendScratchFloats(dk, dv, block_rows));
+    grow(blocks, size_t(heads));
+    grow(kernel, std::max(AttendScratchFloats(dk, dv, block_rows),
+                          AttendHeadsScratchFloats(heads, block_rows)));
   }
 };
 
@@ -117,10 +119,10 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   const int64_t nh = h1 - h0;
 
   thread_local Scratch scratch;
-  scratch.Reserve(nh * R, R, dk, dv);
+  scratch.Reserve(nh, nh * R, R, dk, dv);
   float *q = scratch.q.data(), *o = scratch.o.data(), *m = scratch.m.data(),
         *l = scratch.l.data();
-  int64_t *end = scratch.end.data(), *chunk_end = scratch.chunk_end.data();
+  int64_t* end = scratch.end.data();
   for (int64_t u = 0; u < nh; ++u)
     LoadRows(p, kern, b, h0 + u, plan.group, i0, i1, g0, g1, kv0, kv1, q + u * R * dk,
              end + u * R, m + u * R, l + u * R, o + u * R * dv);
@@ -132,18 +134,19 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
                       (bkv * view.batch_stride + h * view.head_stride) * bytes,
                   view.dtype, view.row_stride};
   };
-  // One KV head: the whole key range in one call. Several: walk the keys
-  // chunk by chunk and visit every head in each chunk, so that memory is read
-  // in order (K rows of all heads are interleaved in the cache).
-  const int64_t chunk = nh == 1 ? std::max<int64_t>(kv1 - kv0, 1) : kMultiHeadChunk;
-  for (int64_t c0 = kv0; c0 < kv1; c0 += chunk) {
-    const int64_t c1 = std::min(kv1, c0 + chunk);
-    for (int64_t u = 0; u < nh; ++u) {
-      for (int64_t r = 0; r < R; ++r) chunk_end[r] = std::min(end[u * R + r], c1);
-      RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
-      kern.attend(block, rows_of(p.k, k_bytes, h0 + u), rows_of(p.v, v_bytes, h0 + u),
-                  p.v_in_k, dk, dv, c0, scratch.kernel.data());
-    }
+  if (nh == 1) {
+    RowBlock block{R, q, end, o, m, l};
+    kern.attend(block, rows_of(p.k, k_bytes, h0), rows_of(p.v, v_bytes, h0), p.v_in_k, dk, dv,
+                kv0, scratch.kernel.data());
+  } else {
+    // Several KV heads with few rows each: the kernel walks the keys and
+    // reads all heads of a key together, in memory order.
+    for (int64_t u = 0; u < nh; ++u)
+      scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
+                                   l + u * R};
+    kern.attend_heads(scratch.blocks.data(), nh, rows_of(p.k, k_bytes, h0), p.k.head_stride,
+                      rows_of(p.v, v_bytes, h0), p.v.head_stride, dk, dv, kv0,
+                      scratch.kernel.data());
   }
   for (int64_t u = 0; u < nh; ++u)
     StoreRows(p, b, h0 + u, plan.group, s, i0, i1, g0, g1, m + u * R, l + u * R, o + u * R * dv);

@@ -17,12 +17,10 @@ inline constexpr int64_t kTargetRows = 32;
 // At most this many heads of one KV head go in a block (bounds the scratch).
 inline constexpr int64_t kMaxHeadsPerBlock = 128;
 // Below this many rows per KV head (decode with small GQA groups), one work
-// item takes all KV heads and walks the keys in chunks of kMultiHeadChunk,
-// visiting every head per chunk, so that the cache is read nearly in memory
-// order instead of one head's keys (a whole row of heads apart) at a time.
-// A chunk is one softmax block of the few-rows kernel.
+// item takes all KV heads and the kernel's attend_heads walks the keys with
+// every head of a key read together, in memory order, instead of one head's
+// keys (a whole row of heads apart, a new page almost every row) at a time.
 inline constexpr int64_t kMinRowsPerKvHead = 8;
-inline constexpr int64_t kMultiHeadChunk = 16;
 
 // How a problem is cut into work items:
 // (batch, KV-head block, query-head block, query-position block, split).

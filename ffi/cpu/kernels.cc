@@ -178,7 +178,7 @@ void Softmax(const Work& w, int64_t rp, int64_t tn) {
 // their own dtype straight from the cache (converted in registers), scores
 // are dot products along d, and the online softmax runs over blocks of kFew
 // keys with the exp vectorized across the block.
-constexpr int64_t kFew = 16;
+constexpr int64_t kFew = kFewKeys;
 
 template <DType T>
 F32 LoadAs(const void* row, int64_t d) {
@@ -241,6 +241,99 @@ void AttendFew(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t d
     }
     rows.m[r] = m;
     rows.l[r] = l;
+  }
+}
+
+// The same GEMV scheme over several KV heads, key-major: for each key the
+// rows of all heads (adjacent in the cache) are read in turn, first for the
+// scores of a block of keys, then for P.V. O rows stay in L1 meanwhile.
+template <DType KT, DType VT>
+void AttendHeads(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks, const KvRows& v,
+                 int64_t vs, int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
+  static_assert(kFew % W == 0, "the softmax block is whole vectors");
+  const int64_t R = rows[0].n_rows;
+  const int64_t kb = ks * DTypeBytes(KT), vb = vs * DTypeBytes(VT);
+  int64_t kv_end = kv_begin;
+  for (int64_t u = 0; u < nh; ++u)
+    for (int64_t r = 0; r < R; ++r) kv_end = std::max(kv_end, rows[u].end[r]);
+  const F32 zero = F32::Zero();
+  for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kFew) {
+    const int64_t nb = std::min(kFew, kv_end - t0);
+    for (int64_t t = 0; t < nb; ++t) {
+      const char* krow = static_cast<const char*>(RowPtr(k, t0 + t));
+      for (int64_t u = 0; u < nh; ++u) {
+        const void* kr = krow + u * kb;
+        for (int64_t r = 0; r < R; ++r) {
+          if (t0 + t >= rows[u].end[r]) continue;
+          const float* q = rows[u].q + r * dk;
+          F32 acc = zero;
+          for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr, d), acc);
+          scratch[(u * R + r) * kFew + t] = simd::ReduceAdd(acc);
+        }
+      }
+    }
+    for (int64_t u = 0; u < nh; ++u) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t n = std::clamp<int64_t>(rows[u].end[r] - t0, 0, nb);
+        float* s = scratch + (u * R + r) * kFew;
+        if (n == 0) {
+          std::fill(s, s + kFew, 0.f);  // P = 0: P.V below leaves the row alone
+          continue;
+        }
+        float mx = s[0];
+        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
+        const float m = rows[u].m[r], m_new = std::max(m, mx);
+        const float corr = m == m_new ? 1.f : std::exp(m - m_new);
+        F32 sum = zero;
+        for (int64_t t = 0; t < kFew; t += W) {
+          const F32 p = simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
+                                       simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))),
+                                       zero);
+          sum = simd::Add(sum, p);
+          p.Store(s + t);
+        }
+        rows[u].m[r] = m_new;
+        rows[u].l[r] = rows[u].l[r] * corr + simd::ReduceAdd(sum);
+        if (corr != 1.f) {
+          float* o = rows[u].o + r * dv;
+          for (int64_t d = 0; d < dv; d += W) simd::Mul(F32::Load(o + d), F32::Splat(corr)).Store(o + d);
+        }
+      }
+    }
+    for (int64_t t = 0; t < nb; ++t) {
+      const char* vrow = static_cast<const char*>(RowPtr(v, t0 + t));
+      for (int64_t u = 0; u < nh; ++u) {
+        const void* vr = vrow + u * vb;
+        for (int64_t r = 0; r < R; ++r) {
+          const float p = scratch[(u * R + r) * kFew + t];
+          if (p == 0.f) continue;  // past the row's end (or an underflowed weight)
+          float* o = rows[u].o + r * dv;
+          const F32 pv = F32::Splat(p);
+          for (int64_t d = 0; d < dv; d += W)
+            simd::Fma(pv, LoadAs<VT>(vr, d), F32::Load(o + d)).Store(o + d);
+        }
+      }
+    }
+  }
+}
+
+template <DType KT>
+void AttendHeadsV(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks, const KvRows& v,
+                  int64_t vs, int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
+  switch (v.dtype) {
+    case DType::kF32: return AttendHeads<KT, DType::kF32>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendHeads<KT, DType::kF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendHeads<KT, DType::kBF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+  }
+}
+
+void AttendHeadsAny(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks,
+                    const KvRows& v, int64_t vs, int64_t dk, int64_t dv, int64_t kv_begin,
+                    float* scratch) {
+  switch (k.dtype) {
+    case DType::kF32: return AttendHeadsV<DType::kF32>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendHeadsV<DType::kF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendHeadsV<DType::kBF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
   }
 }
 
@@ -329,6 +422,6 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 }  // namespace
 
 extern const KernelTable kKernels;
-const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &ToFloat};
+const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &AttendHeadsAny, &ToFloat};
 
 }  // namespace jax_mla::cpu::JAX_MLA_ISA

@@ -41,9 +41,24 @@ struct KernelTable {
   // `scratch` holds AttendScratchFloats(dk, dv, rows.n_rows) floats.
   void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k,
                  int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
+  // Decode with few rows per KV head over several KV heads: rows[u] attends
+  // KV head u, whose rows start k_head_stride (v_head_stride) elements after
+  // head u - 1's in the same key row. Keys are visited key by key across the
+  // heads, i.e. in memory order. Every block has the same n_rows; `scratch`
+  // holds AttendHeadsScratchFloats(n_heads, n_rows) floats.
+  void (*attend_heads)(const RowBlock* rows, int64_t n_heads, const KvRows& k,
+                       int64_t k_head_stride, const KvRows& v, int64_t v_head_stride, int64_t dk,
+                       int64_t dv, int64_t kv_begin, float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
 };
+
+// Keys per online-softmax block of the few-rows (GEMV) kernels.
+inline constexpr int64_t kFewKeys = 16;
+
+inline size_t AttendHeadsScratchFloats(int64_t n_heads, int64_t n_rows) {
+  return size_t(n_heads * n_rows * kFewKeys);
+}
 
 // Rows are padded to a multiple of the widest vector (16 floats).
 inline size_t AttendScratchFloats(int64_t dk, int64_t dv, int64_t n_rows) {
