@@ -4,7 +4,9 @@ attention with Dk != Dv, split-KV decoding) as native XLA FFI kernels for JAX.""
 from jax_mla._ffi import backends
 from jax_mla.attention import flash_attention
 from jax_mla.mla import flash_mla
+from jax_mla.quant import QuantizedKV, cache_bytes, cache_update, dequantize, quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "flash_attention", "flash_mla"]
+__all__ = ["QuantizedKV", "backends", "cache_bytes", "cache_update", "dequantize",
+           "flash_attention", "flash_mla", "quantize"]

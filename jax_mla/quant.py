@@ -1,0 +1,216 @@
+"""Quantized KV caches: the QuantizedKV pytree, quantize / dequantize, and the
+cache helpers cache_update and cache_bytes.
+
+Formats (quantization along the last axis, DESIGN.md):
+  q8_0   blocks of 32: qs int8 [..., D], d float16 [..., D/32]; x ~ d * q.
+         ggml's Q8_0 bit for bit: d = max|x| / 127, q = roundf(x * (1/d)).
+  q8_kv  one scale per row: qs int8 [..., D], d float32 [..., 1]; x ~ d * q,
+         d = max|row| / 127, q = roundf(x / d).
+  q6_0   blocks of 32: qs uint8 [..., D*3/4] (24 bytes a block), d float16
+         [..., D/32]; x ~ d * (q - 32), q in [0, 63], ik_llama.cpp's Q6_0:
+         d = m / -32 with m the signed value of largest magnitude,
+         q = min(63, floor(x * (1/d) + 32.5)).
+         Block byte layout (as ik_llama.cpp's): bytes 0..15 hold the low
+         nibbles, value j in the low half of byte j and value j + 16 in the
+         high half; bytes 16..23 hold the high 2 bits, value j's (j < 16) in
+         bits 4*(j // 8) .. +1 of byte 16 + j % 8 and value j + 16's in the two
+         bits above them.
+roundf rounds half away from zero (jnp.round rounds half to even: not it).
+All arithmetic is float32, as the C reference quantizers do theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["QuantizedKV", "quantize", "dequantize", "cache_update", "cache_bytes", "FORMATS"]
+
+FORMATS = ("q8_0", "q8_kv", "q6_0")
+BLOCK = 32  # values per block of q8_0 and q6_0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedKV:
+    """A quantized tensor: leaves `qs` (the values) and `d` (the scales), and the
+    static format name `fmt`. The logical shape comes from the leaves, so the
+    pytree survives jit, vmap, lax.scan and buffer donation."""
+
+    qs: jax.Array
+    d: jax.Array
+    fmt: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        last = self.qs.shape[-1] * 4 // 3 if self.fmt == "q6_0" else self.qs.shape[-1]
+        return tuple(self.qs.shape[:-1]) + (last,)
+
+    @property
+    def ndim(self) -> int:
+        return self.qs.ndim
+
+
+def _check_format(fmt) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _check_float(name: str, x) -> None:
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a float dtype, got {jnp.dtype(x.dtype)}")
+
+
+def _check_last_axis(fmt: str, shape) -> None:
+    if len(shape) == 0:
+        raise ValueError(f"{fmt}: x must have at least one axis, got a scalar")
+    if fmt != "q8_kv" and shape[-1] % BLOCK:
+        raise ValueError(f"{fmt}: the last axis must be a multiple of {BLOCK}, got shape "
+                         f"{tuple(shape)}")
+
+
+def _roundf(v):
+    """C's roundf: half away from zero (ggml's np_roundf, written the same way)."""
+    a = jnp.abs(v)
+    floored = jnp.floor(a)
+    return jnp.sign(v) * (floored + jnp.floor(2 * (a - floored)))
+
+
+def _blocks(x):
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // BLOCK, BLOCK))
+
+
+def _q8_0(x):
+    xb = _blocks(x)
+    d = jnp.max(jnp.abs(xb), axis=-1, keepdims=True) / jnp.float32(127)
+    inv = jnp.where(d == 0, jnp.float32(0), 1 / jnp.where(d == 0, 1, d))
+    qs = _roundf(xb * inv).astype(jnp.int8).reshape(x.shape)
+    return QuantizedKV(qs, d[..., 0].astype(jnp.float16), "q8_0")
+
+
+def _q8_kv(x):
+    d = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / jnp.float32(127)
+    qs = jnp.where(d == 0, 0, _roundf(x / jnp.where(d == 0, 1, d))).astype(jnp.int8)
+    return QuantizedKV(qs, d, "q8_kv")
+
+
+def _q6_0(x):
+    xb = _blocks(x)
+    first_largest = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)
+    m = jnp.take_along_axis(xb, first_largest, axis=-1)
+    d = m / jnp.float32(-32)
+    inv = jnp.where(d == 0, jnp.float32(0), 1 / jnp.where(d == 0, 1, d))
+    q = jnp.minimum(63, jnp.floor(xb * inv + jnp.float32(32.5))).astype(jnp.uint8)
+    lo, hi = q[..., :16], q[..., 16:]
+    nibbles = (lo & 0xF) | ((hi & 0xF) << 4)
+    h = (lo >> 4) | ((hi >> 4) << 2)                  # 4 bits per j < 16
+    high = h[..., :8] | (h[..., 8:] << 4)               # byte j % 8, nibble j // 8
+    qs = jnp.concatenate([nibbles, high], axis=-1).astype(jnp.uint8)
+    qs = qs.reshape(x.shape[:-1] + (x.shape[-1] * 3 // 4,))
+    return QuantizedKV(qs, d[..., 0].astype(jnp.float16), "q6_0")
+
+
+_QUANTIZERS = {"q8_0": _q8_0, "q8_kv": _q8_kv, "q6_0": _q6_0}
+
+
+def quantize(x, fmt: str) -> QuantizedKV:
+    """Quantizes x (any float dtype) along its last axis into `fmt` (jittable)."""
+    _check_format(fmt)
+    _check_float("x", x)
+    _check_last_axis(fmt, x.shape)
+    return _QUANTIZERS[fmt](jnp.asarray(x).astype(jnp.float32))
+
+
+def dequantize(qkv: QuantizedKV, dtype=jnp.float32) -> jax.Array:
+    """The values a QuantizedKV stands for, as `dtype`."""
+    if not isinstance(qkv, QuantizedKV):
+        raise TypeError(f"qkv must be a QuantizedKV, got {type(qkv).__name__}")
+    fmt = _check_format(qkv.fmt)
+    d = qkv.d.astype(jnp.float32)
+    if fmt == "q8_kv":
+        return (qkv.qs.astype(jnp.float32) * d).astype(dtype)
+    if fmt == "q8_0":
+        x = _blocks(qkv.qs.astype(jnp.float32)) * d[..., None]
+        return x.reshape(qkv.shape).astype(dtype)
+    packed = qkv.qs.reshape(qkv.qs.shape[:-1] + (-1, 24))
+    nibbles, high = packed[..., :16], packed[..., 16:]
+    h = jnp.concatenate([high & 0xF, high >> 4], axis=-1)  # 4 high bits of j and j + 16
+    lo = (nibbles & 0xF) | ((h & 0x3) << 4)
+    hi = (nibbles >> 4) | (((h >> 2) & 0x3) << 4)
+    q = jnp.concatenate([lo, hi], axis=-1).astype(jnp.float32)
+    return ((q - 32) * d[..., None]).reshape(qkv.shape).astype(dtype)
+
+
+def cache_bytes(fmt, shape) -> int:
+    """Bytes of a cache of logical `shape` stored as `fmt` (a float dtype or a
+    format name), for memory accounting."""
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    if fmt in FORMATS:
+        _check_last_axis(fmt, shape)
+        if fmt == "q8_0":
+            return n + n // BLOCK * 2
+        if fmt == "q6_0":
+            return n * 3 // 4 + n // BLOCK * 2
+        rows = n // shape[-1] if shape[-1] else 0
+        return n + rows * 4
+    try:
+        dtype = jnp.dtype(fmt)
+    except TypeError:
+        raise ValueError(f"fmt must be a float dtype or one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"fmt must be a float dtype or one of {', '.join(FORMATS)}, got {dtype}")
+    return n * dtype.itemsize
+
+
+def cache_update(cache, rows, positions):
+    """Writes rows [B, S, ...] into cache [B, Smax, ...] (a float array or a
+    QuantizedKV, whose rows are quantized first) at positions [B, S]; returns
+    the new cache, updated in place when the cache is donated.
+
+    Concrete positions outside [0, Smax) raise ValueError; traced ones that
+    fall outside are dropped (never wrapped, negative ones included).
+    """
+    quantized = isinstance(cache, QuantizedKV)
+    shape = cache.shape if quantized else getattr(cache, "shape", None)
+    if shape is None:
+        raise TypeError(f"cache must be an array or a QuantizedKV, got {type(cache).__name__}")
+    _check_float("rows", rows)
+    if rows.ndim != len(shape) or rows.shape[0] != shape[0] or rows.shape[2:] != tuple(shape[2:]):
+        raise ValueError(f"rows must have shape ({shape[0]}, S, {', '.join(map(str, shape[2:]))}) "
+                         f"to fit the cache {tuple(shape)}, got {tuple(rows.shape)}")
+    if isinstance(positions, numbers.Integral):
+        positions = np.asarray(positions)
+    if not hasattr(positions, "dtype") or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions must be an integer array [B, S], got "
+                        f"{getattr(positions, 'dtype', type(positions).__name__)}")
+    if tuple(positions.shape) != tuple(rows.shape[:2]):
+        raise ValueError(f"positions must have shape {tuple(rows.shape[:2])}, got "
+                         f"{tuple(positions.shape)}")
+    smax = shape[1]
+    if not isinstance(positions, jax.core.Tracer):
+        values = np.asarray(positions)
+        bad = (values < 0) | (values >= smax)
+        if bad.any():
+            raise ValueError(f"positions must lie in [0, {smax}), got {values[bad].reshape(-1)[0]}")
+    # Out-of-range traced positions go to Smax, which mode="drop" discards
+    # (a negative index would otherwise wrap around).
+    pos = jnp.asarray(positions).astype(jnp.int32)
+    pos = jnp.where((pos < 0) | (pos >= smax), smax, pos)
+    batch = jnp.arange(shape[0], dtype=jnp.int32)[:, None]
+
+    def write(dst, src):
+        return dst.at[batch, pos].set(src.astype(dst.dtype), mode="drop")
+
+    if not quantized:
+        return write(cache, rows)
+    new = quantize(rows, cache.fmt)
+    return QuantizedKV(write(cache.qs, new.qs), write(cache.d, new.d), cache.fmt)
