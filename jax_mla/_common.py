@@ -97,7 +97,7 @@ def positions(op: str, q_pos, kv_len, batch: int, seq_q: int, seq_kv: int):
     return q_pos, kv_len
 
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (platform, target) already warned about
 
 
 def target_platform(*arrays) -> str:

@@ -12,8 +12,6 @@
 namespace jax_mla::cpu {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 576;
-
 ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                           ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,

@@ -180,6 +180,29 @@ void Softmax(const Work& w, int64_t rp, int64_t tn) {
 // keys with the exp vectorized across the block.
 constexpr int64_t kFew = kFewKeys;
 
+// One row's online-softmax step over a block of n <= kFew keys: turns the
+// scores s[0..n) into probabilities (s[n..kFew) become 0: those lanes hold
+// stale scores, so they are selected away, never multiplied), updates the
+// running max *m and sum *l, and returns the factor the row's output must be
+// scaled by (exp(-inf) = 0 on the row's first block).
+float SoftmaxBlock(float* s, int64_t n, float* m, float* l) {
+  float mx = s[0];
+  for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
+  const float m_new = std::max(*m, mx);
+  const float corr = *m == m_new ? 1.f : std::exp(*m - m_new);
+  F32 sum = F32::Zero();
+  for (int64_t t = 0; t < kFew; t += W) {
+    const F32 p = simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
+                                 simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))),
+                                 F32::Zero());
+    sum = simd::Add(sum, p);
+    p.Store(s + t);
+  }
+  *m = m_new;
+  *l = *l * corr + simd::ReduceAdd(sum);
+  return corr;
+}
+
 template <DType T>
 F32 LoadAs(const void* row, int64_t d) {
   if constexpr (T == DType::kF32) return F32::Load(static_cast<const float*>(row) + d);
@@ -217,22 +240,7 @@ void AttendFew(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t d
         for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr, d), acc);
         s[t] = simd::ReduceAdd(acc);
       }
-      float mx = s[0];
-      for (t = 1; t < n; ++t) mx = std::max(mx, s[t]);
-      const float m_new = std::max(m, mx);
-      const float corr = m == m_new ? 1.f : std::exp(m - m_new);  // exp(-inf) = 0 at the start
-      F32 sum = zero;
-      for (t = 0; t < kFew; t += W) {
-        // Lanes past n hold stale scores: select them to 0, never multiply.
-        const F32 valid = F32::Splat(float(n - t));
-        const F32 p = simd::SelectLt(F32::Iota(), valid,
-                                     simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))), zero);
-        sum = simd::Add(sum, p);
-        p.Store(s + t);
-      }
-      l = l * corr + simd::ReduceAdd(sum);
-      m = m_new;
-      const F32 c = F32::Splat(corr);
+      const F32 c = F32::Splat(SoftmaxBlock(s, n, &m, &l));
       for (int64_t d = 0; d < dv; d += W) {
         F32 acc = simd::Mul(F32::Load(o + d), c);
         for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(s[t]), LoadAs<VT>(RowPtr(v, t0 + t), d), acc);
@@ -280,20 +288,7 @@ void AttendHeads(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks, 
           std::fill(s, s + kFew, 0.f);  // P = 0: P.V below leaves the row alone
           continue;
         }
-        float mx = s[0];
-        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
-        const float m = rows[u].m[r], m_new = std::max(m, mx);
-        const float corr = m == m_new ? 1.f : std::exp(m - m_new);
-        F32 sum = zero;
-        for (int64_t t = 0; t < kFew; t += W) {
-          const F32 p = simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
-                                       simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))),
-                                       zero);
-          sum = simd::Add(sum, p);
-          p.Store(s + t);
-        }
-        rows[u].m[r] = m_new;
-        rows[u].l[r] = rows[u].l[r] * corr + simd::ReduceAdd(sum);
+        const float corr = SoftmaxBlock(s, n, rows[u].m + r, rows[u].l + r);
         if (corr != 1.f) {
           float* o = rows[u].o + r * dv;
           for (int64_t d = 0; d < dv; d += W) simd::Mul(F32::Load(o + d), F32::Splat(corr)).Store(o + d);

@@ -53,6 +53,10 @@ struct KernelTable {
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
 };
 
+// Largest Dk and Dv the CPU kernels take (multiples of 16 up to it); the
+// Python side mirrors it as _common.CPU_MAX_HEAD_DIM.
+inline constexpr int64_t kMaxHeadDim = 576;
+
 // Keys per online-softmax block of the few-rows (GEMV) kernels.
 inline constexpr int64_t kFewKeys = 16;
 

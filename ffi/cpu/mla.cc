@@ -11,8 +11,6 @@
 namespace jax_mla::cpu {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 576;
-
 ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q_pos,
                     ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::F32>> lse,
