@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _ffi
+from jax_mla import _ffi, quant
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 BACKENDS = (None, "native", "reference")
@@ -34,6 +34,32 @@ def check_float_array(op: str, name: str, x, rank: int, layout: str) -> None:
             f"{op}: {name} must be float32, float16 or bfloat16, got dtype {jnp.dtype(x.dtype)}")
     if x.ndim != rank:
         raise ValueError(f"{op}: {name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")
+
+
+def check_cache(op: str, name: str, x, rank: int, layout: str):
+    """A K, V or latent cache: a float array or a QuantizedKV. Returns its
+    logical shape and its format (None for a float array)."""
+    if isinstance(x, quant.QuantizedKV):
+        quant.check_quantized(op, name, x)
+        if x.ndim != rank:
+            raise ValueError(f"{op}: {name} must have rank {rank} {layout}, got a {x.fmt} cache "
+                             f"of shape {x.shape}")
+        return tuple(x.shape), x.fmt
+    check_float_array(op, name, x, rank, layout)
+    return tuple(x.shape), None
+
+
+def cache_operands(x) -> tuple:
+    """The arrays a native call takes for a cache: (qs, d) for a QuantizedKV;
+    for a float array, the array and an unused placeholder for the scales."""
+    if isinstance(x, quant.QuantizedKV):
+        return x.qs, x.d
+    return x, jnp.zeros((0,), jnp.float32)
+
+
+def float_cache(x):
+    """The values a cache stands for (the reference backend's view of it)."""
+    return quant.dequantize(x) if isinstance(x, quant.QuantizedKV) else x
 
 
 def check_scale(op: str, scale, default: float) -> float:

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _common, reference
+from jax_mla import _common, quant, reference
 
 _OP = "flash_attention"
 _TARGET = "jax_mla_flash_attention"
+# K and/or V as QuantizedKV: each cache passed as (values, scales).
+_TARGET_QUANT = "jax_mla_flash_attention_quant"
 
 
 def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None,
@@ -25,8 +27,9 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
 
     Args:
       q: [B, Sq, Hq, Dk] float32, float16 or bfloat16.
-      k: [B, Skv, Hkv, Dk], any of those float dtypes (need not match q).
-      v: [B, Skv, Hkv, Dv], any of those float dtypes.
+      k: [B, Skv, Hkv, Dk], any of those float dtypes (need not match q), or
+        a QuantizedKV of that logical shape (q8_0, q8_kv, q6_0) read in place.
+      v: [B, Skv, Hkv, Dv], likewise; k and v need not share a format.
       scale: static float multiplying q.k; default 1/sqrt(Dk).
       causal: the query at absolute position p sees keys j <= p.
       q_pos: int32 scalar or [B]: absolute position of query row 0, so row i
@@ -53,79 +56,100 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
       no key gets out 0 and lse -inf.
     """
     _common.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
-    _common.check_float_array(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
-    _common.check_float_array(_OP, "v", v, 4, "[B, Skv, Hkv, Dv]")
+    k_shape, k_fmt = _common.check_cache(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
+    v_shape, v_fmt = _common.check_cache(_OP, "v", v, 4, "[B, Skv, Hkv, Dv]")
     batch, seq_q, heads_q, dk = q.shape
-    _, seq_kv, heads_kv, _ = k.shape
-    dv = v.shape[3]
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"{_OP}: k and v must have batch {batch} like q, got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if k.shape[3] != dk:
-        raise ValueError(f"{_OP}: k head dim must equal q's {dk}, got k {tuple(k.shape)}")
-    if v.shape[1:3] != (seq_kv, heads_kv):
+    _, seq_kv, heads_kv, _ = k_shape
+    dv = v_shape[3]
+    if k_shape[0] != batch or v_shape[0] != batch:
+        raise ValueError(f"{_OP}: k and v must have batch {batch} like q, got k {k_shape}, "
+                         f"v {v_shape}")
+    if k_shape[3] != dk:
+        raise ValueError(f"{_OP}: k head dim must equal q's {dk}, got k {k_shape}")
+    if v_shape[1:3] != (seq_kv, heads_kv):
         raise ValueError(f"{_OP}: v must have Skv = {seq_kv} and Hkv = {heads_kv} like k, "
-                         f"got v {tuple(v.shape)}")
+                         f"got v {v_shape}")
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"{_OP}: the query heads Hq = {heads_q} must be a multiple of the "
                          f"KV heads Hkv = {heads_kv}")
     scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    platform = _common.target_platform(q, k, v)
-    if _common.resolve_backend(_OP, backend, _TARGET, platform) == "reference":
-        out, lse = reference.attention(q, k, v, scale=scale, causal=bool(causal), q_pos=q_pos,
+    k_ops, v_ops = _common.cache_operands(k), _common.cache_operands(v)
+    platform = _common.target_platform(q, k_ops[0], v_ops[0])
+    codes = (quant.FORMAT_CODES.get(k_fmt, 0), quant.FORMAT_CODES.get(v_fmt, 0))
+    target = _TARGET_QUANT if any(codes) else _TARGET
+    if _common.resolve_backend(_OP, backend, target, platform) == "reference":
+        out, lse = reference.attention(q, _common.float_cache(k), _common.float_cache(v),
+                                       scale=scale, causal=bool(causal), q_pos=q_pos,
                                        kv_len=kv_len)
     else:
         _common.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
         # Decode with few query rows per KV head splits the keys across threads.
         num_splits = _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv)
-        out, lse = _native(scale, bool(causal), num_splits)(q, k, v, q_pos, kv_len)
+        call = _native(scale, bool(causal), num_splits, codes)
+        caches = (*k_ops, *v_ops) if any(codes) else (k, v)
+        out, lse = call(q, *caches, q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=None)
-def _native(scale: float, causal: bool, num_splits: int):
-    """The FFI call for one static configuration, with its vmap rule."""
+def _native(scale: float, causal: bool, num_splits: int, formats: tuple[int, int]):
+    """The FFI call for one static configuration, with its vmap rule. Its
+    arguments are (q, k, v, q_pos, kv_len) for float caches, and
+    (q, k, k_scales, v, v_scales, q_pos, kv_len) when either is quantized
+    (formats: the k and v format codes; a float cache's scales are an unused
+    placeholder)."""
+    quantized = any(formats)
+    attrs = dict(scale=np.float32(scale),          # C++ float
+                 causal=np.bool_(causal),          # C++ bool
+                 num_splits=np.int64(num_splits))  # C++ int64_t
+    if quantized:
+        attrs.update(k_fmt=np.int64(formats[0]), v_fmt=np.int64(formats[1]))
+    target = _TARGET_QUANT if quantized else _TARGET
+    n_cache = 4 if quantized else 2
 
     @jax.custom_batching.custom_vmap
-    def call(q, k, v, q_pos, kv_len):
+    def call(q, *args):
         batch, seq_q, heads_q, _ = q.shape
-        dv = v.shape[3]
+        v = args[2] if quantized else args[1]
+        dv = v.shape[3] * 4 // 3 if formats[1] == quant.FORMAT_CODES["q6_0"] else v.shape[3]
         out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype),
                      jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
                      *_common.split_partial_types(batch, num_splits, seq_q, heads_q, dv))
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
-        out, lse, _, _ = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
-            q, k, v, q_pos, kv_len,
-            scale=np.float32(scale),          # C++ float
-            causal=np.bool_(causal),          # C++ bool
-            num_splits=np.int64(num_splits))  # C++ int64_t
+        out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+            q, *args, **attrs)
         return out, lse
 
     @call.def_vmap
-    def rule(axis_size, in_batched, q, k, v, q_pos, kv_len):
-        if in_batched == [True, False, False, False, False]:
-            return _fold_vmap_into_heads(call, axis_size, q, k, v, q_pos, kv_len), (True, True)
-        # k and v are shared (not copied) only together: the kernel reads both
-        # with one batch mapping.
-        caches = (1, 2) if in_batched[1] == in_batched[2] else ()
-        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, k, v, q_pos, kv_len),
-                                            caches=caches)
+    def rule(axis_size, in_batched, q, *args):
+        if in_batched[0] and not any(in_batched[1:]):
+            return (_fold_vmap_into_heads(call, axis_size, q, args, n_cache, formats),
+                    (True, True))
+        # The caches are shared (not copied) only all together: the kernel
+        # reads them with one batch mapping. A float cache's scales
+        # placeholder has no batch axis and is never batched.
+        cache_idx = [i for i in range(1, 1 + n_cache) if args[i - 1].ndim == 4]
+        shared = len({in_batched[i] for i in cache_idx}) == 1
+        placeholders = tuple(i for i in range(1, 1 + n_cache) if args[i - 1].ndim != 4)
+        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
+                                            caches=(tuple(cache_idx) if shared else ())
+                                            + placeholders)
         return outs, (True, True)
 
     return call
 
 
-def _fold_vmap_into_heads(call, n, q, k, v, q_pos, kv_len):
+def _fold_vmap_into_heads(call, n, q, args, n_cache, formats):
     """vmap over q alone: the n query sets share every KV head, which is just
     more query heads per KV head ("this is just a GQA")."""
     _, batch, seq_q, heads_q, dk = q.shape
-    heads_kv = k.shape[2]
+    heads_kv = args[0].shape[2]
     group = heads_q // heads_kv
     # Query head index h = hkv * group + g; make it hkv * (n * group) + j * group + g.
     qf = q.reshape(n, batch, seq_q, heads_kv, group, dk).transpose(1, 2, 3, 0, 4, 5)
-    out, lse = call(qf.reshape(batch, seq_q, heads_kv * n * group, dk), k, v, q_pos, kv_len)
+    out, lse = call(qf.reshape(batch, seq_q, heads_kv * n * group, dk), *args)
     dv = out.shape[-1]
     out = out.reshape(batch, seq_q, heads_kv, n, group, dv).transpose(3, 0, 1, 2, 4, 5)
     lse = lse.reshape(batch, heads_kv, n, group, seq_q).transpose(2, 0, 1, 3, 4)

@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _common, reference
+from jax_mla import _common, quant, reference
 
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
+_TARGET_QUANT = "jax_mla_flash_mla_quant"  # kv as QuantizedKV: qs and d separately
 
 
 def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None,
@@ -26,10 +27,12 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
     Args:
       q: [B, Sq, H, Dk] float32, float16 or bfloat16 (queries already absorbed
         into latent space).
-      kv: [B, Skv, Dk] latent cache, any of those float dtypes. K is the whole
-        row; V is kv[..., v_offset:v_offset + dv] of the same rows, read in
-        place: no V copy is ever made. DeepSeek's rows are [c_kv | k_pe], so
-        V is the first 512 columns (v_offset=0).
+      kv: [B, Skv, Dk] latent cache, any of those float dtypes, or a
+        QuantizedKV of that logical shape (q8_0, q8_kv, q6_0), read in place.
+        K is the whole row; V is kv[..., v_offset:v_offset + dv] of the same
+        rows, read in place: no V copy (and no dequantized copy) is ever made.
+        DeepSeek's rows are [c_kv | k_pe], so V is the first 512 columns
+        (v_offset=0). In the block formats v_offset must be a multiple of 32.
       dv: static width of V (default 512).
       v_offset: static first column of V in the row (default 0).
       scale: static float; default 1/sqrt(Dk) as in FlashMLA. DeepSeek models
@@ -45,66 +48,83 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
       float32. A query that sees no key gets out 0 and lse -inf.
     """
     _common.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
-    _common.check_float_array(_OP, "kv", kv, 3, "[B, Skv, Dk]")
+    kv_shape, kv_fmt = _common.check_cache(_OP, "kv", kv, 3, "[B, Skv, Dk]")
     batch, seq_q, heads, dk = q.shape
-    seq_kv = kv.shape[1]
-    if kv.shape[0] != batch or kv.shape[2] != dk:
+    seq_kv = kv_shape[1]
+    if kv_shape[0] != batch or kv_shape[2] != dk:
         raise ValueError(f"{_OP}: kv must have shape ({batch}, Skv, {dk}) to match q "
-                         f"{tuple(q.shape)}, got {tuple(kv.shape)}")
+                         f"{tuple(q.shape)}, got {kv_shape}")
     dv = _common.check_static_int(_OP, "dv", dv, 1)
     v_offset = _common.check_static_int(_OP, "v_offset", v_offset, 0)
     if v_offset + dv > dk:
         raise ValueError(f"{_OP}: the V slice [v_offset, v_offset + dv) = [{v_offset}, "
                          f"{v_offset + dv}) must fit in the row of Dk = {dk}")
+    if kv_fmt in ("q8_0", "q6_0") and v_offset % quant.BLOCK:
+        raise ValueError(f"{_OP}: v_offset must fall on a block boundary (a multiple of "
+                         f"{quant.BLOCK}) of the {kv_fmt} cache, got {v_offset}")
     if num_splits is not None:
         num_splits = _common.check_static_int(_OP, "num_splits", num_splits, 1)
     scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    platform = _common.target_platform(q, kv)
-    if _common.resolve_backend(_OP, backend, _TARGET, platform) == "reference":
-        out, lse = reference.mla(q, kv, dv=dv, v_offset=v_offset, scale=scale,
-                                 causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
+    cache = _common.cache_operands(kv)
+    platform = _common.target_platform(q, cache[0])
+    target = _TARGET if kv_fmt is None else _TARGET_QUANT
+    if _common.resolve_backend(_OP, backend, target, platform) == "reference":
+        out, lse = reference.mla(q, _common.float_cache(kv), dv=dv, v_offset=v_offset,
+                                 scale=scale, causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
     else:
         _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
         num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv)
-        out, lse = _native(dv, v_offset, scale, bool(causal), num_splits)(q, kv, q_pos, kv_len)
+        kv_code = quant.FORMAT_CODES.get(kv_fmt, 0)
+        call = _native(dv, v_offset, scale, bool(causal), num_splits, kv_code)
+        out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=None)
-def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int):
-    """The FFI call for one static configuration, with its vmap rule."""
+def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int, kv_fmt: int):
+    """The FFI call for one static configuration, with its vmap rule. Its
+    arguments are (q, kv, q_pos, kv_len) for a float cache and
+    (q, kv.qs, kv.d, q_pos, kv_len) for a quantized one (kv_fmt > 0)."""
+    n_cache = 2 if kv_fmt else 1
+    attrs = dict(scale=np.float32(scale),      # C++ float
+                 causal=np.bool_(causal),      # C++ bool
+                 dv=np.int64(dv),              # C++ int64_t
+                 v_offset=np.int64(v_offset),  # C++ int64_t
+                 num_splits=np.int64(num_splits))
+    if kv_fmt:
+        attrs["kv_fmt"] = np.int64(kv_fmt)
+    target = _TARGET_QUANT if kv_fmt else _TARGET
 
     @jax.custom_batching.custom_vmap
-    def call(q, kv, q_pos, kv_len):
+    def call(q, *args):
         batch, seq_q, heads, _ = q.shape
         out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
                      jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
                      *_common.split_partial_types(batch, num_splits, seq_q, heads, dv))
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
-        out, lse, _, _ = jax.ffi.ffi_call(_TARGET, out_types, vmap_method="sequential")(
-            q, kv, q_pos, kv_len,
-            scale=np.float32(scale),      # C++ float
-            causal=np.bool_(causal),      # C++ bool
-            dv=np.int64(dv),              # C++ int64_t
-            v_offset=np.int64(v_offset),  # C++ int64_t
-            num_splits=np.int64(num_splits))  # C++ int64_t
+        out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+            q, *args, **attrs)
         return out, lse
 
     @call.def_vmap
-    def rule(axis_size, in_batched, q, kv, q_pos, kv_len):
-        if in_batched == [True, False, False, False]:
+    def rule(axis_size, in_batched, q, *args):
+        if in_batched[0] and not any(in_batched[1:]):
             # Every head reads the same latent rows: the vmapped query sets are
             # just more heads.
             n, batch, seq_q, heads, dk = q.shape
             out, lse = call(q.transpose(1, 2, 0, 3, 4).reshape(batch, seq_q, n * heads, dk),
-                            kv, q_pos, kv_len)
+                            *args)
             out = out.reshape(batch, seq_q, n, heads, dv).transpose(2, 0, 1, 3, 4)
             lse = lse.reshape(batch, n, heads, seq_q).transpose(1, 0, 2, 3)
             return (out, lse), (True, True)
-        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, kv, q_pos, kv_len),
-                                            caches=(1,))
+        # qs and d are shared (not copied) only together: the kernel reads both
+        # with one batch mapping.
+        cache_batched = in_batched[1:1 + n_cache]
+        caches = tuple(range(1, 1 + n_cache)) if len(set(cache_batched)) == 1 else ()
+        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
+                                            caches=caches)
         return outs, (True, True)
 
     return call

@@ -77,6 +77,41 @@ def _check_last_axis(fmt: str, shape) -> None:
                          f"{tuple(shape)}")
 
 
+# Format codes the native kernels take (ffi/common/quant_format.h, QFormat).
+FORMAT_CODES = {"q8_0": 1, "q8_kv": 2, "q6_0": 3}
+
+
+def check_quantized(op: str, name: str, x: QuantizedKV) -> None:
+    """Checks that a QuantizedKV's leaves agree with its format (a cache built
+    by hand, or whose leaves were sliced apart, may not)."""
+    where = f"{op}: {name}"
+    if x.fmt not in FORMATS:
+        raise ValueError(f"{where} has format {x.fmt!r}; expected one of {', '.join(FORMATS)}")
+    for leaf in ("qs", "d"):
+        if not hasattr(getattr(x, leaf), "shape"):
+            raise TypeError(f"{where}.{leaf} must be an array, got "
+                            f"{type(getattr(x, leaf)).__name__}")
+    qs_dtype = jnp.dtype(jnp.uint8 if x.fmt == "q6_0" else jnp.int8)
+    d_dtype = jnp.dtype(jnp.float32 if x.fmt == "q8_kv" else jnp.float16)
+    if jnp.dtype(x.qs.dtype) != qs_dtype:
+        raise TypeError(f"{where}.qs of a {x.fmt} cache must be {qs_dtype}, got "
+                        f"{jnp.dtype(x.qs.dtype)}")
+    if jnp.dtype(x.d.dtype) != d_dtype:
+        raise TypeError(f"{where}.d of a {x.fmt} cache must be {d_dtype}, got "
+                        f"{jnp.dtype(x.d.dtype)}")
+    if x.qs.ndim == 0:
+        raise ValueError(f"{where}.qs must have at least one axis, got a scalar")
+    if x.fmt == "q6_0" and x.qs.shape[-1] % 24:
+        raise ValueError(f"{where}.qs of a q6_0 cache must have a last axis that is a multiple "
+                         f"of 24 (bytes per block), got shape {tuple(x.qs.shape)}")
+    _check_last_axis(x.fmt, x.shape)
+    n_scales = 1 if x.fmt == "q8_kv" else x.shape[-1] // BLOCK
+    expected = tuple(x.qs.shape[:-1]) + (n_scales,)
+    if tuple(x.d.shape) != expected:
+        raise ValueError(f"{where}.d must have shape {expected} for qs of shape "
+                         f"{tuple(x.qs.shape)}, got {tuple(x.d.shape)}")
+
+
 def _roundf(v):
     """C's roundf: half away from zero (ggml's np_roundf, written the same way)."""
     a = jnp.abs(v)

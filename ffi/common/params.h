@@ -5,17 +5,29 @@
 #include <cstdint>
 
 #include "ffi/common/dtype.h"
+#include "ffi/common/quant_format.h"
 
 namespace jax_mla {
 
 // A strided view of key or value rows: row t of (batch b, kv head h) starts at
-// data + b * batch_stride + t * row_stride + h * head_stride (in elements).
+// data + b * batch_stride + t * row_stride + h * head_stride, counted in
+// elements of dtype for a float cache and in bytes of qs for a quantized one
+// (UnitBytes). A quantized row's scales start at scales + b *
+// scale_batch_stride + t * scale_row_stride + h * scale_head_stride (in
+// scales: float16 or float32, ScaleBytes).
 struct RowView {
   const void* data = nullptr;
-  DType dtype = DType::kF32;
+  DType dtype = DType::kF32;  // float caches only
   int64_t batch_stride = 0;
   int64_t row_stride = 0;
   int64_t head_stride = 0;
+  QFormat fmt = QFormat::kNone;
+  const void* scales = nullptr;
+  int64_t scale_batch_stride = 0;
+  int64_t scale_row_stride = 0;
+  int64_t scale_head_stride = 0;
+
+  int64_t UnitBytes() const { return fmt == QFormat::kNone ? DTypeBytes(dtype) : 1; }
 };
 
 // Attention of Sq query positions x Hq heads against Skv keys of Hkv heads.

@@ -97,6 +97,23 @@ void StoreRows(const AttentionParams& p, int64_t b, int64_t hkv, int64_t group, 
   }
 }
 
+// The rows of (K/V batch b, KV head h) of a view.
+KvRows RowsOf(const RowView& view, int64_t b, int64_t h) {
+  KvRows rows;
+  rows.data = static_cast<const char*>(view.data) +
+              (b * view.batch_stride + h * view.head_stride) * view.UnitBytes();
+  rows.dtype = view.dtype;
+  rows.row_bytes = view.row_stride * view.UnitBytes();
+  rows.fmt = view.fmt;
+  if (view.fmt != QFormat::kNone) {
+    const int64_t sb = ScaleBytes(view.fmt);
+    rows.scales = static_cast<const char*>(view.scales) +
+                  (b * view.scale_batch_stride + h * view.scale_head_stride) * sb;
+    rows.scale_row_bytes = view.scale_row_stride * sb;
+  }
+  return rows;
+}
+
 void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern, int64_t item) {
   // Split innermost, so consecutive items share query rows.
   int64_t rest = item;
@@ -127,25 +144,24 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
     LoadRows(p, kern, b, h0 + u, plan.group, i0, i1, g0, g1, kv0, kv1, q + u * R * dk,
              end + u * R, m + u * R, l + u * R, o + u * R * dv);
 
-  const int64_t k_bytes = DTypeBytes(p.k.dtype), v_bytes = DTypeBytes(p.v.dtype);
   const int64_t bkv = b % p.kv_batch;
-  auto rows_of = [bkv](const RowView& view, int64_t bytes, int64_t h) {
-    return KvRows{static_cast<const char*>(view.data) +
-                      (bkv * view.batch_stride + h * view.head_stride) * bytes,
-                  view.dtype, view.row_stride};
-  };
-  if (nh == 1) {
-    RowBlock block{R, q, end, o, m, l};
-    kern.attend(block, rows_of(p.k, k_bytes, h0), rows_of(p.v, v_bytes, h0), p.v_in_k, dk, dv,
-                kv0, scratch.kernel.data());
+  const bool quantized = p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone;
+  if (nh == 1 || quantized) {
+    // One KV head at a time (quantized caches always: attend_heads reads
+    // float rows only).
+    for (int64_t u = 0; u < nh; ++u) {
+      RowBlock block{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R, l + u * R};
+      kern.attend(block, RowsOf(p.k, bkv, h0 + u), RowsOf(p.v, bkv, h0 + u), p.v_in_k, dk, dv,
+                  kv0, scratch.kernel.data());
+    }
   } else {
     // Several KV heads with few rows each: the kernel walks the keys and
     // reads all heads of a key together, in memory order.
     for (int64_t u = 0; u < nh; ++u)
       scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
                                    l + u * R};
-    kern.attend_heads(scratch.blocks.data(), nh, rows_of(p.k, k_bytes, h0), p.k.head_stride,
-                      rows_of(p.v, v_bytes, h0), p.v.head_stride, dk, dv, kv0,
+    kern.attend_heads(scratch.blocks.data(), nh, RowsOf(p.k, bkv, h0), p.k.head_stride,
+                      RowsOf(p.v, bkv, h0), p.v.head_stride, dk, dv, kv0,
                       scratch.kernel.data());
   }
   for (int64_t u = 0; u < nh; ++u)

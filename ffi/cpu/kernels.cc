@@ -66,7 +66,39 @@ void ToFloat(const void* src, DType dtype, float* dst, int64_t n) {
 }
 
 const void* RowPtr(const KvRows& rows, int64_t t) {
-  return static_cast<const char*>(rows.data) + t * rows.stride * DTypeBytes(rows.dtype);
+  return static_cast<const char*>(rows.data) + t * rows.row_bytes;
+}
+
+// dst[i] = d * src[i] for i < n (n a multiple of 16).
+void I8ToFloat(const int8_t* src, float d, float* dst, int64_t n) {
+  const F32 scale = F32::Splat(d);
+  for (int64_t i = 0; i < n; i += W) simd::Mul(simd::LoadI8(src + i), scale).Store(dst + i);
+}
+
+// Values [0, n) of row t as float32, n a multiple of 16. Quantized rows are
+// dequantized here, a row at a time, straight from qs and d: no dequantized
+// copy of a cache ever exists beyond the rows of the tile being processed.
+void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
+  const void* row = RowPtr(r, t);
+  if (r.fmt == QFormat::kNone) return ToFloat(row, r.dtype, dst, n);
+  const char* scales = static_cast<const char*>(r.scales) + t * r.scale_row_bytes;
+  const int8_t* qs = static_cast<const int8_t*>(row);
+  if (r.fmt == QFormat::kQ8KV) {
+    float d;
+    std::memcpy(&d, scales, sizeof d);
+    return I8ToFloat(qs, d, dst, n);
+  }
+  int8_t unpacked[kQBlock];
+  for (int64_t j = 0; j < n; j += kQBlock) {
+    uint16_t h;
+    std::memcpy(&h, scales + j / kQBlock * 2, sizeof h);
+    const int8_t* block = qs + j;
+    if (r.fmt == QFormat::kQ6_0) {
+      UnpackQ6Block(reinterpret_cast<const uint8_t*>(qs) + j / kQBlock * 24, unpacked);
+      block = unpacked;
+    }
+    I8ToFloat(block, F16ToFloat(h), dst + j, std::min(kQBlock, n - j));
+  }
 }
 
 // st[t][r] = sum_d qt[d][r] * kt[t][d] for t in [t0, t0 + KB), rows
@@ -210,11 +242,33 @@ F32 LoadAs(const void* row, int64_t d) {
   if constexpr (T == DType::kBF16) return simd::LoadBF16(static_cast<const uint16_t*>(row) + d);
 }
 
-template <DType KT, DType VT>
-void AttendFew(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
+// Where the GEMV kernel reads a row from: in place, converted in registers
+// (float rows), or dequantized into a row buffer first (quantized rows).
+template <DType T>
+struct InPlace {
+  static constexpr DType kType = T;
+  const KvRows& r;
+  const void* Row(int64_t t, float*, int64_t) const { return RowPtr(r, t); }
+};
+struct Dequantized {
+  static constexpr DType kType = DType::kF32;
+  const KvRows& r;
+  const void* Row(int64_t t, float* buf, int64_t n) const {
+    RowToFloat(r, t, buf, n);
+    return buf;
+  }
+};
+
+template <class KS, class VS>
+void AttendFew(const RowBlock& rows, const KS& k, const VS& v, int64_t dk, int64_t dv,
                int64_t kv_begin, float* scratch) {
   static_assert(kFew % W == 0, "the softmax block is whole vectors");
-  float* s = scratch;  // [kFew] scores, then probabilities
+  constexpr DType KT = KS::kType, VT = VS::kType;
+  float* s = scratch;              // [kFew] scores, then probabilities
+  float* kbuf = s + kFew;          // [kFew, dk] dequantized K rows (quantized K only)
+  float* vbuf = kbuf + kFew * dk;  // [kFew, dv] dequantized V rows (quantized V only)
+  const void* kr[kFew];
+  const void* vr[kFew];
   const F32 zero = F32::Zero();
   for (int64_t r = 0; r < rows.n_rows; ++r) {
     const int64_t end = rows.end[r];
@@ -223,27 +277,26 @@ void AttendFew(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t d
     float m = rows.m[r], l = rows.l[r];
     for (int64_t t0 = kv_begin; t0 < end; t0 += kFew) {
       const int64_t n = std::min(kFew, end - t0);
+      for (int64_t t = 0; t < n; ++t) kr[t] = k.Row(t0 + t, kbuf + t * dk, dk);
       int64_t t = 0;
       for (; t + 4 <= n; t += 4) {
-        const void* kr[4] = {RowPtr(k, t0 + t), RowPtr(k, t0 + t + 1), RowPtr(k, t0 + t + 2),
-                             RowPtr(k, t0 + t + 3)};
         F32 acc[4] = {zero, zero, zero, zero};
         for (int64_t d = 0; d < dk; d += W) {
           const F32 qv = F32::Load(q + d);
-          for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, LoadAs<KT>(kr[i], d), acc[i]);
+          for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, LoadAs<KT>(kr[t + i], d), acc[i]);
         }
         for (int i = 0; i < 4; ++i) s[t + i] = simd::ReduceAdd(acc[i]);
       }
       for (; t < n; ++t) {
-        const void* kr = RowPtr(k, t0 + t);
         F32 acc = zero;
-        for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr, d), acc);
+        for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), acc);
         s[t] = simd::ReduceAdd(acc);
       }
       const F32 c = F32::Splat(SoftmaxBlock(s, n, &m, &l));
+      for (t = 0; t < n; ++t) vr[t] = v.Row(t0 + t, vbuf + t * dv, dv);
       for (int64_t d = 0; d < dv; d += W) {
         F32 acc = simd::Mul(F32::Load(o + d), c);
-        for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(s[t]), LoadAs<VT>(RowPtr(v, t0 + t), d), acc);
+        for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(s[t]), LoadAs<VT>(vr[t], d), acc);
         acc.Store(o + d);
       }
     }
@@ -332,26 +385,31 @@ void AttendHeadsAny(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t k
   }
 }
 
-template <DType KT>
-void AttendFewV(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
+template <class KS>
+void AttendFewV(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, int64_t dv,
                 int64_t kv_begin, float* scratch) {
+  if (v.fmt != QFormat::kNone) return AttendFew(rows, k, Dequantized{v}, dk, dv, kv_begin, scratch);
   switch (v.dtype) {
-    case DType::kF32: return AttendFew<KT, DType::kF32>(rows, k, v, dk, dv, kv_begin, scratch);
-    case DType::kF16: return AttendFew<KT, DType::kF16>(rows, k, v, dk, dv, kv_begin, scratch);
-    case DType::kBF16: return AttendFew<KT, DType::kBF16>(rows, k, v, dk, dv, kv_begin, scratch);
+    case DType::kF32: return AttendFew(rows, k, InPlace<DType::kF32>{v}, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendFew(rows, k, InPlace<DType::kF16>{v}, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendFew(rows, k, InPlace<DType::kBF16>{v}, dk, dv, kv_begin, scratch);
+  }
+}
+
+void AttendFewAny(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
+                  int64_t kv_begin, float* scratch) {
+  if (k.fmt != QFormat::kNone) return AttendFewV(rows, Dequantized{k}, v, dk, dv, kv_begin, scratch);
+  switch (k.dtype) {
+    case DType::kF32: return AttendFewV(rows, InPlace<DType::kF32>{k}, v, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendFewV(rows, InPlace<DType::kF16>{k}, v, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendFewV(rows, InPlace<DType::kBF16>{k}, v, dk, dv, kv_begin, scratch);
   }
 }
 
 void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k, int64_t dk,
             int64_t dv, int64_t kv_begin, float* scratch) {
   const int64_t R = rows.n_rows;
-  if (2 * R < W) {  // too few rows to fill the lanes
-    switch (k.dtype) {
-      case DType::kF32: return AttendFewV<DType::kF32>(rows, k, v, dk, dv, kv_begin, scratch);
-      case DType::kF16: return AttendFewV<DType::kF16>(rows, k, v, dk, dv, kv_begin, scratch);
-      case DType::kBF16: return AttendFewV<DType::kBF16>(rows, k, v, dk, dv, kv_begin, scratch);
-    }
-  }
+  if (2 * R < W) return AttendFewAny(rows, k, v, dk, dv, kv_begin, scratch);  // lanes would idle
   const int64_t rp = RoundUp(R, W);
   const Work w = Carve(scratch, dk, dv, rp);
 
@@ -374,8 +432,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     // kv_len and hold anything. Padding rows of the tile are zeros.
     const int64_t tn = std::min(T, kv_end - t0);
     for (int64_t t = 0; t < tn; ++t) {
-      ToFloat(RowPtr(k, t0 + t), k.dtype, w.kt + t * dk, dk);
-      if (v_in_k < 0) ToFloat(RowPtr(v, t0 + t), v.dtype, w.vt + t * dv, dv);
+      RowToFloat(k, t0 + t, w.kt + t * dk, dk);
+      if (v_in_k < 0) RowToFloat(v, t0 + t, w.vt + t * dv, dv);
     }
     if (tn < T) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)

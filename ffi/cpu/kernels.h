@@ -8,6 +8,7 @@
 #include <string>
 
 #include "ffi/common/dtype.h"
+#include "ffi/common/quant_format.h"
 
 namespace jax_mla::cpu {
 
@@ -25,12 +26,16 @@ struct RowBlock {
   float* l = nullptr;            // [n_rows] running sum of exp(score - m)
 };
 
-// Key and value rows of one (batch, kv head): row t starts at data + t * stride
-// (elements of dtype).
+// Key and value rows of one (batch, kv head): row t starts at
+// data + t * row_bytes. Float rows hold elements of dtype; quantized rows
+// (fmt != kNone) hold qs, with their scales at scales + t * scale_row_bytes.
 struct KvRows {
   const void* data = nullptr;
   DType dtype = DType::kF32;
-  int64_t stride = 0;
+  int64_t row_bytes = 0;
+  QFormat fmt = QFormat::kNone;
+  const void* scales = nullptr;
+  int64_t scale_row_bytes = 0;
 };
 
 struct KernelTable {
@@ -41,7 +46,8 @@ struct KernelTable {
   // `scratch` holds AttendScratchFloats(dk, dv, rows.n_rows) floats.
   void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k,
                  int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
-  // Decode with few rows per KV head over several KV heads: rows[u] attends
+  // Decode with few rows per KV head over several KV heads (float K and V;
+  // the driver runs quantized caches head by head through `attend`): rows[u] attends
   // KV head u, whose rows start k_head_stride (v_head_stride) elements after
   // head u - 1's in the same key row. Keys are visited key by key across the
   // heads, i.e. in memory order. Every block has the same n_rows; `scratch`

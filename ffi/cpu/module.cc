@@ -26,6 +26,9 @@ NB_MODULE(_cpu, m) {
     nb::dict d;
     d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttention);
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMla);
+    d["jax_mla_flash_attention_quant"] =
+        EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionQuant);
+    d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMlaQuant);
     return d;
   });
   m.def("kv_tile", [] { return jax_mla::cpu::kKvTile; },

@@ -56,6 +56,9 @@ inline F32 LoadBF16(const uint16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
 }
+inline F32 LoadI8(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
 
 // Register blocking: 32 zmm registers.
 inline constexpr int kQkRowVecs = 2;  // QK: row vectors (x16 rows) per block
@@ -113,6 +116,9 @@ inline F32 LoadF16(const uint16_t* p) {
 inline F32 LoadBF16(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+inline F32 LoadI8(const int8_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 
 // Register blocking: 16 ymm registers.
@@ -172,6 +178,11 @@ inline F32 LoadF16(const uint16_t* p) {
 inline F32 LoadBF16(const uint16_t* p) {
   F32 r;
   for (int i = 0; i < F32::kWidth; ++i) r.v[i] = BF16ToFloat(p[i]);
+  return r;
+}
+inline F32 LoadI8(const int8_t* p) {
+  F32 r;
+  for (int i = 0; i < F32::kWidth; ++i) r.v[i] = float(p[i]);
   return r;
 }
 

@@ -1,0 +1,54 @@
+// The quantized cache formats (DESIGN.md, jax_mla/quant.py), as every backend
+// reads them: storage sizes, scale types and the q6_0 block unpacking. A
+// cache in one of these formats arrives as two buffers, `qs` (the values) and
+// `d` (the scales), quantized along the last axis.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_mla {
+
+// Numbered as the Python wrappers pass them (the `*_fmt` attributes).
+enum class QFormat : int64_t { kNone = 0, kQ8_0 = 1, kQ8KV = 2, kQ6_0 = 3 };
+
+inline constexpr int64_t kQBlock = 32;  // values per block of q8_0 and q6_0
+
+inline bool IsValidQFormat(int64_t f) { return f >= 0 && f <= 3; }
+
+inline const char* QFormatName(QFormat f) {
+  switch (f) {
+    case QFormat::kNone: return "float";
+    case QFormat::kQ8_0: return "q8_0";
+    case QFormat::kQ8KV: return "q8_kv";
+    case QFormat::kQ6_0: return "q6_0";
+  }
+  return "?";
+}
+
+inline bool IsBlockFormat(QFormat f) { return f == QFormat::kQ8_0 || f == QFormat::kQ6_0; }
+
+// Bytes of qs for n values (n a multiple of kQBlock for the block formats).
+inline int64_t QsBytes(QFormat f, int64_t n) { return f == QFormat::kQ6_0 ? n * 3 / 4 : n; }
+
+// Scales per row of n values: one per block, or one per row for q8_kv.
+inline int64_t ScalesPerRow(QFormat f, int64_t n) {
+  return f == QFormat::kQ8KV ? 1 : n / kQBlock;
+}
+
+// Scales are float16 for the block formats and float32 for q8_kv.
+inline int64_t ScaleBytes(QFormat f) { return f == QFormat::kQ8KV ? 4 : 2; }
+
+// Unpacks one q6_0 block (24 bytes) into its 32 signed values q - 32, in
+// [-32, 31]. Byte layout (quant.py): bytes 0..15 hold the low nibbles, value
+// j in the low half of byte j and value j + 16 in the high half; bytes
+// 16..23 hold the high 2 bits, value j's (j < 16) in bits 4*(j/8)..+1 of byte
+// 16 + j%8 and value j + 16's in the two bits above them.
+inline void UnpackQ6Block(const uint8_t* block, int8_t* out) {
+  for (int j = 0; j < 16; ++j) {
+    const int h = (block[16 + j % 8] >> (4 * (j / 8))) & 0xF;
+    out[j] = int8_t(((block[j] & 0xF) | ((h & 0x3) << 4)) - 32);
+    out[j + 16] = int8_t(((block[j] >> 4) | ((h >> 2) << 4)) - 32);
+  }
+}
+
+}  // namespace jax_mla
