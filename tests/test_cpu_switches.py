@@ -14,6 +14,7 @@ from jax_mla import _common, _ffi
 
 from .conftest import (KV_TILE, assert_close, check_attention, check_mla, randn,
                        reference_attention)
+from .test_quant_kernels import check_mla_quant
 
 SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
 BUILT_ISAS = _ffi.module("cpu").built_isas().split(",")
@@ -63,6 +64,14 @@ MLA_CASES = {
 @pytest.mark.parametrize("case", MLA_CASES.values(), ids=MLA_CASES.keys())
 def test_mla_on_each_isa(rng, isa, case):
     check_mla(rng, **case)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv", "q6_0"])
+@pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
+def test_quantized_mla_on_each_isa(rng, isa, fmt, heads):
+    # The quantized row conversions (int8 loads, q6_0 unpacking) per ISA.
+    check_mla_quant(rng, fmt, batch=2, seq_q=1, heads=heads, seq_kv=KV_TILE + 13, dk=576,
+                    dv=512, v_offset=64, kv_len=[KV_TILE + 13, 20], num_splits=2)
 
 
 UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]

@@ -66,9 +66,9 @@ Q, K, V = ones(B, SQ, H, DK), ones(B, SKV, 2, DK), ones(B, SKV, 2, 32)
 
 MLA_CASES = {
     "kv_dk": (lambda: flash_mla_ffi(QM, ones(B, SKV, 48)), "INVALID_ARGUMENT",
-              r"kv shape \[2, 40, 48\] must be \[2, Skv, 64\]"),
+              r"kv's logical shape \[2, 40, 48\] must be \[2, Skv, 64\]"),
     "kv_batch": (lambda: flash_mla_ffi(QM, ones(3, SKV, DK)), "INVALID_ARGUMENT",
-                 r"kv shape \[3, 40, 64\] must be \[2, Skv, 64\]"),
+                 r"kv's logical shape \[3, 40, 64\] must be \[2, Skv, 64\]"),
     "v_past_row": (
         lambda: flash_mla_ffi(QM, KV, dv=32, v_offset=48), "INVALID_ARGUMENT",
         r"V slice \[v_offset, v_offset \+ dv\) = \[48, 80\) must lie inside the row of 64"),
@@ -83,7 +83,7 @@ MLA_CASES = {
                r"q must have rank 4 .* got shape \[2, 3, 4, 64, 1\]"),
     "integer_q": (
         lambda: flash_mla_ffi(ones(B, SQ, H, DK, dtype=jnp.int32), KV), "INVALID_ARGUMENT",
-        r"q and kv must be float32, float16 or bfloat16"),
+        r"q must be float32, float16 or bfloat16"),
     "output_shape": (lambda: flash_mla_ffi(QM, KV, out_shape=(B, SQ, H, 16)), "INVALID_ARGUMENT",
                      r"output must be \[2, 3, 4, 32\] .* got \[2, 3, 4, 16\]"),
     "split_partials": (lambda: flash_mla_ffi(QM, KV, num_splits=2, part_shapes=((0,), (0,))),

@@ -1,0 +1,264 @@
+"""The native kernels over quantized caches (q8_0, q8_kv, q6_0), read in place,
+against the reference run on the dequantized cache; the C++ checks of the
+quantized operands; and no dequantized copy of a cache.
+
+Tolerance: the kernels dequantize each row to float32 as d * q, the same
+float32 product `jax_mla.dequantize` computes, and then do what they do for a
+float32 cache. So kernel and reference see bit-identical K and V values, and
+the float tests' tolerance (conftest.F32_TOL: summation order and the
+vectorized exp) applies unchanged. The quantization error itself (the cache
+against the float values it was made from) is measured in test_quant.py and
+in the README, not here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_mla
+from jax_mla import quant
+
+from .conftest import (KV_TILE, assert_attention, native_attention, native_mla, per_batch,
+                       randn, reference_attention, reference_mla, visible_keys)
+
+FORMATS = quant.FORMATS
+
+
+def quantized_cache(rng, shape, fmt, kv_len=None):
+    """A random cache quantized to `fmt`, with the scales of every row at a
+    position >= kv_len[b] set to NaN: those rows dequantize to NaN, so a
+    kernel that reads a key that does not exist fails (STYLE.md #16)."""
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    qkv = jax_mla.quantize(x, fmt)
+    if kv_len is None:
+        return qkv
+    d = np.asarray(qkv.d).copy()
+    for b, n in enumerate(np.clip(per_batch(kv_len, shape[0]), 0, shape[1])):
+        d[b, n:] = np.nan
+    return quant.QuantizedKV(qkv.qs, jnp.asarray(d), fmt)
+
+
+def as_cache(rng, shape, fmt, kv_len):
+    """A float cache when fmt is a dtype, else a quantized one (both poisoned)."""
+    if fmt in FORMATS:
+        return quantized_cache(rng, shape, fmt, kv_len)
+    from .conftest import cache
+    return cache(rng, shape, fmt, kv_len)
+
+
+def float_view(x):
+    return jax_mla.dequantize(x) if isinstance(x, quant.QuantizedKV) else x
+
+
+def check_mla_quant(rng, fmt, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0,
+                    q_dtype=jnp.float32, causal=False, q_pos=None, kv_len=None, num_splits=None):
+    q = randn(rng, (batch, seq_q, heads, dk), q_dtype)
+    kv = quantized_cache(rng, (batch, seq_kv, dk), fmt, kv_len)
+    kw = dict(dv=dv, v_offset=v_offset, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    got = native_mla(q, kv, num_splits=num_splits, **kw)
+    want = reference_mla(q, jax_mla.dequantize(kv), **kw)
+    visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
+    assert_attention(got, want, q_dtype, visible)
+
+
+# (Dk, dv, v_offset): DeepSeek's latent row with V first, V as the row's tail
+# (a block boundary), and a small row whose dv is not a whole number of blocks.
+MLA_LAYOUTS = [(576, 512, 0), (576, 512, 64), (96, 48, 32)]
+
+
+@pytest.mark.parametrize("dk, dv, v_offset", MLA_LAYOUTS,
+                         ids=[f"{a}-dv{b}-off{c}" for a, b, c in MLA_LAYOUTS])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
+def test_mla_over_quantized_cache(rng, cpu, fmt, heads, dk, dv, v_offset):
+    # 16 heads take the tile (GEMM) kernel, 2 the few-rows (GEMV) kernel.
+    check_mla_quant(rng, fmt, batch=2, seq_q=2, heads=heads, seq_kv=KV_TILE + 13, dk=dk, dv=dv,
+                    v_offset=v_offset, causal=True, kv_len=[KV_TILE + 13, 30], num_splits=3)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mla_decode_splits_and_empty_rows(rng, cpu, fmt, num_splits):
+    check_mla_quant(rng, fmt, batch=3, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512,
+                    q_dtype=jnp.bfloat16, kv_len=[300, 0, 150], num_splits=num_splits)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mla_prefill_with_positions(rng, cpu, fmt):
+    # Queries partly before position 0 (they see nothing) and past kv_len.
+    check_mla_quant(rng, fmt, batch=2, seq_q=5, heads=4, seq_kv=77, dk=576, dv=512, causal=True,
+                    q_pos=[-2, 70], kv_len=[3, 77])
+
+
+# (k format, v format): each format with itself, float with quantized both
+# ways, and two different formats.
+ATTN_FORMATS = [("q8_0", "q8_0"), ("q8_kv", "q8_kv"), ("q6_0", "q6_0"),
+                (jnp.float16, "q8_0"), ("q6_0", jnp.bfloat16), ("q8_0", "q6_0"),
+                ("q8_kv", "q8_0")]
+
+
+def fmt_id(f) -> str:
+    return f if isinstance(f, str) else jnp.dtype(f).name
+
+
+@pytest.mark.parametrize("k_fmt, v_fmt", ATTN_FORMATS,
+                         ids=[f"{fmt_id(a)}-{fmt_id(b)}" for a, b in ATTN_FORMATS])
+@pytest.mark.parametrize("case", [
+    # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len): GQA decode with few rows
+    # per KV head (several KV heads per work item), MHA decode, and a causal
+    # prefill chunk with per-batch lengths.
+    (2, 1, 8, 4, 300, False, None, [300, 111]),
+    (1, 1, 4, 4, KV_TILE + 1, False, None, None),
+    (2, 7, 16, 2, 77, True, None, [77, 9]),
+], ids=["gqa_decode", "mha_decode", "prefill"])
+def test_attention_over_quantized_caches(rng, cpu, k_fmt, v_fmt, case):
+    batch, seq_q, heads_q, heads_kv, seq_kv, causal, q_pos, kv_len = case
+    dk, dv = 192, 128
+    q = randn(rng, (batch, seq_q, heads_q, dk), jnp.float32)
+    k = as_cache(rng, (batch, seq_kv, heads_kv, dk), k_fmt, kv_len)
+    v = as_cache(rng, (batch, seq_kv, heads_kv, dv), v_fmt, kv_len)
+    kw = dict(causal=causal, q_pos=q_pos, kv_len=kv_len)
+    got = native_attention(q, k, v, **kw)
+    want = reference_attention(q, float_view(k), float_view(v), **kw)
+    assert_attention(got, want, jnp.float32,
+                     visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantized_results_are_close_to_the_float_cache(rng, cpu, fmt):
+    # End to end: attention over the quantized cache against float64 attention
+    # over the float values it was made from. The bound is loose on purpose
+    # (it measures the format, not the kernel): 8-bit rows keep outputs within
+    # about 1e-2 of the float result, 6-bit rows within about 4e-2.
+    q = randn(rng, (1, 1, 16, 576), jnp.float32) * 0.5
+    x = randn(rng, (1, 500, 576), jnp.float32)
+    out = np.asarray(jax_mla.flash_mla(q, jax_mla.quantize(x, fmt), backend="native"))
+    qn, xn = np.asarray(q, np.float64)[0, 0], np.asarray(x, np.float64)[0]
+    s = qn @ xn.T / np.sqrt(576)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, :512]
+    err = np.abs(out[0, 0] - want).max() / np.abs(want).max()
+    assert err < (4e-2 if fmt == "q6_0" else 1e-2), f"{fmt}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_vmap_shares_the_quantized_cache(rng, cpu, fmt):
+    # vmap over queries (and lengths) with one shared cache, and over
+    # per-example caches: the same as separate calls.
+    q = randn(rng, (3, 2, 1, 8, 64), jnp.float32)
+    kv = quantized_cache(rng, (2, 100, 64), fmt)
+    kv_len = jnp.array([[100, 50], [10, 1], [0, 64]], jnp.int32)
+    op = lambda q, kv, n: jax_mla.flash_mla(q, kv, dv=32, kv_len=n, backend="native")
+    got = jax.vmap(op, in_axes=(0, None, 0))(q, kv, kv_len)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], op(q[i], kv, kv_len[i]), rtol=1e-6, atol=1e-6)
+    kvs = jax.tree.map(lambda a: jnp.stack([a, a[::-1], a]), kv)
+    got = jax.vmap(op)(q, kvs, kv_len)
+    for i in range(3):
+        one = jax.tree.map(lambda a: a[i], kvs)
+        np.testing.assert_allclose(got[i], op(q[i], one, kv_len[i]), rtol=1e-6, atol=1e-6)
+    k = quantized_cache(rng, (2, 100, 2, 64), fmt)
+    v = randn(rng, (2, 100, 2, 32), jnp.float16)
+    att = lambda q, k, v: jax_mla.flash_attention(q, k, v, backend="native")
+    got = jax.vmap(att, in_axes=(0, None, None))(q, k, v)
+    for i in range(3):
+        np.testing.assert_allclose(got[i], att(q[i], k, v), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_no_dequantized_copy_of_the_cache(cpu, fmt):
+    # The kernel reads qs and d in place: the executable's scratch stays far
+    # below even the quantized cache's size (a float32 dequantized copy would
+    # be 4x to 5x it), under jit and under vmap over queries.
+    q = jnp.ones((2, 1, 1, 16, 576), jnp.float32)
+    kv = jax_mla.quantize(jnp.ones((1, 4096, 576), jnp.float32), fmt)
+    op = lambda q, kv: jax_mla.flash_mla(q, kv, num_splits=4, backend="native")
+    for fn, arg in ((jax.jit(op), q[0]), (jax.jit(jax.vmap(op, in_axes=(0, None))), q)):
+        lowered = fn.lower(arg, kv)
+        temp = lowered.compile().memory_analysis().temp_size_in_bytes
+        # (The split partials are most of it.)
+        assert temp < kv.qs.nbytes // 4, f"{temp} bytes of scratch for a {kv.qs.nbytes}-byte cache"
+        # Equal scores and V rows of one value: every output is that value.
+        value = float(jax_mla.dequantize(kv)[0, 0, 0])
+        np.testing.assert_allclose(np.asarray(fn(arg, kv)), value, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q6_0"])
+@pytest.mark.parametrize("v_offset", [16, 40])
+def test_v_offset_must_fall_on_a_block_boundary(fmt, v_offset):
+    q = jnp.ones((1, 1, 4, 128), jnp.float32)
+    kv = jax_mla.quantize(jnp.ones((1, 8, 128), jnp.float32), fmt)
+    with pytest.raises(ValueError, match=rf"v_offset must fall on a block boundary .*{fmt}.*"
+                                         rf"got {v_offset}"):
+        jax_mla.flash_mla(q, kv, dv=48, v_offset=v_offset, backend="native")
+
+
+def test_v_offset_is_free_in_q8_kv(rng, cpu):
+    check_mla_quant(rng, "q8_kv", batch=1, seq_q=1, heads=16, seq_kv=40, dk=96, dv=48,
+                    v_offset=16)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda kv: quant.QuantizedKV(kv.qs, kv.d, "q4_0"), ValueError,
+     r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0"),
+    (lambda kv: quant.QuantizedKV(kv.qs.astype(jnp.int16), kv.d, "q8_0"), TypeError,
+     r"kv.qs of a q8_0 cache must be int8, got int16"),
+    (lambda kv: quant.QuantizedKV(kv.qs, kv.d.astype(jnp.float32), "q8_0"), TypeError,
+     r"kv.d of a q8_0 cache must be float16, got float32"),
+    (lambda kv: quant.QuantizedKV(kv.qs, kv.d[..., :1], "q8_0"), ValueError,
+     r"kv.d must have shape \(1, 8, 4\) for qs of shape \(1, 8, 128\), got \(1, 8, 1\)"),
+    (lambda kv: quant.QuantizedKV(kv.qs[..., :100], kv.d, "q8_0"), ValueError,
+     r"last axis must be a multiple of 32"),
+    (lambda kv: quant.QuantizedKV(kv.qs[0], kv.d[0], "q8_0"), ValueError,
+     r"kv must have rank 3 \[B, Skv, Dk\], got a q8_0 cache of shape \(8, 128\)"),
+])
+def test_malformed_quantized_cache(make, error, match):
+    q = jnp.ones((1, 1, 4, 128), jnp.float32)
+    kv = make(jax_mla.quantize(jnp.ones((1, 8, 128), jnp.float32), "q8_0"))
+    with pytest.raises(error, match=match):
+        jax_mla.flash_mla(q, kv, dv=64, backend="native")
+
+
+def test_attention_rejects_mismatched_quantized_caches():
+    q = jnp.ones((1, 1, 4, 64), jnp.float32)
+    k = jax_mla.quantize(jnp.ones((1, 8, 2, 64), jnp.float32), "q8_0")
+    v = jax_mla.quantize(jnp.ones((1, 9, 2, 64), jnp.float32), "q6_0")
+    with pytest.raises(ValueError, match=r"v must have Skv = 8 and Hkv = 2 like k, got v "
+                                         r"\(1, 9, 2, 64\)"):
+        jax_mla.flash_attention(q, k, v, backend="native")
+
+
+# The C++ handlers check the quantized operands again (called directly here,
+# bypassing the Python checks): a runtime error naming the problem, no crash.
+def mla_quant_ffi(q, qs, d, fmt_code, *, dv=64, v_offset=0):
+    batch, seq_q, heads = q.shape[:3]
+    out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("jax_mla_flash_mla_quant", out_types, vmap_method="sequential")
+    return jax.block_until_ready(call(
+        q, qs, d, np.zeros((batch,), np.int32), np.full((batch,), qs.shape[1], np.int32),
+        scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(dv),
+        v_offset=np.int64(v_offset), num_splits=np.int64(1), kv_fmt=np.int64(fmt_code)))
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(fmt_code=7), r"unknown cache format code 7"),
+    (dict(fmt_code=0), r"needs a quantized format"),
+    (dict(fmt_code=1, v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
+    (dict(fmt_code=3), r"kv.qs of a q6_0 cache must be uint8"),
+    (dict(fmt_code=2), r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "
+                       r"axis of 1, got \[1, 8, 4\]"),
+    (dict(fmt_code=1, d=np.ones((1, 8, 3), np.float16)), r"last axis of 4, got \[1, 8, 3\]"),
+    (dict(fmt_code=1, qs=np.ones((1, 8, 100), np.int8)), r"multiple of 32, got 100"),
+])
+def test_cpp_checks_quantized_operands(cpu, args, match):
+    args = dict(args)
+    q = np.ones((1, 1, 4, 128 if "qs" not in args else 100), np.float32)
+    qs = args.pop("qs", np.ones((1, 8, 128), np.int8))
+    d = args.pop("d", np.ones((1, 8, 4), np.float16))
+    with pytest.raises(Exception, match=match):
+        mla_quant_ffi(q, qs, d, **args)
