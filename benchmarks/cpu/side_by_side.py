@@ -32,28 +32,33 @@ import jax_mla
 
 HEADS = 16
 SCALE = 1.0 / math.sqrt(192)
-# (name, mode, n_q, n_kv, causal); mode mla = 576/512 latent (V = columns
-# 64..575 of the row, as ik_bench lays it out), std = 192/128, 16 KV heads.
+# (name, mode, cache type, n_q, n_kv, causal); mode mla = 576/512 latent
+# (V = columns 64..575 of the row, as ik_bench lays it out), std = 192/128,
+# 16 KV heads; cache type f16 or q8_0 (ggml's Q8_0, jax_mla's "q8_0").
 WORKLOADS = [
-    ("MLA tg@1024", "mla", 1, 1024, False),
-    ("MLA tg@4096", "mla", 1, 4096, False),
-    ("MLA tg@16384", "mla", 1, 16384, False),
-    ("MLA pp512@4096", "mla", 512, 4096, True),
-    ("std tg@16384", "std", 1, 16384, False),
-    ("std pp512@4096", "std", 512, 4096, True),
+    ("MLA tg@1024", "mla", "f16", 1, 1024, False),
+    ("MLA tg@4096", "mla", "f16", 1, 4096, False),
+    ("MLA tg@16384", "mla", "f16", 1, 16384, False),
+    ("MLA q8_0 tg@16384", "mla", "q8_0", 1, 16384, False),
+    ("MLA pp512@4096", "mla", "f16", 512, 4096, True),
+    ("MLA q8_0 pp512@4096", "mla", "q8_0", 512, 4096, True),
+    ("std tg@16384", "std", "f16", 1, 16384, False),
+    ("std pp512@4096", "std", "f16", 512, 4096, True),
+    ("std q8_0 pp512@4096", "std", "q8_0", 512, 4096, True),
 ]
-QUICK = {"MLA tg@1024", "MLA tg@4096", "std tg@16384"}
+QUICK = {"MLA tg@1024", "MLA tg@4096", "std tg@16384", "MLA q8_0 tg@16384"}
 
 
-def _inputs(mode, n_q, n_kv, rng):
+def _inputs(mode, ctype, n_q, n_kv, rng):
+    def make(shape):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float16)
+        return x if ctype == "f16" else jax_mla.quantize(x, ctype)
+
     if mode == "mla":
         q = jnp.asarray(rng.standard_normal((1, n_q, HEADS, 576)), jnp.float32)
-        kv = jnp.asarray(rng.standard_normal((1, n_kv, 576)), jnp.float16)
-        return q, (kv,)
+        return q, (make((1, n_kv, 576)),)
     q = jnp.asarray(rng.standard_normal((1, n_q, HEADS, 192)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((1, n_kv, HEADS, 192)), jnp.float16)
-    v = jnp.asarray(rng.standard_normal((1, n_kv, HEADS, 128)), jnp.float16)
-    return q, (k, v)
+    return q, (make((1, n_kv, HEADS, 192)), make((1, n_kv, HEADS, 128)))
 
 
 def _jax_mla_fn(mode, causal):
@@ -64,9 +69,9 @@ def _jax_mla_fn(mode, causal):
                                                            backend="native"))
 
 
-def time_jax_mla(mode, n_q, n_kv, causal, reps):
+def time_jax_mla(mode, ctype, n_q, n_kv, causal, reps):
     rng = np.random.default_rng(0)
-    q, cache = _inputs(mode, n_q, n_kv, rng)
+    q, cache = _inputs(mode, ctype, n_q, n_kv, rng)
     fn = _jax_mla_fn(mode, causal)
     fn(q, *cache).block_until_ready()
     best = math.inf
@@ -80,8 +85,8 @@ def time_jax_mla(mode, n_q, n_kv, causal, reps):
     return best * 1e3
 
 
-def time_ik(binary, mode, n_q, n_kv, causal, reps):
-    args = [binary, mode, "f16", str(n_q), str(n_kv), "--threads", "2", "--reps", str(reps)]
+def time_ik(binary, mode, ctype, n_q, n_kv, causal, reps):
+    args = [binary, mode, ctype, str(n_q), str(n_kv), "--threads", "2", "--reps", str(reps)]
     if causal:
         args.append("--causal")
     best, util = math.inf, []
@@ -111,25 +116,26 @@ def main():
                         help="folder with fa_bench_ik (and fa_bench_mainline)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
+    parser.add_argument("--only", help="run the workloads whose name contains this")
     args = parser.parse_args()
     if not args.ik_bench:
         parser.error("--ik-bench (or JAX_MLA_IK_BENCH) must name the ik_bench harness folder")
     ik = os.path.join(args.ik_bench, "fa_bench_ik")
     print(f"# {cpu_kind()}; jax {jax.__version__}; jax_mla ISA {jax_mla.backends()['cpu']['isa']}")
-    print(f"{'workload':<16} {'jax_mla ms':>10} {'ik ms':>9} {'ratio':>6} {'jax_mla GFLOP/s':>15} "
+    print(f"{'workload':<20} {'jax_mla ms':>10} {'ik ms':>9} {'ratio':>6} {'jax_mla GFLOP/s':>15} "
           f"{'ik GFLOP/s':>10} {'ik cpu_util':>11}")
     rows = []
-    for name, mode, n_q, n_kv, causal in WORKLOADS:
-        if args.quick and name not in QUICK:
+    for name, mode, ctype, n_q, n_kv, causal in WORKLOADS:
+        if args.quick and name not in QUICK or args.only and args.only not in name:
             continue
         reps = 5 if n_q > 1 else 21
-        ours = time_jax_mla(mode, n_q, n_kv, causal, reps)
-        theirs, util = time_ik(ik, mode, n_q, n_kv, causal, reps)
+        ours = time_jax_mla(mode, ctype, n_q, n_kv, causal, reps)
+        theirs, util = time_ik(ik, mode, ctype, n_q, n_kv, causal, reps)
         f = flops(mode, n_q, n_kv, causal)
         row = dict(workload=name, jax_mla_ms=ours, ik_ms=theirs, ratio=ours / theirs,
                    jax_mla_gflops=f / ours / 1e6, ik_gflops=f / theirs / 1e6, ik_cpu_util=util)
         rows.append(row)
-        print(f"{name:<16} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} "
+        print(f"{name:<20} {ours:>10.3f} {theirs:>9.3f} {ours / theirs:>6.2f} "
               f"{row['jax_mla_gflops']:>15.1f} {row['ik_gflops']:>10.1f} {util:>11.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
