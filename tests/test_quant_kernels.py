@@ -4,9 +4,12 @@ quantized operands; and no dequantized copy of a cache.
 
 Tolerance: the kernels dequantize each row to float32 as d * q, the same
 float32 product `jax_mla.dequantize` computes, and then do what they do for a
-float32 cache. So kernel and reference see bit-identical K and V values, and
-the float tests' tolerance (conftest.F32_TOL: summation order and the
-vectorized exp) applies unchanged. The quantization error itself (the cache
+float32 cache. Over 8-bit keys (q8_0, q8_kv) they also round the scaled query
+rows to 8 bits per block of 32 (so Q.K can run on integer dot products,
+DESIGN.md / README); the expected values apply that same rounding
+(`rounded_queries`) before the reference. So kernel and reference see
+bit-identical values, and the float tests' tolerance (conftest.F32_TOL:
+summation order and the vectorized exp) applies unchanged. The quantization error itself (the cache
 against the float values it was made from) is measured in test_quant.py and
 in the README, not here.
 """
@@ -49,6 +52,30 @@ def as_cache(rng, shape, fmt, kv_len):
     return cache(rng, shape, fmt, kv_len)
 
 
+def rounded_queries(q, scale):
+    """The query as the kernels take it over 8-bit keys: q * scale in float32,
+    each block of 32 values (the last may be shorter) rounded with q8_0's rule
+    and a float32 scale: d = max|x| / 127, x -> d * roundf(x / d)."""
+    x = np.asarray(q, np.float32) * np.float32(scale)
+    dk = x.shape[-1]
+    pad = (-dk) % quant.BLOCK
+    xb = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(x.shape[:-1] + (-1, quant.BLOCK))
+    d = np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
+    v = (xb * inv).astype(np.float64)  # float32 products, exact in float64
+    rounded = np.sign(v) * np.floor(np.abs(v) + 0.5)  # roundf: half away from zero
+    out = (d * rounded.astype(np.float32)).astype(np.float32)
+    return jnp.asarray(out.reshape(x.shape[:-1] + (-1,))[..., :dk])
+
+
+def expected_query(q, k_fmt, scale):
+    """(query, scale) to give the reference so that it computes what the
+    kernel does: the rounded query at scale 1 over 8-bit keys, else q itself."""
+    if k_fmt in ("q8_0", "q8_kv"):
+        return rounded_queries(q, scale), 1.0
+    return q, scale
+
+
 def float_view(x):
     return jax_mla.dequantize(x) if isinstance(x, quant.QuantizedKV) else x
 
@@ -59,7 +86,8 @@ def check_mla_quant(rng, fmt, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0
     kv = quantized_cache(rng, (batch, seq_kv, dk), fmt, kv_len)
     kw = dict(dv=dv, v_offset=v_offset, causal=causal, q_pos=q_pos, kv_len=kv_len)
     got = native_mla(q, kv, num_splits=num_splits, **kw)
-    want = reference_mla(q, jax_mla.dequantize(kv), **kw)
+    q_ref, scale = expected_query(q, fmt, 1 / np.sqrt(dk))
+    want = reference_mla(q_ref, jax_mla.dequantize(kv), scale=scale, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     assert_attention(got, want, q_dtype, visible)
 
@@ -122,7 +150,8 @@ def test_attention_over_quantized_caches(rng, cpu, k_fmt, v_fmt, case):
     v = as_cache(rng, (batch, seq_kv, heads_kv, dv), v_fmt, kv_len)
     kw = dict(causal=causal, q_pos=q_pos, kv_len=kv_len)
     got = native_attention(q, k, v, **kw)
-    want = reference_attention(q, float_view(k), float_view(v), **kw)
+    q_ref, scale = expected_query(q, k_fmt, 1 / np.sqrt(dk))
+    want = reference_attention(q_ref, float_view(k), float_view(v), scale=scale, **kw)
     assert_attention(got, want, jnp.float32,
                      visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal))
 

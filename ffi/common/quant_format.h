@@ -4,6 +4,7 @@
 // `d` (the scales), quantized along the last axis.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace jax_mla {
@@ -48,6 +49,27 @@ inline void UnpackQ6Block(const uint8_t* block, int8_t* out) {
     const int h = (block[16 + j % 8] >> (4 * (j / 8))) & 0xF;
     out[j] = int8_t(((block[j] & 0xF) | ((h & 0x3) << 4)) - 32);
     out[j + 16] = int8_t(((block[j] >> 4) | ((h >> 2) << 4)) - 32);
+  }
+}
+
+// Over 8-bit keys (q8_0, q8_kv) the kernels take the (scaled) query rows at 8
+// bits too, so that Q.K can run on integer dot products: each block of 32
+// values (the last one may be shorter) is replaced by d * q with q8_0's rule,
+// the scale kept in float32: d = max|x| / 127, q = roundf(x * (1/d)) (0 when
+// d = 0). Every backend and ISA path does this, so results do not depend on
+// which one ran; the tests apply the same rounding to the reference's query.
+inline bool QuantizesQueries(QFormat k_fmt) {
+  return k_fmt == QFormat::kQ8_0 || k_fmt == QFormat::kQ8KV;
+}
+
+inline void RoundQueryToQ8(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; j += kQBlock) {
+    const int64_t m = n - j < kQBlock ? n - j : kQBlock;
+    float amax = 0.f;
+    for (int64_t i = 0; i < m; ++i) amax = std::fmax(amax, std::fabs(x[j + i]));
+    const float d = amax / 127.f;
+    const float id = d != 0.f ? 1.f / d : 0.f;
+    for (int64_t i = 0; i < m; ++i) x[j + i] = d * std::round(x[j + i] * id);
   }
 }
 

@@ -62,6 +62,7 @@ void LoadRows(const AttentionParams& p, const KernelTable& kern, int64_t b, int6
           static_cast<const char*>(p.q) + ((b * p.seq_q + i) * p.heads_q + h) * dk * q_elem;
       kern.to_float(src, p.q_dtype, q + r * dk, dk);
       for (int64_t d = 0; d < dk; ++d) q[r * dk + d] *= p.scale;
+      if (QuantizesQueries(p.k.fmt)) RoundQueryToQ8(q + r * dk, dk);
       end[r] = row_end;
       m[r] = kNegInf;
       l[r] = 0.f;

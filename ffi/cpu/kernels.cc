@@ -150,6 +150,128 @@ void PvRows(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vs
   for (; d0 < dv; d0 += W) PvBlock<RB, 1>(st, rp, r0, vt, vstride, tn, o, dv, d0);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Q.K over 8-bit keys (q8_0, q8_kv) on VNNI integer dot products. The query
+// rows arrive already rounded to 8 bits per block of 32 (RoundQueryToQ8), so
+// this computes the same scores as the float path, exactly up to float32
+// rounding. vpdpbusd multiplies unsigned by signed bytes: the query bytes are
+// stored + 128 (unsigned) and the key bytes (signed, straight from the cache)
+// are the broadcast operand, so for block j of 32 values
+//   sum_i q_i k_i = dpbusd(q + 128, k) - 128 * sum_i k_i,
+// and the key block sums are computed once per tile. A score is
+//   s[r][t] = sum_j qd[r][j] * kd[t][j] * (dot_j - 128 * ksum[t][j]).
+constexpr bool kInt8Qk = true;
+constexpr int kInt8Keys = 8;  // keys per register block (8 int + 8 float accumulators)
+
+// Re-quantizes the (already 8-bit-valued) query rows into the VNNI layout:
+// qi[((j * 8 + g) * rp + r) * 4 + b] = q[r][32 j + 4 g + b] + 128 and
+// qd[j * rp + r] = the block's scale; padding rows are zeros.
+void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint8_t* qi, float* qd) {
+  const int64_t nb = dk / kQBlock;
+  for (int64_t r = 0; r < rp; ++r) {
+    for (int64_t j = 0; j < nb; ++j) {
+      int32_t qq[kQBlock] = {};
+      float d = 0.f;
+      if (r < rows.n_rows) {
+        const float* x = rows.q + r * dk + j * kQBlock;
+        float amax = 0.f;
+        for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+        d = amax / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        for (int64_t i = 0; i < kQBlock; ++i) qq[i] = int32_t(std::round(x[i] * id));
+      }
+      qd[j * rp + r] = d;
+      for (int g = 0; g < 8; ++g)
+        for (int b = 0; b < 4; ++b)
+          qi[((j * 8 + g) * rp + r) * 4 + b] = uint8_t(qq[4 * g + b] + 128);
+    }
+  }
+}
+
+// Per key t of the tile and block j: kd[t * nb + j] = the block's scale and
+// kc[t * nb + j] = 128 * the sum of its int8 values. Keys [tn, T) get zeros.
+void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, float* kd, float* kc) {
+  const int64_t nb = dk / kQBlock;
+  const __m512i bias = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
+  for (int64_t t = 0; t < T; ++t) {
+    float* kdt = kd + t * nb;
+    float* kct = kc + t * nb;
+    if (t >= tn) {
+      std::fill(kdt, kdt + nb, 0.f);
+      std::fill(kct, kct + nb, 0.f);
+      continue;
+    }
+    const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
+    const char* scales = static_cast<const char*>(k.scales) + (t0 + t) * k.scale_row_bytes;
+    if (k.fmt == QFormat::kQ8KV) {
+      float d;
+      std::memcpy(&d, scales, sizeof d);
+      std::fill(kdt, kdt + nb, d);
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        uint16_t h;
+        std::memcpy(&h, scales + 2 * j, sizeof h);
+        kdt[j] = F16ToFloat(h);
+      }
+    }
+    int64_t j = 0;
+    for (; j + 2 <= nb; j += 2) {
+      // Sums of 8 biased bytes per qword, then of the 4 qwords of each block.
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
+      __m512i sum = _mm512_sad_epu8(v, zero);
+      sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0xB1));
+      sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0x4E));
+      alignas(64) int64_t lanes[8];
+      _mm512_store_si512(lanes, sum);
+      kct[j] = 128.f * float(lanes[0] - 128 * kQBlock);
+      kct[j + 1] = 128.f * float(lanes[4] - 128 * kQBlock);
+    }
+    for (; j < nb; ++j) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kQBlock; ++i) sum += row[j * kQBlock + i];
+      kct[j] = 128.f * float(sum);
+    }
+  }
+}
+
+// st[t + i][r0 .. r0 + 16) for the KB keys from tile row t (absolute t0 + t);
+// keys at or past tn read a zero row (their scores are masked later).
+void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const KvRows& k,
+            int64_t t0, int64_t t, int64_t tn, int64_t dk, const float* kd, const float* kc,
+            float* st) {
+  static const int8_t kZeroRow[kMaxHeadDim] = {};
+  constexpr int KB = kInt8Keys;
+  const int64_t nb = dk / kQBlock;
+  const int8_t* krow[KB];
+  for (int i = 0; i < KB; ++i)
+    krow[i] = t + i < tn ? static_cast<const int8_t*>(RowPtr(k, t0 + t + i)) : kZeroRow;
+  __m512 s[KB];
+  for (auto& x : s) x = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    __m512i qv[8];
+    for (int g = 0; g < 8; ++g) qv[g] = _mm512_loadu_si512(qi + ((j * 8 + g) * rp + r0) * 4);
+    __m512i acc[KB];
+    for (auto& a : acc) a = _mm512_setzero_si512();
+    for (int g = 0; g < 8; ++g) {
+      for (int i = 0; i < KB; ++i) {
+        int32_t kw;
+        std::memcpy(&kw, krow[i] + j * kQBlock + 4 * g, sizeof kw);
+        acc[i] = _mm512_dpbusd_epi32(acc[i], qv[g], _mm512_set1_epi32(kw));
+      }
+    }
+    const __m512 qdv = _mm512_loadu_ps(qd + j * rp + r0);
+    for (int i = 0; i < KB; ++i) {
+      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]),
+                                       _mm512_set1_ps(kc[(t + i) * nb + j]));
+      s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qdv, _mm512_set1_ps(kd[(t + i) * nb + j])), s[i]);
+    }
+  }
+  for (int i = 0; i < KB; ++i) _mm512_storeu_ps(st + (t + i) * rp + r0, s[i]);
+}
+#else
+constexpr bool kInt8Qk = false;
+#endif
+
 // Scratch layout (floats), see AttendScratchFloats.
 struct Work {
   float* qt;   // [dk, rp]  Q transposed
@@ -421,25 +543,46 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     w.m[r] = r < R ? rows.m[r] : kNegInf;
     w.l[r] = r < R ? rows.l[r] : 0.f;
   }
-  for (int64_t d = 0; d < dk; ++d)
-    for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
+  // 8-bit keys take integer dot products where the ISA has them; then no
+  // float K tile is made, and V (MLA: the V columns of the same rows, through
+  // the V view) is converted on its own.
+  const bool int8 = kInt8Qk && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
+  [[maybe_unused]] uint8_t* qi = reinterpret_cast<uint8_t*>(w.qt);     // [dk / 4, rp, 4] bytes
+  [[maybe_unused]] float* qd = w.qt + dk * rp / 4;                       // [dk / 32, rp]
+  [[maybe_unused]] float* kd = w.kt;                                     // [T, dk / 32]
+  [[maybe_unused]] float* kc = w.kt + T * (dk / kQBlock);                // [T, dk / 32]
+  if (int8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    PrepareInt8Queries(rows, rp, dk, qi, qd);
+#endif
+  } else {
+    for (int64_t d = 0; d < dk; ++d)
+      for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
+  }
   // V inside the K rows (MLA): read it from the converted K tile.
-  const float* vtile = v_in_k >= 0 ? w.kt + v_in_k : w.vt;
-  const int64_t vstride = v_in_k >= 0 ? dk : dv;
+  const bool v_from_k = v_in_k >= 0 && !int8;
+  const float* vtile = v_from_k ? w.kt + v_in_k : w.vt;
+  const int64_t vstride = v_from_k ? dk : dv;
 
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
     // Keys past the block's largest end are never read: they may lie past
     // kv_len and hold anything. Padding rows of the tile are zeros.
     const int64_t tn = std::min(T, kv_end - t0);
     for (int64_t t = 0; t < tn; ++t) {
-      RowToFloat(k, t0 + t, w.kt + t * dk, dk);
-      if (v_in_k < 0) RowToFloat(v, t0 + t, w.vt + t * dv, dv);
+      if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
+      if (!v_from_k) RowToFloat(v, t0 + t, w.vt + t * dv, dv);
     }
-    if (tn < T) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
+    if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
 
-    if (rp == W) {
+    if (int8) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      PrepareInt8Keys(k, t0, tn, dk, kd, kc);
+      for (int64_t t = 0; t < tn; t += kInt8Keys)
+        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, rp, r0, k, t0, t, tn, dk, kd, kc, w.st);
+#endif
+    } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
       constexpr int KB = simd::kQkKeys1;
       for (int64_t t = 0; t < tn; t += KB) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, 0);
