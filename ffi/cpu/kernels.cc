@@ -69,6 +69,17 @@ const void* RowPtr(const KvRows& rows, int64_t t) {
   return static_cast<const char*>(rows.data) + t * rows.row_bytes;
 }
 
+// Converts n float16 scales to float32 (F16C for whole vectors).
+void ScalesToFloat(const char* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + j).Store(dst + j);
+  for (; j < n; ++j) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * j, sizeof h);
+    dst[j] = F16ToFloat(h);
+  }
+}
+
 // dst[i] = d * src[i] for i < n (n a multiple of 16).
 void I8ToFloat(const int8_t* src, float d, float* dst, int64_t n) {
   const F32 scale = F32::Splat(d);
@@ -88,16 +99,16 @@ void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
     std::memcpy(&d, scales, sizeof d);
     return I8ToFloat(qs, d, dst, n);
   }
+  float d[kMaxHeadDim / kQBlock + 1];
+  ScalesToFloat(scales, (n + kQBlock - 1) / kQBlock, d);
   int8_t unpacked[kQBlock];
   for (int64_t j = 0; j < n; j += kQBlock) {
-    uint16_t h;
-    std::memcpy(&h, scales + j / kQBlock * 2, sizeof h);
     const int8_t* block = qs + j;
     if (r.fmt == QFormat::kQ6_0) {
       UnpackQ6Block(reinterpret_cast<const uint8_t*>(qs) + j / kQBlock * 24, unpacked);
       block = unpacked;
     }
-    I8ToFloat(block, F16ToFloat(h), dst + j, std::min(kQBlock, n - j));
+    I8ToFloat(block, d[j / kQBlock], dst + j, std::min(kQBlock, n - j));
   }
 }
 
@@ -188,9 +199,12 @@ void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint8_t* q
   }
 }
 
-// Per key t of the tile and block j: kd[t * nb + j] = the block's scale and
-// kc[t * nb + j] = 128 * the sum of its int8 values. Keys [tn, T) get zeros.
-void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, float* kd, float* kc) {
+// Packs the tile's key bytes block-major, kp[(j * T + t) * 32 + i] = key t's
+// value 32 j + i (zeros for keys [tn, T)), so a register block of keys reads
+// one contiguous run per block; and per key t and block j stores the block's
+// scale kd[t * nb + j] and kc[t * nb + j] = 128 * the sum of its int8 values.
+void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int8_t* kp, float* kd,
+                     float* kc) {
   const int64_t nb = dk / kQBlock;
   const __m512i bias = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
   for (int64_t t = 0; t < T; ++t) {
@@ -199,6 +213,7 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, float*
     if (t >= tn) {
       std::fill(kdt, kdt + nb, 0.f);
       std::fill(kct, kct + nb, 0.f);
+      for (int64_t j = 0; j < nb; ++j) std::memset(kp + (j * T + t) * kQBlock, 0, kQBlock);
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
@@ -208,17 +223,17 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, float*
       std::memcpy(&d, scales, sizeof d);
       std::fill(kdt, kdt + nb, d);
     } else {
-      for (int64_t j = 0; j < nb; ++j) {
-        uint16_t h;
-        std::memcpy(&h, scales + 2 * j, sizeof h);
-        kdt[j] = F16ToFloat(h);
-      }
+      ScalesToFloat(scales, nb, kdt);
     }
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {
+      const __m512i v = _mm512_loadu_si512(row + j * kQBlock);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + (j * T + t) * kQBlock),
+                          _mm512_castsi512_si256(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + ((j + 1) * T + t) * kQBlock),
+                          _mm512_extracti64x4_epi64(v, 1));
       // Sums of 8 biased bytes per qword, then of the 4 qwords of each block.
-      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
-      __m512i sum = _mm512_sad_epu8(v, zero);
+      __m512i sum = _mm512_sad_epu8(_mm512_xor_si512(v, bias), zero);
       sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0xB1));
       sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0x4E));
       alignas(64) int64_t lanes[8];
@@ -227,6 +242,7 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, float*
       kct[j + 1] = 128.f * float(lanes[4] - 128 * kQBlock);
     }
     for (; j < nb; ++j) {
+      std::memcpy(kp + (j * T + t) * kQBlock, row + j * kQBlock, kQBlock);
       int32_t sum = 0;
       for (int64_t i = 0; i < kQBlock; ++i) sum += row[j * kQBlock + i];
       kct[j] = 128.f * float(sum);
@@ -234,28 +250,23 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, float*
   }
 }
 
-// st[t + i][r0 .. r0 + 16) for the KB keys from tile row t (absolute t0 + t);
-// keys at or past tn read a zero row (their scores are masked later).
-void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const KvRows& k,
-            int64_t t0, int64_t t, int64_t tn, int64_t dk, const float* kd, const float* kc,
-            float* st) {
-  static const int8_t kZeroRow[kMaxHeadDim] = {};
+// st[t + i][r0 .. r0 + 16) for the kInt8Keys keys from tile row t.
+void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const int8_t* kp,
+            int64_t t, int64_t dk, const float* kd, const float* kc, float* st) {
   constexpr int KB = kInt8Keys;
   const int64_t nb = dk / kQBlock;
-  const int8_t* krow[KB];
-  for (int i = 0; i < KB; ++i)
-    krow[i] = t + i < tn ? static_cast<const int8_t*>(RowPtr(k, t0 + t + i)) : kZeroRow;
   __m512 s[KB];
   for (auto& x : s) x = _mm512_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
     __m512i qv[8];
     for (int g = 0; g < 8; ++g) qv[g] = _mm512_loadu_si512(qi + ((j * 8 + g) * rp + r0) * 4);
+    const int8_t* kb = kp + (j * T + t) * kQBlock;  // KB keys x 32 bytes, contiguous
     __m512i acc[KB];
     for (auto& a : acc) a = _mm512_setzero_si512();
     for (int g = 0; g < 8; ++g) {
       for (int i = 0; i < KB; ++i) {
         int32_t kw;
-        std::memcpy(&kw, krow[i] + j * kQBlock + 4 * g, sizeof kw);
+        std::memcpy(&kw, kb + i * kQBlock + 4 * g, sizeof kw);
         acc[i] = _mm512_dpbusd_epi32(acc[i], qv[g], _mm512_set1_epi32(kw));
       }
     }
@@ -549,8 +560,9 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   const bool int8 = kInt8Qk && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
   [[maybe_unused]] uint8_t* qi = reinterpret_cast<uint8_t*>(w.qt);     // [dk / 4, rp, 4] bytes
   [[maybe_unused]] float* qd = w.qt + dk * rp / 4;                       // [dk / 32, rp]
-  [[maybe_unused]] float* kd = w.kt;                                     // [T, dk / 32]
-  [[maybe_unused]] float* kc = w.kt + T * (dk / kQBlock);                // [T, dk / 32]
+  [[maybe_unused]] int8_t* kp = reinterpret_cast<int8_t*>(w.kt);       // [dk / 32, T, 32] bytes
+  [[maybe_unused]] float* kd = w.kt + T * dk / 4;                        // [T, dk / 32]
+  [[maybe_unused]] float* kc = kd + T * (dk / kQBlock);                  // [T, dk / 32]
   if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     PrepareInt8Queries(rows, rp, dk, qi, qd);
@@ -578,9 +590,9 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 
     if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      PrepareInt8Keys(k, t0, tn, dk, kd, kc);
+      PrepareInt8Keys(k, t0, tn, dk, kp, kd, kc);
       for (int64_t t = 0; t < tn; t += kInt8Keys)
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, rp, r0, k, t0, t, tn, dk, kd, kc, w.st);
+        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, rp, r0, kp, t, dk, kd, kc, w.st);
 #endif
     } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
