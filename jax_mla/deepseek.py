@@ -49,7 +49,7 @@ import jax_mla
 from jax_mla.quant import FORMATS, QuantizedKV
 
 __all__ = ["MLAConfig", "LatentCache", "MODES", "attention", "init_cache", "init_params",
-           "params_from_hf", "decode_loop", "generate", "rope_inv_freq", "rope_mscale",
+           "params_from_hf", "param_shapes", "decode_loop", "generate", "rope_inv_freq", "rope_mscale",
            "yarn_get_mscale", "yarn_find_correction_range", "yarn_linear_ramp_mask",
            "kv_bytes_per_token"]
 

@@ -416,21 +416,26 @@ def test_generate_continues_each_row_at_its_length(rng):
     assert np.isfinite(np.asarray(ys)).all()
 
 
-def test_standard_workspace_does_not_grow_with_the_cache():
-    """Standard mode decompresses kv_chunk rows at a time: the compiled decode's
-    temporary memory is the same for a 4x longer cache."""
+@pytest.mark.parametrize("mode", ["standard", "latent"])
+def test_workspace_does_not_grow_with_the_cache(mode):
+    """Standard mode decompresses kv_chunk rows at a time and latent mode reads
+    the cache in place (no V slice, no upcast copy): the compiled decode's
+    temporary memory is the same for a 4x longer cache, and smaller than the
+    cache."""
     cfg = dataclasses.replace(SMALL, kv_chunk=64)
     params = ds.init_params(jax.random.PRNGKey(0), cfg)
 
     def temp_bytes(max_len):
-        cache = ds.init_cache(cfg, 1, max_len, jnp.float16)
+        cache = jax.eval_shape(lambda: ds.init_cache(cfg, 1, max_len, jnp.float16))
         fn = jax.jit(ds.attention, static_argnames=("cfg", "mode"), donate_argnames=("cache",))
-        x = jnp.zeros((1, 1, cfg.hidden_size))
-        compiled = fn.lower(params, x, jnp.zeros((1, 1), jnp.int32), cache, cfg=cfg,
-                            mode="standard").compile()
+        compiled = fn.lower(params, jax.ShapeDtypeStruct((1, 1, cfg.hidden_size), jnp.float32),
+                            jax.ShapeDtypeStruct((1, 1), jnp.int32), cache, cfg=cfg,
+                            mode=mode).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    assert temp_bytes(4096) == temp_bytes(16384)
+    small, large = temp_bytes(4096), temp_bytes(16384)
+    assert small == large
+    assert large < ds.kv_bytes_per_token(cfg, "float16") * 4096
 
 
 # ------------------------------------------------------------------ Hugging Face weights
