@@ -474,6 +474,21 @@ def parse_args(argv):
                    help=f"folder holding ik_bench's {IK_BINARY} (../shared/tools/ik_bench; default "
                         "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16/bf16 row and "
                         "print native ms / ik ms")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["standard", "latent", "hybrid"],
+                   help="model level: comma-separated subset of standard,latent,hybrid")
+    p.add_argument("--model-tests", type=lambda s: [parse_model_test(t) for t in s.split(",")],
+                   help=f"model level: comma-separated ppN / tg{MODEL_TG_STEPS}@N / pgN (default: "
+                        f"{','.join(MODEL_QUICK_TESTS)} with --quick, else "
+                        f"{','.join(MODEL_FULL_TESTS)})")
+    p.add_argument("--model-caches", type=lambda s: s.split(","),
+                   help=f"model level: comma-separated subset of {','.join(MODEL_CACHES)} "
+                        "(default: f16 with --quick, else f16,q8_0,q6_0)")
+    p.add_argument("--long", action="store_true",
+                   help=f"model level: add {','.join(MODEL_LONG_TESTS)}")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model-only", action="store_true",
+                       help="only the model-level rows (the DeepSeek layer), not the op rows")
+    which.add_argument("--no-model", action="store_true", help="only the op rows")
     args = p.parse_args(argv)
     if args.ik_bench and not os.access(os.path.join(args.ik_bench, IK_BINARY), os.X_OK):
         p.error(f"--ik-bench: no executable {IK_BINARY} in {args.ik_bench}")
@@ -481,6 +496,18 @@ def parse_args(argv):
         bad = [x for x in given if x not in allowed]
         if bad:
             p.error(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    for name, given, allowed in (("--modes", args.modes, ("standard", "latent", "hybrid")),
+                                 ("--model-caches", args.model_caches or [], MODEL_CACHES)):
+        bad = [x for x in given if x not in allowed]
+        if bad:
+            p.error(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if args.model_tests is None:
+        args.model_tests = [parse_model_test(t) for t in
+                            (MODEL_QUICK_TESTS if args.quick else MODEL_FULL_TESTS)]
+    if args.long:
+        args.model_tests += [parse_model_test(t) for t in MODEL_LONG_TESTS]
+    if args.model_caches is None:
+        args.model_caches = ["f16"] if args.quick else ["f16", "q8_0", "q6_0"]
     if args.tests is None:
         args.tests = [parse_test(t) for t in (QUICK_TESTS if args.quick else FULL_TESTS)]
     if args.caches is None:
@@ -512,8 +539,11 @@ def main(argv=None) -> int:
     budget_s = 0.1 if args.quick else 0.5
     cases = [Case(op, seq_q, n_kv, cache) for seq_q, n_kv in args.tests
              for op in args.ops for cache in args.caches]
-    print(table_head(), flush=True)
     rows = []
+    if args.model_only:
+        cases = []
+    else:
+        print(table_head(), flush=True)
     for case in cases:
         case_rows = run_case(case, BACKENDS, budget_s)
         native = next(r for r in case_rows if r.backend == "native")
@@ -528,12 +558,289 @@ def main(argv=None) -> int:
     if noisy:
         print(f"* timed while other processes kept up to "
               f"{max(r.other_load for r in noisy):.1f} cores busy: rerun on a quiet machine")
+    model_rows, mem_rows = ([], []) if args.no_model else run_model(args, budget_s)
     if args.json:
+        meta["model"] = asdict(_model_cfg())
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows],
+                       "model_rows": [asdict(r) for r in model_rows],
+                       "memory_rows": [asdict(r) for r in mem_rows]}, f, indent=1)
     bad = [r for r in rows if failed(r)]
+    bad_model = [r for r in model_rows if model_failed(r)]
     sys.stdout.flush()
     for r in bad:
         print(f"FAILED CHECK: {r.test} {r.op} {r.cache} {r.backend}: err {r.err:.3g} > "
               f"{TOLERANCE[r.backend][r.cache]:g} (vs jax_mla.reference)", file=sys.stderr)
-    return 1 if bad else 0
+    for r in bad_model:
+        print(f"FAILED CHECK: {r.test} {r.mode} {r.cache}: vs std {r.vs_std:.3g} > "
+              f"{MODEL_AGREEMENT:g} (the modes disagree)", file=sys.stderr)
+    return 1 if bad or bad_model else 0
+
+
+# ------------------------------------------------------------------ model level: the DeepSeek layer
+#
+# Rows in the seeds' terms for one DeepSeek-V2-Lite attention layer (jax_mla.deepseek: the
+# projections, RoPE, the latent cache write and the attention), batch 1, f32 activations:
+#   ppN      prefill of N tokens into an empty cache (one call); tokens/s = N / time.
+#   tg64@N   64 decode steps (one lax.scan) after N cached tokens; tokens/s = 64 / time.
+#   pgN      N prompt tokens then N/10 generated (deepseek.decode_loop), the seeds' combined
+#            figure; tokens/s = (N + N/10) / time.
+# per mode (standard / latent / hybrid: ik_llama.cpp's -mla variants) and cache format. "vs std"
+# is max |out - out_standard| / max |out_standard| on the same inputs: the modes must agree.
+# The memory table gives the latent cache's bytes ("KV self size", one layer: every mode shares
+# that cache) and each mode's peak workspace ("compute buffer size": XLA's temporary bytes of the
+# compiled call) for a decode step and for a 512-token ubatch at the end of 16k and 64k contexts.
+
+MODEL_CACHES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "q8_0": "q8_0",
+                "q8_kv": "q8_kv", "q6_0": "q6_0"}
+MODEL_QUICK_TESTS = ("pp512", "tg64@1024", "pg512")
+MODEL_FULL_TESTS = ("pp512", "pp2048", "tg64@512", "tg64@4096", "tg64@16384", "pg2048")
+MODEL_LONG_TESTS = ("pp8192", "pp16384", "tg64@32768", "tg64@65536", "pg8192", "pg16384")
+MEMORY_CONTEXTS = (16384, 65536)
+MEMORY_UBATCH = 512
+MODEL_TG_STEPS = 64
+# The modes compute the same function; beyond this they do not ("vs std" FAIL).
+MODEL_AGREEMENT = 1e-3
+# A call longer than this is timed once, with no separate warm-up call.
+MODEL_SINGLE_CALL_S = 2.0
+
+
+@dataclass
+class ModelRow:
+    """One model-level timing (table and JSON)."""
+    test: str
+    mode: str
+    cache: str
+    ms: float
+    tokens_per_s: float
+    vs_std: float | None     # max |out - standard's| / max |standard's|
+    reps: int
+    other_load: float | None
+    context: int              # tokens in the cache at the end
+    kv_bytes_per_token: int   # latent cache, one layer
+    workspace_bytes: int      # XLA temporary bytes of the timed call
+    note: str = ""
+
+
+@dataclass
+class MemoryRow:
+    """KV cache and workspace of one mode at one context (table and JSON)."""
+    context: int
+    cache: str
+    mode: str
+    kv_bytes_per_token: int
+    kv_bytes: int
+    workspace_decode_bytes: int
+    workspace_ubatch_bytes: int
+
+
+def parse_model_test(name: str) -> tuple[str, int]:
+    """'ppN' -> ('pp', N); 'tg64@N' -> ('tg', N); 'pgN' -> ('pg', N)."""
+    m = re.fullmatch(rf"pp(\d+)|tg{MODEL_TG_STEPS}@(\d+)|pg(\d+)", name)
+    if not m or int(next(g for g in m.groups() if g is not None)) < 1:
+        raise argparse.ArgumentTypeError(
+            f"model test {name!r} is not ppN, tg{MODEL_TG_STEPS}@N or pgN (N >= 1)")
+    kind = name[:2]
+    return kind, int(next(g for g in m.groups() if g is not None))
+
+
+def _model_cfg():
+    from jax_mla import deepseek
+    return deepseek.MLAConfig()
+
+
+def _filled_cache(cfg, fmt: str, max_len: int, n: int):
+    """A cache of max_len rows whose first n hold random rows (as a prefill leaves them)."""
+    from jax_mla import deepseek
+    cache = deepseek.init_cache(cfg, 1, max_len, fmt)
+    if n == 0:
+        return cache
+    rows = jax.random.normal(jax.random.PRNGKey(7), (1, n, cfg.cache_dim), jnp.float32)
+    kv = jax.jit(jax_mla.cache_update)(cache.kv, rows, jnp.arange(n, dtype=jnp.int32)[None])
+    return deepseek.LatentCache(kv, jnp.full((1,), n, jnp.int32))
+
+
+def _model_call(kind: str, n: int, mode: str, fmt: str, cfg, params):
+    """(jitted function, a maker of fresh arguments, tokens the call produces, context)."""
+    from jax_mla import deepseek
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, n if kind != "tg" else 1, cfg.hidden_size))
+    if kind == "pp":
+        fn = jax.jit(functools.partial(deepseek.attention, cfg=cfg, mode=mode),
+                     donate_argnames=("cache",))
+        pos = jnp.arange(n, dtype=jnp.int32)[None]
+        return fn, lambda: (params, x, pos, deepseek.init_cache(cfg, 1, n, fmt)), n, n
+    if kind == "tg":
+        fn = jax.jit(functools.partial(deepseek.generate, cfg=cfg, steps=MODEL_TG_STEPS,
+                                       mode=mode), donate_argnames=("cache",))
+        steps = MODEL_TG_STEPS
+        return (fn, lambda: (params, x, _filled_cache(cfg, fmt, n + steps, n)), steps, n + steps)
+    steps = max(1, n // 10)
+    fn = jax.jit(functools.partial(deepseek.decode_loop, cfg=cfg, steps=steps, mode=mode),
+                 donate_argnames=("cache",))
+    return fn, lambda: (params, x, deepseek.init_cache(cfg, 1, n + steps, fmt)), n + steps, n + steps
+
+
+def _model_output(kind: str, out):
+    """The part of a call's result the modes must agree on: the prefill's outputs and
+    the first generated token's. Later tokens are not compared: each step's input is
+    the previous output, and this random layer fed its own output doubles a
+    difference every step or two (1e-6 at the first token, O(1) by the 40th)."""
+    if kind == "pp":
+        parts = [out[0]]
+    elif kind == "tg":
+        parts = [out[0][:, 0]]
+    else:
+        parts = [out[0], out[1][:, 0]]
+    return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in parts])
+
+
+def quantized_latent_ready(cfg) -> bool:
+    """Whether flash_mla reads a QuantizedKV here (the quantized CPU kernels)."""
+    try:
+        jax.eval_shape(lambda q, kv: jax_mla.flash_mla(q, kv, dv=cfg.kv_lora_rank),
+                       jax.ShapeDtypeStruct((1, 1, 1, cfg.cache_dim), jnp.float32),
+                       jax_mla.quantize(jnp.zeros((1, 32, cfg.cache_dim)), "q8_0"))
+    except TypeError:
+        return False
+    return True
+
+
+def uses_latent(kind: str, n: int, mode: str, cfg) -> bool:
+    if mode == "hybrid":
+        return kind != "pp" or n < cfg.hybrid_threshold
+    return mode == "latent"
+
+
+def run_model_case(kind: str, n: int, cache: str, modes, cfg, params, budget_s: float):
+    fmt = MODEL_CACHES[cache]
+    rows, outputs = [], {}
+    test = f"tg{MODEL_TG_STEPS}@{n}" if kind == "tg" else f"{kind}{n}"
+    for mode in modes:
+        fn, make_args, tokens, context = _model_call(kind, n, mode, fmt, cfg, params)
+        row = ModelRow(test=test, mode=mode, cache=cache, ms=math.nan, tokens_per_s=math.nan,
+                       vs_std=None, reps=0, other_load=None, context=context,
+                       kv_bytes_per_token=jax_mla.cache_bytes(fmt, (1, 1, cfg.cache_dim)),
+                       workspace_bytes=0)
+        rows.append(row)
+        if fmt in jax_mla.quant.FORMATS and uses_latent(kind, n, mode, cfg) \
+                and not quantized_latent_ready(cfg):
+            row.note = "needs flash_mla over QuantizedKV (not built here)"
+            continue
+        args = make_args()
+        compiled = fn.lower(*args).compile()
+        row.workspace_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+        times = []
+        with OtherLoad() as load:
+            start = time.perf_counter()
+            out = jax.block_until_ready(compiled(*args))
+            first = time.perf_counter() - start
+            if first >= MODEL_SINGLE_CALL_S:
+                times.append(first)
+            else:
+                for _ in range(max(1, min(5, round(budget_s / max(first, 1e-6))))):
+                    args = jax.block_until_ready(make_args())
+                    start = time.perf_counter()
+                    out = jax.block_until_ready(compiled(*args))
+                    times.append(time.perf_counter() - start)
+        outputs[mode] = _model_output(kind, out)
+        seconds = statistics.median(times)
+        row.ms, row.tokens_per_s, row.reps = seconds * 1e3, tokens / seconds, len(times)
+        row.other_load = load.cores
+    if "standard" in outputs:
+        ref = outputs["standard"]
+        for row in rows:
+            if row.mode in outputs:
+                row.vs_std = float(np.max(np.abs(outputs[row.mode] - ref))
+                                   / max(np.max(np.abs(ref)), 1e-30))
+    return rows
+
+
+def memory_rows(cfg, params, caches, modes, contexts=MEMORY_CONTEXTS) -> list[MemoryRow]:
+    """KV bytes and each mode's compiled workspace (compile only: nothing is allocated)."""
+    from jax_mla import deepseek
+    rows = []
+    for context in contexts:
+        for cache in caches:
+            fmt = MODEL_CACHES[cache]
+            abstract = jax.eval_shape(lambda: deepseek.init_cache(cfg, 1, context, fmt))
+            for mode in modes:
+                workspace = []
+                for seq in (1, MEMORY_UBATCH):
+                    if fmt in jax_mla.quant.FORMATS and uses_latent("pp", seq, mode, cfg) \
+                            and not quantized_latent_ready(cfg):
+                        workspace.append(-1)
+                        continue
+                    fn = jax.jit(functools.partial(deepseek.attention, cfg=cfg, mode=mode),
+                                 donate_argnames=("cache",))
+                    x = jax.ShapeDtypeStruct((1, seq, cfg.hidden_size), jnp.float32)
+                    pos = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+                    analysis = fn.lower(params, x, pos, abstract).compile().memory_analysis()
+                    workspace.append(int(analysis.temp_size_in_bytes))
+                per_token = jax_mla.cache_bytes(fmt, (1, 1, cfg.cache_dim))
+                rows.append(MemoryRow(context=context, cache=cache, mode=mode,
+                                      kv_bytes_per_token=per_token, kv_bytes=per_token * context,
+                                      workspace_decode_bytes=workspace[0],
+                                      workspace_ubatch_bytes=workspace[1]))
+    return rows
+
+
+def model_failed(row: ModelRow) -> bool:
+    return row.vs_std is not None and not row.vs_std <= MODEL_AGREEMENT
+
+
+def _mib(n: int) -> str:
+    return "n/a" if n < 0 else f"{n / 2**20:.1f}"
+
+
+def model_table_head() -> str:
+    return ("| test        | mode     | cache | ms         | tokens/s  | vs std       |\n"
+            "| ----------- | -------- | ----- | ---------: | --------: | -----------: |")
+
+
+def model_table_row(row: ModelRow) -> str:
+    if row.note:
+        return f"| {row.test:<11} | {row.mode:<8} | {row.cache:<5} | {row.note} |"
+    ms = f"{row.ms:.1f}" + (" *" if row.other_load is not None and row.other_load >
+                            DISTURBED_CORES else "")
+    err = "" if row.vs_std is None else f"{row.vs_std:.1e}" + (" FAIL" if model_failed(row) else "")
+    return (f"| {row.test:<11} | {row.mode:<8} | {row.cache:<5} | {ms:>10} | "
+            f"{row.tokens_per_s:>9.1f} | {err:>12} |")
+
+
+def memory_table(rows: list[MemoryRow]) -> str:
+    lines = [f"| context | cache | mode     | KV B/token | KV MiB (1 layer) | workspace MiB, decode "
+             f"| workspace MiB, ubatch {MEMORY_UBATCH} |",
+             "| ------: | ----- | -------- | ---------: | ---------------: | --------------------: "
+             "| ----------------------: |"]
+    for r in rows:
+        lines.append(f"| {r.context:>7} | {r.cache:<5} | {r.mode:<8} | {r.kv_bytes_per_token:>10} "
+                     f"| {_mib(r.kv_bytes):>16} | {_mib(r.workspace_decode_bytes):>21} "
+                     f"| {_mib(r.workspace_ubatch_bytes):>23} |")
+    return "\n".join(lines)
+
+
+def run_model(args, budget_s: float):
+    """The model-level rows and the memory table; prints as it goes."""
+    from jax_mla import deepseek
+    cfg = _model_cfg()
+    params = deepseek.init_params(jax.random.PRNGKey(0), cfg)
+    print(f"\nDeepSeek-V2-Lite attention layer (jax_mla.deepseek): hidden {cfg.hidden_size}, "
+          f"{cfg.num_heads} heads, latent {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}, "
+          f"batch 1, f32 activations; ppN: prefill of N tokens; tg{MODEL_TG_STEPS}@N: "
+          f"{MODEL_TG_STEPS} decode steps after N tokens; pgN: N prompt tokens then N/10 "
+          "generated; tokens/s as llama-bench; vs std: max|out - standard|/max|standard|",
+          flush=True)
+    print(model_table_head(), flush=True)
+    rows = []
+    for kind, n in args.model_tests:
+        for cache in args.model_caches:
+            for row in run_model_case(kind, n, cache, args.modes, cfg, params, budget_s):
+                print(model_table_row(row), flush=True)
+                rows.append(row)
+    mem = memory_rows(cfg, params, args.model_caches[:1] if args.quick else args.model_caches,
+                      args.modes)
+    print(f"\nKV cache (the latent cache of one layer, shared by every mode) and peak workspace "
+          f"(XLA temporaries of the compiled call) at {', '.join(map(str, MEMORY_CONTEXTS))} "
+          "tokens of context", flush=True)
+    print(memory_table(mem), flush=True)
+    return rows, mem
