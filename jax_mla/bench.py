@@ -694,23 +694,6 @@ def _model_output(kind: str, out):
     return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in parts])
 
 
-def quantized_latent_ready(cfg) -> bool:
-    """Whether flash_mla reads a QuantizedKV here (the quantized CPU kernels)."""
-    try:
-        jax.eval_shape(lambda q, kv: jax_mla.flash_mla(q, kv, dv=cfg.kv_lora_rank),
-                       jax.ShapeDtypeStruct((1, 1, 1, cfg.cache_dim), jnp.float32),
-                       jax_mla.quantize(jnp.zeros((1, 32, cfg.cache_dim)), "q8_0"))
-    except TypeError:
-        return False
-    return True
-
-
-def uses_latent(kind: str, n: int, mode: str, cfg) -> bool:
-    if mode == "hybrid":
-        return kind != "pp" or n < cfg.hybrid_threshold
-    return mode == "latent"
-
-
 def run_model_case(kind: str, n: int, cache: str, modes, cfg, params, budget_s: float):
     fmt = MODEL_CACHES[cache]
     rows, outputs = [], {}
@@ -722,10 +705,6 @@ def run_model_case(kind: str, n: int, cache: str, modes, cfg, params, budget_s: 
                        kv_bytes_per_token=jax_mla.cache_bytes(fmt, (1, 1, cfg.cache_dim)),
                        workspace_bytes=0)
         rows.append(row)
-        if fmt in jax_mla.quant.FORMATS and uses_latent(kind, n, mode, cfg) \
-                and not quantized_latent_ready(cfg):
-            row.note = "needs flash_mla over QuantizedKV (not built here)"
-            continue
         args = make_args()
         compiled = fn.lower(*args).compile()
         row.workspace_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
@@ -766,10 +745,6 @@ def memory_rows(cfg, params, caches, modes, contexts=MEMORY_CONTEXTS) -> list[Me
             for mode in modes:
                 workspace = []
                 for seq in (1, MEMORY_UBATCH):
-                    if fmt in jax_mla.quant.FORMATS and uses_latent("pp", seq, mode, cfg) \
-                            and not quantized_latent_ready(cfg):
-                        workspace.append(-1)
-                        continue
                     fn = jax.jit(functools.partial(deepseek.attention, cfg=cfg, mode=mode),
                                  donate_argnames=("cache",))
                     x = jax.ShapeDtypeStruct((1, seq, cfg.hidden_size), jnp.float32)

@@ -258,30 +258,11 @@ def test_prefill_then_decode_equals_one_long_prefill(rng):
 FORMAT_TOL = {"float16": 2e-3, "bfloat16": 1.5e-2, "q8_0": 3e-2, "q8_kv": 3e-2, "q6_0": 1e-1}
 
 
-def _quantized_latent_supported() -> bool:
-    try:
-        jax.eval_shape(lambda q, kv: jax_mla.flash_mla(q, kv, dv=64),
-                       jax.ShapeDtypeStruct((1, 1, 1, 96), jnp.float32),
-                       jax_mla.quantize(jnp.zeros((1, 32, 96)), "q8_0"))
-    except TypeError:
-        return False
-    return True
-
-
-def _format_modes(fmt):
-    # TODO(after the quantized-kernel branch merges): flash_mla reading a
-    # QuantizedKV in place makes latent and hybrid-decode run on quantized
-    # caches; until then they are covered with float caches only.
-    if fmt in jax_mla.quant.FORMATS and not _quantized_latent_supported():
-        return ("standard",)
-    return ds.MODES
-
-
 @pytest.mark.parametrize("fmt", list(FORMAT_TOL))
 def test_cache_formats_within_tolerance(rng, fmt):
     sd = hf_state_dict(rng, SMALL)
     params = ds.params_from_hf(sd, SMALL)
-    for mode in _format_modes(fmt):
+    for mode in ds.MODES:
         got, want, cache = run_scenario(params, sd, SMALL, fmt, mode, np.random.default_rng(3))
         assert cache.fmt == fmt
         assert_rel(got, want, FORMAT_TOL[fmt], f"{fmt} {mode}")
