@@ -108,6 +108,10 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
   const float scale_log2 = p.scale * kLog2e;
   const char* q_frag = s_q + (warp * 16 + lane % 16) * kKRow + (lane / 16) * 16;
+  // Up to Dk = 192 the warp's Q fragments stay in registers for the whole key
+  // loop (48 registers), so the S product reads only K from shared memory.
+  constexpr bool kQInRegs = Dk <= 192;
+  uint32_t qf[kQInRegs ? Dk / 16 : 1][4];
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int it = int(t - t_begin);
@@ -117,6 +121,12 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
     CpAsyncCommit();
     const char* kt = s_k + (it % kStages) * kKeys * kKRow;
     const char* vt = s_v + (it % kStages) * kKeys * kVRow;
+    if constexpr (kQInRegs) {
+      if (it == 0) {
+#pragma unroll
+        for (int kk = 0; kk < Dk / 16; ++kk) LdMatrixX4(qf[kk], q_frag + kk * 32);
+      }
+    }
 
     float s[kNT][4];
 #pragma unroll
@@ -124,8 +134,9 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
     const char* k_frag = kt + (lane % 8 + (lane / 16) * 8) * kKRow + ((lane / 8) % 2) * 16;
 #pragma unroll
     for (int kk = 0; kk < Dk / 16; ++kk) {
-      uint32_t a[4];
-      LdMatrixX4(a, q_frag + kk * 32);
+      uint32_t a_smem[4];
+      if constexpr (!kQInRegs) LdMatrixX4(a_smem, q_frag + kk * 32);
+      const uint32_t* a = kQInRegs ? qf[kQInRegs ? kk : 0] : a_smem;
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bk[4];
