@@ -149,9 +149,13 @@ def resolve_backend(op: str, backend, target: str, platform: str) -> str:
     if _ffi.has_target(platform, target):
         return "native"
     why = _ffi.why_missing(platform, target)
+    if _ffi.module(platform) is not None:
+        # The module is built but lacks this kernel (quantized caches on CUDA,
+        # say): a valid configuration it does not support yet, never a silent
+        # fallback, whatever `backend` says.
+        raise NotImplementedError(f"{op}: no native kernel on {platform} for this call: {why} "
+                                  "(backend='reference' runs the pure-JAX reference)")
     if backend == "native":
-        if _ffi.module(platform) is not None:
-            raise NotImplementedError(f"{op}: backend='native' on {platform}: {why}")
         raise RuntimeError(
             f"{op}: backend='native' but {why}. Build it with "
             "`pip install -Ccmake.define.JAX_MLA_CUDA=ON .` for CUDA, or reinstall jax_mla "
@@ -169,6 +173,44 @@ def check_cpu_head_dims(op: str, **dims: int) -> None:
             raise NotImplementedError(
                 f"{op}: the CPU kernel supports head dims that are multiples of 16 up to "
                 f"{CPU_MAX_HEAD_DIM}; got {name} = {d} (backend='reference' takes any)")
+
+
+# What the CUDA kernels take (DESIGN.md): one half-precision dtype for all
+# inputs; flash_attention's explicit (Dk, Dv) pairs; MLA's DeepSeek latent row.
+CUDA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+CUDA_ATTENTION_HEAD_DIMS = ((192, 128), (64, 64), (128, 128), (256, 256))
+CUDA_MLA_LAYOUT = (576, 512, 0)  # (Dk, dv, v_offset)
+
+
+def is_gpu(platform: str) -> bool:
+    return _ffi._platform_key(platform) == "gpu"
+
+
+def check_cuda_dtypes(op: str, **arrays) -> None:
+    dtypes = {name: jnp.dtype(x.dtype) for name, x in arrays.items()}
+    if len(set(dtypes.values())) != 1 or next(iter(dtypes.values())) not in CUDA_DTYPES:
+        got = ", ".join(f"{name} {d}" for name, d in dtypes.items())
+        raise NotImplementedError(
+            f"{op}: the CUDA kernel takes {', '.join(dtypes)} all float16 or all bfloat16; "
+            f"got {got} (backend='reference' takes any)")
+
+
+def check_cuda_attention(op: str, q, k, v) -> None:
+    check_cuda_dtypes(op, q=q, k=k, v=v)
+    dims = (q.shape[-1], v.shape[-1])
+    if dims not in CUDA_ATTENTION_HEAD_DIMS:
+        raise NotImplementedError(
+            f"{op}: the CUDA kernel supports (Dk, Dv) in {CUDA_ATTENTION_HEAD_DIMS}; got {dims} "
+            "(backend='reference' takes any)")
+
+
+def check_cuda_mla(op: str, q, kv, dv: int, v_offset: int) -> None:
+    check_cuda_dtypes(op, q=q, kv=kv)
+    layout = (q.shape[-1], dv, v_offset)
+    if layout != CUDA_MLA_LAYOUT:
+        raise NotImplementedError(
+            f"{op}: the CUDA kernel supports (Dk, dv, v_offset) = {CUDA_MLA_LAYOUT}; got "
+            f"{layout} (backend='reference' takes any)")
 
 
 def fold_vmap_into_batch(call, axis_size: int, in_batched, args, caches=()):
@@ -221,16 +263,51 @@ def cpu_workers() -> int:
         return os.cpu_count() or 1
 
 
+def gpu_num_splits_heuristic(items: int, seq_kv: int, *, kv_tile: int, sms: int) -> int:
+    """num_splits for a CUDA call (a pure function): the fewest splits that
+    fill at least 90% of the last wave of thread blocks (one block per SM), with
+    at least two KV tiles per split; 1 when the blocks already fill the GPU."""
+    tiles = -(-seq_kv // kv_tile)
+    if tiles < 4 or items <= 0 or sms <= 0 or items >= sms:
+        return 1
+    best, best_fill = 1, 0.0
+    for ns in range(1, tiles // 2 + 1):
+        blocks = items * ns
+        fill = blocks / (-(-blocks // sms) * sms)
+        if fill >= 0.9:
+            return ns
+        if fill > best_fill:
+            best, best_fill = ns, fill
+    return best
+
+
 def choose_num_splits(num_splits, batch: int, seq_q: int, heads_q: int, heads_kv: int,
-                      seq_kv: int) -> int:
-    """num_splits for a native CPU call: the caller's value or the heuristic's,
-    clamped to the number of KV tiles."""
+                      seq_kv: int, *, platform: str = "cpu", dk: int = 0) -> int:
+    """num_splits for a native call: the caller's value or the heuristic's,
+    clamped to the number of KV tiles of the platform's kernel."""
+    if is_gpu(platform):
+        module = _ffi.module("gpu")
+        kv_tile = module.kv_tile(dk)
+        if num_splits is None:
+            items = module.work_items(batch, seq_q, heads_q, heads_kv, dk)
+            num_splits = gpu_num_splits_heuristic(items, seq_kv, kv_tile=kv_tile,
+                                                  sms=_gpu_sm_count())
+        return max(1, min(num_splits, -(-seq_kv // kv_tile)))
     module = _ffi.module("cpu")
     kv_tile = module.kv_tile()
     if num_splits is None:
         items = module.work_items(batch, seq_q, heads_q, heads_kv)
         num_splits = num_splits_heuristic(items, seq_kv, kv_tile=kv_tile, workers=cpu_workers())
     return max(1, min(num_splits, -(-seq_kv // kv_tile)))
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _gpu_sm_count(device: int = 0) -> int:
+    if device not in _sm_counts:
+        _sm_counts[device] = _ffi.module("gpu").sm_count(device)
+    return _sm_counts[device]
 
 
 def split_partial_types(batch: int, num_splits: int, seq_q: int, heads: int, dv: int):

@@ -84,9 +84,14 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
                                        scale=scale, causal=bool(causal), q_pos=q_pos,
                                        kv_len=kv_len)
     else:
-        _common.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
-        # Decode with few query rows per KV head splits the keys across threads.
-        num_splits = _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv)
+        if _common.is_gpu(platform):
+            _common.check_cuda_attention(_OP, q, k, v)
+        else:
+            _common.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
+        # Decode with few query rows per KV head splits the keys across threads
+        # (CPU) or thread blocks (CUDA).
+        num_splits = _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv,
+                                               platform=platform, dk=dk)
         call = _native(scale, bool(causal), num_splits, codes)
         caches = (*k_ops, *v_ops) if any(codes) else (k, v)
         out, lse = call(q, *caches, q_pos, kv_len)

@@ -74,8 +74,12 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
         out, lse = reference.mla(q, _common.float_cache(kv), dv=dv, v_offset=v_offset,
                                  scale=scale, causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
     else:
-        _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
-        num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv)
+        if _common.is_gpu(platform):
+            _common.check_cuda_mla(_OP, q, kv, dv, v_offset)
+        else:
+            _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
+        num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv,
+                                               platform=platform, dk=dk)
         kv_code = quant.FORMAT_CODES.get(kv_fmt, 0)
         call = _native(dv, v_offset, scale, bool(causal), num_splits, kv_code)
         out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)

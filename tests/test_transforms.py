@@ -156,12 +156,17 @@ def test_many_native_calls_in_one_jit(rng, platform):
         # jax.default_device is thread-local: the platform fixture's setting
         # does not reach this thread by itself.
         with jax.default_device(jax.devices(platform)[0]):
-            result["out"] = jax.block_until_ready(many(q, k, v, kv))
+            try:
+                result["out"] = jax.block_until_ready(many(q, k, v, kv))
+            except Exception as e:  # re-raised below, in the test's thread
+                result["error"] = e
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     worker.join(timeout=300)
     assert not worker.is_alive(), "8 native calls in one jit did not finish (deadlock?)"
+    if "error" in result:
+        raise result["error"]
     att, mla = result["out"]
     want_att = sum(np.asarray(reference_attention(q * (i + 1), k, v)[0]) for i in range(4))
     want_mla = sum(np.asarray(reference_mla(q * (i + 1), kv, dv=DV)[0]) for i in range(4))

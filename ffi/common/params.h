@@ -7,6 +7,13 @@
 #include "ffi/common/dtype.h"
 #include "ffi/common/quant_format.h"
 
+// Lets the CUDA kernels call the small helpers below.
+#if defined(__CUDACC__)
+#define JAX_MLA_HOST_DEVICE __host__ __device__
+#else
+#define JAX_MLA_HOST_DEVICE
+#endif
+
 namespace jax_mla {
 
 // A strided view of key or value rows: row t of (batch b, kv head h) starts at
@@ -70,7 +77,7 @@ struct AttentionParams {
 // Number of keys a row at query position `pos` sees, given the batch row's
 // kv_len (clamped to [0, Skv], DESIGN.md) and the causal flag. Visible keys are
 // always the prefix [0, n) of the cache.
-inline int64_t VisibleKeys(int64_t pos, int32_t kv_len, int64_t seq_kv, bool causal) {
+JAX_MLA_HOST_DEVICE inline int64_t VisibleKeys(int64_t pos, int32_t kv_len, int64_t seq_kv, bool causal) {
   int64_t n = kv_len < 0 ? 0 : (kv_len > seq_kv ? seq_kv : int64_t(kv_len));
   if (causal) {
     const int64_t limit = pos + 1 < 0 ? 0 : pos + 1;

@@ -1,14 +1,38 @@
 // The _cuda nanobind module: bindings only. It builds wherever nvcc exists and
-// loads without a GPU (static cudart); the CUDA kernels register here as they
-// land (issue: CUDA kernels), so registrations() is empty for now.
+// loads without a GPU (static cudart).
+#include <cstdint>
+#include <type_traits>
+
 #include "ffi/cuda/device.h"
+#include "ffi/cuda/handlers.h"
 #include "nanobind/nanobind.h"
 
 namespace nb = nanobind;
 
+namespace {
+
+template <typename T>
+nb::capsule EncapsulateFfiHandler(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "Encapsulated function must be an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
 NB_MODULE(_cuda, m) {
-  m.def("registrations", [] { return nb::dict(); });
+  m.def("registrations", [] {
+    nb::dict d;
+    d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttention);
+    d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMla);
+    return d;
+  });
   m.def("sm_count", &jax_mla::cuda::SmCount, nb::arg("device") = 0,
         "Multiprocessors of a CUDA device, 0 when there is none.");
   m.def("runtime_version", &jax_mla::cuda::RuntimeVersion);
+  m.def("kv_tile", &jax_mla::cuda::KvTile, nb::arg("dk"),
+        "Keys per KV tile of the kernel for head dim dk; num_splits is clamped to the tiles.");
+  m.def("work_items", &jax_mla::cuda::WorkItems, nb::arg("batch"), nb::arg("seq_q"),
+        nb::arg("heads_q"), nb::arg("heads_kv"), nb::arg("dk"),
+        "Thread blocks a call makes without split-KV (flash_mla: dk = 576, heads_kv = 1).");
 }

@@ -1,0 +1,21 @@
+// The CUDA FFI handlers (defined in attention.cu and mla.cu) and the facts the
+// Python side asks the module for (tile sizes, work items).
+#pragma once
+
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mla::cuda {
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
+
+// Keys per KV tile of the kernel serving head dim `dk` (num_splits is clamped
+// to the number of tiles).
+int KvTile(int64_t dk);
+// Thread blocks a call makes without split-KV (the num_splits heuristic
+// splits the keys when they do not fill the GPU).
+int64_t WorkItems(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t dk);
+
+}  // namespace jax_mla::cuda

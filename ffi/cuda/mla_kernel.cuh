@@ -1,0 +1,272 @@
+// flash_mla on tensor cores: DeepSeek's latent cache (Dk = 576, V = the first
+// 512 columns of the same rows), every query head sharing the one latent KV
+// head, so the query rows of a block are (position, head) pairs of one batch
+// row and each KV tile is read once from global memory for both K and V.
+//
+// A block has G row groups of 4 warps; a row group owns 16 query rows. Per KV
+// tile of kMlaKeys keys (staged in shared memory by a cp.async pipeline):
+//   S = Q K^T    warp w of a group scores keys [8w, 8w + 8) of the tile for
+//                the group's 16 rows (36 mma k-steps over Dk);
+//   softmax      row maxima are exchanged through shared memory (online
+//                softmax, float32, base-2 exponent with the scale folded in);
+//                P goes to shared memory in the input type;
+//   O += P V     warp w accumulates output columns [128w, 128w + 128) of its
+//                group's rows, V read in place from the same tile (ldmatrix.trans).
+// Each warp keeps a partial row sum over its own keys; the partials are added
+// at the end. With split-KV (num_splits > 1) block y handles a contiguous
+// range of tiles and writes normalized partials and their LSE; a combine
+// kernel merges them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "ffi/common/params.h"
+#include "ffi/cuda/kernel_utils.cuh"
+
+namespace jax_mla::cuda {
+
+constexpr int kMlaDk = 576;
+constexpr int kMlaDv = 512;
+constexpr int kMlaKeys = 32;                       // keys per KV tile
+constexpr int kMlaRowBytes = kMlaDk * 2 + 16;      // padded smem row: conflict-free ldmatrix
+constexpr int kMlaPRowBytes = kMlaKeys * 2 + 16;   // padded P row
+constexpr int kMlaChunks = kMlaDk * 2 / 16;        // 16-byte chunks per row
+
+// Rows per block: G groups of 16 (G = 1 for up to 16 rows, e.g. 16-head decode).
+inline int MlaGroups(int64_t rows) { return rows <= 16 ? 1 : 4; }
+
+template <int G>
+struct MlaShape {
+  static constexpr int kThreads = 128 * G;
+  static constexpr int kRows = 16 * G;
+  static constexpr int kStages = G == 1 ? 4 : 3;
+  static constexpr size_t kSmem = size_t(kRows) * kMlaRowBytes +
+                                  size_t(kStages) * kMlaKeys * kMlaRowBytes +
+                                  size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
+};
+
+template <typename T, int G>
+__global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p) {
+  using Shape = MlaShape<G>;
+  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+  extern __shared__ __align__(128) char smem[];
+  char* s_q = smem;                                        // [16G][576] (+pad)
+  char* s_kv = s_q + Shape::kRows * kMlaRowBytes;          // [stages][32][576] (+pad)
+  char* s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;    // [G][16][32] (+pad)
+  float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
+  float* s_sum = s_max + G * 64;                                          // [G][4][16]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int grp = warp / 4, wg = warp % 4;
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
+  const int32_t kv_len_raw = p.kv_len[b];
+  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
+  const int64_t q_pos = p.q_pos[b];
+  auto visible = [&](int64_t r) -> int64_t {
+    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
+  };
+  const int64_t last_row = (row0 + Shape::kRows < R ? row0 + Shape::kRows : R) - 1;
+  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
+  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+
+  const int64_t tiles = (n_max + kMlaKeys - 1) / kMlaKeys;
+  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
+  const int64_t t_begin = split * per < tiles ? split * per : tiles;
+  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+
+  const T* kv_base = static_cast<const T*>(p.k.data) + (b % p.kv_batch) * p.k.batch_stride;
+  auto load_tile = [&](int64_t t, int stage) {
+    char* dst = s_kv + stage * kMlaKeys * kMlaRowBytes;
+    for (int c = tid; c < kMlaKeys * kMlaChunks; c += kThreads) {
+      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
+      const int64_t j = t * kMlaKeys + rr;
+      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
+                ok);
+    }
+  };
+
+  if (t_begin < t_end) {
+    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+    for (int c = tid; c < Shape::kRows * kMlaChunks; c += kThreads) {
+      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
+      const bool ok = row0 + rr < R;
+      CpAsync16(s_q + rr * kMlaRowBytes + cc * 16, q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
+    }
+  }
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t_begin + s < t_end) load_tile(t_begin + s, s);
+    CpAsyncCommit();
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+  const int bar = 1 + grp;
+
+  const char* q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
+  const char* p_frag = s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
+  char* p_store = s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int it = int(t - t_begin);
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
+    CpAsyncCommit();
+    const char* tile = s_kv + (it % kStages) * kMlaKeys * kMlaRowBytes;
+
+    // S = Q K^T for this warp's 8 keys; two accumulators for two mma chains.
+    float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+    const char* k_frag = tile + (wg * 8 + lane % 8) * kMlaRowBytes + (lane / 8) * 16;
+#pragma unroll
+    for (int kk = 0; kk < kMlaDk / 16; kk += 2) {
+      uint32_t a0[4], a1[4], bk[4];
+      LdMatrixX4(a0, q_frag + kk * 32);
+      LdMatrixX4(a1, q_frag + (kk + 1) * 32);
+      LdMatrixX4(bk, k_frag + kk * 32);
+      Mma16816<T>(s0, a0, bk[0], bk[1]);
+      Mma16816<T>(s1, a1, bk[2], bk[3]);
+    }
+    const int64_t key = t * kMlaKeys + wg * 8 + 2 * (lane % 4);
+    float sc[4];
+    sc[0] = key < n_lo ? (s0[0] + s1[0]) * scale_log2 : -INFINITY;
+    sc[1] = key + 1 < n_lo ? (s0[1] + s1[1]) * scale_log2 : -INFINITY;
+    sc[2] = key < n_hi ? (s0[2] + s1[2]) * scale_log2 : -INFINITY;
+    sc[3] = key + 1 < n_hi ? (s0[3] + s1[3]) * scale_log2 : -INFINITY;
+    float mx_lo = fmaxf(sc[0], sc[1]), mx_hi = fmaxf(sc[2], sc[3]);
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    if (lane % 4 == 0) {
+      s_max[(grp * 4 + wg) * 16 + lane / 4] = mx_lo;
+      s_max[(grp * 4 + wg) * 16 + lane / 4 + 8] = mx_hi;
+    }
+    NamedBarrier(bar, 128);
+    float mn_lo = m_lo, mn_hi = m_hi;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      mn_lo = fmaxf(mn_lo, s_max[(grp * 4 + w) * 16 + lane / 4]);
+      mn_hi = fmaxf(mn_hi, s_max[(grp * 4 + w) * 16 + lane / 4 + 8]);
+    }
+    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
+    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+    const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+    const float p0 = Exp2(sc[0] - mu_lo), p1 = Exp2(sc[1] - mu_lo);
+    const float p2 = Exp2(sc[2] - mu_hi), p3 = Exp2(sc[3] - mu_hi);
+    l_lo = l_lo * al_lo + p0 + p1;
+    l_hi = l_hi * al_hi + p2 + p3;
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    *reinterpret_cast<uint32_t*>(p_store) = PackPair<T>(p0, p1);
+    *reinterpret_cast<uint32_t*>(p_store + 8 * kMlaPRowBytes) = PackPair<T>(p2, p3);
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      o[n][0] *= al_lo;
+      o[n][1] *= al_lo;
+      o[n][2] *= al_hi;
+      o[n][3] *= al_hi;
+    }
+    NamedBarrier(bar, 128);
+
+    // O += P V, V = columns [128 wg, 128 wg + 128) of the same tile rows.
+    const char* v_frag =
+        tile + (lane % 8 + ((lane / 8) % 2) * 8) * kMlaRowBytes + (wg * 128 + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < kMlaKeys / 16; ++kk) {
+      uint32_t a[4];
+      LdMatrixX4(a, p_frag + kk * 32);
+#pragma unroll
+      for (int np = 0; np < 8; ++np) {
+        uint32_t bv[4];
+        LdMatrixX4Trans(bv, v_frag + kk * 16 * kMlaRowBytes + np * 32);
+        Mma16816<T>(o[2 * np], a, bv[0], bv[1]);
+        Mma16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+
+  // Row sums: the quad's lanes, then the group's 4 warps.
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if (lane % 4 == 0) {
+    s_sum[(grp * 4 + wg) * 16 + lane / 4] = l_lo;
+    s_sum[(grp * 4 + wg) * 16 + lane / 4 + 8] = l_hi;
+  }
+  NamedBarrier(bar, 128);
+  float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    sum_lo += s_sum[(grp * 4 + w) * 16 + lane / 4];
+    sum_hi += s_sum[(grp * 4 + w) * 16 + lane / 4 + 8];
+  }
+  // A row that saw no key: output 0, LSE -inf.
+  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
+  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
+  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
+  const int col0 = wg * 128 + 2 * (lane % 4);
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      if (r_lo < R)
+        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + n * 8) =
+            PackPair<T>(o[n][0] * inv_lo, o[n][1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + n * 8) =
+            PackPair<T>(o[n][2] * inv_hi, o[n][3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
+      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
+      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
+    }
+  } else {
+    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
+    float* out = p.part_out + base * kMlaDv;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      if (r_lo < R)
+        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + n * 8) =
+            make_float2(o[n][0] * inv_lo, o[n][1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + n * 8) =
+            make_float2(o[n][2] * inv_hi, o[n][3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {
+      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
+      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
+    }
+  }
+}
+
+// Launches the main kernel for one (dtype, G); the caller launches the combine.
+template <typename T, int G>
+cudaError_t LaunchMla(const AttentionParams& p, cudaStream_t stream) {
+  using Shape = MlaShape<G>;
+  cudaError_t err = cudaFuncSetAttribute(MlaKernel<T, G>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(Shape::kSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.seq_q * p.heads_q;
+  const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
+                  unsigned(p.batch));
+  MlaKernel<T, G><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_mla::cuda

@@ -1,0 +1,209 @@
+"""CUDA-specific cases: the shared tests run float32 and odd head dims that the
+CUDA kernels do not take (NotImplementedError, checked by conftest's check_*),
+so these repeat the position, split-KV, head-count and vmap coverage in the
+configurations the CUDA kernels do take: float16 / bfloat16, MLA's 576/512 row,
+flash_attention's (192, 128), (64, 64), (128, 128), (256, 256)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_mla
+
+from .conftest import (assert_attention, assert_close, cache, check_attention, check_mla,
+                       dtype_id, gpu_tol, native_attention, native_mla, randn,
+                       reference_attention, reference_mla, visible_keys)
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def gpu():
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        devices = []
+    if not devices:
+        pytest.skip("no GPU")
+    with jax.default_device(devices[0]):
+        yield "gpu"
+
+
+HALF = [jnp.float16, jnp.bfloat16]
+POSITIONS = {
+    "kv_len_0": (None, 0),
+    "kv_len_1": (None, 1),
+    "kv_len_full": (None, None),
+    "kv_len_per_batch": (None, [0, 1, 33, 77]),
+    "q_pos_negative": (-2, None),
+    "q_pos_all_before_0": (-10, [77, 5, 0, 30]),
+    "q_pos_past_kv_len": (100, [77, 5, 0, 30]),
+    "q_pos_per_batch": ([-2, 0, 40, 100], [77, 5, 77, 50]),
+}
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
+def test_mla_positions(rng, gpu, q_pos, kv_len, causal, num_splits):
+    check_mla(rng, batch=4, seq_q=3, heads=16, seq_kv=77, dk=576, dv=512,
+              dtypes=(jnp.bfloat16,) * 2, causal=causal, q_pos=q_pos, kv_len=kv_len,
+              num_splits=num_splits, scale=0.135)
+
+
+# (B, Sq, H, Skv, kv_len): 16-row blocks (H = 16 decode), 64-row blocks, rows
+# that do not fill a block, many KV tiles.
+MLA_SHAPES = [(2, 1, 16, 1000, [1000, 517]), (2, 1, 128, 300, [300, 1]), (2, 2, 16, 77, None),
+              (1, 5, 20, 129, None), (3, 1, 1, 64, [64, 0, 33]), (2, 33, 16, 300, [300, 150])]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}"
+                                                   for s in MLA_SHAPES])
+def test_mla_shapes(rng, gpu, shape, dtype, num_splits):
+    batch, seq_q, heads, seq_kv, kv_len = shape
+    check_mla(rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=576, dv=512,
+              dtypes=(dtype, dtype), causal=True, kv_len=kv_len, num_splits=num_splits,
+              scale=0.135)
+
+
+def test_mla_results_do_not_depend_on_num_splits(rng, gpu):
+    q = randn(rng, (3, 1, 16, 576), jnp.bfloat16)
+    kv = cache(rng, (3, 300, 576), jnp.bfloat16, [300, 0, 150])
+    kw = dict(dv=512, kv_len=[300, 0, 150])
+    base = native_mla(q, kv, num_splits=1, **kw)
+    for num_splits in (2, 3, 7, 64):
+        out, lse = native_mla(q, kv, num_splits=num_splits, **kw)
+        assert_close(lse, base[1], jnp.float32, f32_tol=1e-5)
+        assert_close(out, base[0], jnp.bfloat16, f32_tol=gpu_tol(jnp.bfloat16))
+
+
+def test_mla_q_pos_near_int32_max(rng, gpu):
+    q = randn(rng, (2, 4, 16, 576), jnp.bfloat16)
+    kv = cache(rng, (2, 77, 576), jnp.bfloat16, [77, 30])
+    kv_len = jnp.array([77, 30], jnp.int32)
+    got = native_mla(q, kv, dv=512, causal=True, q_pos=2**31 - 3, kv_len=kv_len, num_splits=2)
+    want = reference_mla(q, kv, dv=512, causal=False, kv_len=kv_len)
+    assert_attention(got, want, jnp.bfloat16, visible_keys(None, kv_len, 2, 4, 77, False),
+                     f32_tol=gpu_tol(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, 0), (0, None, 0)],
+                         ids=["q", "all", "q_and_kv_len"])
+def test_mla_vmap(rng, gpu, in_axes):
+    n, batch = 3, 2
+    q = randn(rng, (n, batch, 1, 16, 576), jnp.bfloat16)
+    kv = cache(rng, (n, batch, 100, 576), jnp.bfloat16)
+    kv_len = jnp.asarray(rng.integers(1, 101, (n, batch)), jnp.int32)
+    args = [q, kv[0] if in_axes[1] is None else kv, kv_len[0] if in_axes[2] is None else kv_len]
+
+    def op(q, kv, kv_len):
+        return jax_mla.flash_mla(q, kv, dv=512, kv_len=kv_len, return_lse=True,
+                                 backend="native")
+
+    got = jax.vmap(op, in_axes=in_axes)(*args)
+    for j in range(n):
+        one = [a if ax is None else a[j] for a, ax in zip(args, in_axes)]
+        want = reference_mla(one[0], one[1], dv=512, kv_len=one[2])
+        assert_close(got[1][j], want[1], jnp.float32, f32_tol=gpu_tol(jnp.bfloat16))
+        assert_close(got[0][j], want[0], jnp.bfloat16, f32_tol=gpu_tol(jnp.bfloat16))
+
+
+HEAD_DIMS = [(192, 128), (64, 64), (128, 128), (256, 256)]
+HEADS = {"gqa4": (8, 2), "mqa": (5, 1)}
+LENGTHS = [(1, 300), (3, 65), (130, 130), (70, 33)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seq_q, seq_kv", LENGTHS, ids=[f"sq{a}-skv{b}" for a, b in LENGTHS])
+@pytest.mark.parametrize("heads_q, heads_kv", HEADS.values(), ids=HEADS.keys())
+@pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=[f"{a}x{b}" for a, b in HEAD_DIMS])
+def test_attention_dims_heads_lengths(rng, gpu, dk, dv, heads_q, heads_kv, seq_q, seq_kv,
+                                      causal):
+    dtype = jnp.bfloat16 if (dk + seq_q) % 2 else jnp.float16  # both dtypes across the grid
+    check_attention(rng, batch=2, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
+                    seq_kv=seq_kv, dk=dk, dv=dv, dtypes=(dtype,) * 3, causal=causal,
+                    kv_len=[seq_kv, max(1, seq_kv // 3)])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
+def test_attention_positions(rng, gpu, q_pos, kv_len, causal):
+    check_attention(rng, batch=4, seq_q=5, heads_q=4, heads_kv=2, seq_kv=77, dk=192, dv=128,
+                    dtypes=(jnp.float16,) * 3, causal=causal, q_pos=q_pos, kv_len=kv_len)
+
+
+def test_attention_split_kv_decode(rng, gpu):
+    # 2 x 16 decode rows over 1000 keys: fewer blocks than SMs, so the keys are split.
+    from jax_mla import _common
+    assert _common.choose_num_splits(None, 2, 1, 16, 16, 1000, platform="gpu", dk=192) > 1
+    check_attention(rng, batch=2, seq_q=1, heads_q=16, heads_kv=16, seq_kv=1000, dk=192, dv=128,
+                    dtypes=(jnp.bfloat16,) * 3, causal=True, kv_len=[1000, 0], scale=0.1147)
+
+
+@pytest.mark.parametrize("in_axes", [(0, None, None, None), (0, 0, 0, 0)], ids=["q", "all"])
+def test_attention_vmap(rng, gpu, in_axes):
+    n = 3
+    q = randn(rng, (n, 2, 3, 8, 128), jnp.float16)
+    k = cache(rng, (n, 2, 90, 2, 128), jnp.float16)
+    v = cache(rng, (n, 2, 90, 2, 128), jnp.float16)
+    kv_len = jnp.asarray(rng.integers(1, 91, (n, 2)), jnp.int32)
+    args = [x if ax is not None else x[0] for x, ax in zip([q, k, v, kv_len], in_axes)]
+
+    def op(q, k, v, kv_len):
+        return jax_mla.flash_attention(q, k, v, kv_len=kv_len, causal=True, return_lse=True,
+                                       backend="native")
+
+    got = jax.vmap(op, in_axes=in_axes)(*args)
+    for j in range(n):
+        one = [a if ax is None else a[j] for a, ax in zip(args, in_axes)]
+        want = reference_attention(*one[:3], causal=True, kv_len=one[3])
+        assert_close(got[1][j], want[1], jnp.float32, f32_tol=gpu_tol(jnp.float16))
+        assert_close(got[0][j], want[0], jnp.float16, f32_tol=gpu_tol(jnp.float16))
+
+
+UNSUPPORTED = {
+    "mla_f32": ("mla", (jnp.float32, jnp.float32), 576, "float16 or all bfloat16"),
+    "mla_mixed": ("mla", (jnp.float16, jnp.bfloat16), 576, "float16 or all bfloat16"),
+    "mla_dk": ("mla", (jnp.bfloat16, jnp.bfloat16), 192, "576"),
+    "attention_f32": ("attention", (jnp.float32,) * 3, 64, "float16 or all bfloat16"),
+    "attention_dims": ("attention", (jnp.bfloat16,) * 3, 80, r"\(192, 128\)"),
+}
+
+
+@pytest.mark.parametrize("op, dtypes, dk, match", UNSUPPORTED.values(), ids=UNSUPPORTED.keys())
+def test_unsupported_is_not_implemented(rng, gpu, op, dtypes, dk, match):
+    # Never a wrong answer or a silent fallback: NotImplementedError at trace time.
+    q = randn(rng, (1, 1, 4, dk), dtypes[0])
+    with pytest.raises(NotImplementedError, match=match):
+        if op == "mla":
+            jax_mla.flash_mla(q, randn(rng, (1, 10, dk), dtypes[1]), dv=dk - 64,
+                              backend="native")
+        else:
+            jax_mla.flash_attention(q, randn(rng, (1, 10, 4, dk), dtypes[1]),
+                                    randn(rng, (1, 10, 4, dk), dtypes[2]), backend="native")
+    # backend=None also raises: the native kernel exists, only this config is missing.
+    with pytest.raises(NotImplementedError):
+        if op == "mla":
+            jax_mla.flash_mla(q, randn(rng, (1, 10, dk), dtypes[1]), dv=dk - 64)
+        else:
+            jax_mla.flash_attention(q, randn(rng, (1, 10, 4, dk), dtypes[1]),
+                                    randn(rng, (1, 10, 4, dk), dtypes[2]))
+
+
+def test_many_native_calls_in_one_jit(rng, gpu):
+    q = randn(rng, (2, 1, 16, 576), jnp.bfloat16)
+    kv = cache(rng, (2, 300, 576), jnp.bfloat16)
+
+    @jax.jit
+    def many(q, kv):
+        return sum(jax_mla.flash_mla(q * (i + 1), kv, num_splits=4, backend="native")
+                   .astype(jnp.float32) for i in range(4))
+
+    want = sum(np.asarray(reference_mla(q * (i + 1), kv, dv=512)[0]).astype(np.float32)
+               for i in range(4))
+    assert_close(many(q, kv), want, jnp.float32, f32_tol=4 * gpu_tol(jnp.bfloat16))
