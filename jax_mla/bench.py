@@ -2,7 +2,8 @@
 DeepSeek attention shapes, native kernels against the best plain-JAX
 formulation, each row checked against jax_mla.reference before it is timed.
 
-Tests (llama-bench names, batch 1, f32 queries over a cache of the given dtype):
+Tests (llama-bench names, batch 1, f32 queries over a cache of the given dtype
+or quantized format):
   tg@N     decode: 1 query at the end of N cached tokens.
   ppS@N    prefill chunk: S causal queries that are the last S of N tokens
            (query i sees N - S + i + 1 keys).
@@ -11,7 +12,8 @@ Backends:
   native   jax_mla.flash_mla / flash_attention(backend="native").
   jax      what a JAX user would write: einsums in the cache's own dtype with
            float32 accumulation (preferred_element_type), masking, softmax;
-           for MLA, V is the slice kv[..., :512]. Not the naive reference.
+           for MLA, V is the slice kv[..., :512]; a quantized cache is
+           dequantized to bf16 first. Not the naive reference.
   ik       with --ik-bench DIR: ik_llama.cpp's flash attention on the same op
            and shape, run by ik_bench's fa_bench_ik (f16/bf16 caches) with the
            same best-of-passes-of-medians timing; its err is its own float64
@@ -54,7 +56,9 @@ STD_DK, STD_DV, STD_KV_HEADS = 192, 128, 16
 SCALE = 1.0 / math.sqrt(192)  # as ik_bench and ANCHORS.md use for both ops
 
 OPS = ("flash_mla", "flash_attention")
-CACHES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32}
+# Float caches by dtype, quantized ones by format name (read in place by the kernels).
+CACHES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32,
+          "q8_0": "q8_0", "q8_kv": "q8_kv", "q6_0": "q6_0"}
 BACKENDS = ("native", "jax")
 QUICK_TESTS = ("tg@1024", "tg@4096", "pp64@1024")
 FULL_TESTS = ("tg@1024", "tg@4096", "tg@16384", "pp512@512", "pp512@4096")
@@ -64,10 +68,16 @@ MIN_REPS, MAX_REPS = 3, 50
 # Max |out - ref| / max |ref| allowed. The native kernels accumulate in f32 from
 # exact inputs, so they must be close to the f32 reference whatever the cache;
 # the plain-JAX baseline rounds q and the probabilities to the cache dtype.
-TOLERANCE = {"native": {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4},
-             "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2},
+# Over quantized caches the reference runs on the dequantized cache; over 8-bit
+# keys the kernels also round the query to 8 bits (README, "Quantized caches"),
+# which moves outputs by about 1e-2 of their largest value; the plain-JAX
+# baseline dequantizes to bf16.
+TOLERANCE = {"native": {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4,
+                        "q8_0": 3e-2, "q8_kv": 3e-2, "q6_0": 1e-4},
+             "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2,
+                     "q8_0": 4e-2, "q8_kv": 4e-2, "q6_0": 4e-2},
              # ik_llama.cpp's own --check: relative error against float64.
-             "ik": {"f16": 1e-2, "bf16": 1e-2}}
+             "ik": {"f16": 1e-2, "bf16": 1e-2, "q8_0": 3e-2}}
 # ik_bench's harness for ik_llama.cpp (../shared/tools/ik_bench): its cache types.
 IK_BINARY = "fa_bench_ik"
 # Above this many reference FLOPs (dense, float32 at HIGHEST precision), the
@@ -103,8 +113,11 @@ class Case:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        size = jnp.dtype(CACHES[self.cache]).itemsize
-        return MLA_DK * size if self.op == "flash_mla" else STD_KV_HEADS * (STD_DK + STD_DV) * size
+        fmt = CACHES[self.cache]
+        if self.op == "flash_mla":
+            return jax_mla.cache_bytes(fmt, (1, 1, MLA_DK))
+        return (jax_mla.cache_bytes(fmt, (1, 1, STD_KV_HEADS, STD_DK))
+                + jax_mla.cache_bytes(fmt, (1, 1, STD_KV_HEADS, STD_DV)))
 
     @property
     def visible_keys(self) -> int:
@@ -156,17 +169,27 @@ def parse_test(name: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------ inputs and functions
 
-def make_inputs(case: Case, seed: int = 0) -> tuple[jax.Array, ...]:
-    """f32 queries and a cache of case.cache dtype, N(0, 1) entries."""
+def make_inputs(case: Case, seed: int = 0) -> tuple:
+    """f32 queries and a cache of case.cache dtype or format, N(0, 1) entries."""
     dk, dv = case.dims
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    dtype = CACHES[case.cache]
+    fmt = CACHES[case.cache]
+
+    def cache(key, shape):
+        x = jax.random.normal(key, shape, jnp.float32)
+        return jax_mla.quantize(x, fmt) if isinstance(fmt, str) else x.astype(fmt)
+
     q = jax.random.normal(keys[0], (1, case.seq_q, HEADS, dk), jnp.float32)
     if case.op == "flash_mla":
-        return q, jax.random.normal(keys[1], (1, case.n_kv, dk), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (1, case.n_kv, STD_KV_HEADS, dk), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (1, case.n_kv, STD_KV_HEADS, dv), jnp.float32).astype(dtype)
-    return q, k, v
+        return q, cache(keys[1], (1, case.n_kv, dk))
+    return (q, cache(keys[1], (1, case.n_kv, STD_KV_HEADS, dk)),
+            cache(keys[2], (1, case.n_kv, STD_KV_HEADS, dv)))
+
+
+def _float(x, dtype=jnp.float32):
+    """A cache as floats: quantized ones dequantized (the reference's and the
+    plain-JAX baseline's view of them)."""
+    return jax_mla.dequantize(x, dtype) if isinstance(x, jax_mla.QuantizedKV) else x
 
 
 def native_fn(case: Case):
@@ -184,7 +207,7 @@ def reference_fn(case: Case):
         fn = functools.partial(reference.mla, dv=MLA_DV, scale=SCALE, causal=case.causal)
     else:
         fn = functools.partial(reference.attention, scale=SCALE, causal=case.causal)
-    return jax.jit(lambda *args: fn(*args)[0])
+    return jax.jit(lambda q, *caches: fn(q, *(_float(c) for c in caches))[0])
 
 
 def _softmax_f32(s, causal: bool):
@@ -219,8 +242,12 @@ def plain_attention(q, k, v, *, causal: bool):
 
 
 def plain_fn(case: Case):
-    fn = plain_mla if case.op == "flash_mla" else plain_attention
-    return jax.jit(functools.partial(fn, causal=case.causal))
+    """The plain-JAX formulation; a quantized cache is dequantized to bf16 first
+    (what a JAX user without these kernels would do: XLA's bf16 dots are its
+    fast ones on the CPU)."""
+    fn = functools.partial(plain_mla if case.op == "flash_mla" else plain_attention,
+                           causal=case.causal)
+    return jax.jit(lambda q, *caches: fn(q, *(_float(c, jnp.bfloat16) for c in caches)))
 
 
 BACKEND_FNS = {"native": native_fn, "jax": plain_fn}
