@@ -496,7 +496,7 @@ def parse_args(argv):
     p.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS),
                    help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--caches", type=lambda s: s.split(","),
-                   help="comma-separated subset of f16,bf16,f32 (default: f16 with --quick, all)")
+                   help=f"comma-separated subset of {','.join(CACHES)} (default: f16 with --quick, all)")
     p.add_argument("--ik-bench", metavar="DIR", default=os.environ.get("JAX_MLA_IK_BENCH"),
                    help=f"folder holding ik_bench's {IK_BINARY} (../shared/tools/ik_bench; default "
                         "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16/bf16 row and "
