@@ -20,6 +20,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "ffi/cpu/kernels.h"
 #include "ffi/cpu/simd.h"
@@ -80,6 +83,29 @@ void ScalesToFloat(const char* src, int64_t n, float* dst) {
   }
 }
 
+// One q6_0 block (24 bytes) to its 32 values q - 32 (layout: quant_format.h).
+void UnpackQ6(const uint8_t* block, int8_t* out) {
+#if defined(__SSE2__)
+  // Low nibbles: value j in byte j's low half, value j + 16 in its high
+  // half. High 2-bit pairs: value j's (j < 16) in byte 16 + j % 8 at bit
+  // 4 * (j / 8), value j + 16's two bits above; hh puts byte j's source at
+  // byte j (16-bit shifts leak neighbour bits only into bits the masks drop).
+  const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03), off = _mm_set1_epi8(32);
+  const __m128i ql = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+  const __m128i h8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 16));
+  const __m128i hh = _mm_unpacklo_epi64(h8, _mm_srli_epi16(h8, 4));
+  const __m128i lo_a = _mm_and_si128(ql, m4);
+  const __m128i lo_b = _mm_and_si128(_mm_srli_epi16(ql, 4), m4);
+  const __m128i hi_a = _mm_slli_epi16(_mm_and_si128(hh, m2), 4);
+  const __m128i hi_b = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(hh, 2), m2), 4);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_sub_epi8(_mm_or_si128(lo_a, hi_a), off));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16),
+                   _mm_sub_epi8(_mm_or_si128(lo_b, hi_b), off));
+#else
+  UnpackQ6Block(block, out);
+#endif
+}
+
 // dst[i] = d * src[i] for i < n (n a multiple of 16).
 void I8ToFloat(const int8_t* src, float d, float* dst, int64_t n) {
   const F32 scale = F32::Splat(d);
@@ -105,7 +131,7 @@ void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; j += kQBlock) {
     const int8_t* block = qs + j;
     if (r.fmt == QFormat::kQ6_0) {
-      UnpackQ6Block(reinterpret_cast<const uint8_t*>(qs) + j / kQBlock * 24, unpacked);
+      UnpackQ6(reinterpret_cast<const uint8_t*>(qs) + j / kQBlock * 24, unpacked);
       block = unpacked;
     }
     I8ToFloat(block, d[j / kQBlock], dst + j, std::min(kQBlock, n - j));
