@@ -2,10 +2,8 @@
 // dv columns of the same row starting at v_offset, read in place (no V copy).
 // The latent cache is float (one buffer) or quantized (qs and its scales d,
 // read in place too). Checks, parameters, then the shared driver (flash.cc).
-#include "ffi/common/attention_args.h"
-#include "ffi/common/cache_args.h"
 #include "ffi/common/check.h"
-#include "ffi/common/ffi_types.h"
+#include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
 #include "ffi/cpu/flash.h"
 #include "ffi/cpu/handlers.h"
@@ -13,52 +11,20 @@
 namespace jax_mla::cpu {
 namespace {
 
-// kv_d is null for a float cache (kv_fmt 0).
+// The shared checks, then what the CPU kernels take: head dims that are
+// multiples of 16 up to kMaxHeadDim.
 ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* kv_d,
                     int64_t kv_fmt, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
                     int64_t num_splits, AttentionParams* p) {
-  const auto qd = q.dimensions();
-  JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
-      << "flash_mla: q must have rank 4 [B, Sq, H, Dk], got shape " << ShapeString(qd);
-  const auto qt = ToDType(q.element_type());
-  JAX_MLA_CHECK(qt.has_value(), InvalidArgument)
-      << "flash_mla: q must be float32, float16 or bfloat16";
-  CacheShape cs;
-  RowView rows;
-  if (auto e = CacheRows("flash_mla", "kv", kv, kv_d, kv_fmt, 3, &cs, &rows); e.failure())
-    return e;
-  const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = cs.seq;
-  JAX_MLA_CHECK(BatchSharable(B, cs.batch) && cs.dim == Dk, InvalidArgument)
-      << "flash_mla: kv's logical shape " << ShapeString({cs.batch, cs.seq, cs.dim})
-      << " must be [" << B << ", Skv, " << Dk << "] to match q " << ShapeString(qd)
-      << " (its batch may divide q's when a vmapped call shares the cache)";
-  JAX_MLA_CHECK(dv > 0 && v_offset >= 0 && v_offset + dv <= Dk, InvalidArgument)
-      << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", "
-      << v_offset + dv << ") must lie inside the row of " << Dk;
-  JAX_MLA_CHECK(!IsBlockFormat(rows.fmt) || v_offset % kQBlock == 0, InvalidArgument)
-      << "flash_mla: v_offset " << v_offset << " must fall on a block boundary (a multiple of "
-      << kQBlock << ") of the " << QFormatName(rows.fmt) << " cache";
-  JAX_MLA_CHECK(Dk % 16 == 0 && dv % 16 == 0 && Dk <= kMaxHeadDim, Unimplemented)
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out,
+                                  part_lse, dv, v_offset, num_splits, p));
+  JAX_MLA_CHECK(p->dk % 16 == 0 && dv % 16 == 0 && p->dk <= kMaxHeadDim, Unimplemented)
       << "flash_mla (CPU): Dk and dv must be multiples of 16 with Dk <= " << kMaxHeadDim
-      << ", got Dk = " << Dk << ", dv = " << dv;
-  p->batch = B;
-  p->kv_batch = cs.batch;
-  p->seq_q = Sq;
-  p->heads_q = H;
-  p->heads_kv = 1;
-  p->seq_kv = Skv;
-  p->dk = Dk;
-  p->dv = dv;
-  p->q = q.untyped_data();
-  p->q_dtype = *qt;
-  p->k = rows;
-  p->v = ColumnSlice(rows, v_offset);  // the same rows, shifted: no V copy
-  p->v_in_k = v_offset;
-  return SetPositionsAndOutputs("flash_mla", q_pos, kv_len, out, lse, part_out, part_lse,
-                                num_splits, p);
+      << ", got Dk = " << p->dk << ", dv = " << dv;
+  return ffi::Error::Success();
 }
 
 ffi::Future FlashMla(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer kv,

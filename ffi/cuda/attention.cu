@@ -4,9 +4,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "ffi/common/attention_args.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
+#include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/attention_kernel.cuh"
 #include "ffi/cuda/combine.h"
@@ -49,38 +49,21 @@ int64_t WorkItems(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_k
 
 namespace {
 
+// The shared checks, then what the CUDA kernels take: one dtype, f16 or bf16,
+// for q, k and v, and the instantiated head-dim pairs.
 ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                           ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t num_splits,
                           AttentionParams* p) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
-      << "flash_attention: q must have rank 4 [B, Sq, Hq, Dk], got shape " << ShapeString(qd);
-  JAX_MLA_CHECK(kd.size() == 4, InvalidArgument)
-      << "flash_attention: k must have rank 4 [B, Skv, Hkv, Dk], got shape " << ShapeString(kd);
-  JAX_MLA_CHECK(vd.size() == 4, InvalidArgument)
-      << "flash_attention: v must have rank 4 [B, Skv, Hkv, Dv], got shape " << ShapeString(vd);
-  const auto qt = ToDType(q.element_type()), kt = ToDType(k.element_type()),
-             vt = ToDType(v.element_type());
-  JAX_MLA_CHECK(qt && kt && vt, InvalidArgument)
-      << "flash_attention: q, k and v must be float32, float16 or bfloat16";
-  const int64_t B = qd[0], Sq = qd[1], Hq = qd[2], Dk = qd[3];
-  const int64_t Skv = kd[1], Hkv = kd[2], Dv = vd[3];
-  JAX_MLA_CHECK(kd[0] == vd[0] && BatchSharable(B, kd[0]), InvalidArgument)
-      << "flash_attention: batch of k " << kd[0] << " and v " << vd[0] << " must equal q's " << B
-      << " (or divide it, when a vmapped call shares the cache)";
-  JAX_MLA_CHECK(kd[3] == Dk, InvalidArgument)
-      << "flash_attention: k head dim " << kd[3] << " must equal q's " << Dk;
-  JAX_MLA_CHECK(vd[1] == Skv && vd[2] == Hkv, InvalidArgument)
-      << "flash_attention: v shape " << ShapeString(vd) << " must match k " << ShapeString(kd)
-      << " in Skv and Hkv";
-  JAX_MLA_CHECK(Hkv > 0 && Hq % Hkv == 0, InvalidArgument)
-      << "flash_attention: Hq = " << Hq << " must be a multiple of Hkv = " << Hkv;
-  JAX_MLA_CHECK(*qt == *kt && *qt == *vt && *qt != DType::kF32, Unimplemented)
+  JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, nullptr, 0, v, nullptr, 0, q_pos, kv_len, out, lse,
+                                        part_out, part_lse, num_splits, p));
+  const DType qt = p->q_dtype, kt = p->k.dtype, vt = p->v.dtype;
+  const int64_t Dk = p->dk, Dv = p->dv;
+  JAX_MLA_CHECK(qt == kt && qt == vt && qt != DType::kF32, Unimplemented)
       << "flash_attention (CUDA): q, k and v must all be float16 or all bfloat16, got "
-      << DTypeName(*qt) << ", " << DTypeName(*kt) << ", " << DTypeName(*vt);
+      << DTypeName(qt) << ", " << DTypeName(kt) << ", " << DTypeName(vt);
   bool supported = false;
 #define JAX_MLA_SUPPORTED(DK, DV) supported |= (Dk == DK && Dv == DV);
   JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_SUPPORTED)
@@ -88,23 +71,10 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   JAX_MLA_CHECK(supported, Unimplemented)
       << "flash_attention (CUDA): (Dk, Dv) must be (192, 128), (64, 64), (128, 128) or "
          "(256, 256), got (" << Dk << ", " << Dv << ")";
-  JAX_MLA_CHECK(B * Hkv <= 65535 && num_splits <= 65535, Unimplemented)
+  JAX_MLA_CHECK(p->batch * p->heads_kv <= 65535 && num_splits <= 65535, Unimplemented)
       << "flash_attention (CUDA): B * Hkv and num_splits must be <= 65535, got B * Hkv = "
-      << B * Hkv << ", num_splits = " << num_splits;
-  p->batch = B;
-  p->kv_batch = kd[0];
-  p->seq_q = Sq;
-  p->heads_q = Hq;
-  p->heads_kv = Hkv;
-  p->seq_kv = Skv;
-  p->dk = Dk;
-  p->dv = Dv;
-  p->q = q.untyped_data();
-  p->q_dtype = *qt;
-  p->k = RowView{k.untyped_data(), *kt, Skv * Hkv * Dk, Hkv * Dk, Dk};
-  p->v = RowView{v.untyped_data(), *vt, Skv * Hkv * Dv, Hkv * Dv, Dv};
-  return SetPositionsAndOutputs("flash_attention", q_pos, kv_len, out, lse, part_out, part_lse,
-                                num_splits, p);
+      << p->batch * p->heads_kv << ", num_splits = " << num_splits;
+  return ffi::Error::Success();
 }
 
 template <typename T>

@@ -4,9 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "ffi/common/attention_args.h"
 #include "ffi/common/check.h"
-#include "ffi/common/ffi_types.h"
+#include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/combine.h"
 #include "ffi/cuda/cuda_check.h"
@@ -23,49 +22,23 @@ extern template cudaError_t LaunchMla<__half, 4>(const AttentionParams&, cudaStr
 
 namespace {
 
+// The shared checks, then what the CUDA kernel takes: f16 or bf16 for both q
+// and kv, DeepSeek's latent layout.
 ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q_pos,
                     ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::Buffer<ffi::F32>> lse,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
                     int64_t num_splits, AttentionParams* p) {
-  const auto qd = q.dimensions(), kd = kv.dimensions();
-  JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
-      << "flash_mla: q must have rank 4 [B, Sq, H, Dk], got shape " << ShapeString(qd);
-  JAX_MLA_CHECK(kd.size() == 3, InvalidArgument)
-      << "flash_mla: kv must have rank 3 [B, Skv, Dk], got shape " << ShapeString(kd);
-  const auto qt = ToDType(q.element_type()), kt = ToDType(kv.element_type());
-  JAX_MLA_CHECK(qt && kt, InvalidArgument)
-      << "flash_mla: q and kv must be float32, float16 or bfloat16";
-  const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = kd[1];
-  JAX_MLA_CHECK(BatchSharable(B, kd[0]) && kd[2] == Dk, InvalidArgument)
-      << "flash_mla: kv shape " << ShapeString(kd) << " must be [" << B << ", Skv, " << Dk
-      << "] to match q " << ShapeString(qd)
-      << " (its batch may divide q's when a vmapped call shares the cache)";
-  JAX_MLA_CHECK(dv > 0 && v_offset >= 0 && v_offset + dv <= Dk, InvalidArgument)
-      << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", "
-      << v_offset + dv << ") must lie inside the row of " << Dk;
-  JAX_MLA_CHECK(*qt == *kt && *qt != DType::kF32, Unimplemented)
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, nullptr, 0, q_pos, kv_len, out, lse, part_out,
+                                  part_lse, dv, v_offset, num_splits, p));
+  JAX_MLA_CHECK(p->q_dtype == p->k.dtype && p->q_dtype != DType::kF32, Unimplemented)
       << "flash_mla (CUDA): q and kv must both be float16 or both bfloat16, got "
-      << DTypeName(*qt) << " and " << DTypeName(*kt);
-  JAX_MLA_CHECK(Dk == kMlaDk && dv == kMlaDv && v_offset == 0, Unimplemented)
-      << "flash_mla (CUDA): supports Dk = 576, dv = 512, v_offset = 0, got Dk = " << Dk
+      << DTypeName(p->q_dtype) << " and " << DTypeName(p->k.dtype);
+  JAX_MLA_CHECK(p->dk == kMlaDk && dv == kMlaDv && v_offset == 0, Unimplemented)
+      << "flash_mla (CUDA): supports Dk = 576, dv = 512, v_offset = 0, got Dk = " << p->dk
       << ", dv = " << dv << ", v_offset = " << v_offset;
-  p->batch = B;
-  p->kv_batch = kd[0];
-  p->seq_q = Sq;
-  p->heads_q = H;
-  p->heads_kv = 1;
-  p->seq_kv = Skv;
-  p->dk = Dk;
-  p->dv = dv;
-  p->q = q.untyped_data();
-  p->q_dtype = *qt;
-  p->k = RowView{kv.untyped_data(), *kt, Skv * Dk, Dk, 0};
-  p->v = p->k;  // V is columns [0, 512) of the same rows
-  p->v_in_k = v_offset;
-  return SetPositionsAndOutputs("flash_mla", q_pos, kv_len, out, lse, part_out, part_lse,
-                                num_splits, p);
+  return ffi::Error::Success();
 }
 
 template <typename T>
