@@ -3,6 +3,7 @@
 // (jax_mla/attention.py) so that no input reaches a kernel unchecked.
 #include "ffi/cpu/handlers.h"
 
+#include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
@@ -68,40 +69,8 @@ ffi::Future FlashAttentionQuant(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::Any
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttention, FlashAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // q [B, Sq, Hq, Dk]
-                                  .Arg<ffi::AnyBuffer>()           // k [B, Skv, Hkv, Dk]
-                                  .Arg<ffi::AnyBuffer>()           // v [B, Skv, Hkv, Dv]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // kv_len [B]
-                                  .Ret<ffi::AnyBuffer>()           // out [B, Sq, Hq, Dv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // lse [B, Hq, Sq]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_out [B, ns, Sq, Hq, Dv] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_lse [B, ns, Sq, Hq] or [0]
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("num_splits"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttention, FlashAttention, AttentionBinding<ffi::ThreadPool>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttentionQuant, FlashAttentionQuant,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // q [B, Sq, Hq, Dk]
-                                  .Arg<ffi::AnyBuffer>()           // k or k.qs [B, Skv, Hkv, *]
-                                  .Arg<ffi::AnyBuffer>()           // k.d (or a placeholder)
-                                  .Arg<ffi::AnyBuffer>()           // v or v.qs [B, Skv, Hkv, *]
-                                  .Arg<ffi::AnyBuffer>()           // v.d (or a placeholder)
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // kv_len [B]
-                                  .Ret<ffi::AnyBuffer>()           // out [B, Sq, Hq, Dv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // lse [B, Hq, Sq]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_out
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_lse
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("num_splits")
-                                  .Attr<int64_t>("k_fmt")          // QFormat: 0 float, 1 q8_0,
-                                  .Attr<int64_t>("v_fmt"));        // 2 q8_kv, 3 q6_0
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttentionQuant, FlashAttentionQuant, AttentionQuantBinding<ffi::ThreadPool>());
 
 }  // namespace jax_mla::cpu

@@ -2,6 +2,7 @@
 // dv columns of the same row starting at v_offset, read in place (no V copy).
 // The latent cache is float (one buffer) or quantized (qs and its scales d,
 // read in place too). Checks, parameters, then the shared driver (flash.cc).
+#include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
@@ -61,40 +62,8 @@ ffi::Future FlashMlaQuant(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // q [B, Sq, H, Dk]
-                                  .Arg<ffi::AnyBuffer>()          // kv [B, Skv, Dk] latent rows
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_len [B]
-                                  .Ret<ffi::AnyBuffer>()          // out [B, Sq, H, dv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse [B, H, Sq]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_out [B, ns, Sq, H, dv] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_lse [B, ns, Sq, H] or [0]
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("dv")
-                                  .Attr<int64_t>("v_offset")
-                                  .Attr<int64_t>("num_splits"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla, MlaBinding<ffi::ThreadPool>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMlaQuant, FlashMlaQuant,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()          // q [B, Sq, H, Dk]
-                                  .Arg<ffi::AnyBuffer>()          // kv.qs [B, Skv, Dk or Dk*3/4]
-                                  .Arg<ffi::AnyBuffer>()          // kv.d [B, Skv, Dk/32 or 1]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_len [B]
-                                  .Ret<ffi::AnyBuffer>()          // out [B, Sq, H, dv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse [B, H, Sq]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_out [B, ns, Sq, H, dv] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_lse [B, ns, Sq, H] or [0]
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("dv")
-                                  .Attr<int64_t>("v_offset")
-                                  .Attr<int64_t>("num_splits")
-                                  .Attr<int64_t>("kv_fmt"));      // QFormat: 1 q8_0, 2 q8_kv, 3 q6_0
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMlaQuant, FlashMlaQuant, MlaQuantBinding<ffi::ThreadPool>());
 
 }  // namespace jax_mla::cpu

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/op_args.h"
@@ -109,20 +110,6 @@ ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttention, FlashAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()           // q [B, Sq, Hq, Dk]
-                                  .Arg<ffi::AnyBuffer>()           // k [B, Skv, Hkv, Dk]
-                                  .Arg<ffi::AnyBuffer>()           // v [B, Skv, Hkv, Dv]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // kv_len [B]
-                                  .Ret<ffi::AnyBuffer>()           // out [B, Sq, Hq, Dv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // lse [B, Hq, Sq]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_out [B, ns, Sq, Hq, Dv] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // part_lse [B, ns, Sq, Hq] or [0]
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("num_splits"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttention, FlashAttention, AttentionBinding<ffi::PlatformStream<cudaStream_t>>());
 
 }  // namespace jax_mla::cuda

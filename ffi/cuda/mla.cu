@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
@@ -71,21 +72,6 @@ ffi::Error FlashMla(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()          // q [B, Sq, H, Dk]
-                                  .Arg<ffi::AnyBuffer>()          // kv [B, Skv, Dk] latent rows
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_len [B]
-                                  .Ret<ffi::AnyBuffer>()          // out [B, Sq, H, dv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse [B, H, Sq]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_out [B, ns, Sq, H, dv] or [0]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // part_lse [B, ns, Sq, H] or [0]
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("dv")
-                                  .Attr<int64_t>("v_offset")
-                                  .Attr<int64_t>("num_splits"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla, MlaBinding<ffi::PlatformStream<cudaStream_t>>());
 
 }  // namespace jax_mla::cuda
