@@ -33,6 +33,9 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
         rows, read in place: no V copy (and no dequantized copy) is ever made.
         DeepSeek's rows are [c_kv | k_pe], so V is the first 512 columns
         (v_offset=0). In the block formats v_offset must be a multiple of 32.
+        Over 8-bit caches (q8_0, q8_kv) the kernels round the scaled query
+        rows to 8 bits per block of 32 (q8_0's rule, float32 scale) so that
+        Q.K runs on integer dot products; the README gives the error.
       dv: static width of V (default 512).
       v_offset: static first column of V in the row (default 0).
       scale: static float; default 1/sqrt(Dk) as in FlashMLA. DeepSeek models
