@@ -600,7 +600,7 @@ def main(argv=None) -> int:
               f"{TOLERANCE[r.backend][r.cache]:g} (vs jax_mla.reference)", file=sys.stderr)
     for r in bad_model:
         print(f"FAILED CHECK: {r.test} {r.mode} {r.cache}: vs std {r.vs_std:.3g} > "
-              f"{MODEL_AGREEMENT:g} (the modes disagree)", file=sys.stderr)
+              f"{model_agreement(r.cache):g} (the modes disagree)", file=sys.stderr)
     return 1 if bad or bad_model else 0
 
 
@@ -627,7 +627,15 @@ MEMORY_CONTEXTS = (16384, 65536)
 MEMORY_UBATCH = 512
 MODEL_TG_STEPS = 64
 # The modes compute the same function; beyond this they do not ("vs std" FAIL).
+# Over 8-bit caches the latent mode's flash_mla rounds the absorbed query to 8
+# bits (integer Q.K, README "Quantized caches") while standard mode multiplies
+# decompressed rows in float32: measured up to 9.3e-3 apart on these rows.
 MODEL_AGREEMENT = 1e-3
+MODEL_AGREEMENT_8BIT = 3e-2
+
+
+def model_agreement(cache: str) -> float:
+    return MODEL_AGREEMENT_8BIT if cache in ("q8_0", "q8_kv") else MODEL_AGREEMENT
 # A call longer than this is timed once, with no separate warm-up call.
 MODEL_SINGLE_CALL_S = 2.0
 
@@ -787,7 +795,7 @@ def memory_rows(cfg, params, caches, modes, contexts=MEMORY_CONTEXTS) -> list[Me
 
 
 def model_failed(row: ModelRow) -> bool:
-    return row.vs_std is not None and not row.vs_std <= MODEL_AGREEMENT
+    return row.vs_std is not None and not row.vs_std <= model_agreement(row.cache)
 
 
 def _mib(n: int) -> str:
