@@ -654,7 +654,6 @@ class ModelRow:
     context: int              # tokens in the cache at the end
     kv_bytes_per_token: int   # latent cache, one layer
     workspace_bytes: int      # XLA temporary bytes of the timed call
-    note: str = ""
 
 
 @dataclass
@@ -799,7 +798,7 @@ def model_failed(row: ModelRow) -> bool:
 
 
 def _mib(n: int) -> str:
-    return "n/a" if n < 0 else f"{n / 2**20:.1f}"
+    return f"{n / 2**20:.1f}"
 
 
 def model_table_head() -> str:
@@ -808,8 +807,6 @@ def model_table_head() -> str:
 
 
 def model_table_row(row: ModelRow) -> str:
-    if row.note:
-        return f"| {row.test:<11} | {row.mode:<8} | {row.cache:<5} | {row.note} |"
     ms = f"{row.ms:.1f}" + (" *" if row.other_load is not None and row.other_load >
                             DISTURBED_CORES else "")
     err = "" if row.vs_std is None else f"{row.vs_std:.1e}" + (" FAIL" if model_failed(row) else "")
