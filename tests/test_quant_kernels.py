@@ -24,7 +24,7 @@ import pytest
 import jax_mla
 from jax_mla import quant
 
-from .conftest import (KV_TILE, assert_attention, native_attention, native_mla, per_batch,
+from .conftest import (KV_TILE, assert_attention, cache, native_attention, native_mla, per_batch,
                        randn, reference_attention, reference_mla, visible_keys)
 
 FORMATS = quant.FORMATS
@@ -48,7 +48,6 @@ def as_cache(rng, shape, fmt, kv_len):
     """A float cache when fmt is a dtype, else a quantized one (both poisoned)."""
     if fmt in FORMATS:
         return quantized_cache(rng, shape, fmt, kv_len)
-    from .conftest import cache
     return cache(rng, shape, fmt, kv_len)
 
 

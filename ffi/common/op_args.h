@@ -32,8 +32,7 @@ inline ffi::Error MlaArgs(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuf
       << "flash_mla: q must be float32, float16 or bfloat16";
   CacheShape cs;
   RowView rows;
-  if (auto e = CacheRows("flash_mla", "kv", kv, kv_d, kv_fmt, 3, &cs, &rows); e.failure())
-    return e;
+  JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_mla", "kv", kv, kv_d, kv_fmt, 3, &cs, &rows));
   const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = cs.seq;
   JAX_MLA_CHECK(BatchSharable(B, cs.batch) && cs.dim == Dk, InvalidArgument)
       << "flash_mla: kv's logical shape " << ShapeString({cs.batch, cs.seq, cs.dim})
@@ -79,10 +78,8 @@ inline ffi::Error AttentionArgs(ffi::AnyBuffer q, ffi::AnyBuffer k, const ffi::A
       << "flash_attention: q must be float32, float16 or bfloat16";
   CacheShape ks, vs;
   RowView k_rows, v_rows;
-  if (auto e = CacheRows("flash_attention", "k", k, k_d, k_fmt, 4, &ks, &k_rows); e.failure())
-    return e;
-  if (auto e = CacheRows("flash_attention", "v", v, v_d, v_fmt, 4, &vs, &v_rows); e.failure())
-    return e;
+  JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_attention", "k", k, k_d, k_fmt, 4, &ks, &k_rows));
+  JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_attention", "v", v, v_d, v_fmt, 4, &vs, &v_rows));
   const int64_t B = qd[0], Sq = qd[1], Hq = qd[2], Dk = qd[3];
   const int64_t Skv = ks.seq, Hkv = ks.heads, Dv = vs.dim;
   const auto k_shape = ShapeString({ks.batch, ks.seq, ks.heads, ks.dim});

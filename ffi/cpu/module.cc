@@ -1,7 +1,7 @@
 // The _cpu nanobind module: bindings only.
 #include <string>
-#include <type_traits>
 
+#include "ffi/common/capsule.h"
 #include "ffi/cpu/flash.h"
 #include "ffi/cpu/handlers.h"
 #include "ffi/cpu/kernels.h"
@@ -10,16 +10,7 @@
 
 namespace nb = nanobind;
 
-namespace {
-
-template <typename T>
-nb::capsule EncapsulateFfiHandler(T* fn) {
-  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
-                "Encapsulated function must be an XLA FFI handler");
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
-}  // namespace
+using jax_mla::EncapsulateFfiHandler;
 
 NB_MODULE(_cpu, m) {
   m.def("registrations", [] {

@@ -1,24 +1,15 @@
 // The _cuda nanobind module: bindings only. It builds wherever nvcc exists and
 // loads without a GPU (static cudart).
 #include <cstdint>
-#include <type_traits>
 
+#include "ffi/common/capsule.h"
 #include "ffi/cuda/device.h"
 #include "ffi/cuda/handlers.h"
 #include "nanobind/nanobind.h"
 
 namespace nb = nanobind;
 
-namespace {
-
-template <typename T>
-nb::capsule EncapsulateFfiHandler(T* fn) {
-  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
-                "Encapsulated function must be an XLA FFI handler");
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
-}  // namespace
+using jax_mla::EncapsulateFfiHandler;
 
 NB_MODULE(_cuda, m) {
   m.def("registrations", [] {
