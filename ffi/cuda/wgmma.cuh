@@ -1,0 +1,153 @@
+// Hopper (sm_90a) warpgroup MMA building blocks in raw PTX: shared-memory
+// matrix descriptors for 128-byte-swizzled tiles, wgmma.mma_async m64n128k16
+// (A from shared memory or registers, f32 accumulators), the wgmma fences and
+// the async-proxy fence. Everything that emits sm_90a instructions compiles to
+// nothing outside __CUDA_ARCH_FEAT_SM90_ALL, so the header is safe to include
+// in the sm_80 pass; callers guard their kernels the same way.
+//
+// Layouts (PTX ISA 9.7.15.5.1, "Shared Memory Matrix Layout"):
+// - A tile of 16-bit elements is stored as column blocks of 64 elements: each
+//   row of a block is 128 bytes, block b of a tile of `rows` rows starts at
+//   b * rows * 128, and 16-byte chunk c of row r sits at chunk position
+//   c ^ (r % 8) (the 128B swizzle: address bits [4:6] ^= bits [7:9], so tiles
+//   start on 1024-byte boundaries).
+// - K-major operand (rows = M or N, 64-element blocks along K): SBO = 1024
+//   (8 rows), LBO unused; the k-th 16-wide slice of block b starts
+//   32 * (k % 4) bytes into it (the hardware applies the swizzle to the full
+//   address).
+// - MN-major operand (rows = K, 64-element blocks along M or N): LBO = the
+//   distance between 64-wide MN blocks (rows * 128), SBO = 1024 (8 K rows);
+//   the k-th 16-row slice starts 2048 * k bytes in.
+// - Accumulator of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4
+//   and 16w + lane/4 + 8; d[4j + e] (e = 0, 1) is (row lo, col 8j + 2(lane%4) + e),
+//   d[4j + 2 + e] the same columns of row hi. A from registers has the
+//   mma.m16n8k16 A-fragment layout on the warp's 16 rows.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define JAX_MLA_SM90A 1
+#endif
+
+namespace jax_mla::cuda {
+
+// Byte offset of 16-byte chunk c (8 elements) of row r in a 128B-swizzled tile
+// of `rows` rows (layout above).
+__host__ __device__ constexpr uint32_t Swizzle128(int rows, int r, int c) {
+  return uint32_t((c / 8) * rows * 128 + r * 128 + (((c % 8) ^ (r % 8)) << 4));
+}
+
+// Shared-memory matrix descriptor, 128B swizzle; byte address and offsets.
+__host__ __device__ constexpr uint64_t SmemDesc128(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void WgmmaFence() {
+#ifdef JAX_MLA_SM90A
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WgmmaCommit() {
+#ifdef JAX_MLA_SM90A
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+#ifdef JAX_MLA_SM90A
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving reads or writes of an accumulator register
+// across the wgmma fences (they are asynchronous to the issuing thread).
+__device__ __forceinline__ void FenceOperand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void FenceOperand(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Ordinary shared-memory writes (st.shared, cp.async) made visible to the
+// async proxy (wgmma, TMA) that reads them next; each writer, before the barrier.
+__device__ __forceinline__ void FenceProxyAsync() {
+#ifdef JAX_MLA_SM90A
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+#define JAX_MLA_D64_OPERANDS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define JAX_MLA_D64_REGISTERS \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                 \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                 \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                 \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+// d[64] (+)= A (64x16) * B (16x128) for element type NAME (bf16, f16), both
+// operands from shared memory; A K-major, B K-major (kTransB 0) or N-major
+// (kTransB 1); accumulate = 0 overwrites d.
+#define JAX_MLA_WGMMA_SS(FN, NAME)                                                          \
+  template <int kTransB>                                                                  \
+  __device__ __forceinline__ void FN(float d[64], uint64_t a_desc, uint64_t b_desc,       \
+                                     int accumulate) {                                    \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                              \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {"       \
+                 JAX_MLA_D64_REGISTERS "}, %64, %65, p, 1, 1, 0, %67;\n}\n"                \
+                 : JAX_MLA_D64_OPERANDS                                                   \
+                 : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB));              \
+  }
+// The same with A (64x16) from registers: four 2-element registers a thread.
+#define JAX_MLA_WGMMA_RS(FN, NAME)                                                          \
+  template <int kTransB>                                                                  \
+  __device__ __forceinline__ void FN(float d[64], const uint32_t a[4], uint64_t b_desc,   \
+                                     int accumulate) {                                    \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                              \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {"       \
+                 JAX_MLA_D64_REGISTERS "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"  \
+                 : JAX_MLA_D64_OPERANDS                                                   \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate), \
+                   "n"(kTransB));                                                         \
+  }
+
+#ifdef JAX_MLA_SM90A
+JAX_MLA_WGMMA_SS(WgmmaSSBf16, "bf16")
+JAX_MLA_WGMMA_SS(WgmmaSSF16, "f16")
+JAX_MLA_WGMMA_RS(WgmmaRSBf16, "bf16")
+JAX_MLA_WGMMA_RS(WgmmaRSF16, "f16")
+#endif
+#undef JAX_MLA_WGMMA_SS
+#undef JAX_MLA_WGMMA_RS
+#undef JAX_MLA_D64_OPERANDS
+#undef JAX_MLA_D64_REGISTERS
+
+template <typename T, int kTransB>
+__device__ __forceinline__ void WgmmaM64N128K16SS(float d[64], uint64_t a_desc, uint64_t b_desc,
+                                                  int accumulate) {
+#ifdef JAX_MLA_SM90A
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    WgmmaSSBf16<kTransB>(d, a_desc, b_desc, accumulate);
+  else
+    WgmmaSSF16<kTransB>(d, a_desc, b_desc, accumulate);
+#endif
+}
+template <typename T, int kTransB>
+__device__ __forceinline__ void WgmmaM64N128K16RS(float d[64], const uint32_t a[4],
+                                                  uint64_t b_desc, int accumulate) {
+#ifdef JAX_MLA_SM90A
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    WgmmaRSBf16<kTransB>(d, a, b_desc, accumulate);
+  else
+    WgmmaRSF16<kTransB>(d, a, b_desc, accumulate);
+#endif
+}
+
+}  // namespace jax_mla::cuda
