@@ -4,12 +4,16 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
+#include <cstdlib>
+
 #include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/attention_kernel.cuh"
+#include "ffi/cuda/attention_sm90.cuh"
 #include "ffi/cuda/combine.h"
 #include "ffi/cuda/cuda_check.h"
 #include "ffi/cuda/handlers.h"
@@ -17,6 +21,8 @@
 
 // The (Dk, Dv) pairs with a kernel (DESIGN.md): DeepSeek's 192/128, then equal dims.
 #define JAX_MLA_ATTENTION_HEAD_DIMS(X) X(192, 128) X(64, 64) X(128, 128) X(256, 256)
+// The pairs the sm_90a wgmma kernel also takes (attention_sm90.cuh).
+#define JAX_MLA_ATTENTION_SM90_HEAD_DIMS(X) X(192, 128) X(128, 128)
 
 namespace jax_mla::cuda {
 
@@ -27,6 +33,45 @@ namespace jax_mla::cuda {
   extern template cudaError_t LaunchAttention<__half, DK, DV>(const AttentionParams&, cudaStream_t);
 JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_EXTERN)
 #undef JAX_MLA_EXTERN
+#define JAX_MLA_EXTERN_SM90(DK, DV)                                                            \
+  extern template cudaError_t LaunchAttentionSm90<__nv_bfloat16, DK, DV>(                    \
+      const AttentionParams&, cudaStream_t);                                                 \
+  extern template cudaError_t LaunchAttentionSm90<__half, DK, DV>(const AttentionParams&,    \
+                                                                  cudaStream_t);
+JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_EXTERN_SM90)
+#undef JAX_MLA_EXTERN_SM90
+
+namespace {
+// Compiled for the same architectures as the kernels: its binary version says
+// which of them the current device runs.
+__global__ void ArchProbe() {}
+}  // namespace
+
+bool Sm90AttentionAvailable() {
+  // JAX_MLA_CUDA_SM90=0 keeps every call on the mma.sync kernel (comparisons).
+  static const bool enabled = [] {
+    const char* env = std::getenv("JAX_MLA_CUDA_SM90");
+    return !(env && env[0] == '0');
+  }();
+  if (!enabled) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return false;
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  if (device < 64 && known[device].load(std::memory_order_relaxed) != 0)
+    return known[device].load(std::memory_order_relaxed) == 2;
+  int major = 0, minor = 0;
+  cudaFuncAttributes attr{};
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                       cudaSuccess &&
+                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
+                       cudaSuccess &&
+                   major == 9 && minor == 0 &&
+                   cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
+                   attr.binaryVersion == 90;
+  cudaGetLastError();  // a failed query is "no", not a sticky error for the next launch
+  if (device < 64) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
+}
 
 int KvTile(int64_t dk) {
   switch (dk) {
@@ -80,6 +125,14 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
 template <typename T>
 cudaError_t AttentionDispatch(const AttentionParams& p, cudaStream_t stream) {
+  // Hopper: the wgmma kernel for the pairs it takes; split-KV decode stays on
+  // mma.sync (its tile size is the one the num_splits heuristic assumes).
+  if (p.num_splits == 1 && Sm90AttentionAvailable()) {
+#define JAX_MLA_CASE_SM90(DK, DV) \
+  if (p.dk == DK && p.dv == DV) return LaunchAttentionSm90<T, DK, DV>(p, stream);
+    JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_CASE_SM90)
+#undef JAX_MLA_CASE_SM90
+  }
 #define JAX_MLA_CASE(DK, DV) \
   if (p.dk == DK && p.dv == DV) return LaunchAttention<T, DK, DV>(p, stream);
   JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_CASE)
