@@ -33,12 +33,21 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
     t build
   fi
   if has test; then
-    PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest \
-        tests/test_cuda.py tests/test_attention.py -p no:cacheprovider -q -rf -m gpu \
-        -k "${TEST_K:-attention}" --maxfail=3 > "$OUT/pytest.log" 2>&1
-    echo "pytest rc $?"
-    grep -E "^(FAILED|ERROR)|Error|assert" "$OUT/pytest.log" | head -20
-    tail -2 "$OUT/pytest.log"
+    # Three pytest processes on disjoint subsets share the GPU: the tests spend
+    # most of their time compiling on the CPU.
+    pt() {  # log name, pytest args
+      local log=$1
+      shift
+      PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout "${TEST_TIMEOUT:-150}" python3 -P -m pytest "$@" \
+          -p no:cacheprovider -q -rf -m gpu --maxfail=3 > "$OUT/$log" 2>&1
+    }
+    pt pytest0.log tests/test_cuda.py -k "attention_dims" &
+    pt pytest1.log tests/test_cuda.py -k "attention and not attention_dims" &
+    pt pytest2.log tests/test_attention.py &
+    wait
+    for f in "$OUT"/pytest?.log; do
+      echo "$f:"; grep -E "^(FAILED|ERROR)" "$f" | head -5; tail -1 "$f"
+    done
     t test
   fi
   if has bench; then

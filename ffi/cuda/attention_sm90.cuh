@@ -1,16 +1,21 @@
-// flash_attention on Hopper (sm_90a) warpgroup MMA: a block of two
-// warpgroups owns 128 query rows of one (batch, KV head), 64 per warpgroup.
-// Q and each 128-key K/V tile sit in 128B-swizzled shared memory
-// (ffi/cuda/wgmma.cuh); S = Q K^T is a wgmma with both operands in shared
-// memory, the online softmax runs on the S accumulators in registers, and P
-// stays in registers as the A operand of O += P V, whose B operand (V, stored
-// key-major) is read through an N-major descriptor. K/V tiles come through a
-// two-stage cp.async pipeline shared by all 256 threads, which zero-fills
-// keys past kv_len (nothing past it is read: a NaN there cannot leak into
-// P V). Row bookkeeping (positions, GQA rows, masks, LSE, split-KV outputs) is
-// the same as attention_kernel.cuh's. The kernel body exists only in the
-// sm_90a pass; LaunchAttentionSm90 must be called only where
-// Sm90AttentionAvailable() says the sm_90a code is what the device runs.
+// flash_attention on Hopper (sm_90a) warpgroup MMA, FlashAttention-3 style:
+// a block of three warpgroups owns 128 query rows of one (batch, KV head).
+// Warpgroup 0 produces: it copies Q once and each 128-key K and V tile into
+// 128B-swizzled shared memory (ffi/cuda/wgmma.cuh) with cp.async, two stages
+// deep, zero-filling keys past kv_len (nothing past it is read, so a NaN there
+// cannot leak into P V), and signals each tile on an mbarrier; the consumers
+// release a stage on another. Warpgroups 1 and 2 consume, 64 rows each:
+// S = Q K^T is a wgmma with both operands in shared memory, the online
+// softmax runs on the S accumulators in registers, and P stays in registers
+// as the A operand of O += P V, whose B operand (V, stored key-major) is read
+// through an N-major descriptor. Each consumer issues S of tile t together
+// with P V of tile t - 1 and runs the softmax of tile t while that P V is in
+// flight; the two consumers take turns issuing (named barriers), so one's
+// softmax overlaps the other's products. setmaxnreg moves registers from the
+// producer to the consumers. Row bookkeeping (positions, GQA rows, masks, LSE,
+// split-KV outputs) is the same as attention_kernel.cuh's. The kernel body
+// exists only in the sm_90a pass; LaunchAttentionSm90 must be called only
+// where Sm90AttentionAvailable() says the sm_90a code is what the device runs.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,19 +32,24 @@ namespace jax_mla::cuda {
 template <int Dk, int Dv>
 struct AttnSm90Shape {
   static_assert(Dk % 64 == 0 && Dv == 128, "the P V product is one m64n128 wgmma per 16 keys");
-  static constexpr int kThreads = 256;  // two warpgroups
-  static constexpr int kRows = 128;     // 64 per warpgroup
+  static constexpr int kThreads = 384;  // a producer warpgroup, two consumer warpgroups
+  static constexpr int kRows = 128;     // 64 per consumer warpgroup
   static constexpr int kKeys = 128;     // the S product is m64n128
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kRows * Dk * 2;
   static constexpr int kKBytes = kKeys * Dk * 2;
   static constexpr int kVBytes = kKeys * Dv * 2;
+  // Registers per thread after setmaxnreg: 128 * 56 + 256 * 224 <= 65536 (40 spilled).
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+  // mbarriers: Q full, K full[2], V full[2], K empty[2], V empty[2].
+  static constexpr int kBarBytes = 9 * 8;
   // + 1024: the dynamic shared memory base is rounded up to the swizzle period.
-  static constexpr size_t kSmem = size_t(kQBytes) + kStages * size_t(kKBytes + kVBytes) + 1024;
+  static constexpr size_t kSmem =
+      size_t(kQBytes) + kStages * size_t(kKBytes + kVBytes) + kBarBytes + 1024;
 };
 
 template <typename T, int Dk, int Dv>
-__global__ void __launch_bounds__(256, 1) AttentionSm90Kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(384, 1) AttentionSm90Kernel(const AttentionParams p) {
 #ifdef JAX_MLA_SM90A
   using Shape = AttnSm90Shape<Dk, Dv>;
   constexpr int kKeys = Shape::kKeys, kRows = Shape::kRows, kStages = Shape::kStages;
@@ -49,9 +59,15 @@ __global__ void __launch_bounds__(256, 1) AttentionSm90Kernel(const AttentionPar
   char* s_q = smem;                                   // [Dk/64][128 rows][64], swizzled
   char* s_k = s_q + Shape::kQBytes;                   // [stages][Dk/64][128 keys][64]
   char* s_v = s_k + kStages * Shape::kKBytes;         // [stages][Dv/64][128 keys][64]
+  uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + kStages * Shape::kVBytes);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* v_full = bars + 3;
+  uint64_t* k_empty = bars + 5;
+  uint64_t* v_empty = bars + 7;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wg = warp / 4, wwarp = warp % 4;  // warpgroup, warp within it
+  const int wg = warp / 4;  // 0: producer, 1 and 2: consumers
   const int64_t Hq = p.heads_q, Hkv = p.heads_kv, Sq = p.seq_q, Skv = p.seq_kv;
   const int64_t group = Hq / Hkv, R = Sq * group;
   const int64_t b = blockIdx.z / Hkv, hk = blockIdx.z % Hkv;
@@ -66,82 +82,99 @@ __global__ void __launch_bounds__(256, 1) AttentionSm90Kernel(const AttentionPar
   };
   const int64_t last_row = (row0 + kRows < R ? row0 + kRows : R) - 1;
   const int64_t n_max = visible(last_row);
-  // This warpgroup's rows: [wg_row0, wg_row0 + 64).
-  const int64_t wg_row0 = row0 + 64 * wg;
-  const int64_t wg_last = (wg_row0 + 64 < R ? wg_row0 + 64 : R) - 1;
-  const int64_t wg_n_min = visible(wg_row0), wg_n_max = wg_last >= wg_row0 ? visible(wg_last) : 0;
-  const int64_t r_lo = wg_row0 + wwarp * 16 + lane / 4, r_hi = r_lo + 8;
-  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
-
   const int64_t tiles = (n_max + kKeys - 1) / kKeys;
   const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
   const int64_t t_begin = split * per < tiles ? split * per : tiles;
   const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
-  // Tiles past this warpgroup's last visible key are loaded for the other
-  // warpgroup but not computed.
-  const int64_t wg_t_end = (wg_n_max + kKeys - 1) / kKeys;
-
-  const int64_t kvb = b % p.kv_batch;
-  const T* k_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride + hk * p.k.head_stride;
-  const T* v_base = static_cast<const T*>(p.v.data) + kvb * p.v.batch_stride + hk * p.v.head_stride;
-  auto load_tile = [&](int64_t t, int stage) {
-    char* dk = s_k + stage * Shape::kKBytes;
-#pragma unroll 4
-    for (int c = tid; c < kKeys * kKChunks; c += Shape::kThreads) {
-      const int rr = c / kKChunks, cc = c % kKChunks;
-      const int64_t j = t * kKeys + rr;
-      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dk + Swizzle128(kKeys, rr, cc), k_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
-                ok);
-    }
-    char* dv = s_v + stage * Shape::kVBytes;
-#pragma unroll 4
-    for (int c = tid; c < kKeys * kVChunks; c += Shape::kThreads) {
-      const int rr = c / kVChunks, cc = c % kVChunks;
-      const int64_t j = t * kKeys + rr;
-      const bool ok = j < kv_len;
-      CpAsync16(dv + Swizzle128(kKeys, rr, cc), v_base + (ok ? j : 0) * p.v.row_stride + cc * 8,
-                ok);
-    }
-  };
+  const int n_tiles = int(t_end - t_begin);
   auto row_offset = [&](int64_t r) {  // element offset of row r in [B, Sq, Hq, *] / Dim
     return (b * Sq + r / group) * Hq + hk * group + r % group;
   };
 
-  if (t_begin < t_end) {
+  if (tid == 0) {
+    MbarInit(q_full, 128);
+    for (int s = 0; s < kStages; ++s) {
+      MbarInit(k_full + s, 128);
+      MbarInit(v_full + s, 128);
+      MbarInit(k_empty + s, 256);
+      MbarInit(v_empty + s, 256);
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: every thread copies its share of each tile with cp.async
+    // (zero-filling keys past kv_len and rows past R) and arrives on the
+    // tile's barrier when its copies have landed.
+    SetMaxRegsDec<Shape::kProducerRegs>();
+    if (n_tiles == 0) return;
     const T* q = static_cast<const T*>(p.q);
-    for (int c = tid; c < kRows * kKChunks; c += Shape::kThreads) {
+    for (int c = tid; c < kRows * kKChunks; c += 128) {
       const int rr = c / kKChunks, cc = c % kKChunks;
       const bool ok = row0 + rr < R;
       CpAsync16(s_q + Swizzle128(kRows, rr, cc), q + (ok ? row_offset(row0 + rr) : 0) * Dk + cc * 8,
                 ok);
     }
+    MbarArriveCpAsync(q_full);
+    const int64_t kvb = b % p.kv_batch;
+    const T* k_base =
+        static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride + hk * p.k.head_stride;
+    const T* v_base =
+        static_cast<const T*>(p.v.data) + kvb * p.v.batch_stride + hk * p.v.head_stride;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int st = it % kStages;
+      const uint32_t phase = (it / kStages) & 1;
+      const int64_t key0 = (t_begin + it) * kKeys;
+      MbarWait(k_empty + st, phase ^ 1);
+      char* dk = s_k + st * Shape::kKBytes;
+#pragma unroll 4
+      for (int c = tid; c < kKeys * kKChunks; c += 128) {
+        const int rr = c / kKChunks, cc = c % kKChunks;
+        const int64_t j = key0 + rr;
+        const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+        CpAsync16(dk + Swizzle128(kKeys, rr, cc), k_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
+                  ok);
+      }
+      MbarArriveCpAsync(k_full + st);
+      MbarWait(v_empty + st, phase ^ 1);
+      char* dv = s_v + st * Shape::kVBytes;
+#pragma unroll 4
+      for (int c = tid; c < kKeys * kVChunks; c += 128) {
+        const int rr = c / kVChunks, cc = c % kVChunks;
+        const int64_t j = key0 + rr;
+        const bool ok = j < kv_len;
+        CpAsync16(dv + Swizzle128(kKeys, rr, cc), v_base + (ok ? j : 0) * p.v.row_stride + cc * 8,
+                  ok);
+      }
+      MbarArriveCpAsync(v_full + st);
+    }
+    CpAsyncWait<0>();
+    return;
   }
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (t_begin + s < t_end) load_tile(t_begin + s, s);
-    CpAsyncCommit();
-  }
+
+  // Consumers: warpgroup cw owns rows [row0 + 64 cw, row0 + 64 cw + 64).
+  SetMaxRegsInc<Shape::kConsumerRegs>();
+  const int cw = wg - 1, wwarp = warp % 4;
+  const int64_t r_lo = row0 + 64 * cw + wwarp * 16 + lane / 4, r_hi = r_lo + 8;
+  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+  const int64_t wg_n_min = visible(row0 + 64 * cw);
 
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  float s[64];
+  uint32_t pf[kKeys / 16][4];
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
   const float scale_log2 = p.scale * kLog2e;
-  const uint32_t q_addr = SmemAddr(s_q) + 64 * wg * 128;
+  const uint32_t q_addr = SmemAddr(s_q) + 64 * cw * 128;
+  // The two consumer warpgroups take turns issuing their products (named
+  // barriers 1 and 2), so one's softmax runs while the other's wgmmas do.
+  auto my_turn = [&] { NamedBarrier(1 + cw, 256); };
+  auto your_turn = [&] { NamedBarrierArrive(2 - cw, 256); };
+  if (cw == 1 && n_tiles > 0) NamedBarrierArrive(1, 256);  // consumer 0 goes first
 
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int it = int(t - t_begin);
-    CpAsyncWait<kStages - 2>();
-    FenceProxyAsync();  // this thread's cp.async writes -> the wgmma (async proxy) reads
-    __syncthreads();
-    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
-    CpAsyncCommit();
-    if (t >= wg_t_end) continue;  // uniform over the warpgroup
-    const uint32_t k_addr = SmemAddr(s_k + (it % kStages) * Shape::kKBytes);
-    const uint32_t v_addr = SmemAddr(s_v + (it % kStages) * Shape::kVBytes);
-
-    float s[64];
-    WgmmaFence();
+  auto issue_s = [&](int st) {
+    const uint32_t k_addr = SmemAddr(s_k + st * Shape::kKBytes);
 #pragma unroll
     for (int kk = 0; kk < Dk / 16; ++kk) {
       const uint32_t off = (kk % 4) * 32;  // 16-wide slice kk of 64-wide block kk / 4
@@ -150,10 +183,26 @@ __global__ void __launch_bounds__(256, 1) AttentionSm90Kernel(const AttentionPar
                               kk > 0);
     }
     WgmmaCommit();
-    WgmmaWait<0>();
+  };
+  auto issue_pv = [&](int st) {
+    const uint32_t v_addr = SmemAddr(s_v + st * Shape::kVBytes);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) FenceOperand(s[i]);
-
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+      WgmmaM64N128K16RS<T, 1>(o, pf[kk], SmemDesc128(v_addr + kk * 2048, kKeys * 128, 1024), 1);
+    WgmmaCommit();
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      pf[kk][0] = PackPair<T>(s[8 * kk + 0], s[8 * kk + 1]);
+      pf[kk][1] = PackPair<T>(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[kk][2] = PackPair<T>(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[kk][3] = PackPair<T>(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  // Masks and exponentiates s (tile t) in place; returns the rescale factors
+  // of the rows' earlier sums and updates the running maxima.
+  auto softmax = [&](int64_t t, float& al_lo, float& al_hi) {
     const bool need_mask = (t + 1) * kKeys > wg_n_min;
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
@@ -176,7 +225,8 @@ __global__ void __launch_bounds__(256, 1) AttentionSm90Kernel(const AttentionPar
     // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
     const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
     const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
-    const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+    al_lo = Exp2(m_lo - mu_lo);
+    al_hi = Exp2(m_hi - mu_hi);
     m_lo = mn_lo;
     m_hi = mn_hi;
     float sum_lo = 0.f, sum_hi = 0.f;
@@ -191,33 +241,74 @@ __global__ void __launch_bounds__(256, 1) AttentionSm90Kernel(const AttentionPar
     }
     l_lo = l_lo * al_lo + sum_lo;
     l_hi = l_hi * al_hi + sum_hi;
+  };
+
+  if (n_tiles > 0) {
+    MbarWait(q_full, 0);
+    MbarWait(k_full, 0);
+    FenceProxyAsync();  // the cp.async (generic proxy) writes -> wgmma (async proxy) reads
+    my_turn();
+    WgmmaFence();
+    issue_s(0);
+    your_turn();
+    WgmmaWait<0>();
 #pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      o[4 * n + 0] *= al_lo;
-      o[4 * n + 1] *= al_lo;
-      o[4 * n + 2] *= al_hi;
-      o[4 * n + 3] *= al_hi;
-    }
-    uint32_t pf[kKeys / 16][4];
+    for (int i = 0; i < 64; ++i) FenceOperand(s[i]);
+    MbarArrive(k_empty);
+    float al_lo, al_hi;
+    softmax(t_begin, al_lo, al_hi);  // o is still 0: no rescale
+    for (int it = 1; it < n_tiles; ++it) {
+      const int st = it % kStages, sp = (it - 1) % kStages;
+      MbarWait(k_full + st, (it / kStages) & 1);
+      MbarWait(v_full + sp, ((it - 1) / kStages) & 1);
+      FenceProxyAsync();
+      pack_p();  // P of tile it - 1, before s is overwritten by tile it
+      my_turn();
 #pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      pf[kk][0] = PackPair<T>(s[8 * kk + 0], s[8 * kk + 1]);
-      pf[kk][1] = PackPair<T>(s[8 * kk + 2], s[8 * kk + 3]);
-      pf[kk][2] = PackPair<T>(s[8 * kk + 4], s[8 * kk + 5]);
-      pf[kk][3] = PackPair<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      for (int i = 0; i < 64; ++i) FenceOperand(o[i]);
+      WgmmaFence();
+      issue_s(st);
+      issue_pv(sp);
+      your_turn();
+      WgmmaWait<1>();  // S of tile it done; P V of tile it - 1 may still run
+#pragma unroll
+      for (int i = 0; i < 64; ++i) FenceOperand(s[i]);
+      MbarArrive(k_empty + st);
+      softmax(t_begin + it, al_lo, al_hi);
+      WgmmaWait<0>();
+#pragma unroll
+      for (int i = 0; i < 64; ++i) FenceOperand(o[i]);
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) FenceOperand(pf[kk][e]);
+      MbarArrive(v_empty + sp);
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        o[4 * n + 0] *= al_lo;
+        o[4 * n + 1] *= al_lo;
+        o[4 * n + 2] *= al_hi;
+        o[4 * n + 3] *= al_hi;
+      }
     }
+    const int sl = (n_tiles - 1) % kStages;
+    MbarWait(v_full + sl, ((n_tiles - 1) / kStages) & 1);
+    FenceProxyAsync();
+    pack_p();
+    my_turn();
 #pragma unroll
     for (int i = 0; i < 64; ++i) FenceOperand(o[i]);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk)
-      WgmmaM64N128K16RS<T, 1>(o, pf[kk], SmemDesc128(v_addr + kk * 2048, kKeys * 128, 1024), 1);
-    WgmmaCommit();
+    issue_pv(sl);
+    if (cw == 0) your_turn();  // consumer 1's last turn is not waited for
     WgmmaWait<0>();
 #pragma unroll
     for (int i = 0; i < 64; ++i) FenceOperand(o[i]);
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) FenceOperand(pf[kk][e]);
   }
-  CpAsyncWait<0>();
 
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);

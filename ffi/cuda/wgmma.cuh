@@ -1,7 +1,7 @@
 // Hopper (sm_90a) warpgroup MMA building blocks in raw PTX: shared-memory
 // matrix descriptors for 128-byte-swizzled tiles, wgmma.mma_async m64n128k16
 // (A from shared memory or registers, f32 accumulators), the wgmma fences and
-// the async-proxy fence. Everything that emits sm_90a instructions compiles to
+// the async-proxy fence, mbarriers, setmaxnreg. Everything that emits sm_90a instructions compiles to
 // nothing outside __CUDA_ARCH_FEAT_SM90_ALL, so the header is safe to include
 // in the sm_80 pass; callers guard their kernels the same way.
 //
@@ -29,6 +29,8 @@
 
 #include <cstdint>
 #include <type_traits>
+
+#include "ffi/cuda/kernel_utils.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define JAX_MLA_SM90A 1
@@ -74,6 +76,59 @@ __device__ __forceinline__ void FenceOperand(uint32_t& r) { asm volatile("" : "+
 __device__ __forceinline__ void FenceProxyAsync() {
 #ifdef JAX_MLA_SM90A
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// mbarrier (shared::cta) helpers, for producer/consumer pipelines.
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+#ifdef JAX_MLA_SM90A
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count)
+               : "memory");
+#endif
+}
+// One arrival, by this thread, now.
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+#ifdef JAX_MLA_SM90A
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(
+                   SmemAddr(bar))
+               : "memory");
+#endif
+}
+// One arrival, by this thread, once all of its earlier cp.async copies have
+// landed (the barrier's count includes it: .noinc).
+__device__ __forceinline__ void MbarArriveCpAsync(uint64_t* bar) {
+#ifdef JAX_MLA_SM90A
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(SmemAddr(bar))
+               : "memory");
+#endif
+}
+// Waits until the phase with this parity has completed (a fresh barrier is in
+// phase 0, so waiting for parity 1 returns at once).
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+#ifdef JAX_MLA_SM90A
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// Named barrier: arrive without waiting (pairs with NamedBarrier's bar.sync).
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Per-warpgroup register budget (sm_90a); all warps of the warpgroup execute it.
+template <int N>
+__device__ __forceinline__ void SetMaxRegsDec() {
+#ifdef JAX_MLA_SM90A
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void SetMaxRegsInc() {
+#ifdef JAX_MLA_SM90A
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
 
