@@ -1,10 +1,13 @@
 // flash_attention on Hopper (sm_90a) warpgroup MMA, FlashAttention-3 style:
 // a block of three warpgroups owns 128 query rows of one (batch, KV head).
-// Warpgroup 0 produces: it copies Q once and each 128-key K and V tile into
-// 128B-swizzled shared memory (ffi/cuda/wgmma.cuh) with cp.async, two stages
-// deep, zero-filling keys past kv_len (nothing past it is read, so a NaN there
-// cannot leak into P V), and signals each tile on an mbarrier; the consumers
-// release a stage on another. Warpgroups 1 and 2 consume, 64 rows each:
+// Warpgroup 0 produces: it copies Q once (cp.async) and each 128-key K and V
+// tile into 128B-swizzled shared memory (ffi/cuda/wgmma.cuh), two stages
+// deep, by TMA (one thread, bulk tensor copies that zero-fill rows past Skv);
+// the tile that holds a kv_len < Skv goes by cp.async from all 128 threads,
+// zero-filling keys past kv_len (nothing past it is read, so a NaN there
+// cannot leak into P V), as does every tile when the strides do not suit TMA.
+// Each tile is signalled on an mbarrier; the consumers release a stage on
+// another. Warpgroups 1 and 2 consume, 64 rows each:
 // S = Q K^T is a wgmma with both operands in shared memory, the online
 // softmax runs on the S accumulators in registers, and P stays in registers
 // as the A operand of O += P V, whose B operand (V, stored key-major) is read
@@ -18,10 +21,12 @@
 // where Sm90AttentionAvailable() says the sm_90a code is what the device runs.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "ffi/common/params.h"
 #include "ffi/cuda/kernel_utils.cuh"
@@ -48,8 +53,13 @@ struct AttnSm90Shape {
       size_t(kQBytes) + kStages * size_t(kKBytes + kVBytes) + kBarBytes + 1024;
 };
 
+// tm_k, tm_v: 4-d tensor maps over K [kv_batch, Skv, Hkv, Dk] and V (boxes of
+// 64 columns x 128 rows, 128B swizzle), used when use_tma; tiles that hold
+// kv_len (< Skv) and every tile without use_tma are copied with cp.async.
 template <typename T, int Dk, int Dv>
-__global__ void __launch_bounds__(384, 1) AttentionSm90Kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(384, 1)
+    AttentionSm90Kernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_k,
+                        const __grid_constant__ CUtensorMap tm_v, const int use_tma) {
 #ifdef JAX_MLA_SM90A
   using Shape = AttnSm90Shape<Dk, Dv>;
   constexpr int kKeys = Shape::kKeys, kRows = Shape::kRows, kStages = Shape::kStages;
@@ -125,28 +135,55 @@ __global__ void __launch_bounds__(384, 1) AttentionSm90Kernel(const AttentionPar
       const int st = it % kStages;
       const uint32_t phase = (it / kStages) & 1;
       const int64_t key0 = (t_begin + it) * kKeys;
+      // TMA zero-fills rows past Skv but would read real rows in [kv_len, Skv)
+      // (a NaN there would survive P = 0 in P V): such a tile goes by cp.async.
+      const bool tma = use_tma && (key0 + kKeys <= kv_len || kv_len == Skv);
       MbarWait(k_empty + st, phase ^ 1);
       char* dk = s_k + st * Shape::kKBytes;
+      if (tma) {
+        if (tid == 0) {
+          MbarArriveExpectTx(k_full + st, Shape::kKBytes);
+#pragma unroll
+          for (int cb = 0; cb < Dk / 64; ++cb)
+            TmaLoad4d(dk + cb * kKeys * 128, &tm_k, cb * 64, int(hk), int(key0), int(kvb),
+                      k_full + st);
+        } else {
+          MbarArrive(k_full + st);
+        }
+      } else {
 #pragma unroll 4
-      for (int c = tid; c < kKeys * kKChunks; c += 128) {
-        const int rr = c / kKChunks, cc = c % kKChunks;
-        const int64_t j = key0 + rr;
-        const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-        CpAsync16(dk + Swizzle128(kKeys, rr, cc), k_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
-                  ok);
+        for (int c = tid; c < kKeys * kKChunks; c += 128) {
+          const int rr = c / kKChunks, cc = c % kKChunks;
+          const int64_t j = key0 + rr;
+          const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+          CpAsync16(dk + Swizzle128(kKeys, rr, cc),
+                    k_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
+        }
+        MbarArriveCpAsync(k_full + st);
       }
-      MbarArriveCpAsync(k_full + st);
       MbarWait(v_empty + st, phase ^ 1);
       char* dv = s_v + st * Shape::kVBytes;
+      if (tma) {
+        if (tid == 0) {
+          MbarArriveExpectTx(v_full + st, Shape::kVBytes);
+#pragma unroll
+          for (int cb = 0; cb < Dv / 64; ++cb)
+            TmaLoad4d(dv + cb * kKeys * 128, &tm_v, cb * 64, int(hk), int(key0), int(kvb),
+                      v_full + st);
+        } else {
+          MbarArrive(v_full + st);
+        }
+      } else {
 #pragma unroll 4
-      for (int c = tid; c < kKeys * kVChunks; c += 128) {
-        const int rr = c / kVChunks, cc = c % kVChunks;
-        const int64_t j = key0 + rr;
-        const bool ok = j < kv_len;
-        CpAsync16(dv + Swizzle128(kKeys, rr, cc), v_base + (ok ? j : 0) * p.v.row_stride + cc * 8,
-                  ok);
+        for (int c = tid; c < kKeys * kVChunks; c += 128) {
+          const int rr = c / kVChunks, cc = c % kVChunks;
+          const int64_t j = key0 + rr;
+          const bool ok = j < kv_len;
+          CpAsync16(dv + Swizzle128(kKeys, rr, cc),
+                    v_base + (ok ? j : 0) * p.v.row_stride + cc * 8, ok);
+        }
+        MbarArriveCpAsync(v_full + st);
       }
-      MbarArriveCpAsync(v_full + st);
     }
     CpAsyncWait<0>();
     return;
@@ -359,6 +396,47 @@ __global__ void __launch_bounds__(384, 1) AttentionSm90Kernel(const AttentionPar
 #endif
 }
 
+// A 4-d tensor map over rows of `view` ([kv_batch, Skv, Hkv, D], strides in
+// elements), boxes of 64 columns x 128 rows, 128B swizzle. False when the
+// driver has no encoder or the strides do not suit TMA (16-byte multiples).
+template <typename T>
+bool EncodeRowsMap(CUtensorMap* map, const RowView& view, int64_t kv_batch, int64_t seq_kv,
+                   int64_t heads, int64_t dim, int box_rows) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                              const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                              const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr) return false;
+  const int64_t e = sizeof(T);
+  const int64_t strides[3] = {view.head_stride * e, view.row_stride * e, view.batch_stride * e};
+  for (int64_t st : strides)
+    if (st <= 0 || st % 16 != 0 || st >= (int64_t(1) << 40)) return false;
+  if (reinterpret_cast<uintptr_t>(view.data) % 16 != 0) return false;
+  const cuuint64_t dims[4] = {cuuint64_t(dim), cuuint64_t(heads), cuuint64_t(seq_kv),
+                              cuuint64_t(kv_batch)};
+  const cuuint64_t gstrides[3] = {cuuint64_t(strides[0]), cuuint64_t(strides[1]),
+                                  cuuint64_t(strides[2])};
+  const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
+  const cuuint32_t estrides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt = sizeof(T) == 2 && std::is_same_v<T, __nv_bfloat16>
+                                     ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                     : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, dt, 4, const_cast<void*>(view.data), dims, gstrides, box, estrides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <typename T, int Dk, int Dv>
 cudaError_t LaunchAttentionSm90(const AttentionParams& p, cudaStream_t stream) {
   using Shape = AttnSm90Shape<Dk, Dv>;
@@ -366,10 +444,15 @@ cudaError_t LaunchAttentionSm90(const AttentionParams& p, cudaStream_t stream) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(Shape::kSmem));
   if (err != cudaSuccess) return err;
+  CUtensorMap tm_k{}, tm_v{};
+  const bool tma =
+      EncodeRowsMap<T>(&tm_k, p.k, p.kv_batch, p.seq_kv, p.heads_kv, Dk, Shape::kKeys) &&
+      EncodeRowsMap<T>(&tm_v, p.v, p.kv_batch, p.seq_kv, p.heads_kv, Dv, Shape::kKeys);
   const int64_t rows = p.seq_q * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
                   unsigned(p.batch * p.heads_kv));
-  AttentionSm90Kernel<T, Dk, Dv><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  AttentionSm90Kernel<T, Dk, Dv>
+      <<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p, tm_k, tm_v, tma ? 1 : 0);
   return cudaGetLastError();
 }
 

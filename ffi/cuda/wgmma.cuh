@@ -1,9 +1,10 @@
 // Hopper (sm_90a) warpgroup MMA building blocks in raw PTX: shared-memory
 // matrix descriptors for 128-byte-swizzled tiles, wgmma.mma_async m64n128k16
 // (A from shared memory or registers, f32 accumulators), the wgmma fences and
-// the async-proxy fence, mbarriers, setmaxnreg. Everything that emits sm_90a instructions compiles to
-// nothing outside __CUDA_ARCH_FEAT_SM90_ALL, so the header is safe to include
-// in the sm_80 pass; callers guard their kernels the same way.
+// the async-proxy fence, mbarriers, bulk tensor copies, setmaxnreg. Everything
+// that emits sm_90a instructions compiles to nothing outside
+// __CUDA_ARCH_FEAT_SM90_ALL, so the header is safe to include in the sm_80
+// pass; callers guard their kernels the same way.
 //
 // Layouts (PTX ISA 9.7.15.5.1, "Shared Memory Matrix Layout"):
 // - A tile of 16-bit elements is stored as column blocks of 64 elements: each
@@ -111,6 +112,30 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra wait_%=;\n}\n" ::"r"(SmemAddr(bar)),
       "r"(parity)
+      : "memory");
+#endif
+}
+// One arrival, by this thread, that also raises the bytes the current phase
+// waits for (the bulk tensor copies that complete_tx on this barrier).
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+#ifdef JAX_MLA_SM90A
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
+          SmemAddr(bar)),
+      "r"(bytes)
+      : "memory");
+#endif
+}
+// Bulk tensor copy (TMA) of one box of a 4-d tensor map into shared memory,
+// completing on `bar`; coordinates innermost first, in elements.
+__device__ __forceinline__ void TmaLoad4d(void* dst, const void* tensor_map, int c0, int c1,
+                                          int c2, int c3, uint64_t* bar) {
+#ifdef JAX_MLA_SM90A
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%2, %3, %4, %5}], [%6];\n" ::"r"(SmemAddr(dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(SmemAddr(bar))
       : "memory");
 #endif
 }
