@@ -44,7 +44,8 @@ struct AttnSm90Shape {
   static constexpr int kQBytes = kRows * Dk * 2;
   static constexpr int kKBytes = kKeys * Dk * 2;
   static constexpr int kVBytes = kKeys * Dv * 2;
-  // Registers per thread after setmaxnreg: 128 * 56 + 256 * 224 <= 65536 (40 spilled).
+  // Registers per thread after setmaxnreg: 128 * 56 + 256 * 224 <= 65536 (the
+  // producer's cp.async path spilled at 40).
   static constexpr int kProducerRegs = 56, kConsumerRegs = 224;
   // mbarriers: Q full, K full[2], V full[2], K empty[2], V empty[2].
   static constexpr int kBarBytes = 9 * 8;
@@ -113,9 +114,10 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
 
   if (wg == 0) {
-    // Producer: every thread copies its share of each tile with cp.async
-    // (zero-filling keys past kv_len and rows past R) and arrives on the
-    // tile's barrier when its copies have landed.
+    // Producer: Q by cp.async (rows past R zero-filled); each K/V tile by TMA
+    // from thread 0 while the others just arrive, or by cp.async from every
+    // thread (keys past kv_len zero-filled), each arriving when its copies
+    // have landed.
     SetMaxRegsDec<Shape::kProducerRegs>();
     if (n_tiles == 0) return;
     const T* q = static_cast<const T*>(p.q);
