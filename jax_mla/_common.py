@@ -204,8 +204,22 @@ def check_cuda_attention(op: str, q, k, v) -> None:
             "(backend='reference' takes any)")
 
 
+# Quantized latent caches the CUDA flash_mla kernel reads (q6_0 is CPU-only for now).
+CUDA_MLA_FORMATS = ("q8_0", "q8_kv")
+
+
 def check_cuda_mla(op: str, q, kv, dv: int, v_offset: int) -> None:
-    check_cuda_dtypes(op, q=q, kv=kv)
+    if isinstance(kv, quant.QuantizedKV):
+        if kv.fmt not in CUDA_MLA_FORMATS:
+            raise NotImplementedError(
+                f"{op}: the CUDA kernel supports quantized caches in {', '.join(CUDA_MLA_FORMATS)}; "
+                f"got {kv.fmt} (backend='reference' takes any, the CPU kernel takes {kv.fmt})")
+        if jnp.dtype(q.dtype) not in CUDA_DTYPES:
+            raise NotImplementedError(
+                f"{op}: the CUDA kernel takes q float16 or bfloat16 over a quantized cache; got "
+                f"q {jnp.dtype(q.dtype)} (backend='reference' takes any)")
+    else:
+        check_cuda_dtypes(op, q=q, kv=kv)
     layout = (q.shape[-1], dv, v_offset)
     if layout != CUDA_MLA_LAYOUT:
         raise NotImplementedError(

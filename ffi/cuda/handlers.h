@@ -9,6 +9,7 @@
 namespace jax_mla::cuda {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuant);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
 
 // Keys per KV tile of the kernel serving head dim `dk` (num_splits is clamped

@@ -16,6 +16,7 @@ NB_MODULE(_cuda, m) {
     nb::dict d;
     d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttention);
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMla);
+    d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuant);
     return d;
   });
   m.def("sm_count", &jax_mla::cuda::SmCount, nb::arg("device") = 0,
