@@ -24,6 +24,11 @@ def main() -> None:
                 HEADER + '#include "ffi/cuda/mla_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
                 f"template cudaError_t LaunchMla<{ctype}, {g}>(const AttentionParams&, "
                 "cudaStream_t);\n}  // namespace jax_mla::cuda\n")
+            if g == 4:  # the 64-row blocks' sm_90a (wgmma) kernel
+                (out / f"mla_576_512_{name}_sm90.cu").write_text(
+                    HEADER + '#include "ffi/cuda/mla_sm90_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
+                    f"template cudaError_t LaunchMlaSm90<{ctype}>(const AttentionParams&, "
+                    "cudaStream_t);\n}  // namespace jax_mla::cuda\n")
             for qname, qfmt in MLA_QUANT.items():
                 (out / f"mla_576_512_{qname}_{name}_g{g}.cu").write_text(
                     HEADER + '#include "ffi/cuda/mla_quant_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
