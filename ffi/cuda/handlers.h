@@ -18,5 +18,8 @@ int KvTile(int64_t dk);
 // Thread blocks a call makes without split-KV (the num_splits heuristic
 // splits the keys when they do not fill the GPU).
 int64_t WorkItems(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t dk);
+// flash_mla thread blocks that run at once on one SM, for `rows` = Sq * H
+// query rows over a cache in format kv_fmt (QFormat numbering; mla.cu).
+int MlaBlocksPerSm(int64_t rows, int64_t kv_fmt);
 
 }  // namespace jax_mla::cuda

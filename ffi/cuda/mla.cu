@@ -173,6 +173,11 @@ ffi::Error FlashMlaQuant(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 }  // namespace
 
+int MlaBlocksPerSm(int64_t rows, int64_t kv_fmt) {
+  const bool quant = kv_fmt == int64_t(QFormat::kQ8_0) || kv_fmt == int64_t(QFormat::kQ8KV);
+  return quant && MlaGroups(rows) == 1 ? MlaQuantShape<1, QFormat::kQ8_0>::kMinBlocks : 1;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla, MlaBinding<ffi::PlatformStream<cudaStream_t>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMlaQuant, FlashMlaQuant,

@@ -217,7 +217,10 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
     const char* tile_d = tile + kMlaKeys * kMlaQsRowBytes;
 
     // V = d * q for the first 512 columns, into s_v in the input type.
-    for (int c = tid; c < kMlaKeys * (kMlaDv / 16); c += kThreads) {
+    // (Unrolled: every thread's 16-byte loads are in flight together.)
+#pragma unroll
+    for (int i = 0; i < kMlaKeys * (kMlaDv / 16) / kThreads; ++i) {
+      const int c = tid + i * kThreads;
       const int rr = c / (kMlaDv / 16), cc = c % (kMlaDv / 16);
       const uint4 raw = *reinterpret_cast<const uint4*>(tile + rr * kMlaQsRowBytes + cc * 16);
       const float d =
