@@ -218,8 +218,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
     CpAsyncWait<0>();
     Sm90FenceProxy();
     __syncthreads();
-    if (t + 1 < t_end) load_tile(t + 1, stage ^ 1);
-    CpAsyncCommit();
     const uint32_t tile = kv_addr + stage * kSm90TileBytes;
 
     // S = Q K^T for this warpgroup's 32 keys.
@@ -232,6 +230,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
                      Sm90Desc(tile + off + wg * 32 * 128, 16, 1024), k > 0);
     }
     Sm90Commit();
+    // The next tile's copies are issued while the tensor cores work (its
+    // stage was last read by the previous PV, finished before the barrier).
+    if (t + 1 < t_end) load_tile(t + 1, stage ^ 1);
+    CpAsyncCommit();
     Sm90Wait0();
     Sm90Touch(s);
 
