@@ -29,6 +29,8 @@ extern template cudaError_t LaunchMla<__half, 1>(const AttentionParams&, cudaStr
 extern template cudaError_t LaunchMla<__half, 4>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t LaunchMlaSm90<__nv_bfloat16>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t LaunchMlaSm90<__half>(const AttentionParams&, cudaStream_t);
+extern template bool MlaSm90Built<__nv_bfloat16>();
+extern template bool MlaSm90Built<__half>();
 #define JAX_MLA_EXTERN_QUANT(T, F)                                                       \
   extern template cudaError_t LaunchMlaQuant<T, 1, F>(const AttentionParams&, cudaStream_t); \
   extern template cudaError_t LaunchMlaQuant<T, 4, F>(const AttentionParams&, cudaStream_t);
@@ -111,7 +113,8 @@ bool DeviceIsSm90() {
 template <typename T>
 cudaError_t MlaDispatch(const AttentionParams& p, cudaStream_t stream) {
   if (MlaGroups(p.seq_q * p.heads_q) == 1) return LaunchMla<T, 1>(p, stream);
-  return DeviceIsSm90() ? LaunchMlaSm90<T>(p, stream) : LaunchMla<T, 4>(p, stream);
+  return DeviceIsSm90() && MlaSm90Built<T>() ? LaunchMlaSm90<T>(p, stream)
+                                             : LaunchMla<T, 4>(p, stream);
 }
 
 template <typename T, QFormat F>
