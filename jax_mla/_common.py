@@ -204,8 +204,22 @@ def check_cuda_attention(op: str, q, k, v) -> None:
             "(backend='reference' takes any)")
 
 
+# Quantized latent caches the CUDA flash_mla kernel reads (q6_0 is CPU-only for now).
+CUDA_MLA_FORMATS = ("q8_0", "q8_kv")
+
+
 def check_cuda_mla(op: str, q, kv, dv: int, v_offset: int) -> None:
-    check_cuda_dtypes(op, q=q, kv=kv)
+    if isinstance(kv, quant.QuantizedKV):
+        if kv.fmt not in CUDA_MLA_FORMATS:
+            raise NotImplementedError(
+                f"{op}: the CUDA kernel supports quantized caches in {', '.join(CUDA_MLA_FORMATS)}; "
+                f"got {kv.fmt} (backend='reference' takes any, the CPU kernel takes {kv.fmt})")
+        if jnp.dtype(q.dtype) not in CUDA_DTYPES:
+            raise NotImplementedError(
+                f"{op}: the CUDA kernel takes q float16 or bfloat16 over a quantized cache; got "
+                f"q {jnp.dtype(q.dtype)} (backend='reference' takes any)")
+    else:
+        check_cuda_dtypes(op, q=q, kv=kv)
     layout = (q.shape[-1], dv, v_offset)
     if layout != CUDA_MLA_LAYOUT:
         raise NotImplementedError(
@@ -282,16 +296,19 @@ def gpu_num_splits_heuristic(items: int, seq_kv: int, *, kv_tile: int, sms: int)
 
 
 def choose_num_splits(num_splits, batch: int, seq_q: int, heads_q: int, heads_kv: int,
-                      seq_kv: int, *, platform: str = "cpu", dk: int = 0) -> int:
+                      seq_kv: int, *, platform: str = "cpu", dk: int = 0,
+                      blocks_per_sm: int = 1) -> int:
     """num_splits for a native call: the caller's value or the heuristic's,
-    clamped to the number of KV tiles of the platform's kernel."""
+    clamped to the number of KV tiles of the platform's kernel. On the GPU
+    the heuristic fills `blocks_per_sm` thread blocks per SM (the kernel's
+    occupancy, from the native module)."""
     if is_gpu(platform):
         module = _ffi.module("gpu")
         kv_tile = module.kv_tile(dk)
         if num_splits is None:
             items = module.work_items(batch, seq_q, heads_q, heads_kv, dk)
             num_splits = gpu_num_splits_heuristic(items, seq_kv, kv_tile=kv_tile,
-                                                  sms=_gpu_sm_count())
+                                                  sms=_gpu_sm_count() * blocks_per_sm)
         return max(1, min(num_splits, -(-seq_kv // kv_tile)))
     module = _ffi.module("cpu")
     kv_tile = module.kv_tile()

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _common, quant, reference
+from jax_mla import _common, _ffi, quant, reference
 
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
@@ -81,9 +81,12 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
             _common.check_cuda_mla(_OP, q, kv, dv, v_offset)
         else:
             _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
-        num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv,
-                                               platform=platform, dk=dk)
         kv_code = quant.FORMAT_CODES.get(kv_fmt, 0)
+        blocks_per_sm = (_ffi.module("gpu").mla_blocks_per_sm(seq_q * heads, kv_code)
+                         if _common.is_gpu(platform) else 1)
+        num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv,
+                                               platform=platform, dk=dk,
+                                               blocks_per_sm=blocks_per_sm)
         call = _native(dv, v_offset, scale, bool(causal), num_splits, kv_code)
         out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
     return (out, lse) if return_lse else out

@@ -207,3 +207,122 @@ def test_many_native_calls_in_one_jit(rng, gpu):
     want = sum(np.asarray(reference_mla(q * (i + 1), kv, dv=512)[0]).astype(np.float32)
                for i in range(4))
     assert_close(many(q, kv), want, jnp.float32, f32_tol=4 * gpu_tol(jnp.bfloat16))
+
+
+# ---------------------------------------------------------------- quantized latent caches
+# q8_0 and q8_kv caches read in place (ffi/cuda/mla_quant_kernel.cuh). Expected
+# values: the reference over the dequantized cache with the query rounded to 8
+# bits per block of 32 as the kernels take it (test_quant_kernels.expected_query).
+# The kernel's Q.K is exact integer arithmetic scaled in float32; V = d * q is
+# rounded to the query's type, like P, so the float kernels' GPU tolerance holds.
+CUDA_QUANT = ["q8_0", "q8_kv"]
+
+
+def check_mla_quant_gpu(rng, fmt, *, batch, seq_q, heads, seq_kv, dtype, causal=False,
+                        q_pos=None, kv_len=None, num_splits=None, scale=None):
+    from .test_quant_kernels import expected_query, quantized_cache
+    q = randn(rng, (batch, seq_q, heads, 576), dtype)
+    kv = quantized_cache(rng, (batch, seq_kv, 576), fmt, kv_len)  # scales NaN past kv_len
+    kw = dict(dv=512, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    got = native_mla(q, kv, num_splits=num_splits, scale=scale, **kw)
+    q_ref, ref_scale = expected_query(q, fmt, 1 / np.sqrt(576) if scale is None else scale)
+    want = reference_mla(q_ref, jax_mla.dequantize(kv), scale=ref_scale, **kw)
+    visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
+    assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
+    return got
+
+
+@pytest.mark.parametrize("num_splits", [None, 4])
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}"
+                                                   for s in MLA_SHAPES])
+@pytest.mark.parametrize("fmt", CUDA_QUANT)
+def test_mla_quant_shapes(rng, gpu, fmt, shape, dtype, num_splits):
+    batch, seq_q, heads, seq_kv, kv_len = shape
+    check_mla_quant_gpu(rng, fmt, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv,
+                        dtype=dtype, causal=True, kv_len=kv_len, num_splits=num_splits,
+                        scale=0.135)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
+@pytest.mark.parametrize("fmt", CUDA_QUANT)
+def test_mla_quant_positions(rng, gpu, fmt, q_pos, kv_len, causal):
+    # Split in 3 (the splits' partials and the combine see the edge rows too).
+    check_mla_quant_gpu(rng, fmt, batch=4, seq_q=3, heads=16, seq_kv=77, dtype=jnp.bfloat16,
+                        causal=causal, q_pos=q_pos, kv_len=kv_len, num_splits=3)
+
+
+@pytest.mark.parametrize("fmt", CUDA_QUANT)
+def test_mla_quant_results_do_not_depend_on_num_splits(rng, gpu, fmt):
+    from .test_quant_kernels import quantized_cache
+    q = randn(rng, (3, 1, 16, 576), jnp.bfloat16)
+    kv = quantized_cache(rng, (3, 300, 576), fmt, [300, 0, 150])
+    kw = dict(dv=512, kv_len=[300, 0, 150])
+    base = native_mla(q, kv, num_splits=1, **kw)
+    for num_splits in (2, 7, 64):
+        out, lse = native_mla(q, kv, num_splits=num_splits, **kw)
+        assert_close(lse, base[1], jnp.float32, f32_tol=1e-5)
+        assert_close(out, base[0], jnp.bfloat16, f32_tol=gpu_tol(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("fmt", CUDA_QUANT)
+def test_mla_quant_is_close_to_the_float_cache(rng, gpu, fmt):
+    # End to end, as test_quant_kernels does on the CPU: 8-bit rows keep
+    # outputs within about 1e-2 of float64 attention over the float values.
+    q = randn(rng, (1, 1, 16, 576), jnp.float32) * 0.5
+    x = randn(rng, (1, 500, 576), jnp.float32)
+    out = jax_mla.flash_mla(q.astype(jnp.bfloat16), jax_mla.quantize(x, fmt), backend="native")
+    out = np.asarray(out.astype(jnp.float32))
+    qn = np.asarray(q.astype(jnp.bfloat16).astype(jnp.float32), np.float64)[0, 0]
+    xn = np.asarray(x, np.float64)[0]
+    s = qn @ xn.T / np.sqrt(576)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, :512]
+    err = np.abs(out[0, 0] - want).max() / np.abs(want).max()
+    assert err < 1e-2, f"{fmt}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("fmt", CUDA_QUANT)
+def test_mla_quant_vmap_shares_the_cache(rng, gpu, fmt):
+    from .test_quant_kernels import quantized_cache
+    q = randn(rng, (3, 2, 1, 16, 576), jnp.bfloat16)
+    kv = quantized_cache(rng, (2, 100, 576), fmt)
+    kv_len = jnp.array([[100, 50], [10, 1], [0, 64]], jnp.int32)
+    op = lambda q, kv, n: jax_mla.flash_mla(q, kv, kv_len=n, backend="native")
+    got = jax.vmap(op, in_axes=(0, None, 0))(q, kv, kv_len)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(got[i], np.float32),
+                                      np.asarray(op(q[i], kv, kv_len[i]), np.float32))
+
+
+@pytest.mark.parametrize("what", ["q6_0", "f32_query"])
+def test_mla_quant_unsupported_is_not_implemented(rng, gpu, what):
+    fmt, dtype = ("q6_0", jnp.bfloat16) if what == "q6_0" else ("q8_0", jnp.float32)
+    q = randn(rng, (1, 1, 16, 576), dtype)
+    kv = jax_mla.quantize(randn(rng, (1, 40, 576), jnp.float32), fmt)
+    match = "q8_0, q8_kv; got q6_0" if what == "q6_0" else "float16 or bfloat16"
+    for backend in ("native", None):
+        with pytest.raises(NotImplementedError, match=match):
+            jax_mla.flash_mla(q, kv, backend=backend)
+
+
+@pytest.mark.parametrize("fmt_code, match", [
+    (3, r"q8_0 and q8_kv are supported, got q6_0"),
+    (0, r"needs a quantized format"),
+    (7, r"unknown cache format code 7"),
+])
+def test_mla_quant_cpp_checks(gpu, fmt_code, match):
+    # The CUDA handler checks again when called directly (no Python checks).
+    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
+    qs = jnp.ones((1, 8, 432 if fmt_code == 3 else 576), jnp.uint8 if fmt_code == 3 else jnp.int8)
+    d = jnp.ones((1, 8, 18), jnp.float16)
+    out_types = (jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
+                 jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("jax_mla_flash_mla_quant", out_types, vmap_method="sequential")
+    with pytest.raises(Exception, match=match):
+        jax.block_until_ready(call(
+            q, qs, d, jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32),
+            scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(512),
+            v_offset=np.int64(0), num_splits=np.int64(1), kv_fmt=np.int64(fmt_code)))

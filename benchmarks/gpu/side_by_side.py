@@ -13,7 +13,13 @@ Python dispatch of each call.
 Prefill: Dk 192 / Dv 128, causal, B = 1, S in {4096, 16384}, H in {16, 128};
 TFLOP/s counts the visible half of the score matrix: 2 * S^2/2 * H * (192 + 128).
 
+Quantized latent caches (--quant q8_0,q8_kv): jax_mla is also timed over the
+same cache quantized to each format (loop timing; GB/s counts the bytes read:
+576 + 36 per row for q8_0, 576 + 4 for q8_kv), with its max |diff| vs XLA over
+the bf16 cache (the format's error, not only the kernel's).
+
 Usage (device): python3 benchmarks/gpu/side_by_side.py --fi-dir .carry/flashinfer_mla
+  [--rows 64,16,16384/128,128,8192] [--quant q8_0,q8_kv] [--skip prefill]
 Writes $OUT/side_by_side.json and prints a table last.
 """
 from __future__ import annotations
@@ -52,7 +58,10 @@ def load_fi(fi_dir):
     return fb
 
 
-def bench_mla(fb, fi_ok, in_jit_calls):
+QUANT_ROW_BYTES = {"q8_0": 576 + 36, "q8_kv": 576 + 4}
+
+
+def bench_mla(fb, fi_ok, in_jit_calls, configs=MLA_CONFIGS, quant=()):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -72,7 +81,7 @@ def bench_mla(fb, fi_ok, in_jit_calls):
         return [jax_mla.flash_mla(qs[:, None], kv, dv=512, scale=SCALE, backend="native")
                 for kv in kvs]
 
-    for B, H, S in MLA_CONFIGS:
+    for B, H, S in configs:
         row = dict(B=B, H=H, S=S)
         RES["mla"].append(row)
         cache_bytes = B * S * 576 * 2
@@ -116,6 +125,21 @@ def bench_mla(fb, fi_ok, in_jit_calls):
         t_loop, _ = fb.time_calls(xcall, lambda: hx["o"].block_until_ready(), n_inner)
         row["xla"] = dict(loop=fb.metrics(B, H, S, t_loop))
         outs["xla"] = np.asarray(xla(qj, kvj[0]).astype(jnp.float32))
+        # jax_mla over quantized copies of the same caches
+        for fmt in quant:
+            qkvs = [jax_mla.quantize(kv, fmt) for kv in kvj]
+            jax.block_until_ready(qkvs)
+            hq = {}
+
+            def qcall(i):
+                hq["o"] = ours(qj, qkvs[i % ncp])
+
+            t_loop, _ = fb.time_calls(qcall, lambda: hq["o"].block_until_ready(), n_inner)
+            m = fb.metrics(B, H, S, t_loop)
+            m["GBps"] = B * S * QUANT_ROW_BYTES[fmt] / t_loop / 1e9
+            row[f"jax_mla_{fmt}"] = dict(loop=m)
+            outs[f"jax_mla_{fmt}"] = np.asarray(ours(qj, qkvs[0]).astype(jnp.float32))
+            del qkvs, hq
         # FlashInfer fa3
         if fi_ok:
             try:
@@ -143,7 +167,9 @@ def bench_mla(fb, fi_ok, in_jit_calls):
         for k, o in outs.items():
             row.setdefault(k, {})["max_abs_diff_vs_xla"] = float(np.abs(o - ref).max())
         log(f"MLA B={B} H={H} S={S}: " + ", ".join(
-            f"{k} {row[k]['loop']['ms']:.4f} ms" for k in ("jax_mla", "xla", "fa3") if "loop" in row.get(k, {}))
+            f"{k} {row[k]['loop']['ms']:.4f} ms" for k in ("jax_mla", "xla", "fa3",
+                                                           *(f"jax_mla_{f}" for f in quant))
+            if "loop" in row.get(k, {}))
             + f", jax_mla in-jit {row['jax_mla']['in_jit']['ms']:.4f} ms"
             + ", max|diff| vs xla " + ", ".join(f"{k} {row[k]['max_abs_diff_vs_xla']:.2e}" for k in outs))
         del qj, kvj, kvs, q, holder, hx, many, outs
@@ -216,6 +242,15 @@ def summary():
         log(f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {j['loop']['ms']:.4f} {j['in_jit']['ms']:.4f} "
             f"{j['loop']['GBps']:6.0f} {j['loop']['TFLOPs']:6.1f} | {x['loop']['ms']:.4f} | "
             f"{fms:.4f} [{f.get('graph', {}).get('ms', float('nan')):.4f}] | {fms / best:.2f}")
+    for fmt in QUANT_ROW_BYTES:
+        rows = [r for r in RES["mla"] if f"jax_mla_{fmt}" in r]
+        if rows:
+            log(f"==== MLA decode over a {fmt} cache (ms; loop timing) ====")
+        for r in rows:
+            qm, j = r[f"jax_mla_{fmt}"]["loop"], r["jax_mla"]["loop"]
+            log(f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {qm['ms']:.4f} ms {qm['GBps']:6.0f} GB/s | "
+                f"bf16 cache {j['ms']:.4f} ms | speedup {j['ms'] / qm['ms']:.2f}x | max|diff| vs "
+                f"xla {r[f'jax_mla_{fmt}']['max_abs_diff_vs_xla']:.2e}")
     log("==== 192/128 causal prefill, B=1 ====")
     for r in RES["prefill"]:
         j, c = r["jax_mla"], r.get("cudnn", {})
@@ -230,6 +265,10 @@ def main():
     ap.add_argument("--site", default="/tmp/fisite")
     ap.add_argument("--in-jit-calls", type=int, default=32)
     ap.add_argument("--skip", default="", help="comma list: mla, prefill, fa3")
+    ap.add_argument("--rows", default="", help="MLA rows to run, B,H,S separated by '/' "
+                                               "(default: all of MLA_CONFIGS)")
+    ap.add_argument("--quant", default="", help="comma list of cache formats to time jax_mla "
+                                                "over as well: q8_0, q8_kv")
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     skip = set(a.skip.split(","))
@@ -251,7 +290,10 @@ def main():
     RES["env"] = dict(gpu=torch.cuda.get_device_name(0), jax=jax.__version__, torch=torch.__version__)
     log("env", RES["env"])
     if "mla" not in skip:
-        bench_mla(fb, fi_ok, a.in_jit_calls)
+        configs = ([tuple(int(x) for x in r.split(",")) for r in a.rows.split("/")]
+                   if a.rows else MLA_CONFIGS)
+        quant = tuple(f for f in a.quant.split(",") if f)
+        bench_mla(fb, fi_ok, a.in_jit_calls, configs, quant)
     if "prefill" not in skip:
         bench_prefill()
     save()

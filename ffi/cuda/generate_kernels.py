@@ -7,6 +7,7 @@ from pathlib import Path
 
 DTYPES = {"bf16": "__nv_bfloat16", "f16": "__half"}
 MLA_GROUPS = (1, 4)
+MLA_QUANT = {"q8_0": "QFormat::kQ8_0", "q8kv": "QFormat::kQ8KV"}  # 8-bit latent caches
 ATTENTION_DIMS = ((192, 128), (64, 64), (128, 128), (256, 256))
 # The sm_90a wgmma kernel (attention_sm90.cuh) takes these; the rest stay on mma.sync.
 ATTENTION_SM90_DIMS = ((192, 128), (128, 128))
@@ -25,6 +26,17 @@ def main() -> None:
                 HEADER + '#include "ffi/cuda/mla_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
                 f"template cudaError_t LaunchMla<{ctype}, {g}>(const AttentionParams&, "
                 "cudaStream_t);\n}  // namespace jax_mla::cuda\n")
+            if g == 4:  # the 64-row blocks' sm_90a (wgmma) kernel
+                (out / f"mla_576_512_{name}_sm90.cu").write_text(
+                    HEADER + '#include "ffi/cuda/mla_sm90_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
+                    f"template cudaError_t LaunchMlaSm90<{ctype}>(const AttentionParams&, "
+                    f"cudaStream_t);\ntemplate bool MlaSm90Built<{ctype}>();\n"
+                    "}  // namespace jax_mla::cuda\n")
+            for qname, qfmt in MLA_QUANT.items():
+                (out / f"mla_576_512_{qname}_{name}_g{g}.cu").write_text(
+                    HEADER + '#include "ffi/cuda/mla_quant_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
+                    f"template cudaError_t LaunchMlaQuant<{ctype}, {g}, {qfmt}>(const "
+                    "AttentionParams&, cudaStream_t);\n}  // namespace jax_mla::cuda\n")
         for dk, dv in ATTENTION_DIMS:
             (out / f"attention_{dk}_{dv}_{name}.cu").write_text(
                 HEADER + '#include "ffi/cuda/attention_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'

@@ -9,6 +9,7 @@
 namespace jax_mla::cuda {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuant);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
 
 // Keys per KV tile of the kernel serving head dim `dk` (num_splits is clamped
@@ -17,5 +18,8 @@ int KvTile(int64_t dk);
 // Thread blocks a call makes without split-KV (the num_splits heuristic
 // splits the keys when they do not fill the GPU).
 int64_t WorkItems(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t dk);
+// flash_mla thread blocks that run at once on one SM, for `rows` = Sq * H
+// query rows over a cache in format kv_fmt (QFormat numbering; mla.cu).
+int MlaBlocksPerSm(int64_t rows, int64_t kv_fmt);
 
 }  // namespace jax_mla::cuda

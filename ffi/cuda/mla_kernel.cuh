@@ -48,6 +48,71 @@ struct MlaShape {
                                   size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
 };
 
+// The end of a block: row sums over the quad's lanes and the group's 4 warps,
+// then the normalized rows and their LSE into the output, or into the split
+// partials when the keys are split. Shared by the float and quantized kernels.
+template <typename T>
+__device__ __forceinline__ void MlaStoreRows(const AttentionParams& p, int64_t b, int split,
+                                             int grp, int wg, int lane, int bar, int64_t r_lo,
+                                             int64_t r_hi, float m_lo, float m_hi, float l_lo,
+                                             float l_hi, const float (&o)[16][4],
+                                             float* s_sum) {
+  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if (lane % 4 == 0) {
+    s_sum[(grp * 4 + wg) * 16 + lane / 4] = l_lo;
+    s_sum[(grp * 4 + wg) * 16 + lane / 4 + 8] = l_hi;
+  }
+  NamedBarrier(bar, 128);
+  float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    sum_lo += s_sum[(grp * 4 + w) * 16 + lane / 4];
+    sum_hi += s_sum[(grp * 4 + w) * 16 + lane / 4 + 8];
+  }
+  // A row that saw no key: output 0, LSE -inf.
+  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
+  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
+  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
+  const int col0 = wg * 128 + 2 * (lane % 4);
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      if (r_lo < R)
+        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + n * 8) =
+            PackPair<T>(o[n][0] * inv_lo, o[n][1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + n * 8) =
+            PackPair<T>(o[n][2] * inv_hi, o[n][3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
+      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
+      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
+    }
+  } else {
+    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
+    float* out = p.part_out + base * kMlaDv;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      if (r_lo < R)
+        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + n * 8) =
+            make_float2(o[n][0] * inv_lo, o[n][1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + n * 8) =
+            make_float2(o[n][2] * inv_hi, o[n][3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {
+      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
+      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
+    }
+  }
+}
+
 template <typename T, int G>
 __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p) {
   using Shape = MlaShape<G>;
@@ -197,61 +262,7 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
     }
   }
   CpAsyncWait<0>();
-
-  // Row sums: the quad's lanes, then the group's 4 warps.
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-  if (lane % 4 == 0) {
-    s_sum[(grp * 4 + wg) * 16 + lane / 4] = l_lo;
-    s_sum[(grp * 4 + wg) * 16 + lane / 4 + 8] = l_hi;
-  }
-  NamedBarrier(bar, 128);
-  float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    sum_lo += s_sum[(grp * 4 + w) * 16 + lane / 4];
-    sum_hi += s_sum[(grp * 4 + w) * 16 + lane / 4 + 8];
-  }
-  // A row that saw no key: output 0, LSE -inf.
-  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
-  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
-  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
-  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
-  const int col0 = wg * 128 + 2 * (lane % 4);
-  if (p.num_splits == 1) {
-    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      if (r_lo < R)
-        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + n * 8) =
-            PackPair<T>(o[n][0] * inv_lo, o[n][1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + n * 8) =
-            PackPair<T>(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
-    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
-      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
-      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
-    }
-  } else {
-    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
-    float* out = p.part_out + base * kMlaDv;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      if (r_lo < R)
-        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + n * 8) =
-            make_float2(o[n][0] * inv_lo, o[n][1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + n * 8) =
-            make_float2(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
-    if (wg == 0 && lane % 4 == 0) {
-      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
-      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
-    }
-  }
+  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
 }
 
 // Launches the main kernel for one (dtype, G); the caller launches the combine.

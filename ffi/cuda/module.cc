@@ -16,6 +16,7 @@ NB_MODULE(_cuda, m) {
     nb::dict d;
     d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttention);
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMla);
+    d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuant);
     return d;
   });
   m.def("sm_count", &jax_mla::cuda::SmCount, nb::arg("device") = 0,
@@ -26,4 +27,7 @@ NB_MODULE(_cuda, m) {
   m.def("work_items", &jax_mla::cuda::WorkItems, nb::arg("batch"), nb::arg("seq_q"),
         nb::arg("heads_q"), nb::arg("heads_kv"), nb::arg("dk"),
         "Thread blocks a call makes without split-KV (flash_mla: dk = 576, heads_kv = 1).");
+  m.def("mla_blocks_per_sm", &jax_mla::cuda::MlaBlocksPerSm, nb::arg("rows"), nb::arg("kv_fmt"),
+        "flash_mla thread blocks that run at once on one SM (rows = Sq * H; kv_fmt 0 float, "
+        "1 q8_0, 2 q8_kv): the split heuristic fills that many per SM.");
 }

@@ -1,0 +1,363 @@
+// flash_mla over an 8-bit latent cache (q8_0, q8_kv; ffi/common/quant_format.h),
+// read in place: the int8 values and the scales of each KV tile are staged in
+// shared memory by cp.async, K and V from the same rows (V = the first 512
+// columns, block-aligned), as in the float kernel (mla_kernel.cuh), whose
+// block layout (G row groups of 4 warps, 16 query rows per group, 32-key
+// tiles, split-KV partials) this kernel shares.
+//
+// Semantics (quant_format.h, QuantizesQueries): the query rows are scaled and
+// rounded to 8 bits per block of 32 with q8_0's rule and a float32 scale,
+// once per thread block, into shared memory. Then per KV tile:
+//   S = Q K^T    on int8 tensor cores (mma.sync m16n8k32, s32 accumulation):
+//                one 32-value block per mma, exact integer dot products, each
+//                scaled by (query block scale * key block scale) in float32;
+//                warp w of a group scores keys [8w, 8w + 8).
+//   V            the tile's first 512 columns are dequantized once, d * q in
+//                float32 (the value jax_mla.dequantize computes), rounded to
+//                the input type into a shared-memory tile.
+//   softmax, O += P V   exactly as the float kernel (P and V in the input type
+//                on the tensor cores, float32 accumulation).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "ffi/common/params.h"
+#include "ffi/common/quant_format.h"
+#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/mla_kernel.cuh"
+
+namespace jax_mla::cuda {
+
+constexpr int kMlaBlocks = kMlaDk / 32;           // 18 blocks of 32 per latent row
+constexpr int kMlaQsRowBytes = kMlaDk + 16;       // padded int8 row: conflict-free ldmatrix
+constexpr int kMlaQsChunks = kMlaDk / 16;         // 16-byte chunks per int8 row
+constexpr int kMlaQdStride = 20;                  // query block scales per row (18, padded to 16 B)
+constexpr int kMlaVRowBytes = kMlaDv * 2 + 16;    // padded dequantized V row
+
+// Staged scale bytes per key: 18 float16 block scales (q8_0) or one float32 (q8_kv).
+template <QFormat F>
+struct MlaScaleBytes {
+  static constexpr int value = F == QFormat::kQ8_0 ? kMlaBlocks * 2 : 4;
+};
+
+template <int G, QFormat F>
+struct MlaQuantShape {
+  static constexpr int kThreads = 128 * G;
+  static constexpr int kRows = 16 * G;
+  static constexpr int kStages = 3;
+  // Two 16-row blocks fit on an SM (4 warps each hide each other's latency).
+  static constexpr int kMinBlocks = G == 1 ? 2 : 1;
+  static constexpr int kStageBytes = kMlaKeys * kMlaQsRowBytes + kMlaKeys * MlaScaleBytes<F>::value;
+  static constexpr size_t kSmem = size_t(kRows) * kMlaQsRowBytes +          // Q, int8
+                                  size_t(kRows) * kMlaQdStride * 4 +        // Q block scales
+                                  size_t(kStages) * kStageBytes +           // K/V tiles, int8
+                                  size_t(kMlaKeys) * kMlaVRowBytes +        // V, dequantized
+                                  size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
+};
+
+// c = a * b on a 16x8x32 int8 tile, c initialized to `init` (s32 accumulation).
+__device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
+                                      int init) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%10,%10,%10};\n"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(init));
+}
+
+// 4-byte asynchronous copy (the scales are only 4-byte aligned); zero-filled when !valid.
+__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)),
+               "l"(gmem), "r"(valid ? 4 : 0));
+}
+
+// An integer |c| < 2^22 as the bits of the float 1.5 * 2^23 + c: accumulating
+// from this start makes the mma's int32 result a float after one subtraction.
+constexpr int kMagicInt = 0x4B400000;
+constexpr float kMagicFloat = 12582912.f;
+
+// The float of the signed byte i of w ^ 0x80808080 (exact: 2^23 + 128 + q).
+__device__ __forceinline__ float ByteToFloat(uint32_t w_flipped, int i) {
+  return __int_as_float(int(__byte_perm(w_flipped, 0x4B000000u, 0x7650u + unsigned(i)))) -
+         8388736.f;
+}
+
+template <typename T, int G, QFormat F>
+__global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
+    MlaQuantKernel(const AttentionParams p) {
+  using Shape = MlaQuantShape<G, F>;
+  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+  constexpr int kScaleBytes = MlaScaleBytes<F>::value;
+  extern __shared__ __align__(128) char smem[];
+  char* s_q = smem;                                                   // [16G][576] int8 (+pad)
+  float* s_qd = reinterpret_cast<float*>(s_q + Shape::kRows * kMlaQsRowBytes);  // [16G][20]
+  char* s_kv = reinterpret_cast<char*>(s_qd + Shape::kRows * kMlaQdStride);
+  // stage s: [32][576] int8 (+pad), then [32] scales
+  char* s_v = s_kv + kStages * Shape::kStageBytes;                    // [32][512] T (+pad)
+  char* s_p = s_v + kMlaKeys * kMlaVRowBytes;                         // [G][16][32] (+pad)
+  float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
+  float* s_sum = s_max + G * 64;                                          // [G][4][16]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int grp = warp / 4, wg = warp % 4;
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
+  const int32_t kv_len_raw = p.kv_len[b];
+  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
+  const int64_t q_pos = p.q_pos[b];
+  auto visible = [&](int64_t r) -> int64_t {
+    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
+  };
+  const int64_t last_row = (row0 + Shape::kRows < R ? row0 + Shape::kRows : R) - 1;
+  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
+  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+
+  const int64_t tiles = (n_max + kMlaKeys - 1) / kMlaKeys;
+  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
+  const int64_t t_begin = split * per < tiles ? split * per : tiles;
+  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+
+  const int64_t kv_b = b % p.kv_batch;
+  const char* qs_base = static_cast<const char*>(p.k.data) + kv_b * p.k.batch_stride;
+  // Scale strides count scales: float16 (q8_0) or float32 (q8_kv).
+  const char* d_base = static_cast<const char*>(p.k.scales) +
+                       kv_b * p.k.scale_batch_stride * (F == QFormat::kQ8_0 ? 2 : 4);
+  auto load_tile = [&](int64_t t, int stage) {
+    char* dst = s_kv + stage * Shape::kStageBytes;
+    for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
+      const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
+      const int64_t j = t * kMlaKeys + rr;
+      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + (ok ? j : 0) * p.k.row_stride +
+                cc * 16, ok);
+    }
+    char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
+    constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
+    for (int c = tid; c < kMlaKeys * kWords; c += kThreads) {
+      const int rr = c / kWords, ww = c % kWords;
+      const int64_t j = t * kMlaKeys + rr;
+      const bool ok = j < kv_len;
+      CpAsync4(d_dst + rr * kScaleBytes + ww * 4,
+               d_base + (ok ? j : 0) * kScaleBytes + ww * 4, ok);
+    }
+  };
+
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t_begin + s < t_end) load_tile(t_begin + s, s);
+    CpAsyncCommit();
+  }
+
+  // The block's query rows, scaled and rounded to 8 bits per block of 32
+  // (RoundQueryToQ8's arithmetic, float32, IEEE division and reciprocal).
+  if (t_begin < t_end) {
+    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+    for (int it = tid; it < Shape::kRows * kMlaBlocks; it += kThreads) {
+      const int rr = it / kMlaBlocks, kb = it % kMlaBlocks;
+      float x[32];
+      if (row0 + rr < R) {
+        const uint4* src = reinterpret_cast<const uint4*>(q_base + rr * kMlaDk + kb * 32);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const uint4 v = src[c];
+          const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) x[c * 8 + i] = __fmul_rn(float(e[i]), p.scale);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 32; ++i) x[i] = 0.f;
+      }
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(x[i]));
+      const float d = __fdiv_rn(amax, 127.f);
+      const float id = d != 0.f ? __frcp_rn(d) : 0.f;
+      uint32_t packed[8];
+#pragma unroll
+      for (int w = 0; w < 8; ++w) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          word |= uint32_t(uint8_t(int8_t(roundf(__fmul_rn(x[w * 4 + i], id))))) << (8 * i);
+        packed[w] = word;
+      }
+      uint4* dst = reinterpret_cast<uint4*>(s_q + rr * kMlaQsRowBytes + kb * 32);
+      dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+      s_qd[rr * kMlaQdStride + kb] = d;
+    }
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const int bar = 1 + grp;
+
+  const char* q_frag = s_q + (grp * 16 + lane % 16) * kMlaQsRowBytes + (lane / 16) * 16;
+  const float* qd_lo = s_qd + (grp * 16 + lane / 4) * kMlaQdStride;
+  const float* qd_hi = qd_lo + 8 * kMlaQdStride;
+  const char* p_frag = s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
+  char* p_store = s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
+  const int key0 = wg * 8 + 2 * (lane % 4);  // this thread's two keys in the tile
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int it = int(t - t_begin);
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
+    CpAsyncCommit();
+    const char* tile = s_kv + (it % kStages) * Shape::kStageBytes;
+    const char* tile_d = tile + kMlaKeys * kMlaQsRowBytes;
+
+    // V = d * q for the first 512 columns, into s_v in the input type.
+    // (Unrolled: every thread's 16-byte loads are in flight together.)
+#pragma unroll
+    for (int i = 0; i < kMlaKeys * (kMlaDv / 16) / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int rr = c / (kMlaDv / 16), cc = c % (kMlaDv / 16);
+      const uint4 raw = *reinterpret_cast<const uint4*>(tile + rr * kMlaQsRowBytes + cc * 16);
+      const float d =
+          F == QFormat::kQ8_0
+              ? __half2float(reinterpret_cast<const __half*>(tile_d + rr * kScaleBytes)[cc / 2])
+              : *reinterpret_cast<const float*>(tile_d + rr * kScaleBytes);
+      const uint32_t w[4] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u,
+                             raw.w ^ 0x80808080u};
+      uint32_t out[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        out[i] = PackPair<T>(ByteToFloat(w[i / 2], 2 * (i % 2)) * d,
+                             ByteToFloat(w[i / 2], 2 * (i % 2) + 1) * d);
+      uint4* dst = reinterpret_cast<uint4*>(s_v + rr * kMlaVRowBytes + cc * 32);
+      dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+      dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+    }
+
+    // S = Q K^T, one 32-value block per int8 mma, scaled per block.
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+    const char* k_frag = tile + (wg * 8 + lane % 8) * kMlaQsRowBytes + (lane / 8) * 16;
+    const char* kd0 = tile_d + key0 * kScaleBytes;
+    const char* kd1 = kd0 + kScaleBytes;
+#pragma unroll
+    for (int kb = 0; kb < kMlaBlocks; kb += 2) {
+      uint32_t a0[4], a1[4], bk[4];
+      LdMatrixX4(a0, q_frag + kb * 32);
+      LdMatrixX4(a1, q_frag + (kb + 1) * 32);
+      LdMatrixX4(bk, k_frag + kb * 32);
+      int c0[4], c1[4];
+      MmaS8(c0, a0, bk[0], bk[1], kMagicInt);
+      MmaS8(c1, a1, bk[2], bk[3], kMagicInt);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int k = kb + h;
+        const int* c = h ? c1 : c0;
+        const float dlo = qd_lo[k], dhi = qd_hi[k];
+        float e0 = dlo, e1 = dlo, e2 = dhi, e3 = dhi;
+        if constexpr (F == QFormat::kQ8_0) {
+          const float k0 = __half2float(reinterpret_cast<const __half*>(kd0)[k]);
+          const float k1 = __half2float(reinterpret_cast<const __half*>(kd1)[k]);
+          e0 *= k0;
+          e1 *= k1;
+          e2 *= k0;
+          e3 *= k1;
+        }
+        sc[0] = fmaf(__int_as_float(c[0]) - kMagicFloat, e0, sc[0]);
+        sc[1] = fmaf(__int_as_float(c[1]) - kMagicFloat, e1, sc[1]);
+        sc[2] = fmaf(__int_as_float(c[2]) - kMagicFloat, e2, sc[2]);
+        sc[3] = fmaf(__int_as_float(c[3]) - kMagicFloat, e3, sc[3]);
+      }
+    }
+    if constexpr (F == QFormat::kQ8KV) {  // one scale per key
+      const float k0 = *reinterpret_cast<const float*>(kd0);
+      const float k1 = *reinterpret_cast<const float*>(kd1);
+      sc[0] *= k0;
+      sc[1] *= k1;
+      sc[2] *= k0;
+      sc[3] *= k1;
+    }
+    // The query was scaled before rounding: only the base-2 factor is left.
+    const int64_t key = t * kMlaKeys + key0;
+    sc[0] = key < n_lo ? sc[0] * kLog2e : -INFINITY;
+    sc[1] = key + 1 < n_lo ? sc[1] * kLog2e : -INFINITY;
+    sc[2] = key < n_hi ? sc[2] * kLog2e : -INFINITY;
+    sc[3] = key + 1 < n_hi ? sc[3] * kLog2e : -INFINITY;
+    float mx_lo = fmaxf(sc[0], sc[1]), mx_hi = fmaxf(sc[2], sc[3]);
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    if (lane % 4 == 0) {
+      s_max[(grp * 4 + wg) * 16 + lane / 4] = mx_lo;
+      s_max[(grp * 4 + wg) * 16 + lane / 4 + 8] = mx_hi;
+    }
+    NamedBarrier(bar, 128);
+    float mn_lo = m_lo, mn_hi = m_hi;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      mn_lo = fmaxf(mn_lo, s_max[(grp * 4 + w) * 16 + lane / 4]);
+      mn_hi = fmaxf(mn_hi, s_max[(grp * 4 + w) * 16 + lane / 4 + 8]);
+    }
+    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
+    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+    const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+    const float p0 = Exp2(sc[0] - mu_lo), p1 = Exp2(sc[1] - mu_lo);
+    const float p2 = Exp2(sc[2] - mu_hi), p3 = Exp2(sc[3] - mu_hi);
+    l_lo = l_lo * al_lo + p0 + p1;
+    l_hi = l_hi * al_hi + p2 + p3;
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    *reinterpret_cast<uint32_t*>(p_store) = PackPair<T>(p0, p1);
+    *reinterpret_cast<uint32_t*>(p_store + 8 * kMlaPRowBytes) = PackPair<T>(p2, p3);
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      o[n][0] *= al_lo;
+      o[n][1] *= al_lo;
+      o[n][2] *= al_hi;
+      o[n][3] *= al_hi;
+    }
+    // P of the group's warps and the whole block's V conversion are visible after this.
+    __syncthreads();
+
+    // O += P V, V = columns [128 wg, 128 wg + 128) of the dequantized tile.
+    const char* v_frag =
+        s_v + (lane % 8 + ((lane / 8) % 2) * 8) * kMlaVRowBytes + (wg * 128 + (lane / 16) * 8) * 2;
+#pragma unroll
+    for (int kk = 0; kk < kMlaKeys / 16; ++kk) {
+      uint32_t a[4];
+      LdMatrixX4(a, p_frag + kk * 32);
+#pragma unroll
+      for (int np = 0; np < 8; ++np) {
+        uint32_t bv[4];
+        LdMatrixX4Trans(bv, v_frag + kk * 16 * kMlaVRowBytes + np * 32);
+        Mma16816<T>(o[2 * np], a, bv[0], bv[1]);
+        Mma16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+  CpAsyncWait<0>();
+  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
+}
+
+// Launches the main kernel for one (dtype, G, format); the caller launches the combine.
+template <typename T, int G, QFormat F>
+cudaError_t LaunchMlaQuant(const AttentionParams& p, cudaStream_t stream) {
+  using Shape = MlaQuantShape<G, F>;
+  cudaError_t err = cudaFuncSetAttribute(MlaQuantKernel<T, G, F>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(Shape::kSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.seq_q * p.heads_q;
+  const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
+                  unsigned(p.batch));
+  MlaQuantKernel<T, G, F><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_mla::cuda

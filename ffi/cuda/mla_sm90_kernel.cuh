@@ -1,0 +1,356 @@
+// flash_mla for 64-row blocks on Hopper (sm_90a): warpgroup MMAs (wgmma) with
+// both operands in 128-byte-swizzled shared memory, so each K/V tile operand
+// is read from shared memory once per 64-row warpgroup instead of once per
+// 16-row warp (the bound of the mma.sync kernel, benchmarks/NOTES.md "CUDA 1").
+//
+// A block is 2 warpgroups (256 threads) and owns 64 query rows, (position,
+// head) pairs of one batch row, like the mma.sync kernel's G = 4 blocks (so
+// the split heuristic's work items are the same). KV tiles of 64 keys are
+// staged by cp.async, two deep. Per tile:
+//   S = Q K^T   warpgroup w scores keys [32w, 32w + 32) for all 64 rows
+//               (wgmma m64n32k16 x 36, Q and K from shared memory);
+//   softmax     row maxima exchanged between the two warpgroups through
+//               shared memory (online softmax, float32, base-2 exponent);
+//               P is written to shared memory in the input type, swizzled;
+//   O += P V    warpgroup w accumulates output columns [256w, 256w + 256)
+//               (wgmma m64n256k16 x 4, P K-major, V = the same tile read
+//               MN-major in place: no V copy).
+// Split-KV partials and the combine are the mma.sync kernel's.
+//
+// Shared-memory layout (PTX ISA "Shared Memory Matrix Layout", 128B swizzle):
+// a [rows][576] tile is 9 column blocks of 64 elements, block b at b * rows *
+// 128 bytes; row r of a block is 128 bytes with its 16-byte chunk c at
+// (c ^ (r % 8)) * 16. K-major descriptors (Q, K, P): SBO 1024 (8 rows), the
+// k-th 16-wide slice at 32 * (k % 4) bytes into block k / 4. MN-major (V):
+// LBO = the block stride (64 * 128), SBO 1024 (8 keys), the k-th 16-key slice
+// 2048 * k bytes in. Accumulators of m64nNk16: warp v of the warpgroup holds
+// rows 16v + lane/4 (lo) and + 8 (hi); d[4j + e] is (lo, column 8j + 2(lane%4)
+// + e) and d[4j + 2 + e] the same column of hi.
+//
+// Everything that emits sm_90a instructions compiles to nothing outside
+// __CUDA_ARCH_FEAT_SM90_ALL; the host launches this kernel only on devices of
+// compute capability 9.x (mla.cu), the mma.sync kernel elsewhere.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "ffi/common/params.h"
+#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/mla_kernel.cuh"
+#include "ffi/cuda/wgmma.cuh"
+
+namespace jax_mla::cuda {
+
+constexpr int kSm90Keys = 64;                        // keys per KV tile
+constexpr int kSm90Rows = 64;                        // query rows per block
+constexpr int kSm90Threads = 256;                    // two warpgroups
+constexpr int kSm90TileBytes = kSm90Keys * kMlaDk * 2;  // one [64][576] tile: 73728
+constexpr size_t kSm90Smem = 2 * size_t(kSm90TileBytes) +  // K/V, two stages
+                             size_t(kSm90TileBytes) +      // Q
+                             kSm90Rows * 128 +             // P [64][64]
+                             2 * 2 * kSm90Rows * sizeof(float) +  // row max, row sum per warpgroup
+                             1024;                         // alignment slack
+
+// Keeps the compiler from touching accumulators between an mma_async and its wait.
+template <int N>
+__device__ __forceinline__ void Sm90Touch(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[16] (+)= A (64x16) * B (16x32), both from shared memory (descriptors);
+// B K-major (kTransB 0) or MN-major (kTransB 1); accumulate 0 overwrites d.
+template <typename T, int kTransB>
+__device__ __forceinline__ void WgmmaN32(float (&d)[16], uint64_t a_desc, uint64_t b_desc,
+                                          int accumulate) {
+#ifdef JAX_MLA_SM90A
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, 0, %19;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, 0, %19;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB));
+  }
+#endif
+}
+
+// d[128] (+)= A (64x16) * B (16x256), both from shared memory (descriptors);
+// B K-major (kTransB 0) or MN-major (kTransB 1); accumulate 0 overwrites d.
+template <typename T, int kTransB>
+__device__ __forceinline__ void WgmmaN256(float (&d)[128], uint64_t a_desc, uint64_t b_desc,
+                                          int accumulate) {
+#ifdef JAX_MLA_SM90A
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB));
+  }
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const AttentionParams p) {
+#ifdef JAX_MLA_SM90A
+  extern __shared__ __align__(1024) char smem_raw[];
+  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
+  char* s_kv = smem;                                  // [2][64][576] swizzled
+  char* s_q = s_kv + 2 * kSm90TileBytes;              // [64][576] swizzled
+  char* s_p = s_q + kSm90TileBytes;                   // [64][64] swizzled
+  float* s_max = reinterpret_cast<float*>(s_p + kSm90Rows * 128);  // [2][64]
+  float* s_sum = s_max + 2 * kSm90Rows;                            // [2][64]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t row0 = int64_t(blockIdx.x) * kSm90Rows;
+  const int32_t kv_len_raw = p.kv_len[b];
+  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
+  const int64_t q_pos = p.q_pos[b];
+  auto visible = [&](int64_t r) -> int64_t {
+    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
+  };
+  const int64_t last_row = (row0 + kSm90Rows < R ? row0 + kSm90Rows : R) - 1;
+  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
+  const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
+  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+
+  const int64_t tiles = (n_max + kSm90Keys - 1) / kSm90Keys;
+  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
+  const int64_t t_begin = split * per < tiles ? split * per : tiles;
+  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+
+  constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
+  const T* kv_base = static_cast<const T*>(p.k.data) + (b % p.kv_batch) * p.k.batch_stride;
+  auto load_tile = [&](int64_t t, int stage) {
+    char* dst = s_kv + stage * kSm90TileBytes;
+    for (int c = tid; c < kSm90Keys * kChunks; c += kSm90Threads) {
+      const int rr = c / kChunks, cc = c % kChunks;
+      const int64_t j = t * kSm90Keys + rr;
+      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+      CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
+                ok);
+    }
+  };
+  if (t_begin < t_end) {
+    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+    for (int c = tid; c < kSm90Rows * kChunks; c += kSm90Threads) {
+      const int rr = c / kChunks, cc = c % kChunks;
+      const bool ok = row0 + rr < R;
+      CpAsync16(s_q + Swizzle128(kSm90Rows, rr, cc), q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
+    }
+    load_tile(t_begin, 0);
+  }
+  CpAsyncCommit();
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t q_addr = SmemAddr(s_q), kv_addr = SmemAddr(s_kv), p_addr = SmemAddr(s_p);
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int stage = int(t - t_begin) % 2;
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();
+    const uint32_t tile = kv_addr + stage * kSm90TileBytes;
+
+    // S = Q K^T for this warpgroup's 32 keys.
+    float s[16];
+    WgmmaFence();
+#pragma unroll
+    for (int k = 0; k < kMlaDk / 16; ++k) {
+      const uint32_t off = (k / 4) * (kSm90Rows * 128) + 32 * (k % 4);
+      WgmmaN32<T, 0>(s, SmemDesc128(q_addr + off, 16, 1024),
+                     SmemDesc128(tile + off + wg * 32 * 128, 16, 1024), k > 0);
+    }
+    WgmmaCommit();
+    // The next tile's copies are issued while the tensor cores work (its
+    // stage was last read by the previous PV, finished before the barrier).
+    if (t + 1 < t_end) load_tile(t + 1, stage ^ 1);
+    CpAsyncCommit();
+    WgmmaWait<0>();
+    Sm90Touch(s);
+
+    const int64_t key0 = t * kSm90Keys + wg * 32 + 2 * (lane % 4);
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t key = key0 + 8 * j + e;
+        s[4 * j + e] = key < n_lo ? s[4 * j + e] * scale_log2 : -INFINITY;
+        s[4 * j + 2 + e] = key < n_hi ? s[4 * j + 2 + e] * scale_log2 : -INFINITY;
+        mx_lo = fmaxf(mx_lo, s[4 * j + e]);
+        mx_hi = fmaxf(mx_hi, s[4 * j + 2 + e]);
+      }
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    if (lane % 4 == 0) {
+      s_max[wg * kSm90Rows + rl] = mx_lo;
+      s_max[wg * kSm90Rows + rh] = mx_hi;
+    }
+    NamedBarrier(1, kSm90Threads);
+    const float mn_lo = fmaxf(m_lo, fmaxf(s_max[rl], s_max[kSm90Rows + rl]));
+    const float mn_hi = fmaxf(m_hi, fmaxf(s_max[rh], s_max[kSm90Rows + rh]));
+    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
+    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+    const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float p0 = Exp2(s[4 * j] - mu_lo), p1 = Exp2(s[4 * j + 1] - mu_lo);
+      const float p2 = Exp2(s[4 * j + 2] - mu_hi), p3 = Exp2(s[4 * j + 3] - mu_hi);
+      sum_lo += p0 + p1;
+      sum_hi += p2 + p3;
+      const int chunk = wg * 4 + j;  // keys [8 chunk, 8 chunk + 8) of the tile
+      *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rl, chunk) + 4 * (lane % 4)) =
+          PackPair<T>(p0, p1);
+      *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rh, chunk) + 4 * (lane % 4)) =
+          PackPair<T>(p2, p3);
+    }
+    l_lo = l_lo * al_lo + sum_lo;
+    l_hi = l_hi * al_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j] *= al_lo;
+      o[4 * j + 1] *= al_lo;
+      o[4 * j + 2] *= al_hi;
+      o[4 * j + 3] *= al_hi;
+    }
+    FenceProxyAsync();
+    NamedBarrier(1, kSm90Threads);
+
+    // O += P V for this warpgroup's 256 columns (4 column blocks of the tile).
+    WgmmaFence();
+#pragma unroll
+    for (int k = 0; k < kSm90Keys / 16; ++k)
+      WgmmaN256<T, 1>(o, SmemDesc128(p_addr + 32 * k, 16, 1024),
+                      SmemDesc128(tile + wg * 4 * (kSm90Keys * 128) + 2048 * k,
+                               kSm90Keys * 128, 1024),
+                      1);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    Sm90Touch(o);
+  }
+  CpAsyncWait<0>();
+
+  // Row sums: the quad's lanes, then the two warpgroups.
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if (lane % 4 == 0) {
+    s_sum[wg * kSm90Rows + rl] = l_lo;
+    s_sum[wg * kSm90Rows + rh] = l_hi;
+  }
+  NamedBarrier(1, kSm90Threads);
+  const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
+  const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
+  // A row that saw no key: output 0, LSE -inf.
+  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
+  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
+  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
+  const int col0 = wg * 256 + 2 * (lane % 4);
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
+      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
+      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
+    }
+  } else {
+    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
+    float* out = p.part_out + base * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {
+      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
+      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
+    }
+  }
+#endif
+}
+
+// Whether the module carries sm_90a machine code for this kernel (a build
+// with JAX_MLA_CUDA_ARCHS lacking 90a has only the empty sm_80 body, which
+// must never run), asked once on the current device.
+template <typename T>
+bool MlaSm90Built() {
+  static const bool built = [] {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, MlaSm90Kernel<T>) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attr.binaryVersion == 90;
+  }();
+  return built;
+}
+
+// Launches the sm_90a kernel (64-row blocks); the caller launches the combine.
+// Only for devices of compute capability 9.x when MlaSm90Built<T>().
+template <typename T>
+cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(MlaSm90Kernel<T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kSm90Smem));
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.seq_q * p.heads_q;
+  const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
+                  unsigned(p.batch));
+  MlaSm90Kernel<T><<<grid, kSm90Threads, kSm90Smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_mla::cuda
