@@ -287,41 +287,7 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
     sc[1] = key + 1 < n_lo ? sc[1] * kLog2e : -INFINITY;
     sc[2] = key < n_hi ? sc[2] * kLog2e : -INFINITY;
     sc[3] = key + 1 < n_hi ? sc[3] * kLog2e : -INFINITY;
-    float mx_lo = fmaxf(sc[0], sc[1]), mx_hi = fmaxf(sc[2], sc[3]);
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-    if (lane % 4 == 0) {
-      s_max[(grp * 4 + wg) * 16 + lane / 4] = mx_lo;
-      s_max[(grp * 4 + wg) * 16 + lane / 4 + 8] = mx_hi;
-    }
-    NamedBarrier(bar, 128);
-    float mn_lo = m_lo, mn_hi = m_hi;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      mn_lo = fmaxf(mn_lo, s_max[(grp * 4 + w) * 16 + lane / 4]);
-      mn_hi = fmaxf(mn_hi, s_max[(grp * 4 + w) * 16 + lane / 4 + 8]);
-    }
-    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
-    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
-    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
-    const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
-    const float p0 = Exp2(sc[0] - mu_lo), p1 = Exp2(sc[1] - mu_lo);
-    const float p2 = Exp2(sc[2] - mu_hi), p3 = Exp2(sc[3] - mu_hi);
-    l_lo = l_lo * al_lo + p0 + p1;
-    l_hi = l_hi * al_hi + p2 + p3;
-    m_lo = mn_lo;
-    m_hi = mn_hi;
-    *reinterpret_cast<uint32_t*>(p_store) = PackPair<T>(p0, p1);
-    *reinterpret_cast<uint32_t*>(p_store + 8 * kMlaPRowBytes) = PackPair<T>(p2, p3);
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      o[n][0] *= al_lo;
-      o[n][1] *= al_lo;
-      o[n][2] *= al_hi;
-      o[n][3] *= al_hi;
-    }
+    MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
     // P of the group's warps and the whole block's V conversion are visible after this.
     __syncthreads();
 
