@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
+#include "ffi/cuda/attention_rows.cuh"
 #include "ffi/cuda/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
@@ -207,52 +208,8 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
   }
   CpAsyncWait<0>();
 
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-  // A row that saw no key: output 0, LSE -inf.
-  const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
-  const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
-  const float lse_lo = l_lo > 0.f ? (m_lo + log2f(l_lo)) * kLn2 : -INFINITY;
-  const float lse_hi = l_hi > 0.f ? (m_hi + log2f(l_hi)) * kLn2 : -INFINITY;
-  const int col0 = 2 * (lane % 4);
-  const int64_t off_lo = r_lo < R ? row_offset(r_lo) : 0, off_hi = r_hi < R ? row_offset(r_hi) : 0;
-  // LSE index [B, Hq, Sq] of row r: (b * Hq + hq) * Sq + i.
-  auto lse_index = [&](int64_t r) { return (b * Hq + hk * group + r % group) * Sq + r / group; };
-  if (p.num_splits == 1) {
-    T* out = static_cast<T*>(p.out);
-#pragma unroll
-    for (int n = 0; n < kOT; ++n) {
-      if (r_lo < R)
-        *reinterpret_cast<uint32_t*>(out + off_lo * Dv + col0 + n * 8) =
-            PackPair<T>(o[n][0] * inv_lo, o[n][1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<uint32_t*>(out + off_hi * Dv + col0 + n * 8) =
-            PackPair<T>(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
-    if (lane % 4 == 0) {
-      if (r_lo < R) p.lse[lse_index(r_lo)] = lse_lo;
-      if (r_hi < R) p.lse[lse_index(r_hi)] = lse_hi;
-    }
-  } else {
-    // part_out [B, ns, Sq, Hq, Dv]: row offset (b * Sq + i) * Hq + hq shifted by split.
-    const int64_t shift = (b * (p.num_splits - 1) + split) * Sq * Hq;
-    float* out = p.part_out;
-#pragma unroll
-    for (int n = 0; n < kOT; ++n) {
-      if (r_lo < R)
-        *reinterpret_cast<float2*>(out + (off_lo + shift) * Dv + col0 + n * 8) =
-            make_float2(o[n][0] * inv_lo, o[n][1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<float2*>(out + (off_hi + shift) * Dv + col0 + n * 8) =
-            make_float2(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
-    if (lane % 4 == 0) {
-      if (r_lo < R) p.part_lse[off_lo + shift] = lse_lo;
-      if (r_hi < R) p.part_lse[off_hi + shift] = lse_hi;
-    }
-  }
+  AttentionStoreRows<T, Dv>(p, b, hk, split, lane, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi,
+                            [&](int n, int e) { return o[n][e]; });
 }
 
 template <typename T, int Dk, int Dv>
