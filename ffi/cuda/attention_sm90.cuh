@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(384, 1)
 #ifdef JAX_MLA_SM90A
   using Shape = AttnSm90Shape<Dk, Dv>;
   constexpr int kKeys = Shape::kKeys, kRows = Shape::kRows, kStages = Shape::kStages;
-  constexpr int kKChunks = Dk / 8, kVChunks = Dv / 8;
+  constexpr int kKChunks = Dk / 8;
   extern __shared__ __align__(1024) char smem_raw[];
   char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
   char* s_q = smem;                                   // [Dk/64][128 rows][64], swizzled
@@ -134,6 +134,32 @@ __global__ void __launch_bounds__(384, 1)
         static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride + hk * p.k.head_stride;
     const T* v_base =
         static_cast<const T*>(p.v.data) + kvb * p.v.batch_stride + hk * p.v.head_stride;
+    // One K or V tile (D columns) into dst: by TMA from thread 0 (the others
+    // just arrive) or by cp.async from every thread, arriving on `full`.
+    auto load_tile = [&](auto dim, char* dst, const CUtensorMap& tm, const T* base,
+                         int64_t row_stride, uint64_t* full, bool tma, int64_t key0) {
+      constexpr int D = decltype(dim)::value, kChunks = D / 8;
+      if (tma) {
+        if (tid == 0) {
+          MbarArriveExpectTx(full, uint32_t(kKeys * D * sizeof(T)));
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb)
+            TmaLoad4d(dst + cb * kKeys * 128, &tm, cb * 64, int(hk), int(key0), int(kvb), full);
+        } else {
+          MbarArrive(full);
+        }
+      } else {
+#pragma unroll 4
+        for (int c = tid; c < kKeys * kChunks; c += 128) {
+          const int rr = c / kChunks, cc = c % kChunks;
+          const int64_t j = key0 + rr;
+          const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+          CpAsync16(dst + Swizzle128(kKeys, rr, cc), base + (ok ? j : 0) * row_stride + cc * 8,
+                    ok);
+        }
+        MbarArriveCpAsync(full);
+      }
+    };
     for (int it = 0; it < n_tiles; ++it) {
       const int st = it % kStages;
       const uint32_t phase = (it / kStages) & 1;
@@ -142,51 +168,11 @@ __global__ void __launch_bounds__(384, 1)
       // (a NaN there would survive P = 0 in P V): such a tile goes by cp.async.
       const bool tma = use_tma && (key0 + kKeys <= kv_len || kv_len == Skv);
       MbarWait(k_empty + st, phase ^ 1);
-      char* dk = s_k + st * Shape::kKBytes;
-      if (tma) {
-        if (tid == 0) {
-          MbarArriveExpectTx(k_full + st, Shape::kKBytes);
-#pragma unroll
-          for (int cb = 0; cb < Dk / 64; ++cb)
-            TmaLoad4d(dk + cb * kKeys * 128, &tm_k, cb * 64, int(hk), int(key0), int(kvb),
-                      k_full + st);
-        } else {
-          MbarArrive(k_full + st);
-        }
-      } else {
-#pragma unroll 4
-        for (int c = tid; c < kKeys * kKChunks; c += 128) {
-          const int rr = c / kKChunks, cc = c % kKChunks;
-          const int64_t j = key0 + rr;
-          const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-          CpAsync16(dk + Swizzle128(kKeys, rr, cc),
-                    k_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
-        }
-        MbarArriveCpAsync(k_full + st);
-      }
+      load_tile(std::integral_constant<int, Dk>{}, s_k + st * Shape::kKBytes, tm_k, k_base,
+                p.k.row_stride, k_full + st, tma, key0);
       MbarWait(v_empty + st, phase ^ 1);
-      char* dv = s_v + st * Shape::kVBytes;
-      if (tma) {
-        if (tid == 0) {
-          MbarArriveExpectTx(v_full + st, Shape::kVBytes);
-#pragma unroll
-          for (int cb = 0; cb < Dv / 64; ++cb)
-            TmaLoad4d(dv + cb * kKeys * 128, &tm_v, cb * 64, int(hk), int(key0), int(kvb),
-                      v_full + st);
-        } else {
-          MbarArrive(v_full + st);
-        }
-      } else {
-#pragma unroll 4
-        for (int c = tid; c < kKeys * kVChunks; c += 128) {
-          const int rr = c / kVChunks, cc = c % kVChunks;
-          const int64_t j = key0 + rr;
-          const bool ok = j < kv_len;
-          CpAsync16(dv + Swizzle128(kKeys, rr, cc),
-                    v_base + (ok ? j : 0) * p.v.row_stride + cc * 8, ok);
-        }
-        MbarArriveCpAsync(v_full + st);
-      }
+      load_tile(std::integral_constant<int, Dv>{}, s_v + st * Shape::kVBytes, tm_v, v_base,
+                p.v.row_stride, v_full + st, tma, key0);
     }
     CpAsyncWait<0>();
     return;
