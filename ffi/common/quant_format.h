@@ -73,4 +73,24 @@ inline void RoundQueryToQ8(float* x, int64_t n) {
   }
 }
 
+// Over 8-bit values (q8_0, q8_kv V) the CPU kernels also take the softmax
+// weights P at 8 bits, so that P.V can run on integer dot products. V's scale
+// is per key and block of 32 columns, so it is folded into P first: for each
+// query row, each group of kPGroup keys (absolute positions [64 g, 64 g + 64),
+// the kernels' key tiles) and each block j of 32 V columns (for q8_kv, whose
+// scale is per key, every block gives the same values),
+//   x_t = p_t * dv[t][j]            (p_t = exp(s_t - m) in [0, 1], float32)
+//   d = max_t x_t / 255,  id = 1 / d (0 when d = 0),  q_t = round(x_t * id)
+// with round half to even, q_t in [0, 255]; block j of the output gets
+// d * sum_t q_t * vq[t] (the int8 values of V), and the softmax denominator
+// stays the float sum of p. q_t does not depend on m (x_t / max x_t), so the
+// result does not depend on the running max nor on the split boundaries
+// (which fall on groups). reference.attention_quantized defines it in JAX.
+inline constexpr int64_t kPGroup = 64;
+inline constexpr float kPLevels = 255.f;
+
+inline bool RoundsProbabilities(QFormat v_fmt) {
+  return v_fmt == QFormat::kQ8_0 || v_fmt == QFormat::kQ8KV;
+}
+
 }  // namespace jax_mla

@@ -138,6 +138,95 @@ void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
   }
 }
 
+// 8-bit V with rounded P (quant_format.h): the per-key scales of row t, one
+// per block of 32 columns (q8_kv: the row's scale for each block).
+void VScales(const KvRows& v, int64_t t, int64_t nbv, float* dst) {
+  const char* scales = static_cast<const char*>(v.scales) + t * v.scale_row_bytes;
+  if (v.fmt == QFormat::kQ8KV) {
+    float d;
+    std::memcpy(&d, scales, sizeof d);
+    std::fill(dst, dst + nbv, d);
+  } else {
+    ScalesToFloat(scales, nbv, dst);
+  }
+}
+
+// The int8 values of row t as float32, unscaled (n a multiple of 16).
+void RowInt8ToFloat(const KvRows& v, int64_t t, float* dst, int64_t n) {
+  const int8_t* qs = static_cast<const int8_t*>(RowPtr(v, t));
+  for (int64_t i = 0; i < n; i += W) simd::LoadI8(qs + i).Store(dst + i);
+}
+
+// A group whose largest x_t is below this gets q = 0 (its weights are below
+// 2^-64 of the running max: invisible in a float32 output, and 1 / d would
+// overflow for denormal d).
+constexpr float kPTiny = 0x1p-64f;
+
+// The rounded P of one tile (quant_format.h), rows in lanes: for V block j,
+// pq[(j * T + t) * rp + r] = q_t as a float (exact) and ps[j * rp + r] = d.
+// Every path computes x, d, id and q with these same float32 operations.
+void QuantizeProbs(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
+                   float* pq, float* ps) {
+  const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
+            tiny = F32::Splat(kPTiny);
+  for (int64_t j = 0; j < nbv; ++j) {
+    for (int64_t r0 = 0; r0 < rp; r0 += W) {
+      F32 amax = zero;
+      for (int64_t t = 0; t < tn; ++t)
+        amax = simd::Max(amax, simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j])));
+      const F32 d = simd::Div(amax, levels);
+      const F32 id = simd::SelectLt(amax, tiny, zero, simd::Div(one, d));
+      d.Store(ps + j * rp + r0);
+      for (int64_t t = 0; t < tn; ++t) {
+        const F32 x = simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j]));
+        simd::Round(simd::Mul(x, id)).Store(pq + (j * T + t) * rp + r0);
+      }
+    }
+  }
+}
+
+// o[r][d0 ..) += ps[r] * sum_{t < tn} pq[t][r] * vt[t][d] for RB rows from r0
+// and DB vectors of dims inside one V block; vt holds V's int8 values as
+// floats, so the sums are exact integers (64 * 255 * 128 < 2^24) and equal
+// the integer path's.
+template <int RB, int DB>
+void PvQBlock(const float* pq, const float* ps, int64_t rp, int64_t r0, const float* vt,
+              int64_t tn, float* o, int64_t dv, int64_t d0) {
+  F32 acc[RB][DB];
+  for (auto& row : acc)
+    for (F32& a : row) a = F32::Zero();
+  for (int64_t t = 0; t < tn; ++t) {
+    F32 v[DB];
+    for (int j = 0; j < DB; ++j) v[j] = F32::Load(vt + t * dv + d0 + j * W);
+    for (int i = 0; i < RB; ++i) {
+      const F32 p = F32::Splat(pq[t * rp + r0 + i]);
+      for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, v[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    const F32 d = F32::Splat(ps[r0 + i]);
+    for (int j = 0; j < DB; ++j) {
+      float* op = o + (r0 + i) * dv + d0 + j * W;
+      simd::Fma(d, acc[i][j], F32::Load(op)).Store(op);
+    }
+  }
+}
+
+template <int RB>
+void PvQRows(const float* pq, const float* ps, int64_t rp, int64_t r0, const float* vt,
+             int64_t tn, float* o, int64_t dv) {
+  static_assert(kQBlock % W == 0 && 16 % W == 0, "a V block is whole vectors");
+  for (int64_t j = 0, d0 = 0; d0 < dv; ++j, d0 += kQBlock) {
+    const float* pqj = pq + j * T * rp;
+    const float* psj = ps + j * rp;
+    if (dv - d0 >= kQBlock) {
+      PvQBlock<RB, kQBlock / W>(pqj, psj, rp, r0, vt, tn, o, dv, d0);
+    } else {
+      PvQBlock<RB, 16 / W>(pqj, psj, rp, r0, vt, tn, o, dv, d0);  // q8_kv: dv % 32 == 16
+    }
+  }
+}
+
 // st[t][r] = sum_d qt[d][r] * kt[t][d] for t in [t0, t0 + KB), rows
 // [r0, r0 + RV * W): rows in lanes, one broadcast K element per FMA group.
 template <int RV, int KB>
@@ -305,8 +394,117 @@ void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const in
   }
   for (int i = 0; i < KB; ++i) _mm512_storeu_ps(st + (t + i) * rp + r0, s[i]);
 }
+
+// P.V over 8-bit V on vpdpbusd: the rounded P (unsigned bytes, quant_format.h)
+// is the broadcast operand, four keys per dword, and V's int8 values the
+// vector one, interleaved four keys per dword; the int32 sums are exact and
+// equal the float path's (PvQBlock), so every ISA computes the same output.
+constexpr bool kInt8Pv = true;
+
+// P bytes for one tile: pqd[(j * T / 4 + u) * rp + r] holds q of keys
+// 4u .. 4u + 3 (zero past tn) for V block j; ps as QuantizeProbs.
+void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
+                     uint32_t* pqd, float* ps) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f),
+               levels = _mm512_set1_ps(kPLevels), tiny = _mm512_set1_ps(kPTiny);
+  const int64_t nq = (tn + 3) / 4;
+  for (int64_t j = 0; j < nbv; ++j) {
+    for (int64_t r0 = 0; r0 < rp; r0 += 16) {
+      __m512 amax = zero;
+      for (int64_t t = 0; t < tn; ++t)
+        amax = _mm512_max_ps(amax, _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
+                                                 _mm512_set1_ps(vd[t * nbv + j])));
+      const __m512 d = _mm512_div_ps(amax, levels);
+      const __m512 id =
+          _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, tiny, _CMP_GE_OQ), one, d);
+      _mm512_storeu_ps(ps + j * rp + r0, d);
+      for (int64_t u = 0; u < nq; ++u) {
+        __m512i dw = _mm512_setzero_si512();
+        for (int b = 0; b < 4 && 4 * u + b < tn; ++b) {
+          const int64_t t = 4 * u + b;
+          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
+                                         _mm512_set1_ps(vd[t * nbv + j]));
+          const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, id),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          dw = _mm512_or_si512(dw, _mm512_slli_epi32(q, 8 * b));
+        }
+        _mm512_storeu_si512(pqd + (j * (T / 4) + u) * rp + r0, dw);
+      }
+    }
+  }
+}
+
+// V's int8 values for one tile, four keys per dword:
+// vp[((c * T / 4 + u) * 16 + i) * 4 + b] = V[4u + b][16 c + i] (zeros past tn).
+// Per 64 columns and 4 keys: a dword transpose inside each row's vector (so
+// that the byte/word unpacks below, which work per 128-bit lane, produce
+// whole 16-column chunks), then two rounds of unpacks.
+void PackVInt8(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int8_t* vp) {
+  const int64_t nc = dv / 16, nq = (tn + 3) / 4;
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int64_t u = 0; u < nq; ++u) {
+    const int8_t* row[4];
+    for (int b = 0; b < 4; ++b)
+      row[b] = 4 * u + b < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 4 * u + b)) : nullptr;
+    for (int64_t k = 0; k < dv; k += 64) {
+      const __mmask64 mask = dv - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (dv - k)) - 1;
+      __m512i a[4];
+      for (int b = 0; b < 4; ++b)
+        a[b] = row[b] != nullptr
+                   ? _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi8(mask, row[b] + k))
+                   : _mm512_setzero_si512();
+      const __m512i lo01 = _mm512_unpacklo_epi8(a[0], a[1]), hi01 = _mm512_unpackhi_epi8(a[0], a[1]);
+      const __m512i lo23 = _mm512_unpacklo_epi8(a[2], a[3]), hi23 = _mm512_unpackhi_epi8(a[2], a[3]);
+      const __m512i out[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                              _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+      for (int m = 0; m < 4; ++m) {
+        const int64_t c = k / 16 + m;
+        if (c < nc) _mm512_storeu_si512(vp + (c * (T / 4) + u) * 64, out[m]);
+      }
+    }
+  }
+}
+
+// o[r][16 c ..) += ps[j][r] * sum_u dpbusd(P dword, V chunk) for RB rows from
+// r0 and CB 16-column chunks from c0 (chunk c lies in V block c / 2).
+template <int RB, int CB>
+void PvInt8Block(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
+                 int64_t nq, float* o, int64_t dv, int64_t c0) {
+  __m512i acc[RB][CB];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_si512();
+  for (int64_t u = 0; u < nq; ++u) {
+    __m512i vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = _mm512_loadu_si512(vp + ((c0 + c) * (T / 4) + u) * 64);
+    for (int i = 0; i < RB; ++i) {
+      for (int c = 0; c < CB; ++c) {
+        const int64_t j = (c0 + c) / 2;
+        const __m512i p = _mm512_set1_epi32(int32_t(pqd[(j * (T / 4) + u) * rp + r0 + i]));
+        acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], p, vv[c]);
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int c = 0; c < CB; ++c) {
+      const int64_t j = (c0 + c) / 2;
+      float* op = o + (r0 + i) * dv + 16 * (c0 + c);
+      _mm512_storeu_ps(op, _mm512_fmadd_ps(_mm512_set1_ps(ps[j * rp + r0 + i]),
+                                           _mm512_cvtepi32_ps(acc[i][c]), _mm512_loadu_ps(op)));
+    }
+  }
+}
+
+template <int RB>
+void PvInt8Rows(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
+                int64_t nq, float* o, int64_t dv) {
+  const int64_t nc = dv / 16;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= nc; c0 += 4) PvInt8Block<RB, 4>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+  for (; c0 < nc; ++c0) PvInt8Block<RB, 1>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+}
 #else
 constexpr bool kInt8Qk = false;
+constexpr bool kInt8Pv = false;
 #endif
 
 // Scratch layout (floats), see AttendScratchFloats.
@@ -319,6 +517,9 @@ struct Work {
   float* l;    // [rp]
   float* cnt;  // [rp]      keys of the current tile each row sees
   float* corr; // [rp]      rescale factor of the current tile
+  float* vd;   // [T, nbv]  8-bit V: per-key scales of each block of 32 columns
+  float* pq;   // [nbv, T, rp] rounded P (floats; the VNNI path packs bytes here)
+  float* ps;   // [nbv, rp] its scales
 };
 
 Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
@@ -331,6 +532,9 @@ Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
   w.l = w.m + rp;
   w.cnt = w.l + rp;
   w.corr = w.cnt + rp;
+  w.vd = w.corr + rp;
+  w.pq = w.vd + T * ((dv + kQBlock - 1) / kQBlock);
+  w.ps = w.pq + T * rp * ((dv + kQBlock - 1) / kQBlock);
   return w;
 }
 
@@ -376,13 +580,15 @@ constexpr int64_t kFew = kFewKeys;
 // stale scores, so they are selected away, never multiplied), updates the
 // running max *m and sum *l, and returns the factor the row's output must be
 // scaled by (exp(-inf) = 0 on the row's first block).
+template <int64_t N = kFew>
 float SoftmaxBlock(float* s, int64_t n, float* m, float* l) {
+  static_assert(N % W == 0, "the softmax block is whole vectors");
   float mx = s[0];
   for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
   const float m_new = std::max(*m, mx);
   const float corr = *m == m_new ? 1.f : std::exp(*m - m_new);
   F32 sum = F32::Zero();
-  for (int64_t t = 0; t < kFew; t += W) {
+  for (int64_t t = 0; t < N; t += W) {
     const F32 p = simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
                                  simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))),
                                  F32::Zero());
@@ -457,6 +663,73 @@ void AttendFew(const RowBlock& rows, const KS& k, const VS& v, int64_t dk, int64
         F32 acc = simd::Mul(F32::Load(o + d), c);
         for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(s[t]), LoadAs<VT>(vr[t], d), acc);
         acc.Store(o + d);
+      }
+    }
+    rows.m[r] = m;
+    rows.l[r] = l;
+  }
+}
+
+// AttendFew over 8-bit V, which rounds P (quant_format.h): the keys go in
+// groups of kPGroup aligned as the tile kernel's (kv_begin is a multiple of
+// it), scores and softmax per group, then per V block of 32 columns P is
+// rounded and o += d * sum_t q_t * vq[t] in exact float32 integer sums.
+template <class KS>
+void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, int64_t dv,
+                int64_t kv_begin, float* scratch) {
+  constexpr int64_t G = kPGroup;
+  constexpr DType KT = KS::kType;
+  const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
+  float* s = scratch;            // [G] scores, then probabilities
+  float* kbuf = s + G;           // [G, dk] dequantized K rows (quantized K only)
+  float* vbuf = kbuf + G * dk;   // [G, dv] V's int8 values as floats
+  float* vd = vbuf + G * dv;     // [G, nbv] V's scales
+  float* pq = vd + G * nbv;      // [G] one block's rounded P
+  const void* kr[G];
+  const F32 zero = F32::Zero();
+  for (int64_t r = 0; r < rows.n_rows; ++r) {
+    const int64_t end = rows.end[r];
+    const float* q = rows.q + r * dk;
+    float* o = rows.o + r * dv;
+    float m = rows.m[r], l = rows.l[r];
+    for (int64_t t0 = kv_begin; t0 < end; t0 += G) {
+      const int64_t n = std::min(G, end - t0);
+      for (int64_t t = 0; t < n; ++t) kr[t] = k.Row(t0 + t, kbuf + t * dk, dk);
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        F32 acc[4] = {zero, zero, zero, zero};
+        for (int64_t d = 0; d < dk; d += W) {
+          const F32 qv = F32::Load(q + d);
+          for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, LoadAs<KT>(kr[t + i], d), acc[i]);
+        }
+        for (int i = 0; i < 4; ++i) s[t + i] = simd::ReduceAdd(acc[i]);
+      }
+      for (; t < n; ++t) {
+        F32 acc = zero;
+        for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), acc);
+        s[t] = simd::ReduceAdd(acc);
+      }
+      const F32 c = F32::Splat(SoftmaxBlock<G>(s, n, &m, &l));
+      for (t = 0; t < n; ++t) {
+        VScales(v, t0 + t, nbv, vd + t * nbv);
+        RowInt8ToFloat(v, t0 + t, vbuf + t * dv, dv);
+      }
+      for (int64_t j = 0, d0 = 0; d0 < dv; ++j, d0 += kQBlock) {
+        // The same float32 operations as QuantizeProbs, one lane.
+        float amax = 0.f;
+        for (t = 0; t < n; ++t) amax = std::max(amax, s[t] * vd[t * nbv + j]);
+        const float d = amax / kPLevels;
+        const float id = amax < kPTiny ? 0.f : 1.f / d;
+        for (t = 0; t < n; ++t) {
+          const float x = s[t] * vd[t * nbv + j];
+          pq[t] = std::nearbyint(x * id);
+        }
+        const int64_t d1 = std::min(dv, d0 + kQBlock);
+        for (int64_t e = d0; e < d1; e += W) {
+          F32 acc = zero;
+          for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(pq[t]), F32::Load(vbuf + t * dv + e), acc);
+          simd::Fma(F32::Splat(d), acc, simd::Mul(F32::Load(o + e), c)).Store(o + e);
+        }
       }
     }
     rows.m[r] = m;
@@ -547,6 +820,7 @@ void AttendHeadsAny(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t k
 template <class KS>
 void AttendFewV(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, int64_t dv,
                 int64_t kv_begin, float* scratch) {
+  if (RoundsProbabilities(v.fmt)) return AttendFewQ(rows, k, v, dk, dv, kv_begin, scratch);
   if (v.fmt != QFormat::kNone) return AttendFew(rows, k, Dequantized{v}, dk, dv, kv_begin, scratch);
   switch (v.dtype) {
     case DType::kF32: return AttendFew(rows, k, InPlace<DType::kF32>{v}, dk, dv, kv_begin, scratch);
@@ -597,8 +871,14 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     for (int64_t d = 0; d < dk; ++d)
       for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
   }
+  // 8-bit V rounds P (quant_format.h) and multiplies it with V's int8 values:
+  // on VNNI as packed bytes, else as floats; its scales go to w.vd.
+  const bool qpv = RoundsProbabilities(v.fmt);
+  const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
+  [[maybe_unused]] int8_t* vp = reinterpret_cast<int8_t*>(w.vt);        // [dv / 16, T / 4, 64] bytes
+  [[maybe_unused]] uint32_t* pqd = reinterpret_cast<uint32_t*>(w.pq);  // [nbv, T / 4, rp]
   // V inside the K rows (MLA): read it from the converted K tile.
-  const bool v_from_k = v_in_k >= 0 && !int8;
+  const bool v_from_k = v_in_k >= 0 && !int8 && !qpv;
   const float* vtile = v_from_k ? w.kt + v_in_k : w.vt;
   const int64_t vstride = v_from_k ? dk : dv;
 
@@ -608,8 +888,16 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     const int64_t tn = std::min(T, kv_end - t0);
     for (int64_t t = 0; t < tn; ++t) {
       if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
-      if (!v_from_k) RowToFloat(v, t0 + t, w.vt + t * dv, dv);
+      if (qpv) {
+        VScales(v, t0 + t, nbv, w.vd + t * nbv);
+        if (!kInt8Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * dv, dv);
+      } else if (!v_from_k) {
+        RowToFloat(v, t0 + t, w.vt + t * dv, dv);
+      }
     }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (qpv) PackVInt8(v, t0, tn, dv, vp);
+#endif
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
@@ -643,6 +931,19 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 
     constexpr int RB = simd::kPvRows;
     int64_t r0 = 0;
+    if (qpv) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      QuantizeProbsU8(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
+      const int64_t nq = (tn + 3) / 4;
+      for (; r0 + 4 <= R; r0 += 4) PvInt8Rows<4>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
+      for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
+#else
+      QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
+      for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, tn, rows.o, dv);
+      for (; r0 < R; ++r0) PvQRows<1>(w.pq, w.ps, rp, r0, w.vt, tn, rows.o, dv);
+#endif
+      continue;
+    }
     for (; r0 + RB <= R; r0 += RB) PvRows<RB>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
     for (; r0 < R; ++r0) PvRows<1>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
   }
