@@ -191,13 +191,13 @@ void QuantizeProbs(const float* st, int64_t rp, int64_t tn, const float* vd, int
 // the integer path's.
 template <int RB, int DB>
 void PvQBlock(const float* pq, const float* ps, int64_t rp, int64_t r0, const float* vt,
-              int64_t tn, float* o, int64_t dv, int64_t d0) {
+              int64_t vstride, int64_t tn, float* o, int64_t dv, int64_t d0) {
   F32 acc[RB][DB];
   for (auto& row : acc)
     for (F32& a : row) a = F32::Zero();
   for (int64_t t = 0; t < tn; ++t) {
     F32 v[DB];
-    for (int j = 0; j < DB; ++j) v[j] = F32::Load(vt + t * dv + d0 + j * W);
+    for (int j = 0; j < DB; ++j) v[j] = F32::Load(vt + t * vstride + d0 + j * W);
     for (int i = 0; i < RB; ++i) {
       const F32 p = F32::Splat(pq[t * rp + r0 + i]);
       for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, v[j], acc[i][j]);
@@ -214,15 +214,15 @@ void PvQBlock(const float* pq, const float* ps, int64_t rp, int64_t r0, const fl
 
 template <int RB>
 void PvQRows(const float* pq, const float* ps, int64_t rp, int64_t r0, const float* vt,
-             int64_t tn, float* o, int64_t dv) {
+             int64_t vstride, int64_t tn, float* o, int64_t dv) {
   static_assert(kQBlock % W == 0 && 16 % W == 0, "a V block is whole vectors");
   for (int64_t j = 0, d0 = 0; d0 < dv; ++j, d0 += kQBlock) {
     const float* pqj = pq + j * T * rp;
     const float* psj = ps + j * rp;
     if (dv - d0 >= kQBlock) {
-      PvQBlock<RB, kQBlock / W>(pqj, psj, rp, r0, vt, tn, o, dv, d0);
+      PvQBlock<RB, kQBlock / W>(pqj, psj, rp, r0, vt, vstride, tn, o, dv, d0);
     } else {
-      PvQBlock<RB, 16 / W>(pqj, psj, rp, r0, vt, tn, o, dv, d0);  // q8_kv: dv % 32 == 16
+      PvQBlock<RB, 16 / W>(pqj, psj, rp, r0, vt, vstride, tn, o, dv, d0);  // q8_kv: dv % 32 == 16
     }
   }
 }
@@ -280,54 +280,58 @@ void PvRows(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vs
 // Q.K over 8-bit keys (q8_0, q8_kv) on VNNI integer dot products. The query
 // rows arrive already rounded to 8 bits per block of 32 (RoundQueryToQ8), so
 // this computes the same scores as the float path, exactly up to float32
-// rounding. vpdpbusd multiplies unsigned by signed bytes: the query bytes are
-// stored + 128 (unsigned) and the key bytes (signed, straight from the cache)
-// are the broadcast operand, so for block j of 32 values
-//   sum_i q_i k_i = dpbusd(q + 128, k) - 128 * sum_i k_i,
-// and the key block sums are computed once per tile. A score is
-//   s[r][t] = sum_j qd[r][j] * kd[t][j] * (dot_j - 128 * ksum[t][j]).
+// rounding. vpdpbusd multiplies unsigned by signed bytes: the key bytes are
+// taken + 128 (unsigned, the broadcast operand) and the query bytes (signed)
+// are the vector one, so for block j of 32 values
+//   sum_i q_i k_i = dpbusd(k + 128, q) - 128 * sum_i q_i,
+// where the query block sums are computed once per call. A score is
+//   s[r][t] = sum_j qd[r][j] * kd[t][j] * (dot_j - 128 * qsum[r][j]).
 constexpr bool kInt8Qk = true;
 constexpr int kInt8Keys = 8;  // keys per register block (8 int + 8 float accumulators)
 
 // Re-quantizes the (already 8-bit-valued) query rows into the VNNI layout:
-// qi[((j * 8 + g) * rp + r) * 4 + b] = q[r][32 j + 4 g + b] + 128 and
-// qd[j * rp + r] = the block's scale; padding rows are zeros.
-void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint8_t* qi, float* qd) {
+// qi[((j * 8 + g) * rp + r) * 4 + b] = q[r][32 j + 4 g + b] (int8),
+// qd[j * rp + r] = the block's scale and qc[j * rp + r] = 128 * the sum of
+// its values; padding rows are zeros.
+void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, int8_t* qi, float* qd,
+                        float* qc) {
   const int64_t nb = dk / kQBlock;
   for (int64_t r = 0; r < rp; ++r) {
     for (int64_t j = 0; j < nb; ++j) {
       int32_t qq[kQBlock] = {};
       float d = 0.f;
+      int32_t sum = 0;
       if (r < rows.n_rows) {
         const float* x = rows.q + r * dk + j * kQBlock;
         float amax = 0.f;
         for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
         d = amax / 127.f;
         const float id = d != 0.f ? 1.f / d : 0.f;
-        for (int64_t i = 0; i < kQBlock; ++i) qq[i] = int32_t(std::round(x[i] * id));
+        for (int64_t i = 0; i < kQBlock; ++i) {
+          qq[i] = int32_t(std::round(x[i] * id));
+          sum += qq[i];
+        }
       }
       qd[j * rp + r] = d;
+      qc[j * rp + r] = 128.f * float(sum);
       for (int g = 0; g < 8; ++g)
-        for (int b = 0; b < 4; ++b)
-          qi[((j * 8 + g) * rp + r) * 4 + b] = uint8_t(qq[4 * g + b] + 128);
+        for (int b = 0; b < 4; ++b) qi[((j * 8 + g) * rp + r) * 4 + b] = int8_t(qq[4 * g + b]);
     }
   }
 }
 
-// Packs the tile's key bytes block-major, kp[(j * T + t) * 32 + i] = key t's
-// value 32 j + i (zeros for keys [tn, T)), so a register block of keys reads
-// one contiguous run per block; and per key t and block j stores the block's
-// scale kd[t * nb + j] and kc[t * nb + j] = 128 * the sum of its int8 values.
-void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int8_t* kp, float* kd,
-                     float* kc) {
+// Packs the tile's key bytes + 128 block-major, kp[(j * T + t) * 32 + i] =
+// key t's value 32 j + i + 128 as a byte (zeros for keys [tn, T), whose
+// scales are 0), so a register block of keys reads one contiguous run per
+// block; and per key t and block j stores the block's scale kd[t * nb + j].
+void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, uint8_t* kp,
+                     float* kd) {
   const int64_t nb = dk / kQBlock;
-  const __m512i bias = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
   for (int64_t t = 0; t < T; ++t) {
     float* kdt = kd + t * nb;
-    float* kct = kc + t * nb;
     if (t >= tn) {
       std::fill(kdt, kdt + nb, 0.f);
-      std::fill(kct, kct + nb, 0.f);
       for (int64_t j = 0; j < nb; ++j) std::memset(kp + (j * T + t) * kQBlock, 0, kQBlock);
       continue;
     }
@@ -342,32 +346,21 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int8_t
     }
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {
-      const __m512i v = _mm512_loadu_si512(row + j * kQBlock);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + (j * T + t) * kQBlock),
                           _mm512_castsi512_si256(v));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + ((j + 1) * T + t) * kQBlock),
                           _mm512_extracti64x4_epi64(v, 1));
-      // Sums of 8 biased bytes per qword, then of the 4 qwords of each block.
-      __m512i sum = _mm512_sad_epu8(_mm512_xor_si512(v, bias), zero);
-      sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0xB1));
-      sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0x4E));
-      alignas(64) int64_t lanes[8];
-      _mm512_store_si512(lanes, sum);
-      kct[j] = 128.f * float(lanes[0] - 128 * kQBlock);
-      kct[j + 1] = 128.f * float(lanes[4] - 128 * kQBlock);
     }
-    for (; j < nb; ++j) {
-      std::memcpy(kp + (j * T + t) * kQBlock, row + j * kQBlock, kQBlock);
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kQBlock; ++i) sum += row[j * kQBlock + i];
-      kct[j] = 128.f * float(sum);
-    }
+    for (; j < nb; ++j)
+      for (int64_t i = 0; i < kQBlock; ++i)
+        kp[(j * T + t) * kQBlock + i] = uint8_t(row[j * kQBlock + i] ^ 0x80);
   }
 }
 
 // st[t + i][r0 .. r0 + 16) for the kInt8Keys keys from tile row t.
-void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const int8_t* kp,
-            int64_t t, int64_t dk, const float* kd, const float* kc, float* st) {
+void QkInt8(const int8_t* qi, const float* qd, const float* qc, int64_t rp, int64_t r0,
+            const uint8_t* kp, int64_t t, int64_t dk, const float* kd, float* st) {
   constexpr int KB = kInt8Keys;
   const int64_t nb = dk / kQBlock;
   __m512 s[KB];
@@ -375,20 +368,20 @@ void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const in
   for (int64_t j = 0; j < nb; ++j) {
     __m512i qv[8];
     for (int g = 0; g < 8; ++g) qv[g] = _mm512_loadu_si512(qi + ((j * 8 + g) * rp + r0) * 4);
-    const int8_t* kb = kp + (j * T + t) * kQBlock;  // KB keys x 32 bytes, contiguous
+    const uint8_t* kb = kp + (j * T + t) * kQBlock;  // KB keys x 32 bytes, contiguous
     __m512i acc[KB];
     for (auto& a : acc) a = _mm512_setzero_si512();
     for (int g = 0; g < 8; ++g) {
       for (int i = 0; i < KB; ++i) {
         int32_t kw;
         std::memcpy(&kw, kb + i * kQBlock + 4 * g, sizeof kw);
-        acc[i] = _mm512_dpbusd_epi32(acc[i], qv[g], _mm512_set1_epi32(kw));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(kw), qv[g]);
       }
     }
     const __m512 qdv = _mm512_loadu_ps(qd + j * rp + r0);
+    const __m512 qcv = _mm512_loadu_ps(qc + j * rp + r0);
     for (int i = 0; i < KB; ++i) {
-      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]),
-                                       _mm512_set1_ps(kc[(t + i) * nb + j]));
+      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), qcv);
       s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qdv, _mm512_set1_ps(kd[(t + i) * nb + j])), s[i]);
     }
   }
@@ -442,25 +435,43 @@ void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, i
 void PackVInt8(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int8_t* vp) {
   const int64_t nc = dv / 16, nq = (tn + 3) / 4;
   const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const auto pack = [&](const __m512i* a, int64_t u, int64_t k) {
+    const __m512i lo01 = _mm512_unpacklo_epi8(a[0], a[1]), hi01 = _mm512_unpackhi_epi8(a[0], a[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(a[2], a[3]), hi23 = _mm512_unpackhi_epi8(a[2], a[3]);
+    const __m512i out[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                            _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int m = 0; m < 4; ++m) {
+      const int64_t c = k / 16 + m;
+      if (c < nc) _mm512_storeu_si512(vp + (c * (T / 4) + u) * 64, out[m]);
+    }
+  };
+  const int64_t full_k = dv / 64 * 64;
   for (int64_t u = 0; u < nq; ++u) {
     const int8_t* row[4];
     for (int b = 0; b < 4; ++b)
       row[b] = 4 * u + b < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 4 * u + b)) : nullptr;
-    for (int64_t k = 0; k < dv; k += 64) {
-      const __mmask64 mask = dv - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (dv - k)) - 1;
-      __m512i a[4];
+    __m512i a[4];
+    if (4 * u + 4 <= tn) {
+      for (int64_t k = 0; k < full_k; k += 64) {
+        for (int b = 0; b < 4; ++b)
+          a[b] = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(row[b] + k));
+        pack(a, u, k);
+      }
+    } else {
+      for (int64_t k = 0; k < full_k; k += 64) {
+        for (int b = 0; b < 4; ++b)
+          a[b] = row[b] != nullptr ? _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(row[b] + k))
+                                   : _mm512_setzero_si512();
+        pack(a, u, k);
+      }
+    }
+    if (full_k < dv) {  // the last 16 .. 48 columns
+      const __mmask64 mask = (__mmask64(1) << (dv - full_k)) - 1;
       for (int b = 0; b < 4; ++b)
         a[b] = row[b] != nullptr
-                   ? _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi8(mask, row[b] + k))
+                   ? _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi8(mask, row[b] + full_k))
                    : _mm512_setzero_si512();
-      const __m512i lo01 = _mm512_unpacklo_epi8(a[0], a[1]), hi01 = _mm512_unpackhi_epi8(a[0], a[1]);
-      const __m512i lo23 = _mm512_unpacklo_epi8(a[2], a[3]), hi23 = _mm512_unpackhi_epi8(a[2], a[3]);
-      const __m512i out[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
-                              _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
-      for (int m = 0; m < 4; ++m) {
-        const int64_t c = k / 16 + m;
-        if (c < nc) _mm512_storeu_si512(vp + (c * (T / 4) + u) * 64, out[m]);
-      }
+      pack(a, u, full_k);
     }
   }
 }
@@ -527,7 +538,7 @@ Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
   w.qt = scratch;
   w.kt = w.qt + dk * rp;
   w.vt = w.kt + T * dk;
-  w.st = w.vt + T * dv;
+  w.st = w.vt + T * (dv + kTilePad);
   w.m = w.st + T * rp;
   w.l = w.m + rp;
   w.cnt = w.l + rp;
@@ -682,8 +693,9 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
   const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
   float* s = scratch;            // [G] scores, then probabilities
   float* kbuf = s + G;           // [G, dk] dequantized K rows (quantized K only)
-  float* vbuf = kbuf + G * dk;   // [G, dv] V's int8 values as floats
-  float* vd = vbuf + G * dv;     // [G, nbv] V's scales
+  const int64_t vs = dv + kTilePad;
+  float* vbuf = kbuf + G * dk;   // [G, vs] V's int8 values as floats
+  float* vd = vbuf + G * vs;     // [G, nbv] V's scales
   float* pq = vd + G * nbv;      // [G] one block's rounded P
   const void* kr[G];
   const F32 zero = F32::Zero();
@@ -712,7 +724,7 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
       const F32 c = F32::Splat(SoftmaxBlock<G>(s, n, &m, &l));
       for (t = 0; t < n; ++t) {
         VScales(v, t0 + t, nbv, vd + t * nbv);
-        RowInt8ToFloat(v, t0 + t, vbuf + t * dv, dv);
+        RowInt8ToFloat(v, t0 + t, vbuf + t * vs, dv);
       }
       for (int64_t j = 0, d0 = 0; d0 < dv; ++j, d0 += kQBlock) {
         // The same float32 operations as QuantizeProbs, one lane.
@@ -727,7 +739,7 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
         const int64_t d1 = std::min(dv, d0 + kQBlock);
         for (int64_t e = d0; e < d1; e += W) {
           F32 acc = zero;
-          for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(pq[t]), F32::Load(vbuf + t * dv + e), acc);
+          for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(pq[t]), F32::Load(vbuf + t * vs + e), acc);
           simd::Fma(F32::Splat(d), acc, simd::Mul(F32::Load(o + e), c)).Store(o + e);
         }
       }
@@ -858,14 +870,14 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // float K tile is made, and V (MLA: the V columns of the same rows, through
   // the V view) is converted on its own.
   const bool int8 = kInt8Qk && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
-  [[maybe_unused]] uint8_t* qi = reinterpret_cast<uint8_t*>(w.qt);     // [dk / 4, rp, 4] bytes
+  [[maybe_unused]] int8_t* qi = reinterpret_cast<int8_t*>(w.qt);      // [dk / 4, rp, 4] bytes
   [[maybe_unused]] float* qd = w.qt + dk * rp / 4;                       // [dk / 32, rp]
-  [[maybe_unused]] int8_t* kp = reinterpret_cast<int8_t*>(w.kt);       // [dk / 32, T, 32] bytes
+  [[maybe_unused]] float* qc = qd + dk / kQBlock * rp;                   // [dk / 32, rp]
+  [[maybe_unused]] uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);     // [dk / 32, T, 32] bytes
   [[maybe_unused]] float* kd = w.kt + T * dk / 4;                        // [T, dk / 32]
-  [[maybe_unused]] float* kc = kd + T * (dk / kQBlock);                  // [T, dk / 32]
   if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    PrepareInt8Queries(rows, rp, dk, qi, qd);
+    PrepareInt8Queries(rows, rp, dk, qi, qd, qc);
 #endif
   } else {
     for (int64_t d = 0; d < dk; ++d)
@@ -880,7 +892,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // V inside the K rows (MLA): read it from the converted K tile.
   const bool v_from_k = v_in_k >= 0 && !int8 && !qpv;
   const float* vtile = v_from_k ? w.kt + v_in_k : w.vt;
-  const int64_t vstride = v_from_k ? dk : dv;
+  const int64_t vstride = v_from_k ? dk : dv + kTilePad;
 
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
     // Keys past the block's largest end are never read: they may lie past
@@ -890,9 +902,9 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
       if (qpv) {
         VScales(v, t0 + t, nbv, w.vd + t * nbv);
-        if (!kInt8Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * dv, dv);
+        if (!kInt8Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * vstride, dv);
       } else if (!v_from_k) {
-        RowToFloat(v, t0 + t, w.vt + t * dv, dv);
+        RowToFloat(v, t0 + t, w.vt + t * vstride, dv);
       }
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -904,9 +916,9 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 
     if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      PrepareInt8Keys(k, t0, tn, dk, kp, kd, kc);
+      PrepareInt8Keys(k, t0, tn, dk, kp, kd);
       for (int64_t t = 0; t < tn; t += kInt8Keys)
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, rp, r0, kp, t, dk, kd, kc, w.st);
+        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, t, dk, kd, w.st);
 #endif
     } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
@@ -939,8 +951,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
 #else
       QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
-      for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, tn, rows.o, dv);
-      for (; r0 < R; ++r0) PvQRows<1>(w.pq, w.ps, rp, r0, w.vt, tn, rows.o, dv);
+      for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
+      for (; r0 < R; ++r0) PvQRows<1>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
 #endif
       continue;
     }
