@@ -62,6 +62,12 @@ inline bool QuantizesQueries(QFormat k_fmt) {
   return k_fmt == QFormat::kQ8_0 || k_fmt == QFormat::kQ8KV;
 }
 
+// roundf(v) for |v| < 2^29 as an integer, without a libm call (the drivers
+// round every query value): v + 0.5 is exact in double, the cast truncates.
+inline int32_t RoundHalfAway(float v) {
+  return int32_t(double(v) + (v < 0.f ? -0.5 : 0.5));
+}
+
 inline void RoundQueryToQ8(float* x, int64_t n) {
   for (int64_t j = 0; j < n; j += kQBlock) {
     const int64_t m = n - j < kQBlock ? n - j : kQBlock;
@@ -69,7 +75,7 @@ inline void RoundQueryToQ8(float* x, int64_t n) {
     for (int64_t i = 0; i < m; ++i) amax = std::fmax(amax, std::fabs(x[j + i]));
     const float d = amax / 127.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
-    for (int64_t i = 0; i < m; ++i) x[j + i] = d * std::round(x[j + i] * id);
+    for (int64_t i = 0; i < m; ++i) x[j + i] = d * float(RoundHalfAway(x[j + i] * id));
   }
 }
 

@@ -308,7 +308,7 @@ void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, int8_t* qi
         d = amax / 127.f;
         const float id = d != 0.f ? 1.f / d : 0.f;
         for (int64_t i = 0; i < kQBlock; ++i) {
-          qq[i] = int32_t(std::round(x[i] * id));
+          qq[i] = RoundHalfAway(x[i] * id);
           sum += qq[i];
         }
       }
@@ -516,6 +516,111 @@ void PvInt8Rows(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, co
 #else
 constexpr bool kInt8Qk = false;
 constexpr bool kInt8Pv = false;
+#endif
+
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// P.V over 8-bit V on AVX2 (no VNNI): vpmaddwd on 16-bit values, two keys
+// per dword (P in [0, 255] and V in [-128, 127] fit 16 bits; the pair sums
+// and the int32 accumulation cannot overflow, unlike vpmaddubsw's 16-bit
+// saturation), then vpaddd. The int32 sums are exact, as on VNNI.
+constexpr bool kInt16Pv = true;
+
+// P for one tile as 16-bit pairs: pqw[(j * T / 2 + u) * rp + r] holds q of
+// keys 2u (low half) and 2u + 1 (zero past tn); ps as QuantizeProbs, whose
+// operations this repeats (the conversion rounds to nearest even like Round).
+void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
+                      uint32_t* pqw, float* ps) {
+  const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
+            tiny = F32::Splat(kPTiny);
+  const int64_t np = (tn + 1) / 2;
+  for (int64_t j = 0; j < nbv; ++j) {
+    for (int64_t r0 = 0; r0 < rp; r0 += W) {
+      F32 amax = zero;
+      for (int64_t t = 0; t < tn; ++t)
+        amax = simd::Max(amax, simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j])));
+      const F32 d = simd::Div(amax, levels);
+      const F32 id = simd::SelectLt(amax, tiny, zero, simd::Div(one, d));
+      d.Store(ps + j * rp + r0);
+      for (int64_t u = 0; u < np; ++u) {
+        __m256i dw = _mm256_setzero_si256();
+        for (int b = 0; b < 2 && 2 * u + b < tn; ++b) {
+          const int64_t t = 2 * u + b;
+          const F32 x = simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j]));
+          const __m256i q = _mm256_cvtps_epi32(simd::Round(simd::Mul(x, id)).v);
+          dw = _mm256_or_si256(dw, _mm256_slli_epi32(q, 16 * b));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pqw + (j * (T / 2) + u) * rp + r0), dw);
+      }
+    }
+  }
+}
+
+// V's int8 values for one tile as 16-bit pairs of keys:
+// vw[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 c + i] (zeros past tn).
+// The qword permute puts columns 0-3 / 4-7 (8-11 / 12-15) in the low (high)
+// halves of the two 128-bit lanes, which the word unpacks work within.
+void PackVInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int16_t* vw) {
+  const int64_t np = (tn + 1) / 2;
+  for (int64_t u = 0; u < np; ++u) {
+    const auto* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u));
+    const int8_t* r1 = 2 * u + 1 < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) : nullptr;
+    for (int64_t k = 0; k < dv; k += 16) {
+      const __m256i a = _mm256_permute4x64_epi64(
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + k))), 0xD8);
+      const __m256i b = r1 != nullptr
+                            ? _mm256_permute4x64_epi64(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                                           reinterpret_cast<const __m128i*>(r1 + k))),
+                                                       0xD8)
+                            : _mm256_setzero_si256();
+      const int64_t c = k / 8;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + (c * (T / 2) + u) * 16),
+                          _mm256_unpacklo_epi16(a, b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + ((c + 1) * (T / 2) + u) * 16),
+                          _mm256_unpackhi_epi16(a, b));
+    }
+  }
+}
+
+// o[r][8 c ..) += ps[j][r] * sum_u madd(P pair, V pair chunk) for RB rows from
+// r0 and CB 8-column chunks from c0 (chunk c lies in V block c / 4).
+template <int RB, int CB>
+void PvInt16Block(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
+                  int64_t np, float* o, int64_t dv, int64_t c0) {
+  __m256i acc[RB][CB];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_si256();
+  for (int64_t u = 0; u < np; ++u) {
+    __m256i vv[CB];
+    for (int c = 0; c < CB; ++c)
+      vv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vw + ((c0 + c) * (T / 2) + u) * 16));
+    for (int i = 0; i < RB; ++i) {
+      for (int c = 0; c < CB; ++c) {
+        const int64_t j = (c0 + c) / 4;
+        const __m256i p = _mm256_set1_epi32(int32_t(pqw[(j * (T / 2) + u) * rp + r0 + i]));
+        acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(p, vv[c]));
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int c = 0; c < CB; ++c) {
+      const int64_t j = (c0 + c) / 4;
+      float* op = o + (r0 + i) * dv + 8 * (c0 + c);
+      _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(ps[j * rp + r0 + i]),
+                                           _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op)));
+    }
+  }
+}
+
+template <int RB>
+void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
+                 int64_t np, float* o, int64_t dv) {
+  const int64_t nc = dv / 8;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= nc; c0 += 4) PvInt16Block<RB, 4>(pqw, ps, rp, r0, vw, np, o, dv, c0);
+  for (; c0 < nc; ++c0) PvInt16Block<RB, 1>(pqw, ps, rp, r0, vw, np, o, dv, c0);
+}
+#else
+constexpr bool kInt16Pv = false;
 #endif
 
 // Scratch layout (floats), see AttendScratchFloats.
@@ -902,13 +1007,15 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
       if (qpv) {
         VScales(v, t0 + t, nbv, w.vd + t * nbv);
-        if (!kInt8Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * vstride, dv);
+        if (!kInt8Pv && !kInt16Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * vstride, dv);
       } else if (!v_from_k) {
         RowToFloat(v, t0 + t, w.vt + t * vstride, dv);
       }
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (qpv) PackVInt8(v, t0, tn, dv, vp);
+#elif defined(__AVX2__)
+    if (qpv) PackVInt16(v, t0, tn, dv, reinterpret_cast<int16_t*>(w.vt));
 #endif
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
@@ -949,6 +1056,12 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       const int64_t nq = (tn + 3) / 4;
       for (; r0 + 4 <= R; r0 += 4) PvInt8Rows<4>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
       for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
+#elif defined(__AVX2__)
+      QuantizeProbsI16(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
+      const int64_t np = (tn + 1) / 2;
+      const auto* vw = reinterpret_cast<const int16_t*>(w.vt);
+      for (; r0 + 2 <= R; r0 += 2) PvInt16Rows<2>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
+      for (; r0 < R; ++r0) PvInt16Rows<1>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
 #else
       QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
       for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
