@@ -15,7 +15,10 @@
 // With fewer rows than half a vector (decode with small GQA groups) that
 // would waste the lanes; AttendFew then runs one GEMV per row instead.
 // Every product and sum is float32 (inputs are exact in float32); only the
-// summation order differs from the reference.
+// summation order differs from the reference. Over 8-bit caches the query
+// (8-bit K) and the softmax weights (8-bit V) are rounded to 8 bits as
+// quant_format.h says, identically on every path, and Q.K / P.V run on
+// integer dot products where the ISA has them (exact int32 sums).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -789,65 +792,74 @@ void AttendFew(const RowBlock& rows, const KS& k, const VS& v, int64_t dk, int64
 // AttendFew over 8-bit V, which rounds P (quant_format.h): the keys go in
 // groups of kPGroup aligned as the tile kernel's (kv_begin is a multiple of
 // it), scores and softmax per group, then per V block of 32 columns P is
-// rounded and o += d * sum_t q_t * vq[t] in exact float32 integer sums.
+// rounded and o += d * sum_t q_t * vq[t] in exact float32 integer sums. K and
+// V rows are converted kFew at a time, so the buffers stay in L1.
 template <class KS>
 void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, int64_t dv,
                 int64_t kv_begin, float* scratch) {
   constexpr int64_t G = kPGroup;
   constexpr DType KT = KS::kType;
   const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
-  float* s = scratch;            // [G] scores, then probabilities
-  float* kbuf = s + G;           // [G, dk] dequantized K rows (quantized K only)
   const int64_t vs = dv + kTilePad;
-  float* vbuf = kbuf + G * dk;   // [G, vs] V's int8 values as floats
-  float* vd = vbuf + G * vs;     // [G, nbv] V's scales
-  float* pq = vd + G * nbv;      // [G] one block's rounded P
-  const void* kr[G];
+  float* s = scratch;              // [G] scores, then probabilities
+  float* kbuf = s + G;             // [kFew, dk] dequantized K rows (quantized K only)
+  float* vbuf = kbuf + kFew * dk;  // [kFew, vs] V's int8 values as floats
+  float* vd = vbuf + kFew * vs;    // [G, nbv] V's scales
+  float* pq = vd + G * nbv;        // [nbv, G] rounded P
+  float* ps = pq + nbv * G;        // [nbv] its scales
+  float* acc = ps + nbv;           // [dv] the group's integer sums
+  const void* kr[kFew];
   const F32 zero = F32::Zero();
   for (int64_t r = 0; r < rows.n_rows; ++r) {
     const int64_t end = rows.end[r];
     const float* q = rows.q + r * dk;
     float* o = rows.o + r * dv;
     float m = rows.m[r], l = rows.l[r];
-    for (int64_t t0 = kv_begin; t0 < end; t0 += G) {
-      const int64_t n = std::min(G, end - t0);
-      for (int64_t t = 0; t < n; ++t) kr[t] = k.Row(t0 + t, kbuf + t * dk, dk);
-      int64_t t = 0;
-      for (; t + 4 <= n; t += 4) {
-        F32 acc[4] = {zero, zero, zero, zero};
-        for (int64_t d = 0; d < dk; d += W) {
-          const F32 qv = F32::Load(q + d);
-          for (int i = 0; i < 4; ++i) acc[i] = simd::Fma(qv, LoadAs<KT>(kr[t + i], d), acc[i]);
+    for (int64_t g0 = kv_begin; g0 < end; g0 += G) {
+      const int64_t n = std::min(G, end - g0);
+      for (int64_t c0 = 0; c0 < n; c0 += kFew) {
+        const int64_t nc = std::min(kFew, n - c0);
+        for (int64_t t = 0; t < nc; ++t) kr[t] = k.Row(g0 + c0 + t, kbuf + t * dk, dk);
+        int64_t t = 0;
+        for (; t + 4 <= nc; t += 4) {
+          F32 a4[4] = {zero, zero, zero, zero};
+          for (int64_t d = 0; d < dk; d += W) {
+            const F32 qv = F32::Load(q + d);
+            for (int i = 0; i < 4; ++i) a4[i] = simd::Fma(qv, LoadAs<KT>(kr[t + i], d), a4[i]);
+          }
+          for (int i = 0; i < 4; ++i) s[c0 + t + i] = simd::ReduceAdd(a4[i]);
         }
-        for (int i = 0; i < 4; ++i) s[t + i] = simd::ReduceAdd(acc[i]);
-      }
-      for (; t < n; ++t) {
-        F32 acc = zero;
-        for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), acc);
-        s[t] = simd::ReduceAdd(acc);
+        for (; t < nc; ++t) {
+          F32 a1 = zero;
+          for (int64_t d = 0; d < dk; d += W) a1 = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), a1);
+          s[c0 + t] = simd::ReduceAdd(a1);
+        }
       }
       const F32 c = F32::Splat(SoftmaxBlock<G>(s, n, &m, &l));
-      for (t = 0; t < n; ++t) {
-        VScales(v, t0 + t, nbv, vd + t * nbv);
-        RowInt8ToFloat(v, t0 + t, vbuf + t * vs, dv);
-      }
-      for (int64_t j = 0, d0 = 0; d0 < dv; ++j, d0 += kQBlock) {
+      for (int64_t t = 0; t < n; ++t) VScales(v, g0 + t, nbv, vd + t * nbv);
+      for (int64_t j = 0; j < nbv; ++j) {
         // The same float32 operations as QuantizeProbs, one lane.
         float amax = 0.f;
-        for (t = 0; t < n; ++t) amax = std::max(amax, s[t] * vd[t * nbv + j]);
+        for (int64_t t = 0; t < n; ++t) amax = std::max(amax, s[t] * vd[t * nbv + j]);
         const float d = amax / kPLevels;
         const float id = amax < kPTiny ? 0.f : 1.f / d;
-        for (t = 0; t < n; ++t) {
-          const float x = s[t] * vd[t * nbv + j];
-          pq[t] = std::nearbyint(x * id);
-        }
-        const int64_t d1 = std::min(dv, d0 + kQBlock);
-        for (int64_t e = d0; e < d1; e += W) {
-          F32 acc = zero;
-          for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(pq[t]), F32::Load(vbuf + t * vs + e), acc);
-          simd::Fma(F32::Splat(d), acc, simd::Mul(F32::Load(o + e), c)).Store(o + e);
+        for (int64_t t = 0; t < n; ++t) pq[j * G + t] = std::nearbyint(s[t] * vd[t * nbv + j] * id);
+        ps[j] = d;
+      }
+      std::fill(acc, acc + dv, 0.f);
+      for (int64_t c0 = 0; c0 < n; c0 += kFew) {
+        const int64_t nc = std::min(kFew, n - c0);
+        for (int64_t t = 0; t < nc; ++t) RowInt8ToFloat(v, g0 + c0 + t, vbuf + t * vs, dv);
+        for (int64_t e = 0; e < dv; e += W) {
+          const float* pj = pq + e / kQBlock * G + c0;
+          F32 a = F32::Load(acc + e);
+          for (int64_t t = 0; t < nc; ++t) a = simd::Fma(F32::Splat(pj[t]), F32::Load(vbuf + t * vs + e), a);
+          a.Store(acc + e);
         }
       }
+      for (int64_t e = 0; e < dv; e += W)
+        simd::Fma(F32::Splat(ps[e / kQBlock]), F32::Load(acc + e), simd::Mul(F32::Load(o + e), c))
+            .Store(o + e);
     }
     rows.m[r] = m;
     rows.l[r] = l;
