@@ -86,7 +86,9 @@ inline void RoundQueryToQ8(float* x, int64_t n) {
 // the kernels' key tiles) and each block j of 32 V columns (for q8_kv, whose
 // scale is per key, every block gives the same values),
 //   x_t = p_t * dv[t][j]            (p_t = exp(s_t - m) in [0, 1], float32)
-//   d = max_t x_t / 255,  id = 1 / d (0 when d = 0),  q_t = round(x_t * id)
+//   d = max_t x_t / 255,  id = 1 / d,  q_t = round(x_t * id)
+// (id = 0, so every q_t = 0, when max_t x_t < 2^-64: such weights are
+// invisible next to the running max's, and 1 / d could overflow)
 // with round half to even, q_t in [0, 255]; block j of the output gets
 // d * sum_t q_t * vq[t] (the int8 values of V), and the softmax denominator
 // stays the float sum of p. q_t does not depend on m (x_t / max x_t), so the

@@ -72,9 +72,9 @@ inline size_t AttendHeadsScratchFloats(int64_t n_heads, int64_t n_rows) {
 
 static_assert(kKvTile == kPGroup, "8-bit P groups are the key tiles");
 
-// Floats of padding after each row of a converted V tile: with dv a multiple
-// of 256 floats (MLA's 512, 1 KiB rows ...) the rows would map onto the same
-// few L1 sets and evict each other while P.V walks down the tile.
+// Floats of padding after each row of a converted V tile: rows of a multiple
+// of 1 KiB (MLA's 512 floats: 2 KiB) would map onto the same few L1 sets and
+// evict each other while P.V walks down the tile.
 inline constexpr int64_t kTilePad = 16;
 
 // Rows are padded to a multiple of the widest vector (16 floats). The last
