@@ -88,6 +88,14 @@ def test_quantized_attention_on_each_isa(rng, isa, k_fmt, v_fmt, case):
     check_attention_quant(rng, k_fmt, v_fmt, *case)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv"])
+def test_quantized_mla_odd_rows_and_partial_v_block_on_each_isa(rng, isa, fmt):
+    # 15 rows per block (row tails of every P.V kernel) and dv = 48 (a V block
+    # of 16 columns: chunk tails of the integer layouts), several tiles, causal.
+    check_mla_quant(rng, fmt, batch=2, seq_q=3, heads=5, seq_kv=2 * KV_TILE + 9, dk=96, dv=48,
+                    v_offset=32, causal=True, kv_len=[2 * KV_TILE + 9, KV_TILE - 3], num_splits=2)
+
+
 UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]
 
 
