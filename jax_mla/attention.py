@@ -31,7 +31,9 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
         a QuantizedKV of that logical shape (q8_0, q8_kv, q6_0) read in place.
       v: [B, Skv, Hkv, Dv], likewise; k and v need not share a format. Over
         an 8-bit k (q8_0, q8_kv) the kernels round the scaled query rows to 8
-        bits per block of 32 so that Q.K runs on integer dot products.
+        bits per block of 32 so that Q.K runs on integer dot products; over an
+        8-bit v the CPU kernels round the softmax weights to 8 bits so that
+        P.V does (reference.attention_quantized defines both).
       scale: static float multiplying q.k; default 1/sqrt(Dk).
       causal: the query at absolute position p sees keys j <= p.
       q_pos: int32 scalar or [B]: absolute position of query row 0, so row i

@@ -35,7 +35,10 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
         (v_offset=0). In the block formats v_offset must be a multiple of 32.
         Over 8-bit caches (q8_0, q8_kv) the kernels round the scaled query
         rows to 8 bits per block of 32 (q8_0's rule, float32 scale) so that
-        Q.K runs on integer dot products; the README gives the error.
+        Q.K runs on integer dot products, and the CPU kernels also round the
+        softmax weights to 8 bits (per row, 64 keys and 32 V columns, V's
+        scale folded in) so that P.V does; reference.mla_quantized defines
+        both, the README gives the error.
       dv: static width of V (default 512).
       v_offset: static first column of V in the row (default 0).
       scale: static float; default 1/sqrt(Dk) as in FlashMLA. DeepSeek models

@@ -23,7 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["attention", "mla", "visible_mask"]
+__all__ = ["attention", "attention_quantized", "mla", "mla_quantized", "round_query_q8",
+           "visible_mask"]
 
 
 def _per_batch(x, batch: int, default) -> jax.Array:
@@ -90,3 +91,161 @@ def mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_l
     k = kv[:, :, None, :]
     v = kv[:, :, None, v_offset:v_offset + dv]
     return attention(q, k, v, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+
+
+# ---------------------------------------------------------------------------
+# Quantized caches: what the CPU kernels compute, exactly up to float32
+# summation order. Over 8-bit K (q8_0, q8_kv) the scaled query is rounded to 8
+# bits (round_query_q8); over 8-bit V the softmax weights P are rounded to 8
+# bits with V's scale folded in (below; ffi/common/quant_format.h). Everything
+# else is the float reference over the dequantized cache.
+
+_EIGHT_BIT = ("q8_0", "q8_kv")
+P_GROUP = 64  # keys per P-rounding group: absolute positions [64 g, 64 g + 64)
+P_LEVELS = 255.0
+P_TINY = 2.0**-64  # groups whose largest weight is below this get q = 0
+
+
+def _exact_div(a, c: float) -> jax.Array:
+    """a / c correctly rounded, as the kernels' C++ computes it: XLA rewrites a
+    division by a constant into a multiplication by its reciprocal, which is
+    not; a divisor computed at run time (a * 0 + c, a finite) keeps it."""
+    return a / (a * 0 + jnp.float32(c))
+
+
+def _is_quantized(x) -> bool:
+    return hasattr(x, "fmt") and hasattr(x, "qs")
+
+
+def round_query_q8(x) -> jax.Array:
+    """x (float32 [..., D]) rounded to 8 bits per block of 32 values (the last
+    may be shorter) with q8_0's rule and a float32 scale: d = max|x| / 127,
+    x -> d * roundf(x * (1 / d)), round half away from zero (0 when d = 0)."""
+    x = jnp.asarray(x, jnp.float32)
+    dim = x.shape[-1]
+    pad = (-dim) % 32
+    xb = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(x.shape[:-1] + (-1, 32))
+    d = _exact_div(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), 127)
+    inv = jnp.where(d != 0, jnp.float32(1) / jnp.where(d != 0, d, 1), 0)
+    v = xb * inv
+    t = jnp.trunc(v)
+    r = jnp.where(jnp.abs(v - t) >= 0.5, t + jnp.sign(v), t)  # roundf: half away from zero
+    return (d * r).reshape(x.shape[:-1] + (-1,))[..., :dim]
+
+
+def attention_quantized(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None,
+                        round_p=True):
+    """flash_attention as the CPU kernels compute it; k and v are float arrays or
+    QuantizedKV. Returns (out, lse) like `attention`.
+
+    * 8-bit k: the query is taken as round_query_q8(q * scale) at scale 1.
+    * 8-bit v (and round_p): the softmax weights are rounded. For each query
+      row, group of 64 keys (positions [64 g, 64 g + 64)) and block j of 32 V
+      columns: x_t = p_t * dv[t, j] with p_t = exp(s_t - m) (float32; q8_kv's
+      per-key scale serves every block), d = max_t x_t / 255, q_t =
+      round_half_even(x_t / d) computed as x_t * (1 / d) (q = 0 when
+      max_t x_t < 2^-64), and block j of the output is
+      sum_g d_g * sum_{t in g} q_t * vq[t] / l, vq the int8 values and l the
+      float sum of p_t. q_t does not depend on m, so any running max gives the
+      same q. The LSE is unchanged.
+    """
+    from jax_mla import quant  # imported here: quant is loaded after this module
+
+    out_dtype = q.dtype
+    q, scale = _query_as_computed(q, k, scale)
+    kf = quant.dequantize(k) if _is_quantized(k) else k
+    kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    if not (round_p and _is_quantized(v) and v.fmt in _EIGHT_BIT):
+        vf = quant.dequantize(v) if _is_quantized(v) else v
+        out, lse = attention(q, kf, vf, **kw)
+    else:
+        out, lse = _attention_rounded_p(q, kf, v.qs, v.d, **kw)
+    return out.astype(out_dtype), lse
+
+
+def _query_as_computed(q, k, scale):
+    """(query, scale) as the kernels take them over k: rounded at scale 1 over 8-bit k."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if _is_quantized(k) and k.fmt in _EIGHT_BIT:
+        return round_query_q8(q.astype(jnp.float32) * jnp.float32(scale)), 1.0
+    return q, scale
+
+
+def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
+    """attention over float K and 8-bit V (int8 values v_qs [B, Skv, Hkv, Dv],
+    scales v_d [B, Skv, Hkv, ceil(Dv / 32) or 1]) with P rounded."""
+    dk = q.shape[-1]
+    batch, seq_q, heads_q, _ = q.shape
+    seq_kv, heads_kv = kf.shape[1], kf.shape[2]
+    dv = v_qs.shape[-1]
+    group = heads_q // heads_kv
+    kv_len = _per_batch(kv_len, batch, seq_kv)
+    q_pos = _per_batch(q_pos, batch, jnp.clip(kv_len, 0, seq_kv) - seq_q)
+
+    hi = jax.lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32).reshape(batch, seq_q, heads_kv, group, dk)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf.astype(jnp.float32), precision=hi)
+    s = s * jnp.float32(scale)
+    mask = visible_mask(q_pos, kv_len, seq_q, seq_kv, causal)[:, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, initial=-jnp.inf, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)  # [B, Hkv, G, Sq, Skv]
+    l = jnp.sum(p, axis=-1, keepdims=True)
+
+    # V's int8 values and per-(key, block) scales; keys past kv_len zeroed.
+    nbv = -(-dv // 32)
+    exists = (jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None])[..., None, None]
+    vq = jnp.where(exists, v_qs.astype(jnp.float32), 0.0)                    # [B, Skv, Hkv, Dv]
+    vd = jnp.broadcast_to(v_d.astype(jnp.float32), (batch, seq_kv, heads_kv, nbv))
+    vd = jnp.where(exists, vd, 0.0)
+    n_groups = -(-seq_kv // P_GROUP)
+    pad_k = n_groups * P_GROUP - seq_kv
+    p = jnp.pad(p, [(0, 0)] * 4 + [(0, pad_k)])
+    vd = jnp.pad(vd, [(0, 0), (0, pad_k), (0, 0), (0, 0)])
+    vq = jnp.pad(vq, [(0, 0), (0, pad_k), (0, 0), (0, nbv * 32 - dv)])
+
+    vd_t = jnp.moveaxis(vd, 2, 1)                                   # [B, Hkv, Skv', nbv]
+    x = p[..., None] * vd_t[:, :, None, None]                       # [B, Hkv, G, Sq, Skv', nbv]
+    x = x.reshape(x.shape[:4] + (n_groups, P_GROUP, nbv))
+    amax = jnp.max(x, axis=5, keepdims=True)
+    d = _exact_div(amax, P_LEVELS)
+    inv = jnp.where(amax < P_TINY, 0.0, jnp.float32(1) / jnp.where(amax < P_TINY, 1.0, d))
+    pq = jnp.round(x * inv)                                          # half to even
+    vqg = vq.reshape(batch, n_groups, P_GROUP, heads_kv, nbv, 32)
+    # Exact integer sums per group (each < 2^24), then the group scales.
+    inner = jnp.einsum("bhgqnkj,bnkhjc->bhgqnjc", pq, vqg, precision=hi)
+    o = jnp.sum(d[..., 0, :, None] * inner, axis=4)                 # [B, Hkv, G, Sq, nbv, 32]
+    o = o.reshape(o.shape[:4] + (nbv * 32,))[..., :dv]
+    o = jnp.moveaxis(o, 3, 1)                                        # [B, Sq, Hkv, G, Dv]
+    l_q = jnp.moveaxis(l[..., 0], -1, 1)[..., None]
+    o = jnp.where(l_q > 0, o / jnp.where(l_q > 0, l_q, 1.0), 0.0)
+    lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m[..., 0], -jnp.inf)
+    out = o.reshape(batch, seq_q, heads_q, dv).astype(q.dtype)
+    return out, lse.reshape(batch, heads_q, seq_q).astype(jnp.float32)
+
+
+def mla_quantized(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None,
+                  kv_len=None, round_p=True):
+    """flash_mla as the CPU kernels compute it over a float or QuantizedKV
+    latent cache: attention_quantized with K the rows and V their slice."""
+    from jax_mla import quant
+
+    if not _is_quantized(kv):
+        return mla(q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos,
+                   kv_len=kv_len)
+    k = quant.QuantizedKV(kv.qs[:, :, None], kv.d[:, :, None], kv.fmt)
+    out_dtype = q.dtype
+    q, scale = _query_as_computed(q, k, scale)
+    kf = quant.dequantize(k)
+    kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    if not (round_p and kv.fmt in _EIGHT_BIT):
+        out, lse = attention(q, kf, kf[..., v_offset:v_offset + dv], **kw)
+    else:
+        v_qs = kv.qs[:, :, None, v_offset:v_offset + dv]
+        if kv.fmt == "q8_kv":
+            v_d = kv.d[:, :, None]
+        else:
+            v_d = kv.d[:, :, None, v_offset // 32:v_offset // 32 + -(-dv // 32)]
+        out, lse = _attention_rounded_p(q, kf, v_qs, v_d, **kw)
+    return out.astype(out_dtype), lse

@@ -14,7 +14,7 @@ from jax_mla import _common, _ffi
 
 from .conftest import (KV_TILE, assert_close, check_attention, check_mla, randn,
                        reference_attention)
-from .test_quant_kernels import check_mla_quant
+from .test_quant_kernels import check_attention_quant, check_mla_quant
 
 SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
 BUILT_ISAS = _ffi.module("cpu").built_isas().split(",")
@@ -72,6 +72,28 @@ def test_quantized_mla_on_each_isa(rng, isa, fmt, heads):
     # The quantized row conversions (int8 loads, q6_0 unpacking) per ISA.
     check_mla_quant(rng, fmt, batch=2, seq_q=1, heads=heads, seq_kv=KV_TILE + 13, dk=576,
                     dv=512, v_offset=64, kv_len=[KV_TILE + 13, 20], num_splits=2)
+
+
+@pytest.mark.parametrize("k_fmt, v_fmt", [("q8_0", "q8_0"), ("q8_kv", "q8_kv"),
+                                          (jnp.float16, "q8_0"), ("q8_0", jnp.bfloat16)],
+                         ids=["q8_0", "q8_kv", "f16-q8_0", "q8_0-bf16"])
+@pytest.mark.parametrize("case", [
+    # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len): a causal prefill chunk
+    # (tile kernel, 40 rows per block) and GQA decode (GEMV kernel).
+    (2, 40, 16, 16, KV_TILE * 2 + 7, True, None, [KV_TILE * 2 + 7, 30]),
+    (2, 1, 8, 4, KV_TILE + 13, False, None, [KV_TILE + 13, 0]),
+], ids=["prefill", "gqa_decode"])
+def test_quantized_attention_on_each_isa(rng, isa, k_fmt, v_fmt, case):
+    # The rounded query and P (integer or exact float sums) per ISA, 192/128.
+    check_attention_quant(rng, k_fmt, v_fmt, *case)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv"])
+def test_quantized_mla_odd_rows_and_partial_v_block_on_each_isa(rng, isa, fmt):
+    # 15 rows per block (row tails of every P.V kernel) and dv = 48 (a V block
+    # of 16 columns: chunk tails of the integer layouts), several tiles, causal.
+    check_mla_quant(rng, fmt, batch=2, seq_q=3, heads=5, seq_kv=2 * KV_TILE + 9, dk=96, dv=48,
+                    v_offset=32, causal=True, kv_len=[2 * KV_TILE + 9, KV_TILE - 3], num_splits=2)
 
 
 UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]

@@ -13,7 +13,7 @@ declare -A FLAGS=(
   [avx512]="-mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni -mavx512bf16 -mfma -mf16c"
 )
 for isa in generic avx2 avx512; do
-  g++ -O3 -std=c++17 ${FLAGS[$isa]} -DJAX_MLA_ISA=$isa -I"$ROOT" -c "$ROOT/ffi/cpu/kernels.cc" \
+  g++ -O3 -g -std=c++17 ${FLAGS[$isa]} -DJAX_MLA_ISA=$isa -I"$ROOT" -c "$ROOT/ffi/cpu/kernels.cc" \
       -o "$OUT/kernels_$isa.o" &
 done
 wait

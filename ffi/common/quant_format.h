@@ -62,6 +62,12 @@ inline bool QuantizesQueries(QFormat k_fmt) {
   return k_fmt == QFormat::kQ8_0 || k_fmt == QFormat::kQ8KV;
 }
 
+// roundf(v) for |v| < 2^29 as an integer, without a libm call (the drivers
+// round every query value): v + 0.5 is exact in double, the cast truncates.
+inline int32_t RoundHalfAway(float v) {
+  return int32_t(double(v) + (v < 0.f ? -0.5 : 0.5));
+}
+
 inline void RoundQueryToQ8(float* x, int64_t n) {
   for (int64_t j = 0; j < n; j += kQBlock) {
     const int64_t m = n - j < kQBlock ? n - j : kQBlock;
@@ -69,8 +75,30 @@ inline void RoundQueryToQ8(float* x, int64_t n) {
     for (int64_t i = 0; i < m; ++i) amax = std::fmax(amax, std::fabs(x[j + i]));
     const float d = amax / 127.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
-    for (int64_t i = 0; i < m; ++i) x[j + i] = d * std::round(x[j + i] * id);
+    for (int64_t i = 0; i < m; ++i) x[j + i] = d * float(RoundHalfAway(x[j + i] * id));
   }
+}
+
+// Over 8-bit values (q8_0, q8_kv V) the CPU kernels also take the softmax
+// weights P at 8 bits, so that P.V can run on integer dot products. V's scale
+// is per key and block of 32 columns, so it is folded into P first: for each
+// query row, each group of kPGroup keys (absolute positions [64 g, 64 g + 64),
+// the kernels' key tiles) and each block j of 32 V columns (for q8_kv, whose
+// scale is per key, every block gives the same values),
+//   x_t = p_t * dv[t][j]            (p_t = exp(s_t - m) in [0, 1], float32)
+//   d = max_t x_t / 255,  id = 1 / d,  q_t = round(x_t * id)
+// (id = 0, so every q_t = 0, when max_t x_t < 2^-64: such weights are
+// invisible next to the running max's, and 1 / d could overflow)
+// with round half to even, q_t in [0, 255]; block j of the output gets
+// d * sum_t q_t * vq[t] (the int8 values of V), and the softmax denominator
+// stays the float sum of p. q_t does not depend on m (x_t / max x_t), so the
+// result does not depend on the running max nor on the split boundaries
+// (which fall on groups). reference.attention_quantized defines it in JAX.
+inline constexpr int64_t kPGroup = 64;
+inline constexpr float kPLevels = 255.f;
+
+inline bool RoundsProbabilities(QFormat v_fmt) {
+  return v_fmt == QFormat::kQ8_0 || v_fmt == QFormat::kQ8KV;
 }
 
 }  // namespace jax_mla

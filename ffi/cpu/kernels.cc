@@ -15,7 +15,10 @@
 // With fewer rows than half a vector (decode with small GQA groups) that
 // would waste the lanes; AttendFew then runs one GEMV per row instead.
 // Every product and sum is float32 (inputs are exact in float32); only the
-// summation order differs from the reference.
+// summation order differs from the reference. Over 8-bit caches the query
+// (8-bit K) and the softmax weights (8-bit V) are rounded to 8 bits as
+// quant_format.h says, identically on every path, and Q.K / P.V run on
+// integer dot products where the ISA has them (exact int32 sums).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -138,6 +141,95 @@ void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
   }
 }
 
+// 8-bit V with rounded P (quant_format.h): the per-key scales of row t, one
+// per block of 32 columns (q8_kv: the row's scale for each block).
+void VScales(const KvRows& v, int64_t t, int64_t nbv, float* dst) {
+  const char* scales = static_cast<const char*>(v.scales) + t * v.scale_row_bytes;
+  if (v.fmt == QFormat::kQ8KV) {
+    float d;
+    std::memcpy(&d, scales, sizeof d);
+    std::fill(dst, dst + nbv, d);
+  } else {
+    ScalesToFloat(scales, nbv, dst);
+  }
+}
+
+// The int8 values of row t as float32, unscaled (n a multiple of 16).
+void RowInt8ToFloat(const KvRows& v, int64_t t, float* dst, int64_t n) {
+  const int8_t* qs = static_cast<const int8_t*>(RowPtr(v, t));
+  for (int64_t i = 0; i < n; i += W) simd::LoadI8(qs + i).Store(dst + i);
+}
+
+// A group whose largest x_t is below this gets q = 0 (its weights are below
+// 2^-64 of the running max: invisible in a float32 output, and 1 / d would
+// overflow for denormal d).
+constexpr float kPTiny = 0x1p-64f;
+
+// The rounded P of one tile (quant_format.h), rows in lanes: for V block j,
+// pq[(j * T + t) * rp + r] = q_t as a float (exact) and ps[j * rp + r] = d.
+// Every path computes x, d, id and q with these same float32 operations.
+void QuantizeProbs(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
+                   float* pq, float* ps) {
+  const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
+            tiny = F32::Splat(kPTiny);
+  for (int64_t j = 0; j < nbv; ++j) {
+    for (int64_t r0 = 0; r0 < rp; r0 += W) {
+      F32 amax = zero;
+      for (int64_t t = 0; t < tn; ++t)
+        amax = simd::Max(amax, simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j])));
+      const F32 d = simd::Div(amax, levels);
+      const F32 id = simd::SelectLt(amax, tiny, zero, simd::Div(one, d));
+      d.Store(ps + j * rp + r0);
+      for (int64_t t = 0; t < tn; ++t) {
+        const F32 x = simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j]));
+        simd::Round(simd::Mul(x, id)).Store(pq + (j * T + t) * rp + r0);
+      }
+    }
+  }
+}
+
+// o[r][d0 ..) += ps[r] * sum_{t < tn} pq[t][r] * vt[t][d] for RB rows from r0
+// and DB vectors of dims inside one V block; vt holds V's int8 values as
+// floats, so the sums are exact integers (64 * 255 * 128 < 2^24) and equal
+// the integer path's.
+template <int RB, int DB>
+void PvQBlock(const float* pq, const float* ps, int64_t rp, int64_t r0, const float* vt,
+              int64_t vstride, int64_t tn, float* o, int64_t dv, int64_t d0) {
+  F32 acc[RB][DB];
+  for (auto& row : acc)
+    for (F32& a : row) a = F32::Zero();
+  for (int64_t t = 0; t < tn; ++t) {
+    F32 v[DB];
+    for (int j = 0; j < DB; ++j) v[j] = F32::Load(vt + t * vstride + d0 + j * W);
+    for (int i = 0; i < RB; ++i) {
+      const F32 p = F32::Splat(pq[t * rp + r0 + i]);
+      for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, v[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    const F32 d = F32::Splat(ps[r0 + i]);
+    for (int j = 0; j < DB; ++j) {
+      float* op = o + (r0 + i) * dv + d0 + j * W;
+      simd::Fma(d, acc[i][j], F32::Load(op)).Store(op);
+    }
+  }
+}
+
+template <int RB>
+void PvQRows(const float* pq, const float* ps, int64_t rp, int64_t r0, const float* vt,
+             int64_t vstride, int64_t tn, float* o, int64_t dv) {
+  static_assert(kQBlock % W == 0 && 16 % W == 0, "a V block is whole vectors");
+  for (int64_t j = 0, d0 = 0; d0 < dv; ++j, d0 += kQBlock) {
+    const float* pqj = pq + j * T * rp;
+    const float* psj = ps + j * rp;
+    if (dv - d0 >= kQBlock) {
+      PvQBlock<RB, kQBlock / W>(pqj, psj, rp, r0, vt, vstride, tn, o, dv, d0);
+    } else {
+      PvQBlock<RB, 16 / W>(pqj, psj, rp, r0, vt, vstride, tn, o, dv, d0);  // q8_kv: dv % 32 == 16
+    }
+  }
+}
+
 // st[t][r] = sum_d qt[d][r] * kt[t][d] for t in [t0, t0 + KB), rows
 // [r0, r0 + RV * W): rows in lanes, one broadcast K element per FMA group.
 template <int RV, int KB>
@@ -191,54 +283,58 @@ void PvRows(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vs
 // Q.K over 8-bit keys (q8_0, q8_kv) on VNNI integer dot products. The query
 // rows arrive already rounded to 8 bits per block of 32 (RoundQueryToQ8), so
 // this computes the same scores as the float path, exactly up to float32
-// rounding. vpdpbusd multiplies unsigned by signed bytes: the query bytes are
-// stored + 128 (unsigned) and the key bytes (signed, straight from the cache)
-// are the broadcast operand, so for block j of 32 values
-//   sum_i q_i k_i = dpbusd(q + 128, k) - 128 * sum_i k_i,
-// and the key block sums are computed once per tile. A score is
-//   s[r][t] = sum_j qd[r][j] * kd[t][j] * (dot_j - 128 * ksum[t][j]).
+// rounding. vpdpbusd multiplies unsigned by signed bytes: the key bytes are
+// taken + 128 (unsigned, the broadcast operand) and the query bytes (signed)
+// are the vector one, so for block j of 32 values
+//   sum_i q_i k_i = dpbusd(k + 128, q) - 128 * sum_i q_i,
+// where the query block sums are computed once per call. A score is
+//   s[r][t] = sum_j qd[r][j] * kd[t][j] * (dot_j - 128 * qsum[r][j]).
 constexpr bool kInt8Qk = true;
 constexpr int kInt8Keys = 8;  // keys per register block (8 int + 8 float accumulators)
 
 // Re-quantizes the (already 8-bit-valued) query rows into the VNNI layout:
-// qi[((j * 8 + g) * rp + r) * 4 + b] = q[r][32 j + 4 g + b] + 128 and
-// qd[j * rp + r] = the block's scale; padding rows are zeros.
-void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint8_t* qi, float* qd) {
+// qi[((j * 8 + g) * rp + r) * 4 + b] = q[r][32 j + 4 g + b] (int8),
+// qd[j * rp + r] = the block's scale and qc[j * rp + r] = 128 * the sum of
+// its values; padding rows are zeros.
+void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, int8_t* qi, float* qd,
+                        float* qc) {
   const int64_t nb = dk / kQBlock;
   for (int64_t r = 0; r < rp; ++r) {
     for (int64_t j = 0; j < nb; ++j) {
       int32_t qq[kQBlock] = {};
       float d = 0.f;
+      int32_t sum = 0;
       if (r < rows.n_rows) {
         const float* x = rows.q + r * dk + j * kQBlock;
         float amax = 0.f;
         for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
         d = amax / 127.f;
         const float id = d != 0.f ? 1.f / d : 0.f;
-        for (int64_t i = 0; i < kQBlock; ++i) qq[i] = int32_t(std::round(x[i] * id));
+        for (int64_t i = 0; i < kQBlock; ++i) {
+          qq[i] = RoundHalfAway(x[i] * id);
+          sum += qq[i];
+        }
       }
       qd[j * rp + r] = d;
+      qc[j * rp + r] = 128.f * float(sum);
       for (int g = 0; g < 8; ++g)
-        for (int b = 0; b < 4; ++b)
-          qi[((j * 8 + g) * rp + r) * 4 + b] = uint8_t(qq[4 * g + b] + 128);
+        for (int b = 0; b < 4; ++b) qi[((j * 8 + g) * rp + r) * 4 + b] = int8_t(qq[4 * g + b]);
     }
   }
 }
 
-// Packs the tile's key bytes block-major, kp[(j * T + t) * 32 + i] = key t's
-// value 32 j + i (zeros for keys [tn, T)), so a register block of keys reads
-// one contiguous run per block; and per key t and block j stores the block's
-// scale kd[t * nb + j] and kc[t * nb + j] = 128 * the sum of its int8 values.
-void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int8_t* kp, float* kd,
-                     float* kc) {
+// Packs the tile's key bytes + 128 block-major, kp[(j * T + t) * 32 + i] =
+// key t's value 32 j + i + 128 as a byte (zeros for keys [tn, T), whose
+// scales are 0), so a register block of keys reads one contiguous run per
+// block; and per key t and block j stores the block's scale kd[t * nb + j].
+void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, uint8_t* kp,
+                     float* kd) {
   const int64_t nb = dk / kQBlock;
-  const __m512i bias = _mm512_set1_epi8(char(0x80)), zero = _mm512_setzero_si512();
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
   for (int64_t t = 0; t < T; ++t) {
     float* kdt = kd + t * nb;
-    float* kct = kc + t * nb;
     if (t >= tn) {
       std::fill(kdt, kdt + nb, 0.f);
-      std::fill(kct, kct + nb, 0.f);
       for (int64_t j = 0; j < nb; ++j) std::memset(kp + (j * T + t) * kQBlock, 0, kQBlock);
       continue;
     }
@@ -253,32 +349,21 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int8_t
     }
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {
-      const __m512i v = _mm512_loadu_si512(row + j * kQBlock);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + (j * T + t) * kQBlock),
                           _mm512_castsi512_si256(v));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + ((j + 1) * T + t) * kQBlock),
                           _mm512_extracti64x4_epi64(v, 1));
-      // Sums of 8 biased bytes per qword, then of the 4 qwords of each block.
-      __m512i sum = _mm512_sad_epu8(_mm512_xor_si512(v, bias), zero);
-      sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0xB1));
-      sum = _mm512_add_epi64(sum, _mm512_permutex_epi64(sum, 0x4E));
-      alignas(64) int64_t lanes[8];
-      _mm512_store_si512(lanes, sum);
-      kct[j] = 128.f * float(lanes[0] - 128 * kQBlock);
-      kct[j + 1] = 128.f * float(lanes[4] - 128 * kQBlock);
     }
-    for (; j < nb; ++j) {
-      std::memcpy(kp + (j * T + t) * kQBlock, row + j * kQBlock, kQBlock);
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kQBlock; ++i) sum += row[j * kQBlock + i];
-      kct[j] = 128.f * float(sum);
-    }
+    for (; j < nb; ++j)
+      for (int64_t i = 0; i < kQBlock; ++i)
+        kp[(j * T + t) * kQBlock + i] = uint8_t(row[j * kQBlock + i] ^ 0x80);
   }
 }
 
 // st[t + i][r0 .. r0 + 16) for the kInt8Keys keys from tile row t.
-void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const int8_t* kp,
-            int64_t t, int64_t dk, const float* kd, const float* kc, float* st) {
+void QkInt8(const int8_t* qi, const float* qd, const float* qc, int64_t rp, int64_t r0,
+            const uint8_t* kp, int64_t t, int64_t dk, const float* kd, float* st) {
   constexpr int KB = kInt8Keys;
   const int64_t nb = dk / kQBlock;
   __m512 s[KB];
@@ -286,27 +371,259 @@ void QkInt8(const uint8_t* qi, const float* qd, int64_t rp, int64_t r0, const in
   for (int64_t j = 0; j < nb; ++j) {
     __m512i qv[8];
     for (int g = 0; g < 8; ++g) qv[g] = _mm512_loadu_si512(qi + ((j * 8 + g) * rp + r0) * 4);
-    const int8_t* kb = kp + (j * T + t) * kQBlock;  // KB keys x 32 bytes, contiguous
+    const uint8_t* kb = kp + (j * T + t) * kQBlock;  // KB keys x 32 bytes, contiguous
     __m512i acc[KB];
     for (auto& a : acc) a = _mm512_setzero_si512();
     for (int g = 0; g < 8; ++g) {
       for (int i = 0; i < KB; ++i) {
         int32_t kw;
         std::memcpy(&kw, kb + i * kQBlock + 4 * g, sizeof kw);
-        acc[i] = _mm512_dpbusd_epi32(acc[i], qv[g], _mm512_set1_epi32(kw));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(kw), qv[g]);
       }
     }
     const __m512 qdv = _mm512_loadu_ps(qd + j * rp + r0);
+    const __m512 qcv = _mm512_loadu_ps(qc + j * rp + r0);
     for (int i = 0; i < KB; ++i) {
-      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]),
-                                       _mm512_set1_ps(kc[(t + i) * nb + j]));
+      const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), qcv);
       s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qdv, _mm512_set1_ps(kd[(t + i) * nb + j])), s[i]);
     }
   }
   for (int i = 0; i < KB; ++i) _mm512_storeu_ps(st + (t + i) * rp + r0, s[i]);
 }
+
+// P.V over 8-bit V on vpdpbusd: the rounded P (unsigned bytes, quant_format.h)
+// is the broadcast operand, four keys per dword, and V's int8 values the
+// vector one, interleaved four keys per dword; the int32 sums are exact and
+// equal the float path's (PvQBlock), so every ISA computes the same output.
+constexpr bool kInt8Pv = true;
+
+// P bytes for one tile: pqd[(j * T / 4 + u) * rp + r] holds q of keys
+// 4u .. 4u + 3 (zero past tn) for V block j; ps as QuantizeProbs.
+void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
+                     uint32_t* pqd, float* ps) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f),
+               levels = _mm512_set1_ps(kPLevels), tiny = _mm512_set1_ps(kPTiny);
+  const int64_t nq = (tn + 3) / 4;
+  for (int64_t j = 0; j < nbv; ++j) {
+    for (int64_t r0 = 0; r0 < rp; r0 += 16) {
+      __m512 amax = zero;
+      for (int64_t t = 0; t < tn; ++t)
+        amax = _mm512_max_ps(amax, _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
+                                                 _mm512_set1_ps(vd[t * nbv + j])));
+      const __m512 d = _mm512_div_ps(amax, levels);
+      const __m512 id =
+          _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, tiny, _CMP_GE_OQ), one, d);
+      _mm512_storeu_ps(ps + j * rp + r0, d);
+      for (int64_t u = 0; u < nq; ++u) {
+        __m512i dw = _mm512_setzero_si512();
+        for (int b = 0; b < 4 && 4 * u + b < tn; ++b) {
+          const int64_t t = 4 * u + b;
+          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
+                                         _mm512_set1_ps(vd[t * nbv + j]));
+          const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, id),
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          dw = _mm512_or_si512(dw, _mm512_slli_epi32(q, 8 * b));
+        }
+        _mm512_storeu_si512(pqd + (j * (T / 4) + u) * rp + r0, dw);
+      }
+    }
+  }
+}
+
+// V's int8 values for one tile, four keys per dword:
+// vp[((c * T / 4 + u) * 16 + i) * 4 + b] = V[4u + b][16 c + i] (zeros past tn).
+// Per 64 columns and 4 keys: a dword transpose inside each row's vector (so
+// that the byte/word unpacks below, which work per 128-bit lane, produce
+// whole 16-column chunks), then two rounds of unpacks.
+void PackVInt8(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int8_t* vp) {
+  const int64_t nc = dv / 16, nq = (tn + 3) / 4;
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const auto pack = [&](const __m512i* a, int64_t u, int64_t k) {
+    const __m512i lo01 = _mm512_unpacklo_epi8(a[0], a[1]), hi01 = _mm512_unpackhi_epi8(a[0], a[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(a[2], a[3]), hi23 = _mm512_unpackhi_epi8(a[2], a[3]);
+    const __m512i out[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
+                            _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
+    for (int m = 0; m < 4; ++m) {
+      const int64_t c = k / 16 + m;
+      if (c < nc) _mm512_storeu_si512(vp + (c * (T / 4) + u) * 64, out[m]);
+    }
+  };
+  const int64_t full_k = dv / 64 * 64;
+  for (int64_t u = 0; u < nq; ++u) {
+    const int8_t* row[4];
+    for (int b = 0; b < 4; ++b)
+      row[b] = 4 * u + b < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 4 * u + b)) : nullptr;
+    __m512i a[4];
+    if (4 * u + 4 <= tn) {
+      for (int64_t k = 0; k < full_k; k += 64) {
+        for (int b = 0; b < 4; ++b)
+          a[b] = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(row[b] + k));
+        pack(a, u, k);
+      }
+    } else {
+      for (int64_t k = 0; k < full_k; k += 64) {
+        for (int b = 0; b < 4; ++b)
+          a[b] = row[b] != nullptr ? _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(row[b] + k))
+                                   : _mm512_setzero_si512();
+        pack(a, u, k);
+      }
+    }
+    if (full_k < dv) {  // the last 16 .. 48 columns
+      const __mmask64 mask = (__mmask64(1) << (dv - full_k)) - 1;
+      for (int b = 0; b < 4; ++b)
+        a[b] = row[b] != nullptr
+                   ? _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi8(mask, row[b] + full_k))
+                   : _mm512_setzero_si512();
+      pack(a, u, full_k);
+    }
+  }
+}
+
+// o[r][16 c ..) += ps[j][r] * sum_u dpbusd(P dword, V chunk) for RB rows from
+// r0 and CB 16-column chunks from c0 (chunk c lies in V block c / 2).
+template <int RB, int CB>
+void PvInt8Block(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
+                 int64_t nq, float* o, int64_t dv, int64_t c0) {
+  __m512i acc[RB][CB];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm512_setzero_si512();
+  for (int64_t u = 0; u < nq; ++u) {
+    __m512i vv[CB];
+    for (int c = 0; c < CB; ++c) vv[c] = _mm512_loadu_si512(vp + ((c0 + c) * (T / 4) + u) * 64);
+    for (int i = 0; i < RB; ++i) {
+      for (int c = 0; c < CB; ++c) {
+        const int64_t j = (c0 + c) / 2;
+        const __m512i p = _mm512_set1_epi32(int32_t(pqd[(j * (T / 4) + u) * rp + r0 + i]));
+        acc[i][c] = _mm512_dpbusd_epi32(acc[i][c], p, vv[c]);
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int c = 0; c < CB; ++c) {
+      const int64_t j = (c0 + c) / 2;
+      float* op = o + (r0 + i) * dv + 16 * (c0 + c);
+      _mm512_storeu_ps(op, _mm512_fmadd_ps(_mm512_set1_ps(ps[j * rp + r0 + i]),
+                                           _mm512_cvtepi32_ps(acc[i][c]), _mm512_loadu_ps(op)));
+    }
+  }
+}
+
+template <int RB>
+void PvInt8Rows(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
+                int64_t nq, float* o, int64_t dv) {
+  const int64_t nc = dv / 16;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= nc; c0 += 4) PvInt8Block<RB, 4>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+  for (; c0 < nc; ++c0) PvInt8Block<RB, 1>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+}
 #else
 constexpr bool kInt8Qk = false;
+constexpr bool kInt8Pv = false;
+#endif
+
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+// P.V over 8-bit V on AVX2 (no VNNI): vpmaddwd on 16-bit values, two keys
+// per dword (P in [0, 255] and V in [-128, 127] fit 16 bits; the pair sums
+// and the int32 accumulation cannot overflow, unlike vpmaddubsw's 16-bit
+// saturation), then vpaddd. The int32 sums are exact, as on VNNI.
+constexpr bool kInt16Pv = true;
+
+// P for one tile as 16-bit pairs: pqw[(j * T / 2 + u) * rp + r] holds q of
+// keys 2u (low half) and 2u + 1 (zero past tn); ps as QuantizeProbs, whose
+// operations this repeats (the conversion rounds to nearest even like Round).
+void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
+                      uint32_t* pqw, float* ps) {
+  const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
+            tiny = F32::Splat(kPTiny);
+  const int64_t np = (tn + 1) / 2;
+  for (int64_t j = 0; j < nbv; ++j) {
+    for (int64_t r0 = 0; r0 < rp; r0 += W) {
+      F32 amax = zero;
+      for (int64_t t = 0; t < tn; ++t)
+        amax = simd::Max(amax, simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j])));
+      const F32 d = simd::Div(amax, levels);
+      const F32 id = simd::SelectLt(amax, tiny, zero, simd::Div(one, d));
+      d.Store(ps + j * rp + r0);
+      for (int64_t u = 0; u < np; ++u) {
+        __m256i dw = _mm256_setzero_si256();
+        for (int b = 0; b < 2 && 2 * u + b < tn; ++b) {
+          const int64_t t = 2 * u + b;
+          const F32 x = simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j]));
+          const __m256i q = _mm256_cvtps_epi32(simd::Round(simd::Mul(x, id)).v);
+          dw = _mm256_or_si256(dw, _mm256_slli_epi32(q, 16 * b));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pqw + (j * (T / 2) + u) * rp + r0), dw);
+      }
+    }
+  }
+}
+
+// V's int8 values for one tile as 16-bit pairs of keys:
+// vw[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 c + i] (zeros past tn).
+// The qword permute puts columns 0-3 / 4-7 (8-11 / 12-15) in the low (high)
+// halves of the two 128-bit lanes, which the word unpacks work within.
+void PackVInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int16_t* vw) {
+  const int64_t np = (tn + 1) / 2;
+  for (int64_t u = 0; u < np; ++u) {
+    const auto* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u));
+    const int8_t* r1 = 2 * u + 1 < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) : nullptr;
+    for (int64_t k = 0; k < dv; k += 16) {
+      const __m256i a = _mm256_permute4x64_epi64(
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + k))), 0xD8);
+      const __m256i b = r1 != nullptr
+                            ? _mm256_permute4x64_epi64(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                                           reinterpret_cast<const __m128i*>(r1 + k))),
+                                                       0xD8)
+                            : _mm256_setzero_si256();
+      const int64_t c = k / 8;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + (c * (T / 2) + u) * 16),
+                          _mm256_unpacklo_epi16(a, b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + ((c + 1) * (T / 2) + u) * 16),
+                          _mm256_unpackhi_epi16(a, b));
+    }
+  }
+}
+
+// o[r][8 c ..) += ps[j][r] * sum_u madd(P pair, V pair chunk) for RB rows from
+// r0 and CB 8-column chunks from c0 (chunk c lies in V block c / 4).
+template <int RB, int CB>
+void PvInt16Block(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
+                  int64_t np, float* o, int64_t dv, int64_t c0) {
+  __m256i acc[RB][CB];
+  for (auto& row : acc)
+    for (auto& a : row) a = _mm256_setzero_si256();
+  for (int64_t u = 0; u < np; ++u) {
+    __m256i vv[CB];
+    for (int c = 0; c < CB; ++c)
+      vv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vw + ((c0 + c) * (T / 2) + u) * 16));
+    for (int i = 0; i < RB; ++i) {
+      for (int c = 0; c < CB; ++c) {
+        const int64_t j = (c0 + c) / 4;
+        const __m256i p = _mm256_set1_epi32(int32_t(pqw[(j * (T / 2) + u) * rp + r0 + i]));
+        acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(p, vv[c]));
+      }
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int c = 0; c < CB; ++c) {
+      const int64_t j = (c0 + c) / 4;
+      float* op = o + (r0 + i) * dv + 8 * (c0 + c);
+      _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(ps[j * rp + r0 + i]),
+                                           _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op)));
+    }
+  }
+}
+
+template <int RB>
+void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
+                 int64_t np, float* o, int64_t dv) {
+  const int64_t nc = dv / 8;
+  int64_t c0 = 0;
+  for (; c0 + 4 <= nc; c0 += 4) PvInt16Block<RB, 4>(pqw, ps, rp, r0, vw, np, o, dv, c0);
+  for (; c0 < nc; ++c0) PvInt16Block<RB, 1>(pqw, ps, rp, r0, vw, np, o, dv, c0);
+}
+#else
+constexpr bool kInt16Pv = false;
 #endif
 
 // Scratch layout (floats), see AttendScratchFloats.
@@ -319,6 +636,9 @@ struct Work {
   float* l;    // [rp]
   float* cnt;  // [rp]      keys of the current tile each row sees
   float* corr; // [rp]      rescale factor of the current tile
+  float* vd;   // [T, nbv]  8-bit V: per-key scales of each block of 32 columns
+  float* pq;   // [nbv, T, rp] rounded P (floats; the VNNI path packs bytes here)
+  float* ps;   // [nbv, rp] its scales
 };
 
 Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
@@ -326,11 +646,14 @@ Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
   w.qt = scratch;
   w.kt = w.qt + dk * rp;
   w.vt = w.kt + T * dk;
-  w.st = w.vt + T * dv;
+  w.st = w.vt + T * (dv + kTilePad);
   w.m = w.st + T * rp;
   w.l = w.m + rp;
   w.cnt = w.l + rp;
   w.corr = w.cnt + rp;
+  w.vd = w.corr + rp;
+  w.pq = w.vd + T * ((dv + kQBlock - 1) / kQBlock);
+  w.ps = w.pq + T * rp * ((dv + kQBlock - 1) / kQBlock);
   return w;
 }
 
@@ -376,13 +699,15 @@ constexpr int64_t kFew = kFewKeys;
 // stale scores, so they are selected away, never multiplied), updates the
 // running max *m and sum *l, and returns the factor the row's output must be
 // scaled by (exp(-inf) = 0 on the row's first block).
+template <int64_t N = kFew>
 float SoftmaxBlock(float* s, int64_t n, float* m, float* l) {
+  static_assert(N % W == 0, "the softmax block is whole vectors");
   float mx = s[0];
   for (int64_t t = 1; t < n; ++t) mx = std::max(mx, s[t]);
   const float m_new = std::max(*m, mx);
   const float corr = *m == m_new ? 1.f : std::exp(*m - m_new);
   F32 sum = F32::Zero();
-  for (int64_t t = 0; t < kFew; t += W) {
+  for (int64_t t = 0; t < N; t += W) {
     const F32 p = simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
                                  simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))),
                                  F32::Zero());
@@ -458,6 +783,83 @@ void AttendFew(const RowBlock& rows, const KS& k, const VS& v, int64_t dk, int64
         for (t = 0; t < n; ++t) acc = simd::Fma(F32::Splat(s[t]), LoadAs<VT>(vr[t], d), acc);
         acc.Store(o + d);
       }
+    }
+    rows.m[r] = m;
+    rows.l[r] = l;
+  }
+}
+
+// AttendFew over 8-bit V, which rounds P (quant_format.h): the keys go in
+// groups of kPGroup aligned as the tile kernel's (kv_begin is a multiple of
+// it), scores and softmax per group, then per V block of 32 columns P is
+// rounded and o += d * sum_t q_t * vq[t] in exact float32 integer sums. K and
+// V rows are converted kFew at a time, so the buffers stay in L1.
+template <class KS>
+void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, int64_t dv,
+                int64_t kv_begin, float* scratch) {
+  constexpr int64_t G = kPGroup;
+  constexpr DType KT = KS::kType;
+  const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
+  const int64_t vs = dv + kTilePad;
+  float* s = scratch;              // [G] scores, then probabilities
+  float* kbuf = s + G;             // [kFew, dk] dequantized K rows (quantized K only)
+  float* vbuf = kbuf + kFew * dk;  // [kFew, vs] V's int8 values as floats
+  float* vd = vbuf + kFew * vs;    // [G, nbv] V's scales
+  float* pq = vd + G * nbv;        // [nbv, G] rounded P
+  float* ps = pq + nbv * G;        // [nbv] its scales
+  float* acc = ps + nbv;           // [dv] the group's integer sums
+  const void* kr[kFew];
+  const F32 zero = F32::Zero();
+  for (int64_t r = 0; r < rows.n_rows; ++r) {
+    const int64_t end = rows.end[r];
+    const float* q = rows.q + r * dk;
+    float* o = rows.o + r * dv;
+    float m = rows.m[r], l = rows.l[r];
+    for (int64_t g0 = kv_begin; g0 < end; g0 += G) {
+      const int64_t n = std::min(G, end - g0);
+      for (int64_t c0 = 0; c0 < n; c0 += kFew) {
+        const int64_t nc = std::min(kFew, n - c0);
+        for (int64_t t = 0; t < nc; ++t) kr[t] = k.Row(g0 + c0 + t, kbuf + t * dk, dk);
+        int64_t t = 0;
+        for (; t + 4 <= nc; t += 4) {
+          F32 a4[4] = {zero, zero, zero, zero};
+          for (int64_t d = 0; d < dk; d += W) {
+            const F32 qv = F32::Load(q + d);
+            for (int i = 0; i < 4; ++i) a4[i] = simd::Fma(qv, LoadAs<KT>(kr[t + i], d), a4[i]);
+          }
+          for (int i = 0; i < 4; ++i) s[c0 + t + i] = simd::ReduceAdd(a4[i]);
+        }
+        for (; t < nc; ++t) {
+          F32 a1 = zero;
+          for (int64_t d = 0; d < dk; d += W) a1 = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), a1);
+          s[c0 + t] = simd::ReduceAdd(a1);
+        }
+      }
+      const F32 c = F32::Splat(SoftmaxBlock<G>(s, n, &m, &l));
+      for (int64_t t = 0; t < n; ++t) VScales(v, g0 + t, nbv, vd + t * nbv);
+      for (int64_t j = 0; j < nbv; ++j) {
+        // The same float32 operations as QuantizeProbs, one lane.
+        float amax = 0.f;
+        for (int64_t t = 0; t < n; ++t) amax = std::max(amax, s[t] * vd[t * nbv + j]);
+        const float d = amax / kPLevels;
+        const float id = amax < kPTiny ? 0.f : 1.f / d;
+        for (int64_t t = 0; t < n; ++t) pq[j * G + t] = std::nearbyint(s[t] * vd[t * nbv + j] * id);
+        ps[j] = d;
+      }
+      std::fill(acc, acc + dv, 0.f);
+      for (int64_t c0 = 0; c0 < n; c0 += kFew) {
+        const int64_t nc = std::min(kFew, n - c0);
+        for (int64_t t = 0; t < nc; ++t) RowInt8ToFloat(v, g0 + c0 + t, vbuf + t * vs, dv);
+        for (int64_t e = 0; e < dv; e += W) {
+          const float* pj = pq + e / kQBlock * G + c0;
+          F32 a = F32::Load(acc + e);
+          for (int64_t t = 0; t < nc; ++t) a = simd::Fma(F32::Splat(pj[t]), F32::Load(vbuf + t * vs + e), a);
+          a.Store(acc + e);
+        }
+      }
+      for (int64_t e = 0; e < dv; e += W)
+        simd::Fma(F32::Splat(ps[e / kQBlock]), F32::Load(acc + e), simd::Mul(F32::Load(o + e), c))
+            .Store(o + e);
     }
     rows.m[r] = m;
     rows.l[r] = l;
@@ -547,6 +949,7 @@ void AttendHeadsAny(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t k
 template <class KS>
 void AttendFewV(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, int64_t dv,
                 int64_t kv_begin, float* scratch) {
+  if (RoundsProbabilities(v.fmt)) return AttendFewQ(rows, k, v, dk, dv, kv_begin, scratch);
   if (v.fmt != QFormat::kNone) return AttendFew(rows, k, Dequantized{v}, dk, dv, kv_begin, scratch);
   switch (v.dtype) {
     case DType::kF32: return AttendFew(rows, k, InPlace<DType::kF32>{v}, dk, dv, kv_begin, scratch);
@@ -584,23 +987,29 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // float K tile is made, and V (MLA: the V columns of the same rows, through
   // the V view) is converted on its own.
   const bool int8 = kInt8Qk && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
-  [[maybe_unused]] uint8_t* qi = reinterpret_cast<uint8_t*>(w.qt);     // [dk / 4, rp, 4] bytes
+  [[maybe_unused]] int8_t* qi = reinterpret_cast<int8_t*>(w.qt);      // [dk / 4, rp, 4] bytes
   [[maybe_unused]] float* qd = w.qt + dk * rp / 4;                       // [dk / 32, rp]
-  [[maybe_unused]] int8_t* kp = reinterpret_cast<int8_t*>(w.kt);       // [dk / 32, T, 32] bytes
+  [[maybe_unused]] float* qc = qd + dk / kQBlock * rp;                   // [dk / 32, rp]
+  [[maybe_unused]] uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);     // [dk / 32, T, 32] bytes
   [[maybe_unused]] float* kd = w.kt + T * dk / 4;                        // [T, dk / 32]
-  [[maybe_unused]] float* kc = kd + T * (dk / kQBlock);                  // [T, dk / 32]
   if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    PrepareInt8Queries(rows, rp, dk, qi, qd);
+    PrepareInt8Queries(rows, rp, dk, qi, qd, qc);
 #endif
   } else {
     for (int64_t d = 0; d < dk; ++d)
       for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
   }
+  // 8-bit V rounds P (quant_format.h) and multiplies it with V's int8 values:
+  // on VNNI as packed bytes, else as floats; its scales go to w.vd.
+  const bool qpv = RoundsProbabilities(v.fmt);
+  const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
+  [[maybe_unused]] int8_t* vp = reinterpret_cast<int8_t*>(w.vt);        // [dv / 16, T / 4, 64] bytes
+  [[maybe_unused]] uint32_t* pqd = reinterpret_cast<uint32_t*>(w.pq);  // [nbv, T / 4, rp]
   // V inside the K rows (MLA): read it from the converted K tile.
-  const bool v_from_k = v_in_k >= 0 && !int8;
+  const bool v_from_k = v_in_k >= 0 && !int8 && !qpv;
   const float* vtile = v_from_k ? w.kt + v_in_k : w.vt;
-  const int64_t vstride = v_from_k ? dk : dv;
+  const int64_t vstride = v_from_k ? dk : dv + kTilePad;
 
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
     // Keys past the block's largest end are never read: they may lie past
@@ -608,17 +1017,27 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     const int64_t tn = std::min(T, kv_end - t0);
     for (int64_t t = 0; t < tn; ++t) {
       if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
-      if (!v_from_k) RowToFloat(v, t0 + t, w.vt + t * dv, dv);
+      if (qpv) {
+        VScales(v, t0 + t, nbv, w.vd + t * nbv);
+        if (!kInt8Pv && !kInt16Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * vstride, dv);
+      } else if (!v_from_k) {
+        RowToFloat(v, t0 + t, w.vt + t * vstride, dv);
+      }
     }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (qpv) PackVInt8(v, t0, tn, dv, vp);
+#elif defined(__AVX2__)
+    if (qpv) PackVInt16(v, t0, tn, dv, reinterpret_cast<int16_t*>(w.vt));
+#endif
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
 
     if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      PrepareInt8Keys(k, t0, tn, dk, kp, kd, kc);
+      PrepareInt8Keys(k, t0, tn, dk, kp, kd);
       for (int64_t t = 0; t < tn; t += kInt8Keys)
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, rp, r0, kp, t, dk, kd, kc, w.st);
+        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, t, dk, kd, w.st);
 #endif
     } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
@@ -643,6 +1062,25 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 
     constexpr int RB = simd::kPvRows;
     int64_t r0 = 0;
+    if (qpv) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      QuantizeProbsU8(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
+      const int64_t nq = (tn + 3) / 4;
+      for (; r0 + 4 <= R; r0 += 4) PvInt8Rows<4>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
+      for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
+#elif defined(__AVX2__)
+      QuantizeProbsI16(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
+      const int64_t np = (tn + 1) / 2;
+      const auto* vw = reinterpret_cast<const int16_t*>(w.vt);
+      for (; r0 + 2 <= R; r0 += 2) PvInt16Rows<2>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
+      for (; r0 < R; ++r0) PvInt16Rows<1>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
+#else
+      QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
+      for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
+      for (; r0 < R; ++r0) PvQRows<1>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
+#endif
+      continue;
+    }
     for (; r0 + RB <= R; r0 += RB) PvRows<RB>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
     for (; r0 < R; ++r0) PvRows<1>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
   }

@@ -70,10 +70,21 @@ inline size_t AttendHeadsScratchFloats(int64_t n_heads, int64_t n_rows) {
   return size_t(n_heads * n_rows * kFewKeys);
 }
 
-// Rows are padded to a multiple of the widest vector (16 floats).
+static_assert(kKvTile == kPGroup, "8-bit P groups are the key tiles");
+
+// Floats of padding after each row of a converted V tile: rows of a multiple
+// of 1 KiB (MLA's 512 floats: 2 KiB) would map onto the same few L1 sets and
+// evict each other while P.V walks down the tile.
+inline constexpr int64_t kTilePad = 16;
+
+// Rows are padded to a multiple of the widest vector (16 floats). The last
+// term holds 8-bit V's per-key scales and the rounded P (quant_format.h):
+// [T, nbv], [nbv, T, rp] and [nbv, rp] with nbv blocks of 32 V columns.
 inline size_t AttendScratchFloats(int64_t dk, int64_t dv, int64_t n_rows) {
   const int64_t rp = (n_rows + 15) / 16 * 16;
-  return size_t(dk * rp + kKvTile * (dk + dv + rp) + 4 * rp);
+  const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
+  return size_t(dk * rp + kKvTile * (dk + dv + kTilePad + rp) + 4 * rp +
+                nbv * (kKvTile * (rp + 1) + rp));
 }
 
 // The kernels for the ISA chosen by JAX_MLA_CPU_ISA (auto|avx2|avx512|generic,

@@ -32,6 +32,7 @@ struct F32 {
 };
 inline F32 Fma(F32 a, F32 b, F32 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline F32 Mul(F32 a, F32 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline F32 Div(F32 a, F32 b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline F32 Add(F32 a, F32 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline F32 Sub(F32 a, F32 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline F32 Max(F32 a, F32 b) { return {_mm512_max_ps(a.v, b.v)}; }
@@ -80,6 +81,7 @@ struct F32 {
 };
 inline F32 Fma(F32 a, F32 b, F32 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline F32 Mul(F32 a, F32 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline F32 Div(F32 a, F32 b) { return {_mm256_div_ps(a.v, b.v)}; }
 inline F32 Add(F32 a, F32 b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline F32 Sub(F32 a, F32 b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline F32 Max(F32 a, F32 b) { return {_mm256_max_ps(a.v, b.v)}; }
@@ -157,6 +159,7 @@ struct F32 {
   return r
 inline F32 Fma(F32 a, F32 b, F32 c) { JAX_MLA_LANEWISE(std::fma(a.v[i], b.v[i], c.v[i])); }
 inline F32 Mul(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] * b.v[i]); }
+inline F32 Div(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] / b.v[i]); }
 inline F32 Add(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] + b.v[i]); }
 inline F32 Sub(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] - b.v[i]); }
 inline F32 Max(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
