@@ -212,7 +212,7 @@ def test_many_native_calls_in_one_jit(rng, gpu):
 # ---------------------------------------------------------------- quantized latent caches
 # q8_0 and q8_kv caches read in place (ffi/cuda/mla_quant_kernel.cuh). Expected
 # values: the reference over the dequantized cache with the query rounded to 8
-# bits per block of 32 as the kernels take it (test_quant_kernels.expected_query).
+# bits per block of 32 as the kernels take it (reference.round_query_q8).
 # The kernel's Q.K is exact integer arithmetic scaled in float32; V = d * q is
 # rounded to the query's type, like P, so the float kernels' GPU tolerance holds.
 CUDA_QUANT = ["q8_0", "q8_kv"]
@@ -220,13 +220,15 @@ CUDA_QUANT = ["q8_0", "q8_kv"]
 
 def check_mla_quant_gpu(rng, fmt, *, batch, seq_q, heads, seq_kv, dtype, causal=False,
                         q_pos=None, kv_len=None, num_splits=None, scale=None):
-    from .test_quant_kernels import expected_query, quantized_cache
+    from .test_quant_kernels import quantized_cache
     q = randn(rng, (batch, seq_q, heads, 576), dtype)
     kv = quantized_cache(rng, (batch, seq_kv, 576), fmt, kv_len)  # scales NaN past kv_len
     kw = dict(dv=512, causal=causal, q_pos=q_pos, kv_len=kv_len)
     got = native_mla(q, kv, num_splits=num_splits, scale=scale, **kw)
-    q_ref, ref_scale = expected_query(q, fmt, 1 / np.sqrt(576) if scale is None else scale)
-    want = reference_mla(q_ref, jax_mla.dequantize(kv), scale=ref_scale, **kw)
+    # The CUDA kernels round the query but not P (P.V on f16/bf16 tensor cores).
+    s = np.float32(1 / np.sqrt(576) if scale is None else scale)
+    q_ref = jax_mla.reference.round_query_q8(q.astype(jnp.float32) * s)
+    want = reference_mla(q_ref, jax_mla.dequantize(kv), scale=1.0, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
     return got
