@@ -4,9 +4,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
-#include <cstdlib>
-
 #include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
@@ -16,6 +13,7 @@
 #include "ffi/cuda/attention_sm90.cuh"
 #include "ffi/cuda/combine.h"
 #include "ffi/cuda/cuda_check.h"
+#include "ffi/cuda/device.h"
 #include "ffi/cuda/handlers.h"
 #include "ffi/cuda/mla_kernel.cuh"
 
@@ -40,38 +38,6 @@ JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_EXTERN)
                                                                   cudaStream_t);
 JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_EXTERN_SM90)
 #undef JAX_MLA_EXTERN_SM90
-
-namespace {
-// Compiled for the same architectures as the kernels: its binary version says
-// which of them the current device runs.
-__global__ void ArchProbe() {}
-}  // namespace
-
-bool Sm90AttentionAvailable() {
-  // JAX_MLA_CUDA_SM90=0 keeps every call on the mma.sync kernel (comparisons).
-  static const bool enabled = [] {
-    const char* env = std::getenv("JAX_MLA_CUDA_SM90");
-    return !(env && env[0] == '0');
-  }();
-  if (!enabled) return false;
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0) return false;
-  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
-  if (device < 64 && known[device].load(std::memory_order_relaxed) != 0)
-    return known[device].load(std::memory_order_relaxed) == 2;
-  int major = 0, minor = 0;
-  cudaFuncAttributes attr{};
-  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                       cudaSuccess &&
-                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
-                       cudaSuccess &&
-                   major == 9 && minor == 0 &&
-                   cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
-                   attr.binaryVersion == 90;
-  cudaGetLastError();  // a failed query is "no", not a sticky error for the next launch
-  if (device < 64) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
-  return yes;
-}
 
 int KvTile(int64_t dk) {
   switch (dk) {
@@ -127,7 +93,7 @@ template <typename T>
 cudaError_t AttentionDispatch(const AttentionParams& p, cudaStream_t stream) {
   // Hopper: the wgmma kernel for the pairs it takes; split-KV decode stays on
   // mma.sync (its tile size is the one the num_splits heuristic assumes).
-  if (p.num_splits == 1 && Sm90AttentionAvailable()) {
+  if (p.num_splits == 1 && UseSm90Kernels()) {
 #define JAX_MLA_CASE_SM90(DK, DV) \
   if (p.dk == DK && p.dv == DV) return LaunchAttentionSm90<T, DK, DV>(p, stream);
     JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_CASE_SM90)

@@ -1,6 +1,9 @@
-// Device queries the Python side needs at trace time (the num_splits heuristic
-// sizes split-KV work by the SM count). No kernels are registered yet.
+// Device queries: what the Python side needs at trace time (the num_splits
+// heuristic sizes split-KV work by the SM count) and which kernels a device takes.
 #include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdlib>
 
 #include "ffi/cuda/device.h"
 
@@ -18,6 +21,40 @@ int SmCount(int device) {
 int RuntimeVersion() {
   int version = 0;
   return cudaRuntimeGetVersion(&version) == cudaSuccess ? version : 0;
+}
+
+namespace {
+// Compiled for the same architectures as the kernels: its binary version says
+// which of them the current device runs.
+__global__ void ArchProbe() {}
+}  // namespace
+
+bool UseSm90Kernels() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("JAX_MLA_CUDA_SM90");
+    return !(env && env[0] == '0');
+  }();
+  if (!enabled) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
+    cudaGetLastError();
+    return false;
+  }
+  static std::atomic<int> known[64];  // 0 unknown, 1 no, 2 yes
+  if (device < 64 && known[device].load(std::memory_order_relaxed) != 0)
+    return known[device].load(std::memory_order_relaxed) == 2;
+  int major = 0, minor = 0;
+  cudaFuncAttributes attr{};
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                       cudaSuccess &&
+                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
+                       cudaSuccess &&
+                   major == 9 && minor == 0 &&
+                   cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
+                   attr.binaryVersion == 90;
+  cudaGetLastError();  // a failed query is "no", not a sticky error for the next launch
+  if (device < 64) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
 }
 
 }  // namespace jax_mla::cuda

@@ -30,7 +30,7 @@ def main() -> None:
                 (out / f"mla_576_512_{name}_sm90.cu").write_text(
                     HEADER + '#include "ffi/cuda/mla_sm90_kernel.cuh"\n\nnamespace jax_mla::cuda {\n'
                     f"template cudaError_t LaunchMlaSm90<{ctype}>(const AttentionParams&, "
-                    f"cudaStream_t);\ntemplate bool MlaSm90Built<{ctype}>();\n"
+                    "cudaStream_t);\n"
                     "}  // namespace jax_mla::cuda\n")
             for qname, qfmt in MLA_QUANT.items():
                 (out / f"mla_576_512_{qname}_{name}_g{g}.cu").write_text(

@@ -7,14 +7,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-
 #include "ffi/common/bindings.h"
 #include "ffi/common/check.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/combine.h"
 #include "ffi/cuda/cuda_check.h"
+#include "ffi/cuda/device.h"
 #include "ffi/cuda/handlers.h"
 #include "ffi/cuda/mla_kernel.cuh"
 #include "ffi/cuda/mla_quant_kernel.cuh"
@@ -29,8 +28,6 @@ extern template cudaError_t LaunchMla<__half, 1>(const AttentionParams&, cudaStr
 extern template cudaError_t LaunchMla<__half, 4>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t LaunchMlaSm90<__nv_bfloat16>(const AttentionParams&, cudaStream_t);
 extern template cudaError_t LaunchMlaSm90<__half>(const AttentionParams&, cudaStream_t);
-extern template bool MlaSm90Built<__nv_bfloat16>();
-extern template bool MlaSm90Built<__half>();
 #define JAX_MLA_EXTERN_QUANT(T, F)                                                       \
   extern template cudaError_t LaunchMlaQuant<T, 1, F>(const AttentionParams&, cudaStream_t); \
   extern template cudaError_t LaunchMlaQuant<T, 4, F>(const AttentionParams&, cudaStream_t);
@@ -86,35 +83,11 @@ ffi::Error CheckMlaQuant(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer kv_
   return ffi::Error::Success();
 }
 
-// Whether the current device runs the sm_90a kernels (compute capability
-// 9.x; the module carries sm_90a code), cached per device. The environment
-// variable JAX_MLA_CUDA_NO_SM90=1 (read once) keeps the mma.sync kernels, for
-// comparisons on the same card.
-bool DeviceIsSm90() {
-  static int cached[64];  // 0 unknown, 1 yes, 2 no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
-    cudaGetLastError();
-    return false;
-  }
-  if (cached[dev] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
-      cudaGetLastError();
-      major = 0;
-    }
-    const char* off = std::getenv("JAX_MLA_CUDA_NO_SM90");
-    cached[dev] = major == 9 && !(off != nullptr && off[0] == '1') ? 1 : 2;
-  }
-  return cached[dev] == 1;
-}
-
 // 16-row blocks: mma.sync. 64-row blocks: wgmma on Hopper, mma.sync elsewhere.
 template <typename T>
 cudaError_t MlaDispatch(const AttentionParams& p, cudaStream_t stream) {
   if (MlaGroups(p.seq_q * p.heads_q) == 1) return LaunchMla<T, 1>(p, stream);
-  return DeviceIsSm90() && MlaSm90Built<T>() ? LaunchMlaSm90<T>(p, stream)
-                                             : LaunchMla<T, 4>(p, stream);
+  return UseSm90Kernels() ? LaunchMlaSm90<T>(p, stream) : LaunchMla<T, 4>(p, stream);
 }
 
 template <typename T, QFormat F>

@@ -322,24 +322,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
 #endif
 }
 
-// Whether the module carries sm_90a machine code for this kernel (a build
-// with JAX_MLA_CUDA_ARCHS lacking 90a has only the empty sm_80 body, which
-// must never run), asked once on the current device.
-template <typename T>
-bool MlaSm90Built() {
-  static const bool built = [] {
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, MlaSm90Kernel<T>) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return attr.binaryVersion == 90;
-  }();
-  return built;
-}
-
 // Launches the sm_90a kernel (64-row blocks); the caller launches the combine.
-// Only for devices of compute capability 9.x when MlaSm90Built<T>().
+// Only where UseSm90Kernels() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(MlaSm90Kernel<T>,

@@ -3,5 +3,4 @@
 
 namespace jax_mla::cuda {
 template cudaError_t LaunchMlaSm90<__nv_bfloat16>(const AttentionParams&, cudaStream_t);
-template bool MlaSm90Built<__nv_bfloat16>();
 }  // namespace jax_mla::cuda

@@ -3,5 +3,4 @@
 
 namespace jax_mla::cuda {
 template cudaError_t LaunchMlaSm90<__half>(const AttentionParams&, cudaStream_t);
-template bool MlaSm90Built<__half>();
 }  // namespace jax_mla::cuda
