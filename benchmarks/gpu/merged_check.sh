@@ -44,8 +44,11 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
   echo "racecheck rc $?"
   grep -E "RACECHECK SUMMARY|hazard|sanitize cases|FAIL" "$OUT/racecheck.log" | head -8
   t racecheck
-  timeout "${BENCH_TIMEOUT:-150}" python3 -P benchmarks/gpu/side_by_side.py --fi-dir "$FI_DIR" \
-      --quant q8_0 > "$OUT/side_by_side.log" 2>&1
+  # FlashInfer's one dependency the GPU image lacks (../shared/tools/flashinfer_mla/README.md);
+  # without it the FlashInfer columns come out nan (seen at 5742033).
+  python3 -m pip install -q --no-index --no-deps --target /tmp/fi_deps "$FI_DIR"/apache_tvm_ffi-*.whl
+  PYTHONPATH=/tmp/fi_deps timeout "${BENCH_TIMEOUT:-150}" python3 -P benchmarks/gpu/side_by_side.py \
+      --fi-dir "$FI_DIR" --quant q8_0 > "$OUT/side_by_side.log" 2>&1
   echo "bench rc $?"
   sed -n '/==== MLA decode (ms/,$p' "$OUT/side_by_side.log" | head -40
   t bench
