@@ -753,15 +753,21 @@ struct Dequantized {
 // and P.V converts V in registers, once per key and row block.
 template <DType KT, int RV, int KB>
 void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, float* st,
-              int64_t t0, float* buf) {
+              int64_t t0, float* buf, const char* next, int64_t next_bytes) {
   F32 acc[KB][RV];
   for (auto& row : acc)
     for (F32& a : row) a = F32::Zero();
   const auto convert = [&](int64_t dc, float* b) {
     for (int i = 0; i < KB; ++i) LoadAs<KT>(kr[i], dc).Store(b + i * W);
   };
+  // The next block's rows (next_bytes from `next`) are prefetched a few
+  // lines per chunk, so that they come from L2, not L3, when converted.
+  const int64_t chunks = dk / W;
+  const int64_t lines = (next_bytes + 63) / 64, per_chunk = (lines + chunks - 1) / chunks;
   convert(0, buf);
   for (int64_t dc = 0, c = 0; dc < dk; dc += W, ++c) {
+    for (int64_t l = c * per_chunk; l < std::min(lines, (c + 1) * per_chunk); ++l)
+      __builtin_prefetch(next + l * 64);
     const float* cur = buf + (c & 1) * KB * W;
     if (dc + W < dk) convert(dc + W, buf + ((c + 1) & 1) * KB * W);
     for (int dd = 0; dd < W; ++dd) {
@@ -1054,7 +1060,11 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
     for (int64_t t = 0; t < tn; t += KB) {
       // Keys past tn repeat the last valid row; Softmax masks their scores.
       for (int i = 0; i < KB; ++i) kr[i] = RowPtr(k, t0 + std::min<int64_t>(t + i, tn - 1));
-      QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, w.st, t, buf);
+      // The rows of the next KB keys (up to kv_end), contiguous in the cache.
+      const int64_t n_next = std::clamp<int64_t>(kv_end - (t0 + t + KB), 0, KB);
+      const char* next = static_cast<const char*>(RowPtr(k, t0 + t + (n_next > 0 ? KB : 0)));
+      const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
+      QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, w.st, t, buf, next, next_bytes);
     }
   };
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
