@@ -72,6 +72,20 @@ void ToFloat(const void* src, DType dtype, float* dst, int64_t n) {
   }
 }
 
+void Merge(const float* const* src, const float* w, int64_t ns, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    F32 a = simd::Mul(F32::Splat(w[0]), F32::Load(src[0] + i));
+    for (int64_t s = 1; s < ns; ++s) a = simd::Fma(F32::Splat(w[s]), F32::Load(src[s] + i), a);
+    a.Store(dst + i);
+  }
+  for (; i < n; ++i) {
+    float a = w[0] * src[0][i];
+    for (int64_t s = 1; s < ns; ++s) a = std::fma(w[s], src[s][i], a);
+    dst[i] = a;
+  }
+}
+
 const void* RowPtr(const KvRows& rows, int64_t t) {
   return static_cast<const char*>(rows.data) + t * rows.row_bytes;
 }
@@ -1241,6 +1255,6 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 }  // namespace
 
 extern const KernelTable kKernels;
-const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &AttendHeadsAny, &ToFloat};
+const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &AttendHeadsAny, &ToFloat, &Merge};
 
 }  // namespace jax_mla::cpu::JAX_MLA_ISA
