@@ -1056,8 +1056,9 @@ void AttendFewAny(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_
 }
 
 // Blocks of up to this many rows (and at most two row vectors) take the
-// direct path where the ISA enables it (simd::kDirect).
+// direct path where the ISA enables it (simd::kDirect); key tiles per step.
 constexpr int64_t kDirectMaxRows = 16;
+constexpr int64_t kDirectTiles = 4;
 
 // Attend's tile loop over float K and V read in place (QkDirect, PvDirect);
 // Q is transposed in w.qt and the softmax state is in w. V row t is at
@@ -1068,6 +1069,15 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
                   int64_t kv_end) {
   const int64_t R = rows.n_rows;
   float* buf = w.kt;  // QkDirect's two chunks of KB x W floats
+  // When P.V covers all rows in one pass over V (one block of
+  // kPvDirectRows), keys go in steps of kDirectTiles tiles: P.V loads and
+  // stores O once per step (MLA decode avx512: 677 -> 648 us in kernel_bench
+  // 16 2048). With several passes a tile per step was faster (avx2 with 16
+  // rows: 753 vs 790 us). The scores of a longer step, [TS, rp], live in
+  // w.vt, which this path does not use otherwise.
+  const int64_t TS = R == simd::kPvDirectRows ? kDirectTiles * T : T;
+  Work ws = w;
+  if (TS > T) ws.st = w.vt;
   const auto qk = [&](auto rv, auto kb, int64_t t0, int64_t tn) {
     constexpr int RV = decltype(rv)::value, KB = decltype(kb)::value;
     const void* kr[KB];
@@ -1078,11 +1088,11 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
       const int64_t n_next = std::clamp<int64_t>(kv_end - (t0 + t + KB), 0, KB);
       const char* next = static_cast<const char*>(RowPtr(k, t0 + t + (n_next > 0 ? KB : 0)));
       const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
-      QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, w.st, t, buf, next, next_bytes);
+      QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next, next_bytes);
     }
   };
-  for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
-    const int64_t tn = std::min(T, kv_end - t0);
+  for (int64_t t0 = kv_begin; t0 < kv_end; t0 += TS) {
+    const int64_t tn = std::min(TS, kv_end - t0);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
     if (rp == W) {
@@ -1090,13 +1100,13 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
     } else {
       qk(std::integral_constant<int, 2>{}, std::integral_constant<int, simd::kQkKeys>{}, t0, tn);
     }
-    Softmax(w, rp, tn);
+    Softmax(ws, rp, tn);
     const char* vt = vbase + t0 * vrb;
     constexpr int RB = simd::kPvDirectRows;
     int64_t r0 = 0;
-    for (; r0 + RB <= R; r0 += RB) PvDirectRows<VT, RB>(w.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
-    for (; r0 + 4 <= R; r0 += 4) PvDirectRows<VT, 4>(w.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
-    for (; r0 < R; ++r0) PvDirectRows<VT, 1>(w.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+    for (; r0 + RB <= R; r0 += RB) PvDirectRows<VT, RB>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+    for (; r0 + 4 <= R; r0 += 4) PvDirectRows<VT, 4>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+    for (; r0 < R; ++r0) PvDirectRows<VT, 1>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
   }
 }
 
@@ -1144,8 +1154,10 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
   }
   // Float K and V with few rows: read in place, no converted tile.
+  // (The step's scores need kDirectTiles * T * rp floats of w.vt.)
   if (simd::kDirect && !int8 && k.fmt == QFormat::kNone &&
-      (v_in_k >= 0 || v.fmt == QFormat::kNone) && rp <= std::min<int64_t>(kDirectMaxRows, 2 * W)) {
+      (v_in_k >= 0 || v.fmt == QFormat::kNone) && rp <= std::min<int64_t>(kDirectMaxRows, 2 * W) &&
+      kDirectTiles * rp <= dv + kTilePad) {
     const DType vdt = v_in_k >= 0 ? k.dtype : v.dtype;
     const char* vbase = v_in_k >= 0 ? static_cast<const char*>(k.data) + v_in_k * DTypeBytes(k.dtype)
                                     : static_cast<const char*>(v.data);
