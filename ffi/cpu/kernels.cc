@@ -13,7 +13,9 @@
 //   3. online softmax per row, masking keys past each row's end;
 //   4. O += P V with value dims in the lanes, V un-transposed.
 // With fewer rows than half a vector (decode with small GQA groups) that
-// would waste the lanes; AttendFew then runs one GEMV per row instead.
+// would waste the lanes; AttendFew then runs one GEMV per row instead. Blocks
+// of up to 16 rows over float caches (MLA decode) skip step 1 and read K and
+// V in place (QkDirect, PvDirect).
 // Every product and sum is float32 (inputs are exact in float32); only the
 // summation order differs from the reference. Over 8-bit caches the query
 // (8-bit K) and the softmax weights (8-bit V) are rounded to 8 bits as
