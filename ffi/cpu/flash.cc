@@ -169,31 +169,44 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
     StoreRows(p, b, h0 + u, plan.group, s, i0, i1, g0, g1, m + u * R, l + u * R, o + u * R * dv);
 }
 
-// Merges the split partials of every (b, i, h) by their LSE.
-void Combine(const AttentionParams& p) {
+// Merges the split partials of every (b, i, h) by their LSE. Empty splits
+// (weight 0) are left out; the normalization is folded into the weights.
+void Combine(const AttentionParams& p, const KernelTable& kern) {
   const int64_t ns = p.num_splits, dv = p.dv;
-  std::vector<float> acc(static_cast<size_t>(dv));
+  thread_local std::vector<const float*> src;
+  thread_local std::vector<float> w, acc;
+  if (src.size() < size_t(ns)) src.resize(size_t(ns));
+  if (w.size() < size_t(ns)) w.resize(size_t(ns));
+  if (acc.size() < size_t(dv)) acc.resize(size_t(dv));
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t i = 0; i < p.seq_q; ++i) {
       for (int64_t h = 0; h < p.heads_q; ++h) {
         auto row = [&](int64_t s) { return ((b * ns + s) * p.seq_q + i) * p.heads_q + h; };
         float mx = kNegInf;
         for (int64_t s = 0; s < ns; ++s) mx = std::max(mx, p.part_lse[row(s)]);
-        std::fill(acc.begin(), acc.end(), 0.f);
         float total = 0.f;
+        int64_t used = 0;
         if (mx != kNegInf) {
           for (int64_t s = 0; s < ns; ++s) {
-            const float w = std::exp(p.part_lse[row(s)] - mx);  // 0 for an empty split
-            if (w == 0.f) continue;
-            total += w;
-            const float* src = p.part_out + row(s) * dv;
-            for (int64_t d = 0; d < dv; ++d) acc[d] += w * src[d];
+            const float ws = std::exp(p.part_lse[row(s)] - mx);  // 0 for an empty split
+            if (ws == 0.f) continue;
+            total += ws;
+            src[size_t(used)] = p.part_out + row(s) * dv;
+            w[size_t(used++)] = ws;
           }
         }
-        const float inv = total > 0.f ? 1.f / total : 0.f;
         const int64_t base = ((b * p.seq_q + i) * p.heads_q + h) * dv;
-        for (int64_t d = 0; d < dv; ++d) StoreFromFloat(p.out, base + d, p.q_dtype, acc[d] * inv);
         p.lse[(b * p.heads_q + h) * p.seq_q + i] = total > 0.f ? mx + std::log(total) : kNegInf;
+        float* dst = p.q_dtype == DType::kF32 ? static_cast<float*>(p.out) + base : acc.data();
+        if (used == 0) {
+          std::fill_n(dst, dv, 0.f);
+        } else {
+          const float inv = 1.f / total;
+          for (int64_t s = 0; s < used; ++s) w[size_t(s)] *= inv;
+          kern.merge(src.data(), w.data(), used, dst, dv);
+        }
+        if (p.q_dtype != DType::kF32)
+          for (int64_t d = 0; d < dv; ++d) StoreFromFloat(p.out, base + d, p.q_dtype, acc[size_t(d)]);
       }
     }
   }
@@ -238,8 +251,8 @@ ffi::Future RunChecked(ffi::Error checked, const AttentionParams& params, ffi::T
   return ParallelFor(
       pool, plan.items, /*max_tasks=*/plan.items,
       [p, plan, kern](int64_t item) { RunItem(p, plan, *kern, item); },
-      [p] {
-        if (p.num_splits > 1) Combine(p);
+      [p, kern] {
+        if (p.num_splits > 1) Combine(p, *kern);
       });
 }
 

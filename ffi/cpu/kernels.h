@@ -57,6 +57,9 @@ struct KernelTable {
                        int64_t dv, int64_t kv_begin, float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
+  // The split merge of one output row: dst[i] = sum_s w[s] * src[s][i] for
+  // i < n (ns >= 1 rows).
+  void (*merge)(const float* const* src, const float* w, int64_t ns, float* dst, int64_t n);
 };
 
 // Largest Dk and Dv the CPU kernels take (multiples of 16 up to it); the

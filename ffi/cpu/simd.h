@@ -67,6 +67,11 @@ inline constexpr int kQkKeys = 8;     // QK: keys per block
 inline constexpr int kQkKeys1 = 16;   // QK: keys per block with a single row vector
 inline constexpr int kPvRows = 4;     // PV: rows per block
 inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
+// Float K and V read in place for blocks of up to 16 rows (kernels.cc,
+// QkDirect / PvDirect): whether to, and PV's rows and value vectors per block.
+inline constexpr bool kDirect = true;
+inline constexpr int kPvDirectRows = 16;
+inline constexpr int kPvDirectVecs = 1;
 
 #elif defined(__AVX2__)
 
@@ -129,6 +134,9 @@ inline constexpr int kQkKeys = 4;
 inline constexpr int kQkKeys1 = 8;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 4;
+inline constexpr bool kDirect = true;
+inline constexpr int kPvDirectRows = 4;
+inline constexpr int kPvDirectVecs = 2;
 
 #else  // generic: plain loops the compiler may vectorize for the baseline ISA
 
@@ -194,6 +202,9 @@ inline constexpr int kQkKeys = 4;
 inline constexpr int kQkKeys1 = 4;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 2;
+inline constexpr bool kDirect = false;
+inline constexpr int kPvDirectRows = 4;
+inline constexpr int kPvDirectVecs = 1;
 
 #endif
 
