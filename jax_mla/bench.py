@@ -15,7 +15,7 @@ Backends:
            for MLA, V is the slice kv[..., :512]; a quantized cache is
            dequantized to bf16 first. Not the naive reference.
   ik       with --ik-bench DIR: ik_llama.cpp's flash attention on the same op
-           and shape, run by ik_bench's fa_bench_ik (f16/bf16 caches) with the
+           and shape, run by ik_bench's fa_bench_ik (f16, bf16 and q8_0 caches) with the
            same best-of-passes-of-medians timing; its err is its own float64
            check. "vs ik" on native rows is native ms / ik ms.
 
@@ -499,7 +499,7 @@ def parse_args(argv):
                    help=f"comma-separated subset of {','.join(CACHES)} (default: f16 with --quick, all)")
     p.add_argument("--ik-bench", metavar="DIR", default=os.environ.get("JAX_MLA_IK_BENCH"),
                    help=f"folder holding ik_bench's {IK_BINARY} (../shared/tools/ik_bench; default "
-                        "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16/bf16 row and "
+                        "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16, bf16 and q8_0 row and "
                         "print native ms / ik ms")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["standard", "latent", "hybrid"],
                    help="model level: comma-separated subset of standard,latent,hybrid")
