@@ -499,8 +499,8 @@ def parse_args(argv):
                    help=f"comma-separated subset of {','.join(CACHES)} (default: f16 with --quick, all)")
     p.add_argument("--ik-bench", metavar="DIR", default=os.environ.get("JAX_MLA_IK_BENCH"),
                    help=f"folder holding ik_bench's {IK_BINARY} (../shared/tools/ik_bench; default "
-                        "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16, bf16 and q8_0 row and "
-                        "print native ms / ik ms")
+                        "$JAX_MLA_IK_BENCH): also time ik_llama.cpp on every f16, bf16 and q8_0 "
+                        "row and print native ms / ik ms")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["standard", "latent", "hybrid"],
                    help="model level: comma-separated subset of standard,latent,hybrid")
     p.add_argument("--model-tests", type=lambda s: [parse_model_test(t) for t in s.split(",")],
