@@ -53,16 +53,30 @@ def attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None):
     query head h uses KV head h // (Hq // Hkv).
     """
     batch, seq_q, heads_q, dk = q.shape
-    seq_kv, heads_kv = k.shape[1], k.shape[2]
-    dv = v.shape[-1]
-    group = heads_q // heads_kv
+    seq_kv = k.shape[1]
     scale = 1.0 / math.sqrt(dk) if scale is None else scale
+    p, m, l, kv_len = _softmax_weights(q, k, scale, causal, q_pos, kv_len)
+    # Keys past kv_len do not exist: zero them so that whatever the cache holds
+    # there (stale rows, NaN poison) cannot leak in through 0 * NaN.
+    exists = _existing_keys(kv_len, seq_kv)
+    vf = jnp.where(exists[:, :, None, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=jax.lax.Precision.HIGHEST)
+    return _normalized(o, m, l, q.dtype)
+
+
+def _softmax_weights(q, k, scale, causal, q_pos, kv_len):
+    """The unnormalized softmax weights of q [B, Sq, Hq, Dk] over k [B, Skv,
+    Hkv, Dk] in float32: p = exp(s - m) [B, Hkv, G, Sq, Skv] (0 where masked),
+    the row maxima m and sums l ([..., 1]; m = 0 for a row that sees nothing),
+    and kv_len materialized per batch row."""
+    batch, seq_q, heads_q, dk = q.shape
+    seq_kv, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
     kv_len = _per_batch(kv_len, batch, seq_kv)
     q_pos = _per_batch(q_pos, batch, jnp.clip(kv_len, 0, seq_kv) - seq_q)
-
-    hi = jax.lax.Precision.HIGHEST
     qf = q.astype(jnp.float32).reshape(batch, seq_q, heads_kv, group, dk)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=hi)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
     s = s * jnp.float32(scale)
     mask = visible_mask(q_pos, kv_len, seq_q, seq_kv, causal)[:, None, None]
     s = jnp.where(mask, s, -jnp.inf)
@@ -70,17 +84,23 @@ def attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None):
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows that see nothing: avoid inf - inf
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    # Keys past kv_len do not exist: zero them so that whatever the cache holds
-    # there (stale rows, NaN poison) cannot leak in through 0 * NaN.
-    exists = jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None]
-    vf = jnp.where(exists[:, :, None, None], v.astype(jnp.float32), 0.0)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=hi)
+    return p, m, l, kv_len
+
+
+def _existing_keys(kv_len, seq_kv):
+    """[B, Skv]: key j exists in batch row b (j < kv_len[b])."""
+    return jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None]
+
+
+def _normalized(o, m, l, dtype):
+    """(out [B, Sq, Hq, Dv] in dtype, lse [B, Hq, Sq] f32) from the unnormalized
+    output o [B, Sq, Hkv, G, Dv] and _softmax_weights' m and l."""
+    batch, seq_q, heads_kv, group, dv = o.shape
     l_q = jnp.moveaxis(l[..., 0], -1, 1)[..., None]  # [B, Sq, Hkv, G, 1]
     o = jnp.where(l_q > 0, o / jnp.where(l_q > 0, l_q, 1.0), 0.0)
     lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m[..., 0], -jnp.inf)
-    out = o.reshape(batch, seq_q, heads_q, dv).astype(q.dtype)
-    return out, lse.reshape(batch, heads_q, seq_q).astype(jnp.float32)
-
+    out = o.reshape(batch, seq_q, heads_kv * group, dv).astype(dtype)
+    return out, lse.reshape(batch, heads_kv * group, seq_q).astype(jnp.float32)
 
 def mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None):
     """Reference flash_mla: attention with one latent KV head.
@@ -174,28 +194,15 @@ def _query_as_computed(q, k, scale):
 def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
     """attention over float K and 8-bit V (int8 values v_qs [B, Skv, Hkv, Dv],
     scales v_d [B, Skv, Hkv, ceil(Dv / 32) or 1]) with P rounded."""
-    dk = q.shape[-1]
-    batch, seq_q, heads_q, _ = q.shape
+    batch = q.shape[0]
     seq_kv, heads_kv = kf.shape[1], kf.shape[2]
     dv = v_qs.shape[-1]
-    group = heads_q // heads_kv
-    kv_len = _per_batch(kv_len, batch, seq_kv)
-    q_pos = _per_batch(q_pos, batch, jnp.clip(kv_len, 0, seq_kv) - seq_q)
-
     hi = jax.lax.Precision.HIGHEST
-    qf = q.astype(jnp.float32).reshape(batch, seq_q, heads_kv, group, dk)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf.astype(jnp.float32), precision=hi)
-    s = s * jnp.float32(scale)
-    mask = visible_mask(q_pos, kv_len, seq_q, seq_kv, causal)[:, None, None]
-    s = jnp.where(mask, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, initial=-jnp.inf, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask, jnp.exp(s - m), 0.0)  # [B, Hkv, G, Sq, Skv]
-    l = jnp.sum(p, axis=-1, keepdims=True)
+    p, m, l, kv_len = _softmax_weights(q, kf, scale, causal, q_pos, kv_len)
 
     # V's int8 values and per-(key, block) scales; keys past kv_len zeroed.
     nbv = -(-dv // 32)
-    exists = (jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None])[..., None, None]
+    exists = _existing_keys(kv_len, seq_kv)[..., None, None]
     vq = jnp.where(exists, v_qs.astype(jnp.float32), 0.0)                    # [B, Skv, Hkv, Dv]
     vd = jnp.broadcast_to(v_d.astype(jnp.float32), (batch, seq_kv, heads_kv, nbv))
     vd = jnp.where(exists, vd, 0.0)
@@ -218,11 +225,7 @@ def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
     o = jnp.sum(d[..., 0, :, None] * inner, axis=4)                 # [B, Hkv, G, Sq, nbv, 32]
     o = o.reshape(o.shape[:4] + (nbv * 32,))[..., :dv]
     o = jnp.moveaxis(o, 3, 1)                                        # [B, Sq, Hkv, G, Dv]
-    l_q = jnp.moveaxis(l[..., 0], -1, 1)[..., None]
-    o = jnp.where(l_q > 0, o / jnp.where(l_q > 0, l_q, 1.0), 0.0)
-    lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m[..., 0], -jnp.inf)
-    out = o.reshape(batch, seq_q, heads_q, dv).astype(q.dtype)
-    return out, lse.reshape(batch, heads_q, seq_q).astype(jnp.float32)
+    return _normalized(o, m, l, q.dtype)
 
 
 def mla_quantized(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None,
