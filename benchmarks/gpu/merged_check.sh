@@ -2,7 +2,7 @@
 # On the GPU machine (device tool), one call that checks a merged tree: the
 # build with JAX_MLA_CUDA=ON, every `-m gpu` test in five pytest processes at
 # once (the tests spend most of their time compiling on the CPU, which has 16
-# cores), compute-sanitizer racecheck on the quick cases, then the side by side
+# cores), compute-sanitizer racecheck and memcheck on the quick cases, then the side by side
 # (MLA decode against FlashInfer with the q8_0 cache rows, prefill against
 # cuDNN). Each step has its own limit so the call fits the tool's.
 # Usage: merged_check.sh FI_DIR. Logs go to $OUT (or ./gpu_out).
@@ -44,6 +44,11 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
   echo "racecheck rc $?"
   grep -E "RACECHECK SUMMARY|hazard|sanitize cases|FAIL" "$OUT/racecheck.log" | head -8
   t racecheck
+  timeout "${SAN_TIMEOUT:-120}" $SAN --tool memcheck --kernel-name kns=jax_mla --print-limit 20 \
+      python3 -P benchmarks/gpu/sanitize_cases.py --quick > "$OUT/memcheck.log" 2>&1
+  echo "memcheck rc $?"
+  grep -E "ERROR SUMMARY|Invalid|sanitize cases|FAIL" "$OUT/memcheck.log" | head -8
+  t memcheck
   # FlashInfer's one dependency the GPU image lacks (../shared/tools/flashinfer_mla/README.md);
   # without it the FlashInfer columns come out nan (seen at 5742033).
   python3 -m pip install -q --no-index --no-deps --target /tmp/fi_deps "$FI_DIR"/apache_tvm_ffi-*.whl
