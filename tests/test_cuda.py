@@ -82,6 +82,32 @@ def test_mla_results_do_not_depend_on_num_splits(rng, gpu):
         assert_close(out, base[0], jnp.bfloat16, f32_tol=gpu_tol(jnp.bfloat16))
 
 
+# The combine gives each column chunk 1, 2, 4 or 8 warps that share the splits
+# (more with more splits) and walks them 8 at a time: counts below and above
+# those steps, with a row whose keys fill only some splits and a row with none.
+@pytest.mark.parametrize("num_splits", [5, 8, 16, 33, 119, 125])
+def test_mla_many_splits(rng, gpu, num_splits):
+    check_mla(rng, batch=3, seq_q=1, heads=16, seq_kv=4000, dk=576, dv=512,
+              dtypes=(jnp.float16,) * 2, kv_len=[4000, 1500, 0], num_splits=num_splits,
+              scale=0.135)
+
+
+SPLIT_HEAD_DIMS = [(192, 128), (64, 64), (256, 256)]
+
+
+@pytest.mark.parametrize("dk, dv", SPLIT_HEAD_DIMS, ids=[f"{a}x{b}" for a, b in SPLIT_HEAD_DIMS])
+def test_attention_many_splits(rng, gpu, dk, dv):
+    # Dv of 64 fills half a warp's 128 columns, 128 one warp, 256 two.
+    q = randn(rng, (2, 1, 4, dk), jnp.bfloat16)
+    k = cache(rng, (2, 3000, 2, dk), jnp.bfloat16, [3000, 700])
+    v = cache(rng, (2, 3000, 2, dv), jnp.bfloat16, [3000, 700])
+    kw = dict(scale=0.1, kv_len=[3000, 700])
+    got = native_attention(q, k, v, num_splits=40, **kw)
+    want = reference_attention(q, k, v, **kw)
+    assert_attention(got, want, jnp.bfloat16, visible_keys(None, [3000, 700], 2, 1, 3000, False),
+                     f32_tol=gpu_tol(jnp.bfloat16))
+
+
 def test_mla_q_pos_near_int32_max(rng, gpu):
     q = randn(rng, (2, 4, 16, 576), jnp.bfloat16)
     kv = cache(rng, (2, 77, 576), jnp.bfloat16, [77, 30])
