@@ -21,15 +21,15 @@ build() {  # build SRC TARGET LOG
 build . /tmp/site_new $L/build_new.log
 wait
 NCU="ncu --clock-control none --kernel-name regex:Mla|Combine --section SpeedOfLight --section LaunchStats"
-SWEEP_NEW="1,16,16384:16,32,64,86,103,119,128,132,171,256/64,16,4096:2,4/64,16,16384:2"
-SWEEP_OLD="1,16,16384:64,103,128/64,16,4096:2"
+SWEEP_NEW="1,16,16384:32,64,103,119,128,171/64,16,4096:2/64,16,16384:2"
+SWEEP_OLD="1,16,16384:103,128/64,16,4096:2"
 for v in old new; do
   [ -d /tmp/site_$v ] || continue
   sw=$SWEEP_NEW; [ $v = old ] && sw=$SWEEP_OLD
   PYTHONPATH=/tmp/site_$v python3 -P benchmarks/gpu/split_sweep.py --rows "$sw" --label $v \
     > $L/sweep_$v.log 2>&1
   PYTHONPATH=/tmp/site_$v $NCU python3 -P benchmarks/gpu/profile_mla.py 1 16 16384 bf16 \
-    none,128,64 > $L/ncu_$v.log 2>&1
+    none,128 > $L/ncu_$v.log 2>&1
 done
 PYTHONPATH=/tmp/site_new python3 -P benchmarks/gpu/split_sweep.py --fmt q8_0 --label new \
   --rows "1,16,16384:128,171,256/64,16,16384:2" > $L/sweep_new_q8_0.log 2>&1
@@ -40,7 +40,7 @@ cp $OUT/side_by_side.json $L/ 2>/dev/null
 pt() {  # log, pytest args: the GPU tests of this tree, several processes at once
   local log=$1
   shift
-  PYTHONPATH=/tmp/site_new timeout 240 python3 -P -m pytest "$@" -m gpu -q -rfs \
+  PYTHONPATH=/tmp/site_new timeout 180 python3 -P -m pytest "$@" -m gpu -q -rfs \
     -p no:cacheprovider > $L/$log 2>&1
 }
 pt pytest_cuda_dims.log tests/test_cuda.py -k attention_dims &
