@@ -97,15 +97,14 @@ SPLIT_HEAD_DIMS = [(192, 128), (64, 64), (256, 256)]
 
 @pytest.mark.parametrize("dk, dv", SPLIT_HEAD_DIMS, ids=[f"{a}x{b}" for a, b in SPLIT_HEAD_DIMS])
 def test_attention_many_splits(rng, gpu, dk, dv):
-    # Dv of 64 fills half a warp's 128 columns, 128 one warp, 256 two.
-    q = randn(rng, (2, 1, 4, dk), jnp.bfloat16)
-    k = cache(rng, (2, 3000, 2, dk), jnp.bfloat16, [3000, 700])
-    v = cache(rng, (2, 3000, 2, dv), jnp.bfloat16, [3000, 700])
-    kw = dict(scale=0.1, kv_len=[3000, 700])
-    got = native_attention(q, k, v, num_splits=40, **kw)
-    want = reference_attention(q, k, v, **kw)
-    assert_attention(got, want, jnp.bfloat16, visible_keys(None, [3000, 700], 2, 1, 3000, False),
-                     f32_tol=gpu_tol(jnp.bfloat16))
+    # 2 x 4 MQA decode rows over 5000 keys: two blocks, so the heuristic splits
+    # the keys 27 (64-key tiles) or 53 (32-key tiles) ways: 4 or 8 warps per
+    # column chunk in the combine. Dv of 64 fills half a warp's 128 columns,
+    # 128 one warp, 256 two. (flash_attention takes no num_splits.)
+    from jax_mla import _common
+    assert _common.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
+    check_attention(rng, batch=2, seq_q=1, heads_q=4, heads_kv=1, seq_kv=5000, dk=dk, dv=dv,
+                    dtypes=(jnp.bfloat16,) * 3, kv_len=[5000, 1200], scale=0.1)
 
 
 def test_mla_q_pos_near_int32_max(rng, gpu):
