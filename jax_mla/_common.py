@@ -278,21 +278,28 @@ def cpu_workers() -> int:
 
 
 def gpu_num_splits_heuristic(items: int, seq_kv: int, *, kv_tile: int, sms: int) -> int:
-    """num_splits for a CUDA call (a pure function): the fewest splits that
-    fill at least 90% of the last wave of thread blocks (one block per SM), with
-    at least two KV tiles per split; 1 when the blocks already fill the GPU."""
+    """num_splits for a CUDA call (a pure function); 1 when the blocks already
+    fill the GPU. First the wave count: that of the fewest splits that fill at
+    least 90% of the last wave of thread blocks (`sms` blocks per wave), with
+    at least two KV tiles per split. Then, within that many waves, the fewest
+    splits that give each block the fewest tiles: a block of split s takes
+    ceil(tiles / ns) tiles, so ns = 119 over 512 tiles runs 103 blocks of 5
+    (and 16 empty ones) where 128 blocks of 4 take the same wave."""
     tiles = -(-seq_kv // kv_tile)
     if tiles < 4 or items <= 0 or sms <= 0 or items >= sms:
         return 1
-    best, best_fill = 1, 0.0
+    first, best_fill = 1, 0.0
     for ns in range(1, tiles // 2 + 1):
         blocks = items * ns
         fill = blocks / (-(-blocks // sms) * sms)
-        if fill >= 0.9:
-            return ns
         if fill > best_fill:
-            best, best_fill = ns, fill
-    return best
+            first, best_fill = ns, fill
+        if fill >= 0.9:
+            break
+    waves = -(-items * first // sms)
+    most = min(waves * sms // items, tiles // 2)  # splits that still fit those waves
+    per = -(-tiles // most)                        # the fewest tiles per block there
+    return -(-tiles // per)
 
 
 def choose_num_splits(num_splits, batch: int, seq_q: int, heads_q: int, heads_kv: int,

@@ -82,6 +82,31 @@ def test_mla_results_do_not_depend_on_num_splits(rng, gpu):
         assert_close(out, base[0], jnp.bfloat16, f32_tol=gpu_tol(jnp.bfloat16))
 
 
+# The combine gives each column chunk 1, 2, 4 or 8 warps that share the splits
+# (more with more splits) and walks them 8 at a time: counts below and above
+# those steps, with a row whose keys fill only some splits and a row with none.
+@pytest.mark.parametrize("num_splits", [5, 8, 16, 33, 119, 125])
+def test_mla_many_splits(rng, gpu, num_splits):
+    check_mla(rng, batch=3, seq_q=1, heads=16, seq_kv=4000, dk=576, dv=512,
+              dtypes=(jnp.float16,) * 2, kv_len=[4000, 1500, 0], num_splits=num_splits,
+              scale=0.135)
+
+
+SPLIT_HEAD_DIMS = [(192, 128), (64, 64), (256, 256)]
+
+
+@pytest.mark.parametrize("dk, dv", SPLIT_HEAD_DIMS, ids=[f"{a}x{b}" for a, b in SPLIT_HEAD_DIMS])
+def test_attention_many_splits(rng, gpu, dk, dv):
+    # 2 x 4 MQA decode rows over 5000 keys: two blocks, so the heuristic splits
+    # the keys 27 (64-key tiles) or 53 (32-key tiles) ways: 4 or 8 warps per
+    # column chunk in the combine. Dv of 64 fills half a warp's 128 columns,
+    # 128 one warp, 256 two. (flash_attention takes no num_splits.)
+    from jax_mla import _common
+    assert _common.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
+    check_attention(rng, batch=2, seq_q=1, heads_q=4, heads_kv=1, seq_kv=5000, dk=dk, dv=dv,
+                    dtypes=(jnp.bfloat16,) * 3, kv_len=[5000, 1200], scale=0.1)
+
+
 def test_mla_q_pos_near_int32_max(rng, gpu):
     q = randn(rng, (2, 4, 16, 576), jnp.bfloat16)
     kv = cache(rng, (2, 77, 576), jnp.bfloat16, [77, 30])

@@ -95,3 +95,56 @@ def test_default_num_splits_follows_the_heuristic(monkeypatch):
     expected = heuristic(items, seq_kv, 16, tile=KV_TILE)
     assert expected > 1
     assert _common.choose_num_splits(None, 1, 1, 16, 1, seq_kv) == expected
+
+
+# The CUDA heuristic (gpu_num_splits_heuristic): its wave count is that of the
+# fewest splits filling 90% of the last wave; within it, the fewest tiles per
+# block, with no split left without a tile.
+GPU_GRID = [(items, seq_kv, sms) for items in (1, 2, 3, 16, 64, 100, 131, 132, 500)
+            for seq_kv in (0, 31, 127, 128, 1000, 4096, 16384, 100_000)
+            for sms in (1, 8, 132, 264)]
+
+
+def gpu_heuristic(items, seq_kv, sms, tile=TILE):
+    return _common.gpu_num_splits_heuristic(items, seq_kv, kv_tile=tile, sms=sms)
+
+
+def test_gpu_splits_keep_two_tiles_and_leave_none_empty():
+    for items, seq_kv, sms in GPU_GRID:
+        n = gpu_heuristic(items, seq_kv, sms)
+        tiles = -(-seq_kv // TILE)
+        assert isinstance(n, int)
+        assert 1 <= n <= max(1, tiles // 2), (items, seq_kv, sms, n)
+        per = -(-tiles // n) if tiles else 0
+        assert (n - 1) * per < max(tiles, 1), (items, seq_kv, sms, n)  # split n - 1 has a tile
+
+
+@pytest.mark.parametrize("items, sms", [(132, 132), (500, 132), (264, 264)])
+def test_gpu_no_split_when_the_blocks_fill_the_sms(items, sms):
+    assert gpu_heuristic(items, 100_000, sms) == 1
+
+
+@pytest.mark.parametrize("items, seq_kv, sms, expected", [
+    (1, 16384, 132, 128),  # B = 1, 16 heads: 128 blocks of 4 tiles, not 119 (103 of 5)
+    (1, 16384, 264, 256),  # the same over q8_0 (two blocks per SM): 256 of 2, not 238
+    (64, 4096, 132, 2),    # B = 64: two splits, as before
+    (64, 16384, 132, 2),
+    (100, 16384, 132, 5),  # 5 splits fill 4 waves (500 of 528): still 5
+    (32, 1000, 132, 4),
+])
+def test_gpu_split_counts(items, seq_kv, sms, expected):
+    assert gpu_heuristic(items, seq_kv, sms) == expected
+
+
+def test_gpu_splits_never_add_a_wave_or_a_tile_per_block():
+    # Against the fewest splits that fill 90% of the last wave (the rule
+    # before the tiles per block were balanced).
+    for items, seq_kv, sms in GPU_GRID:
+        tiles = -(-seq_kv // TILE)
+        if tiles < 4 or items >= sms:
+            continue
+        fill = {ns: items * ns / (-(-items * ns // sms) * sms) for ns in range(1, tiles // 2 + 1)}
+        first = next((ns for ns, f in fill.items() if f >= 0.9), max(fill, key=fill.get))
+        n = gpu_heuristic(items, seq_kv, sms)
+        assert -(-items * n // sms) <= -(-items * first // sms), (items, seq_kv, sms, n, first)
+        assert -(-tiles // n) <= -(-tiles // first), (items, seq_kv, sms, n, first)

@@ -1,7 +1,8 @@
 """One flash_mla decode shape, called a few times, for Nsight Compute:
   ncu --kernel-name regex:Mla --launch-skip 2 --launch-count 1 --section SpeedOfLight \
-      python3 -P benchmarks/gpu/profile_mla.py B H S [fmt]
-fmt: bf16 (default), q8_0 or q8_kv (the bf16 cache quantized)."""
+      python3 -P benchmarks/gpu/profile_mla.py B H S [fmt [ns,ns,...]]
+fmt: bf16 (default), q8_0 or q8_kv (the bf16 cache quantized); ns: num_splits values,
+each called 4 times in that order ("none", the default, for the heuristic's choice)."""
 import sys
 
 import jax
@@ -18,11 +19,15 @@ def main():
     kv = jax.random.normal(kk, (B, S, 576), jnp.bfloat16)
     if fmt != "bf16":
         kv = jax_mla.quantize(kv, fmt)
-    f = jax.jit(lambda q, kv: jax_mla.flash_mla(q, kv, scale=0.135, backend="native"))
-    for _ in range(4):
-        out = f(q, kv)
-    jax.block_until_ready(out)
-    print("done", B, H, S, fmt, out.shape)
+    splits = sys.argv[5].split(",") if len(sys.argv) > 5 else ["none"]
+    for ns in splits:
+        ns = None if ns == "none" else int(ns)
+        f = jax.jit(lambda q, kv, ns=ns: jax_mla.flash_mla(q, kv, scale=0.135, num_splits=ns,
+                                                           backend="native"))
+        for _ in range(4):
+            out = f(q, kv)
+        jax.block_until_ready(out)
+        print("done", B, H, S, fmt, ns, out.shape, flush=True)
 
 
 if __name__ == "__main__":
