@@ -296,6 +296,35 @@ void PvRows(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vs
   for (; d0 < dv; d0 += W) PvBlock<RB, 1>(st, rp, r0, vt, vstride, tn, o, dv, d0);
 }
 
+// The integer Q.K paths' shared steps. A query block's 8-bit values and
+// scale, re-derived from the (already rounded, RoundQueryToQ8) float query:
+// x = d q with max |q| = 127, so amax / 127 gives d back and x / d rounds
+// back to q exactly. Zeros for padding rows (x == nullptr).
+float QueryBlockQ8(const float* x, int32_t* qq) {
+  if (x == nullptr) {
+    std::fill(qq, qq + kQBlock, 0);
+    return 0.f;
+  }
+  float amax = 0.f;
+  for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  for (int64_t i = 0; i < kQBlock; ++i) qq[i] = RoundHalfAway(x[i] * id);
+  return d;
+}
+
+// Key t's block scales as float32, kdt[j] for j < nb (q8_kv: its one scale).
+void KeyBlockScales(const KvRows& k, int64_t t, int64_t nb, float* kdt) {
+  const char* scales = static_cast<const char*>(k.scales) + t * k.scale_row_bytes;
+  if (k.fmt == QFormat::kQ8KV) {
+    float d;
+    std::memcpy(&d, scales, sizeof d);
+    std::fill(kdt, kdt + nb, d);
+  } else {
+    ScalesToFloat(scales, nb, kdt);
+  }
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // Q.K over 8-bit keys (q8_0, q8_kv) on VNNI integer dot products. The query
 // rows arrive already rounded to 8 bits per block of 32 (RoundQueryToQ8), so
@@ -318,20 +347,10 @@ void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, int8_t* qi
   const int64_t nb = dk / kQBlock;
   for (int64_t r = 0; r < rp; ++r) {
     for (int64_t j = 0; j < nb; ++j) {
-      int32_t qq[kQBlock] = {};
-      float d = 0.f;
+      int32_t qq[kQBlock];
+      const float d = QueryBlockQ8(r < rows.n_rows ? rows.q + r * dk + j * kQBlock : nullptr, qq);
       int32_t sum = 0;
-      if (r < rows.n_rows) {
-        const float* x = rows.q + r * dk + j * kQBlock;
-        float amax = 0.f;
-        for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
-        d = amax / 127.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
-        for (int64_t i = 0; i < kQBlock; ++i) {
-          qq[i] = RoundHalfAway(x[i] * id);
-          sum += qq[i];
-        }
-      }
+      for (int64_t i = 0; i < kQBlock; ++i) sum += qq[i];
       qd[j * rp + r] = d;
       qc[j * rp + r] = 128.f * float(sum);
       for (int g = 0; g < 8; ++g)
@@ -356,14 +375,7 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, uint8_
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
-    const char* scales = static_cast<const char*>(k.scales) + (t0 + t) * k.scale_row_bytes;
-    if (k.fmt == QFormat::kQ8KV) {
-      float d;
-      std::memcpy(&d, scales, sizeof d);
-      std::fill(kdt, kdt + nb, d);
-    } else {
-      ScalesToFloat(scales, nb, kdt);
-    }
+    KeyBlockScales(k, t0 + t, nb, kdt);
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
@@ -639,8 +651,88 @@ void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, c
   for (; c0 + 4 <= nc; c0 += 4) PvInt16Block<RB, 4>(pqw, ps, rp, r0, vw, np, o, dv, c0);
   for (; c0 < nc; ++c0) PvInt16Block<RB, 1>(pqw, ps, rp, r0, vw, np, o, dv, c0);
 }
+
+// Q.K over 8-bit keys on AVX2 (no VNNI): vpmaddwd on 16-bit values, two dims
+// per dword, the query pair the vector operand (rows in lanes) and the key
+// pair the broadcast one. Query values lie in [-127, 127] and key values in
+// [-128, 127], so products and pair sums fit (vpmaddubsw's 16-bit saturation
+// would not, without sign tricks that break on -128); the int32 block sums
+// are exact, and a score is s[r][t] = sum_j qd[r][j] * kd[t][j] * dot_j, the
+// VNNI path's arithmetic without its +128 offset.
+constexpr bool kInt16Qk = true;
+constexpr int kInt16Keys = 4;  // keys per register block (4 int + 4 float accumulators)
+
+// The query rows as 16-bit pairs: qw[(j * 16 + u) * rp + r] = q[r][32 j + 2 u]
+// (low half) and q[r][32 j + 2 u + 1]; qd[j * rp + r] = the block's scale;
+// padding rows are zeros.
+void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t* qw, float* qd) {
+  const int64_t nb = dk / kQBlock;
+  for (int64_t r = 0; r < rp; ++r) {
+    for (int64_t j = 0; j < nb; ++j) {
+      int32_t qq[kQBlock];
+      qd[j * rp + r] = QueryBlockQ8(r < rows.n_rows ? rows.q + r * dk + j * kQBlock : nullptr, qq);
+      for (int u = 0; u < kQBlock / 2; ++u)
+        qw[(j * 16 + u) * rp + r] =
+            uint32_t(uint16_t(int16_t(qq[2 * u]))) | uint32_t(uint16_t(int16_t(qq[2 * u + 1]))) << 16;
+    }
+  }
+}
+
+// The tile's key values widened to 16 bits, block-major:
+// kw[(j * T + t) * 32 + i] = key t's value 32 j + i (zeros for keys [tn, T),
+// whose scales are 0), so dword u of a key's block is the pair (2u, 2u + 1);
+// kd[t * nb + j] = the block's scale.
+void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int16_t* kw,
+                      float* kd) {
+  const int64_t nb = dk / kQBlock;
+  for (int64_t t = 0; t < T; ++t) {
+    float* kdt = kd + t * nb;
+    if (t >= tn) {
+      std::fill(kdt, kdt + nb, 0.f);
+      for (int64_t j = 0; j < nb; ++j) std::fill_n(kw + (j * T + t) * kQBlock, kQBlock, int16_t(0));
+      continue;
+    }
+    const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
+    KeyBlockScales(k, t0 + t, nb, kdt);
+    for (int64_t j = 0; j < nb; ++j) {
+      int16_t* dst = kw + (j * T + t) * kQBlock;
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * h),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                reinterpret_cast<const __m128i*>(row + j * kQBlock + 16 * h))));
+    }
+  }
+}
+
+// st[t + i][r0 .. r0 + 8) for the kInt16Keys keys from tile row t.
+void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
+             int64_t t, int64_t dk, const float* kd, float* st) {
+  constexpr int KB = kInt16Keys;
+  const int64_t nb = dk / kQBlock;
+  __m256 s[KB];
+  for (auto& x : s) x = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    const int16_t* kb = kw + (j * T + t) * kQBlock;  // KB keys x 32 values, contiguous
+    __m256i acc[KB];
+    for (auto& a : acc) a = _mm256_setzero_si256();
+    for (int u = 0; u < kQBlock / 2; ++u) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (j * 16 + u) * rp + r0));
+      for (int i = 0; i < KB; ++i) {
+        int32_t kk;
+        std::memcpy(&kk, kb + i * kQBlock + 2 * u, sizeof kk);
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(qv, _mm256_set1_epi32(kk)));
+      }
+    }
+    const __m256 qdv = _mm256_loadu_ps(qd + j * rp + r0);
+    for (int i = 0; i < KB; ++i)
+      s[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]),
+                             _mm256_mul_ps(qdv, _mm256_set1_ps(kd[(t + i) * nb + j])), s[i]);
+  }
+  for (int i = 0; i < KB; ++i) _mm256_storeu_ps(st + (t + i) * rp + r0, s[i]);
+}
 #else
 constexpr bool kInt16Pv = false;
+constexpr bool kInt16Qk = false;
 #endif
 
 // Scratch layout (floats), see AttendScratchFloats.
@@ -1141,17 +1233,22 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // 8-bit keys take integer dot products where the ISA has them; then no
   // float K tile is made, and V (MLA: the V columns of the same rows, through
   // the V view) is converted on its own.
-  const bool int8 = kInt8Qk && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
-  [[maybe_unused]] int8_t* qi = reinterpret_cast<int8_t*>(w.qt);      // [dk / 4, rp, 4] bytes
-  [[maybe_unused]] float* qd = w.qt + dk * rp / 4;                       // [dk / 32, rp]
-  [[maybe_unused]] float* qc = qd + dk / kQBlock * rp;                   // [dk / 32, rp]
-  [[maybe_unused]] uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);     // [dk / 32, T, 32] bytes
-  [[maybe_unused]] float* kd = w.kt + T * dk / 4;                        // [T, dk / 32]
-  if (int8) {
+  const bool int8 = (kInt8Qk || kInt16Qk) && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    PrepareInt8Queries(rows, rp, dk, qi, qd, qc);
+  int8_t* qi = reinterpret_cast<int8_t*>(w.qt);   // [dk / 4, rp, 4] bytes
+  float* qd = w.qt + dk * rp / 4;                   // [dk / 32, rp]
+  float* qc = qd + dk / kQBlock * rp;               // [dk / 32, rp]
+  uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);  // [dk / 32, T, 32] bytes
+  float* kd = w.kt + T * dk / 4;                    // [T, dk / 32]
+  if (int8) PrepareInt8Queries(rows, rp, dk, qi, qd, qc);
+#elif defined(__AVX2__)
+  uint32_t* qw = reinterpret_cast<uint32_t*>(w.qt);  // [dk / 2, rp] 16-bit pairs
+  float* qd = w.qt + dk * rp / 2;                      // [dk / 32, rp]
+  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, T, 32]
+  float* kd = w.kt + T * dk / 2;                       // [T, dk / 32]
+  if (int8) PrepareInt16Queries(rows, rp, dk, qw, qd);
 #endif
-  } else {
+  if (!int8) {
     for (int64_t d = 0; d < dk; ++d)
       for (int64_t r = 0; r < rp; ++r) w.qt[d * rp + r] = r < R ? rows.q[r * dk + d] : 0.f;
   }
@@ -1213,6 +1310,10 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       PrepareInt8Keys(k, t0, tn, dk, kp, kd);
       for (int64_t t = 0; t < tn; t += kInt8Keys)
         for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, t, dk, kd, w.st);
+#elif defined(__AVX2__)
+      PrepareInt16Keys(k, t0, tn, dk, kw, kd);
+      for (int64_t t = 0; t < tn; t += kInt16Keys)
+        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, w.st);
 #endif
     } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
