@@ -589,38 +589,42 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     }
   };
 
-  for (int j = wg; j - 1 < n; j += 2) {
-    const bool own = j < n, other = j >= 1;
-    if (own) {  // (A)
-      if (j >= 2) {
-        WgmmaWait<0>();  // P V of tile j - 2
-        Sm90Touch(o);
-        release(j - 2);
-      }
+  // (B): the other warpgroup's tile j - 1: wait for its P, take alpha and m
+  // (m_{j-1}, the chain), then (with this warpgroup's wgmmas retired) rescale
+  // and issue this warpgroup's P V of it.
+  auto other_scale = [&](int j, float& al_lo, float& al_hi) {
+    const int ob = (j - 1) & 1;
+    MbarWait(pready + ob, uint32_t((j - 1) >> 1) & 1);
+    if (!by_tma(j - 1)) FenceProxyAsync();
+    al_lo = s_alpha[ob * kSm90Rows + rl];
+    al_hi = s_alpha[ob * kSm90Rows + rh];
+    m_lo = s_m[ob * kSm90Rows + rl];
+    m_hi = s_m[ob * kSm90Rows + rh];
+  };
+  auto other_pv = [&](int j, float al_lo, float al_hi) {
+    rescale(al_lo, al_hi);
+    l_lo *= al_lo;
+    l_hi *= al_hi;
+    issue_pv((j - 1) & 1);
+  };
+  // Each wgmma group is waited for in the branch that issued it, and no
+  // accumulator is rescaled while any group is pending (otherwise ptxas
+  // serializes every wgmma of the kernel, C7515).
+  for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
+    const bool other = j >= 1;
+    float bl_lo = 1.f, bl_hi = 1.f;
+    if (j < n) {
+      // (A) this warpgroup's tile j: its P V of tile j - 2 frees the buffer.
+      WgmmaWait<0>();
+      Sm90Touch(o);
+      if (j >= 2) release(j - 2);
       issue_s(j);
-    }
-    if (other) {  // (B) the other warpgroup's tile j - 1
-      const int ob = (j - 1) & 1;
-      MbarWait(pready + ob, uint32_t((j - 1) >> 1) & 1);
-      if (!by_tma(j - 1)) FenceProxyAsync();
-      const float al_lo = s_alpha[ob * kSm90Rows + rl], al_hi = s_alpha[ob * kSm90Rows + rh];
-      m_lo = s_m[ob * kSm90Rows + rl];
-      m_hi = s_m[ob * kSm90Rows + rh];
-      if (!own) {
-        WgmmaWait<0>();
-        Sm90Touch(o);
-      }
-      rescale(al_lo, al_hi);
-      l_lo *= al_lo;
-      l_hi *= al_hi;
-      issue_pv(ob);
-    }
-    if (own) {  // (C)
-      if (other)
-        WgmmaWait<1>();  // S_j; the P V just issued may still run
-      else
-        WgmmaWait<0>();
+      if (other) other_scale(j, bl_lo, bl_hi);
+      WgmmaWait<0>();  // S_j
       Sm90Touch(s);
+      Sm90Touch(o);
+      if (other) other_pv(j, bl_lo, bl_hi);  // runs during this softmax
+      // (C)
       const int buf = j & 1;
       const int64_t key0 = (t_begin + j) * kSm90Keys + 2 * (lane % 4);
       const int64_t lim_lo64 = n_lo - key0, lim_hi64 = n_hi - key0;
@@ -672,13 +676,16 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       NamedBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
       l_lo = l_lo * al_lo + sum_lo;
       l_hi = l_hi * al_hi + sum_hi;
-      if (other) {
-        WgmmaWait<0>();  // (B)'s P V of tile j - 1
-        Sm90Touch(o);
-        release(j - 1);
-      }
+      WgmmaWait<0>();  // (B)'s P V of tile j - 1
+      Sm90Touch(o);
+      if (other) release(j - 1);
       rescale(al_lo, al_hi);
       issue_pv(buf);
+    } else {
+      other_scale(j, bl_lo, bl_hi);
+      WgmmaWait<0>();  // this warpgroup's P V of tile j - 2
+      Sm90Touch(o);
+      other_pv(j, bl_lo, bl_hi);
     }
   }
   WgmmaWait<0>();
