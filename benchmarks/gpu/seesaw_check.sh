@@ -2,10 +2,10 @@
 # On the GPU machine (device tool), one call for the sm_90a MLA seesaw kernel
 # (ffi/cuda/mla_sm90_kernel.cuh): the build, the SASS of the kernel (wgmma and
 # warpgroup-wait counts), the quick sanitize cases without a sanitizer (a hang
-# or a wrong result stops the call early), the MLA GPU tests, the side by side
-# against FlashInfer fa3 for the 64-row rows, then the same rows with
+# or a wrong result stops the call early), the side by side against
+# FlashInfer fa3 for the 64-row rows, the same rows with
 # JAX_MLA_CUDA_MLA_SEESAW=0 (the key-split kernel, the baseline, same machine),
-# and compute-sanitizer racecheck and memcheck on the quick cases.
+# the MLA GPU tests, and compute-sanitizer racecheck and memcheck on the quick cases.
 # Usage: seesaw_check.sh FI_DIR [steps...]; steps from: build quick test bench base
 # racecheck memcheck (default: all). Logs go to $OUT (or ./gpu_out).
 set -uo pipefail
@@ -43,23 +43,6 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
     t quick
     [ $rc -ne 0 ] && { echo "quick cases rc $rc: stopping"; exit 1; }
   fi
-  if has test; then
-    pt() {  # log name, pytest args
-      local log=$1
-      shift
-      timeout "${TEST_TIMEOUT:-200}" python3 -P -m pytest "$@" -p no:cacheprovider -q -rf \
-          -m gpu > "$OUT/$log" 2>&1
-    }
-    pt pytest_mla.log tests/test_mla.py &
-    pt pytest_cuda_mla.log tests/test_cuda.py -k "mla and not quant" &
-    pt pytest_cuda_mla_quant.log tests/test_cuda.py -k "mla and quant" &
-    wait
-    for f in "$OUT"/pytest_*.log; do
-      echo "$(basename "$f"): $(tail -1 "$f")"
-      grep -E "^(FAILED|ERROR)" "$f" | head -5
-    done
-    t test
-  fi
   if has bench; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/fi_deps "$FI_DIR"/apache_tvm_ffi-*.whl
     PYTHONPATH=/tmp/fi_deps timeout "${BENCH_TIMEOUT:-150}" python3 -P benchmarks/gpu/side_by_side.py \
@@ -77,6 +60,23 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
     echo "base bench rc $?"
     grep -E "^MLA B=" "$OUT/side_by_side_base.log"
     t base
+  fi
+  if has test; then
+    pt() {  # log name, pytest args
+      local log=$1
+      shift
+      timeout "${TEST_TIMEOUT:-200}" python3 -P -m pytest "$@" -p no:cacheprovider -q -rf \
+          -m gpu > "$OUT/$log" 2>&1
+    }
+    pt pytest_mla.log tests/test_mla.py &
+    pt pytest_cuda_mla.log tests/test_cuda.py -k "mla and not quant" &
+    pt pytest_cuda_mla_quant.log tests/test_cuda.py -k "mla and quant" &
+    wait
+    for f in "$OUT"/pytest_*.log; do
+      echo "$(basename "$f"): $(tail -1 "$f")"
+      grep -E "^(FAILED|ERROR)" "$f" | head -5
+    done
+    t test
   fi
   for tool in racecheck memcheck; do
     has $tool || continue
