@@ -367,8 +367,8 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 // ---------------------------------------------------------------------------
 // The "seesaw" kernel (the default on sm_90a; FlashMLA's schedule, our code).
 //
-// A block is 2 consumer warpgroups plus one producer warp (288 threads) and
-// owns 64 query rows, like the kernel above. Tiles of 64 keys alternate
+// A block is 2 consumer warpgroups plus a producer warpgroup (384 threads,
+// setmaxnreg 232 / 40; only its first warp works) and owns 64 query rows, like the kernel above. Tiles of 64 keys alternate
 // between two shared-memory buffers: tile i of the block's range lands in
 // buffer i % 2 and its Q K^T is computed by warpgroup i % 2 alone, for all 64
 // keys (wgmma m64n64k16 x 36: 128 B of shared memory a clock, not the 192 of
@@ -381,14 +381,17 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 // block, free once its Q K^T is done: 64 x 64 x 2 bytes = that block exactly,
 // same swizzled K-major layout), alpha_i and m_i; the other warpgroup reads
 // them for its half of P_i V_i and as m_{i-1} of its next tile. Warpgroup w,
-// for its tiles j = w, w + 2, ... (while j - 1 < n):
-//   (A) wait for its P V of tile j - 2 (frees that buffer), issue S_j = Q K_j^T;
-//   (B) wait for the other's tile j - 1 (P, alpha, m), O *= alpha,
-//       issue P_{j-1} V_{j-1} for its columns (runs behind S_j);
-//   (C) wait for S_j, softmax with m_{j-1}, publish P_j, alpha_j, m_j,
-//       wait for (B)'s P V (frees buffer j - 1 on this side), O *= alpha_j,
-//       issue P_j V_j.
-// So one warpgroup's softmax runs while the other's wgmmas do. Each
+// for its tiles j = w, w + 2, ... (then the other's last tile, if any):
+//   (A) issue S_j = Q K_j^T (waiting on each column block's barrier);
+//   (B) wait for the other's tile j - 1 (P, alpha, m: the chain), wait for
+//       S_j, O *= alpha_{j-1}, issue P_{j-1} V_{j-1} for its columns;
+//   (C) softmax of S_j with m_{j-1} while that P V runs, publish P_j,
+//       alpha_j, m_j, wait for (B)'s P V (frees buffer j - 1 on this side),
+//       O *= alpha_j, issue P_j V_j and wait for it (frees buffer j).
+// Every wgmma group is retired before the loop's back edge and no
+// accumulator is written while a group is pending: otherwise ptxas
+// serializes all wgmmas of the kernel (C7515).
+// So one warpgroup's softmax runs while its own and the other's wgmmas do. Each
 // warpgroup keeps a partial row sum (its own tiles' P sums, rescaled by every
 // alpha); the two are added at the end (both end on the same m).
 //
@@ -412,6 +415,11 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 // both P V reads; alpha/m[buffer] likewise (the reader takes them before it
 // releases). pready's phases cannot alias: the owner's next arrival on it
 // needs the buffer's next tile, which needs the reader's release.
+// bar.sync that the compiler may not move shared-memory accesses across
+// (NamedBarrier in kernel_utils.cuh has no memory clobber).
+__device__ __forceinline__ void SeesawBarrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
 constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
 constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
@@ -530,7 +538,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     CpAsyncWait<0>();
     FenceProxyAsync();
   }
-  NamedBarrier(1, 256);
+  SeesawBarrier(1, 256);
 
   float o[128];
 #pragma unroll
@@ -607,17 +615,16 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     l_hi *= al_hi;
     issue_pv((j - 1) & 1);
   };
-  // Each wgmma group is waited for in the branch that issued it, and no
-  // accumulator is rescaled while any group is pending (otherwise ptxas
-  // serializes every wgmma of the kernel, C7515).
+  // Each wgmma group is waited for in the branch that issued it, before the
+  // loop's back edge, and no accumulator is rescaled while a group is pending:
+  // otherwise ptxas serializes every wgmma of the kernel (C7515; seen with P V
+  // in flight across the back edge: a wait after every HGMMA, 0.98 ms instead
+  // of 0.94 for the key-split kernel at 128,128,8192).
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
     const bool other = j >= 1;
     float bl_lo = 1.f, bl_hi = 1.f;
     if (j < n) {
-      // (A) this warpgroup's tile j: its P V of tile j - 2 frees the buffer.
-      WgmmaWait<0>();
-      Sm90Touch(o);
-      if (j >= 2) release(j - 2);
+      // (A) this warpgroup's tile j.
       issue_s(j);
       if (other) other_scale(j, bl_lo, bl_hi);
       WgmmaWait<0>();  // S_j
@@ -673,7 +680,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       }
       FenceProxyAsync();
       MbarArrive(pready + buf);
-      NamedBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
+      SeesawBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
       l_lo = l_lo * al_lo + sum_lo;
       l_hi = l_hi * al_hi + sum_hi;
       WgmmaWait<0>();  // (B)'s P V of tile j - 1
@@ -681,11 +688,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       if (other) release(j - 1);
       rescale(al_lo, al_hi);
       issue_pv(buf);
+      WgmmaWait<0>();  // before the loop's back edge (see above)
+      Sm90Touch(o);
+      release(j);
     } else {
       other_scale(j, bl_lo, bl_hi);
-      WgmmaWait<0>();  // this warpgroup's P V of tile j - 2
-      Sm90Touch(o);
       other_pv(j, bl_lo, bl_hi);
+      WgmmaWait<0>();
+      Sm90Touch(o);
     }
   }
   WgmmaWait<0>();
@@ -700,7 +710,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     s_sum[wg * kSm90Rows + rl] = l_lo;
     s_sum[wg * kSm90Rows + rh] = l_hi;
   }
-  NamedBarrier(1, 256);
+  SeesawBarrier(1, 256);
   const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
   const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
   // A row that saw no key: output 0, LSE -inf.
