@@ -46,7 +46,7 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
   if has bench; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/fi_deps "$FI_DIR"/apache_tvm_ffi-*.whl
     PYTHONPATH=/tmp/fi_deps timeout "${BENCH_TIMEOUT:-150}" python3 -P benchmarks/gpu/side_by_side.py \
-        --fi-dir "$FI_DIR" --skip prefill --rows "$ROWS" > "$OUT/side_by_side.log" 2>&1
+        --fi-dir "$FI_DIR" --skip "${BENCH_SKIP:-prefill}" --rows "$ROWS" > "$OUT/side_by_side.log" 2>&1
     echo "bench rc $?"
     grep -E "^MLA B=" "$OUT/side_by_side.log"
     sed -n '/==== MLA decode (ms/,/====.*prefill/p' "$OUT/side_by_side.log"
