@@ -409,7 +409,8 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 // Shared memory (1024-aligned): Q [64][576] 72 KB | buffers 0, 1 [64][576]
 // 72 KB each (column block b at b * 8 KB; block 8, the rope columns, holds P
 // once Q K^T is done) | mbarriers full[2][9], empty[2], pready[2] (count 128:
-// the owner's threads, after writing P, alpha, m and fence.proxy.async) |
+// the owner's threads, after writing P, alpha, m and fence.proxy.async),
+// sums_ready (count 256: the row-sum exchange at the end) |
 // alpha[2][64], m[2][64], row sums [2][64] floats. 217 KB.
 // Hazards: a buffer (and its P) is rewritten only after empty, i.e. after
 // both P V reads; alpha/m[buffer] likewise (the reader takes them before it
@@ -423,7 +424,7 @@ __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
 constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
 constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
-                               (2 * 9 + 2 + 2) * sizeof(uint64_t) +  // mbarriers
+                               (2 * 9 + 2 + 2 + 1) * sizeof(uint64_t) +  // mbarriers
                                3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
                                1024;                                 // alignment slack
 
@@ -438,7 +439,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(s_kv + 2 * kSm90TileBytes);  // [2][9]
   uint64_t* empty = full + 18;                        // [2]
   uint64_t* pready = empty + 2;                       // [2]
-  float* s_alpha = reinterpret_cast<float*>(pready + 2);  // [2][64]
+  uint64_t* sums_ready = pready + 2;                  // [1]
+  float* s_alpha = reinterpret_cast<float*>(sums_ready + 1);  // [2][64]
   float* s_m = s_alpha + 2 * kSm90Rows;                   // [2][64]
   float* s_sum = s_m + 2 * kSm90Rows;                     // [2][64]
 
@@ -475,6 +477,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     MbarInit(empty + 1, 8);
     MbarInit(pready, 128);
     MbarInit(pready + 1, 128);
+    MbarInit(sums_ready, 256);
   }
   __syncthreads();
 
@@ -710,7 +713,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     s_sum[wg * kSm90Rows + rl] = l_lo;
     s_sum[wg * kSm90Rows + rh] = l_hi;
   }
-  SeesawBarrier(1, 256);
+  // An mbarrier (arrive releases, the wait acquires) rather than bar.sync 1:
+  // compute-sanitizer racecheck flagged this exchange across the named
+  // barrier (32 hazards, write and read on either side of the BAR.SYNC).
+  MbarArrive(sums_ready);
+  MbarWait(sums_ready, 0);
   const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
   const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
   // A row that saw no key: output 0, LSE -inf.
