@@ -34,15 +34,18 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
 #include "ffi/common/params.h"
 #include "ffi/cuda/kernel_utils.cuh"
 #include "ffi/cuda/mla_kernel.cuh"
+#include "ffi/cuda/attention_sm90.cuh"
 #include "ffi/cuda/wgmma.cuh"
 
 namespace jax_mla::cuda {
@@ -322,10 +325,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
 #endif
 }
 
-// Launches the sm_90a kernel (64-row blocks); the caller launches the combine.
-// Only where UseSm90Kernels() (device.h).
+// Launches the key-split kernel above (the fallback when the cache's strides do
+// not suit TMA, or JAX_MLA_CUDA_MLA_SEESAW=0).
 template <typename T>
-cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
+cudaError_t LaunchMlaSm90Split(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(MlaSm90Kernel<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSm90Smem));
@@ -334,6 +337,454 @@ cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
                   unsigned(p.batch));
   MlaSm90Kernel<T><<<grid, kSm90Threads, kSm90Smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// d[32] (+)= A (64x16) * B (16x64), both K-major from shared memory
+// (descriptors); accumulate 0 overwrites d.
+template <typename T>
+__device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
+                                         int accumulate) {
+#ifdef JAX_MLA_SM90A
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// The "seesaw" kernel (the default on sm_90a; FlashMLA's schedule, our code).
+//
+// A block is 2 consumer warpgroups plus a producer warpgroup (384 threads,
+// setmaxnreg 232 / 40; only its first warp works) and owns 64 query rows, like the kernel above. Tiles of 64 keys alternate
+// between two shared-memory buffers: tile i of the block's range lands in
+// buffer i % 2 and its Q K^T is computed by warpgroup i % 2 alone, for all 64
+// keys (wgmma m64n64k16 x 36: 128 B of shared memory a clock, not the 192 of
+// m64n32). Warpgroup w owns output columns [256w, 256w + 256) (128 f32
+// accumulators a thread) and accumulates P V over every tile. The running
+// row maximum is a chain through the tiles in order:
+//   m_i = max(m_{i-1}, rowmax S_i), alpha_i = exp2(m_{i-1} - m_i),
+//   P_i = exp2(S_i - m_i), O_w = O_w * alpha_i + P_i V_i[cols of w].
+// The owner of tile i publishes P_i (input type, in the tile's rope column
+// block, free once its Q K^T is done: 64 x 64 x 2 bytes = that block exactly,
+// same swizzled K-major layout), alpha_i and m_i; the other warpgroup reads
+// them for its half of P_i V_i and as m_{i-1} of its next tile. Warpgroup w,
+// for its tiles j = w, w + 2, ... (then the other's last tile, if any):
+//   (A) issue S_j = Q K_j^T (waiting on each column block's barrier);
+//   (B) wait for the other's tile j - 1 (P, alpha, m: the chain), wait for
+//       S_j, O *= alpha_{j-1}, issue P_{j-1} V_{j-1} for its columns;
+//   (C) softmax of S_j with m_{j-1} while that P V runs, publish P_j,
+//       alpha_j, m_j, wait for (B)'s P V (frees buffer j - 1 on this side),
+//       O *= alpha_j, issue P_j V_j and wait for it (frees buffer j).
+// Every wgmma group is retired before the loop's back edge and no
+// accumulator is written while a group is pending: otherwise ptxas
+// serializes all wgmmas of the kernel (C7515).
+// So one warpgroup's softmax runs while its own and the other's wgmmas do. Each
+// warpgroup keeps a partial row sum (its own tiles' P sums, rescaled by every
+// alpha); the two are added at the end (both end on the same m).
+//
+// Loads: the producer warp (warp 8) fills buffer i % 2 with tile i once both
+// warpgroups released tile i - 2 (empty[2], count 8: lane 0 of each consumer
+// warp once its P V of that tile completed). A tile is 9 bulk tensor copies
+// (TMA, 64 columns x 64 keys, 128B swizzle) each completing on its own
+// full[buffer][block] mbarrier, so Q K^T starts on column block 0 while the
+// rest arrive. TMA zero-fills keys past Skv but would read rows in
+// [kv_len, Skv) (a NaN there survives P = 0 in P V), so the tile that holds
+// kv_len < Skv goes by cp.async from the producer warp's 32 lanes (keys past
+// kv_len zero-filled; each lane's cp.async arrival on all 9 barriers, count
+// 32). Q is staged once by cp.async from the consumer threads.
+//
+// Shared memory (1024-aligned): Q [64][576] 72 KB | buffers 0, 1 [64][576]
+// 72 KB each (column block b at b * 8 KB; block 8, the rope columns, holds P
+// once Q K^T is done) | mbarriers full[2][9], empty[2], pready[2] (count 128:
+// the owner's threads, after writing P, alpha, m and fence.proxy.async),
+// sums_ready (count 256: the row-sum exchange at the end) |
+// alpha[2][64], m[2][64], row sums [2][64] floats. 217 KB.
+// Hazards: a buffer (and its P) is rewritten only after empty, i.e. after
+// both P V reads; alpha/m[buffer] likewise (the reader takes them before it
+// releases). pready's phases cannot alias: the owner's next arrival on it
+// needs the buffer's next tile, which needs the reader's release.
+// bar.sync that the compiler may not move shared-memory accesses across
+// (NamedBarrier in kernel_utils.cuh has no memory clobber).
+__device__ __forceinline__ void SeesawBarrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
+constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
+constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
+                               (2 * 9 + 2 + 2 + 1) * sizeof(uint64_t) +  // mbarriers
+                               3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
+                               1024;                                 // alignment slack
+
+template <typename T>
+__global__ void __launch_bounds__(kSeesawThreads, 1)
+    MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
+#ifdef JAX_MLA_SM90A
+  extern __shared__ __align__(1024) char smem_raw[];
+  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
+  char* s_q = smem;                                   // [64][576] swizzled
+  char* s_kv = s_q + kSm90TileBytes;                  // [2][64][576] swizzled
+  uint64_t* full = reinterpret_cast<uint64_t*>(s_kv + 2 * kSm90TileBytes);  // [2][9]
+  uint64_t* empty = full + 18;                        // [2]
+  uint64_t* pready = empty + 2;                       // [2]
+  uint64_t* sums_ready = pready + 2;                  // [1]
+  float* s_alpha = reinterpret_cast<float*>(sums_ready + 1);  // [2][64]
+  float* s_m = s_alpha + 2 * kSm90Rows;                   // [2][64]
+  float* s_sum = s_m + 2 * kSm90Rows;                     // [2][64]
+
+  const int tid = threadIdx.x, lane = tid % 32;
+  // Warp-uniform as far as the compiler can tell (wgmma in a branch it thinks
+  // divergent gets serialized).
+  const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t row0 = int64_t(blockIdx.x) * kSm90Rows;
+  const int32_t kv_len_raw = p.kv_len[b];
+  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
+  const int64_t q_pos = p.q_pos[b];
+  auto visible = [&](int64_t r) -> int64_t {
+    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
+  };
+  const int64_t last_row = (row0 + kSm90Rows < R ? row0 + kSm90Rows : R) - 1;
+  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const int64_t tiles = (n_max + kSm90Keys - 1) / kSm90Keys;
+  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
+  const int64_t t_begin = split * per < tiles ? split * per : tiles;
+  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+  const int n = int(t_end - t_begin);
+  // Whether tile i goes by TMA (same answer in the producer and the consumers).
+  auto by_tma = [&](int i) {
+    const int64_t key0 = (t_begin + i) * kSm90Keys;
+    return key0 + kSm90Keys <= kv_len || kv_len == Skv;
+  };
+
+  if (tid == 0) {
+    for (int i = 0; i < 18; ++i) MbarInit(full + i, 32);
+    MbarInit(empty, 8);
+    MbarInit(empty + 1, 8);
+    MbarInit(pready, 128);
+    MbarInit(pready + 1, 128);
+    MbarInit(sums_ready, 256);
+  }
+  __syncthreads();
+
+  if (warp >= 8) {
+    // Producer warpgroup: its first warp loads, the others leave.
+    SetMaxRegsDec<kSeesawProducerRegs>();
+    if (warp > 8) return;
+    const int64_t kvb = b % p.kv_batch;
+    const T* kv_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride;
+    constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
+    for (int i = 0; i < n; ++i) {
+      const int buf = i & 1;
+      const uint32_t use = uint32_t(i >> 1);
+      MbarWait(empty + buf, (use & 1) ^ 1);  // tile i - 2 released (first use: at once)
+      char* dst = s_kv + buf * kSm90TileBytes;
+      uint64_t* bar = full + buf * 9;
+      const int64_t key0 = (t_begin + i) * kSm90Keys;
+      if (by_tma(i)) {
+#pragma unroll 1
+        for (int blk = 0; blk < 9; ++blk) {
+          if (lane == 0) {
+            MbarArriveExpectTx(bar + blk, uint32_t(kSm90Keys * 128));
+            TmaLoad4d(dst + blk * (kSm90Keys * 128), &tm_kv, blk * 64, 0, int(key0), int(kvb),
+                      bar + blk);
+          } else {
+            MbarArrive(bar + blk);
+          }
+        }
+      } else {
+#pragma unroll 4
+        for (int c = lane; c < kSm90Keys * kChunks; c += 32) {
+          const int rr = c / kChunks, cc = c % kChunks;
+          const int64_t j = key0 + rr;
+          const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+          CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc),
+                    kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
+        }
+#pragma unroll 1
+        for (int blk = 0; blk < 9; ++blk) MbarArriveCpAsync(bar + blk);
+      }
+    }
+    CpAsyncWait<0>();
+    return;
+  }
+
+  // Consumers.
+  SetMaxRegsInc<kSeesawConsumerRegs>();
+  const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
+  const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
+  const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
+  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+  if (n > 0) {
+    constexpr int kChunks = kMlaDk / 8;
+    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+    for (int c = tid; c < kSm90Rows * kChunks; c += 256) {
+      const int rr = c / kChunks, cc = c % kChunks;
+      const bool ok = row0 + rr < R;
+      CpAsync16(s_q + Swizzle128(kSm90Rows, rr, cc), q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+  }
+  SeesawBarrier(1, 256);
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float s[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t q_addr = SmemAddr(s_q), kv_addr = SmemAddr(s_kv);
+  auto tile_addr = [&](int buf) { return kv_addr + buf * kSm90TileBytes; };
+  auto p_addr = [&](int buf) { return tile_addr(buf) + 8 * (kSm90Keys * 128); };
+  // Lane 0 of each consumer warp releases tile i's buffer (only if a later
+  // tile is loaded into it) once this warp's P V of tile i has completed.
+  auto release = [&](int i) {
+    if (i + 2 < n && lane == 0) MbarArrive(empty + (i & 1));
+  };
+  auto issue_s = [&](int i) {
+    const int buf = i & 1;
+    const uint32_t parity = uint32_t(i >> 1) & 1;
+    const bool fence = !by_tma(i);  // cp.async (generic proxy) writes -> wgmma reads
+    const uint32_t tile = tile_addr(buf);
+    Sm90Touch(s);
+    WgmmaFence();
+#pragma unroll
+    for (int blk = 0; blk < 9; ++blk) {
+      MbarWait(full + buf * 9 + blk, parity);
+      if (fence) FenceProxyAsync();
+#pragma unroll
+      for (int k = 4 * blk; k < 4 * blk + 4; ++k) {
+        const uint32_t off = blk * (kSm90Rows * 128) + 32 * (k % 4);
+        WgmmaN64<T>(s, SmemDesc128(q_addr + off, 16, 1024), SmemDesc128(tile + off, 16, 1024),
+                    k > 0);
+      }
+    }
+    WgmmaCommit();
+  };
+  auto issue_pv = [&](int buf) {
+    Sm90Touch(o);  // the rescale stays before the fence
+    WgmmaFence();
+#pragma unroll
+    for (int k = 0; k < kSm90Keys / 16; ++k)
+      WgmmaN256<T, 1>(o, SmemDesc128(p_addr(buf) + 32 * k, 16, 1024),
+                      SmemDesc128(tile_addr(buf) + wg * 4 * (kSm90Keys * 128) + 2048 * k,
+                                  kSm90Keys * 128, 1024),
+                      1);
+    WgmmaCommit();
+  };
+  auto rescale = [&](float al_lo, float al_hi) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j] *= al_lo;
+      o[4 * j + 1] *= al_lo;
+      o[4 * j + 2] *= al_hi;
+      o[4 * j + 3] *= al_hi;
+    }
+  };
+
+  // (B): the other warpgroup's tile j - 1: wait for its P, take alpha and m
+  // (m_{j-1}, the chain), then (with this warpgroup's wgmmas retired) rescale
+  // and issue this warpgroup's P V of it.
+  auto other_scale = [&](int j, float& al_lo, float& al_hi) {
+    const int ob = (j - 1) & 1;
+    MbarWait(pready + ob, uint32_t((j - 1) >> 1) & 1);
+    if (!by_tma(j - 1)) FenceProxyAsync();
+    al_lo = s_alpha[ob * kSm90Rows + rl];
+    al_hi = s_alpha[ob * kSm90Rows + rh];
+    m_lo = s_m[ob * kSm90Rows + rl];
+    m_hi = s_m[ob * kSm90Rows + rh];
+  };
+  auto other_pv = [&](int j, float al_lo, float al_hi) {
+    rescale(al_lo, al_hi);
+    l_lo *= al_lo;
+    l_hi *= al_hi;
+    issue_pv((j - 1) & 1);
+  };
+  // Each wgmma group is waited for in the branch that issued it, before the
+  // loop's back edge, and no accumulator is rescaled while a group is pending:
+  // otherwise ptxas serializes every wgmma of the kernel (C7515; seen with P V
+  // in flight across the back edge: a wait after every HGMMA, 0.98 ms instead
+  // of 0.94 for the key-split kernel at 128,128,8192).
+  for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
+    const bool other = j >= 1;
+    float bl_lo = 1.f, bl_hi = 1.f;
+    if (j < n) {
+      // (A) this warpgroup's tile j.
+      issue_s(j);
+      if (other) other_scale(j, bl_lo, bl_hi);
+      WgmmaWait<0>();  // S_j
+      Sm90Touch(s);
+      Sm90Touch(o);
+      if (other) other_pv(j, bl_lo, bl_hi);  // runs during this softmax
+      // (C)
+      const int buf = j & 1;
+      const int64_t key0 = (t_begin + j) * kSm90Keys + 2 * (lane % 4);
+      const int64_t lim_lo64 = n_lo - key0, lim_hi64 = n_hi - key0;
+      const int lim_lo = lim_lo64 < 0 ? 0 : (lim_lo64 > 64 ? 64 : int(lim_lo64));
+      const int lim_hi = lim_hi64 < 0 ? 0 : (lim_hi64 > 64 ? 64 : int(lim_hi64));
+      float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          s[4 * jj + e] = 8 * jj + e < lim_lo ? s[4 * jj + e] * scale_log2 : -INFINITY;
+          s[4 * jj + 2 + e] = 8 * jj + e < lim_hi ? s[4 * jj + 2 + e] * scale_log2 : -INFINITY;
+          mx_lo = fmaxf(mx_lo, s[4 * jj + e]);
+          mx_hi = fmaxf(mx_hi, s[4 * jj + 2 + e]);
+        }
+      }
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+      const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+      // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
+      const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+      const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+      const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+      m_lo = mn_lo;
+      m_hi = mn_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
+      char* s_p = s_kv + buf * kSm90TileBytes + 8 * (kSm90Keys * 128);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const float p0 = Exp2(s[4 * jj] - mu_lo), p1 = Exp2(s[4 * jj + 1] - mu_lo);
+        const float p2 = Exp2(s[4 * jj + 2] - mu_hi), p3 = Exp2(s[4 * jj + 3] - mu_hi);
+        sum_lo += p0 + p1;
+        sum_hi += p2 + p3;
+        *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rl, jj) + 4 * (lane % 4)) =
+            PackPair<T>(p0, p1);
+        *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rh, jj) + 4 * (lane % 4)) =
+            PackPair<T>(p2, p3);
+      }
+      if (lane % 4 == 0) {
+        s_alpha[buf * kSm90Rows + rl] = al_lo;
+        s_alpha[buf * kSm90Rows + rh] = al_hi;
+        s_m[buf * kSm90Rows + rl] = mn_lo;
+        s_m[buf * kSm90Rows + rh] = mn_hi;
+      }
+      FenceProxyAsync();
+      MbarArrive(pready + buf);
+      SeesawBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
+      l_lo = l_lo * al_lo + sum_lo;
+      l_hi = l_hi * al_hi + sum_hi;
+      WgmmaWait<0>();  // (B)'s P V of tile j - 1
+      Sm90Touch(o);
+      if (other) release(j - 1);
+      rescale(al_lo, al_hi);
+      issue_pv(buf);
+      WgmmaWait<0>();  // before the loop's back edge (see above)
+      Sm90Touch(o);
+      release(j);
+    } else {
+      other_scale(j, bl_lo, bl_hi);
+      other_pv(j, bl_lo, bl_hi);
+      WgmmaWait<0>();
+      Sm90Touch(o);
+    }
+  }
+  WgmmaWait<0>();
+  Sm90Touch(o);
+
+  // Row sums: the quad's lanes, then the two warpgroups (both end on the same m).
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if (lane % 4 == 0) {
+    s_sum[wg * kSm90Rows + rl] = l_lo;
+    s_sum[wg * kSm90Rows + rh] = l_hi;
+  }
+  // An mbarrier (arrive releases, the wait acquires) rather than bar.sync 1:
+  // compute-sanitizer racecheck flagged this exchange across the named
+  // barrier (32 hazards, write and read on either side of the BAR.SYNC).
+  MbarArrive(sums_ready);
+  MbarWait(sums_ready, 0);
+  const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
+  const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
+  // A row that saw no key: output 0, LSE -inf.
+  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
+  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
+  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
+  const int col0 = wg * 256 + 2 * (lane % 4);
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
+      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
+      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
+    }
+  } else {
+    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
+    float* out = p.part_out + base * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {
+      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
+      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
+    }
+  }
+#endif
+}
+
+// Launches the seesaw kernel when the cache's strides suit TMA (a tensor map
+// over [kv_batch, Skv, 576]) and JAX_MLA_CUDA_MLA_SEESAW is not 0, else the
+// key-split kernel; the caller launches the combine. Only where
+// UseSm90Kernels() (device.h).
+template <typename T>
+cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
+  static const bool seesaw = [] {
+    const char* env = std::getenv("JAX_MLA_CUDA_MLA_SEESAW");
+    return !(env && env[0] == '0');
+  }();
+  CUtensorMap tm{};
+  RowView view = p.k;
+  view.head_stride = kMlaDk;  // one head: any 16-byte multiple
+  if (p.kv_batch == 1) view.batch_stride = p.seq_kv * view.row_stride;  // coordinate always 0
+  if (!seesaw || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
+    return LaunchMlaSm90Split<T>(p, stream);
+  cudaError_t err = cudaFuncSetAttribute(MlaSm90SeesawKernel<T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kSeesawSmem));
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.seq_q * p.heads_q;
+  const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
+                  unsigned(p.batch));
+  MlaSm90SeesawKernel<T><<<grid, kSeesawThreads, kSeesawSmem, stream>>>(p, tm);
   return cudaGetLastError();
 }
 
