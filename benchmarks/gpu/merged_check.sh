@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), one call that checks a merged tree: the
-# build with JAX_MLA_CUDA=ON, every `-m gpu` test in five pytest processes at
+# build with JAX_MLA_CUDA=ON, every `-m gpu` test in six pytest processes at
 # once (the tests spend most of their time compiling on the CPU, which has 16
 # cores), compute-sanitizer racecheck and memcheck on the quick cases, then the side by side
 # (MLA decode against FlashInfer with the q8_0 cache rows, prefill against
@@ -28,7 +28,8 @@ t() { echo "[$1: $(( $(date +%s) - T0 )) s]"; }
         -m gpu > "$OUT/$log" 2>&1
   }
   pt pytest_cuda_dims.log tests/test_cuda.py -k "attention_dims" &
-  pt pytest_cuda_rest.log tests/test_cuda.py -k "not attention_dims" &
+  pt pytest_cuda_quant.log tests/test_cuda.py -k "not attention_dims and quant" &
+  pt pytest_cuda_rest.log tests/test_cuda.py -k "not attention_dims and not quant" &
   pt pytest_attention.log tests/test_attention.py &
   pt pytest_mla.log tests/test_mla.py &
   pt pytest_others.log tests --ignore=tests/test_cuda.py --ignore=tests/test_attention.py \
