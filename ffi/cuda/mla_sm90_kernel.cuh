@@ -395,12 +395,16 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 // warpgroup keeps a partial row sum (its own tiles' P sums, rescaled by every
 // alpha); the two are added at the end (both end on the same m).
 //
-// Loads: the producer warp (warp 8) fills buffer i % 2 with tile i once both
-// warpgroups released tile i - 2 (empty[2], count 8: lane 0 of each consumer
-// warp once its P V of that tile completed). A tile is 9 bulk tensor copies
-// (TMA, 64 columns x 64 keys, 128B swizzle) each completing on its own
-// full[buffer][block] mbarrier, so Q K^T starts on column block 0 while the
-// rest arrive. TMA zero-fills keys past Skv but would read rows in
+// Loads: the producer warp (warp 8) fills buffer i % 2 with tile i as tile
+// i - 2 is released, half by half (empty[buffer][warpgroup], count 4: lane 0
+// of each of the warpgroup's warps once its P V of that tile completed): the
+// owner's 4 column blocks (its P V's V columns) as soon as the owner's own
+// P V retired, which is just before it wants tile i's Q K^T, the other 4
+// and the rope block (P) once the other warpgroup's P V retired too. Q K^T
+// consumes the blocks in that order (SeesawBlock), so the owner starts on
+// its half while the rest is still read or in flight. A tile is 9 bulk tensor
+// copies (TMA, 64 columns x 64 keys, 128B swizzle) each completing on its own
+// full[buffer][block] mbarrier. TMA zero-fills keys past Skv but would read rows in
 // [kv_len, Skv) (a NaN there survives P = 0 in P V), so the tile that holds
 // kv_len < Skv goes by cp.async from the producer warp's 32 lanes (keys past
 // kv_len zero-filled; each lane's cp.async arrival on all 9 barriers, count
@@ -408,12 +412,12 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 //
 // Shared memory (1024-aligned): Q [64][576] 72 KB | buffers 0, 1 [64][576]
 // 72 KB each (column block b at b * 8 KB; block 8, the rope columns, holds P
-// once Q K^T is done) | mbarriers full[2][9], empty[2], pready[2] (count 128:
+// once Q K^T is done) | mbarriers full[2][9], empty[2][2], pready[2] (count 128:
 // the owner's threads, after writing P, alpha, m and fence.proxy.async),
 // sums_ready (count 256: the row-sum exchange at the end) |
 // alpha[2][64], m[2][64], row sums [2][64] floats. 217 KB.
-// Hazards: a buffer (and its P) is rewritten only after empty, i.e. after
-// both P V reads; alpha/m[buffer] likewise (the reader takes them before it
+// Hazards: a half of a buffer is rewritten only after the P V that reads it
+// (the owner's half after the owner's, the other half and P after both); alpha/m[buffer] likewise (the reader takes them before it
 // releases). pready's phases cannot alias: the owner's next arrival on it
 // needs the buffer's next tile, which needs the reader's release.
 // bar.sync that the compiler may not move shared-memory accesses across
@@ -421,10 +425,17 @@ __device__ __forceinline__ void WgmmaN64(float (&d)[32], uint64_t a_desc, uint64
 __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// The order in which tile columns are loaded and consumed by Q K^T: the 4
+// column blocks of the owner's output columns (buffer b's tiles belong to
+// warpgroup b), freed first by the owner's own P V, then the other 4, then the
+// rope block (it holds P, read by both P V products).
+__device__ __forceinline__ int SeesawBlock(int bi, int buf) {
+  return bi < 8 ? (bi + 4 * buf) & 7 : 8;
+}
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
 constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
 constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
-                               (2 * 9 + 2 + 2 + 1) * sizeof(uint64_t) +  // mbarriers
+                               (2 * 9 + 4 + 2 + 1) * sizeof(uint64_t) +  // mbarriers
                                3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
                                1024;                                 // alignment slack
 
@@ -437,8 +448,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   char* s_q = smem;                                   // [64][576] swizzled
   char* s_kv = s_q + kSm90TileBytes;                  // [2][64][576] swizzled
   uint64_t* full = reinterpret_cast<uint64_t*>(s_kv + 2 * kSm90TileBytes);  // [2][9]
-  uint64_t* empty = full + 18;                        // [2]
-  uint64_t* pready = empty + 2;                       // [2]
+  uint64_t* empty = full + 18;                        // [2 buffers][2 warpgroups]
+  uint64_t* pready = empty + 4;                       // [2]
   uint64_t* sums_ready = pready + 2;                  // [1]
   float* s_alpha = reinterpret_cast<float*>(sums_ready + 1);  // [2][64]
   float* s_m = s_alpha + 2 * kSm90Rows;                   // [2][64]
@@ -473,8 +484,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 
   if (tid == 0) {
     for (int i = 0; i < 18; ++i) MbarInit(full + i, 32);
-    MbarInit(empty, 8);
-    MbarInit(empty + 1, 8);
+    for (int i = 0; i < 4; ++i) MbarInit(empty + i, 4);
     MbarInit(pready, 128);
     MbarInit(pready + 1, 128);
     MbarInit(sums_ready, 256);
@@ -491,13 +501,18 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     for (int i = 0; i < n; ++i) {
       const int buf = i & 1;
       const uint32_t use = uint32_t(i >> 1);
-      MbarWait(empty + buf, (use & 1) ^ 1);  // tile i - 2 released (first use: at once)
+      // Tile i - 2 released (first use: at once): its owner's columns (warpgroup
+      // buf's P V) first, then the other half and the P block.
+      const uint32_t parity = (use & 1) ^ 1;
       char* dst = s_kv + buf * kSm90TileBytes;
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
+      MbarWait(empty + 2 * buf + buf, parity);
       if (by_tma(i)) {
 #pragma unroll 1
-        for (int blk = 0; blk < 9; ++blk) {
+        for (int bi = 0; bi < 9; ++bi) {
+          const int blk = SeesawBlock(bi, buf);
+          if (bi == 4) MbarWait(empty + 2 * buf + (buf ^ 1), parity);
           if (lane == 0) {
             MbarArriveExpectTx(bar + blk, uint32_t(kSm90Keys * 128));
             TmaLoad4d(dst + blk * (kSm90Keys * 128), &tm_kv, blk * 64, 0, int(key0), int(kvb),
@@ -507,6 +522,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           }
         }
       } else {
+        MbarWait(empty + 2 * buf + (buf ^ 1), parity);
 #pragma unroll 4
         for (int c = lane; c < kSm90Keys * kChunks; c += 32) {
           const int rr = c / kChunks, cc = c % kChunks;
@@ -557,7 +573,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // Lane 0 of each consumer warp releases tile i's buffer (only if a later
   // tile is loaded into it) once this warp's P V of tile i has completed.
   auto release = [&](int i) {
-    if (i + 2 < n && lane == 0) MbarArrive(empty + (i & 1));
+    if (i + 2 < n && lane == 0) MbarArrive(empty + 2 * (i & 1) + wg);
   };
   auto issue_s = [&](int i) {
     const int buf = i & 1;
@@ -567,14 +583,15 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     Sm90Touch(s);
     WgmmaFence();
 #pragma unroll
-    for (int blk = 0; blk < 9; ++blk) {
+    for (int bi = 0; bi < 9; ++bi) {
+      const int blk = SeesawBlock(bi, buf);
       MbarWait(full + buf * 9 + blk, parity);
       if (fence) FenceProxyAsync();
 #pragma unroll
-      for (int k = 4 * blk; k < 4 * blk + 4; ++k) {
-        const uint32_t off = blk * (kSm90Rows * 128) + 32 * (k % 4);
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t off = blk * (kSm90Rows * 128) + 32 * k;
         WgmmaN64<T>(s, SmemDesc128(q_addr + off, 16, 1024), SmemDesc128(tile + off, 16, 1024),
-                    k > 0);
+                    bi > 0 || k > 0);
       }
     }
     WgmmaCommit();
