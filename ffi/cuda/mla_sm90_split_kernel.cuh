@@ -1,0 +1,287 @@
+// flash_mla for 64-row blocks on Hopper (sm_90a), the key-split kernel (the
+// fallback of mla_sm90_kernel.cuh's seesaw kernel): warpgroup MMAs (wgmma) with
+// both operands in 128-byte-swizzled shared memory, so each K/V tile operand
+// is read from shared memory once per 64-row warpgroup instead of once per
+// 16-row warp (the bound of the mma.sync kernel, benchmarks/NOTES.md "CUDA 1").
+//
+// A block is 2 warpgroups (256 threads) and owns 64 query rows, (position,
+// head) pairs of one batch row, like the mma.sync kernel's G = 4 blocks (so
+// the split heuristic's work items are the same). KV tiles of 64 keys are
+// staged by cp.async, two deep. Per tile:
+//   S = Q K^T   warpgroup w scores keys [32w, 32w + 32) for all 64 rows
+//               (wgmma m64n32k16 x 36, Q and K from shared memory);
+//   softmax     row maxima exchanged between the two warpgroups through
+//               shared memory (online softmax, float32, base-2 exponent);
+//               P is written to shared memory in the input type, swizzled;
+//   O += P V    warpgroup w accumulates output columns [256w, 256w + 256)
+//               (wgmma m64n256k16 x 4, P K-major, V = the same tile read
+//               MN-major in place: no V copy).
+// Split-KV partials and the combine are the mma.sync kernel's.
+//
+// Shared-memory layout (PTX ISA "Shared Memory Matrix Layout", 128B swizzle):
+// a [rows][576] tile is 9 column blocks of 64 elements, block b at b * rows *
+// 128 bytes; row r of a block is 128 bytes with its 16-byte chunk c at
+// (c ^ (r % 8)) * 16. K-major descriptors (Q, K, P): SBO 1024 (8 rows), the
+// k-th 16-wide slice at 32 * (k % 4) bytes into block k / 4. MN-major (V):
+// LBO = the block stride (64 * 128), SBO 1024 (8 keys), the k-th 16-key slice
+// 2048 * k bytes in. Accumulators of m64nNk16: warp v of the warpgroup holds
+// rows 16v + lane/4 (lo) and + 8 (hi); d[4j + e] is (lo, column 8j + 2(lane%4)
+// + e) and d[4j + 2 + e] the same column of hi.
+//
+// Everything that emits sm_90a instructions compiles to nothing outside
+// __CUDA_ARCH_FEAT_SM90_ALL; the host launches this kernel only on devices of
+// compute capability 9.x (mla.cu), the mma.sync kernel elsewhere.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "ffi/common/params.h"
+#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/mla_kernel.cuh"
+#include "ffi/cuda/wgmma.cuh"
+
+namespace jax_mla::cuda {
+
+
+constexpr int kSm90Keys = 64;                        // keys per KV tile
+constexpr int kSm90Rows = 64;                        // query rows per block
+constexpr int kSm90Threads = 256;                    // two warpgroups
+constexpr int kSm90TileBytes = kSm90Keys * kMlaDk * 2;  // one [64][576] tile: 73728
+constexpr size_t kSm90Smem = 2 * size_t(kSm90TileBytes) +  // K/V, two stages
+                             size_t(kSm90TileBytes) +      // Q
+                             kSm90Rows * 128 +             // P [64][64]
+                             2 * 2 * kSm90Rows * sizeof(float) +  // row max, row sum per warpgroup
+                             1024;                         // alignment slack
+
+template <typename T>
+__global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const AttentionParams p) {
+#ifdef JAX_MLA_SM90A
+  extern __shared__ __align__(1024) char smem_raw[];
+  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
+  char* s_kv = smem;                                  // [2][64][576] swizzled
+  char* s_q = s_kv + 2 * kSm90TileBytes;              // [64][576] swizzled
+  char* s_p = s_q + kSm90TileBytes;                   // [64][64] swizzled
+  float* s_max = reinterpret_cast<float*>(s_p + kSm90Rows * 128);  // [2][64]
+  float* s_sum = s_max + 2 * kSm90Rows;                            // [2][64]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t row0 = int64_t(blockIdx.x) * kSm90Rows;
+  const int32_t kv_len_raw = p.kv_len[b];
+  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
+  const int64_t q_pos = p.q_pos[b];
+  auto visible = [&](int64_t r) -> int64_t {
+    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
+  };
+  const int64_t last_row = (row0 + kSm90Rows < R ? row0 + kSm90Rows : R) - 1;
+  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
+  const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
+  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+
+  const int64_t tiles = (n_max + kSm90Keys - 1) / kSm90Keys;
+  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
+  const int64_t t_begin = split * per < tiles ? split * per : tiles;
+  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+
+  constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
+  const T* kv_base = static_cast<const T*>(p.k.data) + (b % p.kv_batch) * p.k.batch_stride;
+  auto load_tile = [&](int64_t t, int stage) {
+    char* dst = s_kv + stage * kSm90TileBytes;
+    for (int c = tid; c < kSm90Keys * kChunks; c += kSm90Threads) {
+      const int rr = c / kChunks, cc = c % kChunks;
+      const int64_t j = t * kSm90Keys + rr;
+      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
+      CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
+                ok);
+    }
+  };
+  if (t_begin < t_end) {
+    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+    for (int c = tid; c < kSm90Rows * kChunks; c += kSm90Threads) {
+      const int rr = c / kChunks, cc = c % kChunks;
+      const bool ok = row0 + rr < R;
+      CpAsync16(s_q + Swizzle128(kSm90Rows, rr, cc), q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
+    }
+    load_tile(t_begin, 0);
+  }
+  CpAsyncCommit();
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+  const uint32_t q_addr = SmemAddr(s_q), kv_addr = SmemAddr(s_kv), p_addr = SmemAddr(s_p);
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int stage = int(t - t_begin) % 2;
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    __syncthreads();
+    const uint32_t tile = kv_addr + stage * kSm90TileBytes;
+
+    // S = Q K^T for this warpgroup's 32 keys.
+    float s[16];
+    WgmmaFence();
+#pragma unroll
+    for (int k = 0; k < kMlaDk / 16; ++k) {
+      const uint32_t off = (k / 4) * (kSm90Rows * 128) + 32 * (k % 4);
+      WgmmaN32<T, 0>(s, SmemDesc128(q_addr + off, 16, 1024),
+                     SmemDesc128(tile + off + wg * 32 * 128, 16, 1024), k > 0);
+    }
+    WgmmaCommit();
+    // The next tile's copies are issued while the tensor cores work (its
+    // stage was last read by the previous PV, finished before the barrier).
+    if (t + 1 < t_end) load_tile(t + 1, stage ^ 1);
+    CpAsyncCommit();
+    WgmmaWait<0>();
+    Sm90Touch(s);
+
+    const int64_t key0 = t * kSm90Keys + wg * 32 + 2 * (lane % 4);
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t key = key0 + 8 * j + e;
+        s[4 * j + e] = key < n_lo ? s[4 * j + e] * scale_log2 : -INFINITY;
+        s[4 * j + 2 + e] = key < n_hi ? s[4 * j + 2 + e] * scale_log2 : -INFINITY;
+        mx_lo = fmaxf(mx_lo, s[4 * j + e]);
+        mx_hi = fmaxf(mx_hi, s[4 * j + 2 + e]);
+      }
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    if (lane % 4 == 0) {
+      s_max[wg * kSm90Rows + rl] = mx_lo;
+      s_max[wg * kSm90Rows + rh] = mx_hi;
+    }
+    NamedBarrier(1, kSm90Threads);
+    const float mn_lo = fmaxf(m_lo, fmaxf(s_max[rl], s_max[kSm90Rows + rl]));
+    const float mn_hi = fmaxf(m_hi, fmaxf(s_max[rh], s_max[kSm90Rows + rh]));
+    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
+    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+    const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float p0 = Exp2(s[4 * j] - mu_lo), p1 = Exp2(s[4 * j + 1] - mu_lo);
+      const float p2 = Exp2(s[4 * j + 2] - mu_hi), p3 = Exp2(s[4 * j + 3] - mu_hi);
+      sum_lo += p0 + p1;
+      sum_hi += p2 + p3;
+      const int chunk = wg * 4 + j;  // keys [8 chunk, 8 chunk + 8) of the tile
+      *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rl, chunk) + 4 * (lane % 4)) =
+          PackPair<T>(p0, p1);
+      *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rh, chunk) + 4 * (lane % 4)) =
+          PackPair<T>(p2, p3);
+    }
+    l_lo = l_lo * al_lo + sum_lo;
+    l_hi = l_hi * al_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j] *= al_lo;
+      o[4 * j + 1] *= al_lo;
+      o[4 * j + 2] *= al_hi;
+      o[4 * j + 3] *= al_hi;
+    }
+    FenceProxyAsync();
+    NamedBarrier(1, kSm90Threads);
+
+    // O += P V for this warpgroup's 256 columns (4 column blocks of the tile).
+    WgmmaFence();
+#pragma unroll
+    for (int k = 0; k < kSm90Keys / 16; ++k)
+      WgmmaN256<T, 1>(o, SmemDesc128(p_addr + 32 * k, 16, 1024),
+                      SmemDesc128(tile + wg * 4 * (kSm90Keys * 128) + 2048 * k,
+                               kSm90Keys * 128, 1024),
+                      1);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    Sm90Touch(o);
+  }
+  CpAsyncWait<0>();
+
+  // Row sums: the quad's lanes, then the two warpgroups.
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  if (lane % 4 == 0) {
+    s_sum[wg * kSm90Rows + rl] = l_lo;
+    s_sum[wg * kSm90Rows + rh] = l_hi;
+  }
+  NamedBarrier(1, kSm90Threads);
+  const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
+  const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
+  // A row that saw no key: output 0, LSE -inf.
+  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
+  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
+  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
+  const int col0 = wg * 256 + 2 * (lane % 4);
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
+      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
+      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
+    }
+  } else {
+    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
+    float* out = p.part_out + base * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (wg == 0 && lane % 4 == 0) {
+      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
+      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
+    }
+  }
+#endif
+}
+
+// Launches the key-split kernel above (the fallback when the cache's strides do
+// not suit TMA, or JAX_MLA_CUDA_MLA_SEESAW=0).
+template <typename T>
+cudaError_t LaunchMlaSm90Split(const AttentionParams& p, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(MlaSm90Kernel<T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kSm90Smem));
+  if (err != cudaSuccess) return err;
+  const int64_t rows = p.seq_q * p.heads_q;
+  const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
+                  unsigned(p.batch));
+  MlaSm90Kernel<T><<<grid, kSm90Threads, kSm90Smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_mla::cuda
