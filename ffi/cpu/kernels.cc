@@ -852,6 +852,71 @@ struct Dequantized {
   }
 };
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Q.K of one query row against 8-bit key rows (q8_0, q8_kv) for the GEMV
+// kernels, on VNNI: no dequantized K row. The row's query, already rounded to
+// 8 bits per block (RoundQueryToQ8), as bytes, and per lane of 4 values (16
+// lanes a vector, 8 a block of 32) its block scale qd and 128 times the
+// lane's sum (the key bytes go in + 128, unsigned, as in QkInt8); a score is
+//   sum over lanes of (dpbusd(k + 128, q) - 128 sum q) qd kd,
+// the lane sums exact integers (subtracted before any rounding), the rest
+// float32, as in the tile path's QkInt8.
+// Rows of 64-byte multiples only (192, 576, ...); others take the float path.
+constexpr bool kInt8Dot = true;
+
+struct QueryLanesQ8 {
+  alignas(64) int8_t q[kMaxHeadDim];
+  alignas(64) float qd[kMaxHeadDim / 4];
+  alignas(64) int32_t qc[kMaxHeadDim / 4];
+};
+
+void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanesQ8* out) {
+  for (int64_t j = 0; j < dk / kQBlock; ++j) {
+    int32_t qq[kQBlock];
+    const float d = QueryBlockQ8(x + j * kQBlock, qq);
+    for (int64_t i = 0; i < kQBlock; ++i) out->q[j * kQBlock + i] = int8_t(qq[i]);
+    for (int64_t l = 0; l < kQBlock / 4; ++l) {
+      const int64_t lane = j * kQBlock / 4 + l;
+      out->qd[lane] = d;
+      out->qc[lane] = 128 * (qq[4 * l] + qq[4 * l + 1] + qq[4 * l + 2] + qq[4 * l + 3]);
+    }
+  }
+}
+
+float DotQ8(const QueryLanesQ8& q, const KvRows& k, int64_t t, int64_t dk) {
+  const auto* row = static_cast<const int8_t*>(RowPtr(k, t));
+  const char* scales = static_cast<const char*>(k.scales) + t * k.scale_row_bytes;
+  const int64_t nb = dk / kQBlock;
+  float kd[kMaxHeadDim / kQBlock + 8];
+  if (k.fmt == QFormat::kQ8KV) {
+    float d;
+    std::memcpy(&d, scales, sizeof d);
+    std::fill(kd, kd + nb, d);
+  } else {
+    // Masked loads: the row's last scales may end its buffer.
+    for (int64_t j = 0; j < nb; j += 8) {
+      const __mmask8 m = nb - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (nb - j)) - 1);
+      _mm256_storeu_ps(kd + j, _mm256_cvtph_ps(_mm_maskz_loadu_epi16(m, scales + 2 * j)));
+    }
+  }
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < dk / 64; ++i) {
+    const __m512i kb = _mm512_xor_si512(_mm512_loadu_si512(row + 64 * i), bias);
+    const __m512i dp = _mm512_sub_epi32(
+        _mm512_dpbusd_epi32(_mm512_setzero_si512(), kb, _mm512_load_si512(q.q + 64 * i)),
+        _mm512_load_si512(q.qc + 16 * i));
+    const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(dp), _mm512_load_ps(q.qd + 16 * i));
+    const __m512 kdl =
+        _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(kd[2 * i]), _mm512_set1_ps(kd[2 * i + 1]));
+    acc = _mm512_fmadd_ps(x, kdl, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#else
+constexpr bool kInt8Dot = false;
+#endif
+
 // Float K and V read in place, for blocks of up to kDirectMaxRows rows
 // (decode with many heads per KV head, MLA's 16): no converted tile. The
 // tile path writes the whole float32 K tile (64 x 576 floats, 147 KB) to L2
@@ -991,14 +1056,30 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
   float* acc = ps + nbv;           // [dv] the group's integer sums
   const void* kr[kFew];
   const F32 zero = F32::Zero();
+  // 8-bit keys on VNNI: integer dot products over the key rows in place.
+  [[maybe_unused]] bool dot8 = false;
+  if constexpr (kInt8Dot && std::is_same_v<KS, Dequantized>)
+    dot8 = QuantizesQueries(k.r.fmt) && dk % 64 == 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  QueryLanesQ8 ql;
+#endif
   for (int64_t r = 0; r < rows.n_rows; ++r) {
     const int64_t end = rows.end[r];
     const float* q = rows.q + r * dk;
     float* o = rows.o + r * dv;
     float m = rows.m[r], l = rows.l[r];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (dot8) PrepareQueryLanesQ8(q, dk, &ql);
+#endif
     for (int64_t g0 = kv_begin; g0 < end; g0 += G) {
       const int64_t n = std::min(G, end - g0);
-      for (int64_t c0 = 0; c0 < n; c0 += kFew) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      if constexpr (std::is_same_v<KS, Dequantized>) {
+        if (dot8)
+          for (int64_t t = 0; t < n; ++t) s[t] = DotQ8(ql, k.r, g0 + t, dk);
+      }
+#endif
+      for (int64_t c0 = 0; c0 < n && !dot8; c0 += kFew) {
         const int64_t nc = std::min(kFew, n - c0);
         for (int64_t t = 0; t < nc; ++t) kr[t] = k.Row(g0 + c0 + t, kbuf + t * dk, dk);
         int64_t t = 0;
