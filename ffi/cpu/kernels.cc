@@ -1075,8 +1075,21 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
       const int64_t n = std::min(G, end - g0);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       if constexpr (std::is_same_v<KS, Dequantized>) {
-        if (dot8)
-          for (int64_t t = 0; t < n; ++t) s[t] = DotQ8(ql, k.r, g0 + t, dk);
+        if (dot8) {
+          // One head's rows are a cache-row stride apart (the heads of a key
+          // are adjacent): prefetch the K rows kAhead keys on, and this
+          // group's V rows, which P.V reads next.
+          constexpr int64_t kAhead = 16;
+          for (int64_t t = 0; t < n; ++t) {
+            const char* kn = static_cast<const char*>(RowPtr(k.r, g0 + t + kAhead));
+            for (int64_t b = 0; b < dk; b += 64) __builtin_prefetch(kn + b);
+            __builtin_prefetch(static_cast<const char*>(k.r.scales) +
+                               (g0 + t + kAhead) * k.r.scale_row_bytes);
+            const char* vr = static_cast<const char*>(RowPtr(v, g0 + t));
+            for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vr + b);
+            s[t] = DotQ8(ql, k.r, g0 + t, dk);
+          }
+        }
       }
 #endif
       for (int64_t c0 = 0; c0 < n && !dot8; c0 += kFew) {
