@@ -25,10 +25,17 @@ void FillNaN(void* data, DType dtype, int64_t n) {
   for (int64_t i = 0; i < n; ++i) StoreFromFloat(data, i, dtype, nan);
 }
 
+// Keys per call when several KV heads over a quantized cache go one head at a
+// time: a multiple of the key tile and of the 8-bit P group, so the calls'
+// groups are those of one long call.
+constexpr int64_t kQuantHeadsChunk = 256;
+static_assert(kQuantHeadsChunk % kKvTile == 0 && kQuantHeadsChunk % kPGroup == 0,
+              "chunks must fall on tiles and P groups");
+
 // Per-thread scratch, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> q, o, m, l, kernel;
-  std::vector<int64_t> end;
+  std::vector<int64_t> end, chunk_end;
   std::vector<RowBlock> blocks;
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     auto grow = [](auto& v, size_t n) {
@@ -39,6 +46,7 @@ struct Scratch {
     grow(m, size_t(rows));
     grow(l, size_t(rows));
     grow(end, size_t(rows));
+    grow(chunk_end, size_t(block_rows));
     grow(blocks, size_t(heads));
     grow(kernel, std::max(AttendScratchFloats(dk, dv, block_rows),
                           AttendHeadsScratchFloats(heads, block_rows)));
@@ -147,13 +155,26 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
 
   const int64_t bkv = b % p.kv_batch;
   const bool quantized = p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone;
-  if (nh == 1 || quantized) {
-    // One KV head at a time (quantized caches always: attend_heads reads
-    // float rows only).
-    for (int64_t u = 0; u < nh; ++u) {
-      RowBlock block{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R, l + u * R};
-      kern.attend(block, RowsOf(p.k, bkv, h0 + u), RowsOf(p.v, bkv, h0 + u), p.v_in_k, dk, dv,
-                  kv0, scratch.kernel.data());
+  if (nh == 1) {
+    RowBlock block{R, q, end, o, m, l};
+    kern.attend(block, RowsOf(p.k, bkv, h0), RowsOf(p.v, bkv, h0), p.v_in_k, dk, dv, kv0,
+                scratch.kernel.data());
+  } else if (quantized) {
+    // Several KV heads over a quantized cache (attend_heads reads float rows
+    // only): one head at a time, but chunk by chunk of keys, so the heads of
+    // a key (adjacent in the cache) are read close together in time. The
+    // chunks fall on the 8-bit P groups (kv0 does), and each call continues
+    // the rows' online softmax from where the last one left it.
+    int64_t kv_max = kv0;
+    for (int64_t e = 0; e < nh * R; ++e) kv_max = std::max(kv_max, end[e]);
+    int64_t* chunk_end = scratch.chunk_end.data();
+    for (int64_t c = kv0; c < kv_max; c += kQuantHeadsChunk) {
+      for (int64_t u = 0; u < nh; ++u) {
+        for (int64_t r = 0; r < R; ++r) chunk_end[r] = std::min(end[u * R + r], c + kQuantHeadsChunk);
+        RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
+        kern.attend(block, RowsOf(p.k, bkv, h0 + u), RowsOf(p.v, bkv, h0 + u), p.v_in_k, dk, dv,
+                    c, scratch.kernel.data());
+      }
     }
   } else {
     // Several KV heads with few rows each: the kernel walks the keys and
