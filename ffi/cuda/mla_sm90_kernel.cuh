@@ -92,6 +92,17 @@ __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
 __device__ __forceinline__ int SeesawBlock(int bi, int buf) {
   return bi < 8 ? (bi + 4 * buf) & 7 : 8;
 }
+// Cycle counters for benchmarks/gpu/seesaw_probe.cu, which builds this file
+// with -DJAX_MLA_SEESAW_PROBE to see where a tile's cycles go; nothing
+// otherwise. Slots: see kSeesawProbeNames there.
+#ifdef JAX_MLA_SEESAW_PROBE
+__device__ unsigned long long g_seesaw_probe[16];
+#define SEESAW_T(v) const uint32_t v = uint32_t(clock())
+#define SEESAW_ADD(slot, v) probe[slot] += uint32_t(clock()) - (v)
+#else
+#define SEESAW_T(v)
+#define SEESAW_ADD(slot, v)
+#endif
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
 constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
 constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
@@ -158,6 +169,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     const int64_t kvb = b % p.kv_batch;
     const T* kv_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride;
     constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
+#ifdef JAX_MLA_SEESAW_PROBE
+    uint32_t probe[2] = {0, 0};
+    SEESAW_T(t_all);
+#endif
     for (int i = 0; i < n; ++i) {
       const int buf = i & 1;
       const uint32_t use = uint32_t(i >> 1);
@@ -167,12 +182,18 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       char* dst = s_kv + buf * kSm90TileBytes;
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
+      SEESAW_T(t_e);
       MbarWait(empty + 2 * buf + buf, parity);
+      SEESAW_ADD(0, t_e);
       if (by_tma(i)) {
 #pragma unroll 1
         for (int bi = 0; bi < 9; ++bi) {
           const int blk = SeesawBlock(bi, buf);
-          if (bi == 4) MbarWait(empty + 2 * buf + (buf ^ 1), parity);
+          if (bi == 4) {
+            SEESAW_T(t_o);
+            MbarWait(empty + 2 * buf + (buf ^ 1), parity);
+            SEESAW_ADD(1, t_o);
+          }
           if (lane == 0) {
             MbarArriveExpectTx(bar + blk, uint32_t(kSm90Keys * 128));
             TmaLoad4d(dst + blk * (kSm90Keys * 128), &tm_kv, blk * 64, 0, int(key0), int(kvb),
@@ -196,11 +217,22 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       }
     }
     CpAsyncWait<0>();
+#ifdef JAX_MLA_SEESAW_PROBE
+    if (lane == 0) {
+      atomicAdd(&g_seesaw_probe[10], probe[0]);
+      atomicAdd(&g_seesaw_probe[11], probe[1]);
+      atomicAdd(&g_seesaw_probe[12], uint32_t(clock()) - t_all);
+    }
+#endif
     return;
   }
 
   // Consumers.
   SetMaxRegsInc<kSeesawConsumerRegs>();
+#ifdef JAX_MLA_SEESAW_PROBE
+  uint32_t probe[10] = {};
+  SEESAW_T(t_pro);
+#endif
   const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
   const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
   const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
@@ -218,6 +250,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     FenceProxyAsync();
   }
   SeesawBarrier(1, 256);
+  SEESAW_ADD(0, t_pro);
 
   float o[128];
 #pragma unroll
@@ -245,7 +278,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 #pragma unroll
     for (int bi = 0; bi < 9; ++bi) {
       const int blk = SeesawBlock(bi, buf);
+      SEESAW_T(t_f);
       MbarWait(full + buf * 9 + blk, parity);
+      SEESAW_ADD(2, t_f);
       if (fence) FenceProxyAsync();
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -282,7 +317,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // and issue this warpgroup's P V of it.
   auto other_scale = [&](int j, float& al_lo, float& al_hi) {
     const int ob = (j - 1) & 1;
+    SEESAW_T(t_p);
     MbarWait(pready + ob, uint32_t((j - 1) >> 1) & 1);
+    SEESAW_ADD(3, t_p);
     if (!by_tma(j - 1)) FenceProxyAsync();
     al_lo = s_alpha[ob * kSm90Rows + rl];
     al_hi = s_alpha[ob * kSm90Rows + rh];
@@ -300,6 +337,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // otherwise ptxas serializes every wgmma of the kernel (C7515; seen with P V
   // in flight across the back edge: a wait after every HGMMA, 0.98 ms instead
   // of 0.94 for the key-split kernel at 128,128,8192).
+  SEESAW_T(t_loop);
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
     const bool other = j >= 1;
     float bl_lo = 1.f, bl_hi = 1.f;
@@ -307,7 +345,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       // (A) this warpgroup's tile j.
       issue_s(j);
       if (other) other_scale(j, bl_lo, bl_hi);
+      SEESAW_T(t_s);
       WgmmaWait<0>();  // S_j
+      SEESAW_ADD(4, t_s);
       Sm90Touch(s);
       Sm90Touch(o);
       if (other) other_pv(j, bl_lo, bl_hi);  // runs during this softmax
@@ -363,12 +403,16 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       SeesawBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
       l_lo = l_lo * al_lo + sum_lo;
       l_hi = l_hi * al_hi + sum_hi;
+      SEESAW_T(t_b);
       WgmmaWait<0>();  // (B)'s P V of tile j - 1
+      SEESAW_ADD(5, t_b);
       Sm90Touch(o);
       if (other) release(j - 1);
       rescale(al_lo, al_hi);
       issue_pv(buf);
+      SEESAW_T(t_c);
       WgmmaWait<0>();  // before the loop's back edge (see above)
+      SEESAW_ADD(6, t_c);
       Sm90Touch(o);
       release(j);
     } else {
@@ -380,6 +424,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   }
   WgmmaWait<0>();
   Sm90Touch(o);
+  SEESAW_ADD(7, t_loop);
+  SEESAW_T(t_epi);
 
   // Row sums: the quad's lanes, then the two warpgroups (both end on the same m).
   l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
@@ -435,6 +481,13 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
     }
   }
+  SEESAW_ADD(8, t_epi);
+#ifdef JAX_MLA_SEESAW_PROBE
+  if (tid % 128 == 0) {
+    probe[9] = uint32_t(n);
+    for (int i = 0; i < 10; ++i) atomicAdd(&g_seesaw_probe[i], probe[i]);
+  }
+#endif
 #endif
 }
 
