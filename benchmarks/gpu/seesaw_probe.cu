@@ -126,6 +126,19 @@ int main(int argc, char** argv) {
   std::printf("B %lld H %lld S %lld splits %lld: %.4f ms per call (%.0f TFLOP/s)\n",
               (long long)B, (long long)H, (long long)S, (long long)ns, t, flops / t * 1e-9);
 
+  if (ns == 1) {  // a checksum to compare kernel variants by (JAX_MLA_CUDA_MLA_SEESAW)
+    const int64_t count = B * H * kMlaDv;
+    __nv_bfloat16* h = new __nv_bfloat16[count];
+    CHECK(cudaMemcpy(h, out, count * 2, cudaMemcpyDeviceToHost));
+    double sum = 0, sum_abs = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const double v = __bfloat162float(h[i]);
+      sum += v * double(i % 7 + 1);
+      sum_abs += v < 0 ? -v : v;
+    }
+    std::printf("checksum %.6e, sum |out| %.6e\n", sum, sum_abs);
+    delete[] h;
+  }
 #ifdef JAX_MLA_SEESAW_PROBE
   unsigned long long zero[16] = {};
   CHECK(cudaMemcpyToSymbol(g_seesaw_probe, zero, sizeof(zero)));

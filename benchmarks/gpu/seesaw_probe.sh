@@ -1,14 +1,27 @@
 #!/bin/bash
 # Device call: builds benchmarks/gpu/seesaw_probe.cu with and without the
-# counters and runs both on the 128-head decode rows (NOTES, CUDA 7).
+# counters and runs both on the 128-head decode rows for each kernel order
+# (JAX_MLA_CUDA_MLA_SEESAW=1 default, 2 the other's P.V first; NOTES, CUDA 7),
+# then (with TESTS=1) builds the package and runs the MLA GPU tests on order 2.
 set -u
 NVCC=/usr/local/cuda/bin/nvcc
 F="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DJAX_MLA_SM90A -I. ${EXTRA_FLAGS:-}"
-$NVCC $F benchmarks/gpu/seesaw_probe.cu -o /tmp/plain 2>&1 | grep -v C7519 &
+$NVCC $F benchmarks/gpu/seesaw_probe.cu -o /tmp/plain 2>&1 | grep -v -E "C7519|177-D|kSeesawProbeNames|^ *\^|^$|Remark" &
 $NVCC $F -DJAX_MLA_SEESAW_PROBE benchmarks/gpu/seesaw_probe.cu -o /tmp/probe 2>&1 | grep -v C7519
 wait
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-for row in "128 128 4096 1" "128 128 8192 1" "32 128 32768 2" "64 16 16384 2"; do
-  /tmp/plain $row
-  /tmp/probe $row
+for row in ${ROWS:-128,128,4096,1 128,128,8192,1 32,128,32768,2}; do  # B,H,S,splits
+  row=${row//,/ }
+  for v in ${ORDERS:-1 2}; do
+    echo "== order $v"
+    JAX_MLA_CUDA_MLA_SEESAW=$v /tmp/plain $row
+    JAX_MLA_CUDA_MLA_SEESAW=$v /tmp/probe $row
+  done
 done
+if [ "${TESTS:-0}" = 1 ]; then
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 CUDACXX=$NVCC
+  CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -q --no-build-isolation --no-deps \
+    --target /tmp/site -Ccmake.define.JAX_MLA_CUDA=ON . > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
+  JAX_MLA_CUDA_MLA_SEESAW=2 PYTHONPATH=/tmp/site timeout ${TEST_TIMEOUT:-150} python3 -P -m pytest \
+    tests/test_mla.py -m gpu -q -x -p no:cacheprovider 2>&1 | tail -5
+fi

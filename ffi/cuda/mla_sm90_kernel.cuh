@@ -110,7 +110,7 @@ constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two 
                                3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
                                1024;                                 // alignment slack
 
-template <typename T>
+template <typename T, bool kOtherFirst>
 __global__ void __launch_bounds__(kSeesawThreads, 1)
     MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
 #ifdef JAX_MLA_SM90A
@@ -312,6 +312,64 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     }
   };
 
+  // (C) without the waits around it: softmax of S_j (each row's keys past its
+  // visible count masked) on the chain's m, P_j into the tile's rope block,
+  // alpha_j and m_j published (pready), the row sums updated; alpha_j comes back.
+  auto softmax_publish = [&](int j, float& al_lo, float& al_hi) {
+    const int buf = j & 1;
+    const int64_t key0 = (t_begin + j) * kSm90Keys + 2 * (lane % 4);
+    const int64_t lim_lo64 = n_lo - key0, lim_hi64 = n_hi - key0;
+    const int lim_lo = lim_lo64 < 0 ? 0 : (lim_lo64 > 64 ? 64 : int(lim_lo64));
+    const int lim_hi = lim_hi64 < 0 ? 0 : (lim_hi64 > 64 ? 64 : int(lim_hi64));
+    float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[4 * jj + e] = 8 * jj + e < lim_lo ? s[4 * jj + e] * scale_log2 : -INFINITY;
+        s[4 * jj + 2 + e] = 8 * jj + e < lim_hi ? s[4 * jj + 2 + e] * scale_log2 : -INFINITY;
+        mx_lo = fmaxf(mx_lo, s[4 * jj + e]);
+        mx_hi = fmaxf(mx_hi, s[4 * jj + 2 + e]);
+      }
+    }
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
+    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+    al_lo = Exp2(m_lo - mu_lo);
+    al_hi = Exp2(m_hi - mu_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+    char* s_p = s_kv + buf * kSm90TileBytes + 8 * (kSm90Keys * 128);
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      const float p0 = Exp2(s[4 * jj] - mu_lo), p1 = Exp2(s[4 * jj + 1] - mu_lo);
+      const float p2 = Exp2(s[4 * jj + 2] - mu_hi), p3 = Exp2(s[4 * jj + 3] - mu_hi);
+      sum_lo += p0 + p1;
+      sum_hi += p2 + p3;
+      *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rl, jj) + 4 * (lane % 4)) =
+          PackPair<T>(p0, p1);
+      *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rh, jj) + 4 * (lane % 4)) =
+          PackPair<T>(p2, p3);
+    }
+    if (lane % 4 == 0) {
+      s_alpha[buf * kSm90Rows + rl] = al_lo;
+      s_alpha[buf * kSm90Rows + rh] = al_hi;
+      s_m[buf * kSm90Rows + rl] = mn_lo;
+      s_m[buf * kSm90Rows + rh] = mn_hi;
+    }
+    FenceProxyAsync();
+    MbarArrive(pready + buf);
+    SeesawBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
+    l_lo = l_lo * al_lo + sum_lo;
+    l_hi = l_hi * al_hi + sum_hi;
+  };
+
   // (B): the other warpgroup's tile j - 1: wait for its P, take alpha and m
   // (m_{j-1}, the chain), then (with this warpgroup's wgmmas retired) rescale
   // and issue this warpgroup's P V of it.
@@ -341,7 +399,33 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
     const bool other = j >= 1;
     float bl_lo = 1.f, bl_hi = 1.f;
-    if (j < n) {
+    if (j < n && kOtherFirst) {
+      if (other) {
+        other_scale(j, bl_lo, bl_hi);
+        other_pv(j, bl_lo, bl_hi);
+        SEESAW_T(t_b);
+        WgmmaWait<0>();
+        SEESAW_ADD(5, t_b);
+        Sm90Touch(o);
+        release(j - 1);
+      }
+      issue_s(j);
+      SEESAW_T(t_s);
+      WgmmaWait<0>();  // S_j
+      SEESAW_ADD(4, t_s);
+      Sm90Touch(s);
+      Sm90Touch(o);
+      const int buf = j & 1;
+      float al_lo, al_hi;
+      softmax_publish(j, al_lo, al_hi);
+      rescale(al_lo, al_hi);
+      issue_pv(buf);
+      SEESAW_T(t_c);
+      WgmmaWait<0>();  // before the loop's back edge
+      SEESAW_ADD(6, t_c);
+      Sm90Touch(o);
+      release(j);
+    } else if (j < n) {
       // (A) this warpgroup's tile j.
       issue_s(j);
       if (other) other_scale(j, bl_lo, bl_hi);
@@ -353,56 +437,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       if (other) other_pv(j, bl_lo, bl_hi);  // runs during this softmax
       // (C)
       const int buf = j & 1;
-      const int64_t key0 = (t_begin + j) * kSm90Keys + 2 * (lane % 4);
-      const int64_t lim_lo64 = n_lo - key0, lim_hi64 = n_hi - key0;
-      const int lim_lo = lim_lo64 < 0 ? 0 : (lim_lo64 > 64 ? 64 : int(lim_lo64));
-      const int lim_hi = lim_hi64 < 0 ? 0 : (lim_hi64 > 64 ? 64 : int(lim_hi64));
-      float mx_lo = -INFINITY, mx_hi = -INFINITY;
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          s[4 * jj + e] = 8 * jj + e < lim_lo ? s[4 * jj + e] * scale_log2 : -INFINITY;
-          s[4 * jj + 2 + e] = 8 * jj + e < lim_hi ? s[4 * jj + 2 + e] * scale_log2 : -INFINITY;
-          mx_lo = fmaxf(mx_lo, s[4 * jj + e]);
-          mx_hi = fmaxf(mx_hi, s[4 * jj + 2 + e]);
-        }
-      }
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-      const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-      // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
-      const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
-      const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
-      const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
-      m_lo = mn_lo;
-      m_hi = mn_hi;
-      float sum_lo = 0.f, sum_hi = 0.f;
-      char* s_p = s_kv + buf * kSm90TileBytes + 8 * (kSm90Keys * 128);
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const float p0 = Exp2(s[4 * jj] - mu_lo), p1 = Exp2(s[4 * jj + 1] - mu_lo);
-        const float p2 = Exp2(s[4 * jj + 2] - mu_hi), p3 = Exp2(s[4 * jj + 3] - mu_hi);
-        sum_lo += p0 + p1;
-        sum_hi += p2 + p3;
-        *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rl, jj) + 4 * (lane % 4)) =
-            PackPair<T>(p0, p1);
-        *reinterpret_cast<uint32_t*>(s_p + Swizzle128(kSm90Rows, rh, jj) + 4 * (lane % 4)) =
-            PackPair<T>(p2, p3);
-      }
-      if (lane % 4 == 0) {
-        s_alpha[buf * kSm90Rows + rl] = al_lo;
-        s_alpha[buf * kSm90Rows + rh] = al_hi;
-        s_m[buf * kSm90Rows + rl] = mn_lo;
-        s_m[buf * kSm90Rows + rh] = mn_hi;
-      }
-      FenceProxyAsync();
-      MbarArrive(pready + buf);
-      SeesawBarrier(2 + wg, 128);  // this warpgroup's P is complete for its own wgmma
-      l_lo = l_lo * al_lo + sum_lo;
-      l_hi = l_hi * al_hi + sum_hi;
+      float al_lo, al_hi;
+      softmax_publish(j, al_lo, al_hi);
       SEESAW_T(t_b);
       WgmmaWait<0>();  // (B)'s P V of tile j - 1
       SEESAW_ADD(5, t_b);
@@ -497,24 +533,26 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 // UseSm90Kernels() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
-  static const bool seesaw = [] {
+  // JAX_MLA_CUDA_MLA_SEESAW: 0 the key-split kernel, 2 the other's-P.V-first
+  // order (NOTES, CUDA 7), anything else the default.
+  static const int seesaw = [] {
     const char* env = std::getenv("JAX_MLA_CUDA_MLA_SEESAW");
-    return !(env && env[0] == '0');
+    return env && (env[0] == '0' || env[0] == '2') ? env[0] - '0' : 1;
   }();
   CUtensorMap tm{};
   RowView view = p.k;
   view.head_stride = kMlaDk;  // one head: any 16-byte multiple
   if (p.kv_batch == 1) view.batch_stride = p.seq_kv * view.row_stride;  // coordinate always 0
-  if (!seesaw || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
+  if (seesaw == 0 || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
     return LaunchMlaSm90Split<T>(p, stream);
-  cudaError_t err = cudaFuncSetAttribute(MlaSm90SeesawKernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto kernel = seesaw == 2 ? MlaSm90SeesawKernel<T, true> : MlaSm90SeesawKernel<T, false>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSeesawSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
                   unsigned(p.batch));
-  MlaSm90SeesawKernel<T><<<grid, kSeesawThreads, kSeesawSmem, stream>>>(p, tm);
+  kernel<<<grid, kSeesawThreads, kSeesawSmem, stream>>>(p, tm);
   return cudaGetLastError();
 }
 
