@@ -1,8 +1,8 @@
 #!/bin/bash
 # Device call: builds benchmarks/gpu/seesaw_probe.cu with and without the
 # counters and runs both on the 128-head decode rows for each kernel order
-# (JAX_MLA_CUDA_MLA_SEESAW=1 default, 2 the other's P.V first; NOTES, CUDA 7),
-# then (with TESTS=1) builds the package and runs the MLA GPU tests on order 2.
+# (JAX_MLA_CUDA_MLA_SEESAW=1 the CUDA 6 order, 2 and 3 the other's P.V first; NOTES, CUDA 7),
+# then (with TESTS=1) builds the package and runs the MLA GPU tests on order TEST_ORDER (2).
 set -u
 NVCC=/usr/local/cuda/bin/nvcc
 F="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DJAX_MLA_SM90A -I. ${EXTRA_FLAGS:-}"
@@ -22,6 +22,6 @@ if [ "${TESTS:-0}" = 1 ]; then
   export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 CUDACXX=$NVCC
   CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -q --no-build-isolation --no-deps \
     --target /tmp/site -Ccmake.define.JAX_MLA_CUDA=ON . > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
-  JAX_MLA_CUDA_MLA_SEESAW=2 PYTHONPATH=/tmp/site timeout ${TEST_TIMEOUT:-150} python3 -P -m pytest \
+  JAX_MLA_CUDA_MLA_SEESAW=${TEST_ORDER:-2} PYTHONPATH=/tmp/site timeout ${TEST_TIMEOUT:-150} python3 -P -m pytest \
     tests/test_mla.py -m gpu -q -x -p no:cacheprovider 2>&1 | tail -5
 fi

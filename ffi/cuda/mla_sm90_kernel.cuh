@@ -110,7 +110,7 @@ constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two 
                                3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
                                1024;                                 // alignment slack
 
-template <typename T, bool kOtherFirst>
+template <typename T, int kOrder>
 __global__ void __launch_bounds__(kSeesawThreads, 1)
     MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
 #ifdef JAX_MLA_SM90A
@@ -268,7 +268,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   auto release = [&](int i) {
     if (i + 2 < n && lane == 0) MbarArrive(empty + 2 * (i & 1) + wg);
   };
-  auto issue_s = [&](int i) {
+  // S_i = Q K_i^T over the column blocks [bi0, bi1) in SeesawBlock order (the
+  // whole tile by default), one wgmma group.
+  auto issue_s = [&](int i, int bi0 = 0, int bi1 = 9) {
     const int buf = i & 1;
     const uint32_t parity = uint32_t(i >> 1) & 1;
     const bool fence = !by_tma(i);  // cp.async (generic proxy) writes -> wgmma reads
@@ -276,7 +278,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     Sm90Touch(s);
     WgmmaFence();
 #pragma unroll
-    for (int bi = 0; bi < 9; ++bi) {
+    for (int bi = bi0; bi < bi1; ++bi) {
       const int blk = SeesawBlock(bi, buf);
       SEESAW_T(t_f);
       MbarWait(full + buf * 9 + blk, parity);
@@ -399,9 +401,16 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
     const bool other = j >= 1;
     float bl_lo = 1.f, bl_hi = 1.f;
-    if (j < n && kOtherFirst) {
+    if (j < n && kOrder >= 2) {
+      // Order 3 first issues Q K^T over this warpgroup's own column blocks
+      // (loaded first), then the other's P V, then the rest of Q K^T.
+      if (kOrder == 3) issue_s(j, 0, 4);
       if (other) {
         other_scale(j, bl_lo, bl_hi);
+        if (kOrder == 3) {
+          WgmmaWait<0>();
+          Sm90Touch(s);
+        }
         other_pv(j, bl_lo, bl_hi);
         SEESAW_T(t_b);
         WgmmaWait<0>();
@@ -409,7 +418,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         Sm90Touch(o);
         release(j - 1);
       }
-      issue_s(j);
+      if (kOrder == 3)
+        issue_s(j, 4, 9);
+      else
+        issue_s(j);
       SEESAW_T(t_s);
       WgmmaWait<0>();  // S_j
       SEESAW_ADD(4, t_s);
@@ -533,11 +545,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 // UseSm90Kernels() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
-  // JAX_MLA_CUDA_MLA_SEESAW: 0 the key-split kernel, 2 the other's-P.V-first
-  // order (NOTES, CUDA 7), anything else the default.
+  // JAX_MLA_CUDA_MLA_SEESAW: 0 the key-split kernel, 2 and 3 the
+  // other's-P.V-first orders (NOTES, CUDA 7), anything else the default.
   static const int seesaw = [] {
     const char* env = std::getenv("JAX_MLA_CUDA_MLA_SEESAW");
-    return env && (env[0] == '0' || env[0] == '2') ? env[0] - '0' : 1;
+    return env && env[0] >= '0' && env[0] <= '3' ? env[0] - '0' : 1;
   }();
   CUtensorMap tm{};
   RowView view = p.k;
@@ -545,7 +557,9 @@ cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
   if (p.kv_batch == 1) view.batch_stride = p.seq_kv * view.row_stride;  // coordinate always 0
   if (seesaw == 0 || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
     return LaunchMlaSm90Split<T>(p, stream);
-  auto kernel = seesaw == 2 ? MlaSm90SeesawKernel<T, true> : MlaSm90SeesawKernel<T, false>;
+  auto kernel = seesaw == 2   ? MlaSm90SeesawKernel<T, 2>
+                : seesaw == 3 ? MlaSm90SeesawKernel<T, 3>
+                              : MlaSm90SeesawKernel<T, 1>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSeesawSmem));
   if (err != cudaSuccess) return err;
