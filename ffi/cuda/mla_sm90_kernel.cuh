@@ -89,8 +89,11 @@ __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
 // column blocks of the owner's output columns (buffer b's tiles belong to
 // warpgroup b), freed first by the owner's own P V, then the other 4, then the
 // rope block (it holds P, read by both P V products).
+// Order 4 loads and consumes the other warpgroup's 4 first (released first in
+// that order), then the owner's 4 and the rope block.
+template <int kOrder>
 __device__ __forceinline__ int SeesawBlock(int bi, int buf) {
-  return bi < 8 ? (bi + 4 * buf) & 7 : 8;
+  return bi < 8 ? (bi + 4 * (kOrder == 4 ? buf ^ 1 : buf)) & 7 : 8;
 }
 // Cycle counters for benchmarks/gpu/seesaw_probe.cu, which builds this file
 // with -DJAX_MLA_SEESAW_PROBE to see where a tile's cycles go; nothing
@@ -183,15 +186,16 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
       SEESAW_T(t_e);
-      MbarWait(empty + 2 * buf + buf, parity);
+      const int first = kOrder == 4 ? buf ^ 1 : buf;  // whose release loads blocks 0-3
+      MbarWait(empty + 2 * buf + first, parity);
       SEESAW_ADD(0, t_e);
       if (by_tma(i)) {
 #pragma unroll 1
         for (int bi = 0; bi < 9; ++bi) {
-          const int blk = SeesawBlock(bi, buf);
+          const int blk = SeesawBlock<kOrder>(bi, buf);
           if (bi == 4) {
             SEESAW_T(t_o);
-            MbarWait(empty + 2 * buf + (buf ^ 1), parity);
+            MbarWait(empty + 2 * buf + (first ^ 1), parity);
             SEESAW_ADD(1, t_o);
           }
           if (lane == 0) {
@@ -203,7 +207,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           }
         }
       } else {
-        MbarWait(empty + 2 * buf + (buf ^ 1), parity);
+        MbarWait(empty + 2 * buf + (first ^ 1), parity);
 #pragma unroll 4
         for (int c = lane; c < kSm90Keys * kChunks; c += 32) {
           const int rr = c / kChunks, cc = c % kChunks;
@@ -279,7 +283,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     WgmmaFence();
 #pragma unroll
     for (int bi = bi0; bi < bi1; ++bi) {
-      const int blk = SeesawBlock(bi, buf);
+      const int blk = SeesawBlock<kOrder>(bi, buf);
       SEESAW_T(t_f);
       MbarWait(full + buf * 9 + blk, parity);
       SEESAW_ADD(2, t_f);
@@ -404,10 +408,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     if (j < n && kOrder >= 2) {
       // Order 3 first issues Q K^T over this warpgroup's own column blocks
       // (loaded first), then the other's P V, then the rest of Q K^T.
-      if (kOrder == 3) issue_s(j, 0, 4);
+      if (kOrder >= 3) issue_s(j, 0, 4);
       if (other) {
         other_scale(j, bl_lo, bl_hi);
-        if (kOrder == 3) {
+        if (kOrder >= 3) {
           WgmmaWait<0>();
           Sm90Touch(s);
         }
@@ -418,7 +422,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         Sm90Touch(o);
         release(j - 1);
       }
-      if (kOrder == 3)
+      if (kOrder >= 3)
         issue_s(j, 4, 9);
       else
         issue_s(j);
@@ -545,11 +549,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 // UseSm90Kernels() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
-  // JAX_MLA_CUDA_MLA_SEESAW: 0 the key-split kernel, 2 and 3 the
+  // JAX_MLA_CUDA_MLA_SEESAW: 0 the key-split kernel, 2, 3 and 4 the
   // other's-P.V-first orders (NOTES, CUDA 7), anything else the default.
   static const int seesaw = [] {
     const char* env = std::getenv("JAX_MLA_CUDA_MLA_SEESAW");
-    return env && env[0] >= '0' && env[0] <= '3' ? env[0] - '0' : 1;
+    return env && env[0] >= '0' && env[0] <= '4' ? env[0] - '0' : 1;
   }();
   CUtensorMap tm{};
   RowView view = p.k;
@@ -559,6 +563,7 @@ cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
     return LaunchMlaSm90Split<T>(p, stream);
   auto kernel = seesaw == 2   ? MlaSm90SeesawKernel<T, 2>
                 : seesaw == 3 ? MlaSm90SeesawKernel<T, 3>
+                : seesaw == 4 ? MlaSm90SeesawKernel<T, 4>
                               : MlaSm90SeesawKernel<T, 1>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSeesawSmem));
