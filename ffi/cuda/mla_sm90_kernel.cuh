@@ -42,16 +42,23 @@ namespace jax_mla::cuda {
 // same swizzled K-major layout), alpha_i and m_i; the other warpgroup reads
 // them for its half of P_i V_i and as m_{i-1} of its next tile. Warpgroup w,
 // for its tiles j = w, w + 2, ... (then the other's last tile, if any):
-//   (A) issue S_j = Q K_j^T (waiting on each column block's barrier);
-//   (B) wait for the other's tile j - 1 (P, alpha, m: the chain), wait for
-//       S_j, O *= alpha_{j-1}, issue P_{j-1} V_{j-1} for its columns;
-//   (C) softmax of S_j with m_{j-1} while that P V runs, publish P_j,
-//       alpha_j, m_j, wait for (B)'s P V (frees buffer j - 1 on this side),
-//       O *= alpha_j, issue P_j V_j and wait for it (frees buffer j).
+//   (A) issue S_j = Q K_j^T over its own 4 column blocks (the first loaded);
+//   (B) wait for the other's tile j - 1 (P, alpha, m: the chain) and for (A),
+//       O *= alpha_{j-1}, P_{j-1} V_{j-1} for its columns, waited for at once:
+//       that frees its half of buffer j - 1, so the other warpgroup's next
+//       tile is loading before this one waits for data again;
+//   (C) the rest of S_j (4 more column blocks and the rope block);
+//   (D) softmax of S_j with m_{j-1}, publish P_j, alpha_j, m_j, O *= alpha_j,
+//       P_j V_j, waited for (frees its half of buffer j).
+// The ncu profile of an earlier order ((A) = all of S_j, (B)'s P V waited
+// for after the softmax) showed 61% of stalls on mbarrier waits, and cycle
+// counters (benchmarks/gpu/seesaw_probe.cu) half of every tile spent waiting
+// for TMA data: each warpgroup freed its half of the other's buffer only after
+// its own next tile had arrived. NOTES, CUDA 7, has the orders tried.
 // Every wgmma group is retired before the loop's back edge and no
 // accumulator is written while a group is pending: otherwise ptxas
 // serializes all wgmmas of the kernel (C7515).
-// So one warpgroup's softmax runs while its own and the other's wgmmas do. Each
+// So one warpgroup's softmax runs while the other's wgmmas do. Each
 // warpgroup keeps a partial row sum (its own tiles' P sums, rescaled by every
 // alpha); the two are added at the end (both end on the same m).
 //
@@ -59,10 +66,9 @@ namespace jax_mla::cuda {
 // i - 2 is released, half by half (empty[buffer][warpgroup], count 4: lane 0
 // of each of the warpgroup's warps once its P V of that tile completed): the
 // owner's 4 column blocks (its P V's V columns) as soon as the owner's own
-// P V retired, which is just before it wants tile i's Q K^T, the other 4
-// and the rope block (P) once the other warpgroup's P V retired too. Q K^T
-// consumes the blocks in that order (SeesawBlock), so the owner starts on
-// its half while the rest is still read or in flight. A tile is 9 bulk tensor
+// P V retired, the other 4 and the rope block (P) once the other
+// warpgroup's P V retired too. Q K^T consumes the blocks in that order
+// (SeesawBlock), its first part in (A), the rest in (C). A tile is 9 bulk tensor
 // copies (TMA, 64 columns x 64 keys, 128B swizzle) each completing on its own
 // full[buffer][block] mbarrier. TMA zero-fills keys past Skv but would read rows in
 // [kv_len, Skv) (a NaN there survives P = 0 in P V), so the tile that holds
@@ -89,11 +95,8 @@ __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
 // column blocks of the owner's output columns (buffer b's tiles belong to
 // warpgroup b), freed first by the owner's own P V, then the other 4, then the
 // rope block (it holds P, read by both P V products).
-// Order 4 loads and consumes the other warpgroup's 4 first (released first in
-// that order), then the owner's 4 and the rope block.
-template <int kOrder>
 __device__ __forceinline__ int SeesawBlock(int bi, int buf) {
-  return bi < 8 ? (bi + 4 * (kOrder == 4 ? buf ^ 1 : buf)) & 7 : 8;
+  return bi < 8 ? (bi + 4 * buf) & 7 : 8;
 }
 // Cycle counters for benchmarks/gpu/seesaw_probe.cu, which builds this file
 // with -DJAX_MLA_SEESAW_PROBE to see where a tile's cycles go; nothing
@@ -113,7 +116,7 @@ constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two 
                                3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
                                1024;                                 // alignment slack
 
-template <typename T, int kOrder>
+template <typename T>
 __global__ void __launch_bounds__(kSeesawThreads, 1)
     MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
 #ifdef JAX_MLA_SM90A
@@ -186,16 +189,15 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
       SEESAW_T(t_e);
-      const int first = kOrder == 4 ? buf ^ 1 : buf;  // whose release loads blocks 0-3
-      MbarWait(empty + 2 * buf + first, parity);
+      MbarWait(empty + 2 * buf + buf, parity);
       SEESAW_ADD(0, t_e);
       if (by_tma(i)) {
 #pragma unroll 1
         for (int bi = 0; bi < 9; ++bi) {
-          const int blk = SeesawBlock<kOrder>(bi, buf);
+          const int blk = SeesawBlock(bi, buf);
           if (bi == 4) {
             SEESAW_T(t_o);
-            MbarWait(empty + 2 * buf + (first ^ 1), parity);
+            MbarWait(empty + 2 * buf + (buf ^ 1), parity);
             SEESAW_ADD(1, t_o);
           }
           if (lane == 0) {
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           }
         }
       } else {
-        MbarWait(empty + 2 * buf + (first ^ 1), parity);
+        MbarWait(empty + 2 * buf + (buf ^ 1), parity);
 #pragma unroll 4
         for (int c = lane; c < kSm90Keys * kChunks; c += 32) {
           const int rr = c / kChunks, cc = c % kChunks;
@@ -283,7 +285,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     WgmmaFence();
 #pragma unroll
     for (int bi = bi0; bi < bi1; ++bi) {
-      const int blk = SeesawBlock<kOrder>(bi, buf);
+      const int blk = SeesawBlock(bi, buf);
       SEESAW_T(t_f);
       MbarWait(full + buf * 9 + blk, parity);
       SEESAW_ADD(2, t_f);
@@ -318,7 +320,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     }
   };
 
-  // (C) without the waits around it: softmax of S_j (each row's keys past its
+  // (D) up to P_j V_j: softmax of S_j (each row's keys past its
   // visible count masked) on the chain's m, P_j into the tile's rope block,
   // alpha_j and m_j published (pready), the row sums updated; alpha_j comes back.
   auto softmax_publish = [&](int j, float& al_lo, float& al_hi) {
@@ -403,18 +405,15 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // of 0.94 for the key-split kernel at 128,128,8192).
   SEESAW_T(t_loop);
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
-    const bool other = j >= 1;
     float bl_lo = 1.f, bl_hi = 1.f;
-    if (j < n && kOrder >= 2) {
-      // Order 3 first issues Q K^T over this warpgroup's own column blocks
-      // (loaded first), then the other's P V, then the rest of Q K^T.
-      if (kOrder >= 3) issue_s(j, 0, 4);
-      if (other) {
+    if (j < n) {
+      issue_s(j, 0, 4);  // (A) this warpgroup's column blocks, loaded first
+      if (j >= 1) {
+        // (B) the other's tile j - 1, waited for at once: that releases
+        // this warpgroup's half of buffer j - 1 before it waits for more data.
         other_scale(j, bl_lo, bl_hi);
-        if (kOrder >= 3) {
-          WgmmaWait<0>();
-          Sm90Touch(s);
-        }
+        WgmmaWait<0>();
+        Sm90Touch(s);
         other_pv(j, bl_lo, bl_hi);
         SEESAW_T(t_b);
         WgmmaWait<0>();
@@ -422,46 +421,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         Sm90Touch(o);
         release(j - 1);
       }
-      if (kOrder >= 3)
-        issue_s(j, 4, 9);
-      else
-        issue_s(j);
+      issue_s(j, 4, 9);  // (C) the rest of S_j
       SEESAW_T(t_s);
-      WgmmaWait<0>();  // S_j
+      WgmmaWait<0>();
       SEESAW_ADD(4, t_s);
       Sm90Touch(s);
       Sm90Touch(o);
-      const int buf = j & 1;
+      // (D)
       float al_lo, al_hi;
       softmax_publish(j, al_lo, al_hi);
       rescale(al_lo, al_hi);
-      issue_pv(buf);
-      SEESAW_T(t_c);
-      WgmmaWait<0>();  // before the loop's back edge
-      SEESAW_ADD(6, t_c);
-      Sm90Touch(o);
-      release(j);
-    } else if (j < n) {
-      // (A) this warpgroup's tile j.
-      issue_s(j);
-      if (other) other_scale(j, bl_lo, bl_hi);
-      SEESAW_T(t_s);
-      WgmmaWait<0>();  // S_j
-      SEESAW_ADD(4, t_s);
-      Sm90Touch(s);
-      Sm90Touch(o);
-      if (other) other_pv(j, bl_lo, bl_hi);  // runs during this softmax
-      // (C)
-      const int buf = j & 1;
-      float al_lo, al_hi;
-      softmax_publish(j, al_lo, al_hi);
-      SEESAW_T(t_b);
-      WgmmaWait<0>();  // (B)'s P V of tile j - 1
-      SEESAW_ADD(5, t_b);
-      Sm90Touch(o);
-      if (other) release(j - 1);
-      rescale(al_lo, al_hi);
-      issue_pv(buf);
+      issue_pv(j & 1);
       SEESAW_T(t_c);
       WgmmaWait<0>();  // before the loop's back edge (see above)
       SEESAW_ADD(6, t_c);
@@ -549,22 +519,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 // UseSm90Kernels() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
-  // JAX_MLA_CUDA_MLA_SEESAW: 0 the key-split kernel, 2, 3 and 4 the
-  // other's-P.V-first orders (NOTES, CUDA 7), anything else the default.
-  static const int seesaw = [] {
+  static const bool seesaw = [] {
     const char* env = std::getenv("JAX_MLA_CUDA_MLA_SEESAW");
-    return env && env[0] >= '0' && env[0] <= '4' ? env[0] - '0' : 1;
+    return !(env && env[0] == '0');
   }();
   CUtensorMap tm{};
   RowView view = p.k;
   view.head_stride = kMlaDk;  // one head: any 16-byte multiple
   if (p.kv_batch == 1) view.batch_stride = p.seq_kv * view.row_stride;  // coordinate always 0
-  if (seesaw == 0 || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
+  if (!seesaw || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
     return LaunchMlaSm90Split<T>(p, stream);
-  auto kernel = seesaw == 2   ? MlaSm90SeesawKernel<T, 2>
-                : seesaw == 3 ? MlaSm90SeesawKernel<T, 3>
-                : seesaw == 4 ? MlaSm90SeesawKernel<T, 4>
-                              : MlaSm90SeesawKernel<T, 1>;
+  auto kernel = MlaSm90SeesawKernel<T>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kSeesawSmem));
   if (err != cudaSuccess) return err;
