@@ -85,6 +85,30 @@ __device__ __forceinline__ void NamedBarrier(int id, int threads) {
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
 
+// Online softmax over the two rows (lo, hi) a thread holds in an MMA
+// accumulator fragment, each row spread over the 4 lanes of a quad (mma.sync
+// m16n8 and wgmma m64nN alike). QuadRowMax: the rows' maxima over the quad.
+__device__ __forceinline__ void QuadRowMax(float& mx_lo, float& mx_hi) {
+  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+}
+// The step from the running maxima m_* to mn_*: alpha rescales what was
+// accumulated under m_*, mu is what each exp2 argument subtracts: 0 for a row
+// that has seen no key yet (max -inf), so there is no inf - inf.
+struct MaxStep {
+  float mu_lo, mu_hi, al_lo, al_hi;
+};
+__device__ __forceinline__ MaxStep StepMax(float m_lo, float m_hi, float mn_lo, float mn_hi) {
+  MaxStep r;
+  r.mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+  r.mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+  r.al_lo = Exp2(m_lo - r.mu_lo);
+  r.al_hi = Exp2(m_hi - r.mu_hi);
+  return r;
+}
+
 template <typename T>
 __device__ __forceinline__ T FromFloat(float x);
 template <>

@@ -58,10 +58,7 @@ __device__ __forceinline__ void MlaSoftmaxStep(const float (&sc)[4], int grp, in
                                                float& m_lo, float& m_hi, float& l_lo,
                                                float& l_hi, float (&o)[16][4]) {
   float mx_lo = fmaxf(sc[0], sc[1]), mx_hi = fmaxf(sc[2], sc[3]);
-  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+  QuadRowMax(mx_lo, mx_hi);
   if (lane % 4 == 0) {
     s_max[(grp * 4 + wg) * 16 + lane / 4] = mx_lo;
     s_max[(grp * 4 + wg) * 16 + lane / 4 + 8] = mx_hi;
@@ -73,10 +70,9 @@ __device__ __forceinline__ void MlaSoftmaxStep(const float (&sc)[4], int grp, in
     mn_lo = fmaxf(mn_lo, s_max[(grp * 4 + w) * 16 + lane / 4]);
     mn_hi = fmaxf(mn_hi, s_max[(grp * 4 + w) * 16 + lane / 4 + 8]);
   }
-  // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
-  const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
-  const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
-  const float al_lo = Exp2(m_lo - mu_lo), al_hi = Exp2(m_hi - mu_hi);
+  const MaxStep st = StepMax(m_lo, m_hi, mn_lo, mn_hi);
+  const float mu_lo = st.mu_lo, mu_hi = st.mu_hi;
+  const float al_lo = st.al_lo, al_hi = st.al_hi;
   const float p0 = Exp2(sc[0] - mu_lo), p1 = Exp2(sc[1] - mu_lo);
   const float p2 = Exp2(sc[2] - mu_hi), p3 = Exp2(sc[3] - mu_hi);
   l_lo = l_lo * al_lo + p0 + p1;

@@ -340,16 +340,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         mx_hi = fmaxf(mx_hi, s[4 * jj + 2 + e]);
       }
     }
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
-    mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
-    mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+    QuadRowMax(mx_lo, mx_hi);
     const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-    // A row that has seen no key yet keeps max -inf; subtract 0 then (no inf - inf).
-    const float mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
-    const float mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
-    al_lo = Exp2(m_lo - mu_lo);
-    al_hi = Exp2(m_hi - mu_hi);
+    const MaxStep st = StepMax(m_lo, m_hi, mn_lo, mn_hi);
+    const float mu_lo = st.mu_lo, mu_hi = st.mu_hi;
+    al_lo = st.al_lo;
+    al_hi = st.al_hi;
     m_lo = mn_lo;
     m_hi = mn_hi;
     float sum_lo = 0.f, sum_hi = 0.f;
