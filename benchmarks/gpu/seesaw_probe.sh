@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device call: builds benchmarks/gpu/seesaw_probe.cu with and without the
-# counters, once per L2 prefetch distance in PREFETCHES (default: the
-# kernel's), and runs them on the 128-head decode rows (NOTES, CUDA 7 and 8);
+# counters, once per set of extra nvcc flags in VARIANTS (";"-separated, e.g.
+# "-DFOO=0;-DFOO=2"; default one build), and runs them on the 128-head decode
+# rows (NOTES, CUDA 7 and 8);
 # with TESTS=1 it then builds the package and runs the MLA GPU tests and the
 # sanitizers on the quick cases.
 # (The orders compared in CUDA 7 were template variants of the kernel, since
@@ -10,19 +11,18 @@ set -u
 NVCC=/usr/local/cuda/bin/nvcc
 F="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DJAX_MLA_SM90A -I. ${EXTRA_FLAGS:-}"
 QUIET="C7519|177-D|kSeesawProbeNames|^ *\^|^$|Remark"
-for d in ${PREFETCHES:-default}; do
-  D=""
-  [ "$d" = default ] || D="-DJAX_MLA_SEESAW_PREFETCH=$d"
-  $NVCC $F $D benchmarks/gpu/seesaw_probe.cu -o /tmp/plain_$d 2>&1 | grep -v -E "$QUIET" &
-  $NVCC $F $D -DJAX_MLA_SEESAW_PROBE benchmarks/gpu/seesaw_probe.cu -o /tmp/probe_$d 2>&1 \
+IFS=';' read -r -a VS <<< "${VARIANTS:- }"
+for d in "${!VS[@]}"; do
+  $NVCC $F ${VS[$d]} benchmarks/gpu/seesaw_probe.cu -o /tmp/plain_$d 2>&1 | grep -v -E "$QUIET" &
+  $NVCC $F ${VS[$d]} -DJAX_MLA_SEESAW_PROBE benchmarks/gpu/seesaw_probe.cu -o /tmp/probe_$d 2>&1 \
     | grep -v -E "$QUIET" &
 done
 wait
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 for row in ${ROWS:-128,128,4096,1 128,128,8192,1 32,128,32768,2}; do  # B,H,S,splits
   row=${row//,/ }
-  for d in ${PREFETCHES:-default}; do
-    echo "== prefetch $d"
+  for d in "${!VS[@]}"; do
+    echo "== variant ${VS[$d]}"
     /tmp/plain_$d $row
     /tmp/probe_$d $row
   done

@@ -109,11 +109,6 @@ __device__ unsigned long long g_seesaw_probe[16];
 #define SEESAW_T(v)
 #define SEESAW_ADD(slot, v)
 #endif
-// How many tiles ahead of the one it loads the producer asks for L2 (0: never).
-#ifndef JAX_MLA_SEESAW_PREFETCH
-#define JAX_MLA_SEESAW_PREFETCH 2
-#endif
-constexpr int kSeesawPrefetch = JAX_MLA_SEESAW_PREFETCH;
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
 constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
 constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
@@ -193,10 +188,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       char* dst = s_kv + buf * kSm90TileBytes;
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
-      // Tile i + kSeesawPrefetch into L2 while this one waits for its buffer.
-      const int ip = i + kSeesawPrefetch;
-      if (kSeesawPrefetch > 0 && ip < n && by_tma(ip) && lane < 9)
-        TmaPrefetchL2(&tm_kv, lane * 64, 0, int((t_begin + ip) * kSm90Keys), int(kvb));
       SEESAW_T(t_e);
       MbarWait(empty + 2 * buf + buf, parity);
       SEESAW_ADD(0, t_e);

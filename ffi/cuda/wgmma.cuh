@@ -139,19 +139,6 @@ __device__ __forceinline__ void TmaLoad4d(void* dst, const void* tensor_map, int
       : "memory");
 #endif
 }
-// Asks for the same box as TmaLoad4d to be brought into L2, nothing more (no
-// shared memory, no barrier): a later TmaLoad4d of it then waits on L2, not
-// DRAM.
-__device__ __forceinline__ void TmaPrefetchL2(const void* tensor_map, int c0, int c1, int c2,
-                                              int c3) {
-#ifdef JAX_MLA_SM90A
-  asm volatile(
-      "cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(
-          reinterpret_cast<uint64_t>(tensor_map)),
-      "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-      : "memory");
-#endif
-}
 // Named barrier: arrive without waiting (pairs with NamedBarrier's bar.sync).
 __device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
