@@ -3,7 +3,8 @@
 # counters, once per set of extra nvcc flags in VARIANTS (";"-separated, e.g.
 # "-DFOO=0;-DFOO=2"; default one build), and runs them on the 128-head decode
 # rows (NOTES, CUDA 7 and 8);
-# with TESTS=1 it then builds the package and runs the MLA GPU tests and the
+# with TESTS=1 it then builds the package (extra CUDA flags: PKG_CUDA_FLAGS) and
+# runs the MLA GPU tests (test_cuda.py's too unless FULL_TESTS=0) and the
 # sanitizers on the quick cases.
 # (The orders compared in CUDA 7 were template variants of the kernel, since
 # removed; check out 0b85822's tree for them, JAX_MLA_CUDA_MLA_SEESAW=1..4.)
@@ -30,10 +31,11 @@ done
 if [ "${TESTS:-0}" = 1 ]; then
   export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 CUDACXX=$NVCC
   CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -q --no-build-isolation --no-deps \
-    --target /tmp/site -Ccmake.define.JAX_MLA_CUDA=ON . > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
+    --target /tmp/site -Ccmake.define.JAX_MLA_CUDA=ON ${PKG_CUDA_FLAGS:+"-Ccmake.define.CMAKE_CUDA_FLAGS=$PKG_CUDA_FLAGS"} \
+    . > /tmp/build.log 2>&1 || tail -20 /tmp/build.log
   PYTHONPATH=/tmp/site timeout ${TEST_TIMEOUT:-150} python3 -P -m pytest \
     tests/test_mla.py -m gpu -q -p no:cacheprovider 2>&1 | tail -3 &
-  PYTHONPATH=/tmp/site timeout ${TEST_TIMEOUT:-150} python3 -P -m pytest \
+  [ "${FULL_TESTS:-1}" = 1 ] && PYTHONPATH=/tmp/site timeout ${TEST_TIMEOUT:-150} python3 -P -m pytest \
     tests/test_cuda.py -k "mla" -m gpu -q -p no:cacheprovider 2>&1 | tail -3 &
   wait
   SAN=/usr/local/cuda/bin/compute-sanitizer
