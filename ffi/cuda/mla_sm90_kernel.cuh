@@ -109,14 +109,6 @@ __device__ unsigned long long g_seesaw_probe[16];
 #define SEESAW_T(v)
 #define SEESAW_ADD(slot, v)
 #endif
-#ifndef JAX_MLA_SEESAW_SKIP_RESCALE
-#define JAX_MLA_SEESAW_SKIP_RESCALE 1
-#endif
-constexpr bool kSeesawSkipRescale = JAX_MLA_SEESAW_SKIP_RESCALE;
-#ifndef JAX_MLA_SEESAW_MAX_SLACK
-#define JAX_MLA_SEESAW_MAX_SLACK 0
-#endif
-constexpr float kSeesawMaxSlack = JAX_MLA_SEESAW_MAX_SLACK;
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
 constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
 constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
@@ -319,9 +311,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     WgmmaCommit();
   };
   auto rescale = [&](float al_lo, float al_hi) {
-    // Most tiles leave every row's maximum where it was (alpha exactly 1):
-    // then the warp skips its 128 multiplies.
-    if (kSeesawSkipRescale && !__any_sync(0xffffffffu, al_lo != 1.f || al_hi != 1.f)) return;
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
       o[4 * j] *= al_lo;
@@ -352,11 +341,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       }
     }
     QuadRowMax(mx_lo, mx_hi);
-    // The running maximum moves only when a row's tile maximum passes it by
-    // more than kSeesawMaxSlack (base 2): P stays below 2^slack, far inside
-    // the input type's range, and alpha stays 1 for more tiles.
-    const float mn_lo = mx_lo > m_lo + kSeesawMaxSlack ? mx_lo : m_lo;
-    const float mn_hi = mx_hi > m_hi + kSeesawMaxSlack ? mx_hi : m_hi;
+    const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
     const MaxStep st = StepMax(m_lo, m_hi, mn_lo, mn_hi);
     const float mu_lo = st.mu_lo, mu_hi = st.mu_hi;
     al_lo = st.al_lo;
