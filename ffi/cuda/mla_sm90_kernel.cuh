@@ -24,7 +24,8 @@
 
 namespace jax_mla::cuda {
 
-// The "seesaw" kernel (the default on sm_90a; FlashMLA's schedule, our code).
+// The "seesaw" kernel (the default on sm_90a; FlashMLA's idea of two warpgroups
+// taking alternate tiles, our code and our order of the steps).
 //
 // A block is 2 consumer warpgroups plus a producer warpgroup (384 threads,
 // setmaxnreg 232 / 40; only its first warp works) and owns 64 query rows,
