@@ -155,6 +155,34 @@ __device__ __forceinline__ void MlaStoreRows(const AttentionParams& p, int64_t b
   }
 }
 
+// What every flash_mla kernel knows of its block before it starts: batch row
+// b's kv_len (clamped to [0, Skv]) and q_pos, how many keys row r of the
+// R = Sq * H (position, head) rows sees (VisibleKeys; none past R), and the
+// tiles [t_begin, t_end) of kKeys keys that split `split` takes of the block's
+// rows [row0, row0 + rows): those its last row sees (visible keys grow with
+// the row index), cut into num_splits near-equal ranges.
+template <int kKeys>
+struct MlaBlockKeys {
+  int64_t H, Skv, R, q_pos, kv_len, t_begin, t_end;
+  int32_t kv_len_raw;
+  bool causal;
+  __device__ __forceinline__ MlaBlockKeys(const AttentionParams& p, int64_t b, int split,
+                                          int64_t row0, int rows)
+      : H(p.heads_q), Skv(p.seq_kv), R(p.seq_q * p.heads_q), causal(p.causal) {
+    kv_len_raw = p.kv_len[b];
+    kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
+    q_pos = p.q_pos[b];
+    const int64_t last_row = (row0 + rows < R ? row0 + rows : R) - 1;
+    const int64_t tiles = (Visible(last_row) + kKeys - 1) / kKeys;
+    const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
+    t_begin = split * per < tiles ? split * per : tiles;
+    t_end = t_begin + per < tiles ? t_begin + per : tiles;
+  }
+  __device__ __forceinline__ int64_t Visible(int64_t r) const {
+    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, causal) : 0;
+  }
+};
+
 template <typename T, int G>
 __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p) {
   using Shape = MlaShape<G>;
@@ -170,23 +198,12 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
   const int grp = warp / 4, wg = warp % 4;
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
-  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
   const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
-  const int32_t kv_len_raw = p.kv_len[b];
-  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
-  const int64_t q_pos = p.q_pos[b];
-  auto visible = [&](int64_t r) -> int64_t {
-    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
-  };
-  const int64_t last_row = (row0 + Shape::kRows < R ? row0 + Shape::kRows : R) - 1;
-  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, Shape::kRows);
+  const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
   const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
-  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
-
-  const int64_t tiles = (n_max + kMlaKeys - 1) / kMlaKeys;
-  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
-  const int64_t t_begin = split * per < tiles ? split * per : tiles;
-  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+  const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
 
   const T* kv_base = static_cast<const T*>(p.k.data) + (b % p.kv_batch) * p.k.batch_stride;
   auto load_tile = [&](int64_t t, int stage) {

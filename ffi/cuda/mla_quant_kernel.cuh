@@ -105,23 +105,12 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
   const int grp = warp / 4, wg = warp % 4;
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
-  const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
+  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
   const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
-  const int32_t kv_len_raw = p.kv_len[b];
-  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
-  const int64_t q_pos = p.q_pos[b];
-  auto visible = [&](int64_t r) -> int64_t {
-    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
-  };
-  const int64_t last_row = (row0 + Shape::kRows < R ? row0 + Shape::kRows : R) - 1;
-  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
+  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, Shape::kRows);
+  const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
   const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
-  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
-
-  const int64_t tiles = (n_max + kMlaKeys - 1) / kMlaKeys;
-  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
-  const int64_t t_begin = split * per < tiles ? split * per : tiles;
-  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+  const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
 
   const int64_t kv_b = b % p.kv_batch;
   const char* qs_base = static_cast<const char*>(p.k.data) + kv_b * p.k.batch_stride;

@@ -141,18 +141,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   const int split = blockIdx.y;
   const int64_t H = p.heads_q, Sq = p.seq_q, Skv = p.seq_kv, R = Sq * H;
   const int64_t row0 = int64_t(blockIdx.x) * kSm90Rows;
-  const int32_t kv_len_raw = p.kv_len[b];
-  const int64_t kv_len = kv_len_raw < 0 ? 0 : (kv_len_raw > Skv ? Skv : kv_len_raw);
-  const int64_t q_pos = p.q_pos[b];
-  auto visible = [&](int64_t r) -> int64_t {
-    return r < R ? VisibleKeys(q_pos + r / H, kv_len_raw, Skv, p.causal) : 0;
-  };
-  const int64_t last_row = (row0 + kSm90Rows < R ? row0 + kSm90Rows : R) - 1;
-  const int64_t n_max = visible(last_row);  // visible keys grow with the row index
-  const int64_t tiles = (n_max + kSm90Keys - 1) / kSm90Keys;
-  const int64_t per = (tiles + p.num_splits - 1) / p.num_splits;
-  const int64_t t_begin = split * per < tiles ? split * per : tiles;
-  const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
+  const MlaBlockKeys<kSm90Keys> span(p, b, split, row0, kSm90Rows);
+  const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
   const int n = int(t_end - t_begin);
   // Whether tile i goes by TMA (same answer in the producer and the consumers).
   auto by_tma = [&](int i) {
@@ -243,7 +233,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
   const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
   const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
-  const int64_t n_lo = visible(r_lo), n_hi = visible(r_hi);
+  const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
   if (n > 0) {
     constexpr int kChunks = kMlaDk / 8;
     const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
