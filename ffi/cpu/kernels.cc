@@ -557,6 +557,7 @@ constexpr bool kInt8Pv = false;
 // saturation), then vpaddd. The int32 sums are exact, as on VNNI.
 constexpr bool kInt16Pv = true;
 
+
 // P for one tile as 16-bit pairs: pqw[(j * T / 2 + u) * rp + r] holds q of
 // keys 2u (low half) and 2u + 1 (zero past tn); ps as QuantizeProbs, whose
 // operations this repeats (the conversion rounds to nearest even like Round).
@@ -613,43 +614,74 @@ void PackVInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int16_t* vw
   }
 }
 
-// o[r][8 c ..) += ps[j][r] * sum_u madd(P pair, V pair chunk) for RB rows from
-// r0 and CB 8-column chunks from c0 (chunk c lies in V block c / 4).
-template <int RB, int CB>
-void PvInt16Block(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
+// o[r + i][8 c0 .. 8 c0 + 32) += ps[j][r + i] * sum_u madd(P pair, V pair
+// chunk) for rows r, r + 1 and V block j = c0 / 4 (four chunks of 8 columns):
+// each V chunk loaded once for both rows (a load per madd was the bound). The
+// eight accumulators are named variables: GCC 12 adds into a copy, or spills,
+// when they are an array.
+void PvInt16Rows2(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r, const int16_t* vw,
                   int64_t np, float* o, int64_t dv, int64_t c0) {
-  __m256i acc[RB][CB];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm256_setzero_si256();
-  for (int64_t u = 0; u < np; ++u) {
-    __m256i vv[CB];
-    for (int c = 0; c < CB; ++c)
-      vv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vw + ((c0 + c) * (T / 2) + u) * 16));
-    for (int i = 0; i < RB; ++i) {
-      for (int c = 0; c < CB; ++c) {
-        const int64_t j = (c0 + c) / 4;
-        const __m256i p = _mm256_set1_epi32(int32_t(pqw[(j * (T / 2) + u) * rp + r0 + i]));
-        acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(p, vv[c]));
-      }
-    }
+  const int64_t j = c0 / 4;
+  const uint32_t* p = pqw + j * (T / 2) * rp + r;
+  const auto* v = reinterpret_cast<const __m256i*>(vw + c0 * (T / 2) * 16);
+  constexpr int64_t C = T / 2;  // vectors between chunks
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+          b3 = a0;
+  for (int64_t u = 0; u < np; ++u, ++v) {
+    const __m256i v0 = _mm256_loadu_si256(v), v1 = _mm256_loadu_si256(v + C),
+                  v2 = _mm256_loadu_si256(v + 2 * C), v3 = _mm256_loadu_si256(v + 3 * C);
+    const __m256i pa = _mm256_set1_epi32(int32_t(p[u * rp]));
+    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(pa, v0));
+    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(pa, v1));
+    a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(pa, v2));
+    a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(pa, v3));
+    const __m256i pb = _mm256_set1_epi32(int32_t(p[u * rp + 1]));
+    b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(pb, v0));
+    b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(pb, v1));
+    b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(pb, v2));
+    b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(pb, v3));
   }
-  for (int i = 0; i < RB; ++i) {
-    for (int c = 0; c < CB; ++c) {
-      const int64_t j = (c0 + c) / 4;
-      float* op = o + (r0 + i) * dv + 8 * (c0 + c);
-      _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(ps[j * rp + r0 + i]),
-                                           _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op)));
-    }
+  const __m256i acc[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
+  for (int i = 0; i < 2; ++i) {
+    const __m256 d = _mm256_set1_ps(ps[j * rp + r + i]);
+    float* op = o + (r + i) * dv + 8 * c0;
+    for (int c = 0; c < 4; ++c)
+      _mm256_storeu_ps(op + 8 * c,
+                       _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op + 8 * c)));
   }
 }
 
-template <int RB>
-void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
-                 int64_t np, float* o, int64_t dv) {
+// The same for one chunk of 8 columns (c0 any), for the columns past the last
+// whole pair of V blocks.
+void PvInt16Row1(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r, const int16_t* vw,
+                 int64_t np, float* o, int64_t dv, int64_t c0) {
+  const int64_t j = c0 / 4;
+  const uint32_t* p = pqw + j * (T / 2) * rp + r;
+  const auto* v = reinterpret_cast<const __m256i*>(vw + c0 * (T / 2) * 16);
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t u = 0; u < np; ++u)
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi32(int32_t(p[u * rp])),
+                                                  _mm256_loadu_si256(v + u)));
+  float* op = o + r * dv + 8 * c0;
+  _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(ps[j * rp + r]), _mm256_cvtepi32_ps(acc),
+                                       _mm256_loadu_ps(op)));
+}
+
+// P.V for all n_rows rows, columns outermost: a V block (4 KiB of the packed
+// tile, which is 64 KiB and lives in L2) is read by every row pair in turn,
+// from L1 after the first.
+void PvInt16All(const uint32_t* pqw, const float* ps, int64_t rp, int64_t n_rows,
+                const int16_t* vw, int64_t np, float* o, int64_t dv) {
   const int64_t nc = dv / 8;
   int64_t c0 = 0;
-  for (; c0 + 4 <= nc; c0 += 4) PvInt16Block<RB, 4>(pqw, ps, rp, r0, vw, np, o, dv, c0);
-  for (; c0 < nc; ++c0) PvInt16Block<RB, 1>(pqw, ps, rp, r0, vw, np, o, dv, c0);
+  for (; c0 + 4 <= nc; c0 += 4) {
+    int64_t r = 0;
+    for (; r + 2 <= n_rows; r += 2) PvInt16Rows2(pqw, ps, rp, r, vw, np, o, dv, c0);
+    for (; r < n_rows; ++r)
+      for (int64_t c = c0; c < c0 + 4; ++c) PvInt16Row1(pqw, ps, rp, r, vw, np, o, dv, c);
+  }
+  for (; c0 < nc; ++c0)
+    for (int64_t r = 0; r < n_rows; ++r) PvInt16Row1(pqw, ps, rp, r, vw, np, o, dv, c0);
 }
 
 // Q.K over 8-bit keys on AVX2 (no VNNI): vpmaddwd on 16-bit values, two dims
@@ -660,7 +692,6 @@ void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, c
 // are exact, and a score is s[r][t] = sum_j qd[r][j] * kd[t][j] * dot_j, the
 // VNNI path's arithmetic without its +128 offset.
 constexpr bool kInt16Qk = true;
-constexpr int kInt16Keys = 4;  // keys per register block (4 int + 4 float accumulators)
 
 // The query rows as 16-bit pairs: qw[(j * 16 + u) * rp + r] = q[r][32 j + 2 u]
 // (low half) and q[r][32 j + 2 u + 1]; qd[j * rp + r] = the block's scale;
@@ -678,24 +709,31 @@ void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t*
   }
 }
 
-// The tile's key values widened to 16 bits, block-major:
-// kw[(j * T + t) * 32 + i] = key t's value 32 j + i (zeros for keys [tn, T),
-// whose scales are 0), so dword u of a key's block is the pair (2u, 2u + 1);
-// kd[t * nb + j] = the block's scale.
-void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int16_t* kw,
+// Keys per sub-tile of the widened keys: 16 keys x 576 values x 2 bytes is
+// 18 KiB, so the sub-tile stays in L1 while Q.K reads it (the whole tile's,
+// 73 KiB, went to L2 and back).
+constexpr int64_t kInt16SubKeys = 8;
+
+// n keys from t0 widened to 16 bits, block-major in a sub-tile of
+// kInt16SubKeys keys: kw[(j * kInt16SubKeys + t) * 32 + i] = key t's value
+// 32 j + i (zeros for keys [n, kInt16SubKeys), whose scales are 0), so
+// dword u of a key's block is the pair (2u, 2u + 1); kd[t * nb + j] = the
+// block's scale.
+void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_t* kw,
                       float* kd) {
+  constexpr int64_t NT = kInt16SubKeys;
   const int64_t nb = dk / kQBlock;
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < NT; ++t) {
     float* kdt = kd + t * nb;
-    if (t >= tn) {
+    if (t >= n) {
       std::fill(kdt, kdt + nb, 0.f);
-      for (int64_t j = 0; j < nb; ++j) std::fill_n(kw + (j * T + t) * kQBlock, kQBlock, int16_t(0));
+      for (int64_t j = 0; j < nb; ++j) std::fill_n(kw + (j * NT + t) * kQBlock, kQBlock, int16_t(0));
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
     KeyBlockScales(k, t0 + t, nb, kdt);
     for (int64_t j = 0; j < nb; ++j) {
-      int16_t* dst = kw + (j * T + t) * kQBlock;
+      int16_t* dst = kw + (j * NT + t) * kQBlock;
       for (int h = 0; h < 2; ++h)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * h),
                             _mm256_cvtepi8_epi16(_mm_loadu_si128(
@@ -704,31 +742,54 @@ void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int16
   }
 }
 
-// st[t + i][r0 .. r0 + 8) for the kInt16Keys keys from tile row t.
+// st[t + i][r0 + 8 v ..) for KB keys from sub-tile row t and RV row vectors
+// from r0 (one broadcast key pair serves every row vector). The float sums
+// stay in registers for up to 4 accumulators, else in st itself.
+template <int KB, int RV>
 void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
              int64_t t, int64_t dk, const float* kd, float* st) {
-  constexpr int KB = kInt16Keys;
+  constexpr int64_t NT = kInt16SubKeys;
+  constexpr bool kRegs = KB * RV <= 4;
   const int64_t nb = dk / kQBlock;
-  __m256 s[KB];
-  for (auto& x : s) x = _mm256_setzero_ps();
+  __m256 s[kRegs ? KB : 1][kRegs ? RV : 1];
+  for (auto& row : s)
+    for (auto& x : row) x = _mm256_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
-    const int16_t* kb = kw + (j * T + t) * kQBlock;  // KB keys x 32 values, contiguous
-    __m256i acc[KB];
-    for (auto& a : acc) a = _mm256_setzero_si256();
+    const int16_t* kb = kw + (j * NT + t) * kQBlock;  // KB keys x 32 values, contiguous
+    const uint32_t* qj = qw + j * 16 * rp + r0;
+    __m256i acc[KB][RV];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm256_setzero_si256();
     for (int u = 0; u < kQBlock / 2; ++u) {
-      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (j * 16 + u) * rp + r0));
+      __m256i qv[RV];
+      for (int v = 0; v < RV; ++v)
+        qv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + u * rp + 8 * v));
       for (int i = 0; i < KB; ++i) {
         int32_t kk;
         std::memcpy(&kk, kb + i * kQBlock + 2 * u, sizeof kk);
-        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(qv, _mm256_set1_epi32(kk)));
+        const __m256i kv = _mm256_set1_epi32(kk);
+        for (int v = 0; v < RV; ++v)
+          acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(qv[v], kv));
       }
     }
-    const __m256 qdv = _mm256_loadu_ps(qd + j * rp + r0);
-    for (int i = 0; i < KB; ++i)
-      s[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]),
-                             _mm256_mul_ps(qdv, _mm256_set1_ps(kd[(t + i) * nb + j])), s[i]);
+    for (int v = 0; v < RV; ++v) {
+      const __m256 qdv = _mm256_loadu_ps(qd + j * rp + r0 + 8 * v);
+      for (int i = 0; i < KB; ++i) {
+        const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
+        const __m256 sc = _mm256_mul_ps(qdv, _mm256_set1_ps(kd[(t + i) * nb + j]));
+        if constexpr (kRegs) {
+          s[i][v] = _mm256_fmadd_ps(x, sc, s[i][v]);
+        } else {
+          float* sp = st + (t + i) * rp + r0 + 8 * v;
+          _mm256_storeu_ps(sp, j == 0 ? _mm256_mul_ps(x, sc)
+                                      : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
+        }
+      }
+    }
   }
-  for (int i = 0; i < KB; ++i) _mm256_storeu_ps(st + (t + i) * rp + r0, s[i]);
+  if constexpr (kRegs)
+    for (int i = 0; i < KB; ++i)
+      for (int v = 0; v < RV; ++v) _mm256_storeu_ps(st + (t + i) * rp + r0 + 8 * v, s[i][v]);
 }
 #else
 constexpr bool kInt16Pv = false;
@@ -1338,7 +1399,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 #elif defined(__AVX2__)
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.qt);  // [dk / 2, rp] 16-bit pairs
   float* qd = w.qt + dk * rp / 2;                      // [dk / 32, rp]
-  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, T, 32]
+  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, kInt16SubKeys, 32]
   float* kd = w.kt + T * dk / 2;                       // [T, dk / 32]
   if (int8) PrepareInt16Queries(rows, rp, dk, qw, qd);
 #endif
@@ -1405,9 +1466,19 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (int64_t t = 0; t < tn; t += kInt8Keys)
         for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, t, dk, kd, w.st);
 #elif defined(__AVX2__)
-      PrepareInt16Keys(k, t0, tn, dk, kw, kd);
-      for (int64_t t = 0; t < tn; t += kInt16Keys)
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, w.st);
+      // Sub-tiles of kInt16SubKeys keys (the tile's scores rows past tn up
+      // to the sub-tile's end are written and never read).
+      for (int64_t ts = 0; ts < tn; ts += kInt16SubKeys) {
+        const int64_t n = std::min(kInt16SubKeys, tn - ts);
+        PrepareInt16Keys(k, t0 + ts, n, dk, kw, kd);
+        float* st = w.st + ts * rp;
+        if (rp == 2 * W) {
+          for (int64_t t = 0; t < n; t += 4) QkInt16<4, 2>(qw, qd, rp, 0, kw, t, dk, kd, st);
+        } else {
+          for (int64_t t = 0; t < n; t += 4)
+            for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16<4, 1>(qw, qd, rp, r0, kw, t, dk, kd, st);
+        }
+      }
 #endif
     } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
@@ -1442,8 +1513,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       QuantizeProbsI16(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
       const int64_t np = (tn + 1) / 2;
       const auto* vw = reinterpret_cast<const int16_t*>(w.vt);
-      for (; r0 + 2 <= R; r0 += 2) PvInt16Rows<2>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
-      for (; r0 < R; ++r0) PvInt16Rows<1>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
+      PvInt16All(pqd, w.ps, rp, R, vw, np, rows.o, dv);
 #else
       QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
       for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
