@@ -588,54 +588,61 @@ void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, 
   }
 }
 
-// V's int8 values for one tile as 16-bit pairs of keys:
-// vw[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 c + i] (zeros past tn).
-// The qword permute puts columns 0-3 / 4-7 (8-11 / 12-15) in the low (high)
-// halves of the two 128-bit lanes, which the word unpacks work within.
-void PackVInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int16_t* vw) {
+// V's int8 values of one V block (columns [8 c0, 8 c0 + 8 nc), nc = 4 or 2
+// chunks of 8) for one tile as 16-bit pairs of keys:
+// vb[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 (c0 + c) + i] (zeros
+// past tn). A block at a time (4 KiB), just before P.V reads it, so it stays
+// in L1 (the whole tile's, 64 KiB, went to L2 and back).
+void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_t nc,
+                     int16_t* vb) {
   const int64_t np = (tn + 1) / 2;
+  const auto store = [&](int64_t c, int64_t u, __m128i x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(vb + (c * (T / 2) + u) * 16), _mm256_cvtepi8_epi16(x));
+  };
   for (int64_t u = 0; u < np; ++u) {
-    const auto* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u));
-    const int8_t* r1 = 2 * u + 1 < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) : nullptr;
-    for (int64_t k = 0; k < dv; k += 16) {
-      const __m256i a = _mm256_permute4x64_epi64(
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + k))), 0xD8);
-      const __m256i b = r1 != nullptr
-                            ? _mm256_permute4x64_epi64(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                                           reinterpret_cast<const __m128i*>(r1 + k))),
-                                                       0xD8)
-                            : _mm256_setzero_si256();
-      const int64_t c = k / 8;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + (c * (T / 2) + u) * 16),
-                          _mm256_unpacklo_epi16(a, b));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + ((c + 1) * (T / 2) + u) * 16),
-                          _mm256_unpackhi_epi16(a, b));
+    const int8_t* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u)) + 8 * c0;
+    const bool pair = 2 * u + 1 < tn;
+    const int8_t* r1 = pair ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) + 8 * c0 : r0;
+    if (nc == 4) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
+      const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1))
+                             : _mm256_setzero_si256();
+      // Per 128-bit lane: lo = columns 0-7 (16-23) of both keys, hi = 8-15 (24-31).
+      const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+      store(0, u, _mm256_castsi256_si128(lo));
+      store(1, u, _mm256_castsi256_si128(hi));
+      store(2, u, _mm256_extracti128_si256(lo, 1));
+      store(3, u, _mm256_extracti128_si256(hi, 1));
+    } else {  // q8_kv: the last 16 columns
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+      const __m128i b = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1))
+                             : _mm_setzero_si128();
+      store(0, u, _mm_unpacklo_epi8(a, b));
+      store(1, u, _mm_unpackhi_epi8(a, b));
     }
   }
 }
 
-// o[r + i][8 c0 .. 8 c0 + 32) += ps[j][r + i] * sum_u madd(P pair, V pair
-// chunk) for rows r, r + 1 and V block j = c0 / 4 (four chunks of 8 columns):
-// each V chunk loaded once for both rows (a load per madd was the bound). The
-// eight accumulators are named variables: GCC 12 adds into a copy, or spills,
-// when they are an array.
-void PvInt16Rows2(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r, const int16_t* vw,
-                  int64_t np, float* o, int64_t dv, int64_t c0) {
-  const int64_t j = c0 / 4;
-  const uint32_t* p = pqw + j * (T / 2) * rp + r;
-  const auto* v = reinterpret_cast<const __m256i*>(vw + c0 * (T / 2) * 16);
+// o[r + i][0 .. 32) += d[i] * sum_u madd(P pair, V pair chunk) for rows r,
+// r + 1 and one V block: p = the block's P pairs (p[u * rp + r]), d = its
+// scales (d[r]), vb its packed chunks, o the block's first column of row 0.
+// Each V chunk is loaded once for both rows. The eight accumulators are named
+// variables: GCC 12 adds into a copy, or spills, when they are an array.
+void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, const int16_t* vb,
+                  int64_t np, float* o, int64_t dv) {
+  const auto* v = reinterpret_cast<const __m256i*>(vb);
   constexpr int64_t C = T / 2;  // vectors between chunks
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
           b3 = a0;
   for (int64_t u = 0; u < np; ++u, ++v) {
     const __m256i v0 = _mm256_loadu_si256(v), v1 = _mm256_loadu_si256(v + C),
                   v2 = _mm256_loadu_si256(v + 2 * C), v3 = _mm256_loadu_si256(v + 3 * C);
-    const __m256i pa = _mm256_set1_epi32(int32_t(p[u * rp]));
+    const __m256i pa = _mm256_set1_epi32(int32_t(p[u * rp + r]));
     a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(pa, v0));
     a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(pa, v1));
     a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(pa, v2));
     a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(pa, v3));
-    const __m256i pb = _mm256_set1_epi32(int32_t(p[u * rp + 1]));
+    const __m256i pb = _mm256_set1_epi32(int32_t(p[u * rp + r + 1]));
     b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(pb, v0));
     b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(pb, v1));
     b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(pb, v2));
@@ -643,45 +650,47 @@ void PvInt16Rows2(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r, c
   }
   const __m256i acc[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
   for (int i = 0; i < 2; ++i) {
-    const __m256 d = _mm256_set1_ps(ps[j * rp + r + i]);
-    float* op = o + (r + i) * dv + 8 * c0;
+    const __m256 di = _mm256_set1_ps(d[r + i]);
+    float* op = o + (r + i) * dv;
     for (int c = 0; c < 4; ++c)
       _mm256_storeu_ps(op + 8 * c,
-                       _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op + 8 * c)));
+                       _mm256_fmadd_ps(di, _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op + 8 * c)));
   }
 }
 
-// The same for one chunk of 8 columns (c0 any), for the columns past the last
-// whole pair of V blocks.
-void PvInt16Row1(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r, const int16_t* vw,
-                 int64_t np, float* o, int64_t dv, int64_t c0) {
-  const int64_t j = c0 / 4;
-  const uint32_t* p = pqw + j * (T / 2) * rp + r;
-  const auto* v = reinterpret_cast<const __m256i*>(vw + c0 * (T / 2) * 16);
+// The same for row r and one chunk of 8 columns (vc its packed pairs, o its
+// first column of row 0).
+void PvInt16Row1(const uint32_t* p, const float* d, int64_t rp, int64_t r, const int16_t* vc,
+                 int64_t np, float* o, int64_t dv) {
+  const auto* v = reinterpret_cast<const __m256i*>(vc);
   __m256i acc = _mm256_setzero_si256();
   for (int64_t u = 0; u < np; ++u)
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi32(int32_t(p[u * rp])),
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi32(int32_t(p[u * rp + r])),
                                                   _mm256_loadu_si256(v + u)));
-  float* op = o + r * dv + 8 * c0;
-  _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(ps[j * rp + r]), _mm256_cvtepi32_ps(acc),
+  float* op = o + r * dv;
+  _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(acc),
                                        _mm256_loadu_ps(op)));
 }
 
-// P.V for all n_rows rows, columns outermost: a V block (4 KiB of the packed
-// tile, which is 64 KiB and lives in L2) is read by every row pair in turn,
-// from L1 after the first.
-void PvInt16All(const uint32_t* pqw, const float* ps, int64_t rp, int64_t n_rows,
-                const int16_t* vw, int64_t np, float* o, int64_t dv) {
-  const int64_t nc = dv / 8;
-  int64_t c0 = 0;
-  for (; c0 + 4 <= nc; c0 += 4) {
+// P.V of one tile over 8-bit V for all n_rows rows, V block by V block: the
+// block is packed (PackVBlockInt16, into vb: 4 KiB) and then read by every
+// row pair from L1.
+void PvInt16Tile(const KvRows& v, int64_t t0, int64_t tn, const uint32_t* pqw, const float* ps,
+                 int64_t rp, int64_t n_rows, int16_t* vb, float* o, int64_t dv) {
+  const int64_t np = (tn + 1) / 2;
+  for (int64_t j = 0; j * kQBlock < dv; ++j) {
+    const int64_t c0 = 4 * j, nc = std::min<int64_t>(4, dv / 8 - c0);
+    PackVBlockInt16(v, t0, tn, c0, nc, vb);
+    const uint32_t* p = pqw + j * (T / 2) * rp;
+    const float* d = ps + j * rp;
+    float* oj = o + 8 * c0;
     int64_t r = 0;
-    for (; r + 2 <= n_rows; r += 2) PvInt16Rows2(pqw, ps, rp, r, vw, np, o, dv, c0);
+    if (nc == 4)
+      for (; r + 2 <= n_rows; r += 2) PvInt16Rows2(p, d, rp, r, vb, np, oj, dv);
     for (; r < n_rows; ++r)
-      for (int64_t c = c0; c < c0 + 4; ++c) PvInt16Row1(pqw, ps, rp, r, vw, np, o, dv, c);
+      for (int64_t c = 0; c < nc; ++c)
+        PvInt16Row1(p, d, rp, r, vb + c * (T / 2) * 16, np, oj + 8 * c, dv);
   }
-  for (; c0 < nc; ++c0)
-    for (int64_t r = 0; r < n_rows; ++r) PvInt16Row1(pqw, ps, rp, r, vw, np, o, dv, c0);
 }
 
 // Q.K over 8-bit keys on AVX2 (no VNNI): vpmaddwd on 16-bit values, two dims
@@ -742,54 +751,73 @@ void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_
   }
 }
 
-// st[t + i][r0 + 8 v ..) for KB keys from sub-tile row t and RV row vectors
-// from r0 (one broadcast key pair serves every row vector). The float sums
-// stay in registers for up to 4 accumulators, else in st itself.
-template <int KB, int RV>
+// st[t + i][r0 .. r0 + 8) for 4 keys from sub-tile row t.
 void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
              int64_t t, int64_t dk, const float* kd, float* st) {
   constexpr int64_t NT = kInt16SubKeys;
-  constexpr bool kRegs = KB * RV <= 4;
+  constexpr int KB = 4;
   const int64_t nb = dk / kQBlock;
-  __m256 s[kRegs ? KB : 1][kRegs ? RV : 1];
-  for (auto& row : s)
-    for (auto& x : row) x = _mm256_setzero_ps();
+  __m256 s[KB];
+  for (auto& x : s) x = _mm256_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
     const int16_t* kb = kw + (j * NT + t) * kQBlock;  // KB keys x 32 values, contiguous
-    const uint32_t* qj = qw + j * 16 * rp + r0;
-    __m256i acc[KB][RV];
-    for (auto& row : acc)
-      for (auto& a : row) a = _mm256_setzero_si256();
+    __m256i acc[KB];
+    for (auto& a : acc) a = _mm256_setzero_si256();
     for (int u = 0; u < kQBlock / 2; ++u) {
-      __m256i qv[RV];
-      for (int v = 0; v < RV; ++v)
-        qv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qj + u * rp + 8 * v));
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (j * 16 + u) * rp + r0));
       for (int i = 0; i < KB; ++i) {
         int32_t kk;
         std::memcpy(&kk, kb + i * kQBlock + 2 * u, sizeof kk);
-        const __m256i kv = _mm256_set1_epi32(kk);
-        for (int v = 0; v < RV; ++v)
-          acc[i][v] = _mm256_add_epi32(acc[i][v], _mm256_madd_epi16(qv[v], kv));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(qv, _mm256_set1_epi32(kk)));
       }
     }
-    for (int v = 0; v < RV; ++v) {
-      const __m256 qdv = _mm256_loadu_ps(qd + j * rp + r0 + 8 * v);
-      for (int i = 0; i < KB; ++i) {
+    const __m256 qdv = _mm256_loadu_ps(qd + j * rp + r0);
+    for (int i = 0; i < KB; ++i)
+      s[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]),
+                             _mm256_mul_ps(qdv, _mm256_set1_ps(kd[(t + i) * nb + j])), s[i]);
+  }
+  for (int i = 0; i < KB; ++i) _mm256_storeu_ps(st + (t + i) * rp + r0, s[i]);
+}
+
+// The same for 16 rows (rp == 16, two row vectors): one broadcast key pair
+// serves both row vectors. The eight integer accumulators are named variables
+// (an array is copied every step by GCC 12); the float sums live in st.
+void QkInt16Rows16(const uint32_t* qw, const float* qd, const int16_t* kw, int64_t t, int64_t dk,
+                   const float* kd, float* st) {
+  constexpr int64_t NT = kInt16SubKeys, rp = 16;
+  const int64_t nb = dk / kQBlock;
+  for (int64_t j = 0; j < nb; ++j) {
+    const auto* kb = reinterpret_cast<const int32_t*>(kw + (j * NT + t) * kQBlock);
+    const auto* q = reinterpret_cast<const __m256i*>(qw + j * 16 * rp);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+            b3 = a0;
+    for (int u = 0; u < kQBlock / 2; ++u, q += 2) {
+      // Key i's pair u is dword 16 i + u of the block-major sub-tile.
+      const __m256i qa = _mm256_loadu_si256(q), qb = _mm256_loadu_si256(q + 1);
+      const __m256i k0 = _mm256_set1_epi32(kb[u]), k1 = _mm256_set1_epi32(kb[16 + u]);
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(qa, k0));
+      b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(qb, k0));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(qa, k1));
+      b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(qb, k1));
+      const __m256i k2 = _mm256_set1_epi32(kb[32 + u]), k3 = _mm256_set1_epi32(kb[48 + u]);
+      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(qa, k2));
+      b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(qb, k2));
+      a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(qa, k3));
+      b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(qb, k3));
+    }
+    const __m256i acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    const __m256 qda = _mm256_loadu_ps(qd + j * rp), qdb = _mm256_loadu_ps(qd + j * rp + 8);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 kdi = _mm256_set1_ps(kd[(t + i) * nb + j]);
+      for (int v = 0; v < 2; ++v) {
         const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
-        const __m256 sc = _mm256_mul_ps(qdv, _mm256_set1_ps(kd[(t + i) * nb + j]));
-        if constexpr (kRegs) {
-          s[i][v] = _mm256_fmadd_ps(x, sc, s[i][v]);
-        } else {
-          float* sp = st + (t + i) * rp + r0 + 8 * v;
-          _mm256_storeu_ps(sp, j == 0 ? _mm256_mul_ps(x, sc)
-                                      : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
-        }
+        const __m256 sc = _mm256_mul_ps(v == 0 ? qda : qdb, kdi);
+        float* sp = st + (t + i) * rp + 8 * v;
+        _mm256_storeu_ps(sp, j == 0 ? _mm256_mul_ps(x, sc)
+                                    : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
       }
     }
   }
-  if constexpr (kRegs)
-    for (int i = 0; i < KB; ++i)
-      for (int v = 0; v < RV; ++v) _mm256_storeu_ps(st + (t + i) * rp + r0 + 8 * v, s[i][v]);
 }
 #else
 constexpr bool kInt16Pv = false;
@@ -1453,8 +1481,6 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (qpv) PackVInt8(v, t0, tn, dv, vp);
-#elif defined(__AVX2__)
-    if (qpv) PackVInt16(v, t0, tn, dv, reinterpret_cast<int16_t*>(w.vt));
 #endif
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
@@ -1473,10 +1499,10 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
         PrepareInt16Keys(k, t0 + ts, n, dk, kw, kd);
         float* st = w.st + ts * rp;
         if (rp == 2 * W) {
-          for (int64_t t = 0; t < n; t += 4) QkInt16<4, 2>(qw, qd, rp, 0, kw, t, dk, kd, st);
+          for (int64_t t = 0; t < n; t += 4) QkInt16Rows16(qw, qd, kw, t, dk, kd, st);
         } else {
           for (int64_t t = 0; t < n; t += 4)
-            for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16<4, 1>(qw, qd, rp, r0, kw, t, dk, kd, st);
+            for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, st);
         }
       }
 #endif
@@ -1511,9 +1537,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
 #elif defined(__AVX2__)
       QuantizeProbsI16(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
-      const int64_t np = (tn + 1) / 2;
-      const auto* vw = reinterpret_cast<const int16_t*>(w.vt);
-      PvInt16All(pqd, w.ps, rp, R, vw, np, rows.o, dv);
+      PvInt16Tile(v, t0, tn, pqd, w.ps, rp, R, reinterpret_cast<int16_t*>(w.vt), rows.o, dv);
 #else
       QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
       for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
