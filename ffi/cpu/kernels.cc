@@ -96,6 +96,10 @@ const void* RowPtr(const KvRows& rows, int64_t t) {
 void ScalesToFloat(const char* src, int64_t n, float* dst) {
   int64_t j = 0;
   for (; j + W <= n; j += W) simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + j).Store(dst + j);
+  if (j < n && n >= W) {  // the tail as one vector overlapping the last whole one
+    simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + n - W).Store(dst + n - W);
+    return;
+  }
   for (; j < n; ++j) {
     uint16_t h;
     std::memcpy(&h, src + 2 * j, sizeof h);
@@ -560,29 +564,32 @@ constexpr bool kInt16Pv = true;
 
 // P for one tile as 16-bit pairs: pqw[(j * T / 2 + u) * rp + r] holds q of
 // keys 2u (low half) and 2u + 1 (zero past tn); ps as QuantizeProbs, whose
-// operations this repeats (the conversion rounds to nearest even like Round).
+// operations this repeats: x = p * d_v is formed once (kept for the second
+// pass), and the conversion rounds to nearest even as Round does (the default
+// MXCSR mode, which nothing in the process changes).
 void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
                       uint32_t* pqw, float* ps) {
-  const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
-            tiny = F32::Splat(kPTiny);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f),
+               levels = _mm256_set1_ps(kPLevels), tiny = _mm256_set1_ps(kPTiny);
   const int64_t np = (tn + 1) / 2;
+  __m256 x[T + 1];
+  x[tn] = zero;  // the missing second key of an odd tile
   for (int64_t j = 0; j < nbv; ++j) {
-    for (int64_t r0 = 0; r0 < rp; r0 += W) {
-      F32 amax = zero;
-      for (int64_t t = 0; t < tn; ++t)
-        amax = simd::Max(amax, simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j])));
-      const F32 d = simd::Div(amax, levels);
-      const F32 id = simd::SelectLt(amax, tiny, zero, simd::Div(one, d));
-      d.Store(ps + j * rp + r0);
+    for (int64_t r0 = 0; r0 < rp; r0 += 8) {
+      __m256 amax = zero;
+      for (int64_t t = 0; t < tn; ++t) {
+        x[t] = _mm256_mul_ps(_mm256_loadu_ps(st + t * rp + r0), _mm256_set1_ps(vd[t * nbv + j]));
+        amax = _mm256_max_ps(amax, x[t]);
+      }
+      const __m256 d = _mm256_div_ps(amax, levels);
+      const __m256 id = _mm256_and_ps(_mm256_cmp_ps(amax, tiny, _CMP_NLT_UQ), _mm256_div_ps(one, d));
+      _mm256_storeu_ps(ps + j * rp + r0, d);
+      uint32_t* out = pqw + j * (T / 2) * rp + r0;
       for (int64_t u = 0; u < np; ++u) {
-        __m256i dw = _mm256_setzero_si256();
-        for (int b = 0; b < 2 && 2 * u + b < tn; ++b) {
-          const int64_t t = 2 * u + b;
-          const F32 x = simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j]));
-          const __m256i q = _mm256_cvtps_epi32(simd::Round(simd::Mul(x, id)).v);
-          dw = _mm256_or_si256(dw, _mm256_slli_epi32(q, 16 * b));
-        }
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pqw + (j * (T / 2) + u) * rp + r0), dw);
+        const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(x[2 * u], id));
+        const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(x[2 * u + 1], id));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + u * rp),
+                            _mm256_or_si256(q0, _mm256_slli_epi32(q1, 16)));
       }
     }
   }
@@ -631,22 +638,40 @@ void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_
 void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, const int16_t* vb,
                   int64_t np, float* o, int64_t dv) {
   const auto* v = reinterpret_cast<const __m256i*>(vb);
-  constexpr int64_t C = T / 2;  // vectors between chunks
+  static_assert(T / 2 * 32 == 1024, "the asm below steps 1024 bytes between chunks");
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
           b3 = a0;
   for (int64_t u = 0; u < np; ++u, ++v) {
-    const __m256i v0 = _mm256_loadu_si256(v), v1 = _mm256_loadu_si256(v + C),
-                  v2 = _mm256_loadu_si256(v + 2 * C), v3 = _mm256_loadu_si256(v + 3 * C);
-    const __m256i pa = _mm256_set1_epi32(int32_t(p[u * rp + r]));
-    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(pa, v0));
-    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(pa, v1));
-    a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(pa, v2));
-    a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(pa, v3));
-    const __m256i pb = _mm256_set1_epi32(int32_t(p[u * rp + r + 1]));
-    b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(pb, v0));
-    b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(pb, v1));
-    b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(pb, v2));
-    b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(pb, v3));
+    // In asm, as QkInt16Rows16's step (each V chunk loaded once into a
+    // register for both rows).
+    __m256i v0, v1, v2, v3, pp, t;
+    asm("vmovdqu (%[v]), %[v0]\n\t"
+        "vmovdqu 1024(%[v]), %[v1]\n\t"
+        "vmovdqu 2048(%[v]), %[v2]\n\t"
+        "vmovdqu 3072(%[v]), %[v3]\n\t"
+        "vpbroadcastd (%[p]), %[pp]\n\t"
+        "vpmaddwd %[v0], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a0], %[a0]\n\t"
+        "vpmaddwd %[v1], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a1], %[a1]\n\t"
+        "vpmaddwd %[v2], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a2], %[a2]\n\t"
+        "vpmaddwd %[v3], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a3], %[a3]\n\t"
+        "vpbroadcastd 4(%[p]), %[pp]\n\t"
+        "vpmaddwd %[v0], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b0], %[b0]\n\t"
+        "vpmaddwd %[v1], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b1], %[b1]\n\t"
+        "vpmaddwd %[v2], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b2], %[b2]\n\t"
+        "vpmaddwd %[v3], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b3], %[b3]"
+        : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
+          [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [v0] "=&x"(v0), [v1] "=&x"(v1),
+          [v2] "=&x"(v2), [v3] "=&x"(v3), [pp] "=&x"(pp), [t] "=&x"(t)
+        : [v] "r"(v), [p] "r"(p + u * rp + r)
+        : "memory");
   }
   const __m256i acc[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
   for (int i = 0; i < 2; ++i) {
@@ -792,18 +817,37 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, const int16_t* kw, int64
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
             b3 = a0;
     for (int u = 0; u < kQBlock / 2; ++u, q += 2) {
-      // Key i's pair u is dword 16 i + u of the block-major sub-tile.
-      const __m256i qa = _mm256_loadu_si256(q), qb = _mm256_loadu_si256(q + 1);
-      const __m256i k0 = _mm256_set1_epi32(kb[u]), k1 = _mm256_set1_epi32(kb[16 + u]);
-      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(qa, k0));
-      b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(qb, k0));
-      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(qa, k1));
-      b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(qb, k1));
-      const __m256i k2 = _mm256_set1_epi32(kb[32 + u]), k3 = _mm256_set1_epi32(kb[48 + u]);
-      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(qa, k2));
-      b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(qb, k2));
-      a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(qa, k3));
-      b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(qb, k3));
+      // Key i's pair u is dword 16 i + u of the block-major sub-tile. In asm
+      // because GCC 12 adds into the product's register and copies it back
+      // to the accumulator's (8 extra moves a step).
+      __m256i qa, qb, k, t;
+      asm("vmovdqu (%[q]), %[qa]\n\t"
+          "vmovdqu 32(%[q]), %[qb]\n\t"
+          "vpbroadcastd (%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a0], %[a0]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b0], %[b0]\n\t"
+          "vpbroadcastd 64(%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a1], %[a1]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b1], %[b1]\n\t"
+          "vpbroadcastd 128(%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a2], %[a2]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b2], %[b2]\n\t"
+          "vpbroadcastd 192(%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a3], %[a3]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b3], %[b3]"
+          : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
+            [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [qa] "=&x"(qa), [qb] "=&x"(qb),
+            [k] "=&x"(k), [t] "=&x"(t)
+          : [q] "r"(q), [kb] "r"(kb + u)
+          : "memory");
     }
     const __m256i acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
     const __m256 qda = _mm256_loadu_ps(qd + j * rp), qdb = _mm256_loadu_ps(qd + j * rp + 8);
