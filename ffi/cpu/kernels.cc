@@ -100,6 +100,16 @@ void ScalesToFloat(const char* src, int64_t n, float* dst) {
     simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + n - W).Store(dst + n - W);
     return;
   }
+#if defined(__F16C__)
+  // Rows of fewer than W scales (Dk 192: 6, Dv 128: 4): fours, the same way.
+  for (; j + 4 <= n; j += 4)
+    _mm_storeu_ps(dst + j, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * j))));
+  if (j < n && n >= 4) {
+    _mm_storeu_ps(dst + n - 4,
+                  _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * (n - 4)))));
+    return;
+  }
+#endif
   for (; j < n; ++j) {
     uint16_t h;
     std::memcpy(&h, src + 2 * j, sizeof h);
@@ -804,19 +814,18 @@ void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const 
   for (int i = 0; i < KB; ++i) _mm256_storeu_ps(st + (t + i) * rp + r0, s[i]);
 }
 
-// The same for 16 rows (rp == 16, two row vectors): one broadcast key pair
-// serves both row vectors. The eight integer accumulators are named variables
-// (an array is copied every step by GCC 12); the float sums live in st.
-void QkInt16Rows16(const uint32_t* qw, const float* qd, const int16_t* kw, int64_t t, int64_t dk,
-                   const float* kd, float* st) {
-  constexpr int64_t NT = kInt16SubKeys, rp = 16;
+// The same for rows [r0, r0 + 16) (two row vectors): one broadcast key pair
+// serves both row vectors; the float sums live in st.
+void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
+                   int64_t t, int64_t dk, const float* kd, float* st) {
+  constexpr int64_t NT = kInt16SubKeys;
   const int64_t nb = dk / kQBlock;
   for (int64_t j = 0; j < nb; ++j) {
     const auto* kb = reinterpret_cast<const int32_t*>(kw + (j * NT + t) * kQBlock);
-    const auto* q = reinterpret_cast<const __m256i*>(qw + j * 16 * rp);
+    const auto* q = reinterpret_cast<const __m256i*>(qw + j * 16 * rp + r0);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
             b3 = a0;
-    for (int u = 0; u < kQBlock / 2; ++u, q += 2) {
+    for (int u = 0; u < kQBlock / 2; ++u, q += rp / 8) {
       // Key i's pair u is dword 16 i + u of the block-major sub-tile. In asm
       // because GCC 12 adds into the product's register and copies it back
       // to the accumulator's (8 extra moves a step).
@@ -850,13 +859,13 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, const int16_t* kw, int64
           : "memory");
     }
     const __m256i acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
-    const __m256 qda = _mm256_loadu_ps(qd + j * rp), qdb = _mm256_loadu_ps(qd + j * rp + 8);
+    const __m256 qda = _mm256_loadu_ps(qd + j * rp + r0), qdb = _mm256_loadu_ps(qd + j * rp + r0 + 8);
     for (int i = 0; i < 4; ++i) {
       const __m256 kdi = _mm256_set1_ps(kd[(t + i) * nb + j]);
       for (int v = 0; v < 2; ++v) {
         const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
         const __m256 sc = _mm256_mul_ps(v == 0 ? qda : qdb, kdi);
-        float* sp = st + (t + i) * rp + 8 * v;
+        float* sp = st + (t + i) * rp + r0 + 8 * v;
         _mm256_storeu_ps(sp, j == 0 ? _mm256_mul_ps(x, sc)
                                     : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
       }
@@ -1542,11 +1551,10 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
         const int64_t n = std::min(kInt16SubKeys, tn - ts);
         PrepareInt16Keys(k, t0 + ts, n, dk, kw, kd);
         float* st = w.st + ts * rp;
-        if (rp == 2 * W) {
-          for (int64_t t = 0; t < n; t += 4) QkInt16Rows16(qw, qd, kw, t, dk, kd, st);
-        } else {
-          for (int64_t t = 0; t < n; t += 4)
-            for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, st);
+        for (int64_t t = 0; t < n; t += 4) {
+          int64_t r0 = 0;
+          for (; r0 + 2 * W <= rp; r0 += 2 * W) QkInt16Rows16(qw, qd, rp, r0, kw, t, dk, kd, st);
+          if (r0 < rp) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, st);
         }
       }
 #endif
