@@ -571,7 +571,6 @@ constexpr bool kInt8Pv = false;
 // saturation), then vpaddd. The int32 sums are exact, as on VNNI.
 constexpr bool kInt16Pv = true;
 
-
 // P for one tile as 16-bit pairs: pqw[(j * T / 2 + u) * rp + r] holds q of
 // keys 2u (low half) and 2u + 1 (zero past tn); ps as QuantizeProbs, whose
 // operations this repeats: x = p * d_v is formed once (kept for the second
@@ -643,8 +642,7 @@ void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_
 // o[r + i][0 .. 32) += d[i] * sum_u madd(P pair, V pair chunk) for rows r,
 // r + 1 and one V block: p = the block's P pairs (p[u * rp + r]), d = its
 // scales (d[r]), vb its packed chunks, o the block's first column of row 0.
-// Each V chunk is loaded once for both rows. The eight accumulators are named
-// variables: GCC 12 adds into a copy, or spills, when they are an array.
+// Each V chunk is loaded once for both rows.
 void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, const int16_t* vb,
                   int64_t np, float* o, int64_t dv) {
   const auto* v = reinterpret_cast<const __m256i*>(vb);
@@ -652,8 +650,10 @@ void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, cons
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
           b3 = a0;
   for (int64_t u = 0; u < np; ++u, ++v) {
-    // In asm, as QkInt16Rows16's step (each V chunk loaded once into a
-    // register for both rows).
+    // In asm: from intrinsics GCC 12 either reloaded each V chunk per row or,
+    // with the accumulators in an array, added into the product's register
+    // and copied it back (or spilled one). Alone, the intrinsics step ran at
+    // 1.22 madds a cycle; in asm MLA decode's kernel went from 1428 to 1284 us.
     __m256i v0, v1, v2, v3, pp, t;
     asm("vmovdqu (%[v]), %[v0]\n\t"
         "vmovdqu 1024(%[v]), %[v1]\n\t"
@@ -753,9 +753,10 @@ void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t*
   }
 }
 
-// Keys per sub-tile of the widened keys: 16 keys x 576 values x 2 bytes is
-// 18 KiB, so the sub-tile stays in L1 while Q.K reads it (the whole tile's,
-// 73 KiB, went to L2 and back).
+// Keys per sub-tile of the widened keys: 8 keys x 576 values x 2 bytes is
+// 9 KiB, so the sub-tile and the 16-bit query rows (18 KiB for 16 rows) stay
+// in L1 while Q.K reads them (the whole tile's keys, 73 KiB, went to L2 and
+// back; 16-key sub-tiles were ~1% slower).
 constexpr int64_t kInt16SubKeys = 8;
 
 // n keys from t0 widened to 16 bits, block-major in a sub-tile of
@@ -1481,7 +1482,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.qt);  // [dk / 2, rp] 16-bit pairs
   float* qd = w.qt + dk * rp / 2;                      // [dk / 32, rp]
   int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, kInt16SubKeys, 32]
-  float* kd = w.kt + T * dk / 2;                       // [T, dk / 32]
+  float* kd = w.kt + T * dk / 2;                       // [kInt16SubKeys, dk / 32]
   if (int8) PrepareInt16Queries(rows, rp, dk, qw, qd);
 #endif
   if (!int8) {
