@@ -96,6 +96,19 @@ def test_quantized_mla_odd_rows_and_partial_v_block_on_each_isa(rng, isa, fmt):
                     v_offset=32, causal=True, kv_len=[2 * KV_TILE + 9, KV_TILE - 3], num_splits=2)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv"])
+@pytest.mark.parametrize("heads", [9, 24, 32])
+def test_quantized_mla_row_blocks_and_key_counts_on_each_isa(rng, isa, fmt, heads, num_splits):
+    # The row blocks of the 8-bit tile kernels (AVX2: 16-row Q.K steps, an
+    # 8-row tail for 24, row pairs and a single row in P.V) over visible key
+    # counts at and around the 8-key sub-tiles and the 64-key tiles (odd
+    # counts leave half a key pair), each split count; fresh random data.
+    lens = [1, 7, 9, KV_TILE - 1, KV_TILE + 8, 2 * KV_TILE + 9]
+    check_mla_quant(rng, fmt, batch=len(lens), seq_q=1, heads=heads, seq_kv=2 * KV_TILE + 9,
+                    dk=576, dv=512, v_offset=64, kv_len=lens, num_splits=num_splits)
+
+
 UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]
 
 

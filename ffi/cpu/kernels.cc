@@ -96,6 +96,20 @@ const void* RowPtr(const KvRows& rows, int64_t t) {
 void ScalesToFloat(const char* src, int64_t n, float* dst) {
   int64_t j = 0;
   for (; j + W <= n; j += W) simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + j).Store(dst + j);
+  if (j < n && n >= W) {  // the tail as one vector overlapping the last whole one
+    simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + n - W).Store(dst + n - W);
+    return;
+  }
+#if defined(__F16C__)
+  // Rows of fewer than W scales (Dk 192: 6, Dv 128: 4): fours, the same way.
+  for (; j + 4 <= n; j += 4)
+    _mm_storeu_ps(dst + j, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * j))));
+  if (j < n && n >= 4) {
+    _mm_storeu_ps(dst + n - 4,
+                  _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * (n - 4)))));
+    return;
+  }
+#endif
   for (; j < n; ++j) {
     uint16_t h;
     std::memcpy(&h, src + 2 * j, sizeof h);
@@ -559,97 +573,159 @@ constexpr bool kInt16Pv = true;
 
 // P for one tile as 16-bit pairs: pqw[(j * T / 2 + u) * rp + r] holds q of
 // keys 2u (low half) and 2u + 1 (zero past tn); ps as QuantizeProbs, whose
-// operations this repeats (the conversion rounds to nearest even like Round).
+// operations this repeats: x = p * d_v is formed once (kept for the second
+// pass), and the conversion rounds to nearest even as Round does (the default
+// MXCSR mode, which nothing in the process changes).
 void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
                       uint32_t* pqw, float* ps) {
-  const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
-            tiny = F32::Splat(kPTiny);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f),
+               levels = _mm256_set1_ps(kPLevels), tiny = _mm256_set1_ps(kPTiny);
   const int64_t np = (tn + 1) / 2;
+  __m256 x[T + 1];
+  x[tn] = zero;  // the missing second key of an odd tile
   for (int64_t j = 0; j < nbv; ++j) {
-    for (int64_t r0 = 0; r0 < rp; r0 += W) {
-      F32 amax = zero;
-      for (int64_t t = 0; t < tn; ++t)
-        amax = simd::Max(amax, simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j])));
-      const F32 d = simd::Div(amax, levels);
-      const F32 id = simd::SelectLt(amax, tiny, zero, simd::Div(one, d));
-      d.Store(ps + j * rp + r0);
+    for (int64_t r0 = 0; r0 < rp; r0 += 8) {
+      __m256 amax = zero;
+      for (int64_t t = 0; t < tn; ++t) {
+        x[t] = _mm256_mul_ps(_mm256_loadu_ps(st + t * rp + r0), _mm256_set1_ps(vd[t * nbv + j]));
+        amax = _mm256_max_ps(amax, x[t]);
+      }
+      const __m256 d = _mm256_div_ps(amax, levels);
+      const __m256 id = _mm256_and_ps(_mm256_cmp_ps(amax, tiny, _CMP_NLT_UQ), _mm256_div_ps(one, d));
+      _mm256_storeu_ps(ps + j * rp + r0, d);
+      uint32_t* out = pqw + j * (T / 2) * rp + r0;
       for (int64_t u = 0; u < np; ++u) {
-        __m256i dw = _mm256_setzero_si256();
-        for (int b = 0; b < 2 && 2 * u + b < tn; ++b) {
-          const int64_t t = 2 * u + b;
-          const F32 x = simd::Mul(F32::Load(st + t * rp + r0), F32::Splat(vd[t * nbv + j]));
-          const __m256i q = _mm256_cvtps_epi32(simd::Round(simd::Mul(x, id)).v);
-          dw = _mm256_or_si256(dw, _mm256_slli_epi32(q, 16 * b));
-        }
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pqw + (j * (T / 2) + u) * rp + r0), dw);
+        const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(x[2 * u], id));
+        const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(x[2 * u + 1], id));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + u * rp),
+                            _mm256_or_si256(q0, _mm256_slli_epi32(q1, 16)));
       }
     }
   }
 }
 
-// V's int8 values for one tile as 16-bit pairs of keys:
-// vw[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 c + i] (zeros past tn).
-// The qword permute puts columns 0-3 / 4-7 (8-11 / 12-15) in the low (high)
-// halves of the two 128-bit lanes, which the word unpacks work within.
-void PackVInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int16_t* vw) {
+// V's int8 values of one V block (columns [8 c0, 8 c0 + 8 nc), nc = 4 or 2
+// chunks of 8) for one tile as 16-bit pairs of keys:
+// vb[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 (c0 + c) + i] (zeros
+// past tn). A block at a time (4 KiB), just before P.V reads it, so it stays
+// in L1 (the whole tile's, 64 KiB, went to L2 and back).
+void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_t nc,
+                     int16_t* vb) {
   const int64_t np = (tn + 1) / 2;
+  const auto store = [&](int64_t c, int64_t u, __m128i x) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(vb + (c * (T / 2) + u) * 16), _mm256_cvtepi8_epi16(x));
+  };
   for (int64_t u = 0; u < np; ++u) {
-    const auto* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u));
-    const int8_t* r1 = 2 * u + 1 < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) : nullptr;
-    for (int64_t k = 0; k < dv; k += 16) {
-      const __m256i a = _mm256_permute4x64_epi64(
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + k))), 0xD8);
-      const __m256i b = r1 != nullptr
-                            ? _mm256_permute4x64_epi64(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                                           reinterpret_cast<const __m128i*>(r1 + k))),
-                                                       0xD8)
-                            : _mm256_setzero_si256();
-      const int64_t c = k / 8;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + (c * (T / 2) + u) * 16),
-                          _mm256_unpacklo_epi16(a, b));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(vw + ((c + 1) * (T / 2) + u) * 16),
-                          _mm256_unpackhi_epi16(a, b));
+    const int8_t* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u)) + 8 * c0;
+    const bool pair = 2 * u + 1 < tn;
+    const int8_t* r1 = pair ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) + 8 * c0 : r0;
+    if (nc == 4) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
+      const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1))
+                             : _mm256_setzero_si256();
+      // Per 128-bit lane: lo = columns 0-7 (16-23) of both keys, hi = 8-15 (24-31).
+      const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
+      store(0, u, _mm256_castsi256_si128(lo));
+      store(1, u, _mm256_castsi256_si128(hi));
+      store(2, u, _mm256_extracti128_si256(lo, 1));
+      store(3, u, _mm256_extracti128_si256(hi, 1));
+    } else {  // q8_kv: the last 16 columns
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+      const __m128i b = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1))
+                             : _mm_setzero_si128();
+      store(0, u, _mm_unpacklo_epi8(a, b));
+      store(1, u, _mm_unpackhi_epi8(a, b));
     }
   }
 }
 
-// o[r][8 c ..) += ps[j][r] * sum_u madd(P pair, V pair chunk) for RB rows from
-// r0 and CB 8-column chunks from c0 (chunk c lies in V block c / 4).
-template <int RB, int CB>
-void PvInt16Block(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
-                  int64_t np, float* o, int64_t dv, int64_t c0) {
-  __m256i acc[RB][CB];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm256_setzero_si256();
-  for (int64_t u = 0; u < np; ++u) {
-    __m256i vv[CB];
-    for (int c = 0; c < CB; ++c)
-      vv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vw + ((c0 + c) * (T / 2) + u) * 16));
-    for (int i = 0; i < RB; ++i) {
-      for (int c = 0; c < CB; ++c) {
-        const int64_t j = (c0 + c) / 4;
-        const __m256i p = _mm256_set1_epi32(int32_t(pqw[(j * (T / 2) + u) * rp + r0 + i]));
-        acc[i][c] = _mm256_add_epi32(acc[i][c], _mm256_madd_epi16(p, vv[c]));
-      }
-    }
+// o[r + i][0 .. 32) += d[i] * sum_u madd(P pair, V pair chunk) for rows r,
+// r + 1 and one V block: p = the block's P pairs (p[u * rp + r]), d = its
+// scales (d[r]), vb its packed chunks, o the block's first column of row 0.
+// Each V chunk is loaded once for both rows.
+void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, const int16_t* vb,
+                  int64_t np, float* o, int64_t dv) {
+  const auto* v = reinterpret_cast<const __m256i*>(vb);
+  static_assert(T / 2 * 32 == 1024, "the asm below steps 1024 bytes between chunks");
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+          b3 = a0;
+  for (int64_t u = 0; u < np; ++u, ++v) {
+    // In asm: from intrinsics GCC 12 either reloaded each V chunk per row or,
+    // with the accumulators in an array, added into the product's register
+    // and copied it back (or spilled one). Alone, the intrinsics step ran at
+    // 1.22 madds a cycle; in asm MLA decode's kernel went from 1428 to 1284 us.
+    __m256i v0, v1, v2, v3, pp, t;
+    asm("vmovdqu (%[v]), %[v0]\n\t"
+        "vmovdqu 1024(%[v]), %[v1]\n\t"
+        "vmovdqu 2048(%[v]), %[v2]\n\t"
+        "vmovdqu 3072(%[v]), %[v3]\n\t"
+        "vpbroadcastd (%[p]), %[pp]\n\t"
+        "vpmaddwd %[v0], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a0], %[a0]\n\t"
+        "vpmaddwd %[v1], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a1], %[a1]\n\t"
+        "vpmaddwd %[v2], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a2], %[a2]\n\t"
+        "vpmaddwd %[v3], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[a3], %[a3]\n\t"
+        "vpbroadcastd 4(%[p]), %[pp]\n\t"
+        "vpmaddwd %[v0], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b0], %[b0]\n\t"
+        "vpmaddwd %[v1], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b1], %[b1]\n\t"
+        "vpmaddwd %[v2], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b2], %[b2]\n\t"
+        "vpmaddwd %[v3], %[pp], %[t]\n\t"
+        "vpaddd %[t], %[b3], %[b3]"
+        : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
+          [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [v0] "=&x"(v0), [v1] "=&x"(v1),
+          [v2] "=&x"(v2), [v3] "=&x"(v3), [pp] "=&x"(pp), [t] "=&x"(t)
+        : [v] "r"(v), [p] "r"(p + u * rp + r)
+        : "memory");
   }
-  for (int i = 0; i < RB; ++i) {
-    for (int c = 0; c < CB; ++c) {
-      const int64_t j = (c0 + c) / 4;
-      float* op = o + (r0 + i) * dv + 8 * (c0 + c);
-      _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(ps[j * rp + r0 + i]),
-                                           _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op)));
-    }
+  const __m256i acc[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
+  for (int i = 0; i < 2; ++i) {
+    const __m256 di = _mm256_set1_ps(d[r + i]);
+    float* op = o + (r + i) * dv;
+    for (int c = 0; c < 4; ++c)
+      _mm256_storeu_ps(op + 8 * c,
+                       _mm256_fmadd_ps(di, _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op + 8 * c)));
   }
 }
 
-template <int RB>
-void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, const int16_t* vw,
+// The same for row r and one chunk of 8 columns (vc its packed pairs, o its
+// first column of row 0).
+void PvInt16Row1(const uint32_t* p, const float* d, int64_t rp, int64_t r, const int16_t* vc,
                  int64_t np, float* o, int64_t dv) {
-  const int64_t nc = dv / 8;
-  int64_t c0 = 0;
-  for (; c0 + 4 <= nc; c0 += 4) PvInt16Block<RB, 4>(pqw, ps, rp, r0, vw, np, o, dv, c0);
-  for (; c0 < nc; ++c0) PvInt16Block<RB, 1>(pqw, ps, rp, r0, vw, np, o, dv, c0);
+  const auto* v = reinterpret_cast<const __m256i*>(vc);
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t u = 0; u < np; ++u)
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi32(int32_t(p[u * rp + r])),
+                                                  _mm256_loadu_si256(v + u)));
+  float* op = o + r * dv;
+  _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(acc),
+                                       _mm256_loadu_ps(op)));
+}
+
+// P.V of one tile over 8-bit V for all n_rows rows, V block by V block: the
+// block is packed (PackVBlockInt16, into vb: 4 KiB) and then read by every
+// row pair from L1.
+void PvInt16Tile(const KvRows& v, int64_t t0, int64_t tn, const uint32_t* pqw, const float* ps,
+                 int64_t rp, int64_t n_rows, int16_t* vb, float* o, int64_t dv) {
+  const int64_t np = (tn + 1) / 2;
+  for (int64_t j = 0; j * kQBlock < dv; ++j) {
+    const int64_t c0 = 4 * j, nc = std::min<int64_t>(4, dv / 8 - c0);
+    PackVBlockInt16(v, t0, tn, c0, nc, vb);
+    const uint32_t* p = pqw + j * (T / 2) * rp;
+    const float* d = ps + j * rp;
+    float* oj = o + 8 * c0;
+    int64_t r = 0;
+    if (nc == 4)
+      for (; r + 2 <= n_rows; r += 2) PvInt16Rows2(p, d, rp, r, vb, np, oj, dv);
+    for (; r < n_rows; ++r)
+      for (int64_t c = 0; c < nc; ++c)
+        PvInt16Row1(p, d, rp, r, vb + c * (T / 2) * 16, np, oj + 8 * c, dv);
+  }
 }
 
 // Q.K over 8-bit keys on AVX2 (no VNNI): vpmaddwd on 16-bit values, two dims
@@ -660,7 +736,6 @@ void PvInt16Rows(const uint32_t* pqw, const float* ps, int64_t rp, int64_t r0, c
 // are exact, and a score is s[r][t] = sum_j qd[r][j] * kd[t][j] * dot_j, the
 // VNNI path's arithmetic without its +128 offset.
 constexpr bool kInt16Qk = true;
-constexpr int kInt16Keys = 4;  // keys per register block (4 int + 4 float accumulators)
 
 // The query rows as 16-bit pairs: qw[(j * 16 + u) * rp + r] = q[r][32 j + 2 u]
 // (low half) and q[r][32 j + 2 u + 1]; qd[j * rp + r] = the block's scale;
@@ -678,24 +753,32 @@ void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t*
   }
 }
 
-// The tile's key values widened to 16 bits, block-major:
-// kw[(j * T + t) * 32 + i] = key t's value 32 j + i (zeros for keys [tn, T),
-// whose scales are 0), so dword u of a key's block is the pair (2u, 2u + 1);
-// kd[t * nb + j] = the block's scale.
-void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int16_t* kw,
+// Keys per sub-tile of the widened keys: 8 keys x 576 values x 2 bytes is
+// 9 KiB, so the sub-tile and the 16-bit query rows (18 KiB for 16 rows) stay
+// in L1 while Q.K reads them (the whole tile's keys, 73 KiB, went to L2 and
+// back; 16-key sub-tiles were ~1% slower).
+constexpr int64_t kInt16SubKeys = 8;
+
+// n keys from t0 widened to 16 bits, block-major in a sub-tile of
+// kInt16SubKeys keys: kw[(j * kInt16SubKeys + t) * 32 + i] = key t's value
+// 32 j + i (zeros for keys [n, kInt16SubKeys), whose scales are 0), so
+// dword u of a key's block is the pair (2u, 2u + 1); kd[t * nb + j] = the
+// block's scale.
+void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_t* kw,
                       float* kd) {
+  constexpr int64_t NT = kInt16SubKeys;
   const int64_t nb = dk / kQBlock;
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < NT; ++t) {
     float* kdt = kd + t * nb;
-    if (t >= tn) {
+    if (t >= n) {
       std::fill(kdt, kdt + nb, 0.f);
-      for (int64_t j = 0; j < nb; ++j) std::fill_n(kw + (j * T + t) * kQBlock, kQBlock, int16_t(0));
+      for (int64_t j = 0; j < nb; ++j) std::fill_n(kw + (j * NT + t) * kQBlock, kQBlock, int16_t(0));
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
     KeyBlockScales(k, t0 + t, nb, kdt);
     for (int64_t j = 0; j < nb; ++j) {
-      int16_t* dst = kw + (j * T + t) * kQBlock;
+      int16_t* dst = kw + (j * NT + t) * kQBlock;
       for (int h = 0; h < 2; ++h)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * h),
                             _mm256_cvtepi8_epi16(_mm_loadu_si128(
@@ -704,15 +787,16 @@ void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, int16
   }
 }
 
-// st[t + i][r0 .. r0 + 8) for the kInt16Keys keys from tile row t.
+// st[t + i][r0 .. r0 + 8) for 4 keys from sub-tile row t.
 void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
              int64_t t, int64_t dk, const float* kd, float* st) {
-  constexpr int KB = kInt16Keys;
+  constexpr int64_t NT = kInt16SubKeys;
+  constexpr int KB = 4;
   const int64_t nb = dk / kQBlock;
   __m256 s[KB];
   for (auto& x : s) x = _mm256_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
-    const int16_t* kb = kw + (j * T + t) * kQBlock;  // KB keys x 32 values, contiguous
+    const int16_t* kb = kw + (j * NT + t) * kQBlock;  // KB keys x 32 values, contiguous
     __m256i acc[KB];
     for (auto& a : acc) a = _mm256_setzero_si256();
     for (int u = 0; u < kQBlock / 2; ++u) {
@@ -729,6 +813,65 @@ void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const 
                              _mm256_mul_ps(qdv, _mm256_set1_ps(kd[(t + i) * nb + j])), s[i]);
   }
   for (int i = 0; i < KB; ++i) _mm256_storeu_ps(st + (t + i) * rp + r0, s[i]);
+}
+
+// The same for rows [r0, r0 + 16) (two row vectors): one broadcast key pair
+// serves both row vectors; the float sums live in st.
+void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
+                   int64_t t, int64_t dk, const float* kd, float* st) {
+  constexpr int64_t NT = kInt16SubKeys;
+  const int64_t nb = dk / kQBlock;
+  for (int64_t j = 0; j < nb; ++j) {
+    const auto* kb = reinterpret_cast<const int32_t*>(kw + (j * NT + t) * kQBlock);
+    const auto* q = reinterpret_cast<const __m256i*>(qw + j * 16 * rp + r0);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+            b3 = a0;
+    for (int u = 0; u < kQBlock / 2; ++u, q += rp / 8) {
+      // Key i's pair u is dword 16 i + u of the block-major sub-tile. In asm
+      // because GCC 12 adds into the product's register and copies it back
+      // to the accumulator's (8 extra moves a step).
+      __m256i qa, qb, k, t;
+      asm("vmovdqu (%[q]), %[qa]\n\t"
+          "vmovdqu 32(%[q]), %[qb]\n\t"
+          "vpbroadcastd (%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a0], %[a0]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b0], %[b0]\n\t"
+          "vpbroadcastd 64(%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a1], %[a1]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b1], %[b1]\n\t"
+          "vpbroadcastd 128(%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a2], %[a2]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b2], %[b2]\n\t"
+          "vpbroadcastd 192(%[kb]), %[k]\n\t"
+          "vpmaddwd %[k], %[qa], %[t]\n\t"
+          "vpaddd %[t], %[a3], %[a3]\n\t"
+          "vpmaddwd %[k], %[qb], %[t]\n\t"
+          "vpaddd %[t], %[b3], %[b3]"
+          : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
+            [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [qa] "=&x"(qa), [qb] "=&x"(qb),
+            [k] "=&x"(k), [t] "=&x"(t)
+          : [q] "r"(q), [kb] "r"(kb + u)
+          : "memory");
+    }
+    const __m256i acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    const __m256 qda = _mm256_loadu_ps(qd + j * rp + r0), qdb = _mm256_loadu_ps(qd + j * rp + r0 + 8);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 kdi = _mm256_set1_ps(kd[(t + i) * nb + j]);
+      for (int v = 0; v < 2; ++v) {
+        const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
+        const __m256 sc = _mm256_mul_ps(v == 0 ? qda : qdb, kdi);
+        float* sp = st + (t + i) * rp + r0 + 8 * v;
+        _mm256_storeu_ps(sp, j == 0 ? _mm256_mul_ps(x, sc)
+                                    : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
+      }
+    }
+  }
 }
 #else
 constexpr bool kInt16Pv = false;
@@ -1338,8 +1481,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 #elif defined(__AVX2__)
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.qt);  // [dk / 2, rp] 16-bit pairs
   float* qd = w.qt + dk * rp / 2;                      // [dk / 32, rp]
-  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, T, 32]
-  float* kd = w.kt + T * dk / 2;                       // [T, dk / 32]
+  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, kInt16SubKeys, 32]
+  float* kd = w.kt + T * dk / 2;                       // [kInt16SubKeys, dk / 32]
   if (int8) PrepareInt16Queries(rows, rp, dk, qw, qd);
 #endif
   if (!int8) {
@@ -1392,8 +1535,6 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if (qpv) PackVInt8(v, t0, tn, dv, vp);
-#elif defined(__AVX2__)
-    if (qpv) PackVInt16(v, t0, tn, dv, reinterpret_cast<int16_t*>(w.vt));
 #endif
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
@@ -1405,9 +1546,18 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (int64_t t = 0; t < tn; t += kInt8Keys)
         for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, t, dk, kd, w.st);
 #elif defined(__AVX2__)
-      PrepareInt16Keys(k, t0, tn, dk, kw, kd);
-      for (int64_t t = 0; t < tn; t += kInt16Keys)
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, w.st);
+      // Sub-tiles of kInt16SubKeys keys (the tile's scores rows past tn up
+      // to the sub-tile's end are written and never read).
+      for (int64_t ts = 0; ts < tn; ts += kInt16SubKeys) {
+        const int64_t n = std::min(kInt16SubKeys, tn - ts);
+        PrepareInt16Keys(k, t0 + ts, n, dk, kw, kd);
+        float* st = w.st + ts * rp;
+        for (int64_t t = 0; t < n; t += 4) {
+          int64_t r0 = 0;
+          for (; r0 + 2 * W <= rp; r0 += 2 * W) QkInt16Rows16(qw, qd, rp, r0, kw, t, dk, kd, st);
+          if (r0 < rp) QkInt16(qw, qd, rp, r0, kw, t, dk, kd, st);
+        }
+      }
 #endif
     } else if (rp == W) {
       // One row vector: more keys per block keep the FMA units busy.
@@ -1440,10 +1590,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
 #elif defined(__AVX2__)
       QuantizeProbsI16(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
-      const int64_t np = (tn + 1) / 2;
-      const auto* vw = reinterpret_cast<const int16_t*>(w.vt);
-      for (; r0 + 2 <= R; r0 += 2) PvInt16Rows<2>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
-      for (; r0 < R; ++r0) PvInt16Rows<1>(pqd, w.ps, rp, r0, vw, np, rows.o, dv);
+      PvInt16Tile(v, t0, tn, pqd, w.ps, rp, R, reinterpret_cast<int16_t*>(w.vt), rows.o, dv);
 #else
       QuantizeProbs(w.st, rp, tn, w.vd, nbv, w.pq, w.ps);
       for (; r0 + RB <= R; r0 += RB) PvQRows<RB>(w.pq, w.ps, rp, r0, w.vt, vstride, tn, rows.o, dv);
