@@ -28,10 +28,7 @@ __device__ __forceinline__ void AttentionStoreRows(const AttentionParams& p, int
   auto row_offset = [&](int64_t r) {  // element offset of row r in [B, Sq, Hq, *] / Dim
     return (b * Sq + r / group) * Hq + hk * group + r % group;
   };
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  QuadRowSum(l_lo, l_hi);
   // A row that saw no key: output 0, LSE -inf.
   const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f;
   const float inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;

@@ -94,6 +94,13 @@ __device__ __forceinline__ void QuadRowMax(float& mx_lo, float& mx_hi) {
   mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
   mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
 }
+// QuadRowSum: the rows' sums over the quad.
+__device__ __forceinline__ void QuadRowSum(float& l_lo, float& l_hi) {
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+}
 // The step from the running maxima m_* to mn_*: alpha rescales what was
 // accumulated under m_*, mu is what each exp2 argument subtracts: 0 for a row
 // that has seen no key yet (max -inf), so there is no inf - inf.

@@ -100,10 +100,7 @@ __device__ __forceinline__ void MlaStoreRows(const AttentionParams& p, int64_t b
                                              float l_hi, const float (&o)[16][4],
                                              float* s_sum) {
   const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  QuadRowSum(l_lo, l_hi);
   if (lane % 4 == 0) {
     s_sum[(grp * 4 + wg) * 16 + lane / 4] = l_lo;
     s_sum[(grp * 4 + wg) * 16 + lane / 4 + 8] = l_hi;

@@ -437,10 +437,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   SEESAW_T(t_epi);
 
   // Row sums: the quad's lanes, then the two warpgroups (both end on the same m).
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
-  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
-  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+  QuadRowSum(l_lo, l_hi);
   if (lane % 4 == 0) {
     s_sum[wg * kSm90Rows + rl] = l_lo;
     s_sum[wg * kSm90Rows + rh] = l_hi;
