@@ -373,19 +373,21 @@ void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, int8_t* qi
   }
 }
 
-// Packs the tile's key bytes + 128 block-major, kp[(j * T + t) * 32 + i] =
-// key t's value 32 j + i + 128 as a byte (zeros for keys [tn, T), whose
-// scales are 0), so a register block of keys reads one contiguous run per
-// block; and per key t and block j stores the block's scale kd[t * nb + j].
-void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, uint8_t* kp,
+// Packs the bytes + 128 of the n <= kInt8Keys keys from t0 block-major into
+// a sub-tile that stays in L1, kp[(j * kInt8Keys + i) * 32 + b] = key t0 + i's
+// value 32 j + b + 128 (zeros for keys [n, kInt8Keys), whose scales are 0), so
+// the register block reads one contiguous run per block; and per key i and
+// block j stores the block's scale kd[i * nb + j].
+void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, uint8_t* kp,
                      float* kd) {
+  constexpr int KB = kInt8Keys;
   const int64_t nb = dk / kQBlock;
   const __m512i bias = _mm512_set1_epi8(char(0x80));
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < KB; ++t) {
     float* kdt = kd + t * nb;
-    if (t >= tn) {
+    if (t >= n) {
       std::fill(kdt, kdt + nb, 0.f);
-      for (int64_t j = 0; j < nb; ++j) std::memset(kp + (j * T + t) * kQBlock, 0, kQBlock);
+      for (int64_t j = 0; j < nb; ++j) std::memset(kp + (j * KB + t) * kQBlock, 0, kQBlock);
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
@@ -393,20 +395,20 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t tn, int64_t dk, uint8_
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + (j * T + t) * kQBlock),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + (j * KB + t) * kQBlock),
                           _mm512_castsi512_si256(v));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + ((j + 1) * T + t) * kQBlock),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(kp + ((j + 1) * KB + t) * kQBlock),
                           _mm512_extracti64x4_epi64(v, 1));
     }
     for (; j < nb; ++j)
       for (int64_t i = 0; i < kQBlock; ++i)
-        kp[(j * T + t) * kQBlock + i] = uint8_t(row[j * kQBlock + i] ^ 0x80);
+        kp[(j * KB + t) * kQBlock + i] = uint8_t(row[j * kQBlock + i] ^ 0x80);
   }
 }
 
-// st[t + i][r0 .. r0 + 16) for the kInt8Keys keys from tile row t.
+// st[i][r0 .. r0 + 16) for the kInt8Keys keys of the sub-tile kp, kd.
 void QkInt8(const int8_t* qi, const float* qd, const float* qc, int64_t rp, int64_t r0,
-            const uint8_t* kp, int64_t t, int64_t dk, const float* kd, float* st) {
+            const uint8_t* kp, int64_t dk, const float* kd, float* st) {
   constexpr int KB = kInt8Keys;
   const int64_t nb = dk / kQBlock;
   __m512 s[KB];
@@ -414,7 +416,7 @@ void QkInt8(const int8_t* qi, const float* qd, const float* qc, int64_t rp, int6
   for (int64_t j = 0; j < nb; ++j) {
     __m512i qv[8];
     for (int g = 0; g < 8; ++g) qv[g] = _mm512_loadu_si512(qi + ((j * 8 + g) * rp + r0) * 4);
-    const uint8_t* kb = kp + (j * T + t) * kQBlock;  // KB keys x 32 bytes, contiguous
+    const uint8_t* kb = kp + j * KB * kQBlock;  // KB keys x 32 bytes, contiguous
     __m512i acc[KB];
     for (auto& a : acc) a = _mm512_setzero_si512();
     for (int g = 0; g < 8; ++g) {
@@ -428,10 +430,10 @@ void QkInt8(const int8_t* qi, const float* qd, const float* qc, int64_t rp, int6
     const __m512 qcv = _mm512_loadu_ps(qc + j * rp + r0);
     for (int i = 0; i < KB; ++i) {
       const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[i]), qcv);
-      s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qdv, _mm512_set1_ps(kd[(t + i) * nb + j])), s[i]);
+      s[i] = _mm512_fmadd_ps(dot, _mm512_mul_ps(qdv, _mm512_set1_ps(kd[i * nb + j])), s[i]);
     }
   }
-  for (int i = 0; i < KB; ++i) _mm512_storeu_ps(st + (t + i) * rp + r0, s[i]);
+  for (int i = 0; i < KB; ++i) _mm512_storeu_ps(st + i * rp + r0, s[i]);
 }
 
 // P.V over 8-bit V on vpdpbusd: the rounded P (unsigned bytes, quant_format.h)
@@ -1475,8 +1477,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   int8_t* qi = reinterpret_cast<int8_t*>(w.qt);   // [dk / 4, rp, 4] bytes
   float* qd = w.qt + dk * rp / 4;                   // [dk / 32, rp]
   float* qc = qd + dk / kQBlock * rp;               // [dk / 32, rp]
-  uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);  // [dk / 32, T, 32] bytes
-  float* kd = w.kt + T * dk / 4;                    // [T, dk / 32]
+  uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);  // [dk / 32, kInt8Keys, 32] bytes
+  float* kd = w.kt + kInt8Keys * dk / 4;            // [kInt8Keys, dk / 32]
   if (int8) PrepareInt8Queries(rows, rp, dk, qi, qd, qc);
 #elif defined(__AVX2__)
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.qt);  // [dk / 2, rp] 16-bit pairs
@@ -1542,9 +1544,13 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 
     if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      PrepareInt8Keys(k, t0, tn, dk, kp, kd);
-      for (int64_t t = 0; t < tn; t += kInt8Keys)
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, t, dk, kd, w.st);
+      // Sub-tiles of kInt8Keys keys, packed just before use so they stay in
+      // L1 (the tile's score rows past tn up to the sub-tile's end are
+      // written and never read).
+      for (int64_t t = 0; t < tn; t += kInt8Keys) {
+        PrepareInt8Keys(k, t0 + t, std::min<int64_t>(kInt8Keys, tn - t), dk, kp, kd);
+        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, dk, kd, w.st + t * rp);
+      }
 #elif defined(__AVX2__)
       // Sub-tiles of kInt16SubKeys keys (the tile's scores rows past tn up
       // to the sub-tile's end are written and never read).
