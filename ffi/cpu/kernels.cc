@@ -475,57 +475,38 @@ void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, i
   }
 }
 
-// V's int8 values for one tile, four keys per dword:
-// vp[((c * T / 4 + u) * 16 + i) * 4 + b] = V[4u + b][16 c + i] (zeros past tn).
-// Per 64 columns and 4 keys: a dword transpose inside each row's vector (so
-// that the byte/word unpacks below, which work per 128-bit lane, produce
-// whole 16-column chunks), then two rounds of unpacks.
-void PackVInt8(const KvRows& v, int64_t t0, int64_t tn, int64_t dv, int8_t* vp) {
-  const int64_t nc = dv / 16, nq = (tn + 3) / 4;
+// V's int8 values of columns [k0, k0 + nk) (nk <= 64, a multiple of 16) of
+// one tile, four keys per dword: vp[((m * T / 4 + u) * 16 + i) * 4 + b] =
+// V[4u + b][k0 + 16 m + i] (zeros past tn), 4 KiB at most, packed just before
+// the row blocks read it so it stays in L1. Per 4 keys: a dword transpose
+// inside each row's vector (so that the byte/word unpacks below, which work
+// per 128-bit lane, produce whole 16-column chunks), then two rounds of
+// unpacks.
+void PackVInt8Cols(const KvRows& v, int64_t t0, int64_t tn, int64_t k0, int64_t nk, int8_t* vp) {
+  const int64_t nc = nk / 16, nq = (tn + 3) / 4;
   const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const auto pack = [&](const __m512i* a, int64_t u, int64_t k) {
+  const __mmask64 mask = nk >= 64 ? ~__mmask64(0) : (__mmask64(1) << nk) - 1;
+  for (int64_t u = 0; u < nq; ++u) {
+    __m512i a[4];
+    for (int b = 0; b < 4; ++b) {
+      const int64_t t = 4 * u + b;
+      a[b] = t < tn ? _mm512_permutexvar_epi32(
+                          idx, _mm512_maskz_loadu_epi8(
+                                   mask, static_cast<const int8_t*>(RowPtr(v, t0 + t)) + k0))
+                    : _mm512_setzero_si512();
+    }
     const __m512i lo01 = _mm512_unpacklo_epi8(a[0], a[1]), hi01 = _mm512_unpackhi_epi8(a[0], a[1]);
     const __m512i lo23 = _mm512_unpacklo_epi8(a[2], a[3]), hi23 = _mm512_unpackhi_epi8(a[2], a[3]);
     const __m512i out[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
                             _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
-    for (int m = 0; m < 4; ++m) {
-      const int64_t c = k / 16 + m;
-      if (c < nc) _mm512_storeu_si512(vp + (c * (T / 4) + u) * 64, out[m]);
-    }
-  };
-  const int64_t full_k = dv / 64 * 64;
-  for (int64_t u = 0; u < nq; ++u) {
-    const int8_t* row[4];
-    for (int b = 0; b < 4; ++b)
-      row[b] = 4 * u + b < tn ? static_cast<const int8_t*>(RowPtr(v, t0 + 4 * u + b)) : nullptr;
-    __m512i a[4];
-    if (4 * u + 4 <= tn) {
-      for (int64_t k = 0; k < full_k; k += 64) {
-        for (int b = 0; b < 4; ++b)
-          a[b] = _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(row[b] + k));
-        pack(a, u, k);
-      }
-    } else {
-      for (int64_t k = 0; k < full_k; k += 64) {
-        for (int b = 0; b < 4; ++b)
-          a[b] = row[b] != nullptr ? _mm512_permutexvar_epi32(idx, _mm512_loadu_si512(row[b] + k))
-                                   : _mm512_setzero_si512();
-        pack(a, u, k);
-      }
-    }
-    if (full_k < dv) {  // the last 16 .. 48 columns
-      const __mmask64 mask = (__mmask64(1) << (dv - full_k)) - 1;
-      for (int b = 0; b < 4; ++b)
-        a[b] = row[b] != nullptr
-                   ? _mm512_permutexvar_epi32(idx, _mm512_maskz_loadu_epi8(mask, row[b] + full_k))
-                   : _mm512_setzero_si512();
-      pack(a, u, full_k);
-    }
+    for (int m = 0; m < 4; ++m)
+      if (m < nc) _mm512_storeu_si512(vp + (m * (T / 4) + u) * 64, out[m]);
   }
 }
 
 // o[r][16 c ..) += ps[j][r] * sum_u dpbusd(P dword, V chunk) for RB rows from
-// r0 and CB 16-column chunks from c0 (chunk c lies in V block c / 2).
+// r0 and CB 16-column chunks from c0 (chunk c lies in V block c / 2); vp holds
+// chunks c0 .. c0 + CB as PackVInt8Cols packs them.
 template <int RB, int CB>
 void PvInt8Block(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
                  int64_t nq, float* o, int64_t dv, int64_t c0) {
@@ -534,7 +515,7 @@ void PvInt8Block(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, c
     for (auto& a : row) a = _mm512_setzero_si512();
   for (int64_t u = 0; u < nq; ++u) {
     __m512i vv[CB];
-    for (int c = 0; c < CB; ++c) vv[c] = _mm512_loadu_si512(vp + ((c0 + c) * (T / 4) + u) * 64);
+    for (int c = 0; c < CB; ++c) vv[c] = _mm512_loadu_si512(vp + (c * (T / 4) + u) * 64);
     for (int i = 0; i < RB; ++i) {
       for (int c = 0; c < CB; ++c) {
         const int64_t j = (c0 + c) / 2;
@@ -553,13 +534,93 @@ void PvInt8Block(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, c
   }
 }
 
-template <int RB>
-void PvInt8Rows(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
-                int64_t nq, float* o, int64_t dv) {
-  const int64_t nc = dv / 16;
-  int64_t c0 = 0;
-  for (; c0 + 4 <= nc; c0 += 4) PvInt8Block<RB, 4>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
-  for (; c0 < nc; ++c0) PvInt8Block<RB, 1>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+// PvInt8Block<4, 4> for c0 % 4 == 0 (chunks c0, c0 + 1 in V block c0 / 2,
+// c0 + 2, c0 + 3 in the next) with the step in asm: from intrinsics GCC 12
+// copied every accumulator to a fresh register and back around each
+// vpdpbusd (16 extra moves a step) and broadcast each P dword once per chunk.
+void PvInt8Rows4x4(const uint32_t* pqd, const float* ps, int64_t rp, int64_t r0, const int8_t* vp,
+                   int64_t nq, float* o, int64_t dv, int64_t c0) {
+  static_assert(T / 4 * 64 == 1024, "the asm below steps 1024 bytes between chunks");
+  const int64_t j0 = c0 / 2;
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00,
+          a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00,
+          a32 = a00, a33 = a00;
+  const uint32_t* p0 = pqd + j0 * (T / 4) * rp + r0;
+  const uint32_t* p1 = p0 + (T / 4) * rp;
+  for (int64_t u = 0; u < nq; ++u, vp += 64, p0 += rp, p1 += rp) {
+    // Two statements (one has at most 30 operands): the first loads the four
+    // V chunks and runs rows 0, 1; the second takes them for rows 2, 3.
+    __m512i v0, v1, v2, v3, pp;
+    asm("vmovdqu64 (%[v]), %[v0]\n\t"
+        "vmovdqu64 1024(%[v]), %[v1]\n\t"
+        "vmovdqu64 2048(%[v]), %[v2]\n\t"
+        "vmovdqu64 3072(%[v]), %[v3]\n\t"
+        "vpbroadcastd (%[p0]), %[pp]\n\t"
+        "vpdpbusd %[v0], %[pp], %[a00]\n\t"
+        "vpdpbusd %[v1], %[pp], %[a01]\n\t"
+        "vpbroadcastd (%[p1]), %[pp]\n\t"
+        "vpdpbusd %[v2], %[pp], %[a02]\n\t"
+        "vpdpbusd %[v3], %[pp], %[a03]\n\t"
+        "vpbroadcastd 4(%[p0]), %[pp]\n\t"
+        "vpdpbusd %[v0], %[pp], %[a10]\n\t"
+        "vpdpbusd %[v1], %[pp], %[a11]\n\t"
+        "vpbroadcastd 4(%[p1]), %[pp]\n\t"
+        "vpdpbusd %[v2], %[pp], %[a12]\n\t"
+        "vpdpbusd %[v3], %[pp], %[a13]"
+        : [a00] "+v"(a00), [a01] "+v"(a01), [a02] "+v"(a02), [a03] "+v"(a03), [a10] "+v"(a10),
+          [a11] "+v"(a11), [a12] "+v"(a12), [a13] "+v"(a13), [v0] "=&v"(v0), [v1] "=&v"(v1),
+          [v2] "=&v"(v2), [v3] "=&v"(v3), [pp] "=&v"(pp)
+        : [v] "r"(vp), [p0] "r"(p0), [p1] "r"(p1)
+        : "memory");
+    asm("vpbroadcastd 8(%[p0]), %[pp]\n\t"
+        "vpdpbusd %[v0], %[pp], %[a20]\n\t"
+        "vpdpbusd %[v1], %[pp], %[a21]\n\t"
+        "vpbroadcastd 8(%[p1]), %[pp]\n\t"
+        "vpdpbusd %[v2], %[pp], %[a22]\n\t"
+        "vpdpbusd %[v3], %[pp], %[a23]\n\t"
+        "vpbroadcastd 12(%[p0]), %[pp]\n\t"
+        "vpdpbusd %[v0], %[pp], %[a30]\n\t"
+        "vpdpbusd %[v1], %[pp], %[a31]\n\t"
+        "vpbroadcastd 12(%[p1]), %[pp]\n\t"
+        "vpdpbusd %[v2], %[pp], %[a32]\n\t"
+        "vpdpbusd %[v3], %[pp], %[a33]"
+        : [a20] "+v"(a20), [a21] "+v"(a21), [a22] "+v"(a22), [a23] "+v"(a23), [a30] "+v"(a30),
+          [a31] "+v"(a31), [a32] "+v"(a32), [a33] "+v"(a33), [pp] "=&v"(pp)
+        : [v0] "v"(v0), [v1] "v"(v1), [v2] "v"(v2), [v3] "v"(v3), [p0] "r"(p0), [p1] "r"(p1)
+        : "memory");
+  }
+  const __m512i acc[4][4] = {
+      {a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+  for (int i = 0; i < 4; ++i) {
+    for (int c = 0; c < 4; ++c) {
+      const int64_t j = j0 + c / 2;
+      float* op = o + (r0 + i) * dv + 16 * (c0 + c);
+      _mm512_storeu_ps(op, _mm512_fmadd_ps(_mm512_set1_ps(ps[j * rp + r0 + i]),
+                                           _mm512_cvtepi32_ps(acc[i][c]), _mm512_loadu_ps(op)));
+    }
+  }
+}
+
+// P.V for the tile's R rows, 64 columns at a time: V's columns packed, then
+// every row block over them.
+void PvInt8Tile(const KvRows& v, int64_t t0, int64_t tn, const uint32_t* pqd, const float* ps,
+                int64_t rp, int64_t R, int8_t* vp, float* o, int64_t dv) {
+  const int64_t nq = (tn + 3) / 4;
+  for (int64_t k0 = 0; k0 < dv; k0 += 64) {
+    const int64_t nk = std::min<int64_t>(64, dv - k0), c0 = k0 / 16;
+    PackVInt8Cols(v, t0, tn, k0, nk, vp);
+    int64_t r0 = 0;
+    if (nk == 64) {
+      for (; r0 + 4 <= R; r0 += 4) PvInt8Rows4x4(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+      for (; r0 < R; ++r0) PvInt8Block<1, 4>(pqd, ps, rp, r0, vp, nq, o, dv, c0);
+    } else {
+      for (int64_t c = 0; c < nk / 16; ++c) {
+        const int8_t* vc = vp + c * (T / 4) * 64;
+        for (r0 = 0; r0 + 4 <= R; r0 += 4) PvInt8Block<4, 1>(pqd, ps, rp, r0, vc, nq, o, dv, c0 + c);
+        for (; r0 < R; ++r0) PvInt8Block<1, 1>(pqd, ps, rp, r0, vc, nq, o, dv, c0 + c);
+      }
+    }
+  }
 }
 #else
 constexpr bool kInt8Qk = false;
@@ -1515,7 +1576,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // on VNNI as packed bytes, else as floats; its scales go to w.vd.
   const bool qpv = RoundsProbabilities(v.fmt);
   const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
-  [[maybe_unused]] int8_t* vp = reinterpret_cast<int8_t*>(w.vt);        // [dv / 16, T / 4, 64] bytes
+  [[maybe_unused]] int8_t* vp = reinterpret_cast<int8_t*>(w.vt);        // VNNI: [4, T / 4, 64] bytes
   [[maybe_unused]] uint32_t* pqd = reinterpret_cast<uint32_t*>(w.pq);  // [nbv, T / 4, rp]
   // V inside the K rows (MLA): read it from the converted K tile.
   const bool v_from_k = v_in_k >= 0 && !int8 && !qpv;
@@ -1535,9 +1596,6 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
         RowToFloat(v, t0 + t, w.vt + t * vstride, dv);
       }
     }
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (qpv) PackVInt8(v, t0, tn, dv, vp);
-#endif
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
@@ -1591,9 +1649,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     if (qpv) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       QuantizeProbsU8(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
-      const int64_t nq = (tn + 3) / 4;
-      for (; r0 + 4 <= R; r0 += 4) PvInt8Rows<4>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
-      for (; r0 < R; ++r0) PvInt8Rows<1>(pqd, w.ps, rp, r0, vp, nq, rows.o, dv);
+      PvInt8Tile(v, t0, tn, pqd, w.ps, rp, R, vp, rows.o, dv);
 #elif defined(__AVX2__)
       QuantizeProbsI16(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
       PvInt16Tile(v, t0, tn, pqd, w.ps, rp, R, reinterpret_cast<int16_t*>(w.vt), rows.o, dv);
