@@ -448,28 +448,36 @@ void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, i
                      uint32_t* pqd, float* ps) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f),
                levels = _mm512_set1_ps(kPLevels), tiny = _mm512_set1_ps(kPTiny);
+  // Per 128-bit lane, after the two packs below: q0 of the lane's 4 rows, then
+  // q1, q2, q3; this shuffle makes each row's dword (q0, q1, q2, q3).
+  const __m512i transpose = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
   const int64_t nq = (tn + 3) / 4;
+  alignas(64) float xb[T * 16];  // x of one block and 16 rows, zeros past tn
+  for (int64_t t = tn; t < 4 * nq; ++t) _mm512_store_ps(xb + t * 16, zero);
   for (int64_t j = 0; j < nbv; ++j) {
     for (int64_t r0 = 0; r0 < rp; r0 += 16) {
       __m512 amax = zero;
-      for (int64_t t = 0; t < tn; ++t)
-        amax = _mm512_max_ps(amax, _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
-                                                 _mm512_set1_ps(vd[t * nbv + j])));
+      for (int64_t t = 0; t < tn; ++t) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
+                                       _mm512_set1_ps(vd[t * nbv + j]));
+        _mm512_store_ps(xb + t * 16, x);
+        amax = _mm512_max_ps(amax, x);
+      }
       const __m512 d = _mm512_div_ps(amax, levels);
       const __m512 id =
           _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, tiny, _CMP_GE_OQ), one, d);
       _mm512_storeu_ps(ps + j * rp + r0, d);
       for (int64_t u = 0; u < nq; ++u) {
-        __m512i dw = _mm512_setzero_si512();
-        for (int b = 0; b < 4 && 4 * u + b < tn; ++b) {
-          const int64_t t = 4 * u + b;
-          const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
-                                         _mm512_set1_ps(vd[t * nbv + j]));
-          const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, id),
-                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          dw = _mm512_or_si512(dw, _mm512_slli_epi32(q, 8 * b));
-        }
-        _mm512_storeu_si512(pqd + (j * (T / 4) + u) * rp + r0, dw);
+        __m512i q[4];
+        for (int b = 0; b < 4; ++b)
+          q[b] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_load_ps(xb + (4 * u + b) * 16), id),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // q in [0, 255]: the unsigned saturating packs keep every value.
+        const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]),
+                                                  _mm512_packus_epi32(q[2], q[3]));
+        _mm512_storeu_si512(pqd + (j * (T / 4) + u) * rp + r0,
+                            _mm512_shuffle_epi8(bytes, transpose));
       }
     }
   }
