@@ -109,6 +109,18 @@ def test_quantized_mla_row_blocks_and_key_counts_on_each_isa(rng, isa, fmt, head
                     dk=576, dv=512, v_offset=64, kv_len=lens, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv"])
+@pytest.mark.parametrize("heads", [9, 12, 16])
+def test_quantized_mla_v_column_groups_on_each_isa(rng, isa, fmt, heads):
+    # P.V over 8-bit V in groups of 64 columns (VNNI: packed per group, an
+    # asm step for 4 rows x 4 chunks): dv = 144 is two whole groups and a
+    # 16-column tail; 9, 12 and 16 rows (4-row blocks, a 1-row tail); key
+    # counts around the 4-key dwords and 8-key sub-tiles; fresh random data.
+    lens = [1, 3, 5, 8, 13, KV_TILE + 2, 2 * KV_TILE + 11]
+    check_mla_quant(rng, fmt, batch=len(lens), seq_q=1, heads=heads, seq_kv=2 * KV_TILE + 11,
+                    dk=192, dv=144, v_offset=32, kv_len=lens, num_splits=2)
+
+
 UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]
 
 
