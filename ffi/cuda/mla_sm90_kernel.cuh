@@ -301,15 +301,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
                       1);
     WgmmaCommit();
   };
-  auto rescale = [&](float al_lo, float al_hi) {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      o[4 * j] *= al_lo;
-      o[4 * j + 1] *= al_lo;
-      o[4 * j + 2] *= al_hi;
-      o[4 * j + 3] *= al_hi;
-    }
-  };
+  auto rescale = [&](float al_lo, float al_hi) { ScaleRows(o, al_lo, al_hi); };
 
   // (D) up to P_j V_j: softmax of S_j (each row's keys past its
   // visible count masked) on the chain's m, P_j into the tile's rope block,

@@ -59,6 +59,18 @@ constexpr size_t kSm90Smem = 2 * size_t(kSm90TileBytes) +  // K/V, two stages
                              2 * 2 * kSm90Rows * sizeof(float) +  // row max, row sum per warpgroup
                              1024;                         // alignment slack
 
+// A warpgroup's m64n256 accumulator (its two rows' 128 values a thread)
+// rescaled by each row's alpha, in both sm_90a MLA kernels.
+__device__ __forceinline__ void ScaleRows(float (&o)[128], float al_lo, float al_hi) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    o[4 * j] *= al_lo;
+    o[4 * j + 1] *= al_lo;
+    o[4 * j + 2] *= al_hi;
+    o[4 * j + 3] *= al_hi;
+  }
+}
+
 // The end of a 64-row block of the sm_90a MLA kernels (both): this
 // warpgroup's 256 output columns of its rows r_lo, r_hi divided by the row
 // sums, stored as the output (one split) or the split's float32 partial, and
@@ -228,13 +240,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
     }
     l_lo = l_lo * al_lo + sum_lo;
     l_hi = l_hi * al_hi + sum_hi;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      o[4 * j] *= al_lo;
-      o[4 * j + 1] *= al_lo;
-      o[4 * j + 2] *= al_hi;
-      o[4 * j + 3] *= al_hi;
-    }
+    ScaleRows(o, al_lo, al_hi);
     FenceProxyAsync();
     NamedBarrier(1, kSm90Threads);
 
