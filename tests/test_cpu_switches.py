@@ -88,6 +88,32 @@ def test_quantized_attention_on_each_isa(rng, isa, k_fmt, v_fmt, case):
     check_attention_quant(rng, k_fmt, v_fmt, *case)
 
 
+@pytest.mark.parametrize("k_fmt, v_fmt", [("q8_0", "q8_0"), ("q8_kv", "q8_kv"), ("q8_kv", "q8_0")],
+                         ids=["q8_0", "q8_kv", "q8_kv-q8_0"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("case", [
+    # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len, dk, dv). Decode over 16
+    # KV heads, a row each: key counts around the 4-key P.V steps and the
+    # 64-key groups, one batch row empty.
+    (7, 1, 16, 16, 2 * KV_TILE + 9, False, None,
+     [1, 3, 6, KV_TILE - 1, KV_TILE + 5, 2 * KV_TILE + 9, 0], 192, 128),
+    # GQA 2 over 3 causal positions: 6 rows per KV head with different ends;
+    # Dk and Dv 96 (a 32-value tail after whole 64-byte vectors).
+    (2, 3, 8, 4, KV_TILE + 13, True, None, [KV_TILE + 13, 2], 96, 96),
+    # Dv 160 and 3 KV heads of 3 rows (GQA 3), positions given.
+    (2, 1, 9, 3, 2 * KV_TILE + 1, False, [2 * KV_TILE, 40], [2 * KV_TILE + 1, 41], 64, 160),
+], ids=["mha_decode", "gqa_causal_96", "gqa3_160"])
+def test_quantized_decode_over_kv_heads_on_each_isa(rng, isa, monkeypatch, k_fmt, v_fmt,
+                                                    num_splits, case):
+    # Several KV heads with few rows each over 8-bit K and V: the kernel that
+    # walks the keys across the heads (attend_heads_q8), per ISA, with the
+    # split count forced (flash_attention takes the heuristic's).
+    choose = _common.choose_num_splits
+    monkeypatch.setattr(_common, "choose_num_splits", lambda _, *a, **kw: choose(num_splits, *a, **kw))
+    *args, dk, dv = case
+    check_attention_quant(rng, k_fmt, v_fmt, *args, dk=dk, dv=dv)
+
+
 @pytest.mark.parametrize("fmt", ["q8_0", "q8_kv"])
 def test_quantized_mla_odd_rows_and_partial_v_block_on_each_isa(rng, isa, fmt):
     # 15 rows per block (row tails of every P.V kernel) and dv = 48 (a V block

@@ -43,6 +43,8 @@ WORKLOADS = [
     ("MLA pp512@4096", "mla", "f16", 512, 4096, True),
     ("MLA q8_0 pp512@4096", "mla", "q8_0", 512, 4096, True),
     ("std tg@16384", "std", "f16", 1, 16384, False),
+    ("std q8_0 tg@4096", "std", "q8_0", 1, 4096, False),
+    ("std q8_0 tg@16384", "std", "q8_0", 1, 16384, False),
     ("std pp512@4096", "std", "f16", 512, 4096, True),
     ("std q8_0 pp512@4096", "std", "q8_0", 512, 4096, True),
 ]

@@ -37,6 +37,7 @@ struct Scratch {
   std::vector<float> q, o, m, l, kernel;
   std::vector<int64_t> end, chunk_end;
   std::vector<RowBlock> blocks;
+  std::vector<KvRows> k_rows, v_rows;
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -48,8 +49,11 @@ struct Scratch {
     grow(end, size_t(rows));
     grow(chunk_end, size_t(block_rows));
     grow(blocks, size_t(heads));
-    grow(kernel, std::max(AttendScratchFloats(dk, dv, block_rows),
-                          AttendHeadsScratchFloats(heads, block_rows)));
+    grow(k_rows, size_t(heads));
+    grow(v_rows, size_t(heads));
+    grow(kernel, std::max({AttendScratchFloats(dk, dv, block_rows),
+                           AttendHeadsScratchFloats(heads, block_rows),
+                           AttendHeadsQ8ScratchFloats(heads, block_rows, dk, dv)}));
   }
 };
 
@@ -159,6 +163,17 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
     RowBlock block{R, q, end, o, m, l};
     kern.attend(block, RowsOf(p.k, bkv, h0), RowsOf(p.v, bkv, h0), p.v_in_k, dk, dv, kv0,
                 scratch.kernel.data());
+  } else if (HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
+    // Several KV heads over an 8-bit cache: key by key across the heads, in
+    // memory order, as below.
+    for (int64_t u = 0; u < nh; ++u) {
+      scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
+                                   l + u * R};
+      scratch.k_rows[u] = RowsOf(p.k, bkv, h0 + u);
+      scratch.v_rows[u] = RowsOf(p.v, bkv, h0 + u);
+    }
+    kern.attend_heads_q8(scratch.blocks.data(), nh, scratch.k_rows.data(), scratch.v_rows.data(),
+                         dk, dv, kv0, scratch.kernel.data());
   } else if (quantized) {
     // Several KV heads over a quantized cache (attend_heads reads float rows
     // only): one head at a time, but chunk by chunk of keys, so the heads of

@@ -1074,30 +1074,41 @@ struct Dequantized {
 // lane's sum (the key bytes go in + 128, unsigned, as in QkInt8); a score is
 //   sum over lanes of (dpbusd(k + 128, q) - 128 sum q) qd kd,
 // the lane sums exact integers (subtracted before any rounding), the rest
-// float32, as in the tile path's QkInt8.
-// Rows of 64-byte multiples only (192, 576, ...); others take the float path.
+// float32, as in the tile path's QkInt8. Rows of 32-value multiples (192,
+// 576: whole 64-byte vectors; 96, 160: a 32-byte tail).
 constexpr bool kInt8Dot = true;
+
+// One query row's lanes: q[dk] bytes, qd[dk / 4] and qc[dk / 4], each 64-byte
+// aligned.
+struct QueryLanes {
+  int8_t* q;
+  float* qd;
+  int32_t* qc;
+};
 
 struct QueryLanesQ8 {
   alignas(64) int8_t q[kMaxHeadDim];
   alignas(64) float qd[kMaxHeadDim / 4];
   alignas(64) int32_t qc[kMaxHeadDim / 4];
+  QueryLanes Lanes() { return {q, qd, qc}; }
 };
 
-void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanesQ8* out) {
+void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
   for (int64_t j = 0; j < dk / kQBlock; ++j) {
     int32_t qq[kQBlock];
     const float d = QueryBlockQ8(x + j * kQBlock, qq);
-    for (int64_t i = 0; i < kQBlock; ++i) out->q[j * kQBlock + i] = int8_t(qq[i]);
+    for (int64_t i = 0; i < kQBlock; ++i) out.q[j * kQBlock + i] = int8_t(qq[i]);
     for (int64_t l = 0; l < kQBlock / 4; ++l) {
       const int64_t lane = j * kQBlock / 4 + l;
-      out->qd[lane] = d;
-      out->qc[lane] = 128 * (qq[4 * l] + qq[4 * l + 1] + qq[4 * l + 2] + qq[4 * l + 3]);
+      out.qd[lane] = d;
+      out.qc[lane] = 128 * (qq[4 * l] + qq[4 * l + 1] + qq[4 * l + 2] + qq[4 * l + 3]);
     }
   }
 }
 
-float DotQ8(const QueryLanesQ8& q, const KvRows& k, int64_t t, int64_t dk) {
+// Inlined: a call would pass QueryLanes through memory (a store-forwarding
+// stall per key and head in AttendHeadsQ8).
+[[gnu::always_inline]] inline float DotQ8(QueryLanes q, const KvRows& k, int64_t t, int64_t dk) {
   const auto* row = static_cast<const int8_t*>(RowPtr(k, t));
   const char* scales = static_cast<const char*>(k.scales) + t * k.scale_row_bytes;
   const int64_t nb = dk / kQBlock;
@@ -1115,7 +1126,8 @@ float DotQ8(const QueryLanesQ8& q, const KvRows& k, int64_t t, int64_t dk) {
   }
   const __m512i bias = _mm512_set1_epi8(char(0x80));
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < dk / 64; ++i) {
+  int64_t i = 0;
+  for (; 64 * i + 64 <= dk; ++i) {
     const __m512i kb = _mm512_xor_si512(_mm512_loadu_si512(row + 64 * i), bias);
     const __m512i dp = _mm512_sub_epi32(
         _mm512_dpbusd_epi32(_mm512_setzero_si512(), kb, _mm512_load_si512(q.q + 64 * i)),
@@ -1125,7 +1137,59 @@ float DotQ8(const QueryLanesQ8& q, const KvRows& k, int64_t t, int64_t dk) {
         _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(kd[2 * i]), _mm512_set1_ps(kd[2 * i + 1]));
     acc = _mm512_fmadd_ps(x, kdl, acc);
   }
+  if (64 * i < dk) {  // one block of 32 left
+    const __m256i kb = _mm256_xor_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * i)), _mm512_castsi512_si256(bias));
+    const __m256i dp = _mm256_sub_epi32(
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), kb,
+                            _mm256_load_si256(reinterpret_cast<const __m256i*>(q.q + 64 * i))),
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(q.qc + 16 * i)));
+    const __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(dp), _mm256_load_ps(q.qd + 16 * i));
+    acc = _mm512_add_ps(acc, _mm512_zextps256_ps512(_mm256_mul_ps(x, _mm256_set1_ps(kd[2 * i]))));
+  }
   return _mm512_reduce_add_ps(acc);
+}
+#elif defined(__AVX2__)
+// The same on AVX2, 32 values a step: vpmaddubsw takes |k| (unsigned) and q
+// with k's sign, so pairs of products stay within int16 (2 * 128 * 127), and
+// vpmaddwd by ones sums them to exact int32 lanes; each block's lanes are
+// scaled by qd kd in float32. The query row: q[dk] bytes and qd[dk / 32].
+constexpr bool kInt8Dot = true;
+
+struct QueryLanes {
+  int8_t* q;
+  float* qd;
+};
+
+struct QueryLanesQ8 {
+  alignas(64) int8_t q[kMaxHeadDim];
+  alignas(64) float qd[kMaxHeadDim / kQBlock];
+  QueryLanes Lanes() { return {q, qd}; }
+};
+
+void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
+  for (int64_t j = 0; j < dk / kQBlock; ++j) {
+    int32_t qq[kQBlock];
+    out.qd[j] = QueryBlockQ8(x + j * kQBlock, qq);
+    for (int64_t i = 0; i < kQBlock; ++i) out.q[j * kQBlock + i] = int8_t(qq[i]);
+  }
+}
+
+[[gnu::always_inline]] inline float DotQ8(QueryLanes q, const KvRows& k, int64_t t, int64_t dk) {
+  const auto* row = static_cast<const int8_t*>(RowPtr(k, t));
+  const int64_t nb = dk / kQBlock;
+  float kd[kMaxHeadDim / kQBlock];
+  KeyBlockScales(k, t, nb, kd);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nb; ++j) {
+    const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + kQBlock * j));
+    const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q.q + kQBlock * j));
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(kv, kv), _mm256_sign_epi8(qv, kv));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)),
+                          _mm256_set1_ps(q.qd[j] * kd[j]), acc);
+  }
+  return simd::ReduceAdd(F32{acc});
 }
 #else
 constexpr bool kInt8Dot = false;
@@ -1270,11 +1334,11 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
   float* acc = ps + nbv;           // [dv] the group's integer sums
   const void* kr[kFew];
   const F32 zero = F32::Zero();
-  // 8-bit keys on VNNI: integer dot products over the key rows in place.
+  // 8-bit keys: integer dot products over the key rows in place.
   [[maybe_unused]] bool dot8 = false;
   if constexpr (kInt8Dot && std::is_same_v<KS, Dequantized>)
-    dot8 = QuantizesQueries(k.r.fmt) && dk % 64 == 0;
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    dot8 = QuantizesQueries(k.r.fmt) && dk % kQBlock == 0;
+#if defined(__AVX2__)
   QueryLanesQ8 ql;
 #endif
   for (int64_t r = 0; r < rows.n_rows; ++r) {
@@ -1282,12 +1346,12 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
     const float* q = rows.q + r * dk;
     float* o = rows.o + r * dv;
     float m = rows.m[r], l = rows.l[r];
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (dot8) PrepareQueryLanesQ8(q, dk, &ql);
+#if defined(__AVX2__)
+    if (dot8) PrepareQueryLanesQ8(q, dk, ql.Lanes());
 #endif
     for (int64_t g0 = kv_begin; g0 < end; g0 += G) {
       const int64_t n = std::min(G, end - g0);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX2__)
       if constexpr (std::is_same_v<KS, Dequantized>) {
         if (dot8) {
           // One head's rows are a cache-row stride apart (the heads of a key
@@ -1301,7 +1365,7 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
                                (g0 + t + kAhead) * k.r.scale_row_bytes);
             const char* vr = static_cast<const char*>(RowPtr(v, g0 + t));
             for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vr + b);
-            s[t] = DotQ8(ql, k.r, g0 + t, dk);
+            s[t] = DotQ8(ql.Lanes(), k.r, g0 + t, dk);
           }
         }
       }
@@ -1454,6 +1518,396 @@ void AttendFewAny(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_
     case DType::kF32: return AttendFewV(rows, InPlace<DType::kF32>{k}, v, dk, dv, kv_begin, scratch);
     case DType::kF16: return AttendFewV(rows, InPlace<DType::kF16>{k}, v, dk, dv, kv_begin, scratch);
     case DType::kBF16: return AttendFewV(rows, InPlace<DType::kBF16>{k}, v, dk, dv, kv_begin, scratch);
+  }
+}
+
+// Decode with few rows per KV head over several KV heads of an 8-bit cache
+// (K and V each q8_0 or q8_kv, Dk and Dv multiples of 32): AttendHeads for
+// 8-bit rows. Head by head (AttendFewQ) one head's rows are a cache row
+// apart and the loads wait on memory; here each group of kPGroup keys is
+// walked key by key across the heads, in memory order:
+//   1. scores: every head's rows against that head's K row of the key
+//      (DotQ8: integer dot products where the ISA has them);
+//   2. per row: the online-softmax step and P rounded to 8 bits per V block
+//      (quant_format.h), vectorized over the group's keys;
+//   3. P.V: four keys at a time, each head's four V rows interleaved into
+//      its rows' exact int32 sums (VNNI: vpdpbusd on the bytes; AVX2:
+//      vpmaddwd on key pairs; generic: float sums of integers); the group
+//      ends with o += d * sum per V block (HeadsQ8Flush).
+// The interleaving leaves the sums' columns permuted within each vector
+// block; HeadsQ8Flush puts them back once per group.
+constexpr int64_t kHeadsQ8Keys = 4;  // keys per P.V step
+static_assert(kPGroup % kHeadsQ8Keys == 0, "P.V steps divide the group");
+
+struct HeadsQ8Work {
+  int64_t ql, nbv, dv;  // floats of query lanes per row; V blocks; Dv
+  float* lanes;         // [rows, ql] each row's 8-bit query (QueryLanes)
+  float* s;             // [rows, kPGroup] scores, then P
+  float* pq;            // [rows, nbv, kPGroup] rounded P (bytes, int16 or floats)
+  float* ps;            // [rows, nbv] their scales
+  float* acc;           // [rows, dv] the group's sums (int32; generic: float)
+  float* vd;            // [nbv, kPGroup] one head's V scales, key-minor
+  float* kbuf;          // [dk] generic: a dequantized K row
+  int64_t* n;           // [rows] keys of the group each row sees
+  float* S(int64_t r) const { return s + r * kPGroup; }
+  float* Pq(int64_t r) const { return pq + r * nbv * kPGroup; }
+  float* Ps(int64_t r) const { return ps + r * nbv; }
+  float* Acc(int64_t r) const { return acc + r * dv; }
+};
+
+HeadsQ8Work CarveHeadsQ8(float* scratch, int64_t nr, int64_t dk, int64_t dv) {
+  HeadsQ8Work w;
+  w.ql = 3 * RoundUp(dk / 4, 16);
+  w.nbv = dv / kQBlock;
+  w.dv = dv;
+  w.lanes = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  w.s = w.lanes + nr * w.ql;
+  w.pq = w.s + nr * kPGroup;
+  w.acc = w.pq + nr * w.nbv * kPGroup;
+  w.ps = w.acc + nr * dv;
+  w.vd = w.ps + RoundUp(nr * w.nbv, 16);
+  w.kbuf = w.vd + w.nbv * kPGroup;
+  w.n = reinterpret_cast<int64_t*>(w.kbuf + RoundUp(dk, 16));
+  return w;
+}
+
+// Row r's P for the group (quant_format.h, the same float32 operations as
+// QuantizeProbs) from its probabilities s (0 past its n keys) and the
+// head's V scales vd: pq[j][t] = q_t, stored as bytes (VNNI), int16 (AVX2)
+// or floats, and ps[j] = d.
+void RoundGroupP(const float* s, int64_t n, const float* vd, int64_t nbv, float* pq, float* ps) {
+  constexpr int64_t NV = kPGroup / W;
+  const F32 zero = F32::Zero(), nv = F32::Splat(float(n));
+  for (int64_t j = 0; j < nbv; ++j) {
+    F32 x[NV];
+    F32 amax = zero;
+    for (int64_t v = 0; v < NV; ++v) {
+      // Keys past n: x = 0, never 0 * a scale that may not be finite.
+      x[v] = simd::SelectLt(simd::Add(F32::Iota(), F32::Splat(float(v * W))), nv,
+                            simd::Mul(F32::Load(s + v * W), F32::Load(vd + j * kPGroup + v * W)),
+                            zero);
+      amax = simd::Max(amax, x[v]);
+    }
+    alignas(64) float lanes[W];
+    amax.Store(lanes);
+    const float a = *std::max_element(lanes, lanes + W);
+    const float d = a / kPLevels;
+    const F32 id = F32::Splat(a < kPTiny ? 0.f : 1.f / d);
+    ps[j] = d;
+    for (int64_t v = 0; v < NV; ++v) {
+      const F32 q = simd::Round(simd::Mul(x[v], id));
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(reinterpret_cast<uint8_t*>(pq) + j * kPGroup + v * W),
+                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q.v)));
+#elif defined(__AVX2__)
+      const __m256i qi = _mm256_cvtps_epi32(q.v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(reinterpret_cast<int16_t*>(pq) + j * kPGroup + v * W),
+                       _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1)));
+#else
+      q.Store(pq + j * kPGroup + v * W);
+#endif
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Four keys' V rows (bytes) to four vectors of 16 columns x 4 keys: vector i,
+// 128-bit lane L, dword k holds column 16 L + 4 i + k of the four keys.
+inline void InterleaveKeys4(__m512i a0, __m512i a1, __m512i a2, __m512i a3, __m512i* c) {
+  const __m512i b0 = _mm512_unpacklo_epi8(a0, a1), b1 = _mm512_unpackhi_epi8(a0, a1);
+  const __m512i b2 = _mm512_unpacklo_epi8(a2, a3), b3 = _mm512_unpackhi_epi8(a2, a3);
+  c[0] = _mm512_unpacklo_epi16(b0, b2);
+  c[1] = _mm512_unpackhi_epi16(b0, b2);
+  c[2] = _mm512_unpacklo_epi16(b1, b3);
+  c[3] = _mm512_unpackhi_epi16(b1, b3);
+}
+
+// P.V of keys [t, t + 4) of one head: vr are its four V rows; the rows
+// rows0 .. rows0 + nrow of w that see key t take them. Columns 64 c .. + 64
+// of a row's sums hold vector i of InterleaveKeys4 at 16 i; a last block of
+// 32 columns (Dv = 32 mod 64) is the same on 256 bits (vector i at 8 i).
+void HeadsQ8Pv(const HeadsQ8Work& w, int64_t r0, int64_t nrow, const int8_t* const* vr, int64_t t) {
+  const int64_t dv = w.dv;
+  int64_t c0 = 0;
+  for (; c0 + 64 <= dv; c0 += 64) {
+    __m512i c[4];
+    InterleaveKeys4(_mm512_loadu_si512(vr[0] + c0), _mm512_loadu_si512(vr[1] + c0),
+                    _mm512_loadu_si512(vr[2] + c0), _mm512_loadu_si512(vr[3] + c0), c);
+    const int64_t j = c0 / kQBlock;
+    for (int64_t r = r0; r < r0 + nrow; ++r) {
+      if (w.n[r] <= t) continue;
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(w.Pq(r)) + t / 4;
+      const __m512i pv = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(int(p[j * kPGroup / 4])),
+                                                 _mm512_set1_epi32(int(p[(j + 1) * kPGroup / 4])));
+      int32_t* acc = reinterpret_cast<int32_t*>(w.Acc(r)) + c0;
+      for (int i = 0; i < 4; ++i)
+        _mm512_storeu_si512(acc + 16 * i,
+                            _mm512_dpbusd_epi32(_mm512_loadu_si512(acc + 16 * i), pv, c[i]));
+    }
+  }
+  if (c0 < dv) {
+    __m256i a[4], b[4], c[4];
+    for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr[i] + c0));
+    b[0] = _mm256_unpacklo_epi8(a[0], a[1]);
+    b[1] = _mm256_unpackhi_epi8(a[0], a[1]);
+    b[2] = _mm256_unpacklo_epi8(a[2], a[3]);
+    b[3] = _mm256_unpackhi_epi8(a[2], a[3]);
+    c[0] = _mm256_unpacklo_epi16(b[0], b[2]);
+    c[1] = _mm256_unpackhi_epi16(b[0], b[2]);
+    c[2] = _mm256_unpacklo_epi16(b[1], b[3]);
+    c[3] = _mm256_unpackhi_epi16(b[1], b[3]);
+    for (int64_t r = r0; r < r0 + nrow; ++r) {
+      if (w.n[r] <= t) continue;
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(w.Pq(r)) + t / 4;
+      const __m256i pv = _mm256_set1_epi32(int(p[c0 / kQBlock * kPGroup / 4]));
+      int32_t* acc = reinterpret_cast<int32_t*>(w.Acc(r)) + c0;
+      for (int i = 0; i < 4; ++i) {
+        __m256i* a8 = reinterpret_cast<__m256i*>(acc + 8 * i);
+        _mm256_storeu_si256(a8, _mm256_dpbusd_epi32(_mm256_loadu_si256(a8), pv, c[i]));
+      }
+    }
+  }
+}
+
+// o += d_j * sum for row r, the sums back in column order, then zeroed.
+void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
+  int32_t* acc = reinterpret_cast<int32_t*>(w.Acc(r));
+  const float* ps = w.Ps(r);
+  int64_t c0 = 0;
+  for (; c0 + 64 <= w.dv; c0 += 64) {
+    __m512i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = _mm512_loadu_si512(acc + c0 + 16 * i);
+    // A 4 x 4 transpose of 128-bit blocks: out[L] = lane L of c[0..3].
+    const __m512i t0 = _mm512_shuffle_i32x4(c[0], c[1], 0x44), t1 = _mm512_shuffle_i32x4(c[2], c[3], 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(c[0], c[1], 0xEE), t3 = _mm512_shuffle_i32x4(c[2], c[3], 0xEE);
+    const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
+                            _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
+    for (int L = 0; L < 4; ++L) {
+      float* oc = o + c0 + 16 * L;
+      _mm512_storeu_ps(oc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(out[L]),
+                                           _mm512_set1_ps(ps[(c0 + 16 * L) / kQBlock]), _mm512_loadu_ps(oc)));
+    }
+  }
+  if (c0 < w.dv) {
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + c0 + 8 * i));
+    const __m256i out[4] = {_mm256_permute2x128_si256(c[0], c[1], 0x20), _mm256_permute2x128_si256(c[2], c[3], 0x20),
+                            _mm256_permute2x128_si256(c[0], c[1], 0x31), _mm256_permute2x128_si256(c[2], c[3], 0x31)};
+    const __m256 d = _mm256_set1_ps(ps[c0 / kQBlock]);
+    for (int L = 0; L < 4; ++L) {
+      float* oc = o + c0 + 8 * L;
+      _mm256_storeu_ps(oc, _mm256_fmadd_ps(_mm256_cvtepi32_ps(out[L]), d, _mm256_loadu_ps(oc)));
+    }
+  }
+  std::fill(acc, acc + w.dv, 0);
+}
+#elif defined(__AVX2__)
+// P.V of keys [t, t + 4) of one head on vpmaddwd: per 16 columns, the keys'
+// values widened to int16 and interleaved in pairs; a row's sums at column
+// e .. e + 16 hold lanes (e + 0..3, e + 8..11) at e and (e + 4..7, e + 12..15)
+// at e + 8, as _mm256_unpack{lo,hi}_epi16 leave them.
+void HeadsQ8Pv(const HeadsQ8Work& w, int64_t r0, int64_t nrow, const int8_t* const* vr, int64_t t) {
+  for (int64_t e = 0; e < w.dv; e += 16) {
+    __m256i a[4];
+    for (int i = 0; i < 4; ++i)
+      a[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr[i] + e)));
+    const __m256i lo01 = _mm256_unpacklo_epi16(a[0], a[1]), hi01 = _mm256_unpackhi_epi16(a[0], a[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi16(a[2], a[3]), hi23 = _mm256_unpackhi_epi16(a[2], a[3]);
+    for (int64_t r = r0; r < r0 + nrow; ++r) {
+      if (w.n[r] <= t) continue;
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(w.Pq(r)) + e / kQBlock * kPGroup / 2 + t / 2;
+      const __m256i p01 = _mm256_set1_epi32(int(p[0])), p23 = _mm256_set1_epi32(int(p[1]));
+      __m256i* acc = reinterpret_cast<__m256i*>(reinterpret_cast<int32_t*>(w.Acc(r)) + e);
+      _mm256_storeu_si256(acc, _mm256_add_epi32(_mm256_loadu_si256(acc),
+                                                _mm256_add_epi32(_mm256_madd_epi16(lo01, p01),
+                                                                 _mm256_madd_epi16(lo23, p23))));
+      _mm256_storeu_si256(acc + 1, _mm256_add_epi32(_mm256_loadu_si256(acc + 1),
+                                                    _mm256_add_epi32(_mm256_madd_epi16(hi01, p01),
+                                                                     _mm256_madd_epi16(hi23, p23))));
+    }
+  }
+}
+
+void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
+  int32_t* acc = reinterpret_cast<int32_t*>(w.Acc(r));
+  const float* ps = w.Ps(r);
+  for (int64_t e = 0; e < w.dv; e += 16) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + e));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + e + 8));
+    const __m256 d = _mm256_set1_ps(ps[e / kQBlock]);
+    _mm256_storeu_ps(o + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20)), d,
+                                            _mm256_loadu_ps(o + e)));
+    _mm256_storeu_ps(o + e + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x31)),
+                                                d, _mm256_loadu_ps(o + e + 8)));
+  }
+  std::fill(acc, acc + w.dv, 0);
+}
+#else
+void HeadsQ8Pv(const HeadsQ8Work& w, int64_t r0, int64_t nrow, const int8_t* const* vr, int64_t t) {
+  for (int64_t r = r0; r < r0 + nrow; ++r) {
+    if (w.n[r] <= t) continue;
+    float* acc = w.Acc(r);
+    for (int64_t e = 0; e < w.dv; ++e) {
+      const float* p = w.Pq(r) + e / kQBlock * kPGroup + t;
+      for (int64_t i = 0; i < kHeadsQ8Keys; ++i) acc[e] += p[i] * float(vr[i][e]);
+    }
+  }
+}
+
+void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
+  float* acc = w.Acc(r);
+  for (int64_t e = 0; e < w.dv; ++e) o[e] += w.Ps(r)[e / kQBlock] * acc[e];
+  std::fill(acc, acc + w.dv, 0.f);
+}
+#endif
+
+// V's scales of keys g0 .. g0 + n (n <= kPGroup) of one head, key-minor:
+// vd[j * kPGroup + t] = key g0 + t's scale of block j (VScales). Gathered
+// 16 (AVX2: 8) keys at a time, two float16 scales a dword (the last of an
+// odd count with the one before it, so no read passes the row's scales).
+void GroupVScales(const KvRows& v, int64_t g0, int64_t n, int64_t nbv, float* vd) {
+  const char* base = static_cast<const char*>(v.scales) + g0 * v.scale_row_bytes;
+  const int srb = int(v.scale_row_bytes);
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(srb));
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
+    const char* b = base + t * srb;
+    if (v.fmt == QFormat::kQ8KV) {
+      const __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, b, 1);
+      for (int64_t j = 0; j < nbv; ++j) _mm512_storeu_ps(vd + j * kPGroup + t, d);
+      continue;
+    }
+    for (int64_t j = 0; j < nbv; j += 2) {
+      const int64_t j0 = std::min(j, nbv - 2);  // nbv >= 2 (HeadsQ8Takes)
+      const __m512i dw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, b + 2 * j0, 1);
+      _mm512_storeu_ps(vd + j0 * kPGroup + t, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw)));
+      _mm512_storeu_ps(vd + (j0 + 1) * kPGroup + t,
+                       _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dw, 16))));
+    }
+  }
+#elif defined(__AVX2__)
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(srb));
+  for (int64_t t = 0; t < n; t += 8) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - t)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const char* b = base + t * srb;
+    if (v.fmt == QFormat::kQ8KV) {
+      const __m256 d = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), reinterpret_cast<const float*>(b), idx,
+                                                _mm256_castsi256_ps(m), 1);
+      for (int64_t j = 0; j < nbv; ++j) _mm256_storeu_ps(vd + j * kPGroup + t, d);
+      continue;
+    }
+    for (int64_t j = 0; j < nbv; j += 2) {
+      const int64_t j0 = std::min(j, nbv - 2);
+      const __m256i dw = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
+                                                     reinterpret_cast<const int*>(b + 2 * j0), idx, m, 1);
+      const __m256i lo = _mm256_and_si256(dw, _mm256_set1_epi32(0xFFFF)), hi = _mm256_srli_epi32(dw, 16);
+      _mm256_storeu_ps(vd + j0 * kPGroup + t, _mm256_cvtph_ps(_mm_packus_epi32(
+                                                  _mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1))));
+      _mm256_storeu_ps(vd + (j0 + 1) * kPGroup + t, _mm256_cvtph_ps(_mm_packus_epi32(
+                                                        _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1))));
+    }
+  }
+#else
+  float vdt[kMaxHeadDim / kQBlock];
+  for (int64_t t = 0; t < n; ++t) {
+    VScales(v, g0 + t, nbv, vdt);
+    for (int64_t j = 0; j < nbv; ++j) vd[j * kPGroup + t] = vdt[j];
+  }
+#endif
+}
+
+// Stands in for V rows past the last key of a P.V step (their P is 0).
+alignas(64) constexpr int8_t kZeroRow[kMaxHeadDim] = {};
+
+void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvRows* k, const KvRows* v, int64_t dk,
+                   int64_t dv, int64_t kv_begin, float* scratch) {
+  const int64_t R = rows[0].n_rows, nr = nh * R;
+  const HeadsQ8Work w = CarveHeadsQ8(scratch, nr, dk, dv);
+  int64_t kv_end = kv_begin;
+  for (int64_t u = 0; u < nh; ++u)
+    for (int64_t r = 0; r < R; ++r) kv_end = std::max(kv_end, rows[u].end[r]);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  auto lanes = [&](int64_t row) {
+    float* p = w.lanes + row * w.ql;
+    return QueryLanes{reinterpret_cast<int8_t*>(p), p + w.ql / 3, reinterpret_cast<int32_t*>(p + 2 * w.ql / 3)};
+  };
+#elif defined(__AVX2__)
+  auto lanes = [&](int64_t row) {
+    float* p = w.lanes + row * w.ql;
+    return QueryLanes{reinterpret_cast<int8_t*>(p), p + w.ql / 3};
+  };
+#endif
+  for (int64_t u = 0; u < nh; ++u) {
+    for (int64_t r = 0; r < R; ++r) {
+#if defined(__AVX2__)
+      PrepareQueryLanesQ8(rows[u].q + r * dk, dk, lanes(u * R + r));
+#endif
+      std::fill(w.Acc(u * R + r), w.Acc(u * R + r) + dv, 0.f);  // int32 0 has float 0's bits
+    }
+  }
+  const int64_t nbv = w.nbv;
+  for (int64_t g0 = kv_begin; g0 < kv_end; g0 += kPGroup) {
+    const int64_t nmax = std::min(kPGroup, kv_end - g0);
+    for (int64_t u = 0; u < nh; ++u)
+      for (int64_t r = 0; r < R; ++r) w.n[u * R + r] = std::clamp<int64_t>(rows[u].end[r] - g0, 0, nmax);
+    // 1. Scores, key by key across the heads. The group's V rows are
+    // prefetched meanwhile: step 3 reads them four keys at a time, more
+    // streams than the hardware prefetchers follow.
+    for (int64_t t = 0; t < nmax; ++t) {
+      for (int64_t u = 0; u < nh; ++u) {
+        const char* vrow = static_cast<const char*>(RowPtr(v[u], g0 + t));
+        for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vrow + b);
+        __builtin_prefetch(vrow + dv - 1);
+#if !defined(__AVX2__)
+        bool converted = false;
+#endif
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t row = u * R + r;
+          if (w.n[row] <= t) continue;
+#if defined(__AVX2__)
+          w.S(row)[t] = DotQ8(lanes(row), k[u], g0 + t, dk);
+#else
+          if (!converted) RowToFloat(k[u], g0 + t, w.kbuf, dk);
+          converted = true;
+          const float* q = rows[u].q + r * dk;
+          F32 a = F32::Zero();
+          for (int64_t d = 0; d < dk; d += W) a = simd::Fma(F32::Load(q + d), F32::Load(w.kbuf + d), a);
+          w.S(row)[t] = simd::ReduceAdd(a);
+#endif
+        }
+      }
+    }
+    // 2. Softmax step and rounded P, head by head (V's scales are per head).
+    for (int64_t u = 0; u < nh; ++u) {
+      int64_t nu = 0;
+      for (int64_t r = 0; r < R; ++r) nu = std::max(nu, w.n[u * R + r]);
+      if (nu == 0) continue;
+      GroupVScales(v[u], g0, nu, nbv, w.vd);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = u * R + r;
+        if (w.n[row] == 0) continue;
+        const float c = SoftmaxBlock<kPGroup>(w.S(row), w.n[row], rows[u].m + r, rows[u].l + r);
+        if (c != 1.f) {
+          float* o = rows[u].o + r * dv;
+          for (int64_t d = 0; d < dv; d += W) simd::Mul(F32::Load(o + d), F32::Splat(c)).Store(o + d);
+        }
+        RoundGroupP(w.S(row), w.n[row], w.vd, nbv, w.Pq(row), w.Ps(row));
+      }
+    }
+    // 3. P.V, four keys at a time across the heads.
+    for (int64_t t = 0; t < nmax; t += kHeadsQ8Keys) {
+      for (int64_t u = 0; u < nh; ++u) {
+        const int8_t* vr[kHeadsQ8Keys];
+        for (int64_t i = 0; i < kHeadsQ8Keys; ++i)
+          vr[i] = t + i < nmax ? static_cast<const int8_t*>(RowPtr(v[u], g0 + t + i)) : kZeroRow;
+        HeadsQ8Pv(w, u * R, R, vr, t);
+      }
+    }
+    for (int64_t u = 0; u < nh; ++u)
+      for (int64_t r = 0; r < R; ++r)
+        if (w.n[u * R + r] > 0) HeadsQ8Flush(w, u * R + r, rows[u].o + r * dv);
   }
 }
 
@@ -1681,6 +2135,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 }  // namespace
 
 extern const KernelTable kKernels;
-const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &AttendHeadsAny, &ToFloat, &Merge};
+const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &AttendHeadsAny, &AttendHeadsQ8,
+                              &ToFloat, &Merge};
 
 }  // namespace jax_mla::cpu::JAX_MLA_ISA

@@ -55,6 +55,14 @@ struct KernelTable {
   void (*attend_heads)(const RowBlock* rows, int64_t n_heads, const KvRows& k,
                        int64_t k_head_stride, const KvRows& v, int64_t v_head_stride, int64_t dk,
                        int64_t dv, int64_t kv_begin, float* scratch);
+  // The same over an 8-bit cache, for shapes HeadsQ8Takes accepts (the
+  // driver runs others head by head through `attend`): rows[u] attends the
+  // rows k[u] and v[u] of KV head u; kv_begin is a multiple of kPGroup.
+  // `scratch` holds AttendHeadsQ8ScratchFloats(n_heads, n_rows, dk, dv)
+  // floats.
+  void (*attend_heads_q8)(const RowBlock* rows, int64_t n_heads, const KvRows* k,
+                          const KvRows* v, int64_t dk, int64_t dv, int64_t kv_begin,
+                          float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
   // The split merge of one output row: dst[i] = sum_s w[s] * src[s][i] for
@@ -74,6 +82,24 @@ inline size_t AttendHeadsScratchFloats(int64_t n_heads, int64_t n_rows) {
 }
 
 static_assert(kKvTile == kPGroup, "8-bit P groups are the key tiles");
+
+// attend_heads_q8 takes K and V in 8-bit formats (q8_0, q8_kv) with Dk and
+// Dv multiples of 32 (whole q8_0 blocks), Dv at least 64.
+inline bool HeadsQ8Takes(QFormat k_fmt, QFormat v_fmt, int64_t dk, int64_t dv) {
+  return QuantizesQueries(k_fmt) && RoundsProbabilities(v_fmt) && dk % kQBlock == 0 &&
+         dv % kQBlock == 0 && dv >= 2 * kQBlock;
+}
+
+// Per row: query lanes (3 x dk / 4 rounded to 16), scores, rounded P, sums;
+// then the P scales, one head's V scales, a K row and the rows' key counts
+// (kernels.cc, CarveHeadsQ8), with 64 bytes for alignment.
+inline size_t AttendHeadsQ8ScratchFloats(int64_t n_heads, int64_t n_rows, int64_t dk,
+                                         int64_t dv) {
+  auto up16 = [](int64_t x) { return (x + 15) / 16 * 16; };
+  const int64_t nr = n_heads * n_rows, nbv = dv / kQBlock;
+  return size_t(nr * (3 * up16(dk / 4) + kPGroup + nbv * kPGroup + dv) + up16(nr * nbv) +
+                nbv * kPGroup + up16(dk) + 2 * nr + 16);
+}
 
 // Floats of padding after each row of a converted V tile: rows of a multiple
 // of 1 KiB (MLA's 512 floats: 2 KiB) would map onto the same few L1 sets and
