@@ -37,7 +37,6 @@ struct Scratch {
   std::vector<float> q, o, m, l, kernel;
   std::vector<int64_t> end, chunk_end;
   std::vector<RowBlock> blocks;
-  std::vector<KvRows> k_rows, v_rows;
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     auto grow = [](auto& v, size_t n) {
       if (v.size() < n) v.resize(n);
@@ -49,8 +48,6 @@ struct Scratch {
     grow(end, size_t(rows));
     grow(chunk_end, size_t(block_rows));
     grow(blocks, size_t(heads));
-    grow(k_rows, size_t(heads));
-    grow(v_rows, size_t(heads));
     grow(kernel, std::max({AttendScratchFloats(dk, dv, block_rows),
                            AttendHeadsScratchFloats(heads, block_rows),
                            AttendHeadsQ8ScratchFloats(heads, block_rows, dk, dv)}));
@@ -127,6 +124,15 @@ KvRows RowsOf(const RowView& view, int64_t b, int64_t h) {
   return rows;
 }
 
+// The rows of KV heads h, h + 1, ... of a view (8-bit: with their scales).
+KvHeads HeadsOf(const RowView& view, int64_t b, int64_t h) {
+  KvHeads heads;
+  heads.head0 = RowsOf(view, b, h);
+  heads.head_bytes = view.head_stride * view.UnitBytes();
+  if (view.fmt != QFormat::kNone) heads.scale_head_bytes = view.scale_head_stride * ScaleBytes(view.fmt);
+  return heads;
+}
+
 void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern, int64_t item) {
   // Split innermost, so consecutive items share query rows.
   int64_t rest = item;
@@ -166,13 +172,10 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   } else if (HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
     // Several KV heads over an 8-bit cache: key by key across the heads, in
     // memory order, as below.
-    for (int64_t u = 0; u < nh; ++u) {
+    for (int64_t u = 0; u < nh; ++u)
       scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
                                    l + u * R};
-      scratch.k_rows[u] = RowsOf(p.k, bkv, h0 + u);
-      scratch.v_rows[u] = RowsOf(p.v, bkv, h0 + u);
-    }
-    kern.attend_heads_q8(scratch.blocks.data(), nh, scratch.k_rows.data(), scratch.v_rows.data(),
+    kern.attend_heads_q8(scratch.blocks.data(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0),
                          dk, dv, kv0, scratch.kernel.data());
   } else if (quantized) {
     // Several KV heads over a quantized cache (attend_heads reads float rows

@@ -1108,12 +1108,11 @@ void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
 
 // Inlined: a call would pass QueryLanes through memory (a store-forwarding
 // stall per key and head in AttendHeadsQ8).
-[[gnu::always_inline]] inline float DotQ8(QueryLanes q, const KvRows& k, int64_t t, int64_t dk) {
-  const auto* row = static_cast<const int8_t*>(RowPtr(k, t));
-  const char* scales = static_cast<const char*>(k.scales) + t * k.scale_row_bytes;
+[[gnu::always_inline]] inline float DotQ8Row(QueryLanes q, const int8_t* row, const char* scales,
+                                             QFormat fmt, int64_t dk) {
   const int64_t nb = dk / kQBlock;
   float kd[kMaxHeadDim / kQBlock + 8];
-  if (k.fmt == QFormat::kQ8KV) {
+  if (fmt == QFormat::kQ8KV) {
     float d;
     std::memcpy(&d, scales, sizeof d);
     std::fill(kd, kd + nb, d);
@@ -1175,11 +1174,17 @@ void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
   }
 }
 
-[[gnu::always_inline]] inline float DotQ8(QueryLanes q, const KvRows& k, int64_t t, int64_t dk) {
-  const auto* row = static_cast<const int8_t*>(RowPtr(k, t));
+[[gnu::always_inline]] inline float DotQ8Row(QueryLanes q, const int8_t* row, const char* scales,
+                                             QFormat fmt, int64_t dk) {
   const int64_t nb = dk / kQBlock;
   float kd[kMaxHeadDim / kQBlock];
-  KeyBlockScales(k, t, nb, kd);
+  if (fmt == QFormat::kQ8KV) {
+    float d;
+    std::memcpy(&d, scales, sizeof d);
+    std::fill(kd, kd + nb, d);
+  } else {
+    ScalesToFloat(scales, nb, kd);
+  }
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {
@@ -1190,6 +1195,13 @@ void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
                           _mm256_set1_ps(q.qd[j] * kd[j]), acc);
   }
   return simd::ReduceAdd(F32{acc});
+}
+#endif
+
+#if defined(__AVX2__)
+inline float DotQ8(QueryLanes q, const KvRows& k, int64_t t, int64_t dk) {
+  return DotQ8Row(q, static_cast<const int8_t*>(RowPtr(k, t)),
+                  static_cast<const char*>(k.scales) + t * k.scale_row_bytes, k.fmt, dk);
 }
 #else
 constexpr bool kInt8Dot = false;
@@ -1765,16 +1777,16 @@ void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
 // vd[j * kPGroup + t] = key g0 + t's scale of block j (VScales). Gathered
 // 16 (AVX2: 8) keys at a time, two float16 scales a dword (the last of an
 // odd count with the one before it, so no read passes the row's scales).
-void GroupVScales(const KvRows& v, int64_t g0, int64_t n, int64_t nbv, float* vd) {
-  const char* base = static_cast<const char*>(v.scales) + g0 * v.scale_row_bytes;
-  const int srb = int(v.scale_row_bytes);
+void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_t n, int64_t nbv,
+                  float* vd) {
+  const int srb = int(scale_row_bytes);
 #if defined(__AVX512F__)
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(srb));
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
     const char* b = base + t * srb;
-    if (v.fmt == QFormat::kQ8KV) {
+    if (fmt == QFormat::kQ8KV) {
       const __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, b, 1);
       for (int64_t j = 0; j < nbv; ++j) _mm512_storeu_ps(vd + j * kPGroup + t, d);
       continue;
@@ -1792,7 +1804,7 @@ void GroupVScales(const KvRows& v, int64_t g0, int64_t n, int64_t nbv, float* vd
   for (int64_t t = 0; t < n; t += 8) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - t)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const char* b = base + t * srb;
-    if (v.fmt == QFormat::kQ8KV) {
+    if (fmt == QFormat::kQ8KV) {
       const __m256 d = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), reinterpret_cast<const float*>(b), idx,
                                                 _mm256_castsi256_ps(m), 1);
       for (int64_t j = 0; j < nbv; ++j) _mm256_storeu_ps(vd + j * kPGroup + t, d);
@@ -1810,9 +1822,13 @@ void GroupVScales(const KvRows& v, int64_t g0, int64_t n, int64_t nbv, float* vd
     }
   }
 #else
+  KvRows v;
+  v.fmt = fmt;
+  v.scales = base;
+  v.scale_row_bytes = scale_row_bytes;
   float vdt[kMaxHeadDim / kQBlock];
   for (int64_t t = 0; t < n; ++t) {
-    VScales(v, g0 + t, nbv, vdt);
+    VScales(v, t, nbv, vdt);
     for (int64_t j = 0; j < nbv; ++j) vd[j * kPGroup + t] = vdt[j];
   }
 #endif
@@ -1821,8 +1837,8 @@ void GroupVScales(const KvRows& v, int64_t g0, int64_t n, int64_t nbv, float* vd
 // Stands in for V rows past the last key of a P.V step (their P is 0).
 alignas(64) constexpr int8_t kZeroRow[kMaxHeadDim] = {};
 
-void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvRows* k, const KvRows* v, int64_t dk,
-                   int64_t dv, int64_t kv_begin, float* scratch) {
+void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvHeads& v,
+                   int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
   const int64_t R = rows[0].n_rows, nr = nh * R;
   const HeadsQ8Work w = CarveHeadsQ8(scratch, nr, dk, dv);
   int64_t kv_end = kv_begin;
@@ -1847,19 +1863,40 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvRows* k, const KvRo
       std::fill(w.Acc(u * R + r), w.Acc(u * R + r) + dv, 0.f);  // int32 0 has float 0's bits
     }
   }
+  // Head u's row t (scales) at head0's + t * row bytes + u * head bytes.
+  const char* const kd0 = static_cast<const char*>(k.head0.data);
+  const char* const ks0 = static_cast<const char*>(k.head0.scales);
+  const char* const vd0 = static_cast<const char*>(v.head0.data);
+  const char* const vs0 = static_cast<const char*>(v.head0.scales);
+  const int64_t krb = k.head0.row_bytes, ksrb = k.head0.scale_row_bytes;
+  const int64_t vrb = v.head0.row_bytes, vsrb = v.head0.scale_row_bytes;
+  const int64_t khb = k.head_bytes, kshb = k.scale_head_bytes;
+  const int64_t vhb = v.head_bytes, vshb = v.scale_head_bytes;
   const int64_t nbv = w.nbv;
   for (int64_t g0 = kv_begin; g0 < kv_end; g0 += kPGroup) {
     const int64_t nmax = std::min(kPGroup, kv_end - g0);
     for (int64_t u = 0; u < nh; ++u)
       for (int64_t r = 0; r < R; ++r) w.n[u * R + r] = std::clamp<int64_t>(rows[u].end[r] - g0, 0, nmax);
-    // 1. Scores, key by key across the heads. The group's V rows are
-    // prefetched meanwhile: step 3 reads them four keys at a time, more
-    // streams than the hardware prefetchers follow.
+    // 1. Scores, key by key across the heads. K rows, values and scales
+    // are four streams, more than the hardware prefetchers keep ahead of:
+    // the K rows and scales kAhead keys on are prefetched, and the group's
+    // V rows and scales, which steps 2 and 3 read.
+    constexpr int64_t kAhead = 4;
     for (int64_t t = 0; t < nmax; ++t) {
+      const char* kt = kd0 + (g0 + t) * krb;
+      const char* kst = ks0 + (g0 + t) * ksrb;
+      const char* vt = vd0 + (g0 + t) * vrb;
+      const char* vst = vs0 + (g0 + t) * vsrb;
       for (int64_t u = 0; u < nh; ++u) {
-        const char* vrow = static_cast<const char*>(RowPtr(v[u], g0 + t));
-        for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vrow + b);
-        __builtin_prefetch(vrow + dv - 1);
+        const char* ka = kt + kAhead * krb + u * khb;
+        for (int64_t b = 0; b < dk; b += 64) __builtin_prefetch(ka + b);
+        __builtin_prefetch(ka + dk - 1);
+        __builtin_prefetch(kst + kAhead * ksrb + u * kshb);
+        const char* vr = vt + u * vhb;
+        for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vr + b);
+        __builtin_prefetch(vr + dv - 1);
+        __builtin_prefetch(vst + u * vshb);
+        const int8_t* krow = reinterpret_cast<const int8_t*>(kt + u * khb);
 #if !defined(__AVX2__)
         bool converted = false;
 #endif
@@ -1867,9 +1904,14 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvRows* k, const KvRo
           const int64_t row = u * R + r;
           if (w.n[row] <= t) continue;
 #if defined(__AVX2__)
-          w.S(row)[t] = DotQ8(lanes(row), k[u], g0 + t, dk);
+          w.S(row)[t] = DotQ8Row(lanes(row), krow, kst + u * kshb, k.head0.fmt, dk);
 #else
-          if (!converted) RowToFloat(k[u], g0 + t, w.kbuf, dk);
+          if (!converted) {
+            KvRows kr = k.head0;
+            kr.data = krow;
+            kr.scales = kst + u * kshb;
+            RowToFloat(kr, 0, w.kbuf, dk);
+          }
           converted = true;
           const float* q = rows[u].q + r * dk;
           F32 a = F32::Zero();
@@ -1884,7 +1926,7 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvRows* k, const KvRo
       int64_t nu = 0;
       for (int64_t r = 0; r < R; ++r) nu = std::max(nu, w.n[u * R + r]);
       if (nu == 0) continue;
-      GroupVScales(v[u], g0, nu, nbv, w.vd);
+      GroupVScales(vs0 + g0 * vsrb + u * vshb, vsrb, v.head0.fmt, nu, nbv, w.vd);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t row = u * R + r;
         if (w.n[row] == 0) continue;
@@ -1898,10 +1940,16 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvRows* k, const KvRo
     }
     // 3. P.V, four keys at a time across the heads.
     for (int64_t t = 0; t < nmax; t += kHeadsQ8Keys) {
+      const int8_t* vt[kHeadsQ8Keys];
+      int64_t vstep[kHeadsQ8Keys];  // head stride, 0 for the zero row
+      for (int64_t i = 0; i < kHeadsQ8Keys; ++i) {
+        const bool valid = t + i < nmax;
+        vt[i] = valid ? reinterpret_cast<const int8_t*>(vd0 + (g0 + t + i) * vrb) : kZeroRow;
+        vstep[i] = valid ? vhb : 0;
+      }
       for (int64_t u = 0; u < nh; ++u) {
         const int8_t* vr[kHeadsQ8Keys];
-        for (int64_t i = 0; i < kHeadsQ8Keys; ++i)
-          vr[i] = t + i < nmax ? static_cast<const int8_t*>(RowPtr(v[u], g0 + t + i)) : kZeroRow;
+        for (int64_t i = 0; i < kHeadsQ8Keys; ++i) vr[i] = vt[i] + u * vstep[i];
         HeadsQ8Pv(w, u * R, R, vr, t);
       }
     }

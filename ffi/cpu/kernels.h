@@ -38,6 +38,14 @@ struct KvRows {
   int64_t scale_row_bytes = 0;
 };
 
+// The rows of consecutive KV heads of one view: head u's rows (scales) start
+// u * head_bytes (u * scale_head_bytes) after those of head0.
+struct KvHeads {
+  KvRows head0;
+  int64_t head_bytes = 0;
+  int64_t scale_head_bytes = 0;
+};
+
 struct KernelTable {
   const char* isa;
   // Online-softmax attention of `rows` over keys [kv_begin, max(rows.end)),
@@ -56,12 +64,11 @@ struct KernelTable {
                        int64_t k_head_stride, const KvRows& v, int64_t v_head_stride, int64_t dk,
                        int64_t dv, int64_t kv_begin, float* scratch);
   // The same over an 8-bit cache, for shapes HeadsQ8Takes accepts (the
-  // driver runs others head by head through `attend`): rows[u] attends the
-  // rows k[u] and v[u] of KV head u; kv_begin is a multiple of kPGroup.
-  // `scratch` holds AttendHeadsQ8ScratchFloats(n_heads, n_rows, dk, dv)
-  // floats.
-  void (*attend_heads_q8)(const RowBlock* rows, int64_t n_heads, const KvRows* k,
-                          const KvRows* v, int64_t dk, int64_t dv, int64_t kv_begin,
+  // driver runs others head by head through `attend`): rows[u] attends KV
+  // head u of k and v; kv_begin is a multiple of kPGroup. `scratch` holds
+  // AttendHeadsQ8ScratchFloats(n_heads, n_rows, dk, dv) floats.
+  void (*attend_heads_q8)(const RowBlock* rows, int64_t n_heads, const KvHeads& k,
+                          const KvHeads& v, int64_t dk, int64_t dv, int64_t kv_begin,
                           float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
