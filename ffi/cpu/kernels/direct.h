@@ -1,0 +1,157 @@
+// The tile loop over float K and V read in place, for blocks of up to
+// kDirectMaxRows rows (MLA decode): no converted K tile (QkDirect, PvDirect,
+// AttendDirectV).
+//
+// A fragment of ffi/cpu/kernels.cc, compiled once per ISA level inside its
+// namespace (see common.h).
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "ffi/cpu/kernels/common.h"
+#include "ffi/cpu/kernels/tile.h"
+
+namespace jax_mla::cpu::JAX_MLA_ISA {
+namespace {
+
+// Float K and V read in place, for blocks of up to kDirectMaxRows rows
+// (decode with many heads per KV head, MLA's 16): no converted tile. The
+// tile path writes the whole float32 K tile (64 x 576 floats, 147 KB) to L2
+// and reads it back for Q.K and again once per row block for P.V; here Q.K
+// converts the next W dims of its KB keys into a small buffer in L1 (two
+// chunks in flight, so the broadcasts never wait on the stores just made)
+// and P.V converts V in registers, once per key and row block.
+template <DType KT, int RV, int KB>
+void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, float* st,
+              int64_t t0, float* buf, const char* next, int64_t next_bytes) {
+  F32 acc[KB][RV];
+  for (auto& row : acc)
+    for (F32& a : row) a = F32::Zero();
+  const auto convert = [&](int64_t dc, float* b) {
+    for (int i = 0; i < KB; ++i) LoadAs<KT>(kr[i], dc).Store(b + i * W);
+  };
+  // The next block's rows (next_bytes from `next`) are prefetched a few
+  // lines per chunk, so that they come from L2, not L3, when converted.
+  const int64_t chunks = dk / W;
+  const int64_t lines = (next_bytes + 63) / 64, per_chunk = (lines + chunks - 1) / chunks;
+  convert(0, buf);
+  for (int64_t dc = 0, c = 0; dc < dk; dc += W, ++c) {
+    for (int64_t l = c * per_chunk; l < std::min(lines, (c + 1) * per_chunk); ++l)
+      __builtin_prefetch(next + l * 64);
+    const float* cur = buf + (c & 1) * KB * W;
+    if (dc + W < dk) convert(dc + W, buf + ((c + 1) & 1) * KB * W);
+    for (int dd = 0; dd < W; ++dd) {
+      F32 q[RV];
+      for (int j = 0; j < RV; ++j) q[j] = F32::Load(qt + (dc + dd) * rp + j * W);
+      for (int i = 0; i < KB; ++i) {
+        const F32 kv = F32::Splat(cur[i * W + dd]);
+        for (int j = 0; j < RV; ++j) acc[i][j] = simd::Fma(kv, q[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < KB; ++i)
+    for (int j = 0; j < RV; ++j) acc[i][j].Store(st + (t0 + i) * rp + j * W);
+}
+
+// o[r][d0 ..) = corr[r] * o[r][d0 ..) + sum_{t < tn} st[t][r] * V[t][d0 ..) for RB
+// rows from r0 and DB vectors of dims, V row t at vbase + t * vrb.
+template <DType VT, int RB, int DB>
+void PvDirect(const float* st, int64_t rp, int64_t r0, const float* corr, const char* vbase,
+              int64_t vrb, int64_t tn, float* o, int64_t dv, int64_t d0) {
+  F32 acc[RB][DB];
+  for (int i = 0; i < RB; ++i) {
+    const F32 c = F32::Splat(corr[r0 + i]);
+    for (int j = 0; j < DB; ++j) acc[i][j] = simd::Mul(F32::Load(o + (r0 + i) * dv + d0 + j * W), c);
+  }
+  const char* vr = vbase;
+  for (int64_t t = 0; t < tn; ++t, vr += vrb) {
+    F32 v[DB];
+    for (int j = 0; j < DB; ++j) v[j] = LoadAs<VT>(vr, d0 + j * W);
+    for (int i = 0; i < RB; ++i) {
+      const F32 p = F32::Splat(st[t * rp + r0 + i]);
+      for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, v[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int j = 0; j < DB; ++j) acc[i][j].Store(o + (r0 + i) * dv + d0 + j * W);
+}
+
+template <DType VT, int RB>
+void PvDirectRows(const float* st, int64_t rp, int64_t r0, const float* corr, const char* vbase,
+                  int64_t vrb, int64_t tn, float* o, int64_t dv) {
+  constexpr int DB = simd::kPvDirectVecs;
+  int64_t d0 = 0;
+  for (; d0 + DB * W <= dv; d0 += DB * W)
+    PvDirect<VT, RB, DB>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+  for (; d0 < dv; d0 += W) PvDirect<VT, RB, 1>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+}
+
+// Blocks of up to this many rows (and at most two row vectors) take the
+// direct path where the ISA enables it (simd::kDirect); key tiles per step.
+constexpr int64_t kDirectMaxRows = 16;
+constexpr int64_t kDirectTiles = 4;
+
+// Attend's tile loop over float K and V read in place (QkDirect, PvDirect);
+// Q is transposed in w.qt and the softmax state is in w. V row t is at
+// vbase + t * vrb.
+template <DType KT, DType VT>
+void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows& k,
+                  const char* vbase, int64_t vrb, int64_t dk, int64_t dv, int64_t kv_begin,
+                  int64_t kv_end) {
+  const int64_t R = rows.n_rows;
+  float* buf = w.kt;  // QkDirect's two chunks of KB x W floats
+  // When P.V covers all rows in one pass over V (one block of
+  // kPvDirectRows), keys go in steps of kDirectTiles tiles: P.V loads and
+  // stores O once per step (MLA decode avx512: 677 -> 648 us in kernel_bench
+  // 16 2048). With several passes a tile per step was faster (avx2 with 16
+  // rows: 753 vs 790 us). The scores of a longer step, [TS, rp], live in
+  // w.vt, which this path does not use otherwise.
+  const int64_t TS = R == simd::kPvDirectRows ? kDirectTiles * T : T;
+  Work ws = w;
+  if (TS > T) ws.st = w.vt;
+  const auto qk = [&](auto rv, auto kb, int64_t t0, int64_t tn) {
+    constexpr int RV = decltype(rv)::value, KB = decltype(kb)::value;
+    const void* kr[KB];
+    for (int64_t t = 0; t < tn; t += KB) {
+      // Keys past tn repeat the last valid row; Softmax masks their scores.
+      for (int i = 0; i < KB; ++i) kr[i] = RowPtr(k, t0 + std::min<int64_t>(t + i, tn - 1));
+      // The rows of the next KB keys (up to kv_end), contiguous in the cache.
+      const int64_t n_next = std::clamp<int64_t>(kv_end - (t0 + t + KB), 0, KB);
+      const char* next = static_cast<const char*>(RowPtr(k, t0 + t + (n_next > 0 ? KB : 0)));
+      const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
+      QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next, next_bytes);
+    }
+  };
+  for (int64_t t0 = kv_begin; t0 < kv_end; t0 += TS) {
+    const int64_t tn = std::min(TS, kv_end - t0);
+    for (int64_t r = 0; r < rp; ++r)
+      w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
+    if (rp == W) {
+      qk(std::integral_constant<int, 1>{}, std::integral_constant<int, simd::kQkKeys1>{}, t0, tn);
+    } else {
+      qk(std::integral_constant<int, 2>{}, std::integral_constant<int, simd::kQkKeys>{}, t0, tn);
+    }
+    Softmax(ws, rp, tn);
+    const char* vt = vbase + t0 * vrb;
+    constexpr int RB = simd::kPvDirectRows;
+    int64_t r0 = 0;
+    for (; r0 + RB <= R; r0 += RB) PvDirectRows<VT, RB>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+    for (; r0 + 4 <= R; r0 += 4) PvDirectRows<VT, 4>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+    for (; r0 < R; ++r0) PvDirectRows<VT, 1>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+  }
+}
+
+template <DType KT>
+void AttendDirectV(DType vdt, const RowBlock& rows, const Work& w, int64_t rp, const KvRows& k,
+                   const char* vbase, int64_t vrb, int64_t dk, int64_t dv, int64_t kv_begin,
+                   int64_t kv_end) {
+  switch (vdt) {
+    case DType::kF32: return AttendDirect<KT, DType::kF32>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+    case DType::kF16: return AttendDirect<KT, DType::kF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+    case DType::kBF16: return AttendDirect<KT, DType::kBF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+  }
+}
+
+}  // namespace
+}  // namespace jax_mla::cpu::JAX_MLA_ISA
