@@ -99,7 +99,7 @@ inline bool HeadsQ8Takes(QFormat k_fmt, QFormat v_fmt, int64_t dk, int64_t dv) {
 
 // Per row: query lanes (3 x dk / 4 rounded to 16), scores, rounded P, sums;
 // then the P scales, one head's V scales, a K row and the rows' key counts
-// (kernels.cc, CarveHeadsQ8), with 64 bytes for alignment.
+// (kernels/heads_q8.h, CarveHeadsQ8), with 64 bytes for alignment.
 inline size_t AttendHeadsQ8ScratchFloats(int64_t n_heads, int64_t n_rows, int64_t dk,
                                          int64_t dv) {
   auto up16 = [](int64_t x) { return (x + 15) / 16 * 16; };

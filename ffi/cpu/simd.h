@@ -67,7 +67,7 @@ inline constexpr int kQkKeys = 8;     // QK: keys per block
 inline constexpr int kQkKeys1 = 16;   // QK: keys per block with a single row vector
 inline constexpr int kPvRows = 4;     // PV: rows per block
 inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
-// Float K and V read in place for blocks of up to 16 rows (kernels.cc,
+// Float K and V read in place for blocks of up to 16 rows (kernels/direct.h,
 // QkDirect / PvDirect): whether to, and PV's rows and value vectors per block.
 inline constexpr bool kDirect = true;
 inline constexpr int kPvDirectRows = 16;
