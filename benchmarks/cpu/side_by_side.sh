@@ -9,7 +9,8 @@
 # PY's environment must have this checkout's jax_mla installed; IK_BENCH is the folder that
 # ../shared/tools/ik_bench builds (about 13 minutes, once per machine). ISA=avx2 times jax_mla's
 # AVX2 path instead of the best one (with an ik_bench built for AVX2 only, the proxy of a Zen 3
-# on a Zen 4). Run it on a quiet machine: both sides use both cores.
+# on a Zen 4); RUNS=n sets the side-by-side runs (3), TABLE=0 leaves out the main table. Run it
+# on a quiet machine: both sides use both cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PY:-python}"
@@ -25,10 +26,12 @@ rev="$(git -C "$ROOT" rev-parse --short HEAD)"
 git -C "$ROOT" diff --quiet HEAD -- ffi jax_mla || echo "warning: uncommitted changes in ffi/ or jax_mla/" >&2
 out="$ROOT/benchmarks/results/$(date -u +%F)_${kind}_${rev}"
 cd /tmp  # import the installed jax_mla, not the source tree
-for run in 1 2 3; do
+for run in $(seq "${RUNS:-3}"); do
   "$PY" -P "$ROOT/benchmarks/cpu/side_by_side.py" --ik-bench "$IK" --json "${out}_vs_ik_run$run.json" \
     | tee "${out}_vs_ik_run$run.txt"
 done
-"$PY" -m jax_mla --no-model --caches f16,q8_0 --ik-bench "$IK" --json "${out}_ops_f16_q8_0.json" \
-  | tee "${out}_ops_f16_q8_0.txt"
+if [ "${TABLE:-1}" != 0 ]; then
+  "$PY" -m jax_mla --no-model --caches f16,q8_0 --ik-bench "$IK" --json "${out}_ops_f16_q8_0.json" \
+    | tee "${out}_ops_f16_q8_0.txt"
+fi
 echo "written: ${out}_*"
