@@ -121,7 +121,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     for (int64_t t = 0; t < tn; ++t) {
       if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
       if (qpv) {
-        VScales(v, t0 + t, nbv, w.vd + t * nbv);
+        RowScales(v, t0 + t, nbv, w.vd + t * nbv);
         if (!kInt8Pv && !kInt16Pv) RowInt8ToFloat(v, t0 + t, w.vt + t * vstride, dv);
       } else if (!v_from_k) {
         RowToFloat(v, t0 + t, w.vt + t * vstride, dv);

@@ -158,17 +158,23 @@ void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
   }
 }
 
-// 8-bit V with rounded P (quant_format.h): the per-key scales of row t, one
-// per block of 32 columns (q8_kv: the row's scale for each block).
-void VScales(const KvRows& v, int64_t t, int64_t nbv, float* dst) {
-  const char* scales = static_cast<const char*>(v.scales) + t * v.scale_row_bytes;
-  if (v.fmt == QFormat::kQ8KV) {
+// A row's block scales as float32 from its scale bytes, dst[j] for j < nb:
+// float16 per block of 32 values, or q8_kv's one float32 for every block.
+// For K these scale the row's 32-value blocks; for 8-bit V with rounded P
+// (quant_format.h) its blocks of 32 columns.
+void BlockScales(const char* scales, QFormat fmt, int64_t nb, float* dst) {
+  if (fmt == QFormat::kQ8KV) {
     float d;
     std::memcpy(&d, scales, sizeof d);
-    std::fill(dst, dst + nbv, d);
+    std::fill(dst, dst + nb, d);
   } else {
-    ScalesToFloat(scales, nbv, dst);
+    ScalesToFloat(scales, nb, dst);
   }
+}
+
+// Row t's block scales (BlockScales).
+void RowScales(const KvRows& r, int64_t t, int64_t nb, float* dst) {
+  BlockScales(static_cast<const char*>(r.scales) + t * r.scale_row_bytes, r.fmt, nb, dst);
 }
 
 // The int8 values of row t as float32, unscaled (n a multiple of 16).
@@ -197,18 +203,6 @@ float QueryBlockQ8(const float* x, int32_t* qq) {
   const float id = d != 0.f ? 1.f / d : 0.f;
   for (int64_t i = 0; i < kQBlock; ++i) qq[i] = RoundHalfAway(x[i] * id);
   return d;
-}
-
-// Key t's block scales as float32, kdt[j] for j < nb (q8_kv: its one scale).
-void KeyBlockScales(const KvRows& k, int64_t t, int64_t nb, float* kdt) {
-  const char* scales = static_cast<const char*>(k.scales) + t * k.scale_row_bytes;
-  if (k.fmt == QFormat::kQ8KV) {
-    float d;
-    std::memcpy(&d, scales, sizeof d);
-    std::fill(kdt, kdt + nb, d);
-  } else {
-    ScalesToFloat(scales, nb, kdt);
-  }
 }
 
 template <DType T>

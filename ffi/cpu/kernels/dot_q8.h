@@ -126,13 +126,7 @@ void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
                                              QFormat fmt, int64_t dk) {
   const int64_t nb = dk / kQBlock;
   float kd[kMaxHeadDim / kQBlock];
-  if (fmt == QFormat::kQ8KV) {
-    float d;
-    std::memcpy(&d, scales, sizeof d);
-    std::fill(kd, kd + nb, d);
-  } else {
-    ScalesToFloat(scales, nb, kd);
-  }
+  BlockScales(scales, fmt, nb, kd);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t j = 0; j < nb; ++j) {

@@ -188,7 +188,7 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
         }
       }
       const F32 c = F32::Splat(SoftmaxBlock<G>(s, n, &m, &l));
-      for (int64_t t = 0; t < n; ++t) VScales(v, g0 + t, nbv, vd + t * nbv);
+      for (int64_t t = 0; t < n; ++t) RowScales(v, g0 + t, nbv, vd + t * nbv);
       for (int64_t j = 0; j < nbv; ++j) {
         // The same float32 operations as QuantizeProbs, one lane.
         float amax = 0.f;

@@ -257,7 +257,7 @@ void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
 #endif
 
 // V's scales of keys g0 .. g0 + n (n <= kPGroup) of one head, key-minor:
-// vd[j * kPGroup + t] = key g0 + t's scale of block j (VScales). Gathered
+// vd[j * kPGroup + t] = key g0 + t's scale of block j (RowScales). Gathered
 // 16 (AVX2: 8) keys at a time, two float16 scales a dword (the last of an
 // odd count with the one before it, so no read passes the row's scales).
 void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_t n, int64_t nbv,
@@ -305,13 +305,9 @@ void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_
     }
   }
 #else
-  KvRows v;
-  v.fmt = fmt;
-  v.scales = base;
-  v.scale_row_bytes = scale_row_bytes;
   float vdt[kMaxHeadDim / kQBlock];
   for (int64_t t = 0; t < n; ++t) {
-    VScales(v, t, nbv, vdt);
+    BlockScales(base + t * scale_row_bytes, fmt, nbv, vdt);
     for (int64_t j = 0; j < nbv; ++j) vd[j * kPGroup + t] = vdt[j];
   }
 #endif

@@ -227,7 +227,7 @@ void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
-    KeyBlockScales(k, t0 + t, nb, kdt);
+    RowScales(k, t0 + t, nb, kdt);
     for (int64_t j = 0; j < nb; ++j) {
       int16_t* dst = kw + (j * NT + t) * kQBlock;
       for (int h = 0; h < 2; ++h)

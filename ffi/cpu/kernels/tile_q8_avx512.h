@@ -66,7 +66,7 @@ void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, uint8_t
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
-    KeyBlockScales(k, t0 + t, nb, kdt);
+    RowScales(k, t0 + t, nb, kdt);
     int64_t j = 0;
     for (; j + 2 <= nb; j += 2) {
       const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(row + j * kQBlock), bias);
