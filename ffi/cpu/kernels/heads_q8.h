@@ -22,7 +22,7 @@ namespace {
 // apart and the loads wait on memory; here each group of kPGroup keys is
 // walked key by key across the heads, in memory order:
 //   1. scores: every head's rows against that head's K row of the key
-//      (DotQ8: integer dot products where the ISA has them);
+//      (DotQ8Row: integer dot products where the ISA has them);
 //   2. per row: the online-softmax step and P rounded to 8 bits per V block
 //      (quant_format.h), vectorized over the group's keys;
 //   3. P.V: four keys at a time, each head's four V rows interleaved into
