@@ -165,6 +165,13 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
 
   const int64_t bkv = b % p.kv_batch;
   const bool quantized = p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone;
+  // The KV heads' row blocks, for the kernels that take several heads.
+  auto head_blocks = [&] {
+    for (int64_t u = 0; u < nh; ++u)
+      scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
+                                   l + u * R};
+    return scratch.blocks.data();
+  };
   if (nh == 1) {
     RowBlock block{R, q, end, o, m, l};
     kern.attend(block, RowsOf(p.k, bkv, h0), RowsOf(p.v, bkv, h0), p.v_in_k, dk, dv, kv0,
@@ -172,17 +179,15 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   } else if (HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
     // Several KV heads over an 8-bit cache: key by key across the heads, in
     // memory order, as below.
-    for (int64_t u = 0; u < nh; ++u)
-      scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
-                                   l + u * R};
-    kern.attend_heads_q8(scratch.blocks.data(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0),
+    kern.attend_heads_q8(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0),
                          dk, dv, kv0, scratch.kernel.data());
   } else if (quantized) {
-    // Several KV heads over a quantized cache (attend_heads reads float rows
-    // only): one head at a time, but chunk by chunk of keys, so the heads of
-    // a key (adjacent in the cache) are read close together in time. The
-    // chunks fall on the 8-bit P groups (kv0 does), and each call continues
-    // the rows' online softmax from where the last one left it.
+    // Several KV heads over a quantized cache attend_heads_q8 does not take
+    // (q6_0, float with 8-bit, odd dims): one head at a time, but chunk by
+    // chunk of keys, so the heads of a key (adjacent in the cache) are read
+    // close together in time. The chunks fall on the 8-bit P groups (kv0
+    // does), and each call continues the rows' online softmax from where the
+    // last one left it.
     int64_t kv_max = kv0;
     for (int64_t e = 0; e < nh * R; ++e) kv_max = std::max(kv_max, end[e]);
     int64_t* chunk_end = scratch.chunk_end.data();
@@ -197,10 +202,7 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   } else {
     // Several KV heads with few rows each: the kernel walks the keys and
     // reads all heads of a key together, in memory order.
-    for (int64_t u = 0; u < nh; ++u)
-      scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
-                                   l + u * R};
-    kern.attend_heads(scratch.blocks.data(), nh, RowsOf(p.k, bkv, h0), p.k.head_stride,
+    kern.attend_heads(head_blocks(), nh, RowsOf(p.k, bkv, h0), p.k.head_stride,
                       RowsOf(p.v, bkv, h0), p.v.head_stride, dk, dv, kv0,
                       scratch.kernel.data());
   }
