@@ -66,6 +66,20 @@ def test_mla_on_each_isa(rng, isa, case):
     check_mla(rng, **case)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("heads", [2, 3, 6, 8, 10, 14, 16])
+def test_mla_direct_row_blocks_and_key_counts_on_each_isa(rng, isa, heads, num_splits):
+    # The float cache read in place for blocks of up to 16 rows
+    # (kernels/direct.h): P.V's row blocks (AVX2: 6, then 4, 2, 1, and two 4s
+    # for 8 and 14 rows), Q.K's 6-key blocks with a 4-key tail, steps of
+    # four tiles where P.V is one pass; visible key counts around all of
+    # them, f16 and bf16, each split count; fresh random data.
+    lens = [1, 5, 7, KV_TILE - 1, KV_TILE + 6, 4 * KV_TILE + 3]
+    for dtypes in [(jnp.float32, jnp.float16), (jnp.bfloat16, jnp.bfloat16)]:
+        check_mla(rng, batch=len(lens), seq_q=1, heads=heads, seq_kv=4 * KV_TILE + 3, dk=144,
+                  dv=48, v_offset=16, dtypes=dtypes, kv_len=lens, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("fmt", ["q8_0", "q8_kv", "q6_0"])
 @pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
 def test_quantized_mla_on_each_isa(rng, isa, fmt, heads):

@@ -70,6 +70,7 @@ inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
 // Float K and V read in place for blocks of up to 16 rows (kernels/direct.h,
 // QkDirect / PvDirect): whether to, and PV's rows and value vectors per block.
 inline constexpr bool kDirect = true;
+inline constexpr int kQkDirectKeys = kQkKeys;
 inline constexpr int kPvDirectRows = 16;
 inline constexpr int kPvDirectVecs = 1;
 
@@ -135,7 +136,8 @@ inline constexpr int kQkKeys1 = 8;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 4;
 inline constexpr bool kDirect = true;
-inline constexpr int kPvDirectRows = 4;
+inline constexpr int kQkDirectKeys = 6;
+inline constexpr int kPvDirectRows = 6;
 inline constexpr int kPvDirectVecs = 2;
 
 #else  // generic: plain loops the compiler may vectorize for the baseline ISA
@@ -203,6 +205,7 @@ inline constexpr int kQkKeys1 = 4;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 2;
 inline constexpr bool kDirect = false;
+inline constexpr int kQkDirectKeys = kQkKeys;
 inline constexpr int kPvDirectRows = 4;
 inline constexpr int kPvDirectVecs = 1;
 

@@ -77,14 +77,37 @@ void PvDirect(const float* st, int64_t rp, int64_t r0, const float* corr, const 
     for (int j = 0; j < DB; ++j) acc[i][j].Store(o + (r0 + i) * dv + d0 + j * W);
 }
 
-template <DType VT, int RB>
-void PvDirectRows(const float* st, int64_t rp, int64_t r0, const float* corr, const char* vbase,
-                  int64_t vrb, int64_t tn, float* o, int64_t dv) {
-  constexpr int DB = simd::kPvDirectVecs;
+// P.V's row blocks over R rows: kPvDirectRows at a time, then 4, 2 and 1
+// (where that would leave 6 + 2, two blocks of 4). The number of blocks
+// (each a pass over the step's V).
+constexpr int64_t PvDirectFullBlocks(int64_t R) {
+  constexpr int64_t RB = simd::kPvDirectRows;
+  return R / RB - (RB == 6 && R % RB == 2 && R > RB ? 1 : 0);
+}
+constexpr int64_t PvDirectPasses(int64_t R) {
+  const int64_t rest = R - PvDirectFullBlocks(R) * simd::kPvDirectRows;
+  return PvDirectFullBlocks(R) + rest / 4 + rest % 4 / 2 + rest % 2;
+}
+
+// P.V for all R rows. Dims go outermost: the column strip of V that one
+// PvDirect reads (tn keys x DB vectors) stays in L1 for every row block
+// after the first, instead of coming again from L2 once per row block.
+template <DType VT>
+void PvDirectAll(const float* st, int64_t rp, int64_t R, const float* corr, const char* vbase,
+                 int64_t vrb, int64_t tn, float* o, int64_t dv) {
+  constexpr int RB = simd::kPvDirectRows, DB = simd::kPvDirectVecs;
+  const int64_t full = PvDirectFullBlocks(R) * RB;
+  const auto rows = [&](auto db, int64_t d0) {
+    constexpr int D = decltype(db)::value;
+    int64_t r0 = 0;
+    for (; r0 < full; r0 += RB) PvDirect<VT, RB, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+    for (; r0 + 4 <= R; r0 += 4) PvDirect<VT, 4, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+    for (; r0 + 2 <= R; r0 += 2) PvDirect<VT, 2, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+    for (; r0 < R; ++r0) PvDirect<VT, 1, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+  };
   int64_t d0 = 0;
-  for (; d0 + DB * W <= dv; d0 += DB * W)
-    PvDirect<VT, RB, DB>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
-  for (; d0 < dv; d0 += W) PvDirect<VT, RB, 1>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+  for (; d0 + DB * W <= dv; d0 += DB * W) rows(std::integral_constant<int, DB>{}, d0);
+  for (; d0 < dv; d0 += W) rows(std::integral_constant<int, 1>{}, d0);
 }
 
 // Blocks of up to this many rows (and at most two row vectors) take the
@@ -101,44 +124,50 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
                   int64_t kv_end) {
   const int64_t R = rows.n_rows;
   float* buf = w.kt;  // QkDirect's two chunks of KB x W floats
-  // When P.V covers all rows in one pass over V (one block of
-  // kPvDirectRows), keys go in steps of kDirectTiles tiles: P.V loads and
-  // stores O once per step (MLA decode avx512: 677 -> 648 us in kernel_bench
-  // 16 2048). With several passes a tile per step was faster (avx2 with 16
-  // rows: 753 vs 790 us). The scores of a longer step, [TS, rp], live in
-  // w.vt, which this path does not use otherwise.
-  const int64_t TS = R == simd::kPvDirectRows ? kDirectTiles * T : T;
+  // When P.V covers all rows in one pass over V (a single row block),
+  // keys go in steps of kDirectTiles tiles: P.V loads and stores O once per
+  // step (MLA decode avx512: 677 -> 648 us in kernel_bench 16 2048). With
+  // several passes a tile per step was faster (avx2 with 16 rows: 753 vs 790
+  // us; the V strips of a longer step no longer stay in L1). The scores of
+  // a longer step, [TS, rp], live in w.vt, which this path does not use
+  // otherwise.
+  const int64_t TS = PvDirectPasses(R) == 1 ? kDirectTiles * T : T;
   Work ws = w;
   if (TS > T) ws.st = w.vt;
-  const auto qk = [&](auto rv, auto kb, int64_t t0, int64_t tn) {
+  // Q.K of keys [t, t + KB) of the step from t0 (tn valid).
+  const auto qk_block = [&](auto rv, auto kb, int64_t t0, int64_t t, int64_t tn) {
     constexpr int RV = decltype(rv)::value, KB = decltype(kb)::value;
     const void* kr[KB];
-    for (int64_t t = 0; t < tn; t += KB) {
-      // Keys past tn repeat the last valid row; Softmax masks their scores.
-      for (int i = 0; i < KB; ++i) kr[i] = RowPtr(k, t0 + std::min<int64_t>(t + i, tn - 1));
-      // The rows of the next KB keys (up to kv_end), contiguous in the cache.
-      const int64_t n_next = std::clamp<int64_t>(kv_end - (t0 + t + KB), 0, KB);
-      const char* next = static_cast<const char*>(RowPtr(k, t0 + t + (n_next > 0 ? KB : 0)));
-      const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
-      QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next, next_bytes);
-    }
+    // Keys past tn repeat the last valid row; Softmax masks their scores.
+    for (int i = 0; i < KB; ++i) kr[i] = RowPtr(k, t0 + std::min<int64_t>(t + i, tn - 1));
+    // The rows of the next KB keys (up to kv_end), contiguous in the cache.
+    const int64_t n_next = std::clamp<int64_t>(kv_end - (t0 + t + KB), 0, KB);
+    const char* next = static_cast<const char*>(RowPtr(k, t0 + t + (n_next > 0 ? KB : 0)));
+    const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
+    QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next, next_bytes);
+  };
+  // Blocks of KB keys, then the rest in blocks of KB_TAIL (which divides
+  // the step, so the padded keys stay inside it).
+  const auto qk = [&](auto rv, auto kb, auto kb_tail, int64_t t0, int64_t tn) {
+    constexpr int KB = decltype(kb)::value;
+    int64_t t = 0;
+    for (; t + KB <= tn; t += KB) qk_block(rv, kb, t0, t, tn);
+    for (; t < tn; t += decltype(kb_tail)::value) qk_block(rv, kb_tail, t0, t, tn);
   };
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += TS) {
     const int64_t tn = std::min(TS, kv_end - t0);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
     if (rp == W) {
-      qk(std::integral_constant<int, 1>{}, std::integral_constant<int, simd::kQkKeys1>{}, t0, tn);
+      qk(std::integral_constant<int, 1>{}, std::integral_constant<int, simd::kQkKeys1>{},
+         std::integral_constant<int, simd::kQkKeys1>{}, t0, tn);
     } else {
-      qk(std::integral_constant<int, 2>{}, std::integral_constant<int, simd::kQkKeys>{}, t0, tn);
+      qk(std::integral_constant<int, 2>{}, std::integral_constant<int, simd::kQkDirectKeys>{},
+         std::integral_constant<int, simd::kQkKeys>{}, t0, tn);
     }
     Softmax(ws, rp, tn);
     const char* vt = vbase + t0 * vrb;
-    constexpr int RB = simd::kPvDirectRows;
-    int64_t r0 = 0;
-    for (; r0 + RB <= R; r0 += RB) PvDirectRows<VT, RB>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
-    for (; r0 + 4 <= R; r0 += 4) PvDirectRows<VT, 4>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
-    for (; r0 < R; ++r0) PvDirectRows<VT, 1>(ws.st, rp, r0, w.corr, vt, vrb, tn, rows.o, dv);
+    PvDirectAll<VT>(ws.st, rp, R, w.corr, vt, vrb, tn, rows.o, dv);
   }
 }
 
