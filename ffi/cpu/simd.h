@@ -68,7 +68,8 @@ inline constexpr int kQkKeys1 = 16;   // QK: keys per block with a single row ve
 inline constexpr int kPvRows = 4;     // PV: rows per block
 inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
 // Float K and V read in place for blocks of up to 16 rows (kernels/direct.h,
-// QkDirect / PvDirect): whether to, and PV's rows and value vectors per block.
+// QkDirect / PvDirect): whether to, QK's keys per block with two row vectors,
+// and PV's rows and value vectors per block.
 inline constexpr bool kDirect = true;
 inline constexpr int kQkDirectKeys = kQkKeys;
 inline constexpr int kPvDirectRows = 16;
@@ -136,6 +137,9 @@ inline constexpr int kQkKeys1 = 8;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 4;
 inline constexpr bool kDirect = true;
+// 6 keys x 2 row vectors and 6 rows x 2 value vectors: 12 accumulators,
+// 15 of the 16 registers (4 x 2 and 4 x 2 before: MLA decode's kernel 1500
+// -> 1360 us, benchmarks/NOTES.md 12).
 inline constexpr int kQkDirectKeys = 6;
 inline constexpr int kPvDirectRows = 6;
 inline constexpr int kPvDirectVecs = 2;
