@@ -66,6 +66,21 @@ def test_mla_on_each_isa(rng, isa, case):
     check_mla(rng, **case)
 
 
+@pytest.mark.parametrize("seq_q,heads_q,heads_kv", [(17, 2, 2), (18, 2, 2), (7, 3, 1), (19, 3, 1)],
+                         ids=["17rows", "18rows", "21rows", "30rows"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_row_blocks_and_key_counts_on_each_isa(rng, isa, seq_q, heads_q, heads_kv, causal):
+    # The float tile path (blocks of more than 16 rows): P.V's row blocks
+    # (AVX2: 4 rows x 3 vectors, then single rows) over 10 vectors of 8 dims
+    # (3 + 3 + 3 + 1), Q.K's 6-key blocks with a 4-key tail (AVX2), visible
+    # key counts around both and the 64-key tile; fresh random data.
+    kv_len = [KV_TILE + 5, 11, 2 * KV_TILE + 1]
+    check_attention(rng, batch=3, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
+                    seq_kv=2 * KV_TILE + 1, dk=96, dv=80, dtypes=(jnp.float32, jnp.float16, jnp.bfloat16),
+                    causal=causal, q_pos=[KV_TILE + 5 - seq_q, 11 - seq_q, 2 * KV_TILE + 1 - seq_q],
+                    kv_len=kv_len)
+
+
 @pytest.mark.parametrize("num_splits", [1, 2])
 @pytest.mark.parametrize("heads", [2, 3, 6, 8, 10, 14, 16])
 def test_mla_direct_row_blocks_and_key_counts_on_each_isa(rng, isa, heads, num_splits):

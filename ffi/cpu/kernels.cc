@@ -159,12 +159,14 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       constexpr int KB = simd::kQkKeys1;
       for (int64_t t = 0; t < tn; t += KB) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, 0);
     } else {
-      constexpr int RV = simd::kQkRowVecs, KB = simd::kQkKeys;
-      for (int64_t t = 0; t < tn; t += KB) {
+      constexpr int RV = simd::kQkRowVecs;
+      const auto block = [&](auto kb, int64_t t) {
+        constexpr int KB = decltype(kb)::value;
         int64_t r0 = 0;
         for (; r0 + RV * W <= rp; r0 += RV * W) QkLanes<RV, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
         for (; r0 < rp; r0 += W) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
-      }
+      };
+      ForKeyBlocks<simd::kQkKeysMain, simd::kQkKeys>(tn, block);
     }
 
     Softmax(w, rp, tn);

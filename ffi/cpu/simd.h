@@ -63,15 +63,14 @@ inline F32 LoadI8(const int8_t* p) {
 
 // Register blocking: 32 zmm registers.
 inline constexpr int kQkRowVecs = 2;  // QK: row vectors (x16 rows) per block
-inline constexpr int kQkKeys = 8;     // QK: keys per block
+inline constexpr int kQkKeys = 8;     // QK: keys per block (divides the tile)
+inline constexpr int kQkKeysMain = 8; // QK: keys per block before the last few (ForKeyBlocks)
 inline constexpr int kQkKeys1 = 16;   // QK: keys per block with a single row vector
 inline constexpr int kPvRows = 4;     // PV: rows per block
 inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
 // Float K and V read in place for blocks of up to 16 rows (kernels/direct.h,
-// QkDirect / PvDirect): whether to, QK's keys per block with two row vectors,
-// and PV's rows and value vectors per block.
+// QkDirect / PvDirect): whether to, and PV's rows and value vectors per block.
 inline constexpr bool kDirect = true;
-inline constexpr int kQkDirectKeys = kQkKeys;
 inline constexpr int kPvDirectRows = 16;
 inline constexpr int kPvDirectVecs = 1;
 
@@ -130,17 +129,18 @@ inline F32 LoadI8(const int8_t* p) {
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 
-// Register blocking: 16 ymm registers.
+// Register blocking: 16 ymm registers. Q.K's 6 keys x 2 row vectors and
+// P.V's 4 rows x 3 value vectors (direct: 6 rows x 2) keep 12 accumulators,
+// all 16 registers with the loaded and broadcast operands (was 4 x 2 and
+// 2 x 4, direct 4 x 2: MLA decode's kernel 1500 -> 1360 us, MLA prefill's
+// 2050 -> 1430 us; benchmarks/NOTES.md 12).
 inline constexpr int kQkRowVecs = 2;
 inline constexpr int kQkKeys = 4;
+inline constexpr int kQkKeysMain = 6;
 inline constexpr int kQkKeys1 = 8;
-inline constexpr int kPvRows = 2;
-inline constexpr int kPvVecs = 4;
+inline constexpr int kPvRows = 4;
+inline constexpr int kPvVecs = 3;
 inline constexpr bool kDirect = true;
-// 6 keys x 2 row vectors and 6 rows x 2 value vectors: 12 accumulators,
-// 15 of the 16 registers (4 x 2 and 4 x 2 before: MLA decode's kernel 1500
-// -> 1360 us, benchmarks/NOTES.md 12).
-inline constexpr int kQkDirectKeys = 6;
 inline constexpr int kPvDirectRows = 6;
 inline constexpr int kPvDirectVecs = 2;
 
@@ -205,11 +205,11 @@ inline F32 LoadI8(const int8_t* p) {
 
 inline constexpr int kQkRowVecs = 1;
 inline constexpr int kQkKeys = 4;
+inline constexpr int kQkKeysMain = 4;
 inline constexpr int kQkKeys1 = 4;
 inline constexpr int kPvRows = 2;
 inline constexpr int kPvVecs = 2;
 inline constexpr bool kDirect = false;
-inline constexpr int kQkDirectKeys = kQkKeys;
 inline constexpr int kPvDirectRows = 4;
 inline constexpr int kPvDirectVecs = 1;
 

@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
+#include <type_traits>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -203,6 +205,19 @@ float QueryBlockQ8(const float* x, int32_t* qq) {
   const float id = d != 0.f ? 1.f / d : 0.f;
   for (int64_t i = 0; i < kQBlock; ++i) qq[i] = RoundHalfAway(x[i] * id);
   return d;
+}
+
+// Calls block(integral_constant<KB>, t) for blocks of KB keys up to a
+// multiple of lcm(KB, KB_TAIL), then block(integral_constant<KB_TAIL>, t)
+// for the rest: KB_TAIL divides the tile, so the padded keys of the last
+// block stay inside it.
+template <int KB, int KB_TAIL, class Block>
+void ForKeyBlocks(int64_t tn, Block&& block) {
+  static_assert(T % KB_TAIL == 0, "the tail blocks must divide the tile");
+  constexpr int64_t L = std::lcm(KB, KB_TAIL);
+  int64_t t = 0;
+  for (; t < tn / L * L; t += KB) block(std::integral_constant<int, KB>{}, t);
+  for (; t < tn; t += KB_TAIL) block(std::integral_constant<int, KB_TAIL>{}, t);
 }
 
 template <DType T>

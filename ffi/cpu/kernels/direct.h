@@ -7,7 +7,6 @@
 #pragma once
 
 #include <algorithm>
-#include <numeric>
 #include <type_traits>
 
 #include "ffi/cpu/kernels/common.h"
@@ -147,27 +146,16 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
     const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
     QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next, next_bytes);
   };
-  // Blocks of KB keys up to a multiple of lcm(KB, KB_TAIL), then blocks of
-  // KB_TAIL: KB_TAIL divides the step, so the padded keys of the last block
-  // stay inside it.
-  const auto qk = [&](auto rv, auto kb, auto kb_tail, int64_t t0, int64_t tn) {
-    constexpr int KB = decltype(kb)::value, KB_TAIL = decltype(kb_tail)::value;
-    constexpr int64_t L = std::lcm(KB, KB_TAIL);
-    static_assert(T % KB_TAIL == 0, "the tail blocks must divide the step");
-    int64_t t = 0;
-    for (; t < tn / L * L; t += KB) qk_block(rv, kb, t0, t, tn);
-    for (; t < tn; t += KB_TAIL) qk_block(rv, kb_tail, t0, t, tn);
-  };
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += TS) {
     const int64_t tn = std::min(TS, kv_end - t0);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
     if (rp == W) {
-      qk(std::integral_constant<int, 1>{}, std::integral_constant<int, simd::kQkKeys1>{},
-         std::integral_constant<int, simd::kQkKeys1>{}, t0, tn);
+      ForKeyBlocks<simd::kQkKeys1, simd::kQkKeys1>(
+          tn, [&](auto kb, int64_t t) { qk_block(std::integral_constant<int, 1>{}, kb, t0, t, tn); });
     } else {
-      qk(std::integral_constant<int, 2>{}, std::integral_constant<int, simd::kQkDirectKeys>{},
-         std::integral_constant<int, simd::kQkKeys>{}, t0, tn);
+      ForKeyBlocks<simd::kQkKeysMain, simd::kQkKeys>(
+          tn, [&](auto kb, int64_t t) { qk_block(std::integral_constant<int, 2>{}, kb, t0, t, tn); });
     }
     Softmax(ws, rp, tn);
     const char* vt = vbase + t0 * vrb;
