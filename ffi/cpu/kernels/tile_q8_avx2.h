@@ -204,11 +204,12 @@ void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t*
   }
 }
 
-// Keys per sub-tile of the widened keys: 8 keys x 576 values x 2 bytes is
-// 9 KiB, so the sub-tile and the 16-bit query rows (18 KiB for 16 rows) stay
-// in L1 while Q.K reads them (the whole tile's keys, 73 KiB, went to L2 and
-// back; 16-key sub-tiles were ~1% slower).
-constexpr int64_t kInt16SubKeys = 8;
+// Keys per sub-tile of the widened keys: 12 keys x 576 values x 2 bytes is
+// 13.5 KiB, so the sub-tile and the 16-bit query rows (18 KiB for 16 rows)
+// stay in L1 while Q.K reads them (the whole tile's keys, 73 KiB, went to L2
+// and back; 16-key sub-tiles were ~1% slower than 8). Twelve: two blocks of
+// 6 keys (QkInt16Rows16); the tile's last 4 keys take a 4-key block.
+constexpr int64_t kInt16SubKeys = 12;
 
 // n keys from t0 widened to 16 bits, block-major in a sub-tile of
 // kInt16SubKeys keys: kw[(j * kInt16SubKeys + t) * 32 + i] = key t's value
@@ -238,11 +239,11 @@ void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_
   }
 }
 
-// st[t + i][r0 .. r0 + 8) for 4 keys from sub-tile row t.
+// st[t + i][r0 .. r0 + 8) for KB keys from sub-tile row t.
+template <int KB>
 void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
              int64_t t, int64_t dk, const float* kd, float* st) {
   constexpr int64_t NT = kInt16SubKeys;
-  constexpr int KB = 4;
   const int64_t nb = dk / kQBlock;
   __m256 s[KB];
   for (auto& x : s) x = _mm256_setzero_ps();
@@ -266,53 +267,62 @@ void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const 
   for (int i = 0; i < KB; ++i) _mm256_storeu_ps(st + (t + i) * rp + r0, s[i]);
 }
 
-// The same for rows [r0, r0 + 16) (two row vectors): one broadcast key pair
-// serves both row vectors; the float sums live in st.
+// One key's step of QkInt16Rows16's asm: its pair u broadcast (key i at
+// byte 64 i of the block-major sub-tile) times both row vectors.
+#define JAX_MLA_QK16_KEY(off, a, b)                 \
+  "vpbroadcastd " off "(%[kb]), %[k]\n\t"           \
+  "vpmaddwd %[k], %[qa], %[t]\n\t"                  \
+  "vpaddd %[t], %[" a "], %[" a "]\n\t"             \
+  "vpmaddwd %[k], %[qb], %[t]\n\t"                  \
+  "vpaddd %[t], %[" b "], %[" b "]\n\t"
+
+// The same for rows [r0, r0 + 16) (two row vectors) and KB = 4 or 6 keys:
+// one broadcast key pair serves both row vectors; the float sums live in
+// st. Six keys take all 16 registers (12 accumulators) and load 2 + 6
+// operands for 12 vpmaddwd, against 2 + 4 for 8.
+template <int KB>
 void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const int16_t* kw,
                    int64_t t, int64_t dk, const float* kd, float* st) {
+  static_assert(KB == 4 || KB == 6, "QkInt16Rows16 takes 4 or 6 keys");
   constexpr int64_t NT = kInt16SubKeys;
   const int64_t nb = dk / kQBlock;
   for (int64_t j = 0; j < nb; ++j) {
     const auto* kb = reinterpret_cast<const int32_t*>(kw + (j * NT + t) * kQBlock);
     const auto* q = reinterpret_cast<const __m256i*>(qw + j * 16 * rp + r0);
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
-            b3 = a0;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, b0 = a0,
+            b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
     for (int u = 0; u < kQBlock / 2; ++u, q += rp / 8) {
       // Key i's pair u is dword 16 i + u of the block-major sub-tile. In asm
       // because GCC 12 adds into the product's register and copies it back
       // to the accumulator's (8 extra moves a step).
       __m256i qa, qb, k, t;
-      asm("vmovdqu (%[q]), %[qa]\n\t"
-          "vmovdqu 32(%[q]), %[qb]\n\t"
-          "vpbroadcastd (%[kb]), %[k]\n\t"
-          "vpmaddwd %[k], %[qa], %[t]\n\t"
-          "vpaddd %[t], %[a0], %[a0]\n\t"
-          "vpmaddwd %[k], %[qb], %[t]\n\t"
-          "vpaddd %[t], %[b0], %[b0]\n\t"
-          "vpbroadcastd 64(%[kb]), %[k]\n\t"
-          "vpmaddwd %[k], %[qa], %[t]\n\t"
-          "vpaddd %[t], %[a1], %[a1]\n\t"
-          "vpmaddwd %[k], %[qb], %[t]\n\t"
-          "vpaddd %[t], %[b1], %[b1]\n\t"
-          "vpbroadcastd 128(%[kb]), %[k]\n\t"
-          "vpmaddwd %[k], %[qa], %[t]\n\t"
-          "vpaddd %[t], %[a2], %[a2]\n\t"
-          "vpmaddwd %[k], %[qb], %[t]\n\t"
-          "vpaddd %[t], %[b2], %[b2]\n\t"
-          "vpbroadcastd 192(%[kb]), %[k]\n\t"
-          "vpmaddwd %[k], %[qa], %[t]\n\t"
-          "vpaddd %[t], %[a3], %[a3]\n\t"
-          "vpmaddwd %[k], %[qb], %[t]\n\t"
-          "vpaddd %[t], %[b3], %[b3]"
-          : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
-            [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [qa] "=&x"(qa), [qb] "=&x"(qb),
-            [k] "=&x"(k), [t] "=&x"(t)
-          : [q] "r"(q), [kb] "r"(kb + u)
-          : "memory");
+      if constexpr (KB == 4) {
+        asm("vmovdqu (%[q]), %[qa]\n\t"
+            "vmovdqu 32(%[q]), %[qb]\n\t"
+            JAX_MLA_QK16_KEY("0", "a0", "b0") JAX_MLA_QK16_KEY("64", "a1", "b1")
+            JAX_MLA_QK16_KEY("128", "a2", "b2") JAX_MLA_QK16_KEY("192", "a3", "b3")
+            : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
+              [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [qa] "=&x"(qa), [qb] "=&x"(qb),
+              [k] "=&x"(k), [t] "=&x"(t)
+            : [q] "r"(q), [kb] "r"(kb + u)
+            : "memory");
+      } else {
+        asm("vmovdqu (%[q]), %[qa]\n\t"
+            "vmovdqu 32(%[q]), %[qb]\n\t"
+            JAX_MLA_QK16_KEY("0", "a0", "b0") JAX_MLA_QK16_KEY("64", "a1", "b1")
+            JAX_MLA_QK16_KEY("128", "a2", "b2") JAX_MLA_QK16_KEY("192", "a3", "b3")
+            JAX_MLA_QK16_KEY("256", "a4", "b4") JAX_MLA_QK16_KEY("320", "a5", "b5")
+            : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [a4] "+x"(a4),
+              [a5] "+x"(a5), [b0] "+x"(b0), [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3),
+              [b4] "+x"(b4), [b5] "+x"(b5), [qa] "=&x"(qa), [qb] "=&x"(qb), [k] "=&x"(k),
+              [t] "=&x"(t)
+            : [q] "r"(q), [kb] "r"(kb + u)
+            : "memory");
+      }
     }
-    const __m256i acc[4][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}};
+    const __m256i acc[6][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
     const __m256 qda = _mm256_loadu_ps(qd + j * rp + r0), qdb = _mm256_loadu_ps(qd + j * rp + r0 + 8);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < KB; ++i) {
       const __m256 kdi = _mm256_set1_ps(kd[(t + i) * nb + j]);
       for (int v = 0; v < 2; ++v) {
         const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
@@ -324,6 +334,7 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, 
     }
   }
 }
+#undef JAX_MLA_QK16_KEY
 #else
 constexpr bool kInt16Pv = false;
 constexpr bool kInt16Qk = false;
