@@ -72,27 +72,31 @@ def test_mla_on_each_isa(rng, isa, case):
 def test_tile_row_blocks_and_key_counts_on_each_isa(rng, isa, seq_q, heads_q, heads_kv, causal):
     # The float tile path (blocks of more than 16 rows): P.V's row blocks
     # (AVX2: 4 rows x 3 vectors, then single rows) over 10 vectors of 8 dims
-    # (3 + 3 + 3 + 1), Q.K's 6-key blocks with a 4-key tail (AVX2), visible
-    # key counts around both and the 64-key tile; fresh random data.
-    kv_len = [KV_TILE + 5, 11, 2 * KV_TILE + 1]
+    # (3 + 3 + 3 + 1), Q.K's 6-key blocks with a padded 4-key tail (AVX2: a
+    # tile of 23 keys is 6 + 6 + 4 + 4 + 4), visible key counts around both
+    # and the 64-key tile; fresh random data.
+    kv_len = [KV_TILE + 23, 11, 2 * KV_TILE + 1]
     check_attention(rng, batch=3, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
                     seq_kv=2 * KV_TILE + 1, dk=96, dv=80, dtypes=(jnp.float32, jnp.float16, jnp.bfloat16),
-                    causal=causal, q_pos=[KV_TILE + 5 - seq_q, 11 - seq_q, 2 * KV_TILE + 1 - seq_q],
+                    causal=causal, q_pos=[KV_TILE + 23 - seq_q, 11 - seq_q, 2 * KV_TILE + 1 - seq_q],
                     kv_len=kv_len)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
-@pytest.mark.parametrize("heads", [2, 3, 6, 8, 10, 14, 16])
+@pytest.mark.parametrize("heads", [4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16])
 def test_mla_direct_row_blocks_and_key_counts_on_each_isa(rng, isa, heads, num_splits):
-    # The float cache read in place for blocks of up to 16 rows
-    # (kernels/direct.h): P.V's row blocks (AVX2: 6, then 4, 2, 1, and two 4s
-    # for 8 and 14 rows), Q.K's 6-key blocks with a 4-key tail, steps of
-    # four tiles where P.V is one pass; visible key counts around all of
-    # them, f16 and bf16, each split count; fresh random data.
-    lens = [1, 5, 7, KV_TILE - 1, KV_TILE + 6, 4 * KV_TILE + 3]
+    # The float cache read in place for blocks of 4 (AVX2) or 8 (AVX-512) to
+    # 16 rows (kernels/direct.h; fewer take the GEMV path): P.V's row blocks
+    # (AVX2: 6, then 4, 2 and 1, two 4s for 8 and 14 rows; 5, 7, 9, 13, 15
+    # rows end in 2- and 1-row blocks), Q.K's 6-key blocks with a padded
+    # 4-key tail (17 keys: 6 + 6 + 4 + 4), steps of four tiles where P.V is
+    # one pass (4, 6, 16 rows); visible key counts around all of them, f16
+    # and bf16, each split count; fresh random data. (Dv 64 keeps a step's
+    # scores inside the V tile: kernels.cc's direct-path condition.)
+    lens = [1, 5, 7, 17, KV_TILE - 1, KV_TILE + 6, 4 * KV_TILE + 3]
     for dtypes in [(jnp.float32, jnp.float16), (jnp.bfloat16, jnp.bfloat16)]:
         check_mla(rng, batch=len(lens), seq_q=1, heads=heads, seq_kv=4 * KV_TILE + 3, dk=144,
-                  dv=48, v_offset=16, dtypes=dtypes, kv_len=lens, num_splits=num_splits)
+                  dv=64, v_offset=16, dtypes=dtypes, kv_len=lens, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q8_kv", "q6_0"])

@@ -202,9 +202,8 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   } else {
     // Several KV heads with few rows each: the kernel walks the keys and
     // reads all heads of a key together, in memory order.
-    kern.attend_heads(head_blocks(), nh, RowsOf(p.k, bkv, h0), p.k.head_stride,
-                      RowsOf(p.v, bkv, h0), p.v.head_stride, dk, dv, kv0,
-                      scratch.kernel.data());
+    kern.attend_heads(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0), dk, dv,
+                      kv0, scratch.kernel.data());
   }
   for (int64_t u = 0; u < nh; ++u)
     StoreRows(p, b, h0 + u, plan.group, s, i0, i1, g0, g1, m + u * R, l + u * R, o + u * R * dv);

@@ -141,8 +141,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
         for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, dk, kd, w.st + t * rp);
       }
 #elif defined(__AVX2__)
-      // Sub-tiles of kInt16SubKeys keys (the tile's scores rows past tn up
-      // to the sub-tile's end are written and never read).
+      // Sub-tiles of kInt16SubKeys keys (the tile's score rows past tn up
+      // to the last key block's end are written and never read).
       for (int64_t ts = 0; ts < tn; ts += kInt16SubKeys) {
         const int64_t n = std::min(kInt16SubKeys, tn - ts);
         PrepareInt16Keys(k, t0 + ts, n, dk, kw, kd);

@@ -54,15 +54,13 @@ struct KernelTable {
   // `scratch` holds AttendScratchFloats(dk, dv, rows.n_rows) floats.
   void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k,
                  int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
-  // Decode with few rows per KV head over several KV heads (float K and V;
-  // the driver runs quantized caches head by head through `attend`): rows[u] attends
-  // KV head u, whose rows start k_head_stride (v_head_stride) elements after
-  // head u - 1's in the same key row. Keys are visited key by key across the
-  // heads, i.e. in memory order. Every block has the same n_rows; `scratch`
-  // holds AttendHeadsScratchFloats(n_heads, n_rows) floats.
-  void (*attend_heads)(const RowBlock* rows, int64_t n_heads, const KvRows& k,
-                       int64_t k_head_stride, const KvRows& v, int64_t v_head_stride, int64_t dk,
-                       int64_t dv, int64_t kv_begin, float* scratch);
+  // Decode with few rows per KV head over several KV heads of a float cache
+  // (8-bit: attend_heads_q8; other quantized caches go head by head through
+  // `attend`): rows[u] attends KV head u of k and v. Keys are visited key by
+  // key across the heads, i.e. in memory order. Every block has the same
+  // n_rows; `scratch` holds AttendHeadsScratchFloats(n_heads, n_rows) floats.
+  void (*attend_heads)(const RowBlock* rows, int64_t n_heads, const KvHeads& k, const KvHeads& v,
+                       int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
   // The same over an 8-bit cache, for shapes HeadsQ8Takes accepts (the
   // driver runs others head by head through `attend`): rows[u] attends KV
   // head u of k and v; kv_begin is a multiple of kPGroup. `scratch` holds

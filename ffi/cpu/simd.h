@@ -131,7 +131,7 @@ inline F32 LoadI8(const int8_t* p) {
 
 // Register blocking: 16 ymm registers. Q.K's 6 keys x 2 row vectors and
 // P.V's 4 rows x 3 value vectors (direct: 6 rows x 2) keep 12 accumulators,
-// all 16 registers with the loaded and broadcast operands (was 4 x 2 and
+// 15 or 16 registers with the loaded and broadcast operands (was 4 x 2 and
 // 2 x 4, direct 4 x 2: MLA decode's kernel 1500 -> 1360 us, MLA prefill's
 // 2050 -> 1430 us; benchmarks/NOTES.md 12).
 inline constexpr int kQkRowVecs = 2;

@@ -35,7 +35,9 @@ constexpr int W = simd::kWidth;
 constexpr int64_t T = kKvTile;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Key blocks may run past the tile's valid rows (tn) up to T: those rows are
-// zero padding, so every block must divide the tile.
+// zero padding (or repeat the last valid row), so blocks that end a tile
+// must divide it. kQkKeysMain need not: ForKeyBlocks ends its run of them
+// before the tile's last kQkKeys blocks.
 static_assert(T % simd::kQkKeys == 0 && T % simd::kQkKeys1 == 0,
               "key blocks must divide the tile");
 

@@ -17,11 +17,12 @@ namespace {
 // rows of all heads (adjacent in the cache) are read in turn, first for the
 // scores of a block of keys, then for P.V. O rows stay in L1 meanwhile.
 template <DType KT, DType VT>
-void AttendHeads(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks, const KvRows& v,
-                 int64_t vs, int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
+void AttendHeads(const RowBlock* rows, int64_t nh, const KvHeads& kh, const KvHeads& vh,
+                 int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
   static_assert(kFew % W == 0, "the softmax block is whole vectors");
   const int64_t R = rows[0].n_rows;
-  const int64_t kb = ks * DTypeBytes(KT), vb = vs * DTypeBytes(VT);
+  const KvRows &k = kh.head0, &v = vh.head0;
+  const int64_t kb = kh.head_bytes, vb = vh.head_bytes;
   int64_t kv_end = kv_begin;
   for (int64_t u = 0; u < nh; ++u)
     for (int64_t r = 0; r < R; ++r) kv_end = std::max(kv_end, rows[u].end[r]);
@@ -74,22 +75,21 @@ void AttendHeads(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks, 
 }
 
 template <DType KT>
-void AttendHeadsV(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks, const KvRows& v,
-                  int64_t vs, int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
-  switch (v.dtype) {
-    case DType::kF32: return AttendHeads<KT, DType::kF32>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
-    case DType::kF16: return AttendHeads<KT, DType::kF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
-    case DType::kBF16: return AttendHeads<KT, DType::kBF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+void AttendHeadsV(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvHeads& v, int64_t dk,
+                  int64_t dv, int64_t kv_begin, float* scratch) {
+  switch (v.head0.dtype) {
+    case DType::kF32: return AttendHeads<KT, DType::kF32>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendHeads<KT, DType::kF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendHeads<KT, DType::kBF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
   }
 }
 
-void AttendHeadsAny(const RowBlock* rows, int64_t nh, const KvRows& k, int64_t ks,
-                    const KvRows& v, int64_t vs, int64_t dk, int64_t dv, int64_t kv_begin,
-                    float* scratch) {
-  switch (k.dtype) {
-    case DType::kF32: return AttendHeadsV<DType::kF32>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
-    case DType::kF16: return AttendHeadsV<DType::kF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
-    case DType::kBF16: return AttendHeadsV<DType::kBF16>(rows, nh, k, ks, v, vs, dk, dv, kv_begin, scratch);
+void AttendHeadsAny(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvHeads& v,
+                    int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
+  switch (k.head0.dtype) {
+    case DType::kF32: return AttendHeadsV<DType::kF32>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kF16: return AttendHeadsV<DType::kF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kBF16: return AttendHeadsV<DType::kBF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
   }
 }
 
