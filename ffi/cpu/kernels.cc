@@ -147,7 +147,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
         const int64_t n = std::min(kInt16SubKeys, tn - ts);
         PrepareInt16Keys(k, t0 + ts, n, dk, kw, kd);
         float* st = w.st + ts * rp;
-        ForKeyBlocks<6, 4>(n, [&](auto kb, int64_t t) {
+        ForKeyBlocks<kInt16QkKeys, kInt16QkTailKeys>(n, [&](auto kb, int64_t t) {
           constexpr int KB = decltype(kb)::value;
           int64_t r0 = 0;
           for (; r0 + 2 * W <= rp; r0 += 2 * W) QkInt16Rows16<KB>(qw, qd, rp, r0, kw, t, dk, kd, st);

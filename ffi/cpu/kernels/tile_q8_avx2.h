@@ -204,13 +204,17 @@ void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t*
   }
 }
 
+// Keys per Q.K block (QkInt16Rows16, QkInt16), and per block at the end of
+// a sub-tile that is not whole (ForKeyBlocks).
+constexpr int kInt16QkKeys = 6, kInt16QkTailKeys = 4;
+
 // Keys per sub-tile of the widened keys: 12 keys x 576 values x 2 bytes is
 // 13.5 KiB, which with the 16-bit query rows (18 KiB for 16 rows) about
 // fills L1 while Q.K reads them (the whole tile's keys, 73 KiB, went to L2
 // and back; 16-key sub-tiles were ~1% slower than 8, 12 about 1-3% faster
-// with 6-key blocks). Twelve: two blocks of 6 keys (QkInt16Rows16); the
-// tile's last 4 keys take a 4-key block.
-constexpr int64_t kInt16SubKeys = 12;
+// with 6-key blocks). Two blocks of 6 keys; the tile's last 4 keys take a
+// 4-key block.
+constexpr int64_t kInt16SubKeys = 2 * kInt16QkKeys;
 
 // n keys from t0 widened to 16 bits, block-major in a sub-tile of
 // kInt16SubKeys keys: kw[(j * kInt16SubKeys + t) * 32 + i] = key t's value
