@@ -77,12 +77,13 @@ void PvDirect(const float* st, int64_t rp, int64_t r0, const float* corr, const 
     for (int j = 0; j < DB; ++j) acc[i][j].Store(o + (r0 + i) * dv + d0 + j * W);
 }
 
-// P.V's row blocks over R rows: kPvDirectRows at a time, then 4, 2 and 1
-// (where that would leave 6 + 2, two blocks of 4). PvDirectPasses counts
-// the blocks, each a pass over the step's V.
+// P.V's row blocks over R rows: kPvDirectRows at a time, then 4, 2 and 1;
+// where that would end in one block of RB and one of 2 rows and RB + 2 is
+// whole blocks of 4 (AVX2: 6 + 2 = 4 + 4), those blocks of 4 instead.
+// PvDirectPasses counts the blocks, each a pass over the step's V.
 constexpr int64_t PvDirectFullBlocks(int64_t R) {
   constexpr int64_t RB = simd::kPvDirectRows;
-  return R / RB - (RB == 6 && R % RB == 2 && R > RB ? 1 : 0);
+  return R / RB - ((RB + 2) % 4 == 0 && R % RB == 2 && R > RB ? 1 : 0);
 }
 constexpr int64_t PvDirectPasses(int64_t R) {
   const int64_t rest = R - PvDirectFullBlocks(R) * simd::kPvDirectRows;
