@@ -2,7 +2,19 @@
 // level. kernels.cc is compiled once per level (CMake passes the target flags),
 // so exactly one branch below is active in each copy. The kernels are written
 // against this interface only; register blocking constants live next to it.
+//
+// Everything here lives in the copy's own namespace (jax_mla::cpu::<isa>::simd)
+// like the kernels: an inline function the compiler emits out of line (Exp is,
+// in the generic copy) is a weak symbol, and the linker keeps one definition
+// per name for the whole module, so under a shared name the AVX2 copy could
+// call the AVX-512 one (illegal instructions on a Zen 3) or one built for a
+// different F32 (a different calling convention). CMake checks every copy's
+// object for symbols outside its namespace (cmake/check_isa_symbols.cmake).
 #pragma once
+
+#ifndef JAX_MLA_ISA
+#error "simd.h belongs to the per-ISA kernel sources (kernels.cc), which CMake builds with -DJAX_MLA_ISA"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -14,7 +26,7 @@
 
 #include "ffi/common/dtype.h"
 
-namespace jax_mla::cpu::simd {
+namespace jax_mla::cpu::JAX_MLA_ISA::simd {
 
 #if defined(__AVX512F__)
 
@@ -237,4 +249,4 @@ inline F32 Exp(F32 x) {
   return Scale2(p, n);
 }
 
-}  // namespace jax_mla::cpu::simd
+}  // namespace jax_mla::cpu::JAX_MLA_ISA::simd
