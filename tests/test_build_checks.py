@@ -1,6 +1,6 @@
 """The build's own checks, run on small objects made here.
 
-cmake/check_isa_symbols.cmake runs before every link of the CPU module and
+cmake/check_isa_symbols.py runs before every link of the CPU module and
 fails the build when a per-ISA copy of the kernels defines a symbol outside its
 namespace (the linker would share it among the copies: AVX-512 code on a Zen 3).
 These tests show it passes what a copy may define and names what it may not.
@@ -11,14 +11,15 @@ from __future__ import annotations
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHECK = ROOT / "cmake" / "check_isa_symbols.cmake"
-TOOLS = {name: shutil.which(name) for name in ("cmake", "nm", "c++")}
+CHECK = ROOT / "cmake" / "check_isa_symbols.py"
+TOOLS = {name: shutil.which(name) for name in ("nm", "c++")}
 pytestmark = pytest.mark.skipif(not all(TOOLS.values()),
-                                reason=f"needs cmake, nm and a C++ compiler: {TOOLS}")
+                                reason=f"needs nm and a C++ compiler: {TOOLS}")
 
 # What a copy of kernels.cc defines: its table, inline functions emitted out of
 # line (weak), a const member, a function-local static with its guard, all in
@@ -70,8 +71,8 @@ def _object(tmp_path, name, source):
 
 
 def _check(obj, isa="avx2"):
-    return subprocess.run([TOOLS["cmake"], f"-DNM={TOOLS['nm']}", f"-DISA={isa}",
-                           f"-DOBJECTS={obj}", "-P", str(CHECK)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(CHECK), "--nm", TOOLS["nm"], "--isa", isa, str(obj)],
+                          capture_output=True, text=True)
 
 
 def test_isa_symbol_check_passes_a_copy_that_keeps_to_its_namespace(tmp_path):
@@ -90,7 +91,7 @@ def test_isa_symbol_check_passes_a_copy_that_keeps_to_its_namespace(tmp_path):
 def test_isa_symbol_check_fails_on_a_stray_symbol(tmp_path, case):
     source, symbol = STRAYS[case]
     result = _check(_object(tmp_path, case, source))
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "outside namespace jax_mla::cpu::avx2" in result.stderr
     assert symbol in result.stderr, result.stderr
 
@@ -98,5 +99,5 @@ def test_isa_symbol_check_fails_on_a_stray_symbol(tmp_path, case):
 def test_isa_symbol_check_fails_when_nm_fails(tmp_path):
     missing = tmp_path / "missing.o"
     result = _check(missing)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "failed on" in result.stderr

@@ -9,7 +9,7 @@
 // per name for the whole module, so under a shared name the AVX2 copy could
 // call the AVX-512 one (illegal instructions on a Zen 3) or one built for a
 // different F32 (a different calling convention). CMake checks every copy's
-// object for symbols outside its namespace (cmake/check_isa_symbols.cmake).
+// object for symbols outside its namespace (cmake/check_isa_symbols.py).
 #pragma once
 
 #ifndef JAX_MLA_ISA
