@@ -90,6 +90,82 @@ __device__ __forceinline__ void MlaSoftmaxStep(const float (&sc)[4], int grp, in
   }
 }
 
+// O += P V over one tile of kMlaKeys keys: warp wg's output columns
+// [128 wg, 128 wg + 128) of its group's 16 rows, P (in T) from p_frag's rows
+// and V from the tile's rows of kRowBytes bytes, read in place (ldmatrix.trans).
+// Shared by the float kernel (V = the K tile) and the quantized one (V
+// dequantized into its own tile).
+template <typename T, int kRowBytes>
+__device__ __forceinline__ void MlaPvTile(float (&o)[16][4], const char* p_frag,
+                                          const char* v_tile, int wg, int lane) {
+  const char* v_frag =
+      v_tile + (lane % 8 + ((lane / 8) % 2) * 8) * kRowBytes + (wg * 128 + (lane / 16) * 8) * 2;
+#pragma unroll
+  for (int kk = 0; kk < kMlaKeys / 16; ++kk) {
+    uint32_t a[4];
+    LdMatrixX4(a, p_frag + kk * 32);
+#pragma unroll
+    for (int np = 0; np < 8; ++np) {
+      uint32_t bv[4];
+      LdMatrixX4Trans(bv, v_frag + kk * 16 * kRowBytes + np * 32);
+      Mma16816<T>(o[2 * np], a, bv[0], bv[1]);
+      Mma16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+    }
+  }
+}
+
+// Rows r_lo and r_hi of a block divided by their row sums, into the output
+// (one split) or the split's float32 partial, and their LSE (written by the
+// threads that pass lse_writer). o is the thread's accumulator in the layout
+// of mma.sync's m16n8 tiles (N = 16 of them) and of wgmma's m64nN (N = 32):
+// o[4j + e] is (r_lo, column col0 + 8j + e), o[4j + 2 + e] the same column
+// of r_hi. Every flash_mla kernel ends here.
+template <typename T, int N>
+__device__ __forceinline__ void MlaStoreNormalized(const AttentionParams& p, const float* o,
+                                                   int64_t b, int split, int64_t r_lo,
+                                                   int64_t r_hi, int col0, bool lse_writer,
+                                                   float m_lo, float m_hi, float sum_lo,
+                                                   float sum_hi) {
+  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
+  // A row that saw no key: output 0, LSE -inf.
+  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
+  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
+  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
+  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            PackPair<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (lse_writer) {  // lse [B, H, Sq]
+      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
+      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
+    }
+  } else {
+    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
+    float* out = p.part_out + base * kMlaDv;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (r_lo < R)
+        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
+      if (r_hi < R)
+        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + 8 * j) =
+            make_float2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
+    }
+    if (lse_writer) {
+      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
+      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
+    }
+  }
+}
+
 // The end of a block: row sums over the quad's lanes and the group's 4 warps,
 // then the normalized rows and their LSE into the output, or into the split
 // partials when the keys are split. Shared by the float and quantized kernels.
@@ -99,7 +175,6 @@ __device__ __forceinline__ void MlaStoreRows(const AttentionParams& p, int64_t b
                                              int64_t r_hi, float m_lo, float m_hi, float l_lo,
                                              float l_hi, const float (&o)[16][4],
                                              float* s_sum) {
-  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
   QuadRowSum(l_lo, l_hi);
   if (lane % 4 == 0) {
     s_sum[(grp * 4 + wg) * 16 + lane / 4] = l_lo;
@@ -112,44 +187,8 @@ __device__ __forceinline__ void MlaStoreRows(const AttentionParams& p, int64_t b
     sum_lo += s_sum[(grp * 4 + w) * 16 + lane / 4];
     sum_hi += s_sum[(grp * 4 + w) * 16 + lane / 4 + 8];
   }
-  // A row that saw no key: output 0, LSE -inf.
-  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
-  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
-  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
-  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
-  const int col0 = wg * 128 + 2 * (lane % 4);
-  if (p.num_splits == 1) {
-    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      if (r_lo < R)
-        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + n * 8) =
-            PackPair<T>(o[n][0] * inv_lo, o[n][1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + n * 8) =
-            PackPair<T>(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
-    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
-      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
-      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
-    }
-  } else {
-    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
-    float* out = p.part_out + base * kMlaDv;
-#pragma unroll
-    for (int n = 0; n < 16; ++n) {
-      if (r_lo < R)
-        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + n * 8) =
-            make_float2(o[n][0] * inv_lo, o[n][1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + n * 8) =
-            make_float2(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
-    if (wg == 0 && lane % 4 == 0) {
-      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
-      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
-    }
-  }
+  MlaStoreNormalized<T, 16>(p, &o[0][0], b, split, r_lo, r_hi, wg * 128 + 2 * (lane % 4),
+                            wg == 0 && lane % 4 == 0, m_lo, m_hi, sum_lo, sum_hi);
 }
 
 // What every flash_mla kernel knows of its block before it starts: batch row
@@ -268,20 +307,7 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
     NamedBarrier(bar, 128);
 
     // O += P V, V = columns [128 wg, 128 wg + 128) of the same tile rows.
-    const char* v_frag =
-        tile + (lane % 8 + ((lane / 8) % 2) * 8) * kMlaRowBytes + (wg * 128 + (lane / 16) * 8) * 2;
-#pragma unroll
-    for (int kk = 0; kk < kMlaKeys / 16; ++kk) {
-      uint32_t a[4];
-      LdMatrixX4(a, p_frag + kk * 32);
-#pragma unroll
-      for (int np = 0; np < 8; ++np) {
-        uint32_t bv[4];
-        LdMatrixX4Trans(bv, v_frag + kk * 16 * kMlaRowBytes + np * 32);
-        Mma16816<T>(o[2 * np], a, bv[0], bv[1]);
-        Mma16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
-      }
-    }
+    MlaPvTile<T, kMlaRowBytes>(o, p_frag, tile, wg, lane);
   }
   CpAsyncWait<0>();
   MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);

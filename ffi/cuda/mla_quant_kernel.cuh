@@ -281,20 +281,7 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
     __syncthreads();
 
     // O += P V, V = columns [128 wg, 128 wg + 128) of the dequantized tile.
-    const char* v_frag =
-        s_v + (lane % 8 + ((lane / 8) % 2) * 8) * kMlaVRowBytes + (wg * 128 + (lane / 16) * 8) * 2;
-#pragma unroll
-    for (int kk = 0; kk < kMlaKeys / 16; ++kk) {
-      uint32_t a[4];
-      LdMatrixX4(a, p_frag + kk * 32);
-#pragma unroll
-      for (int np = 0; np < 8; ++np) {
-        uint32_t bv[4];
-        LdMatrixX4Trans(bv, v_frag + kk * 16 * kMlaVRowBytes + np * 32);
-        Mma16816<T>(o[2 * np], a, bv[0], bv[1]);
-        Mma16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
-      }
-    }
+    MlaPvTile<T, kMlaVRowBytes>(o, p_frag, s_v, wg, lane);
   }
   CpAsyncWait<0>();
   MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);

@@ -441,7 +441,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   MbarWait(sums_ready, 0);
   const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
   const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
-  MlaSm90StoreRows<T>(p, o, b, split, H, Sq, r_lo, r_hi, wg, lane, m_lo, m_hi, sum_lo, sum_hi);
+  MlaSm90StoreRows<T>(p, o, b, split, r_lo, r_hi, wg, lane, m_lo, m_hi, sum_lo, sum_hi);
   SEESAW_ADD(8, t_epi);
 #ifdef JAX_MLA_SEESAW_PROBE
   if (tid % 128 == 0) {

@@ -77,49 +77,11 @@ __device__ __forceinline__ void ScaleRows(float (&o)[128], float al_lo, float al
 // the LSE (warpgroup 0).
 template <typename T>
 __device__ __forceinline__ void MlaSm90StoreRows(const AttentionParams& p, const float (&o)[128],
-                                                 int64_t b, int split, int64_t H, int64_t Sq,
-                                                 int64_t r_lo, int64_t r_hi, int wg, int lane,
-                                                 float m_lo, float m_hi, float sum_lo,
-                                                 float sum_hi) {
-  const int64_t R = Sq * H;
-  // A row that saw no key: output 0, LSE -inf.
-  const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
-  const float inv_hi = sum_hi > 0.f ? 1.f / sum_hi : 0.f;
-  const float lse_lo = sum_lo > 0.f ? (m_lo + log2f(sum_lo)) * kLn2 : -INFINITY;
-  const float lse_hi = sum_hi > 0.f ? (m_hi + log2f(sum_hi)) * kLn2 : -INFINITY;
-  const int col0 = wg * 256 + 2 * (lane % 4);
-  if (p.num_splits == 1) {
-    T* out = static_cast<T*>(p.out) + b * R * kMlaDv;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      if (r_lo < R)
-        *reinterpret_cast<uint32_t*>(out + r_lo * kMlaDv + col0 + 8 * j) =
-            PackPair<T>(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<uint32_t*>(out + r_hi * kMlaDv + col0 + 8 * j) =
-            PackPair<T>(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
-    }
-    if (wg == 0 && lane % 4 == 0) {  // lse [B, H, Sq]
-      if (r_lo < R) p.lse[(b * H + r_lo % H) * Sq + r_lo / H] = lse_lo;
-      if (r_hi < R) p.lse[(b * H + r_hi % H) * Sq + r_hi / H] = lse_hi;
-    }
-  } else {
-    const int64_t base = (b * p.num_splits + split) * R;  // part_out [B, ns, Sq, H, dv]
-    float* out = p.part_out + base * kMlaDv;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      if (r_lo < R)
-        *reinterpret_cast<float2*>(out + r_lo * kMlaDv + col0 + 8 * j) =
-            make_float2(o[4 * j] * inv_lo, o[4 * j + 1] * inv_lo);
-      if (r_hi < R)
-        *reinterpret_cast<float2*>(out + r_hi * kMlaDv + col0 + 8 * j) =
-            make_float2(o[4 * j + 2] * inv_hi, o[4 * j + 3] * inv_hi);
-    }
-    if (wg == 0 && lane % 4 == 0) {
-      if (r_lo < R) p.part_lse[base + r_lo] = lse_lo;
-      if (r_hi < R) p.part_lse[base + r_hi] = lse_hi;
-    }
-  }
+                                                 int64_t b, int split, int64_t r_lo, int64_t r_hi,
+                                                 int wg, int lane, float m_lo, float m_hi,
+                                                 float sum_lo, float sum_hi) {
+  MlaStoreNormalized<T, 32>(p, o, b, split, r_lo, r_hi, wg * 256 + 2 * (lane % 4),
+                            wg == 0 && lane % 4 == 0, m_lo, m_hi, sum_lo, sum_hi);
 }
 
 template <typename T>
@@ -267,7 +229,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
   NamedBarrier(1, kSm90Threads);
   const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
   const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
-  MlaSm90StoreRows<T>(p, o, b, split, H, Sq, r_lo, r_hi, wg, lane, m_lo, m_hi, sum_lo, sum_hi);
+  MlaSm90StoreRows<T>(p, o, b, split, r_lo, r_hi, wg, lane, m_lo, m_hi, sum_lo, sum_hi);
 #endif
 }
 
