@@ -9,6 +9,14 @@ copies and from the rest of the module, and one definition wins for all of
 them: AVX-512 code run on a Zen 3, or a function called with another copy's
 vector type. Inside the copy's namespace every name is its own.
 
+So every function a copy defines (nm types T, W, i) must be in its namespace,
+and so must its data (D, B, R, V, u, ...) when it belongs to the CPU kernels
+(jax_mla::cpu), whose constants may differ per ISA. Other data may stand
+outside: constants of the headers shared with the rest of the build
+(ffi/common's jax_mla::kQBlock, say, emitted when a sanitizer build takes its
+address) and the compiler's own (DW.ref.__gxx_personality_v0) hold no code and
+are the same in every copy.
+
     python check_isa_symbols.py --nm NM --isa ISA OBJECT...
 
 CMake runs it before every link of the CPU module. Exit status 1 with the
@@ -30,13 +38,26 @@ def allowed(isa: str) -> re.Pattern:
     return re.compile(rf"_?_Z(GV|T[HISVW])?Z?N[rVKRO]*7jax_mla3cpu{len(isa)}{isa}")
 
 
+FUNCTION_TYPES = set("TWi")  # nm's letters for code: text, weak function, indirect function
+KERNEL_DATA = re.compile(r"_?_Z(GV|T[HISVW])?Z?N[rVKRO]*7jax_mla3cpu")  # jax_mla::cpu::...
+
+
 def stray_symbols(nm: str, isa: str, obj: str) -> list[str]:
     listing = subprocess.run([nm, "-g", "--defined-only", obj], capture_output=True, text=True)
     if listing.returncode != 0:
         raise RuntimeError(f"{nm} failed on {obj}: {listing.stderr.strip()}")
     ok = allowed(isa)
-    names = (line.split()[-1] for line in listing.stdout.splitlines() if line.strip())
-    return [name for name in names if not ok.match(name)]
+    stray = []
+    for line in listing.stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        kind, name = fields[-2], fields[-1]
+        if ok.match(name):
+            continue
+        if kind in FUNCTION_TYPES or KERNEL_DATA.match(name):
+            stray.append(name)
+    return stray
 
 
 def main() -> int:

@@ -23,10 +23,14 @@ pytestmark = pytest.mark.skipif(not all(TOOLS.values()),
 
 # What a copy of kernels.cc defines: its table, inline functions emitted out of
 # line (weak), a const member, a function-local static with its guard, all in
-# jax_mla::cpu::<isa>, some in an unnamed namespace.
+# jax_mla::cpu::<isa>, some in an unnamed namespace; and a constant of a header
+# shared with the rest of the build (jax_mla::, as ffi/common's), emitted
+# because its address is taken, as a sanitizer build does.
 GOOD = """
-#include <vector>
+#include <algorithm>
+namespace jax_mla { inline constexpr int kQBlock = 32; }
 namespace jax_mla::cpu::avx2 {
+__attribute__((noinline)) const int& Smaller(const int& a) { return std::min(a, kQBlock); }
 namespace simd {
 struct F32 { float v[8]; __attribute__((noinline)) float Sum() const; };
 __attribute__((noinline)) inline F32 Exp(F32 x) { for (float& f : x.v) f *= 2; return x; }
@@ -53,6 +57,13 @@ STRAYS = {
     "std_template": ("#include <vector>\n"
                      "template class std::vector<float>;\n"
                      "namespace jax_mla::cpu::avx2 { int kKernels = 1; }\n", "_ZNSt6vectorIfSaIfEE"),
+    # A kernel constant in the shared namespace (its value could differ per
+    # ISA, as simd.h's kWidth did), emitted because its address is taken.
+    "kernel_constant": ("#include <algorithm>\n"
+                        "namespace jax_mla::cpu::simd { inline constexpr int kWidth = 8; }\n"
+                        "namespace jax_mla::cpu::avx2 {\n"
+                        "const int& Wider(const int& a) { return std::max(a, simd::kWidth); }\n"
+                        "}\n", "_ZN7jax_mla3cpu4simd6kWidthE"),
     # Another copy's namespace.
     "other_isa": ("namespace jax_mla::cpu::avx512 { int kKernels = 1; }\n",
                   "_ZN7jax_mla3cpu6avx512"),
@@ -81,7 +92,7 @@ def test_isa_symbol_check_passes_a_copy_that_keeps_to_its_namespace(tmp_path):
                              capture_output=True, text=True).stdout
     # The object has what the check must accept: weak, const-member and guard symbols.
     for kind in ("W _ZN7jax_mla3cpu4avx24simd3Exp", "W _ZNK7jax_mla3cpu4avx24simd3F323Sum",
-                 "_ZGVZN7jax_mla3cpu4avx27Counter"):
+                 "_ZGVZN7jax_mla3cpu4avx27Counter", "u _ZN7jax_mla7kQBlockE"):
         assert kind in listing, (kind, listing)
     result = _check(obj)
     assert result.returncode == 0, result.stderr
