@@ -39,7 +39,16 @@ struct Scratch {
   std::vector<RowBlock> blocks;
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     auto grow = [](auto& v, size_t n) {
+#if defined(__SANITIZE_ADDRESS__)
+      // Exactly n under AddressSanitizer, so that a kernel overrunning this
+      // call's scratch is caught even after a larger call left slack.
+      if (v.size() != n) {
+        v.resize(n);
+        v.shrink_to_fit();
+      }
+#else
       if (v.size() < n) v.resize(n);
+#endif
     };
     grow(q, size_t(rows * dk));
     grow(o, size_t(rows * dv));
