@@ -31,15 +31,17 @@ import subprocess
 import sys
 
 
-def allowed(isa: str) -> re.Pattern:
-    # Itanium mangling of a name in jax_mla::cpu::<isa>, with what may precede
-    # it: guard variables and typeinfo/vtables (_ZGV, _ZTI, ...), function-local
-    # statics (_ZZN), cv- and ref-qualified members (_ZNK...); a leading _ on Mach-O.
-    return re.compile(rf"_?_Z(GV|T[HISVW])?Z?N[rVKRO]*7jax_mla3cpu{len(isa)}{isa}")
-
-
+# Itanium mangling of a name in jax_mla::cpu, with what may precede it: guard
+# variables and typeinfo/vtables (_ZGV, _ZTI, ...), function-local statics
+# (_ZZN), cv- and ref-qualified members (_ZNK...); a leading _ on Mach-O.
+CPU_NAME = r"_?_Z(GV|T[HISVW])?Z?N[rVKRO]*7jax_mla3cpu"
+KERNEL_DATA = re.compile(CPU_NAME)
 FUNCTION_TYPES = set("TWi")  # nm's letters for code: text, weak function, indirect function
-KERNEL_DATA = re.compile(r"_?_Z(GV|T[HISVW])?Z?N[rVKRO]*7jax_mla3cpu")  # jax_mla::cpu::...
+
+
+def allowed(isa: str) -> re.Pattern:
+    """Names in jax_mla::cpu::<isa>."""
+    return re.compile(f"{CPU_NAME}{len(isa)}{isa}")
 
 
 def stray_symbols(nm: str, isa: str, obj: str) -> list[str]:
