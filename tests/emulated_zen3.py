@@ -2,8 +2,9 @@
 kernels run natively.
 
 QEMU's user mode with its EPYC-Milan model (a Zen 3: AVX2, FMA and F16C, no
-AVX-512) runs one case of every kernel family on the ISA the module picks by
-itself, which there must be AVX2; an AVX-512 instruction anywhere on the way
+AVX-512) runs every kernel family, and the register-block tails that
+tests/test_cpu_switches.py covers, on the ISA the module picks by itself,
+which there must be AVX2; an AVX-512 instruction anywhere on the way
 would stop it with SIGILL. This machine then runs the same cases on its own
 AVX2 path (JAX_MLA_CPU_ISA=avx2), and the outputs and LSEs must be the same
 bits: the same machine code on the same inputs. The tests compare the native
@@ -22,9 +23,8 @@ output that is a float16 subnormal natively may be 0 under QEMU (counted).
 
 Needs this checkout's jax_mla installed and qemu-user 7.2 or newer (the first
 whose emulator has AVX2; Debian 12: apt-get install qemu-user). Correctness
-only, nothing is timed: emulated code runs tens of times slower, about 10
-minutes for all cases on 2 cores. Not part of CI, whose machine need not have
-QEMU.
+only, nothing is timed: emulated code runs tens of times slower (all 44 cases
+took 83 s on 2 cores here). Not part of CI, whose machine need not have QEMU.
 """
 
 from __future__ import annotations
@@ -194,6 +194,8 @@ def main():
         return child(args.child)
 
     cases = [c for c in CASES if not args.only or args.only in c["name"]]
+    if not cases:
+        sys.exit(f"no case name contains {args.only!r}")
     with tempfile.TemporaryDirectory() as folder:
         inputs = [make_inputs(c) for c in cases]
         for i, arrays in enumerate(inputs):
