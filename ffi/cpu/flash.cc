@@ -32,32 +32,35 @@ constexpr int64_t kQuantHeadsChunk = 256;
 static_assert(kQuantHeadsChunk % kKvTile == 0 && kQuantHeadsChunk % kPGroup == 0,
               "chunks must fall on tiles and P groups");
 
-// Per-thread scratch, grown on demand and reused across calls.
+// Sizes a per-thread scratch vector for a call: grown on demand and reused
+// across calls, or exactly n under AddressSanitizer, so that a kernel
+// overrunning this call's scratch is caught even after a larger call left slack.
+template <typename V>
+void Grow(V& v, size_t n) {
+#if defined(__SANITIZE_ADDRESS__)
+  if (v.size() != n) {
+    v.resize(n);
+    v.shrink_to_fit();
+  }
+#else
+  if (v.size() < n) v.resize(n);
+#endif
+}
+
+// Per-thread scratch (Grow).
 struct Scratch {
   std::vector<float> q, o, m, l, kernel;
   std::vector<int64_t> end, chunk_end;
   std::vector<RowBlock> blocks;
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
-    auto grow = [](auto& v, size_t n) {
-#if defined(__SANITIZE_ADDRESS__)
-      // Exactly n under AddressSanitizer, so that a kernel overrunning this
-      // call's scratch is caught even after a larger call left slack.
-      if (v.size() != n) {
-        v.resize(n);
-        v.shrink_to_fit();
-      }
-#else
-      if (v.size() < n) v.resize(n);
-#endif
-    };
-    grow(q, size_t(rows * dk));
-    grow(o, size_t(rows * dv));
-    grow(m, size_t(rows));
-    grow(l, size_t(rows));
-    grow(end, size_t(rows));
-    grow(chunk_end, size_t(block_rows));
-    grow(blocks, size_t(heads));
-    grow(kernel, std::max({AttendScratchFloats(dk, dv, block_rows),
+    Grow(q, size_t(rows * dk));
+    Grow(o, size_t(rows * dv));
+    Grow(m, size_t(rows));
+    Grow(l, size_t(rows));
+    Grow(end, size_t(rows));
+    Grow(chunk_end, size_t(block_rows));
+    Grow(blocks, size_t(heads));
+    Grow(kernel, std::max({AttendScratchFloats(dk, dv, block_rows),
                            AttendHeadsScratchFloats(heads, block_rows),
                            AttendHeadsQ8ScratchFloats(heads, block_rows, dk, dv)}));
   }
@@ -224,9 +227,9 @@ void Combine(const AttentionParams& p, const KernelTable& kern) {
   const int64_t ns = p.num_splits, dv = p.dv;
   thread_local std::vector<const float*> src;
   thread_local std::vector<float> w, acc;
-  if (src.size() < size_t(ns)) src.resize(size_t(ns));
-  if (w.size() < size_t(ns)) w.resize(size_t(ns));
-  if (acc.size() < size_t(dv)) acc.resize(size_t(dv));
+  Grow(src, size_t(ns));
+  Grow(w, size_t(ns));
+  Grow(acc, size_t(dv));
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t i = 0; i < p.seq_q; ++i) {
       for (int64_t h = 0; h < p.heads_q; ++h) {
