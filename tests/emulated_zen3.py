@@ -120,9 +120,16 @@ def make_inputs(c):
     """The case's inputs as numpy arrays (fresh normal data, seeded by name):
     q, then per cache its values or its quantized leaves (qs, d). Values of a
     narrower float type are kept as their (exact) float32 values, which .npz
-    files hold; run_case rounds them back."""
+    files hold; run_case rounds them back. float16 values have no subnormals:
+    QEMU's F16C would flush them (module docstring)."""
     rng = np.random.default_rng(zlib.crc32(c["name"].encode()))
-    exact = lambda x, dtype: np.asarray(x.astype(dtype).astype(jnp.float32))
+
+    def exact(x, dtype):
+        x = np.asarray(x.astype(dtype).astype(jnp.float32))
+        if dtype == F16:
+            x = np.where(np.abs(x) < F16_TINY, np.copysign(F16_TINY, x), x)
+        return x
+
     (shape, dtype), arrays = c["q"], {}
     arrays["q"] = exact(jnp.asarray(rng.standard_normal(shape, np.float32)), dtype)
     for i, (shape, kind) in enumerate(c["caches"]):
@@ -132,10 +139,6 @@ def make_inputs(c):
             arrays[f"c{i}_qs"], arrays[f"c{i}_d"] = np.asarray(qkv.qs), np.asarray(qkv.d)
         else:
             arrays[f"c{i}"] = exact(x, kind)
-    for key, kind in [("q", dtype)] + [(f"c{i}", k) for i, (_, k) in enumerate(c["caches"])]:
-        if kind == F16:  # QEMU's F16C would flush subnormals (module docstring)
-            x = arrays[key]
-            arrays[key] = np.where(np.abs(x) < F16_TINY, np.copysign(F16_TINY, x), x)
     return arrays
 
 
