@@ -24,14 +24,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 __all__ = ["QuantizedKV", "quantize", "dequantize", "cache_update", "cache_bytes", "FORMATS"]
 
 FORMATS = ("q8_0", "q8_kv", "q6_0")
+# The short names the benchmark and the docs use. numpy reads "f16" as a
+# 16-byte float (float128), so they are mapped before numpy sees them.
+FLOAT_NAMES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
+CACHE_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in FLOAT_NAMES.values())
 BLOCK = 32  # values per block of q8_0 and q6_0
 
 
@@ -156,7 +162,7 @@ def _q6_0(x):
 _QUANTIZERS = {"q8_0": _q8_0, "q8_kv": _q8_kv, "q6_0": _q6_0}
 
 
-def quantize(x, fmt: str) -> QuantizedKV:
+def quantize(x: ArrayLike, fmt: str) -> QuantizedKV:
     """Quantizes x (any float dtype) along its last axis into `fmt` (jittable)."""
     _check_format(fmt)
     _check_float("x", x)
@@ -164,7 +170,7 @@ def quantize(x, fmt: str) -> QuantizedKV:
     return _QUANTIZERS[fmt](jnp.asarray(x).astype(jnp.float32))
 
 
-def dequantize(qkv: QuantizedKV, dtype=jnp.float32) -> jax.Array:
+def dequantize(qkv: QuantizedKV, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """The values a QuantizedKV stands for, as `dtype`."""
     if not isinstance(qkv, QuantizedKV):
         raise TypeError(f"qkv must be a QuantizedKV, got {type(qkv).__name__}")
@@ -184,7 +190,21 @@ def dequantize(qkv: QuantizedKV, dtype=jnp.float32) -> jax.Array:
     return ((q - 32) * d[..., None]).reshape(qkv.shape).astype(dtype)
 
 
-def cache_bytes(fmt, shape) -> int:
+def cache_float_dtype(where: str, fmt: str | DTypeLike) -> np.dtype:
+    """The float dtype a cache format names: "f32", "f16", "bf16", or a
+    float32 / float16 / bfloat16 dtype or its name. Anything else (a
+    quantized format name included) is a ValueError naming `where`."""
+    try:
+        dtype = jnp.dtype(FLOAT_NAMES.get(fmt, fmt) if isinstance(fmt, str) else fmt)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype not in CACHE_FLOAT_DTYPES:
+        raise ValueError(f"{where}: fmt must be a float dtype ({', '.join(FLOAT_NAMES)} or that "
+                         f"numpy dtype) or one of {', '.join(FORMATS)}, got {fmt!r}")
+    return dtype
+
+
+def cache_bytes(fmt: str | DTypeLike, shape: Sequence[int]) -> int:
     """Bytes of a cache of logical `shape` stored as `fmt` (a float dtype or a
     format name), for memory accounting."""
     shape = tuple(int(s) for s in shape)
@@ -197,16 +217,12 @@ def cache_bytes(fmt, shape) -> int:
             return n * 3 // 4 + n // BLOCK * 2
         rows = n // shape[-1] if shape[-1] else 0
         return n + rows * 4
-    try:
-        dtype = jnp.dtype(fmt)
-    except TypeError:
-        raise ValueError(f"fmt must be a float dtype or one of {', '.join(FORMATS)}, got {fmt!r}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"fmt must be a float dtype or one of {', '.join(FORMATS)}, got {dtype}")
+    dtype = cache_float_dtype("cache_bytes", fmt)
     return n * dtype.itemsize
 
 
-def cache_update(cache, rows, positions):
+def cache_update(cache: jax.Array | QuantizedKV, rows: ArrayLike,
+                 positions: ArrayLike) -> jax.Array | QuantizedKV:
     """Writes rows [B, S, ...] into cache [B, Smax, ...] (a float array or a
     QuantizedKV, whose rows are quantized first) at positions [B, S]; returns
     the new cache, updated in place when the cache is donated.

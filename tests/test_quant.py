@@ -5,6 +5,7 @@ round-trip error bounds, pytree behaviour, cache updates and byte counts."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -166,8 +167,19 @@ def test_cache_bytes():
     assert jax_mla.cache_bytes("q8_0", shape) == n + n // 32 * 2   # 34 bytes per 32 values
     assert jax_mla.cache_bytes("q6_0", shape) == n * 3 // 4 + n // 32 * 2  # 26 per 32
     assert jax_mla.cache_bytes("q8_kv", shape) == n + 16384 * 4
+    for name, size in (("f32", 4), ("f16", 2), ("bf16", 2), ("float32", 4), (jnp.bfloat16, 2)):
+        assert jax_mla.cache_bytes(name, shape) == size * n, name
     q = jax_mla.quantize(jnp.zeros((2, 8, 64)), "q6_0")
     assert jax_mla.cache_bytes("q6_0", q.shape) == q.qs.nbytes + q.d.nbytes
+
+
+@pytest.mark.parametrize("fmt", ["f64", "float64", np.float64, "f8", "q4_0", np.int8, None])
+def test_cache_bytes_refuses_what_no_cache_holds(fmt):
+    # numpy alone reads "f16" as float128 and "f8" as float64: never a silent size.
+    with pytest.raises(ValueError, match=re.escape("cache_bytes: fmt must be a float dtype (f32, "
+                                                   "f16, bf16 or that numpy dtype) or one of "
+                                                   f"q8_0, q8_kv, q6_0, got {fmt!r}")):
+        jax_mla.cache_bytes(fmt, (1, 4, 64))
 
 
 @pytest.mark.parametrize("call, error, match", [
