@@ -39,14 +39,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 import jax_mla
-from jax_mla.quant import FORMATS, QuantizedKV
+from jax_mla.quant import FORMATS, QuantizedKV, cache_float_dtype
 
 __all__ = ["MLAConfig", "LatentCache", "MODES", "attention", "init_cache", "init_params",
            "params_from_hf", "param_shapes", "decode_loop", "generate", "rope_inv_freq", "rope_mscale",
@@ -54,6 +56,9 @@ __all__ = ["MLAConfig", "LatentCache", "MODES", "attention", "init_cache", "init
            "kv_bytes_per_token"]
 
 MODES = ("standard", "latent", "hybrid")
+# The config.json keys from_hf_config cannot default.
+HF_REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                    "qk_rope_head_dim", "v_head_dim")
 
 
 # ------------------------------------------------------------------ configuration
@@ -117,6 +122,14 @@ class MLAConfig:
     @classmethod
     def from_hf_config(cls, config: dict, **overrides) -> "MLAConfig":
         """From a Hugging Face DeepSeek-V2/V3 config.json (as a dict)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"MLAConfig.from_hf_config: config must be a dict (config.json), "
+                            f"got {type(config).__name__}")
+        missing = [k for k in HF_REQUIRED_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"MLAConfig.from_hf_config: config lacks {', '.join(map(repr, missing))} "
+                             f"(keys of a DeepSeek-V2/V3 config.json); it has "
+                             f"{sorted(config) or 'no keys'}")
         rope = config.get("rope_scaling") or {}
         values = dict(
             hidden_size=config["hidden_size"], num_heads=config["num_attention_heads"],
@@ -245,7 +258,8 @@ def param_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_params(key, cfg: MLAConfig, dtype=jnp.float32) -> dict[str, jax.Array]:
+def init_params(key: jax.Array, cfg: MLAConfig,
+                dtype: DTypeLike = jnp.float32) -> dict[str, jax.Array]:
     """Random parameters: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2)."""
     shapes = param_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
@@ -277,7 +291,8 @@ def _hf_tensor(state_dict, name: str):
     return np.asarray(x, dtype=np.float32)
 
 
-def params_from_hf(state_dict, cfg: MLAConfig, dtype=jnp.float32) -> dict[str, jax.Array]:
+def params_from_hf(state_dict: Mapping[str, Any], cfg: MLAConfig,
+                   dtype: DTypeLike = jnp.float32) -> dict[str, jax.Array]:
     """Parameters from one attention layer's Hugging Face tensors.
 
     state_dict maps names to numpy arrays or torch tensors. Names are those of
@@ -350,12 +365,15 @@ def _check_params(params, cfg: MLAConfig) -> None:
 @dataclasses.dataclass(frozen=True)
 class LatentCache:
     """The latent KV cache of one layer: kv [B, Smax, r + p] (a float array or a
-    QuantizedKV) whose row t holds token t's [c_kv | k_pe], and length int32
-    [B], each row's tokens so far (what attention() last wrote: its last
-    position + 1). A pytree, so it can be donated to jit and carried by
-    lax.scan."""
+    QuantizedKV) whose row t holds token t's [c_kv | k_pe]; length int32 [B],
+    each row's tokens so far (what attention() last wrote: its last position
+    + 1, at most Smax); overflow bool [B], set for good once a row was asked
+    to write a token outside [0, Smax) under jit (that token was dropped, so
+    the row's later outputs miss it). A pytree, so it can be donated to jit
+    and carried by lax.scan."""
     kv: Any
     length: jax.Array
+    overflow: jax.Array
 
     @property
     def fmt(self) -> str:
@@ -367,14 +385,16 @@ class LatentCache:
         return self.kv.shape[1]
 
 
-def init_cache(cfg: MLAConfig, batch: int, max_len: int, fmt=jnp.float16) -> LatentCache:
-    """An empty latent cache of `batch` rows of `max_len` tokens; fmt is a float
-    dtype or one of 'q8_0', 'q8_kv', 'q6_0'."""
+def init_cache(cfg: MLAConfig, batch: int, max_len: int,
+               fmt: str | DTypeLike = jnp.float16) -> LatentCache:
+    """An empty latent cache of `batch` rows of `max_len` tokens; fmt is "f32",
+    "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0"."""
     for name, value in (("batch", batch), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
     shape = (batch, max_len, cfg.cache_dim)
     length = jnp.zeros((batch,), jnp.int32)
+    overflow = jnp.zeros((batch,), jnp.bool_)
     if isinstance(fmt, str) and fmt in FORMATS:
         if fmt != "q8_kv" and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
             raise ValueError(f"init_cache: {fmt} needs kv_lora_rank and the row width to be "
@@ -382,18 +402,12 @@ def init_cache(cfg: MLAConfig, batch: int, max_len: int, fmt=jnp.float16) -> Lat
                              f"{cfg.kv_lora_rank}, row {cfg.cache_dim}")
         leaves = jax.eval_shape(lambda: jax_mla.quantize(jnp.zeros(shape, jnp.float32), fmt))
         kv = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), leaves)
-        return LatentCache(kv, length)
-    try:
-        dtype = jnp.dtype(fmt)
-    except TypeError:
-        dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"init_cache: fmt must be a float dtype or one of {', '.join(FORMATS)}, "
-                         f"got {fmt!r}")
-    return LatentCache(jnp.zeros(shape, dtype), length)
+        return LatentCache(kv, length, overflow)
+    dtype = cache_float_dtype("init_cache", fmt)
+    return LatentCache(jnp.zeros(shape, dtype), length, overflow)
 
 
-def kv_bytes_per_token(cfg: MLAConfig, fmt) -> int:
+def kv_bytes_per_token(cfg: MLAConfig, fmt: str | DTypeLike) -> int:
     """Bytes one token takes in the latent cache of one layer (all modes share it)."""
     return jax_mla.cache_bytes(fmt, (1, 1, cfg.cache_dim))
 
@@ -447,7 +461,9 @@ def _check_inputs(params, x, positions, cache, cfg, mode):
                              f"cache's max_len), got {p[bad][0]}")
 
 
-def attention(params, x, positions, cache: LatentCache, cfg: MLAConfig, mode: str = "hybrid"):
+def attention(params: dict[str, jax.Array], x: jax.Array, positions: ArrayLike,
+              cache: LatentCache, cfg: MLAConfig,
+              mode: str = "hybrid") -> tuple[jax.Array, LatentCache]:
     """One DeepSeek MLA attention layer over the latent cache.
 
     Args:
@@ -459,7 +475,7 @@ def attention(params, x, positions, cache: LatentCache, cfg: MLAConfig, mode: st
         row's new length is its last position + 1, which is the kv_len of the
         attention: earlier cache rows are the context. Concrete positions are
         checked (consecutive, inside the cache); traced ones that fall outside
-        the cache are dropped on write.
+        the cache are dropped on write and set the row's cache.overflow.
       cache: LatentCache (init_cache), donated under jit for in-place writes.
       cfg: MLAConfig (static under jit).
       mode: "standard", "latent" or "hybrid" (static); see the module doc.
@@ -494,7 +510,10 @@ def attention(params, x, positions, cache: LatentCache, cfg: MLAConfig, mode: st
     else:
         o = _standard(params, jnp.concatenate([q_nope, q_pe], -1), kv, q_pos, kv_len, scale, cfg)
     out = o.reshape(batch, seq, h * cfg.v_head_dim).astype(x.dtype) @ params["wo"]
-    return out.astype(x.dtype), LatentCache(kv, kv_len)
+    # Traced positions outside the cache were dropped by cache_update: say so.
+    dropped = ((positions < 0) | (positions >= cache.max_len)).any(axis=1)
+    new_cache = LatentCache(kv, jnp.clip(kv_len, 0, cache.max_len), cache.overflow | dropped)
+    return out.astype(x.dtype), new_cache
 
 
 def _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg):
@@ -563,11 +582,31 @@ def _renorm(out):
     return (of * jax.lax.rsqrt(jnp.mean(of * of, -1, keepdims=True) + 1e-6)).astype(out.dtype)
 
 
-def generate(params, x, cache: LatentCache, cfg: MLAConfig, steps: int, *, mode="hybrid",
-             next_input: Callable | None = None):
+def _check_capacity(op: str, cache: LatentCache, tokens: int, what: str | None = None) -> None:
+    """Tokens past a cache's capacity would be dropped inside lax.scan, where
+    nothing can raise: refuse them here, from the shapes and, when it is
+    concrete, from the cache's length."""
+    what = what or f"{tokens} steps"
+    if tokens > cache.max_len:
+        raise ValueError(f"{op}: {what} do not fit a cache of max_len {cache.max_len}")
+    if not isinstance(cache.length, jax.core.Tracer):
+        longest = int(np.max(np.asarray(cache.length), initial=0))
+        if longest + tokens > cache.max_len:
+            raise ValueError(f"{op}: {what} after the {longest} tokens already in the cache need "
+                             f"{longest + tokens} rows, more than its max_len {cache.max_len}")
+
+
+def generate(params: dict[str, jax.Array], x: jax.Array, cache: LatentCache, cfg: MLAConfig,
+             steps: int, *, mode: str = "hybrid",
+             next_input: Callable[[jax.Array], jax.Array] | None = None
+             ) -> tuple[jax.Array, LatentCache]:
     """`steps` single-token steps through lax.scan, each at the row's current
     length (cache.length), starting from x [B, 1, hidden]; the input of step
     t + 1 is next_input(output of step t) (default: the output RMS-normalized).
+
+    Steps that would not fit the cache (cache.length + steps > max_len) raise
+    ValueError when the shapes or a concrete length show it; under jit with a
+    traced length they are dropped and flagged in cache.overflow.
 
     Returns (outputs [B, steps, hidden], the updated cache). Jit it with
     static_argnames=("cfg", "steps", "mode", "next_input") and the cache
@@ -576,6 +615,7 @@ def generate(params, x, cache: LatentCache, cfg: MLAConfig, steps: int, *, mode=
     next_input = _renorm if next_input is None else next_input
     if x.ndim != 3 or x.shape[1] != 1:
         raise ValueError(f"generate: x must have shape [B, 1, hidden], got {tuple(x.shape)}")
+    _check_capacity("generate", cache, steps)
 
     def step(carry, _):
         x, cache = carry
@@ -586,8 +626,10 @@ def generate(params, x, cache: LatentCache, cfg: MLAConfig, steps: int, *, mode=
     return jnp.moveaxis(ys, 0, 1), cache
 
 
-def decode_loop(params, prompt, cache: LatentCache, cfg: MLAConfig, steps: int, *,
-                mode="hybrid", next_input: Callable | None = None):
+def decode_loop(params: dict[str, jax.Array], prompt: jax.Array, cache: LatentCache,
+                cfg: MLAConfig, steps: int, *, mode: str = "hybrid",
+                next_input: Callable[[jax.Array], jax.Array] | None = None
+                ) -> tuple[jax.Array, jax.Array, LatentCache]:
     """Prefill `prompt` [B, S, hidden] at positions cache.length + [0, S), then
     generate `steps` tokens (generate) from next_input(last prompt output).
 
@@ -596,6 +638,7 @@ def decode_loop(params, prompt, cache: LatentCache, cfg: MLAConfig, steps: int, 
     """
     next_input = _renorm if next_input is None else next_input
     seq = prompt.shape[1]
+    _check_capacity("decode_loop", cache, seq + steps, f"{seq} prompt tokens + {steps} steps")
     positions = cache.length[:, None] + jnp.arange(seq, dtype=jnp.int32)
     out, cache = attention(params, prompt, positions, cache, cfg, mode)
     ys, cache = generate(params, next_input(out[:, -1:]), cache, cfg, steps, mode=mode,

@@ -517,6 +517,21 @@ def test_from_hf_config():
     assert plain.yarn_factor == 1.0 and plain.softmax_scale == pytest.approx(192 ** -0.5)
 
 
+def test_from_hf_config_names_what_is_missing():
+    with pytest.raises(ValueError, match=re.escape(
+            "from_hf_config: config lacks 'hidden_size', 'num_attention_heads', 'kv_lora_rank', "
+            "'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim' (keys of a DeepSeek-V2/V3 "
+            "config.json); it has no keys")):
+        ds.MLAConfig.from_hf_config({})
+    config = dict(hidden_size=2048, num_attention_heads=16, kv_lora_rank=512,
+                  qk_nope_head_dim=128, qk_rope_head_dim=64)
+    with pytest.raises(ValueError, match=re.escape("config lacks 'v_head_dim' (keys of a "
+                                                   "DeepSeek-V2/V3 config.json); it has ['hidden")):
+        ds.MLAConfig.from_hf_config(config)
+    with pytest.raises(TypeError, match="config must be a dict .*, got str"):
+        ds.MLAConfig.from_hf_config("config.json")
+
+
 def test_init_cache_errors_and_sizes():
     cfg = ds.MLAConfig()
     for fmt, per_token in (("float16", 1152), ("bfloat16", 1152), ("float32", 2304),
@@ -527,11 +542,16 @@ def test_init_cache_errors_and_sizes():
         assert cache.length.dtype == jnp.int32 and not cache.length.any()
         leaves = jax.tree_util.tree_leaves(cache.kv)
         assert sum(x.nbytes for x in leaves) == 2 * 8 * per_token
-    with pytest.raises(ValueError, match="fmt must be a float dtype or one of q8_0, q8_kv, "
-                                         "q6_0, got 'q4_0'"):
+    for short, dtype in (("f16", "float16"), ("bf16", "bfloat16"), ("f32", "float32")):
+        assert ds.kv_bytes_per_token(cfg, short) == ds.kv_bytes_per_token(cfg, dtype)
+        assert ds.init_cache(cfg, 1, 8, short).fmt == dtype
+    with pytest.raises(ValueError, match=re.escape("init_cache: fmt must be a float dtype (f32, "
+                                                   "f16, bf16 or that numpy dtype) or one of q8_0, "
+                                                   "q8_kv, q6_0, got 'q4_0'")):
         ds.init_cache(cfg, 1, 8, "q4_0")
-    with pytest.raises(ValueError, match="fmt must be a float dtype .* got <class 'numpy.int8'>"):
-        ds.init_cache(cfg, 1, 8, np.int8)
+    for bad in (np.int8, "f64", np.float64):
+        with pytest.raises(ValueError, match=f"fmt must be a float dtype .* got {re.escape(repr(bad))}"):
+            ds.init_cache(cfg, 1, 8, bad)
     with pytest.raises(ValueError, match="max_len must be a positive int, got 0"):
         ds.init_cache(cfg, 1, 0, "q8_0")
     odd = dataclasses.replace(SMALL, kv_lora_rank=48)
@@ -602,4 +622,32 @@ def test_traced_positions_outside_the_cache_are_dropped(rng):
     kv = np.asarray(cache.kv)
     assert kv[0, 7].any() and not kv[0, :7].any()
     assert np.isfinite(np.asarray(out)).all()
+    # ... and never silently: the row is flagged, its length stays inside the cache.
+    assert cache.overflow.tolist() == [True] and cache.length.tolist() == [8]
+    _, fine = step(params, x, jnp.asarray([[3, 4]], jnp.int32), ds.init_cache(SMALL, 1, 8, "f32"),
+                   cfg=SMALL, mode="latent")
+    assert fine.overflow.tolist() == [False] and fine.length.tolist() == [5]
+
+
+def test_decode_past_the_cache_capacity_is_never_silent(rng):
+    """decode_loop / generate refuse steps that cannot fit (the shapes or a
+    concrete length say so); with a traced length, the row is flagged."""
+    params = ds.init_params(jax.random.PRNGKey(0), SMALL)
+    prompt = jnp.asarray(rng.standard_normal((1, 4, SMALL.hidden_size)).astype(np.float32))
+    loop = jax.jit(ds.decode_loop, static_argnames=("cfg", "steps", "mode", "next_input"))
+    with pytest.raises(ValueError, match=re.escape("decode_loop: 4 prompt tokens + 5 steps do not "
+                                                   "fit a cache of max_len 8")):
+        loop(params, prompt, ds.init_cache(SMALL, 1, 8, "f32"), SMALL, 5)
+    _, cache = ds.attention(params, prompt, jnp.arange(4, dtype=jnp.int32)[None],
+                            ds.init_cache(SMALL, 1, 8, "f32"), SMALL)
+    with pytest.raises(ValueError, match=re.escape("generate: 5 steps after the 4 tokens already "
+                                                   "in the cache need 9 rows, more than its "
+                                                   "max_len 8")):
+        ds.generate(params, prompt[:, :1], cache, SMALL, 5)
+    # Under jit the length is traced: the step past the end is dropped and flagged.
+    gen = jax.jit(ds.generate, static_argnames=("cfg", "steps", "mode", "next_input"))
+    _, full = gen(params, prompt[:, :1], cache, SMALL, 4)
+    assert full.length.tolist() == [8] and full.overflow.tolist() == [False]
+    _, over = gen(params, prompt[:, :1], full, SMALL, 1)
+    assert over.length.tolist() == [8] and over.overflow.tolist() == [True]
 
