@@ -9,6 +9,8 @@ backend=None warning can say why.
 from __future__ import annotations
 
 import importlib
+import pathlib
+import warnings
 
 import jax
 
@@ -20,11 +22,25 @@ _load_errors: dict[str, str] = {}
 _targets: dict[str, frozenset[str]] = {}
 
 
+def _in_source_tree() -> bool:
+    """True when this package is the repo's source folder, which never holds
+    the compiled modules: Python put the current directory (the repo root)
+    ahead of the installed package."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return (root / "pyproject.toml").is_file() and (root / "ffi").is_dir()
+
+
 def _load() -> None:
     for platform, (name, ffi_platform) in _MODULES.items():
         try:
             module = importlib.import_module(f"jax_mla.{name}")
         except ImportError as e:
+            if platform == "cpu" and _in_source_tree():
+                raise ImportError(
+                    f"jax_mla was imported from its source tree "
+                    f"({pathlib.Path(__file__).resolve().parent}), which has no compiled modules. "
+                    "Install it (`pip install .`) and run Python with -P (`python -P -m jax_mla`) "
+                    "or from another directory, so the installed package is imported") from e
             _load_errors[platform] = f"jax_mla.{name} did not load ({e})"
             continue
         registrations = module.registrations()
@@ -32,6 +48,23 @@ def _load() -> None:
             jax.ffi.register_ffi_target(target, capsule, platform=ffi_platform)
         _loaded[platform] = module
         _targets[platform] = frozenset(registrations)
+    isa_error = cpu_isa_error()
+    if isa_error:
+        warnings.warn(f"jax_mla: {isa_error}; the CPU kernels will refuse to run until "
+                      "JAX_MLA_CPU_ISA is fixed", RuntimeWarning, stacklevel=2)
+
+
+def cpu_isa_error() -> str | None:
+    """Why the CPU kernels cannot run with this process's JAX_MLA_CPU_ISA, or
+    None (also None when the CPU module did not load)."""
+    cpu = _loaded.get("cpu")
+    if cpu is None:
+        return None
+    try:
+        cpu.isa()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 _load()
@@ -68,10 +101,11 @@ def backends() -> dict:
     info["cpu"] = {
         "loaded": cpu is not None,
         "targets": sorted(_targets.get("cpu", ())),
-        "isa": _safe(lambda: cpu.isa()) if cpu else None,
+        # "error: ..." when JAX_MLA_CPU_ISA names a path this CPU cannot run.
+        "isa": (f"error: {cpu_isa_error()}" if cpu_isa_error() else cpu.isa()) if cpu else None,
         "built_isas": cpu.built_isas().split(",") if cpu else [],
         "supported_isas": cpu.supported_isas().split(",") if cpu else [],
-        "error": _load_errors.get("cpu"),
+        "error": _load_errors.get("cpu") or cpu_isa_error(),
     }
     cuda = _loaded.get("gpu")
     info["cuda"] = {
@@ -82,9 +116,3 @@ def backends() -> dict:
     }
     return info
 
-
-def _safe(fn):
-    try:
-        return fn()
-    except ValueError as e:  # JAX_MLA_CPU_ISA names a path this CPU cannot run
-        return f"error: {e}"

@@ -3,7 +3,11 @@ targets, and is used by default; the package under test is the installed one."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 import warnings
 
 import jax.numpy as jnp
@@ -74,3 +78,34 @@ def test_without_the_module_native_is_an_error_and_default_warns_once(rng, cpu, 
     want = jax_mla.flash_mla(q, kv, dv=32, backend="reference")
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(again), np.asarray(want))
+
+
+def _python(code: str, cwd, **env):
+    """Runs `code` in a fresh interpreter (import-time behaviour), returning it
+    finished: its stdout and stderr are in the result."""
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+def test_an_invalid_cpu_isa_switch_is_reported_at_import():
+    run = _python("import jax_mla; print(jax_mla.backends()['cpu']['error'])", REPO.parent,
+                  JAX_MLA_CPU_ISA="avx3")
+    assert run.returncode == 0, run.stderr
+    assert "RuntimeWarning: jax_mla: JAX_MLA_CPU_ISA=avx3 is not one of auto," in run.stderr
+    assert run.stdout.startswith("JAX_MLA_CPU_ISA=avx3 is not one of auto,")
+    fine = _python("import jax_mla; print(jax_mla.backends()['cpu']['error'])", REPO.parent,
+                   JAX_MLA_CPU_ISA="generic")
+    assert fine.returncode == 0 and "Warning" not in fine.stderr, fine.stderr
+    assert fine.stdout.strip() == "None"
+
+
+def test_importing_the_source_tree_says_what_to_do(tmp_path):
+    # A copy of the source tree as a clone has it: no compiled modules.
+    shutil.copytree(pathlib.Path(jax_mla.__file__).parent, tmp_path / "jax_mla",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "ffi").mkdir()
+    run = _python("import jax_mla", tmp_path)
+    assert run.returncode == 1
+    assert "ImportError: jax_mla was imported from its source tree" in run.stderr, run.stderr
+    assert "pip install ." in run.stderr and "python -P -m jax_mla" in run.stderr
