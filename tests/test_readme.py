@@ -3,13 +3,15 @@ docs/*.md runs as written, and the docs stay short and self-contained.
 
 Blocks of one file run in order in one namespace (a reader runs them one after
 the other); each file starts fresh. A block preceded by the line
-`<!-- no-run -->` is skipped (it needs files or hardware the tests lack)."""
+`<!-- no-run -->` is skipped (it needs files or hardware the tests lack). The
+blocks run on the CPU device, the one every machine has and the docs describe."""
 
 from __future__ import annotations
 
 import pathlib
 import re
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,7 +55,8 @@ def test_python_blocks_run(path):
             compile(code, f"{path.name}:{line}", "exec")  # still valid Python
             continue
         try:
-            exec(compile(code, f"{path.name}:{line}", "exec"), namespace)
+            with jax.default_device(jax.devices("cpu")[0]):
+                exec(compile(code, f"{path.name}:{line}", "exec"), namespace)
         except Exception as e:
             raise AssertionError(f"{path.relative_to(ROOT)}, the python block at line {line} "
                                  f"failed: {type(e).__name__}: {e}") from e
