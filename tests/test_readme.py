@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pathlib
 import re
+import textwrap
 
 import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 NO_RUN = "<!-- no-run -->"
 README_MAX_LINES = 250
 # Paths outside the repo and internal issue numbers have no place in user docs.
@@ -36,15 +37,19 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
             if end == len(lines):
                 raise AssertionError(f"line {i + 1}: unclosed ```python block")
             runs = i == 0 or lines[i - 1].strip() != NO_RUN
-            blocks.append((i + 1, "\n".join(lines[start:end]) + "\n", runs))
+            # A block inside a list item is indented like its fence.
+            code = textwrap.dedent("\n".join(lines[start:end]) + "\n")
+            blocks.append((i + 1, code, runs))
             i = end
         i += 1
     return blocks
 
 
 def test_python_blocks_are_found():
-    text = "x\n<!-- no-run -->\n```python\na = 1\n```\n```sh\nls\n```\n```python\nb = 2\n```\n"
-    assert python_blocks(text) == [(3, "a = 1\n", False), (9, "b = 2\n", True)]
+    text = ("x\n<!-- no-run -->\n```python\na = 1\n```\n```sh\nls\n```\n```python\nb = 2\n```\n"
+            "- item\n\n  ```python\n  c = 3\n  ```\n")
+    assert python_blocks(text) == [(3, "a = 1\n", False), (9, "b = 2\n", True),
+                                   (14, "c = 3\n", True)]
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -73,3 +78,11 @@ def test_no_outside_paths_or_issue_numbers(path):
         for pattern in FORBIDDEN:
             assert not pattern.search(line), (
                 f"{path.relative_to(ROOT)}:{number} matches {pattern.pattern!r}: {line.strip()}")
+
+
+def test_forbidden_patterns_match():
+    for text in ("see ../shared/DESIGN.md", "built in /work/main", "as in issue 16",
+                 "Issues #5"):
+        assert any(p.search(text) for p in FORBIDDEN), text
+    for text in ("docs/design.md", "an issue with q8_0", "work/items"):
+        assert not any(p.search(text) for p in FORBIDDEN), text
