@@ -35,3 +35,17 @@ def test_notebook_runs(path, monkeypatch):
     errors = [out for cell in nb.cells if cell.cell_type == "code"
               for out in cell.get("outputs", []) if out.get("output_type") == "error"]
     assert not errors, errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_with_its_outputs(path):
+    """A reader on GitHub sees what the cells print: every code cell of the
+    committed file ran, in order, and the file holds no error output."""
+    nb = nbformat.read(path, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    counts = [cell.get("execution_count") for cell in code]
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: execution counts {counts}"
+    assert any(cell.get("outputs") for cell in code), f"{path.name} has no saved outputs"
+    errors = [out for cell in code for out in cell.get("outputs", [])
+              if out.get("output_type") == "error"]
+    assert not errors, errors
