@@ -94,7 +94,7 @@ def _platform_key(platform: str) -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm", "CUDA") else platform
 
 
-def backends() -> dict:
+def backends() -> dict[str, dict]:
     """Which native modules loaded, and what they report about themselves."""
     info: dict = {}
     cpu = _loaded.get("cpu")

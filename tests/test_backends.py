@@ -3,6 +3,7 @@ targets, and is used by default; the package under test is the installed one."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pathlib
 import shutil
@@ -109,3 +110,9 @@ def test_importing_the_source_tree_says_what_to_do(tmp_path):
     assert run.returncode == 1
     assert "ImportError: jax_mla was imported from its source tree" in run.stderr, run.stderr
     assert "pip install ." in run.stderr and "python -P -m jax_mla" in run.stderr
+
+
+def test_one_version_and_typed_package():
+    # pyproject takes the version from __init__.py, so the installed metadata agrees.
+    assert importlib.metadata.version("jax_mla") == jax_mla.__version__
+    assert (pathlib.Path(jax_mla.__file__).parent / "py.typed").is_file()
