@@ -3,7 +3,6 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstdlib>
 
 #include "ffi/cuda/device.h"
 
@@ -29,12 +28,7 @@ namespace {
 __global__ void ArchProbe() {}
 }  // namespace
 
-bool UseSm90Kernels() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("JAX_MLA_CUDA_SM90");
-    return !(env && env[0] == '0');
-  }();
-  if (!enabled) return false;
+bool RunsSm90a() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
     cudaGetLastError();

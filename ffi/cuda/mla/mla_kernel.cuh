@@ -24,29 +24,10 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/mla/mla_config.h"
 
 namespace jax_mla::cuda {
-
-constexpr int kMlaDk = 576;
-constexpr int kMlaDv = 512;
-constexpr int kMlaKeys = 32;                       // keys per KV tile
-constexpr int kMlaRowBytes = kMlaDk * 2 + 16;      // padded smem row: conflict-free ldmatrix
-constexpr int kMlaPRowBytes = kMlaKeys * 2 + 16;   // padded P row
-constexpr int kMlaChunks = kMlaDk * 2 / 16;        // 16-byte chunks per row
-
-// Rows per block: G groups of 16 (G = 1 for up to 16 rows, e.g. 16-head decode).
-inline int MlaGroups(int64_t rows) { return rows <= 16 ? 1 : 4; }
-
-template <int G>
-struct MlaShape {
-  static constexpr int kThreads = 128 * G;
-  static constexpr int kRows = 16 * G;
-  static constexpr int kStages = G == 1 ? 4 : 3;
-  static constexpr size_t kSmem = size_t(kRows) * kMlaRowBytes +
-                                  size_t(kStages) * kMlaKeys * kMlaRowBytes +
-                                  size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
-};
 
 // One tile's online-softmax step for the quad's 2 x 2 scores sc (base-2,
 // masked keys -inf): the tile's row maxima over the group's 4 warps (through

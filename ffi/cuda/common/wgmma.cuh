@@ -31,7 +31,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define JAX_MLA_SM90A 1

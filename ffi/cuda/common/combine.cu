@@ -12,8 +12,8 @@
 
 #include <cmath>
 
-#include "ffi/cuda/combine.h"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/combine.h"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
 namespace {

@@ -1,8 +1,8 @@
-// flash_mla for 64-row blocks on Hopper (sm_90a), the key-split kernel (the
-// fallback of mla_sm90_kernel.cuh's seesaw kernel): warpgroup MMAs (wgmma) with
-// both operands in 128-byte-swizzled shared memory, so each K/V tile operand
-// is read from shared memory once per 64-row warpgroup instead of once per
-// 16-row warp (the bound of the mma.sync kernel, benchmarks/NOTES.md "CUDA 1").
+// flash_mla for 64-row blocks on Hopper (sm_90a), the key-split kernel (taken
+// instead of the seesaw kernel, mla_sm90_seesaw_kernel.cuh, where the cache's
+// strides do not suit TMA): warpgroup MMAs (wgmma) with both operands in
+// 128-byte-swizzled shared memory, so each K/V tile operand is read from
+// shared memory once per 64-row warpgroup instead of once per 16-row warp (the bound of the mma.sync kernel, benchmarks/NOTES.md "CUDA 1").
 //
 // A block is 2 warpgroups (256 threads) and owns 64 query rows, (position,
 // head) pairs of one batch row, like the mma.sync kernel's G = 4 blocks (so
@@ -29,8 +29,8 @@
 // + e) and d[4j + 2 + e] the same column of hi.
 //
 // Everything that emits sm_90a instructions compiles to nothing outside
-// __CUDA_ARCH_FEAT_SM90_ALL; the host launches this kernel only on devices of
-// compute capability 9.x (mla.cu), the mma.sync kernel elsewhere.
+// __CUDA_ARCH_FEAT_SM90_ALL; the host launches this kernel only where
+// RunsSm90a() (device.h, mla.cu), the mma.sync kernel elsewhere.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,15 +42,13 @@
 #include <type_traits>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/kernel_utils.cuh"
-#include "ffi/cuda/mla_kernel.cuh"
-#include "ffi/cuda/wgmma.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/mla/mla_config.h"
+#include "ffi/cuda/mla/mla_kernel.cuh"
+#include "ffi/cuda/common/wgmma.cuh"
 
 namespace jax_mla::cuda {
 
-
-constexpr int kSm90Keys = 64;                        // keys per KV tile
-constexpr int kSm90Rows = 64;                        // query rows per block
 constexpr int kSm90Threads = 256;                    // two warpgroups
 constexpr int kSm90TileBytes = kSm90Keys * kMlaDk * 2;  // one [64][576] tile: 73728
 constexpr size_t kSm90Smem = 2 * size_t(kSm90TileBytes) +  // K/V, two stages
@@ -233,8 +231,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
 #endif
 }
 
-// Launches the key-split kernel above (the fallback when the cache's strides do
-// not suit TMA, or JAX_MLA_CUDA_MLA_SEESAW=0).
+// Launches the key-split kernel above (auto's choice when the cache's strides
+// do not suit TMA; mla.cu). Only where RunsSm90a() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90Split(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(MlaSm90Kernel<T>,

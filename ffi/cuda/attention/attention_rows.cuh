@@ -1,6 +1,6 @@
 // The end of a flash_attention block, shared by the mma.sync kernel
-// (attention_kernel.cuh) and the sm_90a one (attention_sm90.cuh): both leave
-// each lane with two rows (r_lo, r_hi = r_lo + 8 of the block's (position,
+// (attention_kernel.cuh) and the sm_90a one (attention_sm90_kernel.cuh): both
+// leave each lane with two rows (r_lo, r_hi = r_lo + 8 of the block's (position,
 // head-in-group) rows) and an accumulator in the m16n8 fragment layout,
 // acc(n, e) = column 8n + 2 (lane % 4) + e % 2 of row lo (e < 2) or hi.
 #pragma once
@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
 

@@ -26,37 +26,11 @@
 
 #include "ffi/common/params.h"
 #include "ffi/common/quant_format.h"
-#include "ffi/cuda/kernel_utils.cuh"
-#include "ffi/cuda/mla_kernel.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/mla/mla_config.h"
+#include "ffi/cuda/mla/mla_kernel.cuh"
 
 namespace jax_mla::cuda {
-
-constexpr int kMlaBlocks = kMlaDk / 32;           // 18 blocks of 32 per latent row
-constexpr int kMlaQsRowBytes = kMlaDk + 16;       // padded int8 row: conflict-free ldmatrix
-constexpr int kMlaQsChunks = kMlaDk / 16;         // 16-byte chunks per int8 row
-constexpr int kMlaQdStride = 20;                  // query block scales per row (18, padded to 16 B)
-constexpr int kMlaVRowBytes = kMlaDv * 2 + 16;    // padded dequantized V row
-
-// Staged scale bytes per key: 18 float16 block scales (q8_0) or one float32 (q8_kv).
-template <QFormat F>
-struct MlaScaleBytes {
-  static constexpr int value = F == QFormat::kQ8_0 ? kMlaBlocks * 2 : 4;
-};
-
-template <int G, QFormat F>
-struct MlaQuantShape {
-  static constexpr int kThreads = 128 * G;
-  static constexpr int kRows = 16 * G;
-  static constexpr int kStages = 3;
-  // Two 16-row blocks fit on an SM (4 warps each hide each other's latency).
-  static constexpr int kMinBlocks = G == 1 ? 2 : 1;
-  static constexpr int kStageBytes = kMlaKeys * kMlaQsRowBytes + kMlaKeys * MlaScaleBytes<F>::value;
-  static constexpr size_t kSmem = size_t(kRows) * kMlaQsRowBytes +          // Q, int8
-                                  size_t(kRows) * kMlaQdStride * 4 +        // Q block scales
-                                  size_t(kStages) * kStageBytes +           // K/V tiles, int8
-                                  size_t(kMlaKeys) * kMlaVRowBytes +        // V, dequantized
-                                  size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
-};
 
 // c = a * b on a 16x8x32 int8 tile, c initialized to `init` (s32 accumulation).
 __device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,

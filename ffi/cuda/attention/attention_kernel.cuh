@@ -14,22 +14,11 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/attention_rows.cuh"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/attention/attention_config.h"
+#include "ffi/cuda/attention/attention_rows.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
-
-template <int Dk, int Dv>
-struct AttnShape {
-  static constexpr int kThreads = 128;
-  static constexpr int kRows = 64;
-  static constexpr int kKeys = (Dk >= 256 || Dv >= 256) ? 32 : 64;
-  static constexpr int kStages = 2;
-  static constexpr int kKRow = Dk * 2 + 16;  // padded smem rows: conflict-free ldmatrix
-  static constexpr int kVRow = Dv * 2 + 16;
-  static constexpr size_t kSmem =
-      size_t(kRows) * kKRow + size_t(kStages) * kKeys * (kKRow + kVRow);
-};
 
 template <typename T, int Dk, int Dv>
 __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) {
