@@ -1,6 +1,6 @@
 // The CUDA FFI handlers (defined in attention/attention.cu and mla/mla.cu) and
 // the facts the Python side asks the module for (tile sizes, work items;
-// split_inputs.cu).
+// split_inputs.cc).
 #pragma once
 
 #include <cstdint>

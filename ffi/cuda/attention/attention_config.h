@@ -1,6 +1,6 @@
 // The mma.sync flash_attention kernel's tile shape (constexpr only, no device
 // code): what the kernel is built with and what the host side
-// (split_inputs.cu) plans splits by.
+// (split_inputs.cc) plans splits by.
 #pragma once
 
 #include <cstddef>

@@ -230,7 +230,7 @@ __device__ __forceinline__ void WgmmaM64N128K16RS(float d[64], const uint32_t a[
 #endif
 }
 
-// MLA-shaped wgmma (ffi/cuda/mla_sm90_*.cuh): m64n32k16, m64n64k16 and
+// MLA-shaped wgmma (ffi/cuda/mla/mla_sm90_*_kernel.cuh): m64n32k16, m64n64k16 and
 // m64n256k16 with both operands in shared memory, and a guard that keeps
 // the compiler off the accumulators while a group is in flight.
 // Keeps the compiler from touching accumulators between an mma_async and its wait.

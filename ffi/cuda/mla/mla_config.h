@@ -1,5 +1,5 @@
 // The MLA kernels' tile shapes (constexpr only, no device code): what the
-// kernels are built with and what the host side (mla.cu, split_inputs.cu)
+// kernels are built with and what the host side (mla.cu, split_inputs.cc)
 // sizes launches and split plans by.
 #pragma once
 
