@@ -93,12 +93,10 @@ ffi::Error MlaDispatch(const AttentionParams& p, MlaKernel kernel, cudaStream_t 
   }
   const bool forced = kernel != MlaKernel::kAuto;
   const char* name = kMlaKernelNames[int(kernel)];
-  if (!forced)
-    kernel = RunsSm90a() ? MlaKernel::kSm90Seesaw : MlaKernel::kMmaSync;
-  else
-    JAX_MLA_CHECK(kernel == MlaKernel::kMmaSync || RunsSm90a(), Unimplemented)
-        << "flash_mla (CUDA): kernel " << name
-        << " needs a compute capability 9.0 device and a module built for sm_90a";
+  JAX_MLA_CHECK(!forced || kernel == MlaKernel::kMmaSync || RunsSm90a(), Unimplemented)
+      << "flash_mla (CUDA): kernel " << name
+      << " needs a compute capability 9.0 device and a module built for sm_90a";
+  if (!forced) kernel = RunsSm90a() ? MlaKernel::kSm90Seesaw : MlaKernel::kMmaSync;
   if (kernel == MlaKernel::kSm90Seesaw) {
     CUtensorMap tm{};
     if (MlaKvMap<T>(&tm, p)) {
