@@ -12,13 +12,11 @@
 namespace jax_mla::cuda {
 
 int KvTile(int64_t dk) {
-  switch (dk) {
-    case kMlaDk: return kMlaKeys;
+  if (dk == kMlaDk) return kMlaKeys;
 #define JAX_MLA_TILE(DK, DV) \
-    case DK: return AttnShape<DK, DV>::kKeys;
-    JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_TILE)
+  if (dk == DK) return AttnShape<DK, DV>::kKeys;
+  JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_TILE)
 #undef JAX_MLA_TILE
-  }
   return 64;
 }
 

@@ -47,8 +47,8 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_SUPPORTED)
 #undef JAX_MLA_SUPPORTED
   JAX_MLA_CHECK(supported, Unimplemented)
-      << "flash_attention (CUDA): (Dk, Dv) must be " JAX_MLA_ATTENTION_HEAD_DIMS_TEXT ", got ("
-      << Dk << ", " << Dv << ")";
+      << "flash_attention (CUDA): (Dk, Dv) must be " << JAX_MLA_ATTENTION_HEAD_DIMS_TEXT
+      << ", got (" << Dk << ", " << Dv << ")";
   JAX_MLA_CHECK(p->batch * p->heads_kv <= 65535 && num_splits <= 65535, Unimplemented)
       << "flash_attention (CUDA): B * Hkv and num_splits must be <= 65535, got B * Hkv = "
       << p->batch * p->heads_kv << ", num_splits = " << num_splits;
@@ -80,7 +80,7 @@ ffi::Error ChooseAttentionKernel(const AttentionParams& p, AttentionKernel* kern
            "module built for sm_90a";
     JAX_MLA_CHECK(HasSm90Kernel(p.dk, p.dv), Unimplemented)
         << "flash_attention (CUDA): kernel sm90 takes (Dk, Dv) "
-           JAX_MLA_ATTENTION_SM90_HEAD_DIMS_TEXT ", got (" << p.dk << ", " << p.dv << ")";
+        << JAX_MLA_ATTENTION_SM90_HEAD_DIMS_TEXT << ", got (" << p.dk << ", " << p.dv << ")";
   }
   return ffi::Error::Success();
 }

@@ -86,6 +86,7 @@ namespace jax_mla::cuda {
 // (the owner's half after the owner's, the other half and P after both); alpha/m[buffer] likewise (the reader takes them before it
 // releases). pready's phases cannot alias: the owner's next arrival on it
 // needs the buffer's next tile, which needs the reader's release.
+
 // bar.sync that the compiler may not move shared-memory accesses across
 // (NamedBarrier in kernel_utils.cuh has no memory clobber).
 __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
