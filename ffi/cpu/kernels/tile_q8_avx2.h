@@ -273,13 +273,16 @@ void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const 
 }
 
 // One key's step of QkInt16Rows16's asm: its pair u broadcast (key i at
-// byte 64 i of the block-major sub-tile) times both row vectors.
+// byte 64 i of the block-major sub-tile) times both row vectors. (Asm text
+// built from macro arguments: clang-format would split its literals.)
+// clang-format off
 #define JAX_MLA_QK16_KEY(off, a, b)                 \
   "vpbroadcastd " off "(%[kb]), %[k]\n\t"           \
   "vpmaddwd %[k], %[qa], %[t]\n\t"                  \
   "vpaddd %[t], %[" a "], %[" a "]\n\t"             \
   "vpmaddwd %[k], %[qb], %[t]\n\t"                  \
   "vpaddd %[t], %[" b "], %[" b "]\n\t"
+// clang-format on
 
 // The same for rows [r0, r0 + 16) (two row vectors) and KB = 4 or 6 keys:
 // one broadcast key pair serves both row vectors; the float sums live in
@@ -301,6 +304,7 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, 
       // because GCC 12 adds into the product's register and copies it back
       // to the accumulator's (8 extra moves a step).
       __m256i qa, qb, k, t;
+      // clang-format off
       if constexpr (KB == 4) {
         asm("vmovdqu (%[q]), %[qa]\n\t"
             "vmovdqu 32(%[q]), %[qb]\n\t"
@@ -324,6 +328,7 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, 
             : [q] "r"(q), [kb] "r"(kb + u)
             : "memory");
       }
+      // clang-format on
     }
     const __m256i acc[6][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
     const __m256 qda = _mm256_loadu_ps(qd + j * rp + r0), qdb = _mm256_loadu_ps(qd + j * rp + r0 + 8);
