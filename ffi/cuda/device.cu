@@ -39,13 +39,11 @@ bool RunsSm90a() {
     return known[device].load(std::memory_order_relaxed) == 2;
   int major = 0, minor = 0;
   cudaFuncAttributes attr{};
-  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                       cudaSuccess &&
-                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
-                       cudaSuccess &&
-                   major == 9 && minor == 0 &&
-                   cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
-                   attr.binaryVersion == 90;
+  const bool yes =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+      major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
+      attr.binaryVersion == 90;
   cudaGetLastError();  // a failed query is "no", not a sticky error for the next launch
   if (device < 64) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
   return yes;

@@ -13,14 +13,13 @@ namespace jax_mla::cuda {
 // 16-row blocks and quantized caches have one kernel each (mma.sync), which
 // every family runs.
 enum class MlaKernel : int32_t {
-  kAuto = 0,       // seesaw where RunsSm90a() and the strides suit TMA, else
-                   // sm90_split there, mma_sync elsewhere
-  kMmaSync = 1,    // mla/mla_kernel.cuh, every arch
-  kSm90Split = 2,  // mla/mla_sm90_split_kernel.cuh, sm_90a
-  kSm90Seesaw = 3, // mla/mla_sm90_seesaw_kernel.cuh, sm_90a, TMA-compatible strides
+  kAuto = 0,        // seesaw where RunsSm90a() and the strides suit TMA, else
+                    // sm90_split there, mma_sync elsewhere
+  kMmaSync = 1,     // mla/mla_kernel.cuh, every arch
+  kSm90Split = 2,   // mla/mla_sm90_split_kernel.cuh, sm_90a
+  kSm90Seesaw = 3,  // mla/mla_sm90_seesaw_kernel.cuh, sm_90a, TMA-compatible strides
 };
-inline constexpr const char* kMlaKernelNames[] = {"auto", "mma_sync", "sm90_split",
-                                                  "sm90_seesaw"};
+inline constexpr const char* kMlaKernelNames[] = {"auto", "mma_sync", "sm90_split", "sm90_seesaw"};
 
 // flash_attention's kernel.
 enum class AttentionKernel : int32_t {

@@ -101,10 +101,9 @@ cudaError_t AttentionDispatch(const AttentionParams& p, AttentionKernel kernel,
   return cudaErrorInvalidValue;  // unreachable: CheckAttention admits only the pairs above
 }
 
-ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                          ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_pos,
-                          ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
-                          ffi::Result<ffi::Buffer<ffi::F32>> lse,
+ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale, bool causal,
                           int64_t num_splits, int32_t kernel) {
@@ -113,8 +112,7 @@ ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   p.causal = causal;
   JAX_MLA_RETURN_IF_ERROR(
       CheckAttention(q, k, v, q_pos, kv_len, out, lse, part_out, part_lse, num_splits, &p));
-  JAX_MLA_CHECK(kernel >= 0 && kernel < int32_t(std::size(kAttentionKernelNames)),
-                InvalidArgument)
+  JAX_MLA_CHECK(kernel >= 0 && kernel < int32_t(std::size(kAttentionKernelNames)), InvalidArgument)
       << "flash_attention (CUDA): kernel must be in [0, " << std::size(kAttentionKernelNames)
       << "), got " << kernel;
   if (p.batch == 0 || p.seq_q == 0 || p.heads_q == 0) return ffi::Error::Success();
@@ -131,8 +129,8 @@ ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 }  // namespace
 
 // The shared binding plus the kernel family (kernel_family.h).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashAttention, FlashAttention,
-                              AttentionBinding<ffi::PlatformStream<cudaStream_t>>()
-                                  .Attr<int32_t>("kernel"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kFlashAttention, FlashAttention,
+    AttentionBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
 
 }  // namespace jax_mla::cuda

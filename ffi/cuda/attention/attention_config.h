@@ -15,8 +15,7 @@ struct AttnShape {
   static constexpr int kStages = 2;
   static constexpr int kKRow = Dk * 2 + 16;  // padded smem rows: conflict-free ldmatrix
   static constexpr int kVRow = Dv * 2 + 16;
-  static constexpr size_t kSmem =
-      size_t(kRows) * kKRow + size_t(kStages) * kKeys * (kKRow + kVRow);
+  static constexpr size_t kSmem = size_t(kRows) * kKRow + size_t(kStages) * kKeys * (kKRow + kVRow);
 };
 
 }  // namespace jax_mla::cuda

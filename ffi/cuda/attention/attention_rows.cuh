@@ -18,10 +18,9 @@ namespace jax_mla::cuda {
 // Row sums over the quad's lanes, then the normalized rows and their LSE into
 // the output, or into the split partials when the keys are split.
 template <typename T, int Dv, typename Acc>
-__device__ __forceinline__ void AttentionStoreRows(const AttentionParams& p, int64_t b,
-                                                   int64_t hk, int split, int lane,
-                                                   int64_t r_lo, int64_t r_hi, float m_lo,
-                                                   float m_hi, float l_lo, float l_hi,
+__device__ __forceinline__ void AttentionStoreRows(const AttentionParams& p, int64_t b, int64_t hk,
+                                                   int split, int lane, int64_t r_lo, int64_t r_hi,
+                                                   float m_lo, float m_hi, float l_lo, float l_hi,
                                                    const Acc& acc) {
   constexpr int kTiles = Dv / 8;
   const int64_t Hq = p.heads_q, Sq = p.seq_q, group = Hq / p.heads_kv, R = Sq * group;

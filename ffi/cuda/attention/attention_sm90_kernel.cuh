@@ -69,9 +69,9 @@ __global__ void __launch_bounds__(384, 1)
   constexpr int kKChunks = Dk / 8;
   extern __shared__ __align__(1024) char smem_raw[];
   char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
-  char* s_q = smem;                                   // [Dk/64][128 rows][64], swizzled
-  char* s_k = s_q + Shape::kQBytes;                   // [stages][Dk/64][128 keys][64]
-  char* s_v = s_k + kStages * Shape::kKBytes;         // [stages][Dv/64][128 keys][64]
+  char* s_q = smem;                            // [Dk/64][128 rows][64], swizzled
+  char* s_k = s_q + Shape::kQBytes;            // [stages][Dk/64][128 keys][64]
+  char* s_v = s_k + kStages * Shape::kKBytes;  // [stages][Dv/64][128 keys][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + kStages * Shape::kVBytes);
   uint64_t* q_full = bars;
   uint64_t* k_full = bars + 1;
@@ -155,8 +155,7 @@ __global__ void __launch_bounds__(384, 1)
           const int rr = c / kChunks, cc = c % kChunks;
           const int64_t j = key0 + rr;
           const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-          CpAsync16(dst + Swizzle128(kKeys, rr, cc), base + (ok ? j : 0) * row_stride + cc * 8,
-                    ok);
+          CpAsync16(dst + Swizzle128(kKeys, rr, cc), base + (ok ? j : 0) * row_stride + cc * 8, ok);
         }
         MbarArriveCpAsync(full);
       }
@@ -206,8 +205,7 @@ __global__ void __launch_bounds__(384, 1)
     for (int kk = 0; kk < Dk / 16; ++kk) {
       const uint32_t off = (kk % 4) * 32;  // 16-wide slice kk of 64-wide block kk / 4
       WgmmaM64N128K16SS<T, 0>(s, SmemDesc128(q_addr + (kk / 4) * kRows * 128 + off, 16, 1024),
-                              SmemDesc128(k_addr + (kk / 4) * kKeys * 128 + off, 16, 1024),
-                              kk > 0);
+                              SmemDesc128(k_addr + (kk / 4) * kKeys * 128 + off, 16, 1024), kk > 0);
     }
     WgmmaCommit();
   };
@@ -341,9 +339,9 @@ __global__ void __launch_bounds__(384, 1)
 template <typename T, int Dk, int Dv>
 cudaError_t LaunchAttentionSm90(const AttentionParams& p, cudaStream_t stream) {
   using Shape = AttnSm90Shape<Dk, Dv>;
-  cudaError_t err = cudaFuncSetAttribute(AttentionSm90Kernel<T, Dk, Dv>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(Shape::kSmem));
+  cudaError_t err =
+      cudaFuncSetAttribute(AttentionSm90Kernel<T, Dk, Dv>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   CUtensorMap tm_k{}, tm_v{};
   const bool tma =

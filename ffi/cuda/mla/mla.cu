@@ -28,8 +28,8 @@
 namespace jax_mla::cuda {
 
 // The kernels' constants (mla_config.h) are built for the table's layout.
-#define JAX_MLA_LAYOUT_MATCHES(DK, DV, V_OFFSET)                      \
-  static_assert(DK == kMlaDk && DV == kMlaDv && V_OFFSET == 0,         \
+#define JAX_MLA_LAYOUT_MATCHES(DK, DV, V_OFFSET)               \
+  static_assert(DK == kMlaDk && DV == kMlaDv && V_OFFSET == 0, \
                 "generate_kernels.py's MLA_LAYOUT must match mla_config.h");
 JAX_MLA_MLA_LAYOUTS(JAX_MLA_LAYOUT_MATCHES)
 #undef JAX_MLA_LAYOUT_MATCHES
@@ -44,8 +44,8 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
                     ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
                     int64_t num_splits, AttentionParams* p) {
-  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, nullptr, 0, q_pos, kv_len, out, lse, part_out,
-                                  part_lse, dv, v_offset, num_splits, p));
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, nullptr, 0, q_pos, kv_len, out, lse, part_out, part_lse,
+                                  dv, v_offset, num_splits, p));
   JAX_MLA_CHECK(p->q_dtype == p->k.dtype && p->q_dtype != DType::kF32, Unimplemented)
       << "flash_mla (CUDA): q and kv must both be float16 or both bfloat16, got "
       << DTypeName(p->q_dtype) << " and " << DTypeName(p->k.dtype);
@@ -57,17 +57,16 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::Buffer<ffi::S32> q
 
 // The quantized cache's checks: the shared ones, then q float16 or bfloat16,
 // an 8-bit format, DeepSeek's latent layout.
-ffi::Error CheckMlaQuant(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer kv_d,
-                         int64_t kv_fmt, ffi::Buffer<ffi::S32> q_pos,
-                         ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> lse,
+ffi::Error CheckMlaQuant(ffi::AnyBuffer q, ffi::AnyBuffer kv, ffi::AnyBuffer kv_d, int64_t kv_fmt,
+                         ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                          ffi::Result<ffi::Buffer<ffi::F32>> part_out,
-                         ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv,
-                         int64_t v_offset, int64_t num_splits, AttentionParams* p) {
+                         ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
+                         int64_t num_splits, AttentionParams* p) {
   JAX_MLA_CHECK(kv_fmt != 0, InvalidArgument)
       << "flash_mla: the quantized-cache call needs a quantized format";
-  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, &kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out,
-                                  part_lse, dv, v_offset, num_splits, p));
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, &kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out, part_lse,
+                                  dv, v_offset, num_splits, p));
   JAX_MLA_CHECK(p->q_dtype != DType::kF32, Unimplemented)
       << "flash_mla (CUDA): q must be float16 or bfloat16 over a quantized cache, got "
       << DTypeName(p->q_dtype);
@@ -118,7 +117,7 @@ ffi::Error MlaDispatch(const AttentionParams& p, MlaKernel kernel, cudaStream_t 
 template <typename T, QFormat F>
 cudaError_t MlaQuantDispatch(const AttentionParams& p, cudaStream_t stream) {
   return MlaGroups(p.seq_q * p.heads_q) == 1 ? LaunchMlaQuant<T, 1, F>(p, stream)
-                                              : LaunchMlaQuant<T, 4, F>(p, stream);
+                                             : LaunchMlaQuant<T, 4, F>(p, stream);
 }
 
 template <typename T>
@@ -157,8 +156,8 @@ ffi::Error FlashMla(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer kv,
   AttentionParams p;
   p.scale = scale;
   p.causal = causal;
-  JAX_MLA_RETURN_IF_ERROR(CheckMla(q, kv, q_pos, kv_len, out, lse, part_out, part_lse, dv,
-                                   v_offset, num_splits, &p));
+  JAX_MLA_RETURN_IF_ERROR(
+      CheckMla(q, kv, q_pos, kv_len, out, lse, part_out, part_lse, dv, v_offset, num_splits, &p));
   return RunMla(p, kernel, stream);
 }
 
@@ -181,12 +180,11 @@ ffi::Error FlashMlaQuant(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 }  // namespace
 
 // The shared bindings plus the kernel family (kernel_family.h).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMla, FlashMla,
-                              MlaBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>(
-                                  "kernel"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kFlashMla, FlashMla, MlaBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(kFlashMlaQuant, FlashMlaQuant,
-                              MlaQuantBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>(
-                                  "kernel"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kFlashMlaQuant, FlashMlaQuant,
+    MlaQuantBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
 
 }  // namespace jax_mla::cuda

@@ -44,8 +44,8 @@ __device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0
 
 // 4-byte asynchronous copy (the scales are only 4-byte aligned); zero-filled when !valid.
 __device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)),
-               "l"(gmem), "r"(valid ? 4 : 0));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
 }
 
 // An integer |c| < 2^22 as the bits of the float 1.5 * 2^23 + c: accumulating
@@ -66,12 +66,12 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
   constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
   constexpr int kScaleBytes = MlaScaleBytes<F>::value;
   extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;                                                   // [16G][576] int8 (+pad)
+  char* s_q = smem;  // [16G][576] int8 (+pad)
   float* s_qd = reinterpret_cast<float*>(s_q + Shape::kRows * kMlaQsRowBytes);  // [16G][20]
   char* s_kv = reinterpret_cast<char*>(s_qd + Shape::kRows * kMlaQdStride);
   // stage s: [32][576] int8 (+pad), then [32] scales
-  char* s_v = s_kv + kStages * Shape::kStageBytes;                    // [32][512] T (+pad)
-  char* s_p = s_v + kMlaKeys * kMlaVRowBytes;                         // [G][16][32] (+pad)
+  char* s_v = s_kv + kStages * Shape::kStageBytes;                        // [32][512] T (+pad)
+  char* s_p = s_v + kMlaKeys * kMlaVRowBytes;                             // [G][16][32] (+pad)
   float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
   float* s_sum = s_max + G * 64;                                          // [G][4][16]
 
@@ -97,8 +97,8 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
       const int64_t j = t * kMlaKeys + rr;
       const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + (ok ? j : 0) * p.k.row_stride +
-                cc * 16, ok);
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16,
+                qs_base + (ok ? j : 0) * p.k.row_stride + cc * 16, ok);
     }
     char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
     constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
@@ -106,8 +106,7 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       const int rr = c / kWords, ww = c % kWords;
       const int64_t j = t * kMlaKeys + rr;
       const bool ok = j < kv_len;
-      CpAsync4(d_dst + rr * kScaleBytes + ww * 4,
-               d_base + (ok ? j : 0) * kScaleBytes + ww * 4, ok);
+      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + (ok ? j : 0) * kScaleBytes + ww * 4, ok);
     }
   };
 
@@ -265,9 +264,8 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
 template <typename T, int G, QFormat F>
 cudaError_t LaunchMlaQuant(const AttentionParams& p, cudaStream_t stream) {
   using Shape = MlaQuantShape<G, F>;
-  cudaError_t err = cudaFuncSetAttribute(MlaQuantKernel<T, G, F>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(Shape::kSmem));
+  cudaError_t err = cudaFuncSetAttribute(
+      MlaQuantKernel<T, G, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),

@@ -7,9 +7,9 @@
 // the host launches it only where RunsSm90a() (device.h).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -53,8 +53,8 @@ namespace jax_mla::cuda {
 //       P_j V_j, waited for (frees its half of buffer j).
 // The ncu profile of an earlier order ((A) = all of S_j, (B)'s P V waited
 // for after the softmax) showed 61% of stalls on mbarrier waits, and cycle
-// counters showed half of every tile spent waiting for TMA data: each warpgroup freed its half of the other's buffer only after
-// its own next tile had arrived. NOTES, CUDA 7, has the orders tried.
+// counters showed half of every tile spent waiting for TMA data: each warpgroup freed its half of
+// the other's buffer only after its own next tile had arrived. NOTES, CUDA 7, has the orders tried.
 // Every wgmma group is retired before the loop's back edge and no
 // accumulator is written while a group is pending: otherwise ptxas
 // serializes all wgmmas of the kernel (C7515).
@@ -83,9 +83,9 @@ namespace jax_mla::cuda {
 // sums_ready (count 256: the row-sum exchange at the end) |
 // alpha[2][64], m[2][64], row sums [2][64] floats. 217 KB.
 // Hazards: a half of a buffer is rewritten only after the P V that reads it
-// (the owner's half after the owner's, the other half and P after both); alpha/m[buffer] likewise (the reader takes them before it
-// releases). pready's phases cannot alias: the owner's next arrival on it
-// needs the buffer's next tile, which needs the reader's release.
+// (the owner's half after the owner's, the other half and P after both); alpha/m[buffer] likewise
+// (the reader takes them before it releases). pready's phases cannot alias: the owner's next
+// arrival on it needs the buffer's next tile, which needs the reader's release.
 
 // bar.sync that the compiler may not move shared-memory accesses across
 // (NamedBarrier in kernel_utils.cuh has no memory clobber).
@@ -100,27 +100,27 @@ __device__ __forceinline__ int SeesawBlock(int bi, int buf) {
   return bi < 8 ? (bi + 4 * buf) & 7 : 8;
 }
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
-constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
-constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
+constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;       // setmaxnreg
+constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +              // Q, two buffers
                                (2 * 9 + 4 + 2 + 1) * sizeof(uint64_t) +  // mbarriers
-                               3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
-                               1024;                                 // alignment slack
+                               3 * 2 * kSm90Rows * sizeof(float) +       // alpha, m, sums
+                               1024;                                     // alignment slack
 
 template <typename T>
 __global__ void __launch_bounds__(kSeesawThreads, 1)
     MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
 #ifdef JAX_MLA_SM90A
   extern __shared__ __align__(1024) char smem_raw[];
-  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
-  char* s_q = smem;                                   // [64][576] swizzled
-  char* s_kv = s_q + kSm90TileBytes;                  // [2][64][576] swizzled
+  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);    // swizzle atoms
+  char* s_q = smem;                                                         // [64][576] swizzled
+  char* s_kv = s_q + kSm90TileBytes;                                        // [2][64][576] swizzled
   uint64_t* full = reinterpret_cast<uint64_t*>(s_kv + 2 * kSm90TileBytes);  // [2][9]
-  uint64_t* empty = full + 18;                        // [2 buffers][2 warpgroups]
-  uint64_t* pready = empty + 4;                       // [2]
-  uint64_t* sums_ready = pready + 2;                  // [1]
+  uint64_t* empty = full + 18;                                // [2 buffers][2 warpgroups]
+  uint64_t* pready = empty + 4;                               // [2]
+  uint64_t* sums_ready = pready + 2;                          // [1]
   float* s_alpha = reinterpret_cast<float*>(sums_ready + 1);  // [2][64]
-  float* s_m = s_alpha + 2 * kSm90Rows;                   // [2][64]
-  float* s_sum = s_m + 2 * kSm90Rows;                     // [2][64]
+  float* s_m = s_alpha + 2 * kSm90Rows;                       // [2][64]
+  float* s_sum = s_m + 2 * kSm90Rows;                         // [2][64]
 
   const int tid = threadIdx.x, lane = tid % 32;
   // Warp-uniform as far as the compiler can tell (wgmma in a branch it thinks
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 
   // Consumers.
   SetMaxRegsInc<kSeesawConsumerRegs>();
-  const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
+  const int wg = warp / 4, wv = warp % 4;          // warpgroup; warp within it
   const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
   const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
   const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
@@ -407,8 +407,8 @@ template <typename T>
 cudaError_t LaunchMlaSm90Seesaw(const AttentionParams& p, const CUtensorMap& tm_kv,
                                 cudaStream_t stream) {
   auto kernel = MlaSm90SeesawKernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(kSeesawSmem));
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSeesawSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
