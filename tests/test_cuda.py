@@ -433,3 +433,19 @@ def test_kernel_family_switch(gpu, monkeypatch, op, variable):
     monkeypatch.setenv(variable, "wgmma_please")
     with pytest.raises(ValueError, match=f"{variable}.*'wgmma_please'"):
         cuda_kernel_attr(op)
+
+
+@pytest.mark.parametrize("kernel", [-1, 99])
+def test_kernel_attribute_out_of_range_is_an_error(gpu, kernel):
+    # The CUDA handler checks the attribute itself (called directly, no Python checks).
+    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
+    kv = jnp.ones((1, 8, 576), jnp.bfloat16)
+    out_types = (jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
+                 jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("jax_mla_flash_mla", out_types, vmap_method="sequential")
+    with pytest.raises(Exception, match=rf"kernel must be in \[0, \d+\), got {kernel}"):
+        jax.block_until_ready(call(
+            q, kv, jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32),
+            scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(512),
+            v_offset=np.int64(0), num_splits=np.int64(1), kernel=np.int32(kernel)))
