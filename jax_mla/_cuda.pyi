@@ -1,6 +1,12 @@
 def registrations() -> dict[str, object]:
     """FFI handler capsules by target name, for platform "CUDA"."""
 
+def capabilities() -> dict[str, object]:
+    """What this build supports: "dtypes", "attention_head_dims" ([Dk, Dv] pairs),
+    "mla_layouts" ([Dk, dv, v_offset]), "mla_formats" (name -> FFI code), and the
+    kernel families a call may force, "mla_kernels" and "attention_kernels"
+    (JAX_MLA_CUDA_MLA_KERNEL, JAX_MLA_CUDA_ATTENTION_KERNEL; "auto" first)."""
+
 def sm_count(device: int = 0) -> int:
     """Multiprocessors of a CUDA device, 0 when there is none."""
 
@@ -12,3 +18,7 @@ def kv_tile(dk: int) -> int:
 
 def work_items(batch: int, seq_q: int, heads_q: int, heads_kv: int, dk: int) -> int:
     """Thread blocks a call makes without split-KV (flash_mla: dk = 576, heads_kv = 1)."""
+
+def mla_blocks_per_sm(rows: int, kv_fmt: int) -> int:
+    """flash_mla thread blocks that run at once on one SM (rows = Sq * H; kv_fmt 0 float,
+    1 q8_0, 2 q8_kv): the split heuristic fills that many per SM."""

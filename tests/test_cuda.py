@@ -359,3 +359,93 @@ def test_mla_quant_cpp_checks(gpu, fmt_code, match):
             q, qs, d, jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32),
             scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(512),
             v_offset=np.int64(0), num_splits=np.int64(1), kv_fmt=np.int64(fmt_code)))
+
+
+# ---------------------------------------------------------------- kernel families
+# Every kernel family the CUDA module lists (capabilities()), forced per call
+# through JAX_MLA_CUDA_MLA_KERNEL / JAX_MLA_CUDA_ATTENTION_KERNEL, which are
+# read when a call is traced (ffi/cuda/kernel_family.h): one GPU run covers
+# mma.sync everywhere and, on Hopper, the key-split sm90 and the seesaw MLA
+# kernels and the sm90 attention kernel. The key-split kernel is reached this
+# way only: auto takes it on Hopper when the cache's strides do not suit TMA,
+# and the dense buffers XLA passes always do.
+def cuda_families(key: str) -> list[str]:
+    module = jax_mla._ffi.module("gpu")
+    return list(module.capabilities()[key]) if module is not None else []
+
+
+def runs_sm90a() -> bool:
+    return jax.devices("gpu")[0].compute_capability == "9.0"
+
+
+def check_family(family: str, call, want, dtype, visible):
+    """The call's result against the reference, or, for an sm90 family on a
+    card without sm_90a, the error saying so (never another kernel)."""
+    if family.startswith("sm90") and not runs_sm90a():
+        with pytest.raises(Exception, match="needs a compute capability 9.0 device"):
+            jax.block_until_ready(call())
+        return
+    assert_attention(call(), want, dtype, visible, f32_tol=gpu_tol(dtype))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("family", cuda_families("mla_kernels"))
+def test_mla_kernel_family(rng, gpu, monkeypatch, family, num_splits):
+    # 64 heads of decode: 64-row blocks, where the families differ (16-row
+    # blocks run mma.sync in every family).
+    monkeypatch.setenv("JAX_MLA_CUDA_MLA_KERNEL", family)
+    batch, seq_q, heads, seq_kv, kv_len = 2, 1, 64, 300, [300, 77]
+    q = randn(rng, (batch, seq_q, heads, 576), jnp.bfloat16)
+    kv = cache(rng, (batch, seq_kv, 576), jnp.bfloat16, kv_len)
+    kw = dict(dv=512, causal=True, kv_len=kv_len, scale=0.135)
+    check_family(family, lambda: native_mla(q, kv, num_splits=num_splits, **kw),
+                 reference_mla(q, kv, **kw), jnp.bfloat16,
+                 visible_keys(None, kv_len, batch, seq_q, seq_kv, True))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("family", cuda_families("attention_kernels"))
+def test_attention_kernel_family(rng, gpu, monkeypatch, family, num_splits):
+    # DeepSeek's 192/128 prefill, GQA, a ragged kv_len: a pair every family takes.
+    monkeypatch.setenv("JAX_MLA_CUDA_ATTENTION_KERNEL", family)
+    batch, seq_q, heads_q, heads_kv, seq_kv, kv_len = 2, 130, 8, 2, 200, [200, 150]
+    q = randn(rng, (batch, seq_q, heads_q, 192), jnp.bfloat16)
+    k = cache(rng, (batch, seq_kv, heads_kv, 192), jnp.bfloat16, kv_len)
+    v = cache(rng, (batch, seq_kv, heads_kv, 128), jnp.bfloat16, kv_len)
+    kw = dict(causal=True, q_pos=70, kv_len=kv_len)
+    check_family(family, lambda: native_attention(q, k, v, num_splits=num_splits, **kw),
+                 reference_attention(q, k, v, **kw), jnp.bfloat16,
+                 visible_keys(70, kv_len, batch, seq_q, seq_kv, True))
+
+
+@pytest.mark.parametrize("op, variable", [("flash_mla", "JAX_MLA_CUDA_MLA_KERNEL"),
+                                          ("flash_attention", "JAX_MLA_CUDA_ATTENTION_KERNEL")])
+def test_kernel_family_switch(gpu, monkeypatch, op, variable):
+    from jax_mla._cuda_kernels import cuda_kernel_attr
+    names = cuda_families("mla_kernels" if op == "flash_mla" else "attention_kernels")
+    assert names[0] == "auto" and "mma_sync" in names
+    monkeypatch.delenv(variable, raising=False)
+    assert cuda_kernel_attr(op) == np.int32(0)
+    for i, name in enumerate(names):
+        monkeypatch.setenv(variable, name)
+        attr = cuda_kernel_attr(op)
+        assert attr == i and attr.dtype == np.int32
+    monkeypatch.setenv(variable, "wgmma_please")
+    with pytest.raises(ValueError, match=f"{variable}.*'wgmma_please'"):
+        cuda_kernel_attr(op)
+
+
+@pytest.mark.parametrize("kernel", [-1, 99])
+def test_kernel_attribute_out_of_range_is_an_error(gpu, kernel):
+    # The CUDA handler checks the attribute itself (called directly, no Python checks).
+    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
+    kv = jnp.ones((1, 8, 576), jnp.bfloat16)
+    out_types = (jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
+                 jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("jax_mla_flash_mla", out_types, vmap_method="sequential")
+    with pytest.raises(Exception, match=rf"kernel must be in \[0, \d+\), got {kernel}"):
+        jax.block_until_ready(call(
+            q, kv, jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32),
+            scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(512),
+            v_offset=np.int64(0), num_splits=np.int64(1), kernel=np.int32(kernel)))

@@ -1,11 +1,14 @@
 """Small flash_mla / flash_attention calls for compute-sanitizer (memcheck,
-racecheck): every kernel variant (MLA 16- and 64-row blocks over float and
-q8_0 / q8_kv caches, each attention head-dim pair, split-KV and its combine,
-causal, ragged kv_len with empty rows), each checked against the reference so a silent failure also shows.
+racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
+16- and 64-row blocks over float caches in each kernel family the card runs
+and over each 8-bit format, each attention head-dim pair and kernel family,
+split-KV and its combine, causal, ragged kv_len with empty rows), each checked
+against the reference so a silent failure also shows.
 The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
 (--quick: one case per kernel kind, bfloat16 only, for racecheck's slower run)."""
+import os
 import sys
 
 import jax
@@ -47,7 +50,15 @@ def round_query_q8(q, scale):
     return (d * (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.float32)).reshape(x.shape)
 
 
+def families(names):
+    """The kernel families of a capabilities() list this card runs: the sm90
+    ones on compute capability 9.0 only."""
+    hopper = getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+    return [n for n in names if hopper or not n.startswith("sm90")]
+
+
 def main():
+    caps = jax_mla._ffi.module("gpu").capabilities()
     rng = np.random.default_rng(0)
     bad = 0
 
@@ -59,45 +70,60 @@ def main():
         print(f"{name}: max|diff| {err:.3g} {'ok' if ok else 'FAIL'}", flush=True)
 
     quick = "--quick" in sys.argv
-    for dtype in (jnp.bfloat16,) if quick else (jnp.bfloat16, jnp.float16):
+    dtypes = [jnp.dtype(d) for d in caps["dtypes"]]
+    (dk_mla, dv_mla, _), = caps["mla_layouts"]
+    for dtype in dtypes[-1:] if quick else dtypes:
         tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
         mla_cases = ((16, 1, 3), (128, 1, 2)) if quick else ((16, 1, 1), (16, 1, 3), (128, 2, 1),
                                                              (20, 3, 2))
-        for heads, seq_q, splits in mla_cases:
-            q = jnp.asarray(rng.standard_normal((2, seq_q, heads, 576)), dtype)
-            kv = jnp.asarray(rng.standard_normal((2, 100, 576)), dtype)
-            kv_len = jnp.array([100, 37], jnp.int32)
-            got = jax_mla.flash_mla(q, kv, dv=512, causal=True, kv_len=kv_len, num_splits=splits,
-                                    backend="native")
-            want = ref_attention(q, kv[:, :, None], kv[:, :, None, :512], 1 / 24, True,
-                                 np.asarray(kv_len) - seq_q, np.asarray(kv_len))
-            check(f"mla {jnp.dtype(dtype).name} H={heads} Sq={seq_q} ns={splits}", got, want, tol)
-        # Quantized latent caches (q8_0, q8_kv): 16-row and 64-row blocks, splits.
-        for fmt in ("q8_0", "q8_kv"):
+        for family in families(caps["mla_kernels"]):
+            os.environ["JAX_MLA_CUDA_MLA_KERNEL"] = family  # read when the call is traced
+            for heads, seq_q, splits in mla_cases:
+                q = jnp.asarray(rng.standard_normal((2, seq_q, heads, dk_mla)), dtype)
+                kv = jnp.asarray(rng.standard_normal((2, 100, dk_mla)), dtype)
+                kv_len = jnp.array([100, 37], jnp.int32)
+                got = jax_mla.flash_mla(q, kv, dv=dv_mla, causal=True, kv_len=kv_len,
+                                        num_splits=splits, backend="native")
+                want = ref_attention(q, kv[:, :, None], kv[:, :, None, :dv_mla], dk_mla ** -0.5,
+                                     True, np.asarray(kv_len) - seq_q, np.asarray(kv_len))
+                check(f"mla {family} {dtype.name} H={heads} Sq={seq_q} ns={splits}", got, want,
+                      tol)
+        os.environ.pop("JAX_MLA_CUDA_MLA_KERNEL")
+        # Quantized latent caches: 16-row and 64-row blocks, splits.
+        for fmt in caps["mla_formats"]:
             for heads, seq_q, splits in ((16, 1, 3), (128, 1, 2)) if quick else mla_cases:
-                q = jnp.asarray(rng.standard_normal((2, seq_q, heads, 576)), dtype)
-                kvq = jax_mla.quantize(jnp.asarray(rng.standard_normal((2, 100, 576)),
+                q = jnp.asarray(rng.standard_normal((2, seq_q, heads, dk_mla)), dtype)
+                kvq = jax_mla.quantize(jnp.asarray(rng.standard_normal((2, 100, dk_mla)),
                                                    jnp.float32), fmt)
                 kv = np.asarray(jax_mla.dequantize(kvq))
                 kv_len = jnp.array([100, 37], jnp.int32)
-                got = jax_mla.flash_mla(q, kvq, dv=512, causal=True, kv_len=kv_len,
+                got = jax_mla.flash_mla(q, kvq, dv=dv_mla, causal=True, kv_len=kv_len,
                                         num_splits=splits, backend="native")
-                want = ref_attention(round_query_q8(q, 1 / 24), kv[:, :, None],
-                                     kv[:, :, None, :512], 1.0, True,
+                want = ref_attention(round_query_q8(q, dk_mla ** -0.5), kv[:, :, None],
+                                     kv[:, :, None, :dv_mla], 1.0, True,
                                      np.asarray(kv_len) - seq_q, np.asarray(kv_len))
-                check(f"mla {fmt} {jnp.dtype(dtype).name} H={heads} Sq={seq_q} ns={splits}", got,
-                      want, tol)
-        dims = ((192, 128),) if quick else ((192, 128), (64, 64), (128, 128), (256, 256))
-        for dk, dv in dims:
-            for seq_q in (70,) if quick else (1, 70):
-                q = jnp.asarray(rng.standard_normal((2, seq_q, 4, dk)), dtype)
-                k = jnp.asarray(rng.standard_normal((2, 90, 2, dk)), dtype)
-                v = jnp.asarray(rng.standard_normal((2, 90, 2, dv)), dtype)
-                kv_len = jnp.array([90, 0], jnp.int32)
-                got = jax_mla.flash_attention(q, k, v, causal=True, kv_len=kv_len, backend="native")
-                want = ref_attention(q, k, v, dk ** -0.5, True, np.asarray(kv_len) - seq_q,
-                                     np.asarray(kv_len))
-                check(f"attention {jnp.dtype(dtype).name} {dk}/{dv} Sq={seq_q}", got, want, tol)
+                check(f"mla {fmt} {dtype.name} H={heads} Sq={seq_q} ns={splits}", got, want, tol)
+        dims = caps["attention_head_dims"][:1] if quick else caps["attention_head_dims"]
+        for family in families(caps["attention_kernels"]):
+            os.environ["JAX_MLA_CUDA_ATTENTION_KERNEL"] = family
+            for dk, dv in dims:
+                for seq_q in (70,) if quick else (1, 70):
+                    q = jnp.asarray(rng.standard_normal((2, seq_q, 4, dk)), dtype)
+                    k = jnp.asarray(rng.standard_normal((2, 90, 2, dk)), dtype)
+                    v = jnp.asarray(rng.standard_normal((2, 90, 2, dv)), dtype)
+                    kv_len = jnp.array([90, 0], jnp.int32)
+                    try:
+                        got = jax.block_until_ready(jax_mla.flash_attention(
+                            q, k, v, causal=True, kv_len=kv_len, backend="native"))
+                    except Exception as e:  # a family without this pair says so (kernel_table.h)
+                        if f"kernel {family} takes" not in str(e):
+                            raise
+                        print(f"attention {family} {dk}/{dv}: not one of its pairs", flush=True)
+                        break
+                    want = ref_attention(q, k, v, dk ** -0.5, True, np.asarray(kv_len) - seq_q,
+                                         np.asarray(kv_len))
+                    check(f"attention {family} {dtype.name} {dk}/{dv} Sq={seq_q}", got, want, tol)
+        os.environ.pop("JAX_MLA_CUDA_ATTENTION_KERNEL")
     print("sanitize cases:", "all ok" if bad == 0 else f"{bad} FAILED", flush=True)
 
 

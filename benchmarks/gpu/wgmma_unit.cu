@@ -1,4 +1,4 @@
-// Standalone check of ffi/cuda/wgmma.cuh on an sm_90a GPU: one m64n128 product
+// Standalone check of ffi/cuda/common/wgmma.cuh on an sm_90a GPU: one m64n128 product
 // per case against a host reference, on small integers (exact in bf16/f16 and
 // float32), so any layout or descriptor mistake shows as a nonzero difference.
 //   SS: D = A (64x128, K-major) * B^T (B 128x128, K-major): both from shared
@@ -14,8 +14,8 @@
 #include <cstdlib>
 #include <vector>
 
-#include "ffi/cuda/kernel_utils.cuh"
-#include "ffi/cuda/wgmma.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/common/wgmma.cuh"
 
 using namespace jax_mla::cuda;
 

@@ -22,8 +22,9 @@ inline ffi::Error SetPositionsAndOutputs(const char* op, ffi::Buffer<ffi::S32> q
                 InvalidArgument)
       << op << ": q_pos and kv_len must have shape [" << B << "], got "
       << ShapeString(q_pos.dimensions()) << " and " << ShapeString(kv_len.dimensions());
-  JAX_MLA_CHECK(ToDType(out->element_type()) == p->q_dtype && ShapeIs(out->dimensions(), {B, Sq, H, Dv}),
-                InvalidArgument)
+  JAX_MLA_CHECK(
+      ToDType(out->element_type()) == p->q_dtype && ShapeIs(out->dimensions(), {B, Sq, H, Dv}),
+      InvalidArgument)
       << op << ": output must be " << ShapeString({B, Sq, H, Dv}) << " in q's dtype "
       << DTypeName(p->q_dtype) << ", got " << ShapeString(out->dimensions());
   JAX_MLA_CHECK(ShapeIs(lse->dimensions(), {B, H, Sq}), InvalidArgument)

@@ -17,10 +17,11 @@ namespace ffi = ::xla::ffi;
 // an rvalue, hence the move).
 template <typename Binding>
 auto WithResults(Binding b) {
-  return std::move(b).template Ret<ffi::AnyBuffer>()  // out [B, Sq, Hq, Dv], q's dtype
-      .template Ret<ffi::Buffer<ffi::F32>>()      // lse [B, Hq, Sq]
-      .template Ret<ffi::Buffer<ffi::F32>>()      // part_out [B, ns, Sq, Hq, Dv] or [0]
-      .template Ret<ffi::Buffer<ffi::F32>>()      // part_lse [B, ns, Sq, Hq] or [0]
+  return std::move(b)
+      .template Ret<ffi::AnyBuffer>()         // out [B, Sq, Hq, Dv], q's dtype
+      .template Ret<ffi::Buffer<ffi::F32>>()  // lse [B, Hq, Sq]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // part_out [B, ns, Sq, Hq, Dv] or [0]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // part_lse [B, ns, Sq, Hq] or [0]
       .template Attr<float>("scale")
       .template Attr<bool>("causal");
 }
@@ -30,11 +31,11 @@ template <typename Ctx>
 auto AttentionBinding() {
   return WithResults(ffi::Ffi::Bind()
                          .template Ctx<Ctx>()
-                         .template Arg<ffi::AnyBuffer>()           // q [B, Sq, Hq, Dk]
-                         .template Arg<ffi::AnyBuffer>()           // k [B, Skv, Hkv, Dk]
-                         .template Arg<ffi::AnyBuffer>()           // v [B, Skv, Hkv, Dv]
-                         .template Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                         .template Arg<ffi::Buffer<ffi::S32>>())   // kv_len [B]
+                         .template Arg<ffi::AnyBuffer>()          // q [B, Sq, Hq, Dk]
+                         .template Arg<ffi::AnyBuffer>()          // k [B, Skv, Hkv, Dk]
+                         .template Arg<ffi::AnyBuffer>()          // v [B, Skv, Hkv, Dv]
+                         .template Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
+                         .template Arg<ffi::Buffer<ffi::S32>>())  // kv_len [B]
       .template Attr<int64_t>("num_splits");
 }
 
@@ -44,13 +45,13 @@ template <typename Ctx>
 auto AttentionQuantBinding() {
   return WithResults(ffi::Ffi::Bind()
                          .template Ctx<Ctx>()
-                         .template Arg<ffi::AnyBuffer>()           // q [B, Sq, Hq, Dk]
-                         .template Arg<ffi::AnyBuffer>()           // k or k.qs [B, Skv, Hkv, *]
-                         .template Arg<ffi::AnyBuffer>()           // k.d (or a placeholder)
-                         .template Arg<ffi::AnyBuffer>()           // v or v.qs [B, Skv, Hkv, *]
-                         .template Arg<ffi::AnyBuffer>()           // v.d (or a placeholder)
-                         .template Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                         .template Arg<ffi::Buffer<ffi::S32>>())   // kv_len [B]
+                         .template Arg<ffi::AnyBuffer>()          // q [B, Sq, Hq, Dk]
+                         .template Arg<ffi::AnyBuffer>()          // k or k.qs [B, Skv, Hkv, *]
+                         .template Arg<ffi::AnyBuffer>()          // k.d (or a placeholder)
+                         .template Arg<ffi::AnyBuffer>()          // v or v.qs [B, Skv, Hkv, *]
+                         .template Arg<ffi::AnyBuffer>()          // v.d (or a placeholder)
+                         .template Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
+                         .template Arg<ffi::Buffer<ffi::S32>>())  // kv_len [B]
       .template Attr<int64_t>("num_splits")
       .template Attr<int64_t>("k_fmt")
       .template Attr<int64_t>("v_fmt");
@@ -61,10 +62,10 @@ template <typename Ctx>
 auto MlaBinding() {
   return WithResults(ffi::Ffi::Bind()
                          .template Ctx<Ctx>()
-                         .template Arg<ffi::AnyBuffer>()           // q [B, Sq, H, Dk]
-                         .template Arg<ffi::AnyBuffer>()           // kv [B, Skv, Dk] latent rows
-                         .template Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                         .template Arg<ffi::Buffer<ffi::S32>>())   // kv_len [B]
+                         .template Arg<ffi::AnyBuffer>()          // q [B, Sq, H, Dk]
+                         .template Arg<ffi::AnyBuffer>()          // kv [B, Skv, Dk] latent rows
+                         .template Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
+                         .template Arg<ffi::Buffer<ffi::S32>>())  // kv_len [B]
       .template Attr<int64_t>("dv")
       .template Attr<int64_t>("v_offset")
       .template Attr<int64_t>("num_splits");
@@ -75,11 +76,11 @@ template <typename Ctx>
 auto MlaQuantBinding() {
   return WithResults(ffi::Ffi::Bind()
                          .template Ctx<Ctx>()
-                         .template Arg<ffi::AnyBuffer>()           // q [B, Sq, H, Dk]
-                         .template Arg<ffi::AnyBuffer>()           // kv.qs [B, Skv, Dk or Dk*3/4]
-                         .template Arg<ffi::AnyBuffer>()           // kv.d [B, Skv, Dk/32 or 1]
-                         .template Arg<ffi::Buffer<ffi::S32>>()    // q_pos [B]
-                         .template Arg<ffi::Buffer<ffi::S32>>())   // kv_len [B]
+                         .template Arg<ffi::AnyBuffer>()          // q [B, Sq, H, Dk]
+                         .template Arg<ffi::AnyBuffer>()          // kv.qs [B, Skv, Dk or Dk*3/4]
+                         .template Arg<ffi::AnyBuffer>()          // kv.d [B, Skv, Dk/32 or 1]
+                         .template Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B]
+                         .template Arg<ffi::Buffer<ffi::S32>>())  // kv_len [B]
       .template Attr<int64_t>("dv")
       .template Attr<int64_t>("v_offset")
       .template Attr<int64_t>("num_splits")

@@ -68,8 +68,8 @@ inline ffi::Error CacheRows(const char* op, const char* name, ffi::AnyBuffer dat
     const auto scale_type = fmt == QFormat::kQ8KV ? ffi::DataType::F32 : ffi::DataType::F16;
     JAX_MLA_CHECK(scales_ok && scales->element_type() == scale_type, InvalidArgument)
         << op << ": " << name << ".d of a " << QFormatName(fmt) << " cache must be "
-        << (fmt == QFormat::kQ8KV ? "float32 " : "float16 ") << "with the shape of qs but a last axis of " << n_scales << ", got "
-        << ShapeString(sd);
+        << (fmt == QFormat::kQ8KV ? "float32 " : "float16 ")
+        << "with the shape of qs but a last axis of " << n_scales << ", got " << ShapeString(sd);
     view->scales = scales->untyped_data();
     view->scale_head_stride = n_scales;
     view->scale_row_stride = shape->heads * n_scales;

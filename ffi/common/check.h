@@ -54,8 +54,8 @@ class ErrorBuilder {
     return ::jax_mla::ErrorBuilder(::xla::ffi::ErrorCode::k##code)
 
 // Propagates a failed ffi::Error from a helper.
-#define JAX_MLA_RETURN_IF_ERROR(expr)          \
-  do {                                         \
-    ::xla::ffi::Error jax_mla_err_ = (expr);   \
+#define JAX_MLA_RETURN_IF_ERROR(expr)                \
+  do {                                               \
+    ::xla::ffi::Error jax_mla_err_ = (expr);         \
     if (jax_mla_err_.failure()) return jax_mla_err_; \
   } while (0)

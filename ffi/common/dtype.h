@@ -57,11 +57,11 @@ inline uint16_t FloatToF16(float f) {
   const uint32_t u = FloatToBits(f);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7e00u;                // NaN
-  if (a >= 0x477ff000u) return sign | 0x7c00u;               // rounds to inf
-  if (a < 0x38800000u) {                                     // subnormal or zero
+  if (a > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf
+  if (a < 0x38800000u) {                        // subnormal or zero
     // Scale into the subnormal grid; the float add rounds to nearest even.
-    const float v = BitsToFloat(a) + 0.5f;                   // 0.5 = 2^-1: ulp 2^-24
+    const float v = BitsToFloat(a) + 0.5f;  // 0.5 = 2^-1: ulp 2^-24
     return sign | uint16_t(FloatToBits(v) - FloatToBits(0.5f));
   }
   uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);

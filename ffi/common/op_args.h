@@ -18,12 +18,11 @@ namespace jax_mla {
 
 // kv_d is null for a float latent cache (kv_fmt 0).
 inline ffi::Error MlaArgs(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* kv_d,
-                          int64_t kv_fmt, ffi::Buffer<ffi::S32> q_pos,
-                          ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
-                          ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                          int64_t kv_fmt, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_out,
-                          ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv,
-                          int64_t v_offset, int64_t num_splits, AttentionParams* p) {
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
+                          int64_t num_splits, AttentionParams* p) {
   const auto qd = q.dimensions();
   JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
       << "flash_mla: q must have rank 4 [B, Sq, H, Dk], got shape " << ShapeString(qd);
@@ -35,12 +34,12 @@ inline ffi::Error MlaArgs(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuf
   JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_mla", "kv", kv, kv_d, kv_fmt, 3, &cs, &rows));
   const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = cs.seq;
   JAX_MLA_CHECK(BatchSharable(B, cs.batch) && cs.dim == Dk, InvalidArgument)
-      << "flash_mla: kv's logical shape " << ShapeString({cs.batch, cs.seq, cs.dim})
-      << " must be [" << B << ", Skv, " << Dk << "] to match q " << ShapeString(qd)
+      << "flash_mla: kv's logical shape " << ShapeString({cs.batch, cs.seq, cs.dim}) << " must be ["
+      << B << ", Skv, " << Dk << "] to match q " << ShapeString(qd)
       << " (its batch may divide q's when a vmapped call shares the cache)";
   JAX_MLA_CHECK(dv > 0 && v_offset >= 0 && v_offset + dv <= Dk, InvalidArgument)
-      << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", "
-      << v_offset + dv << ") must lie inside the row of " << Dk;
+      << "flash_mla: the V slice [v_offset, v_offset + dv) = [" << v_offset << ", " << v_offset + dv
+      << ") must lie inside the row of " << Dk;
   JAX_MLA_CHECK(!IsBlockFormat(rows.fmt) || v_offset % kQBlock == 0, InvalidArgument)
       << "flash_mla: v_offset " << v_offset << " must fall on a block boundary (a multiple of "
       << kQBlock << ") of the " << QFormatName(rows.fmt) << " cache";
@@ -85,13 +84,12 @@ inline ffi::Error AttentionArgs(ffi::AnyBuffer q, ffi::AnyBuffer k, const ffi::A
   const auto k_shape = ShapeString({ks.batch, ks.seq, ks.heads, ks.dim});
   const auto v_shape = ShapeString({vs.batch, vs.seq, vs.heads, vs.dim});
   JAX_MLA_CHECK(ks.batch == vs.batch && BatchSharable(B, ks.batch), InvalidArgument)
-      << "flash_attention: batch of k " << ks.batch << " and v " << vs.batch
-      << " must equal q's " << B << " (or divide it, when a vmapped call shares the cache)";
+      << "flash_attention: batch of k " << ks.batch << " and v " << vs.batch << " must equal q's "
+      << B << " (or divide it, when a vmapped call shares the cache)";
   JAX_MLA_CHECK(ks.dim == Dk, InvalidArgument)
       << "flash_attention: k head dim " << ks.dim << " must equal q's " << Dk;
   JAX_MLA_CHECK(vs.seq == Skv && vs.heads == Hkv, InvalidArgument)
-      << "flash_attention: v shape " << v_shape << " must match k " << k_shape
-      << " in Skv and Hkv";
+      << "flash_attention: v shape " << v_shape << " must match k " << k_shape << " in Skv and Hkv";
   JAX_MLA_CHECK(Hkv > 0 && Hq % Hkv == 0, InvalidArgument)
       << "flash_attention: Hq = " << Hq << " must be a multiple of Hkv = " << Hkv;
   p->batch = B;

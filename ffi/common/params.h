@@ -55,16 +55,16 @@ struct AttentionParams {
 
   const void* q = nullptr;  // [B, Sq, Hq, Dk], dtype q_dtype
   DType q_dtype = DType::kF32;
-  RowView k;                // K rows [B, Skv, Hkv, Dk] (or MLA latent rows)
-  RowView v;                // V rows [B, Skv, Hkv, Dv] (or a slice of the latent rows)
+  RowView k;  // K rows [B, Skv, Hkv, Dk] (or MLA latent rows)
+  RowView v;  // V rows [B, Skv, Hkv, Dv] (or a slice of the latent rows)
   // MLA: V is columns [v_in_k, v_in_k + dv) of the K rows, so kernels can read
   // it from the K data they already loaded; -1 when V is a separate tensor.
   int64_t v_in_k = -1;
   const int32_t* q_pos = nullptr;   // [B]: absolute position of query row 0
   const int32_t* kv_len = nullptr;  // [B]: keys at positions >= kv_len do not exist
 
-  void* out = nullptr;      // [B, Sq, Hq, Dv], dtype q_dtype
-  float* lse = nullptr;     // [B, Hq, Sq]
+  void* out = nullptr;   // [B, Sq, Hq, Dv], dtype q_dtype
+  float* lse = nullptr;  // [B, Hq, Sq]
 
   // Split-KV: the key range is cut into num_splits chunks (the backend
   // chooses their length); with num_splits > 1 each split writes its
@@ -77,7 +77,8 @@ struct AttentionParams {
 // Number of keys a row at query position `pos` sees, given the batch row's
 // kv_len (clamped to [0, Skv], DESIGN.md) and the causal flag. Visible keys are
 // always the prefix [0, n) of the cache.
-JAX_MLA_HOST_DEVICE inline int64_t VisibleKeys(int64_t pos, int32_t kv_len, int64_t seq_kv, bool causal) {
+JAX_MLA_HOST_DEVICE inline int64_t VisibleKeys(int64_t pos, int32_t kv_len, int64_t seq_kv,
+                                               bool causal) {
   int64_t n = kv_len < 0 ? 0 : (kv_len > seq_kv ? seq_kv : int64_t(kv_len));
   if (causal) {
     const int64_t limit = pos + 1 < 0 ? 0 : pos + 1;

@@ -32,9 +32,7 @@ inline bool IsBlockFormat(QFormat f) { return f == QFormat::kQ8_0 || f == QForma
 inline int64_t QsBytes(QFormat f, int64_t n) { return f == QFormat::kQ6_0 ? n * 3 / 4 : n; }
 
 // Scales per row of n values: one per block, or one per row for q8_kv.
-inline int64_t ScalesPerRow(QFormat f, int64_t n) {
-  return f == QFormat::kQ8KV ? 1 : n / kQBlock;
-}
+inline int64_t ScalesPerRow(QFormat f, int64_t n) { return f == QFormat::kQ8KV ? 1 : n / kQBlock; }
 
 // Scales are float16 for the block formats and float32 for q8_kv.
 inline int64_t ScaleBytes(QFormat f) { return f == QFormat::kQ8KV ? 4 : 2; }
@@ -64,9 +62,7 @@ inline bool QuantizesQueries(QFormat k_fmt) {
 
 // roundf(v) for |v| < 2^29 as an integer, without a libm call (the drivers
 // round every query value): v + 0.5 is exact in double, the cast truncates.
-inline int32_t RoundHalfAway(float v) {
-  return int32_t(double(v) + (v < 0.f ? -0.5 : 0.5));
-}
+inline int32_t RoundHalfAway(float v) { return int32_t(double(v) + (v < 0.f ? -0.5 : 0.5)); }
 
 inline void RoundQueryToQ8(float* x, int64_t n) {
   for (int64_t j = 0; j < n; j += kQBlock) {

@@ -141,7 +141,8 @@ KvHeads HeadsOf(const RowView& view, int64_t b, int64_t h) {
   KvHeads heads;
   heads.head0 = RowsOf(view, b, h);
   heads.head_bytes = view.head_stride * view.UnitBytes();
-  if (view.fmt != QFormat::kNone) heads.scale_head_bytes = view.scale_head_stride * ScaleBytes(view.fmt);
+  if (view.fmt != QFormat::kNone)
+    heads.scale_head_bytes = view.scale_head_stride * ScaleBytes(view.fmt);
   return heads;
 }
 
@@ -168,20 +169,19 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
 
   thread_local Scratch scratch;
   scratch.Reserve(nh, nh * R, R, dk, dv);
-  float *q = scratch.q.data(), *o = scratch.o.data(), *m = scratch.m.data(),
-        *l = scratch.l.data();
+  float *q = scratch.q.data(), *o = scratch.o.data(), *m = scratch.m.data(), *l = scratch.l.data();
   int64_t* end = scratch.end.data();
   for (int64_t u = 0; u < nh; ++u)
-    LoadRows(p, kern, b, h0 + u, plan.group, i0, i1, g0, g1, kv0, kv1, q + u * R * dk,
-             end + u * R, m + u * R, l + u * R, o + u * R * dv);
+    LoadRows(p, kern, b, h0 + u, plan.group, i0, i1, g0, g1, kv0, kv1, q + u * R * dk, end + u * R,
+             m + u * R, l + u * R, o + u * R * dv);
 
   const int64_t bkv = b % p.kv_batch;
   const bool quantized = p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone;
   // The KV heads' row blocks, for the kernels that take several heads.
   auto head_blocks = [&] {
     for (int64_t u = 0; u < nh; ++u)
-      scratch.blocks[u] = RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R,
-                                   l + u * R};
+      scratch.blocks[u] =
+          RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R, l + u * R};
     return scratch.blocks.data();
   };
   if (nh == 1) {
@@ -191,8 +191,8 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
   } else if (HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
     // Several KV heads over an 8-bit cache: key by key across the heads, in
     // memory order, as below.
-    kern.attend_heads_q8(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0),
-                         dk, dv, kv0, scratch.kernel.data());
+    kern.attend_heads_q8(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0), dk, dv,
+                         kv0, scratch.kernel.data());
   } else if (quantized) {
     // Several KV heads over a quantized cache attend_heads_q8 does not take
     // (q6_0, float with 8-bit, odd dims): one head at a time, but chunk by
@@ -205,17 +205,18 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
     int64_t* chunk_end = scratch.chunk_end.data();
     for (int64_t c = kv0; c < kv_max; c += kQuantHeadsChunk) {
       for (int64_t u = 0; u < nh; ++u) {
-        for (int64_t r = 0; r < R; ++r) chunk_end[r] = std::min(end[u * R + r], c + kQuantHeadsChunk);
+        for (int64_t r = 0; r < R; ++r)
+          chunk_end[r] = std::min(end[u * R + r], c + kQuantHeadsChunk);
         RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
-        kern.attend(block, RowsOf(p.k, bkv, h0 + u), RowsOf(p.v, bkv, h0 + u), p.v_in_k, dk, dv,
-                    c, scratch.kernel.data());
+        kern.attend(block, RowsOf(p.k, bkv, h0 + u), RowsOf(p.v, bkv, h0 + u), p.v_in_k, dk, dv, c,
+                    scratch.kernel.data());
       }
     }
   } else {
     // Several KV heads with few rows each: the kernel walks the keys and
     // reads all heads of a key together, in memory order.
-    kern.attend_heads(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0), dk, dv,
-                      kv0, scratch.kernel.data());
+    kern.attend_heads(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0), dk, dv, kv0,
+                      scratch.kernel.data());
   }
   for (int64_t u = 0; u < nh; ++u)
     StoreRows(p, b, h0 + u, plan.group, s, i0, i1, g0, g1, m + u * R, l + u * R, o + u * R * dv);
@@ -258,7 +259,8 @@ void Combine(const AttentionParams& p, const KernelTable& kern) {
           kern.merge(src.data(), w.data(), used, dst, dv);
         }
         if (p.q_dtype != DType::kF32)
-          for (int64_t d = 0; d < dv; ++d) StoreFromFloat(p.out, base + d, p.q_dtype, acc[size_t(d)]);
+          for (int64_t d = 0; d < dv; ++d)
+            StoreFromFloat(p.out, base + d, p.q_dtype, acc[size_t(d)]);
       }
     }
   }

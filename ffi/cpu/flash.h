@@ -25,14 +25,14 @@ inline constexpr int64_t kMinRowsPerKvHead = 8;
 // How a problem is cut into work items:
 // (batch, KV-head block, query-head block, query-position block, split).
 struct Plan {
-  int64_t group = 0;          // query heads per KV head
-  int64_t heads_blk = 0;      // query heads of the group per item
+  int64_t group = 0;      // query heads per KV head
+  int64_t heads_blk = 0;  // query heads of the group per item
   int64_t n_head_blk = 0;
-  int64_t pos_blk = 0;        // query positions per item
+  int64_t pos_blk = 0;  // query positions per item
   int64_t n_pos_blk = 0;
-  int64_t kv_heads_blk = 0;   // KV heads per item
+  int64_t kv_heads_blk = 0;  // KV heads per item
   int64_t n_kv_head_blk = 0;
-  int64_t split_len = 0;      // keys per split
+  int64_t split_len = 0;  // keys per split
   int64_t items = 0;
 };
 

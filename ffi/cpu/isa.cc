@@ -9,8 +9,8 @@
 
 namespace jax_mla::cpu {
 
-#define JAX_MLA_DECLARE_ISA(isa) \
-  namespace isa {                \
+#define JAX_MLA_DECLARE_ISA(isa)     \
+  namespace isa {                    \
   extern const KernelTable kKernels; \
   }
 #if JAX_MLA_HAVE_GENERIC
@@ -85,8 +85,8 @@ const KernelTable* SelectKernels(std::string* error) {
     if (want == "auto" && e.cpu_has()) return e.table;
     if (want == e.table->isa) {
       if (e.cpu_has()) return e.table;
-      *error = "JAX_MLA_CPU_ISA=" + want + " but this CPU does not support it (supported: " +
-               SupportedIsas() + ")";
+      *error = "JAX_MLA_CPU_ISA=" + want +
+               " but this CPU does not support it (supported: " + SupportedIsas() + ")";
       return nullptr;
     }
   }

@@ -26,19 +26,20 @@
 // common.h (shared helpers), tile.h and tile_float.h (steps 1-4),
 // tile_q8_avx512.h and tile_q8_avx2.h (their 8-bit forms), gemv.h and dot_q8.h
 // (AttendFew), heads.h and heads_q8.h (several KV heads), direct.h.
+#include "ffi/cpu/kernels.h"
+
 #include <algorithm>
 
-#include "ffi/cpu/kernels.h"
-#include "ffi/cpu/simd.h"
 #include "ffi/cpu/kernels/common.h"
-#include "ffi/cpu/kernels/tile_float.h"
-#include "ffi/cpu/kernels/tile_q8_avx512.h"
-#include "ffi/cpu/kernels/tile_q8_avx2.h"
-#include "ffi/cpu/kernels/tile.h"
+#include "ffi/cpu/kernels/direct.h"
 #include "ffi/cpu/kernels/gemv.h"
 #include "ffi/cpu/kernels/heads.h"
 #include "ffi/cpu/kernels/heads_q8.h"
-#include "ffi/cpu/kernels/direct.h"
+#include "ffi/cpu/kernels/tile.h"
+#include "ffi/cpu/kernels/tile_float.h"
+#include "ffi/cpu/kernels/tile_q8_avx2.h"
+#include "ffi/cpu/kernels/tile_q8_avx512.h"
+#include "ffi/cpu/simd.h"
 
 #define JAX_MLA_STR2(x) #x
 #define JAX_MLA_STR(x) JAX_MLA_STR2(x)
@@ -66,17 +67,17 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // the V view) is converted on its own.
   const bool int8 = (kInt8Qk || kInt16Qk) && QuantizesQueries(k.fmt) && dk % kQBlock == 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  int8_t* qi = reinterpret_cast<int8_t*>(w.qt);   // [dk / 4, rp, 4] bytes
-  float* qd = w.qt + dk * rp / 4;                   // [dk / 32, rp]
-  float* qc = qd + dk / kQBlock * rp;               // [dk / 32, rp]
+  int8_t* qi = reinterpret_cast<int8_t*>(w.qt);    // [dk / 4, rp, 4] bytes
+  float* qd = w.qt + dk * rp / 4;                  // [dk / 32, rp]
+  float* qc = qd + dk / kQBlock * rp;              // [dk / 32, rp]
   uint8_t* kp = reinterpret_cast<uint8_t*>(w.kt);  // [dk / 32, kInt8Keys, 32] bytes
-  float* kd = w.kt + kInt8Keys * dk / 4;            // [kInt8Keys, dk / 32]
+  float* kd = w.kt + kInt8Keys * dk / 4;           // [kInt8Keys, dk / 32]
   if (int8) PrepareInt8Queries(rows, rp, dk, qi, qd, qc);
 #elif defined(__AVX2__)
   uint32_t* qw = reinterpret_cast<uint32_t*>(w.qt);  // [dk / 2, rp] 16-bit pairs
-  float* qd = w.qt + dk * rp / 2;                      // [dk / 32, rp]
-  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);     // [dk / 32, kInt16SubKeys, 32]
-  float* kd = w.kt + T * dk / 2;                       // [kInt16SubKeys, dk / 32]
+  float* qd = w.qt + dk * rp / 2;                    // [dk / 32, rp]
+  int16_t* kw = reinterpret_cast<int16_t*>(w.kt);    // [dk / 32, kInt16SubKeys, 32]
+  float* kd = w.kt + T * dk / 2;                     // [kInt16SubKeys, dk / 32]
   if (int8) PrepareInt16Queries(rows, rp, dk, qw, qd);
 #endif
   if (!int8) {
@@ -89,13 +90,20 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       (v_in_k >= 0 || v.fmt == QFormat::kNone) && rp <= std::min<int64_t>(kDirectMaxRows, 2 * W) &&
       kDirectTiles * rp <= dv + kTilePad) {
     const DType vdt = v_in_k >= 0 ? k.dtype : v.dtype;
-    const char* vbase = v_in_k >= 0 ? static_cast<const char*>(k.data) + v_in_k * DTypeBytes(k.dtype)
-                                    : static_cast<const char*>(v.data);
+    const char* vbase = v_in_k >= 0
+                            ? static_cast<const char*>(k.data) + v_in_k * DTypeBytes(k.dtype)
+                            : static_cast<const char*>(v.data);
     const int64_t vrb = v_in_k >= 0 ? k.row_bytes : v.row_bytes;
     switch (k.dtype) {
-      case DType::kF32: AttendDirectV<DType::kF32>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end); break;
-      case DType::kF16: AttendDirectV<DType::kF16>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end); break;
-      case DType::kBF16: AttendDirectV<DType::kBF16>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end); break;
+      case DType::kF32:
+        AttendDirectV<DType::kF32>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+        break;
+      case DType::kF16:
+        AttendDirectV<DType::kF16>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+        break;
+      case DType::kBF16:
+        AttendDirectV<DType::kBF16>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+        break;
     }
     for (int64_t r = 0; r < R; ++r) {
       rows.m[r] = w.m[r];
@@ -107,7 +115,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   // on VNNI as packed bytes, else as floats; its scales go to w.vd.
   const bool qpv = RoundsProbabilities(v.fmt);
   const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
-  [[maybe_unused]] int8_t* vp = reinterpret_cast<int8_t*>(w.vt);        // VNNI: [4, T / 4, 64] bytes
+  [[maybe_unused]] int8_t* vp = reinterpret_cast<int8_t*>(w.vt);       // VNNI: [4, T / 4, 64] bytes
   [[maybe_unused]] uint32_t* pqd = reinterpret_cast<uint32_t*>(w.pq);  // [nbv, T / 4, rp]
   // V inside the K rows (MLA): read it from the converted K tile.
   const bool v_from_k = v_in_k >= 0 && !int8 && !qpv;
@@ -138,7 +146,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       // written and never read).
       for (int64_t t = 0; t < tn; t += kInt8Keys) {
         PrepareInt8Keys(k, t0 + t, std::min<int64_t>(kInt8Keys, tn - t), dk, kp, kd);
-        for (int64_t r0 = 0; r0 < rp; r0 += W) QkInt8(qi, qd, qc, rp, r0, kp, dk, kd, w.st + t * rp);
+        for (int64_t r0 = 0; r0 < rp; r0 += W)
+          QkInt8(qi, qd, qc, rp, r0, kp, dk, kd, w.st + t * rp);
       }
 #elif defined(__AVX2__)
       // Sub-tiles of kInt16SubKeys keys (the tile's score rows past tn up
@@ -150,7 +159,8 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
         ForKeyBlocks<kInt16QkKeys, kInt16QkTailKeys>(n, [&](auto kb, int64_t t) {
           constexpr int KB = decltype(kb)::value;
           int64_t r0 = 0;
-          for (; r0 + 2 * W <= rp; r0 += 2 * W) QkInt16Rows16<KB>(qw, qd, rp, r0, kw, t, dk, kd, st);
+          for (; r0 + 2 * W <= rp; r0 += 2 * W)
+            QkInt16Rows16<KB>(qw, qd, rp, r0, kw, t, dk, kd, st);
           if (r0 < rp) QkInt16<KB>(qw, qd, rp, r0, kw, t, dk, kd, st);
         });
       }
@@ -207,7 +217,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 }  // namespace
 
 extern const KernelTable kKernels;
-const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend, &AttendHeadsAny, &AttendHeadsQ8,
-                              &ToFloat, &Merge};
+const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend,  &AttendHeadsAny,
+                              &AttendHeadsQ8,           &ToFloat, &Merge};
 
 }  // namespace jax_mla::cpu::JAX_MLA_ISA

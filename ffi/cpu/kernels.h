@@ -52,8 +52,8 @@ struct KernelTable {
   // updating o/m/l. v_in_k >= 0 says V is columns [v_in_k, v_in_k + dv) of
   // the K rows (MLA), read from the same converted tile; then `v` is unused.
   // `scratch` holds AttendScratchFloats(dk, dv, rows.n_rows) floats.
-  void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k,
-                 int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
+  void (*attend)(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in_k, int64_t dk,
+                 int64_t dv, int64_t kv_begin, float* scratch);
   // Decode with few rows per KV head over several KV heads of a float cache
   // (8-bit: attend_heads_q8; other quantized caches go head by head through
   // `attend`): rows[u] attends KV head u of k and v. Keys are visited key by
@@ -65,9 +65,8 @@ struct KernelTable {
   // driver runs others head by head through `attend`): rows[u] attends KV
   // head u of k and v; kv_begin is a multiple of kPGroup. `scratch` holds
   // AttendHeadsQ8ScratchFloats(n_heads, n_rows, dk, dv) floats.
-  void (*attend_heads_q8)(const RowBlock* rows, int64_t n_heads, const KvHeads& k,
-                          const KvHeads& v, int64_t dk, int64_t dv, int64_t kv_begin,
-                          float* scratch);
+  void (*attend_heads_q8)(const RowBlock* rows, int64_t n_heads, const KvHeads& k, const KvHeads& v,
+                          int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
   // The split merge of one output row: dst[i] = sum_s w[s] * src[s][i] for
@@ -98,8 +97,7 @@ inline bool HeadsQ8Takes(QFormat k_fmt, QFormat v_fmt, int64_t dk, int64_t dv) {
 // Per row: query lanes (3 x dk / 4 rounded to 16), scores, rounded P, sums;
 // then the P scales, one head's V scales, a K row and the rows' key counts
 // (kernels/heads_q8.h, CarveHeadsQ8), with 64 bytes for alignment.
-inline size_t AttendHeadsQ8ScratchFloats(int64_t n_heads, int64_t n_rows, int64_t dk,
-                                         int64_t dv) {
+inline size_t AttendHeadsQ8ScratchFloats(int64_t n_heads, int64_t n_rows, int64_t dk, int64_t dv) {
   auto up16 = [](int64_t x) { return (x + 15) / 16 * 16; };
   const int64_t nr = n_heads * n_rows, nbv = dv / kQBlock;
   return size_t(nr * (3 * up16(dk / 4) + kPGroup + nbv * kPGroup + dv) + up16(nr * nbv) +

@@ -14,14 +14,14 @@ namespace {
 
 // The shared checks, then what the CPU kernels take: head dims that are
 // multiples of 16 up to kMaxHeadDim.
-ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* kv_d,
-                    int64_t kv_fmt, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* kv_d, int64_t kv_fmt,
+                    ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                     ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
                     int64_t num_splits, AttentionParams* p) {
-  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out,
-                                  part_lse, dv, v_offset, num_splits, p));
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out, part_lse,
+                                  dv, v_offset, num_splits, p));
   JAX_MLA_CHECK(p->dk % 16 == 0 && dv % 16 == 0 && p->dk <= kMaxHeadDim, Unimplemented)
       << "flash_mla (CPU): Dk and dv must be multiples of 16 with Dk <= " << kMaxHeadDim
       << ", got Dk = " << p->dk << ", dv = " << dv;
@@ -55,8 +55,8 @@ ffi::Future FlashMlaQuant(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer
   ffi::Error checked =
       kv_fmt == 0 ? ffi::Error(ffi::ErrorCode::kInvalidArgument,
                                "flash_mla: the quantized-cache call needs a quantized format")
-                  : CheckMla(q, kv, &kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out, part_lse,
-                             dv, v_offset, num_splits, &p);
+                  : CheckMla(q, kv, &kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out, part_lse, dv,
+                             v_offset, num_splits, &p);
   return RunChecked(std::move(checked), p, pool);
 }
 

@@ -50,8 +50,7 @@ inline void Pause() {
 // touch the FFI call's context, only buffers; a pool task that starts after
 // every item was claimed returns without touching anything.
 template <typename Item, typename Done>
-ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t max_tasks, Item item,
-                        Done done) {
+ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t max_tasks, Item item, Done done) {
   const int64_t tasks = std::min<int64_t>(n, std::min<int64_t>(max_tasks, pool.num_threads()));
   if (tasks <= 1) {
     for (int64_t i = 0; i < n; ++i) item(i);

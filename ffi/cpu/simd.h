@@ -13,7 +13,8 @@
 #pragma once
 
 #ifndef JAX_MLA_ISA
-#error "simd.h belongs to the per-ISA kernel sources (kernels.cc), which CMake builds with -DJAX_MLA_ISA"
+#error \
+    "simd.h belongs to the per-ISA kernel sources (kernels.cc), which CMake builds with -DJAX_MLA_ISA"
 #endif
 
 #include <cmath>
@@ -70,16 +71,17 @@ inline F32 LoadBF16(const uint16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
 }
 inline F32 LoadI8(const int8_t* p) {
-  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  return {_mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
 
 // Register blocking: 32 zmm registers.
-inline constexpr int kQkRowVecs = 2;  // QK: row vectors (x16 rows) per block
-inline constexpr int kQkKeys = 8;     // QK: keys per block (divides the tile)
-inline constexpr int kQkKeysMain = 8; // QK: keys per block before the last few (ForKeyBlocks)
-inline constexpr int kQkKeys1 = 16;   // QK: keys per block with a single row vector
-inline constexpr int kPvRows = 4;     // PV: rows per block
-inline constexpr int kPvVecs = 4;     // PV: value vectors (x16 dims) per block
+inline constexpr int kQkRowVecs = 2;   // QK: row vectors (x16 rows) per block
+inline constexpr int kQkKeys = 8;      // QK: keys per block (divides the tile)
+inline constexpr int kQkKeysMain = 8;  // QK: keys per block before the last few (ForKeyBlocks)
+inline constexpr int kQkKeys1 = 16;    // QK: keys per block with a single row vector
+inline constexpr int kPvRows = 4;      // PV: rows per block
+inline constexpr int kPvVecs = 4;      // PV: value vectors (x16 dims) per block
 // Float K and V read in place for blocks of up to 16 rows (kernels/direct.h,
 // QkDirect / PvDirect): whether to, and PV's rows and value vectors per block.
 inline constexpr bool kDirect = true;
@@ -138,7 +140,8 @@ inline F32 LoadBF16(const uint16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
 }
 inline F32 LoadI8(const int8_t* p) {
-  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+  return {_mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
 }
 
 // Register blocking: 16 ymm registers. Q.K's 6 keys x 2 row vectors and
@@ -179,8 +182,8 @@ struct F32 {
   }
   void Store(float* p) const { std::memcpy(p, v, sizeof(v)); }
 };
-#define JAX_MLA_LANEWISE(expr)                        \
-  F32 r;                                              \
+#define JAX_MLA_LANEWISE(expr)                         \
+  F32 r;                                               \
   for (int i = 0; i < F32::kWidth; ++i) r.v[i] = expr; \
   return r
 inline F32 Fma(F32 a, F32 b, F32 c) { JAX_MLA_LANEWISE(std::fma(a.v[i], b.v[i], c.v[i])); }
@@ -189,8 +192,12 @@ inline F32 Div(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] / b.v[i]); }
 inline F32 Add(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] + b.v[i]); }
 inline F32 Sub(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] - b.v[i]); }
 inline F32 Max(F32 a, F32 b) { JAX_MLA_LANEWISE(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
-inline F32 SelectLt(F32 a, F32 b, F32 x, F32 y) { JAX_MLA_LANEWISE(a.v[i] < b.v[i] ? x.v[i] : y.v[i]); }
-inline F32 SelectEq(F32 a, F32 b, F32 x, F32 y) { JAX_MLA_LANEWISE(a.v[i] == b.v[i] ? x.v[i] : y.v[i]); }
+inline F32 SelectLt(F32 a, F32 b, F32 x, F32 y) {
+  JAX_MLA_LANEWISE(a.v[i] < b.v[i] ? x.v[i] : y.v[i]);
+}
+inline F32 SelectEq(F32 a, F32 b, F32 x, F32 y) {
+  JAX_MLA_LANEWISE(a.v[i] == b.v[i] ? x.v[i] : y.v[i]);
+}
 inline F32 Round(F32 a) { JAX_MLA_LANEWISE(std::nearbyint(a.v[i])); }
 inline F32 Scale2(F32 a, F32 n) { JAX_MLA_LANEWISE(std::ldexp(a.v[i], int(n.v[i]))); }
 #undef JAX_MLA_LANEWISE

@@ -3,7 +3,6 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
-#include <cstdlib>
 
 #include "ffi/cuda/device.h"
 
@@ -29,12 +28,7 @@ namespace {
 __global__ void ArchProbe() {}
 }  // namespace
 
-bool UseSm90Kernels() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("JAX_MLA_CUDA_SM90");
-    return !(env && env[0] == '0');
-  }();
-  if (!enabled) return false;
+bool RunsSm90a() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0) {
     cudaGetLastError();
@@ -45,13 +39,11 @@ bool UseSm90Kernels() {
     return known[device].load(std::memory_order_relaxed) == 2;
   int major = 0, minor = 0;
   cudaFuncAttributes attr{};
-  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                       cudaSuccess &&
-                   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) ==
-                       cudaSuccess &&
-                   major == 9 && minor == 0 &&
-                   cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
-                   attr.binaryVersion == 90;
+  const bool yes =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+      major == 9 && minor == 0 && cudaFuncGetAttributes(&attr, ArchProbe) == cudaSuccess &&
+      attr.binaryVersion == 90;
   cudaGetLastError();  // a failed query is "no", not a sticky error for the next launch
   if (device < 64) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
   return yes;

@@ -1,5 +1,6 @@
-// The CUDA FFI handlers (defined in attention.cu and mla.cu) and the facts the
-// Python side asks the module for (tile sizes, work items).
+// The CUDA FFI handlers (defined in attention/attention.cu and mla/mla.cu) and
+// the facts the Python side asks the module for (tile sizes, work items;
+// split_inputs.cc).
 #pragma once
 
 #include <cstdint>
@@ -19,7 +20,7 @@ int KvTile(int64_t dk);
 // splits the keys when they do not fill the GPU).
 int64_t WorkItems(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t dk);
 // flash_mla thread blocks that run at once on one SM, for `rows` = Sq * H
-// query rows over a cache in format kv_fmt (QFormat numbering; mla.cu).
+// query rows over a cache in format kv_fmt (QFormat numbering).
 int MlaBlocksPerSm(int64_t rows, int64_t kv_fmt);
 
 }  // namespace jax_mla::cuda

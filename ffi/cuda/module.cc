@@ -3,13 +3,50 @@
 #include <cstdint>
 
 #include "ffi/common/capsule.h"
+#include "ffi/common/quant_format.h"
 #include "ffi/cuda/device.h"
 #include "ffi/cuda/handlers.h"
+#include "ffi/cuda/inst/kernel_table.h"
+#include "ffi/cuda/kernel_family.h"
 #include "nanobind/nanobind.h"
 
 namespace nb = nanobind;
 
 using jax_mla::EncapsulateFfiHandler;
+
+namespace {
+
+// What this build supports, read by the Python checks and messages, the test
+// parametrization and benchmarks/gpu/sanitize_cases.py (one table: the lists
+// come from ffi/cuda/inst/kernel_table.h, written by generate_kernels.py).
+nb::dict Capabilities() {
+  using jax_mla::QFormat;
+  nb::dict d;
+  nb::list dtypes, attention_dims, mla_layouts, mla_kernels, attention_kernels;
+#define JAX_MLA_DTYPE(NAME) dtypes.append(NAME);
+  JAX_MLA_CUDA_DTYPES(JAX_MLA_DTYPE)
+#undef JAX_MLA_DTYPE
+#define JAX_MLA_PAIR(DK, DV) attention_dims.append(nb::list(nb::make_tuple(DK, DV)));
+  JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_PAIR)
+#undef JAX_MLA_PAIR
+#define JAX_MLA_LAYOUT(DK, DV, V_OFFSET) \
+  mla_layouts.append(nb::list(nb::make_tuple(DK, DV, V_OFFSET)));
+  JAX_MLA_MLA_LAYOUTS(JAX_MLA_LAYOUT)
+#undef JAX_MLA_LAYOUT
+  for (const char* name : jax_mla::cuda::kMlaKernelNames) mla_kernels.append(name);
+  for (const char* name : jax_mla::cuda::kAttentionKernelNames) attention_kernels.append(name);
+  nb::dict formats;
+  for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV}) formats[jax_mla::QFormatName(f)] = int64_t(f);
+  d["dtypes"] = dtypes;
+  d["attention_head_dims"] = attention_dims;
+  d["mla_layouts"] = mla_layouts;
+  d["mla_formats"] = formats;
+  d["mla_kernels"] = mla_kernels;
+  d["attention_kernels"] = attention_kernels;
+  return d;
+}
+
+}  // namespace
 
 NB_MODULE(_cuda, m) {
   m.def("registrations", [] {
@@ -19,6 +56,10 @@ NB_MODULE(_cuda, m) {
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuant);
     return d;
   });
+  m.def("capabilities", &Capabilities,
+        "What this build supports: dtypes, head dims, MLA layouts and formats (FFI codes), and "
+        "the kernel families a call may force (JAX_MLA_CUDA_MLA_KERNEL, "
+        "JAX_MLA_CUDA_ATTENTION_KERNEL).");
   m.def("sm_count", &jax_mla::cuda::SmCount, nb::arg("device") = 0,
         "Multiprocessors of a CUDA device, 0 when there is none.");
   m.def("runtime_version", &jax_mla::cuda::RuntimeVersion);

@@ -38,17 +38,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // zero padding (or repeat the last valid row), so blocks that end a tile
 // must divide it. kQkKeysMain need not: ForKeyBlocks ends its run of them
 // before the tile's last kQkKeys blocks.
-static_assert(T % simd::kQkKeys == 0 && T % simd::kQkKeys1 == 0,
-              "key blocks must divide the tile");
+static_assert(T % simd::kQkKeys == 0 && T % simd::kQkKeys1 == 0, "key blocks must divide the tile");
 
 int64_t RoundUp(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 void ToFloat(const void* src, DType dtype, float* dst, int64_t n) {
   int64_t i = 0;
   switch (dtype) {
-    case DType::kF32:
-      std::memcpy(dst, src, size_t(n) * sizeof(float));
-      return;
+    case DType::kF32: std::memcpy(dst, src, size_t(n) * sizeof(float)); return;
     case DType::kF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
       for (; i + W <= n; i += W) simd::LoadF16(s + i).Store(dst + i);
@@ -85,7 +82,8 @@ const void* RowPtr(const KvRows& rows, int64_t t) {
 // Converts n float16 scales to float32 (F16C for whole vectors).
 void ScalesToFloat(const char* src, int64_t n, float* dst) {
   int64_t j = 0;
-  for (; j + W <= n; j += W) simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + j).Store(dst + j);
+  for (; j + W <= n; j += W)
+    simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + j).Store(dst + j);
   if (j < n && n >= W) {  // the tail as one vector overlapping the last whole one
     simd::LoadF16(reinterpret_cast<const uint16_t*>(src) + n - W).Store(dst + n - W);
     return;
@@ -93,10 +91,12 @@ void ScalesToFloat(const char* src, int64_t n, float* dst) {
 #if defined(__F16C__)
   // Rows of fewer than W scales (Dk 192: 6, Dv 128: 4): fours, the same way.
   for (; j + 4 <= n; j += 4)
-    _mm_storeu_ps(dst + j, _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * j))));
+    _mm_storeu_ps(dst + j,
+                  _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * j))));
   if (j < n && n >= 4) {
-    _mm_storeu_ps(dst + n - 4,
-                  _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * (n - 4)))));
+    _mm_storeu_ps(
+        dst + n - 4,
+        _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 2 * (n - 4)))));
     return;
   }
 #endif

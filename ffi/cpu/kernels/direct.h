@@ -23,8 +23,8 @@ namespace {
 // chunks in flight, so the broadcasts never wait on the stores just made)
 // and P.V converts V in registers, once per key and row block.
 template <DType KT, int RV, int KB>
-void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, float* st,
-              int64_t t0, float* buf, const char* next, int64_t next_bytes) {
+void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, float* st, int64_t t0,
+              float* buf, const char* next, int64_t next_bytes) {
   F32 acc[KB][RV];
   for (auto& row : acc)
     for (F32& a : row) a = F32::Zero();
@@ -62,7 +62,8 @@ void PvDirect(const float* st, int64_t rp, int64_t r0, const float* corr, const 
   F32 acc[RB][DB];
   for (int i = 0; i < RB; ++i) {
     const F32 c = F32::Splat(corr[r0 + i]);
-    for (int j = 0; j < DB; ++j) acc[i][j] = simd::Mul(F32::Load(o + (r0 + i) * dv + d0 + j * W), c);
+    for (int j = 0; j < DB; ++j)
+      acc[i][j] = simd::Mul(F32::Load(o + (r0 + i) * dv + d0 + j * W), c);
   }
   const char* vr = vbase;
   for (int64_t t = 0; t < tn; ++t, vr += vrb) {
@@ -153,11 +154,13 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
     if (rp == W) {
-      ForKeyBlocks<simd::kQkKeys1, simd::kQkKeys1>(
-          tn, [&](auto kb, int64_t t) { qk_block(std::integral_constant<int, 1>{}, kb, t0, t, tn); });
+      ForKeyBlocks<simd::kQkKeys1, simd::kQkKeys1>(tn, [&](auto kb, int64_t t) {
+        qk_block(std::integral_constant<int, 1>{}, kb, t0, t, tn);
+      });
     } else {
-      ForKeyBlocks<simd::kQkKeysMain, simd::kQkKeys>(
-          tn, [&](auto kb, int64_t t) { qk_block(std::integral_constant<int, 2>{}, kb, t0, t, tn); });
+      ForKeyBlocks<simd::kQkKeysMain, simd::kQkKeys>(tn, [&](auto kb, int64_t t) {
+        qk_block(std::integral_constant<int, 2>{}, kb, t0, t, tn);
+      });
     }
     Softmax(ws, rp, tn);
     const char* vt = vbase + t0 * vrb;
@@ -170,9 +173,12 @@ void AttendDirectV(DType vdt, const RowBlock& rows, const Work& w, int64_t rp, c
                    const char* vbase, int64_t vrb, int64_t dk, int64_t dv, int64_t kv_begin,
                    int64_t kv_end) {
   switch (vdt) {
-    case DType::kF32: return AttendDirect<KT, DType::kF32>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
-    case DType::kF16: return AttendDirect<KT, DType::kF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
-    case DType::kBF16: return AttendDirect<KT, DType::kBF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+    case DType::kF32:
+      return AttendDirect<KT, DType::kF32>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+    case DType::kF16:
+      return AttendDirect<KT, DType::kF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+    case DType::kBF16:
+      return AttendDirect<KT, DType::kBF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
   }
 }
 

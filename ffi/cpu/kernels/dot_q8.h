@@ -85,8 +85,9 @@ void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
     acc = _mm512_fmadd_ps(x, kdl, acc);
   }
   if (64 * i < dk) {  // one block of 32 left
-    const __m256i kb = _mm256_xor_si256(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * i)), _mm512_castsi512_si256(bias));
+    const __m256i kb =
+        _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 64 * i)),
+                         _mm512_castsi512_si256(bias));
     const __m256i dp = _mm256_sub_epi32(
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), kb,
                             _mm256_load_si256(reinterpret_cast<const __m256i*>(q.q + 64 * i))),

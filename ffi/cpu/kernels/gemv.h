@@ -38,9 +38,9 @@ float SoftmaxBlock(float* s, int64_t n, float* m, float* l) {
   const float corr = *m == m_new ? 1.f : std::exp(*m - m_new);
   F32 sum = F32::Zero();
   for (int64_t t = 0; t < N; t += W) {
-    const F32 p = simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
-                                 simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))),
-                                 F32::Zero());
+    const F32 p =
+        simd::SelectLt(F32::Iota(), F32::Splat(float(n - t)),
+                       simd::Exp(simd::Sub(F32::Load(s + t), F32::Splat(m_new))), F32::Zero());
     sum = simd::Add(sum, p);
     p.Store(s + t);
   }
@@ -96,7 +96,8 @@ void AttendFew(const RowBlock& rows, const KS& k, const VS& v, int64_t dk, int64
       }
       for (; t < n; ++t) {
         F32 acc = zero;
-        for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), acc);
+        for (int64_t d = 0; d < dk; d += W)
+          acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), acc);
         s[t] = simd::ReduceAdd(acc);
       }
       const F32 c = F32::Splat(SoftmaxBlock(s, n, &m, &l));
@@ -183,7 +184,8 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
         }
         for (; t < nc; ++t) {
           F32 a1 = zero;
-          for (int64_t d = 0; d < dk; d += W) a1 = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), a1);
+          for (int64_t d = 0; d < dk; d += W)
+            a1 = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr[t], d), a1);
           s[c0 + t] = simd::ReduceAdd(a1);
         }
       }
@@ -205,7 +207,8 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
         for (int64_t e = 0; e < dv; e += W) {
           const float* pj = pq + e / kQBlock * G + c0;
           F32 a = F32::Load(acc + e);
-          for (int64_t t = 0; t < nc; ++t) a = simd::Fma(F32::Splat(pj[t]), F32::Load(vbuf + t * vs + e), a);
+          for (int64_t t = 0; t < nc; ++t)
+            a = simd::Fma(F32::Splat(pj[t]), F32::Load(vbuf + t * vs + e), a);
           a.Store(acc + e);
         }
       }
@@ -226,17 +229,22 @@ void AttendFewV(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
   switch (v.dtype) {
     case DType::kF32: return AttendFew(rows, k, InPlace<DType::kF32>{v}, dk, dv, kv_begin, scratch);
     case DType::kF16: return AttendFew(rows, k, InPlace<DType::kF16>{v}, dk, dv, kv_begin, scratch);
-    case DType::kBF16: return AttendFew(rows, k, InPlace<DType::kBF16>{v}, dk, dv, kv_begin, scratch);
+    case DType::kBF16:
+      return AttendFew(rows, k, InPlace<DType::kBF16>{v}, dk, dv, kv_begin, scratch);
   }
 }
 
 void AttendFewAny(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t dk, int64_t dv,
                   int64_t kv_begin, float* scratch) {
-  if (k.fmt != QFormat::kNone) return AttendFewV(rows, Dequantized{k}, v, dk, dv, kv_begin, scratch);
+  if (k.fmt != QFormat::kNone)
+    return AttendFewV(rows, Dequantized{k}, v, dk, dv, kv_begin, scratch);
   switch (k.dtype) {
-    case DType::kF32: return AttendFewV(rows, InPlace<DType::kF32>{k}, v, dk, dv, kv_begin, scratch);
-    case DType::kF16: return AttendFewV(rows, InPlace<DType::kF16>{k}, v, dk, dv, kv_begin, scratch);
-    case DType::kBF16: return AttendFewV(rows, InPlace<DType::kBF16>{k}, v, dk, dv, kv_begin, scratch);
+    case DType::kF32:
+      return AttendFewV(rows, InPlace<DType::kF32>{k}, v, dk, dv, kv_begin, scratch);
+    case DType::kF16:
+      return AttendFewV(rows, InPlace<DType::kF16>{k}, v, dk, dv, kv_begin, scratch);
+    case DType::kBF16:
+      return AttendFewV(rows, InPlace<DType::kBF16>{k}, v, dk, dv, kv_begin, scratch);
   }
 }
 

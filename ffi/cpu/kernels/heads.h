@@ -17,8 +17,8 @@ namespace {
 // rows of all heads (adjacent in the cache) are read in turn, first for the
 // scores of a block of keys, then for P.V. O rows stay in L1 meanwhile.
 template <DType KT, DType VT>
-void AttendHeads(const RowBlock* rows, int64_t nh, const KvHeads& kh, const KvHeads& vh,
-                 int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
+void AttendHeads(const RowBlock* rows, int64_t nh, const KvHeads& kh, const KvHeads& vh, int64_t dk,
+                 int64_t dv, int64_t kv_begin, float* scratch) {
   static_assert(kFew % W == 0, "the softmax block is whole vectors");
   const int64_t R = rows[0].n_rows;
   const KvRows &k = kh.head0, &v = vh.head0;
@@ -37,7 +37,8 @@ void AttendHeads(const RowBlock* rows, int64_t nh, const KvHeads& kh, const KvHe
           if (t0 + t >= rows[u].end[r]) continue;
           const float* q = rows[u].q + r * dk;
           F32 acc = zero;
-          for (int64_t d = 0; d < dk; d += W) acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr, d), acc);
+          for (int64_t d = 0; d < dk; d += W)
+            acc = simd::Fma(F32::Load(q + d), LoadAs<KT>(kr, d), acc);
           scratch[(u * R + r) * kFew + t] = simd::ReduceAdd(acc);
         }
       }
@@ -53,7 +54,8 @@ void AttendHeads(const RowBlock* rows, int64_t nh, const KvHeads& kh, const KvHe
         const float corr = SoftmaxBlock(s, n, rows[u].m + r, rows[u].l + r);
         if (corr != 1.f) {
           float* o = rows[u].o + r * dv;
-          for (int64_t d = 0; d < dv; d += W) simd::Mul(F32::Load(o + d), F32::Splat(corr)).Store(o + d);
+          for (int64_t d = 0; d < dv; d += W)
+            simd::Mul(F32::Load(o + d), F32::Splat(corr)).Store(o + d);
         }
       }
     }
@@ -78,9 +80,12 @@ template <DType KT>
 void AttendHeadsV(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvHeads& v, int64_t dk,
                   int64_t dv, int64_t kv_begin, float* scratch) {
   switch (v.head0.dtype) {
-    case DType::kF32: return AttendHeads<KT, DType::kF32>(rows, nh, k, v, dk, dv, kv_begin, scratch);
-    case DType::kF16: return AttendHeads<KT, DType::kF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
-    case DType::kBF16: return AttendHeads<KT, DType::kBF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kF32:
+      return AttendHeads<KT, DType::kF32>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kF16:
+      return AttendHeads<KT, DType::kF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
+    case DType::kBF16:
+      return AttendHeads<KT, DType::kBF16>(rows, nh, k, v, dk, dv, kv_begin, scratch);
   }
 }
 

@@ -92,12 +92,14 @@ void RoundGroupP(const float* s, int64_t n, const float* vd, int64_t nbv, float*
     for (int64_t v = 0; v < NV; ++v) {
       const F32 q = simd::Round(simd::Mul(x[v], id));
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(reinterpret_cast<uint8_t*>(pq) + j * kPGroup + v * W),
-                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q.v)));
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(reinterpret_cast<uint8_t*>(pq) + j * kPGroup + v * W),
+          _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q.v)));
 #elif defined(__AVX2__)
       const __m256i qi = _mm256_cvtps_epi32(q.v);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(reinterpret_cast<int16_t*>(pq) + j * kPGroup + v * W),
-                       _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1)));
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(reinterpret_cast<int16_t*>(pq) + j * kPGroup + v * W),
+          _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1)));
 #else
       q.Store(pq + j * kPGroup + v * W);
 #endif
@@ -142,7 +144,8 @@ void HeadsQ8Pv(const HeadsQ8Work& w, int64_t r0, int64_t nrow, const int8_t* con
   }
   if (c0 < dv) {
     __m256i a[4], b[4], c[4];
-    for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr[i] + c0));
+    for (int i = 0; i < 4; ++i)
+      a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr[i] + c0));
     b[0] = _mm256_unpacklo_epi8(a[0], a[1]);
     b[1] = _mm256_unpackhi_epi8(a[0], a[1]);
     b[2] = _mm256_unpacklo_epi8(a[2], a[3]);
@@ -173,21 +176,26 @@ void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
     __m512i c[4];
     for (int i = 0; i < 4; ++i) c[i] = _mm512_loadu_si512(acc + c0 + 16 * i);
     // A 4 x 4 transpose of 128-bit blocks: out[L] = lane L of c[0..3].
-    const __m512i t0 = _mm512_shuffle_i32x4(c[0], c[1], 0x44), t1 = _mm512_shuffle_i32x4(c[2], c[3], 0x44);
-    const __m512i t2 = _mm512_shuffle_i32x4(c[0], c[1], 0xEE), t3 = _mm512_shuffle_i32x4(c[2], c[3], 0xEE);
+    const __m512i t0 = _mm512_shuffle_i32x4(c[0], c[1], 0x44),
+                  t1 = _mm512_shuffle_i32x4(c[2], c[3], 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(c[0], c[1], 0xEE),
+                  t3 = _mm512_shuffle_i32x4(c[2], c[3], 0xEE);
     const __m512i out[4] = {_mm512_shuffle_i32x4(t0, t1, 0x88), _mm512_shuffle_i32x4(t0, t1, 0xDD),
                             _mm512_shuffle_i32x4(t2, t3, 0x88), _mm512_shuffle_i32x4(t2, t3, 0xDD)};
     for (int L = 0; L < 4; ++L) {
       float* oc = o + c0 + 16 * L;
-      _mm512_storeu_ps(oc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(out[L]),
-                                           _mm512_set1_ps(ps[(c0 + 16 * L) / kQBlock]), _mm512_loadu_ps(oc)));
+      _mm512_storeu_ps(
+          oc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(out[L]),
+                              _mm512_set1_ps(ps[(c0 + 16 * L) / kQBlock]), _mm512_loadu_ps(oc)));
     }
   }
   if (c0 < w.dv) {
     __m256i c[4];
-    for (int i = 0; i < 4; ++i) c[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + c0 + 8 * i));
-    const __m256i out[4] = {_mm256_permute2x128_si256(c[0], c[1], 0x20), _mm256_permute2x128_si256(c[2], c[3], 0x20),
-                            _mm256_permute2x128_si256(c[0], c[1], 0x31), _mm256_permute2x128_si256(c[2], c[3], 0x31)};
+    for (int i = 0; i < 4; ++i)
+      c[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + c0 + 8 * i));
+    const __m256i out[4] = {
+        _mm256_permute2x128_si256(c[0], c[1], 0x20), _mm256_permute2x128_si256(c[2], c[3], 0x20),
+        _mm256_permute2x128_si256(c[0], c[1], 0x31), _mm256_permute2x128_si256(c[2], c[3], 0x31)};
     const __m256 d = _mm256_set1_ps(ps[c0 / kQBlock]);
     for (int L = 0; L < 4; ++L) {
       float* oc = o + c0 + 8 * L;
@@ -206,19 +214,23 @@ void HeadsQ8Pv(const HeadsQ8Work& w, int64_t r0, int64_t nrow, const int8_t* con
     __m256i a[4];
     for (int i = 0; i < 4; ++i)
       a[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr[i] + e)));
-    const __m256i lo01 = _mm256_unpacklo_epi16(a[0], a[1]), hi01 = _mm256_unpackhi_epi16(a[0], a[1]);
-    const __m256i lo23 = _mm256_unpacklo_epi16(a[2], a[3]), hi23 = _mm256_unpackhi_epi16(a[2], a[3]);
+    const __m256i lo01 = _mm256_unpacklo_epi16(a[0], a[1]),
+                  hi01 = _mm256_unpackhi_epi16(a[0], a[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi16(a[2], a[3]),
+                  hi23 = _mm256_unpackhi_epi16(a[2], a[3]);
     for (int64_t r = r0; r < r0 + nrow; ++r) {
       if (w.n[r] <= t) continue;
-      const uint32_t* p = reinterpret_cast<const uint32_t*>(w.Pq(r)) + e / kQBlock * kPGroup / 2 + t / 2;
+      const uint32_t* p =
+          reinterpret_cast<const uint32_t*>(w.Pq(r)) + e / kQBlock * kPGroup / 2 + t / 2;
       const __m256i p01 = _mm256_set1_epi32(int(p[0])), p23 = _mm256_set1_epi32(int(p[1]));
       __m256i* acc = reinterpret_cast<__m256i*>(reinterpret_cast<int32_t*>(w.Acc(r)) + e);
       _mm256_storeu_si256(acc, _mm256_add_epi32(_mm256_loadu_si256(acc),
                                                 _mm256_add_epi32(_mm256_madd_epi16(lo01, p01),
                                                                  _mm256_madd_epi16(lo23, p23))));
-      _mm256_storeu_si256(acc + 1, _mm256_add_epi32(_mm256_loadu_si256(acc + 1),
-                                                    _mm256_add_epi32(_mm256_madd_epi16(hi01, p01),
-                                                                     _mm256_madd_epi16(hi23, p23))));
+      _mm256_storeu_si256(acc + 1,
+                          _mm256_add_epi32(_mm256_loadu_si256(acc + 1),
+                                           _mm256_add_epi32(_mm256_madd_epi16(hi01, p01),
+                                                            _mm256_madd_epi16(hi23, p23))));
     }
   }
 }
@@ -230,10 +242,12 @@ void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
     const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + e));
     const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + e + 8));
     const __m256 d = _mm256_set1_ps(ps[e / kQBlock]);
-    _mm256_storeu_ps(o + e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20)), d,
-                                            _mm256_loadu_ps(o + e)));
-    _mm256_storeu_ps(o + e + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x31)),
-                                                d, _mm256_loadu_ps(o + e + 8)));
+    _mm256_storeu_ps(o + e,
+                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20)), d,
+                                     _mm256_loadu_ps(o + e)));
+    _mm256_storeu_ps(o + e + 8,
+                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x31)), d,
+                                     _mm256_loadu_ps(o + e + 8)));
   }
   std::fill(acc, acc + w.dv, 0);
 }
@@ -264,8 +278,9 @@ void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_
                   float* vd) {
   const int srb = int(scale_row_bytes);
 #if defined(__AVX512F__)
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(srb));
+  const __m512i idx =
+      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                         _mm512_set1_epi32(srb));
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
     const char* b = base + t * srb;
@@ -283,25 +298,30 @@ void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_
     }
   }
 #elif defined(__AVX2__)
-  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(srb));
+  const __m256i idx =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(srb));
   for (int64_t t = 0; t < n; t += 8) {
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - t)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - t)),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const char* b = base + t * srb;
     if (fmt == QFormat::kQ8KV) {
-      const __m256 d = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), reinterpret_cast<const float*>(b), idx,
-                                                _mm256_castsi256_ps(m), 1);
+      const __m256 d = _mm256_mask_i32gather_ps(
+          _mm256_setzero_ps(), reinterpret_cast<const float*>(b), idx, _mm256_castsi256_ps(m), 1);
       for (int64_t j = 0; j < nbv; ++j) _mm256_storeu_ps(vd + j * kPGroup + t, d);
       continue;
     }
     for (int64_t j = 0; j < nbv; j += 2) {
       const int64_t j0 = std::min(j, nbv - 2);
-      const __m256i dw = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(),
-                                                     reinterpret_cast<const int*>(b + 2 * j0), idx, m, 1);
-      const __m256i lo = _mm256_and_si256(dw, _mm256_set1_epi32(0xFFFF)), hi = _mm256_srli_epi32(dw, 16);
-      _mm256_storeu_ps(vd + j0 * kPGroup + t, _mm256_cvtph_ps(_mm_packus_epi32(
-                                                  _mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1))));
-      _mm256_storeu_ps(vd + (j0 + 1) * kPGroup + t, _mm256_cvtph_ps(_mm_packus_epi32(
-                                                        _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1))));
+      const __m256i dw = _mm256_mask_i32gather_epi32(
+          _mm256_setzero_si256(), reinterpret_cast<const int*>(b + 2 * j0), idx, m, 1);
+      const __m256i lo = _mm256_and_si256(dw, _mm256_set1_epi32(0xFFFF)),
+                    hi = _mm256_srli_epi32(dw, 16);
+      _mm256_storeu_ps(vd + j0 * kPGroup + t,
+                       _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(lo),
+                                                        _mm256_extracti128_si256(lo, 1))));
+      _mm256_storeu_ps(vd + (j0 + 1) * kPGroup + t,
+                       _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(hi),
+                                                        _mm256_extracti128_si256(hi, 1))));
     }
   }
 #else
@@ -316,8 +336,8 @@ void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_
 // Stands in for V rows past the last key of a P.V step (their P is 0).
 alignas(64) constexpr int8_t kZeroRow[kMaxHeadDim] = {};
 
-void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvHeads& v,
-                   int64_t dk, int64_t dv, int64_t kv_begin, float* scratch) {
+void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvHeads& v, int64_t dk,
+                   int64_t dv, int64_t kv_begin, float* scratch) {
   const int64_t R = rows[0].n_rows, nr = nh * R;
   const HeadsQ8Work w = CarveHeadsQ8(scratch, nr, dk, dv);
   int64_t kv_end = kv_begin;
@@ -326,7 +346,8 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   auto lanes = [&](int64_t row) {
     float* p = w.lanes + row * w.ql;
-    return QueryLanes{reinterpret_cast<int8_t*>(p), p + w.ql / 3, reinterpret_cast<int32_t*>(p + 2 * w.ql / 3)};
+    return QueryLanes{reinterpret_cast<int8_t*>(p), p + w.ql / 3,
+                      reinterpret_cast<int32_t*>(p + 2 * w.ql / 3)};
   };
 #elif defined(__AVX2__)
   auto lanes = [&](int64_t row) {
@@ -355,7 +376,8 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
   for (int64_t g0 = kv_begin; g0 < kv_end; g0 += kPGroup) {
     const int64_t nmax = std::min(kPGroup, kv_end - g0);
     for (int64_t u = 0; u < nh; ++u)
-      for (int64_t r = 0; r < R; ++r) w.n[u * R + r] = std::clamp<int64_t>(rows[u].end[r] - g0, 0, nmax);
+      for (int64_t r = 0; r < R; ++r)
+        w.n[u * R + r] = std::clamp<int64_t>(rows[u].end[r] - g0, 0, nmax);
     // 1. Scores, key by key across the heads. K rows, values and scales
     // are four streams, more than the hardware prefetchers keep ahead of:
     // the K rows and scales kAhead keys on are prefetched, and the group's
@@ -394,7 +416,8 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
           converted = true;
           const float* q = rows[u].q + r * dk;
           F32 a = F32::Zero();
-          for (int64_t d = 0; d < dk; d += W) a = simd::Fma(F32::Load(q + d), F32::Load(w.kbuf + d), a);
+          for (int64_t d = 0; d < dk; d += W)
+            a = simd::Fma(F32::Load(q + d), F32::Load(w.kbuf + d), a);
           w.S(row)[t] = simd::ReduceAdd(a);
 #endif
         }
@@ -412,7 +435,8 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
         const float c = SoftmaxBlock<kPGroup>(w.S(row), w.n[row], rows[u].m + r, rows[u].l + r);
         if (c != 1.f) {
           float* o = rows[u].o + r * dv;
-          for (int64_t d = 0; d < dv; d += W) simd::Mul(F32::Load(o + d), F32::Splat(c)).Store(o + d);
+          for (int64_t d = 0; d < dv; d += W)
+            simd::Mul(F32::Load(o + d), F32::Splat(c)).Store(o + d);
         }
         RoundGroupP(w.S(row), w.n[row], w.vd, nbv, w.Pq(row), w.Ps(row));
       }

@@ -12,17 +12,17 @@ namespace {
 
 // Scratch layout (floats), see AttendScratchFloats.
 struct Work {
-  float* qt;   // [dk, rp]  Q transposed
-  float* kt;   // [T, dk]   K tile
-  float* vt;   // [T, dv]   V tile (unused when V lies inside the K rows)
-  float* st;   // [T, rp]   scores, then probabilities
-  float* m;    // [rp]
-  float* l;    // [rp]
-  float* cnt;  // [rp]      keys of the current tile each row sees
-  float* corr; // [rp]      rescale factor of the current tile
-  float* vd;   // [T, nbv]  8-bit V: per-key scales of each block of 32 columns
-  float* pq;   // [nbv, T, rp] rounded P (floats; the VNNI path packs bytes here)
-  float* ps;   // [nbv, rp] its scales
+  float* qt;    // [dk, rp]  Q transposed
+  float* kt;    // [T, dk]   K tile
+  float* vt;    // [T, dv]   V tile (unused when V lies inside the K rows)
+  float* st;    // [T, rp]   scores, then probabilities
+  float* m;     // [rp]
+  float* l;     // [rp]
+  float* cnt;   // [rp]      keys of the current tile each row sees
+  float* corr;  // [rp]      rescale factor of the current tile
+  float* vd;    // [T, nbv]  8-bit V: per-key scales of each block of 32 columns
+  float* pq;    // [nbv, T, rp] rounded P (floats; the VNNI path packs bytes here)
+  float* ps;    // [nbv, rp] its scales
 };
 
 Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {

@@ -14,8 +14,8 @@ namespace {
 // The rounded P of one tile (quant_format.h), rows in lanes: for V block j,
 // pq[(j * T + t) * rp + r] = q_t as a float (exact) and ps[j * rp + r] = d.
 // Every path computes x, d, id and q with these same float32 operations.
-void QuantizeProbs(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv,
-                   float* pq, float* ps) {
+void QuantizeProbs(const float* st, int64_t rp, int64_t tn, const float* vd, int64_t nbv, float* pq,
+                   float* ps) {
   const F32 zero = F32::Zero(), one = F32::Splat(1.f), levels = F32::Splat(kPLevels),
             tiny = F32::Splat(kPTiny);
   for (int64_t j = 0; j < nbv; ++j) {
@@ -99,8 +99,8 @@ void QkLanes(const float* qt, int64_t rp, const float* kt, int64_t dk, float* st
 // o[r][d] += sum_{t < tn} st[t][r] * vt[t][d] for RB rows from r0 and DB
 // vectors of dims from d0.
 template <int RB, int DB>
-void PvBlock(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vstride,
-             int64_t tn, float* o, int64_t dv, int64_t d0) {
+void PvBlock(const float* st, int64_t rp, int64_t r0, const float* vt, int64_t vstride, int64_t tn,
+             float* o, int64_t dv, int64_t d0) {
   F32 acc[RB][DB];
   for (int i = 0; i < RB; ++i)
     for (int j = 0; j < DB; ++j) acc[i][j] = F32::Load(o + (r0 + i) * dv + d0 + j * W);

@@ -42,7 +42,8 @@ void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, 
         amax = _mm256_max_ps(amax, x[t]);
       }
       const __m256 d = _mm256_div_ps(amax, levels);
-      const __m256 id = _mm256_and_ps(_mm256_cmp_ps(amax, tiny, _CMP_NLT_UQ), _mm256_div_ps(one, d));
+      const __m256 id =
+          _mm256_and_ps(_mm256_cmp_ps(amax, tiny, _CMP_NLT_UQ), _mm256_div_ps(one, d));
       _mm256_storeu_ps(ps + j * rp + r0, d);
       uint32_t* out = pqw + j * (T / 2) * rp + r0;
       for (int64_t u = 0; u < np; ++u) {
@@ -60,11 +61,11 @@ void QuantizeProbsI16(const float* st, int64_t rp, int64_t tn, const float* vd, 
 // vb[((c * T / 2 + u) * 8 + i) * 2 + b] = V[2u + b][8 (c0 + c) + i] (zeros
 // past tn). A block at a time (4 KiB), just before P.V reads it, so it stays
 // in L1 (the whole tile's, 64 KiB, went to L2 and back).
-void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_t nc,
-                     int16_t* vb) {
+void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_t nc, int16_t* vb) {
   const int64_t np = (tn + 1) / 2;
   const auto store = [&](int64_t c, int64_t u, __m128i x) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(vb + (c * (T / 2) + u) * 16), _mm256_cvtepi8_epi16(x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(vb + (c * (T / 2) + u) * 16),
+                        _mm256_cvtepi8_epi16(x));
   };
   for (int64_t u = 0; u < np; ++u) {
     const int8_t* r0 = static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u)) + 8 * c0;
@@ -72,8 +73,8 @@ void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_
     const int8_t* r1 = pair ? static_cast<const int8_t*>(RowPtr(v, t0 + 2 * u + 1)) + 8 * c0 : r0;
     if (nc == 4) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
-      const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1))
-                             : _mm256_setzero_si256();
+      const __m256i b =
+          pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1)) : _mm256_setzero_si256();
       // Per 128-bit lane: lo = columns 0-7 (16-23) of both keys, hi = 8-15 (24-31).
       const __m256i lo = _mm256_unpacklo_epi8(a, b), hi = _mm256_unpackhi_epi8(a, b);
       store(0, u, _mm256_castsi256_si128(lo));
@@ -82,8 +83,8 @@ void PackVBlockInt16(const KvRows& v, int64_t t0, int64_t tn, int64_t c0, int64_
       store(3, u, _mm256_extracti128_si256(hi, 1));
     } else {  // q8_kv: the last 16 columns
       const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
-      const __m128i b = pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1))
-                             : _mm_setzero_si128();
+      const __m128i b =
+          pair ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1)) : _mm_setzero_si128();
       store(0, u, _mm_unpacklo_epi8(a, b));
       store(1, u, _mm_unpackhi_epi8(a, b));
     }
@@ -128,9 +129,9 @@ void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, cons
         "vpaddd %[t], %[b2], %[b2]\n\t"
         "vpmaddwd %[v3], %[pp], %[t]\n\t"
         "vpaddd %[t], %[b3], %[b3]"
-        : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0),
-          [b1] "+x"(b1), [b2] "+x"(b2), [b3] "+x"(b3), [v0] "=&x"(v0), [v1] "=&x"(v1),
-          [v2] "=&x"(v2), [v3] "=&x"(v3), [pp] "=&x"(pp), [t] "=&x"(t)
+        : [a0] "+x"(a0), [a1] "+x"(a1), [a2] "+x"(a2), [a3] "+x"(a3), [b0] "+x"(b0), [b1] "+x"(b1),
+          [b2] "+x"(b2), [b3] "+x"(b3), [v0] "=&x"(v0), [v1] "=&x"(v1), [v2] "=&x"(v2),
+          [v3] "=&x"(v3), [pp] "=&x"(pp), [t] "=&x"(t)
         : [v] "r"(v), [p] "r"(p + u * rp + r)
         : "memory");
   }
@@ -139,8 +140,8 @@ void PvInt16Rows2(const uint32_t* p, const float* d, int64_t rp, int64_t r, cons
     const __m256 di = _mm256_set1_ps(d[r + i]);
     float* op = o + (r + i) * dv;
     for (int c = 0; c < 4; ++c)
-      _mm256_storeu_ps(op + 8 * c,
-                       _mm256_fmadd_ps(di, _mm256_cvtepi32_ps(acc[i][c]), _mm256_loadu_ps(op + 8 * c)));
+      _mm256_storeu_ps(op + 8 * c, _mm256_fmadd_ps(di, _mm256_cvtepi32_ps(acc[i][c]),
+                                                   _mm256_loadu_ps(op + 8 * c)));
   }
 }
 
@@ -154,8 +155,8 @@ void PvInt16Row1(const uint32_t* p, const float* d, int64_t rp, int64_t r, const
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi32(int32_t(p[u * rp + r])),
                                                   _mm256_loadu_si256(v + u)));
   float* op = o + r * dv;
-  _mm256_storeu_ps(op, _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(acc),
-                                       _mm256_loadu_ps(op)));
+  _mm256_storeu_ps(
+      op, _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(acc), _mm256_loadu_ps(op)));
 }
 
 // P.V of one tile over 8-bit V for all n_rows rows, V block by V block: the
@@ -198,8 +199,8 @@ void PrepareInt16Queries(const RowBlock& rows, int64_t rp, int64_t dk, uint32_t*
       int32_t qq[kQBlock];
       qd[j * rp + r] = QueryBlockQ8(r < rows.n_rows ? rows.q + r * dk + j * kQBlock : nullptr, qq);
       for (int u = 0; u < kQBlock / 2; ++u)
-        qw[(j * 16 + u) * rp + r] =
-            uint32_t(uint16_t(int16_t(qq[2 * u]))) | uint32_t(uint16_t(int16_t(qq[2 * u + 1]))) << 16;
+        qw[(j * 16 + u) * rp + r] = uint32_t(uint16_t(int16_t(qq[2 * u]))) |
+                                    uint32_t(uint16_t(int16_t(qq[2 * u + 1]))) << 16;
     }
   }
 }
@@ -221,15 +222,15 @@ constexpr int64_t kInt16SubKeys = 2 * kInt16QkKeys;
 // 32 j + i (zeros for keys [n, kInt16SubKeys), whose scales are 0), so
 // dword u of a key's block is the pair (2u, 2u + 1); kd[t * nb + j] = the
 // block's scale.
-void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_t* kw,
-                      float* kd) {
+void PrepareInt16Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, int16_t* kw, float* kd) {
   constexpr int64_t NT = kInt16SubKeys;
   const int64_t nb = dk / kQBlock;
   for (int64_t t = 0; t < NT; ++t) {
     float* kdt = kd + t * nb;
     if (t >= n) {
       std::fill(kdt, kdt + nb, 0.f);
-      for (int64_t j = 0; j < nb; ++j) std::fill_n(kw + (j * NT + t) * kQBlock, kQBlock, int16_t(0));
+      for (int64_t j = 0; j < nb; ++j)
+        std::fill_n(kw + (j * NT + t) * kQBlock, kQBlock, int16_t(0));
       continue;
     }
     const auto* row = static_cast<const int8_t*>(RowPtr(k, t0 + t));
@@ -257,7 +258,8 @@ void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const 
     __m256i acc[KB];
     for (auto& a : acc) a = _mm256_setzero_si256();
     for (int u = 0; u < kQBlock / 2; ++u) {
-      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (j * 16 + u) * rp + r0));
+      const __m256i qv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qw + (j * 16 + u) * rp + r0));
       for (int i = 0; i < KB; ++i) {
         int32_t kk;
         std::memcpy(&kk, kb + i * kQBlock + 2 * u, sizeof kk);
@@ -273,13 +275,16 @@ void QkInt16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, const 
 }
 
 // One key's step of QkInt16Rows16's asm: its pair u broadcast (key i at
-// byte 64 i of the block-major sub-tile) times both row vectors.
+// byte 64 i of the block-major sub-tile) times both row vectors. (Asm text
+// built from macro arguments: clang-format would split its literals.)
+// clang-format off
 #define JAX_MLA_QK16_KEY(off, a, b)                 \
   "vpbroadcastd " off "(%[kb]), %[k]\n\t"           \
   "vpmaddwd %[k], %[qa], %[t]\n\t"                  \
   "vpaddd %[t], %[" a "], %[" a "]\n\t"             \
   "vpmaddwd %[k], %[qb], %[t]\n\t"                  \
   "vpaddd %[t], %[" b "], %[" b "]\n\t"
+// clang-format on
 
 // The same for rows [r0, r0 + 16) (two row vectors) and KB = 4 or 6 keys:
 // one broadcast key pair serves both row vectors; the float sums live in
@@ -301,6 +306,7 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, 
       // because GCC 12 adds into the product's register and copies it back
       // to the accumulator's (8 extra moves a step).
       __m256i qa, qb, k, t;
+      // clang-format off
       if constexpr (KB == 4) {
         asm("vmovdqu (%[q]), %[qa]\n\t"
             "vmovdqu 32(%[q]), %[qb]\n\t"
@@ -324,17 +330,19 @@ void QkInt16Rows16(const uint32_t* qw, const float* qd, int64_t rp, int64_t r0, 
             : [q] "r"(q), [kb] "r"(kb + u)
             : "memory");
       }
+      // clang-format on
     }
     const __m256i acc[6][2] = {{a0, b0}, {a1, b1}, {a2, b2}, {a3, b3}, {a4, b4}, {a5, b5}};
-    const __m256 qda = _mm256_loadu_ps(qd + j * rp + r0), qdb = _mm256_loadu_ps(qd + j * rp + r0 + 8);
+    const __m256 qda = _mm256_loadu_ps(qd + j * rp + r0),
+                 qdb = _mm256_loadu_ps(qd + j * rp + r0 + 8);
     for (int i = 0; i < KB; ++i) {
       const __m256 kdi = _mm256_set1_ps(kd[(t + i) * nb + j]);
       for (int v = 0; v < 2; ++v) {
         const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
         const __m256 sc = _mm256_mul_ps(v == 0 ? qda : qdb, kdi);
         float* sp = st + (t + i) * rp + r0 + 8 * v;
-        _mm256_storeu_ps(sp, j == 0 ? _mm256_mul_ps(x, sc)
-                                    : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
+        _mm256_storeu_ps(
+            sp, j == 0 ? _mm256_mul_ps(x, sc) : _mm256_fmadd_ps(x, sc, _mm256_loadu_ps(sp)));
       }
     }
   }

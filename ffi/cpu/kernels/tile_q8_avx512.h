@@ -53,8 +53,7 @@ void PrepareInt8Queries(const RowBlock& rows, int64_t rp, int64_t dk, int8_t* qi
 // value 32 j + b + 128 (zeros for keys [n, kInt8Keys), whose scales are 0), so
 // the register block reads one contiguous run per block; and per key i and
 // block j stores the block's scale kd[i * nb + j].
-void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, uint8_t* kp,
-                     float* kd) {
+void PrepareInt8Keys(const KvRows& k, int64_t t0, int64_t n, int64_t dk, uint8_t* kp, float* kd) {
   constexpr int KB = kInt8Keys;
   const int64_t nb = dk / kQBlock;
   const __m512i bias = _mm512_set1_epi8(char(0x80));
@@ -125,8 +124,8 @@ void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, i
                levels = _mm512_set1_ps(kPLevels), tiny = _mm512_set1_ps(kPTiny);
   // Per 128-bit lane, after the two packs below: q0 of the lane's 4 rows, then
   // q1, q2, q3; this shuffle makes each row's dword (q0, q1, q2, q3).
-  const __m512i transpose = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const __m512i transpose =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
   const int64_t nq = (tn + 3) / 4;
   alignas(64) float xb[T * 16];  // x of one block and 16 rows, zeros past tn
   for (int64_t t = tn; t < 4 * nq; ++t) _mm512_store_ps(xb + t * 16, zero);
@@ -134,14 +133,13 @@ void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, i
     for (int64_t r0 = 0; r0 < rp; r0 += 16) {
       __m512 amax = zero;
       for (int64_t t = 0; t < tn; ++t) {
-        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0),
-                                       _mm512_set1_ps(vd[t * nbv + j]));
+        const __m512 x =
+            _mm512_mul_ps(_mm512_loadu_ps(st + t * rp + r0), _mm512_set1_ps(vd[t * nbv + j]));
         _mm512_store_ps(xb + t * 16, x);
         amax = _mm512_max_ps(amax, x);
       }
       const __m512 d = _mm512_div_ps(amax, levels);
-      const __m512 id =
-          _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, tiny, _CMP_GE_OQ), one, d);
+      const __m512 id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, tiny, _CMP_GE_OQ), one, d);
       _mm512_storeu_ps(ps + j * rp + r0, d);
       for (int64_t u = 0; u < nq; ++u) {
         __m512i q[4];
@@ -149,8 +147,8 @@ void QuantizeProbsU8(const float* st, int64_t rp, int64_t tn, const float* vd, i
           q[b] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_load_ps(xb + (4 * u + b) * 16), id),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         // q in [0, 255]: the unsigned saturating packs keep every value.
-        const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]),
-                                                  _mm512_packus_epi32(q[2], q[3]));
+        const __m512i bytes =
+            _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]), _mm512_packus_epi32(q[2], q[3]));
         _mm512_storeu_si512(pqd + (j * (T / 4) + u) * rp + r0,
                             _mm512_shuffle_epi8(bytes, transpose));
       }
@@ -299,7 +297,8 @@ void PvInt8Tile(const KvRows& v, int64_t t0, int64_t tn, const uint32_t* pqd, co
     } else {
       for (int64_t c = 0; c < nk / 16; ++c) {
         const int8_t* vc = vp + c * (T / 4) * 64;
-        for (r0 = 0; r0 + 4 <= R; r0 += 4) PvInt8Block<4, 1>(pqd, ps, rp, r0, vc, nq, o, dv, c0 + c);
+        for (r0 = 0; r0 + 4 <= R; r0 += 4)
+          PvInt8Block<4, 1>(pqd, ps, rp, r0, vc, nq, o, dv, c0 + c);
         for (; r0 < R; ++r0) PvInt8Block<1, 1>(pqd, ps, rp, r0, vc, nq, o, dv, c0 + c);
       }
     }

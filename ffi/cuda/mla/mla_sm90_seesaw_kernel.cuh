@@ -1,26 +1,26 @@
-// flash_mla for 64-row blocks on Hopper (sm_90a), the default kernel: the
-// "seesaw" schedule described below, on the wgmma helpers of wgmma.cuh and
-// the shared-memory tile layout, descriptors and constants of the key-split
-// kernel (mla_sm90_split_kernel.cuh), which stays as its fallback (strides
-// that do not suit TMA, JAX_MLA_CUDA_MLA_SEESAW=0). Everything that emits
+// flash_mla for 64-row blocks on Hopper (sm_90a), the default kernel there:
+// the "seesaw" schedule described below, on the wgmma helpers of
+// common/wgmma.cuh and the shared-memory tile layout, descriptors and
+// constants of the key-split kernel (mla_sm90_split_kernel.cuh), which stays
+// as the path for caches whose strides do not suit TMA. Everything that emits
 // sm_90a instructions compiles to nothing outside __CUDA_ARCH_FEAT_SM90_ALL;
-// the host launches it only where UseSm90Kernels() (device.h).
+// the host launches it only where RunsSm90a() (device.h).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/attention_sm90.cuh"
-#include "ffi/cuda/mla_sm90_split_kernel.cuh"
-#include "ffi/cuda/wgmma.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/common/wgmma.cuh"
+#include "ffi/cuda/mla/mla_config.h"
+#include "ffi/cuda/mla/mla_sm90_split_kernel.cuh"
 
 namespace jax_mla::cuda {
 
@@ -53,9 +53,8 @@ namespace jax_mla::cuda {
 //       P_j V_j, waited for (frees its half of buffer j).
 // The ncu profile of an earlier order ((A) = all of S_j, (B)'s P V waited
 // for after the softmax) showed 61% of stalls on mbarrier waits, and cycle
-// counters (benchmarks/gpu/seesaw_probe.cu) half of every tile spent waiting
-// for TMA data: each warpgroup freed its half of the other's buffer only after
-// its own next tile had arrived. NOTES, CUDA 7, has the orders tried.
+// counters showed half of every tile spent waiting for TMA data: each warpgroup freed its half of
+// the other's buffer only after its own next tile had arrived. NOTES, CUDA 7, has the orders tried.
 // Every wgmma group is retired before the loop's back edge and no
 // accumulator is written while a group is pending: otherwise ptxas
 // serializes all wgmmas of the kernel (C7515).
@@ -84,9 +83,10 @@ namespace jax_mla::cuda {
 // sums_ready (count 256: the row-sum exchange at the end) |
 // alpha[2][64], m[2][64], row sums [2][64] floats. 217 KB.
 // Hazards: a half of a buffer is rewritten only after the P V that reads it
-// (the owner's half after the owner's, the other half and P after both); alpha/m[buffer] likewise (the reader takes them before it
-// releases). pready's phases cannot alias: the owner's next arrival on it
-// needs the buffer's next tile, which needs the reader's release.
+// (the owner's half after the owner's, the other half and P after both); alpha/m[buffer] likewise
+// (the reader takes them before it releases). pready's phases cannot alias: the owner's next
+// arrival on it needs the buffer's next tile, which needs the reader's release.
+
 // bar.sync that the compiler may not move shared-memory accesses across
 // (NamedBarrier in kernel_utils.cuh has no memory clobber).
 __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
@@ -99,39 +99,28 @@ __device__ __forceinline__ void SeesawBarrier(int id, int threads) {
 __device__ __forceinline__ int SeesawBlock(int bi, int buf) {
   return bi < 8 ? (bi + 4 * buf) & 7 : 8;
 }
-// Cycle counters for benchmarks/gpu/seesaw_probe.cu, which builds this file
-// with -DJAX_MLA_SEESAW_PROBE to see where a tile's cycles go; nothing
-// otherwise. Slots: see kSeesawProbeNames there.
-#ifdef JAX_MLA_SEESAW_PROBE
-__device__ unsigned long long g_seesaw_probe[16];
-#define SEESAW_T(v) const uint32_t v = uint32_t(clock())
-#define SEESAW_ADD(slot, v) probe[slot] += uint32_t(clock()) - (v)
-#else
-#define SEESAW_T(v)
-#define SEESAW_ADD(slot, v)
-#endif
 constexpr int kSeesawThreads = 384;  // two consumer warpgroups + a producer warpgroup
-constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;  // setmaxnreg
-constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +           // Q, two buffers
+constexpr int kSeesawProducerRegs = 40, kSeesawConsumerRegs = 232;       // setmaxnreg
+constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +              // Q, two buffers
                                (2 * 9 + 4 + 2 + 1) * sizeof(uint64_t) +  // mbarriers
-                               3 * 2 * kSm90Rows * sizeof(float) +   // alpha, m, sums
-                               1024;                                 // alignment slack
+                               3 * 2 * kSm90Rows * sizeof(float) +       // alpha, m, sums
+                               1024;                                     // alignment slack
 
 template <typename T>
 __global__ void __launch_bounds__(kSeesawThreads, 1)
     MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
 #ifdef JAX_MLA_SM90A
   extern __shared__ __align__(1024) char smem_raw[];
-  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
-  char* s_q = smem;                                   // [64][576] swizzled
-  char* s_kv = s_q + kSm90TileBytes;                  // [2][64][576] swizzled
+  char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);    // swizzle atoms
+  char* s_q = smem;                                                         // [64][576] swizzled
+  char* s_kv = s_q + kSm90TileBytes;                                        // [2][64][576] swizzled
   uint64_t* full = reinterpret_cast<uint64_t*>(s_kv + 2 * kSm90TileBytes);  // [2][9]
-  uint64_t* empty = full + 18;                        // [2 buffers][2 warpgroups]
-  uint64_t* pready = empty + 4;                       // [2]
-  uint64_t* sums_ready = pready + 2;                  // [1]
+  uint64_t* empty = full + 18;                                // [2 buffers][2 warpgroups]
+  uint64_t* pready = empty + 4;                               // [2]
+  uint64_t* sums_ready = pready + 2;                          // [1]
   float* s_alpha = reinterpret_cast<float*>(sums_ready + 1);  // [2][64]
-  float* s_m = s_alpha + 2 * kSm90Rows;                   // [2][64]
-  float* s_sum = s_m + 2 * kSm90Rows;                     // [2][64]
+  float* s_m = s_alpha + 2 * kSm90Rows;                       // [2][64]
+  float* s_sum = s_m + 2 * kSm90Rows;                         // [2][64]
 
   const int tid = threadIdx.x, lane = tid % 32;
   // Warp-uniform as far as the compiler can tell (wgmma in a branch it thinks
@@ -166,10 +155,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     const int64_t kvb = b % p.kv_batch;
     const T* kv_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride;
     constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
-#ifdef JAX_MLA_SEESAW_PROBE
-    uint32_t probe[2] = {0, 0};
-    SEESAW_T(t_all);
-#endif
     for (int i = 0; i < n; ++i) {
       const int buf = i & 1;
       const uint32_t use = uint32_t(i >> 1);
@@ -179,17 +164,13 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       char* dst = s_kv + buf * kSm90TileBytes;
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
-      SEESAW_T(t_e);
       MbarWait(empty + 2 * buf + buf, parity);
-      SEESAW_ADD(0, t_e);
       if (by_tma(i)) {
 #pragma unroll 1
         for (int bi = 0; bi < 9; ++bi) {
           const int blk = SeesawBlock(bi, buf);
           if (bi == 4) {
-            SEESAW_T(t_o);
             MbarWait(empty + 2 * buf + (buf ^ 1), parity);
-            SEESAW_ADD(1, t_o);
           }
           if (lane == 0) {
             MbarArriveExpectTx(bar + blk, uint32_t(kSm90Keys * 128));
@@ -214,23 +195,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       }
     }
     CpAsyncWait<0>();
-#ifdef JAX_MLA_SEESAW_PROBE
-    if (lane == 0) {
-      atomicAdd(&g_seesaw_probe[10], probe[0]);
-      atomicAdd(&g_seesaw_probe[11], probe[1]);
-      atomicAdd(&g_seesaw_probe[12], uint32_t(clock()) - t_all);
-    }
-#endif
     return;
   }
 
   // Consumers.
   SetMaxRegsInc<kSeesawConsumerRegs>();
-#ifdef JAX_MLA_SEESAW_PROBE
-  uint32_t probe[10] = {};
-  SEESAW_T(t_pro);
-#endif
-  const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
+  const int wg = warp / 4, wv = warp % 4;          // warpgroup; warp within it
   const int rl = wv * 16 + lane / 4, rh = rl + 8;  // this thread's two rows in the block
   const int64_t r_lo = row0 + rl, r_hi = row0 + rh;
   const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
@@ -247,7 +217,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     FenceProxyAsync();
   }
   SeesawBarrier(1, 256);
-  SEESAW_ADD(0, t_pro);
 
   float o[128];
 #pragma unroll
@@ -277,9 +246,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 #pragma unroll
     for (int bi = bi0; bi < bi1; ++bi) {
       const int blk = SeesawBlock(bi, buf);
-      SEESAW_T(t_f);
       MbarWait(full + buf * 9 + blk, parity);
-      SEESAW_ADD(2, t_f);
       if (fence) FenceProxyAsync();
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -362,9 +329,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // and issue this warpgroup's P V of it.
   auto other_scale = [&](int j, float& al_lo, float& al_hi) {
     const int ob = (j - 1) & 1;
-    SEESAW_T(t_p);
     MbarWait(pready + ob, uint32_t((j - 1) >> 1) & 1);
-    SEESAW_ADD(3, t_p);
     if (!by_tma(j - 1)) FenceProxyAsync();
     al_lo = s_alpha[ob * kSm90Rows + rl];
     al_hi = s_alpha[ob * kSm90Rows + rh];
@@ -382,7 +347,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // otherwise ptxas serializes every wgmma of the kernel (C7515; seen with P V
   // in flight across the back edge: a wait after every HGMMA, 0.98 ms instead
   // of 0.94 for the key-split kernel at 128,128,8192).
-  SEESAW_T(t_loop);
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
     float bl_lo = 1.f, bl_hi = 1.f;
     if (j < n) {
@@ -394,16 +358,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         WgmmaWait<0>();
         Sm90Touch(s);
         other_pv(j, bl_lo, bl_hi);
-        SEESAW_T(t_b);
         WgmmaWait<0>();
-        SEESAW_ADD(5, t_b);
         Sm90Touch(o);
         release(j - 1);
       }
       issue_s(j, 4, 9);  // (C) the rest of S_j
-      SEESAW_T(t_s);
       WgmmaWait<0>();
-      SEESAW_ADD(4, t_s);
       Sm90Touch(s);
       Sm90Touch(o);
       // (D)
@@ -411,9 +371,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       softmax_publish(j, al_lo, al_hi);
       rescale(al_lo, al_hi);
       issue_pv(j & 1);
-      SEESAW_T(t_c);
       WgmmaWait<0>();  // before the loop's back edge (see above)
-      SEESAW_ADD(6, t_c);
       Sm90Touch(o);
       release(j);
     } else {
@@ -425,8 +383,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   }
   WgmmaWait<0>();
   Sm90Touch(o);
-  SEESAW_ADD(7, t_loop);
-  SEESAW_T(t_epi);
 
   // Row sums: the quad's lanes, then the two warpgroups (both end on the same m).
   QuadRowSum(l_lo, l_hi);
@@ -442,40 +398,22 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   const float sum_lo = s_sum[rl] + s_sum[kSm90Rows + rl];
   const float sum_hi = s_sum[rh] + s_sum[kSm90Rows + rh];
   MlaSm90StoreRows<T>(p, o, b, split, r_lo, r_hi, wg, lane, m_lo, m_hi, sum_lo, sum_hi);
-  SEESAW_ADD(8, t_epi);
-#ifdef JAX_MLA_SEESAW_PROBE
-  if (tid % 128 == 0) {
-    probe[9] = uint32_t(n);
-    for (int i = 0; i < 10; ++i) atomicAdd(&g_seesaw_probe[i], probe[i]);
-  }
-#endif
 #endif
 }
 
-// Launches the seesaw kernel when the cache's strides suit TMA (a tensor map
-// over [kv_batch, Skv, 576]) and JAX_MLA_CUDA_MLA_SEESAW is not 0, else the
-// key-split kernel; the caller launches the combine. Only where
-// UseSm90Kernels() (device.h).
+// Launches the seesaw kernel over the cache rows `tm_kv` maps (MlaKvMap,
+// mla_launch.h); the caller launches the combine. Only where RunsSm90a().
 template <typename T>
-cudaError_t LaunchMlaSm90(const AttentionParams& p, cudaStream_t stream) {
-  static const bool seesaw = [] {
-    const char* env = std::getenv("JAX_MLA_CUDA_MLA_SEESAW");
-    return !(env && env[0] == '0');
-  }();
-  CUtensorMap tm{};
-  RowView view = p.k;
-  view.head_stride = kMlaDk;  // one head: any 16-byte multiple
-  if (p.kv_batch == 1) view.batch_stride = p.seq_kv * view.row_stride;  // coordinate always 0
-  if (!seesaw || !EncodeRowsMap<T>(&tm, view, p.kv_batch, p.seq_kv, 1, kMlaDk, kSm90Keys))
-    return LaunchMlaSm90Split<T>(p, stream);
+cudaError_t LaunchMlaSm90Seesaw(const AttentionParams& p, const CUtensorMap& tm_kv,
+                                cudaStream_t stream) {
   auto kernel = MlaSm90SeesawKernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(kSeesawSmem));
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSeesawSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
                   unsigned(p.batch));
-  kernel<<<grid, kSeesawThreads, kSeesawSmem, stream>>>(p, tm);
+  kernel<<<grid, kSeesawThreads, kSeesawSmem, stream>>>(p, tm_kv);
   return cudaGetLastError();
 }
 

@@ -28,8 +28,7 @@ __device__ __forceinline__ uint32_t PackPair<__half>(float lo, float hi) {
 
 // c += a * b on a 16x8x16 tile.
 template <typename T>
-__device__ __forceinline__ void Mma16816(float c[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1);
+__device__ __forceinline__ void Mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void Mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4],
                                                         uint32_t b0, uint32_t b1) {
@@ -69,8 +68,8 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t r[4], const void* p) {
 // 16-byte asynchronous copy global -> shared; when !valid the destination is
 // zero-filled and nothing is read (src is still a valid address).
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>

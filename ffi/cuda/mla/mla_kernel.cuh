@@ -24,29 +24,10 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/mla/mla_config.h"
 
 namespace jax_mla::cuda {
-
-constexpr int kMlaDk = 576;
-constexpr int kMlaDv = 512;
-constexpr int kMlaKeys = 32;                       // keys per KV tile
-constexpr int kMlaRowBytes = kMlaDk * 2 + 16;      // padded smem row: conflict-free ldmatrix
-constexpr int kMlaPRowBytes = kMlaKeys * 2 + 16;   // padded P row
-constexpr int kMlaChunks = kMlaDk * 2 / 16;        // 16-byte chunks per row
-
-// Rows per block: G groups of 16 (G = 1 for up to 16 rows, e.g. 16-head decode).
-inline int MlaGroups(int64_t rows) { return rows <= 16 ? 1 : 4; }
-
-template <int G>
-struct MlaShape {
-  static constexpr int kThreads = 128 * G;
-  static constexpr int kRows = 16 * G;
-  static constexpr int kStages = G == 1 ? 4 : 3;
-  static constexpr size_t kSmem = size_t(kRows) * kMlaRowBytes +
-                                  size_t(kStages) * kMlaKeys * kMlaRowBytes +
-                                  size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
-};
 
 // One tile's online-softmax step for the quad's 2 x 2 scores sc (base-2,
 // masked keys -inf): the tile's row maxima over the group's 4 warps (through
@@ -54,9 +35,9 @@ struct MlaShape {
 // Shared by the float and quantized kernels.
 template <typename T>
 __device__ __forceinline__ void MlaSoftmaxStep(const float (&sc)[4], int grp, int wg, int lane,
-                                               int bar, float* s_max, char* p_store,
-                                               float& m_lo, float& m_hi, float& l_lo,
-                                               float& l_hi, float (&o)[16][4]) {
+                                               int bar, float* s_max, char* p_store, float& m_lo,
+                                               float& m_hi, float& l_lo, float& l_hi,
+                                               float (&o)[16][4]) {
   float mx_lo = fmaxf(sc[0], sc[1]), mx_hi = fmaxf(sc[2], sc[3]);
   QuadRowMax(mx_lo, mx_hi);
   if (lane % 4 == 0) {
@@ -96,8 +77,8 @@ __device__ __forceinline__ void MlaSoftmaxStep(const float (&sc)[4], int grp, in
 // Shared by the float kernel (V = the K tile) and the quantized one (V
 // dequantized into its own tile).
 template <typename T, int kRowBytes>
-__device__ __forceinline__ void MlaPvTile(float (&o)[16][4], const char* p_frag,
-                                          const char* v_tile, int wg, int lane) {
+__device__ __forceinline__ void MlaPvTile(float (&o)[16][4], const char* p_frag, const char* v_tile,
+                                          int wg, int lane) {
   const char* v_frag =
       v_tile + (lane % 8 + ((lane / 8) % 2) * 8) * kRowBytes + (wg * 128 + (lane / 16) * 8) * 2;
 #pragma unroll
@@ -122,10 +103,9 @@ __device__ __forceinline__ void MlaPvTile(float (&o)[16][4], const char* p_frag,
 // of r_hi. Every flash_mla kernel ends here.
 template <typename T, int N>
 __device__ __forceinline__ void MlaStoreNormalized(const AttentionParams& p, const float* o,
-                                                   int64_t b, int split, int64_t r_lo,
-                                                   int64_t r_hi, int col0, bool lse_writer,
-                                                   float m_lo, float m_hi, float sum_lo,
-                                                   float sum_hi) {
+                                                   int64_t b, int split, int64_t r_lo, int64_t r_hi,
+                                                   int col0, bool lse_writer, float m_lo,
+                                                   float m_hi, float sum_lo, float sum_hi) {
   const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
   // A row that saw no key: output 0, LSE -inf.
   const float inv_lo = sum_lo > 0.f ? 1.f / sum_lo : 0.f;
@@ -173,8 +153,7 @@ template <typename T>
 __device__ __forceinline__ void MlaStoreRows(const AttentionParams& p, int64_t b, int split,
                                              int grp, int wg, int lane, int bar, int64_t r_lo,
                                              int64_t r_hi, float m_lo, float m_hi, float l_lo,
-                                             float l_hi, const float (&o)[16][4],
-                                             float* s_sum) {
+                                             float l_hi, const float (&o)[16][4], float* s_sum) {
   QuadRowSum(l_lo, l_hi);
   if (lane % 4 == 0) {
     s_sum[(grp * 4 + wg) * 16 + lane / 4] = l_lo;
@@ -224,9 +203,9 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
   using Shape = MlaShape<G>;
   constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
   extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;                                        // [16G][576] (+pad)
-  char* s_kv = s_q + Shape::kRows * kMlaRowBytes;          // [stages][32][576] (+pad)
-  char* s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;    // [G][16][32] (+pad)
+  char* s_q = smem;                                      // [16G][576] (+pad)
+  char* s_kv = s_q + Shape::kRows * kMlaRowBytes;        // [stages][32][576] (+pad)
+  char* s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;  // [G][16][32] (+pad)
   float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
   float* s_sum = s_max + G * 64;                                          // [G][4][16]
 
@@ -317,9 +296,8 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
 template <typename T, int G>
 cudaError_t LaunchMla(const AttentionParams& p, cudaStream_t stream) {
   using Shape = MlaShape<G>;
-  cudaError_t err = cudaFuncSetAttribute(MlaKernel<T, G>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(Shape::kSmem));
+  cudaError_t err = cudaFuncSetAttribute(
+      MlaKernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),

@@ -31,7 +31,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define JAX_MLA_SM90A 1
@@ -90,9 +90,9 @@ __device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
 // One arrival, by this thread, now.
 __device__ __forceinline__ void MbarArrive(uint64_t* bar) {
 #ifdef JAX_MLA_SM90A
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(
-                   SmemAddr(bar))
-               : "memory");
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(SmemAddr(bar))
+      : "memory");
 #endif
 }
 // One arrival, by this thread, once all of its earlier cp.async copies have
@@ -128,8 +128,8 @@ __device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes
 }
 // Bulk tensor copy (TMA) of one box of a 4-d tensor map into shared memory,
 // completing on `bar`; coordinates innermost first, in elements.
-__device__ __forceinline__ void TmaLoad4d(void* dst, const void* tensor_map, int c0, int c1,
-                                          int c2, int c3, uint64_t* bar) {
+__device__ __forceinline__ void TmaLoad4d(void* dst, const void* tensor_map, int c0, int c1, int c2,
+                                          int c3, uint64_t* bar) {
 #ifdef JAX_MLA_SM90A
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
@@ -157,17 +157,18 @@ __device__ __forceinline__ void SetMaxRegsInc() {
 #endif
 }
 
-#define JAX_MLA_D64_OPERANDS \
+#define JAX_MLA_D64_OPERANDS                                                                      \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define JAX_MLA_D64_REGISTERS \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),  \
+      "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),  \
+      "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),  \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),  \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define JAX_MLA_D64_REGISTERS                                                        \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "           \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
@@ -175,27 +176,28 @@ __device__ __forceinline__ void SetMaxRegsInc() {
 // d[64] (+)= A (64x16) * B (16x128) for element type NAME (bf16, f16), both
 // operands from shared memory; A K-major, B K-major (kTransB 0) or N-major
 // (kTransB 1); accumulate = 0 overwrites d.
-#define JAX_MLA_WGMMA_SS(FN, NAME) \
-  template <int kTransB> \
-  __device__ __forceinline__ void FN(float d[64], uint64_t a_desc, uint64_t b_desc, \
-                                     int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {" \
-                 JAX_MLA_D64_REGISTERS "}, %64, %65, p, 1, 1, 0, %67;\n}\n" \
-                 : JAX_MLA_D64_OPERANDS \
-                 : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB)); \
+#define JAX_MLA_WGMMA_SS(FN, NAME)                                                              \
+  template <int kTransB>                                                                        \
+  __device__ __forceinline__ void FN(float d[64], uint64_t a_desc, uint64_t b_desc,             \
+                                     int accumulate) {                                          \
+    asm volatile(                                                                               \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                            \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {" JAX_MLA_D64_REGISTERS \
+        "}, %64, %65, p, 1, 1, 0, %67;\n}\n"                                                    \
+        : JAX_MLA_D64_OPERANDS                                                                  \
+        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB));                             \
   }
 // The same with A (64x16) from registers: four 2-element registers a thread.
-#define JAX_MLA_WGMMA_RS(FN, NAME) \
-  template <int kTransB> \
-  __device__ __forceinline__ void FN(float d[64], const uint32_t a[4], uint64_t b_desc, \
-                                     int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {" \
-                 JAX_MLA_D64_REGISTERS "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n" \
-                 : JAX_MLA_D64_OPERANDS \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate), \
-                   "n"(kTransB)); \
+#define JAX_MLA_WGMMA_RS(FN, NAME)                                                                 \
+  template <int kTransB>                                                                           \
+  __device__ __forceinline__ void FN(float d[64], const uint32_t a[4], uint64_t b_desc,            \
+                                     int accumulate) {                                             \
+    asm volatile(                                                                                  \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                               \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {" JAX_MLA_D64_REGISTERS    \
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"                                         \
+        : JAX_MLA_D64_OPERANDS                                                                     \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate), "n"(kTransB)); \
   }
 
 #ifdef JAX_MLA_SM90A
@@ -220,8 +222,8 @@ __device__ __forceinline__ void WgmmaM64N128K16SS(float d[64], uint64_t a_desc, 
 #endif
 }
 template <typename T, int kTransB>
-__device__ __forceinline__ void WgmmaM64N128K16RS(float d[64], const uint32_t a[4],
-                                                  uint64_t b_desc, int accumulate) {
+__device__ __forceinline__ void WgmmaM64N128K16RS(float d[64], const uint32_t a[4], uint64_t b_desc,
+                                                  int accumulate) {
 #ifdef JAX_MLA_SM90A
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
     WgmmaRSBf16<kTransB>(d, a, b_desc, accumulate);
@@ -230,7 +232,7 @@ __device__ __forceinline__ void WgmmaM64N128K16RS(float d[64], const uint32_t a[
 #endif
 }
 
-// MLA-shaped wgmma (ffi/cuda/mla_sm90_*.cuh): m64n32k16, m64n64k16 and
+// MLA-shaped wgmma (ffi/cuda/mla/mla_sm90_*_kernel.cuh): m64n32k16, m64n64k16 and
 // m64n256k16 with both operands in shared memory, and a guard that keeps
 // the compiler off the accumulators while a group is in flight.
 // Keeps the compiler from touching accumulators between an mma_async and its wait.
@@ -242,18 +244,21 @@ __device__ __forceinline__ void Sm90Touch(float (&d)[N]) {
 
 // Each wrapper below is one asm statement for element type NAME (bf16, f16),
 // stamped out twice by a macro, as the m64n128 ones above.
-#define JAX_MLA_WGMMAN32_ASM(NAME) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." NAME "." NAME " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
-        "%16, %17, p, 1, 1, 0, %19;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
-        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB))
+#define JAX_MLA_WGMMAN32_ASM(NAME)                                                              \
+  asm volatile(                                                                                 \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                              \
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." NAME "." NAME                               \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "               \
+      "%16, %17, p, 1, 1, 0, %19;\n}\n"                                                         \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), \
+        "+f"(d[14]), "+f"(d[15])                                                                \
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB))
 // d[16] (+)= A (64x16) * B (16x32), both from shared memory (descriptors);
 // B K-major (kTransB 0) or MN-major (kTransB 1); accumulate 0 overwrites d.
 template <typename T, int kTransB>
 __device__ __forceinline__ void WgmmaN32(float (&d)[16], uint64_t a_desc, uint64_t b_desc,
-                                          int accumulate) {
+                                         int accumulate) {
 #ifdef JAX_MLA_SM90A
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
     JAX_MLA_WGMMAN32_ASM("bf16");
@@ -263,13 +268,39 @@ __device__ __forceinline__ void WgmmaN32(float (&d)[16], uint64_t a_desc, uint64
 }
 #undef JAX_MLA_WGMMAN32_ASM
 
-#define JAX_MLA_WGMMAN256_ASM(NAME) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32." NAME "." NAME " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, " \
-        "%128, %129, p, 1, 1, 0, %131;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-        : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB))
+#define JAX_MLA_WGMMAN256_ASM(NAME)                                                                \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." NAME "." NAME                                 \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "    \
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, " \
+      "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, " \
+      "%55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, " \
+      "%73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, " \
+      "%91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, "    \
+      "%107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, " \
+      "%122, %123, %124, %125, %126, %127}, "                                                      \
+      "%128, %129, p, 1, 1, 0, %131;\n}\n"                                                         \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),    \
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), \
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), \
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), \
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), \
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), \
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), \
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), \
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),          \
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),        \
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),        \
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),        \
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])         \
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate), "n"(kTransB))
 // d[128] (+)= A (64x16) * B (16x256), both from shared memory (descriptors);
 // B K-major (kTransB 0) or MN-major (kTransB 1); accumulate 0 overwrites d.
 template <typename T, int kTransB>
@@ -284,13 +315,19 @@ __device__ __forceinline__ void WgmmaN256(float (&d)[128], uint64_t a_desc, uint
 }
 #undef JAX_MLA_WGMMAN256_ASM
 
-#define JAX_MLA_WGMMAN64_ASM(NAME) \
-    asm volatile( \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
-        "%32, %33, p, 1, 1, 0, 0;\n}\n" \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
-        : "l"(a_desc), "l"(b_desc), "r"(accumulate))
+#define JAX_MLA_WGMMAN64_ASM(NAME)                                                                 \
+  asm volatile(                                                                                    \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME                                  \
+      " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "    \
+      "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                         \
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"                                                              \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),    \
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                         \
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate))
 // d[32] (+)= A (64x16) * B (16x64), both K-major from shared memory
 // (descriptors); accumulate 0 overwrites d.
 template <typename T>

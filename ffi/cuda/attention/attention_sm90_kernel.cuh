@@ -1,7 +1,7 @@
 // flash_attention on Hopper (sm_90a) warpgroup MMA, FlashAttention-3 style:
 // a block of three warpgroups owns 128 query rows of one (batch, KV head).
 // Warpgroup 0 produces: it copies Q once (cp.async) and each 128-key K and V
-// tile into 128B-swizzled shared memory (ffi/cuda/wgmma.cuh), two stages
+// tile into 128B-swizzled shared memory (ffi/cuda/common/wgmma.cuh), two stages
 // deep, by TMA (one thread, bulk tensor copies that zero-fill rows past Skv);
 // the tile that holds a kv_len < Skv goes by cp.async from all 128 threads,
 // zero-filling keys past kv_len (nothing past it is read, so a NaN there
@@ -18,7 +18,7 @@
 // producer to the consumers. Row bookkeeping (positions, GQA rows, masks, LSE,
 // split-KV outputs) is the same as attention_kernel.cuh's. The kernel body
 // exists only in the sm_90a pass; LaunchAttentionSm90 must be called only
-// where Sm90AttentionAvailable() says the sm_90a code is what the device runs.
+// where RunsSm90a() (device.h) says the sm_90a code is what the device runs.
 #pragma once
 
 #include <cuda.h>
@@ -29,9 +29,10 @@
 #include <type_traits>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/attention_rows.cuh"
-#include "ffi/cuda/kernel_utils.cuh"
-#include "ffi/cuda/wgmma.cuh"
+#include "ffi/cuda/attention/attention_rows.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/common/tensor_map.h"
+#include "ffi/cuda/common/wgmma.cuh"
 
 namespace jax_mla::cuda {
 
@@ -68,9 +69,9 @@ __global__ void __launch_bounds__(384, 1)
   constexpr int kKChunks = Dk / 8;
   extern __shared__ __align__(1024) char smem_raw[];
   char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);
-  char* s_q = smem;                                   // [Dk/64][128 rows][64], swizzled
-  char* s_k = s_q + Shape::kQBytes;                   // [stages][Dk/64][128 keys][64]
-  char* s_v = s_k + kStages * Shape::kKBytes;         // [stages][Dv/64][128 keys][64]
+  char* s_q = smem;                            // [Dk/64][128 rows][64], swizzled
+  char* s_k = s_q + Shape::kQBytes;            // [stages][Dk/64][128 keys][64]
+  char* s_v = s_k + kStages * Shape::kKBytes;  // [stages][Dv/64][128 keys][64]
   uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + kStages * Shape::kVBytes);
   uint64_t* q_full = bars;
   uint64_t* k_full = bars + 1;
@@ -154,8 +155,7 @@ __global__ void __launch_bounds__(384, 1)
           const int rr = c / kChunks, cc = c % kChunks;
           const int64_t j = key0 + rr;
           const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-          CpAsync16(dst + Swizzle128(kKeys, rr, cc), base + (ok ? j : 0) * row_stride + cc * 8,
-                    ok);
+          CpAsync16(dst + Swizzle128(kKeys, rr, cc), base + (ok ? j : 0) * row_stride + cc * 8, ok);
         }
         MbarArriveCpAsync(full);
       }
@@ -205,8 +205,7 @@ __global__ void __launch_bounds__(384, 1)
     for (int kk = 0; kk < Dk / 16; ++kk) {
       const uint32_t off = (kk % 4) * 32;  // 16-wide slice kk of 64-wide block kk / 4
       WgmmaM64N128K16SS<T, 0>(s, SmemDesc128(q_addr + (kk / 4) * kRows * 128 + off, 16, 1024),
-                              SmemDesc128(k_addr + (kk / 4) * kKeys * 128 + off, 16, 1024),
-                              kk > 0);
+                              SmemDesc128(k_addr + (kk / 4) * kKeys * 128 + off, 16, 1024), kk > 0);
     }
     WgmmaCommit();
   };
@@ -337,57 +336,12 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
-// A 4-d tensor map over rows of `view` ([kv_batch, Skv, Hkv, D], strides in
-// elements), boxes of 64 columns x 128 rows, 128B swizzle. False when the
-// driver has no encoder or the strides do not suit TMA (16-byte multiples).
-template <typename T>
-bool EncodeRowsMap(CUtensorMap* map, const RowView& view, int64_t kv_batch, int64_t seq_kv,
-                   int64_t heads, int64_t dim, int box_rows) {
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                              const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                              const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-  static Encode encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-#if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                             cudaEnableDefault, &found);
-#else
-    const cudaError_t err =
-        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
-#endif
-    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) fn = nullptr;
-    cudaGetLastError();
-    return reinterpret_cast<Encode>(fn);
-  }();
-  if (encode == nullptr) return false;
-  const int64_t e = sizeof(T);
-  const int64_t strides[3] = {view.head_stride * e, view.row_stride * e, view.batch_stride * e};
-  for (int64_t st : strides)
-    if (st <= 0 || st % 16 != 0 || st >= (int64_t(1) << 40)) return false;
-  if (reinterpret_cast<uintptr_t>(view.data) % 16 != 0) return false;
-  const cuuint64_t dims[4] = {cuuint64_t(dim), cuuint64_t(heads), cuuint64_t(seq_kv),
-                              cuuint64_t(kv_batch)};
-  const cuuint64_t gstrides[3] = {cuuint64_t(strides[0]), cuuint64_t(strides[1]),
-                                  cuuint64_t(strides[2])};
-  const cuuint32_t box[4] = {64, 1, cuuint32_t(box_rows), 1};
-  const cuuint32_t estrides[4] = {1, 1, 1, 1};
-  const CUtensorMapDataType dt = sizeof(T) == 2 && std::is_same_v<T, __nv_bfloat16>
-                                     ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                     : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode(map, dt, 4, const_cast<void*>(view.data), dims, gstrides, box, estrides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <typename T, int Dk, int Dv>
 cudaError_t LaunchAttentionSm90(const AttentionParams& p, cudaStream_t stream) {
   using Shape = AttnSm90Shape<Dk, Dv>;
-  cudaError_t err = cudaFuncSetAttribute(AttentionSm90Kernel<T, Dk, Dv>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(Shape::kSmem));
+  cudaError_t err =
+      cudaFuncSetAttribute(AttentionSm90Kernel<T, Dk, Dv>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   CUtensorMap tm_k{}, tm_v{};
   const bool tma =
@@ -400,10 +354,5 @@ cudaError_t LaunchAttentionSm90(const AttentionParams& p, cudaStream_t stream) {
       <<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p, tm_k, tm_v, tma ? 1 : 0);
   return cudaGetLastError();
 }
-
-// Whether the sm_90a kernel is what the current device would run: the device
-// is compute capability 9.0 and this build carries sm_90a code (a build for
-// sm_80 alone would run the empty sm_80 body). Cached per device.
-bool Sm90AttentionAvailable();
 
 }  // namespace jax_mla::cuda

@@ -14,22 +14,11 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/attention_rows.cuh"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/attention/attention_config.h"
+#include "ffi/cuda/attention/attention_rows.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
-
-template <int Dk, int Dv>
-struct AttnShape {
-  static constexpr int kThreads = 128;
-  static constexpr int kRows = 64;
-  static constexpr int kKeys = (Dk >= 256 || Dv >= 256) ? 32 : 64;
-  static constexpr int kStages = 2;
-  static constexpr int kKRow = Dk * 2 + 16;  // padded smem rows: conflict-free ldmatrix
-  static constexpr int kVRow = Dv * 2 + 16;
-  static constexpr size_t kSmem =
-      size_t(kRows) * kKRow + size_t(kStages) * kKeys * (kKRow + kVRow);
-};
 
 template <typename T, int Dk, int Dv>
 __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) {
@@ -38,9 +27,9 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
                 kVRow = Shape::kVRow;
   constexpr int kKChunks = Dk / 8, kVChunks = Dv / 8;
   extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;                                    // [64][Dk]
-  char* s_k = s_q + Shape::kRows * kKRow;              // [stages][keys][Dk]
-  char* s_v = s_k + kStages * kKeys * kKRow;           // [stages][keys][Dv]
+  char* s_q = smem;                           // [64][Dk]
+  char* s_k = s_q + Shape::kRows * kKRow;     // [stages][keys][Dk]
+  char* s_v = s_k + kStages * kKeys * kKRow;  // [stages][keys][Dv]
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t Hq = p.heads_q, Hkv = p.heads_kv, Sq = p.seq_q, Skv = p.seq_kv;
@@ -93,8 +82,7 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
     for (int c = tid; c < Shape::kRows * kKChunks; c += Shape::kThreads) {
       const int rr = c / kKChunks, cc = c % kKChunks;
       const bool ok = row0 + rr < R;
-      CpAsync16(s_q + rr * kKRow + cc * 16, q + (ok ? row_offset(row0 + rr) : 0) * Dk + cc * 8,
-                ok);
+      CpAsync16(s_q + rr * kKRow + cc * 16, q + (ok ? row_offset(row0 + rr) : 0) * Dk + cc * 8, ok);
     }
   }
   for (int s = 0; s < kStages - 1; ++s) {
@@ -211,9 +199,8 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
 template <typename T, int Dk, int Dv>
 cudaError_t LaunchAttention(const AttentionParams& p, cudaStream_t stream) {
   using Shape = AttnShape<Dk, Dv>;
-  cudaError_t err = cudaFuncSetAttribute(AttentionKernel<T, Dk, Dv>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(Shape::kSmem));
+  cudaError_t err = cudaFuncSetAttribute(
+      AttentionKernel<T, Dk, Dv>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),

@@ -1,6 +1,6 @@
 // The end of a flash_attention block, shared by the mma.sync kernel
-// (attention_kernel.cuh) and the sm_90a one (attention_sm90.cuh): both leave
-// each lane with two rows (r_lo, r_hi = r_lo + 8 of the block's (position,
+// (attention_kernel.cuh) and the sm_90a one (attention_sm90_kernel.cuh): both
+// leave each lane with two rows (r_lo, r_hi = r_lo + 8 of the block's (position,
 // head-in-group) rows) and an accumulator in the m16n8 fragment layout,
 // acc(n, e) = column 8n + 2 (lane % 4) + e % 2 of row lo (e < 2) or hi.
 #pragma once
@@ -11,17 +11,16 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
 
 // Row sums over the quad's lanes, then the normalized rows and their LSE into
 // the output, or into the split partials when the keys are split.
 template <typename T, int Dv, typename Acc>
-__device__ __forceinline__ void AttentionStoreRows(const AttentionParams& p, int64_t b,
-                                                   int64_t hk, int split, int lane,
-                                                   int64_t r_lo, int64_t r_hi, float m_lo,
-                                                   float m_hi, float l_lo, float l_hi,
+__device__ __forceinline__ void AttentionStoreRows(const AttentionParams& p, int64_t b, int64_t hk,
+                                                   int split, int lane, int64_t r_lo, int64_t r_hi,
+                                                   float m_lo, float m_hi, float l_lo, float l_hi,
                                                    const Acc& acc) {
   constexpr int kTiles = Dv / 8;
   const int64_t Hq = p.heads_q, Sq = p.seq_q, group = Hq / p.heads_kv, R = Sq * group;

@@ -12,15 +12,15 @@
 
 #include <cmath>
 
-#include "ffi/cuda/combine.h"
-#include "ffi/cuda/kernel_utils.cuh"
+#include "ffi/cuda/common/combine.h"
+#include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
 namespace {
 
-constexpr int kChunk = 128;    // columns per warp: 32 lanes x 4
-constexpr int kMaxWarps = 8;   // threads per block at most 256
-constexpr int kUnroll = 8;     // independent float4 loads in flight per lane
+constexpr int kChunk = 128;   // columns per warp: 32 lanes x 4
+constexpr int kMaxWarps = 8;  // threads per block at most 256
+constexpr int kUnroll = 8;    // independent float4 loads in flight per lane
 
 // Split groups per column chunk: about 4 or more splits per warp, at most
 // kMaxWarps groups.
@@ -34,8 +34,8 @@ int SplitGroups(int64_t ns) {
 // [blockIdx.y * cpb, blockIdx.y * cpb + cpb); warp w: chunk w / sg, split
 // group w % sg.
 template <typename T>
-__global__ void __launch_bounds__(32 * kMaxWarps) CombineKernel(const AttentionParams p, int sg,
-                                                                int cpb) {
+__global__ void __launch_bounds__(32 * kMaxWarps)
+    CombineKernel(const AttentionParams p, int sg, int cpb) {
   __shared__ float4 s_acc[kMaxWarps][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t R = p.seq_q * p.heads_q, ns = p.num_splits, Dv = p.dv;

@@ -1,8 +1,9 @@
-// flash_mla for 64-row blocks on Hopper (sm_90a), the key-split kernel (the
-// fallback of mla_sm90_kernel.cuh's seesaw kernel): warpgroup MMAs (wgmma) with
-// both operands in 128-byte-swizzled shared memory, so each K/V tile operand
-// is read from shared memory once per 64-row warpgroup instead of once per
-// 16-row warp (the bound of the mma.sync kernel, benchmarks/NOTES.md "CUDA 1").
+// flash_mla for 64-row blocks on Hopper (sm_90a), the key-split kernel (taken
+// instead of the seesaw kernel, mla_sm90_seesaw_kernel.cuh, where the cache's
+// strides do not suit TMA): warpgroup MMAs (wgmma) with both operands in
+// 128-byte-swizzled shared memory, so each K/V tile operand is read from
+// shared memory once per 64-row warpgroup instead of once per 16-row warp (the bound of the
+// mma.sync kernel, benchmarks/NOTES.md "CUDA 1").
 //
 // A block is 2 warpgroups (256 threads) and owns 64 query rows, (position,
 // head) pairs of one batch row, like the mma.sync kernel's G = 4 blocks (so
@@ -29,8 +30,8 @@
 // + e) and d[4j + 2 + e] the same column of hi.
 //
 // Everything that emits sm_90a instructions compiles to nothing outside
-// __CUDA_ARCH_FEAT_SM90_ALL; the host launches this kernel only on devices of
-// compute capability 9.x (mla.cu), the mma.sync kernel elsewhere.
+// __CUDA_ARCH_FEAT_SM90_ALL; the host launches this kernel only where
+// RunsSm90a() (device.h, mla.cu), the mma.sync kernel elsewhere.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -42,22 +43,20 @@
 #include <type_traits>
 
 #include "ffi/common/params.h"
-#include "ffi/cuda/kernel_utils.cuh"
-#include "ffi/cuda/mla_kernel.cuh"
-#include "ffi/cuda/wgmma.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/common/wgmma.cuh"
+#include "ffi/cuda/mla/mla_config.h"
+#include "ffi/cuda/mla/mla_kernel.cuh"
 
 namespace jax_mla::cuda {
 
-
-constexpr int kSm90Keys = 64;                        // keys per KV tile
-constexpr int kSm90Rows = 64;                        // query rows per block
-constexpr int kSm90Threads = 256;                    // two warpgroups
-constexpr int kSm90TileBytes = kSm90Keys * kMlaDk * 2;  // one [64][576] tile: 73728
-constexpr size_t kSm90Smem = 2 * size_t(kSm90TileBytes) +  // K/V, two stages
-                             size_t(kSm90TileBytes) +      // Q
-                             kSm90Rows * 128 +             // P [64][64]
+constexpr int kSm90Threads = 256;                                 // two warpgroups
+constexpr int kSm90TileBytes = kSm90Keys * kMlaDk * 2;            // one [64][576] tile: 73728
+constexpr size_t kSm90Smem = 2 * size_t(kSm90TileBytes) +         // K/V, two stages
+                             size_t(kSm90TileBytes) +             // Q
+                             kSm90Rows * 128 +                    // P [64][64]
                              2 * 2 * kSm90Rows * sizeof(float) +  // row max, row sum per warpgroup
-                             1024;                         // alignment slack
+                             1024;                                // alignment slack
 
 // A warpgroup's m64n256 accumulator (its two rows' 128 values a thread)
 // rescaled by each row's alpha, in both sm_90a MLA kernels.
@@ -89,11 +88,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
 #ifdef JAX_MLA_SM90A
   extern __shared__ __align__(1024) char smem_raw[];
   char* smem = smem_raw + ((1024 - (SmemAddr(smem_raw) & 1023)) & 1023);  // swizzle atoms
-  char* s_kv = smem;                                  // [2][64][576] swizzled
-  char* s_q = s_kv + 2 * kSm90TileBytes;              // [64][576] swizzled
-  char* s_p = s_q + kSm90TileBytes;                   // [64][64] swizzled
-  float* s_max = reinterpret_cast<float*>(s_p + kSm90Rows * 128);  // [2][64]
-  float* s_sum = s_max + 2 * kSm90Rows;                            // [2][64]
+  char* s_kv = smem;                                                      // [2][64][576] swizzled
+  char* s_q = s_kv + 2 * kSm90TileBytes;                                  // [64][576] swizzled
+  char* s_p = s_q + kSm90TileBytes;                                       // [64][64] swizzled
+  float* s_max = reinterpret_cast<float*>(s_p + kSm90Rows * 128);         // [2][64]
+  float* s_sum = s_max + 2 * kSm90Rows;                                   // [2][64]
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wg = warp / 4, wv = warp % 4;  // warpgroup; warp within it
@@ -115,8 +114,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
       const int rr = c / kChunks, cc = c % kChunks;
       const int64_t j = t * kSm90Keys + rr;
       const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
-                ok);
+      CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc),
+                kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
     }
   };
   if (t_begin < t_end) {
@@ -210,10 +209,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
     WgmmaFence();
 #pragma unroll
     for (int k = 0; k < kSm90Keys / 16; ++k)
-      WgmmaN256<T, 1>(o, SmemDesc128(p_addr + 32 * k, 16, 1024),
-                      SmemDesc128(tile + wg * 4 * (kSm90Keys * 128) + 2048 * k,
-                               kSm90Keys * 128, 1024),
-                      1);
+      WgmmaN256<T, 1>(
+          o, SmemDesc128(p_addr + 32 * k, 16, 1024),
+          SmemDesc128(tile + wg * 4 * (kSm90Keys * 128) + 2048 * k, kSm90Keys * 128, 1024), 1);
     WgmmaCommit();
     WgmmaWait<0>();
     Sm90Touch(o);
@@ -233,13 +231,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
 #endif
 }
 
-// Launches the key-split kernel above (the fallback when the cache's strides do
-// not suit TMA, or JAX_MLA_CUDA_MLA_SEESAW=0).
+// Launches the key-split kernel above (auto's choice when the cache's strides
+// do not suit TMA; mla.cu). Only where RunsSm90a() (device.h).
 template <typename T>
 cudaError_t LaunchMlaSm90Split(const AttentionParams& p, cudaStream_t stream) {
-  cudaError_t err = cudaFuncSetAttribute(MlaSm90Kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(kSm90Smem));
+  cudaError_t err = cudaFuncSetAttribute(
+      MlaSm90Kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSm90Smem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),

@@ -26,37 +26,11 @@
 
 #include "ffi/common/params.h"
 #include "ffi/common/quant_format.h"
-#include "ffi/cuda/kernel_utils.cuh"
-#include "ffi/cuda/mla_kernel.cuh"
+#include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/mla/mla_config.h"
+#include "ffi/cuda/mla/mla_kernel.cuh"
 
 namespace jax_mla::cuda {
-
-constexpr int kMlaBlocks = kMlaDk / 32;           // 18 blocks of 32 per latent row
-constexpr int kMlaQsRowBytes = kMlaDk + 16;       // padded int8 row: conflict-free ldmatrix
-constexpr int kMlaQsChunks = kMlaDk / 16;         // 16-byte chunks per int8 row
-constexpr int kMlaQdStride = 20;                  // query block scales per row (18, padded to 16 B)
-constexpr int kMlaVRowBytes = kMlaDv * 2 + 16;    // padded dequantized V row
-
-// Staged scale bytes per key: 18 float16 block scales (q8_0) or one float32 (q8_kv).
-template <QFormat F>
-struct MlaScaleBytes {
-  static constexpr int value = F == QFormat::kQ8_0 ? kMlaBlocks * 2 : 4;
-};
-
-template <int G, QFormat F>
-struct MlaQuantShape {
-  static constexpr int kThreads = 128 * G;
-  static constexpr int kRows = 16 * G;
-  static constexpr int kStages = 3;
-  // Two 16-row blocks fit on an SM (4 warps each hide each other's latency).
-  static constexpr int kMinBlocks = G == 1 ? 2 : 1;
-  static constexpr int kStageBytes = kMlaKeys * kMlaQsRowBytes + kMlaKeys * MlaScaleBytes<F>::value;
-  static constexpr size_t kSmem = size_t(kRows) * kMlaQsRowBytes +          // Q, int8
-                                  size_t(kRows) * kMlaQdStride * 4 +        // Q block scales
-                                  size_t(kStages) * kStageBytes +           // K/V tiles, int8
-                                  size_t(kMlaKeys) * kMlaVRowBytes +        // V, dequantized
-                                  size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
-};
 
 // c = a * b on a 16x8x32 int8 tile, c initialized to `init` (s32 accumulation).
 __device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
@@ -70,8 +44,8 @@ __device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0
 
 // 4-byte asynchronous copy (the scales are only 4-byte aligned); zero-filled when !valid.
 __device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)),
-               "l"(gmem), "r"(valid ? 4 : 0));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
 }
 
 // An integer |c| < 2^22 as the bits of the float 1.5 * 2^23 + c: accumulating
@@ -92,12 +66,12 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
   constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
   constexpr int kScaleBytes = MlaScaleBytes<F>::value;
   extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;                                                   // [16G][576] int8 (+pad)
+  char* s_q = smem;  // [16G][576] int8 (+pad)
   float* s_qd = reinterpret_cast<float*>(s_q + Shape::kRows * kMlaQsRowBytes);  // [16G][20]
   char* s_kv = reinterpret_cast<char*>(s_qd + Shape::kRows * kMlaQdStride);
   // stage s: [32][576] int8 (+pad), then [32] scales
-  char* s_v = s_kv + kStages * Shape::kStageBytes;                    // [32][512] T (+pad)
-  char* s_p = s_v + kMlaKeys * kMlaVRowBytes;                         // [G][16][32] (+pad)
+  char* s_v = s_kv + kStages * Shape::kStageBytes;                        // [32][512] T (+pad)
+  char* s_p = s_v + kMlaKeys * kMlaVRowBytes;                             // [G][16][32] (+pad)
   float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
   float* s_sum = s_max + G * 64;                                          // [G][4][16]
 
@@ -123,8 +97,8 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
       const int64_t j = t * kMlaKeys + rr;
       const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + (ok ? j : 0) * p.k.row_stride +
-                cc * 16, ok);
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16,
+                qs_base + (ok ? j : 0) * p.k.row_stride + cc * 16, ok);
     }
     char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
     constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
@@ -132,8 +106,7 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       const int rr = c / kWords, ww = c % kWords;
       const int64_t j = t * kMlaKeys + rr;
       const bool ok = j < kv_len;
-      CpAsync4(d_dst + rr * kScaleBytes + ww * 4,
-               d_base + (ok ? j : 0) * kScaleBytes + ww * 4, ok);
+      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + (ok ? j : 0) * kScaleBytes + ww * 4, ok);
     }
   };
 
@@ -291,9 +264,8 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
 template <typename T, int G, QFormat F>
 cudaError_t LaunchMlaQuant(const AttentionParams& p, cudaStream_t stream) {
   using Shape = MlaQuantShape<G, F>;
-  cudaError_t err = cudaFuncSetAttribute(MlaQuantKernel<T, G, F>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(Shape::kSmem));
+  cudaError_t err = cudaFuncSetAttribute(
+      MlaQuantKernel<T, G, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),

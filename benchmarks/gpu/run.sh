@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The GPU machine's checks and measurements, one step at a time, each under its
+# own time limit so one call of the device tool holds several. Run from the
+# repository root:
+#   bash benchmarks/gpu/run.sh STEP...
+# Steps, in the order given:
+#   build     pip install with the CUDA module forced on (JAX_MLA_CUDA=ON), then
+#             what loaded (backends(), the module's capabilities()).
+#   unit      benchmarks/gpu/wgmma_unit.cu: the wgmma helpers against a host
+#             reference (sm_90a cards only).
+#   test      pytest -m gpu over tests/ ($PYTEST_ARGS adds to or narrows it,
+#             e.g. PYTEST_ARGS="tests/test_cuda.py -k family").
+#   sanitize  compute-sanitizer memcheck over benchmarks/gpu/sanitize_cases.py,
+#             jax_mla's kernels only; SANITIZE_TOOLS="memcheck racecheck" adds
+#             racecheck (on the --quick cases).
+#   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
+#             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
+#   profile   Nsight Compute on one launch of each MLA kernel of
+#             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
+#   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
+#             num_splits.
+# Limits: TIMEOUT_<STEP> seconds (defaults below). Logs: each step's into
+# $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
+# summary into $OUT/run.log; without $OUT, to the terminal only.
+set -uo pipefail
+[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false
+# One of the GPU machine's preinstalled pytest plugins crashed the interpreter
+# (SIGSEGV) before collection.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+export SAN=/usr/local/cuda/bin/compute-sanitizer
+LOGS="${OUT:-}"
+[ -n "$LOGS" ] && mkdir -p "$LOGS"
+
+log() {  # log NAME: stdin to $OUT/NAME.log (and the terminal) or the terminal
+  if [ -n "$LOGS" ]; then tee -a "$LOGS/$1.log"; else cat; fi
+}
+
+step_build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  git log -1 --format="commit %h %s" 2>/dev/null || true
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip install --no-build-isolation --no-deps -v \
+    -Ccmake.define.JAX_MLA_CUDA=ON . 2>&1 | grep -E "error|warning: |Successfully installed"
+  python3 -P -c "import jax, jax_mla
+print('jax', jax.__version__, jax.devices())
+print(jax_mla.backends()['cuda'])
+print(jax_mla._ffi.module('gpu').capabilities())"
+}
+
+step_unit() {
+  "$CUDACXX" -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I. \
+    benchmarks/gpu/wgmma_unit.cu -o /tmp/wgmma_unit && /tmp/wgmma_unit
+}
+
+step_test() {
+  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+  python3 -P -X faulthandler -m pytest -p no:cacheprovider -q -rfs -m gpu ${PYTEST_ARGS:-tests}
+}
+
+step_sanitize() {
+  local tool quick
+  for tool in ${SANITIZE_TOOLS:-memcheck}; do
+    quick=""
+    [ "$tool" = racecheck ] && quick=--quick
+    "$SAN" --tool "$tool" --kernel-name kns=jax_mla --print-limit 20 \
+      python3 -P benchmarks/gpu/sanitize_cases.py $quick
+    echo "$tool: exit $?"
+  done
+}
+
+step_bench() {
+  # shellcheck disable=SC2086
+  python3 -P -m jax_mla ${BENCH_ARGS:-}
+  # shellcheck disable=SC2086
+  python3 -P benchmarks/gpu/side_by_side.py ${SIDE_BY_SIDE_ARGS:-}
+}
+
+step_profile() {
+  # shellcheck disable=SC2086
+  ncu --clock-control none --kernel-name regex:Mla --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats \
+    python3 -P benchmarks/gpu/profile_mla.py ${PROFILE_ROW:-128 128 8192}
+}
+
+step_sweep() {
+  python3 -P benchmarks/gpu/split_sweep.py \
+    --rows "${SWEEP_ROWS:-128,128,8192:1,2,3,4/1,16,16384:32,64,128/64,16,4096:1,2,4}"
+}
+
+declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [profile]=300
+                  [sweep]=300)
+status=0
+for step in "$@"; do
+  if [ -z "${LIMIT[$step]:-}" ]; then
+    echo "unknown step '$step'; steps: ${!LIMIT[*]}" | log run
+    exit 2
+  fi
+  var="TIMEOUT_${step^^}"
+  limit="${!var:-${LIMIT[$step]}}"
+  start=$(date +%s)
+  # timeout runs the step in a child shell that sees the step functions.
+  export -f "step_$step"
+  timeout "$limit" bash -c "step_$step" 2>&1 | log "$step"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || status=1
+  echo "[$step: exit $rc in $(( $(date +%s) - start )) s (limit $limit s)]" | log run
+done
+exit $status

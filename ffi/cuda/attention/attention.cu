@@ -1,0 +1,136 @@
+// flash_attention on CUDA: checks, parameters, dispatch on the (Dk, Dv) pairs
+// of the kernel table (ffi/cuda/inst/kernel_table.h), the dtype and the call's
+// kernel family, then the combine kernel when the keys are split. The CPU
+// handler's FFI signature (ffi/cpu/attention.cc) plus the `kernel` attribute
+// (kernel_family.h). The kernels are declared here (attention_launch.h) and
+// instantiated in ffi/cuda/inst/.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <iterator>
+
+#include "ffi/common/bindings.h"
+#include "ffi/common/check.h"
+#include "ffi/common/ffi_types.h"
+#include "ffi/common/op_args.h"
+#include "ffi/common/params.h"
+#include "ffi/cuda/attention/attention_launch.h"
+#include "ffi/cuda/common/combine.h"
+#include "ffi/cuda/common/cuda_check.h"
+#include "ffi/cuda/device.h"
+#include "ffi/cuda/handlers.h"
+#include "ffi/cuda/inst/kernel_table.h"
+#include "ffi/cuda/kernel_family.h"
+
+namespace jax_mla::cuda {
+
+namespace {
+
+// The shared checks, then what the CUDA kernels take: one dtype, f16 or bf16,
+// for q, k and v, and the instantiated head-dim pairs.
+ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t num_splits,
+                          AttentionParams* p) {
+  JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, nullptr, 0, v, nullptr, 0, q_pos, kv_len, out, lse,
+                                        part_out, part_lse, num_splits, p));
+  const DType qt = p->q_dtype, kt = p->k.dtype, vt = p->v.dtype;
+  const int64_t Dk = p->dk, Dv = p->dv;
+  JAX_MLA_CHECK(qt == kt && qt == vt && qt != DType::kF32, Unimplemented)
+      << "flash_attention (CUDA): q, k and v must all be float16 or all bfloat16, got "
+      << DTypeName(qt) << ", " << DTypeName(kt) << ", " << DTypeName(vt);
+  bool supported = false;
+#define JAX_MLA_SUPPORTED(DK, DV) supported |= (Dk == DK && Dv == DV);
+  JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_SUPPORTED)
+#undef JAX_MLA_SUPPORTED
+  JAX_MLA_CHECK(supported, Unimplemented)
+      << "flash_attention (CUDA): (Dk, Dv) must be " << JAX_MLA_ATTENTION_HEAD_DIMS_TEXT
+      << ", got (" << Dk << ", " << Dv << ")";
+  JAX_MLA_CHECK(p->batch * p->heads_kv <= 65535 && num_splits <= 65535, Unimplemented)
+      << "flash_attention (CUDA): B * Hkv and num_splits must be <= 65535, got B * Hkv = "
+      << p->batch * p->heads_kv << ", num_splits = " << num_splits;
+  return ffi::Error::Success();
+}
+
+bool HasSm90Kernel(int64_t dk, int64_t dv) {
+#define JAX_MLA_SM90_PAIR(DK, DV) \
+  if (dk == DK && dv == DV) return true;
+  JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_SM90_PAIR)
+#undef JAX_MLA_SM90_PAIR
+  return false;
+}
+
+// The call's kernel family (kernel_family.h). Auto: on Hopper the wgmma
+// kernel for the pairs it takes, but split-KV decode stays on mma.sync (its
+// tile size is the one the num_splits heuristic assumes). A forced family the
+// device or the pair cannot run is an error, never another kernel.
+ffi::Error ChooseAttentionKernel(const AttentionParams& p, AttentionKernel* kernel) {
+  if (*kernel == AttentionKernel::kAuto) {
+    *kernel = p.num_splits == 1 && HasSm90Kernel(p.dk, p.dv) && RunsSm90a()
+                  ? AttentionKernel::kSm90
+                  : AttentionKernel::kMmaSync;
+    return ffi::Error::Success();
+  }
+  if (*kernel == AttentionKernel::kSm90) {
+    JAX_MLA_CHECK(RunsSm90a(), Unimplemented)
+        << "flash_attention (CUDA): kernel sm90 needs a compute capability 9.0 device and a "
+           "module built for sm_90a";
+    JAX_MLA_CHECK(HasSm90Kernel(p.dk, p.dv), Unimplemented)
+        << "flash_attention (CUDA): kernel sm90 takes (Dk, Dv) "
+        << JAX_MLA_ATTENTION_SM90_HEAD_DIMS_TEXT << ", got (" << p.dk << ", " << p.dv << ")";
+  }
+  return ffi::Error::Success();
+}
+
+template <typename T>
+cudaError_t AttentionDispatch(const AttentionParams& p, AttentionKernel kernel,
+                              cudaStream_t stream) {
+  if (kernel == AttentionKernel::kSm90) {
+#define JAX_MLA_CASE_SM90(DK, DV) \
+  if (p.dk == DK && p.dv == DV) return LaunchAttentionSm90<T, DK, DV>(p, stream);
+    JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_CASE_SM90)
+#undef JAX_MLA_CASE_SM90
+  }
+#define JAX_MLA_CASE(DK, DV) \
+  if (p.dk == DK && p.dv == DV) return LaunchAttention<T, DK, DV>(p, stream);
+  JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_CASE)
+#undef JAX_MLA_CASE
+  return cudaErrorInvalidValue;  // unreachable: CheckAttention admits only the pairs above
+}
+
+ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                          ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale, bool causal,
+                          int64_t num_splits, int32_t kernel) {
+  AttentionParams p;
+  p.scale = scale;
+  p.causal = causal;
+  JAX_MLA_RETURN_IF_ERROR(
+      CheckAttention(q, k, v, q_pos, kv_len, out, lse, part_out, part_lse, num_splits, &p));
+  JAX_MLA_CHECK(kernel >= 0 && kernel < int32_t(std::size(kAttentionKernelNames)), InvalidArgument)
+      << "flash_attention (CUDA): kernel must be in [0, " << std::size(kAttentionKernelNames)
+      << "), got " << kernel;
+  if (p.batch == 0 || p.seq_q == 0 || p.heads_q == 0) return ffi::Error::Success();
+  AttentionKernel family = AttentionKernel(kernel);
+  JAX_MLA_RETURN_IF_ERROR(ChooseAttentionKernel(p, &family));
+  if (p.q_dtype == DType::kBF16)
+    JAX_MLA_CUDA_RETURN_IF_ERROR(AttentionDispatch<__nv_bfloat16>(p, family, stream));
+  else
+    JAX_MLA_CUDA_RETURN_IF_ERROR(AttentionDispatch<__half>(p, family, stream));
+  if (p.num_splits > 1) JAX_MLA_CUDA_RETURN_IF_ERROR(LaunchCombine(p, stream));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The shared binding plus the kernel family (kernel_family.h).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kFlashAttention, FlashAttention,
+    AttentionBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
+
+}  // namespace jax_mla::cuda
