@@ -5,6 +5,8 @@
 #include "ffi/cpu/flash.h"
 #include "ffi/cpu/handlers.h"
 #include "ffi/cpu/kernels.h"
+#include "ffi/common/dtype.h"
+#include "ffi/common/quant_format.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 
@@ -22,6 +24,25 @@ NB_MODULE(_cpu, m) {
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMlaQuant);
     return d;
   });
+  m.def("capabilities", [] {
+    using jax_mla::DType;
+    using jax_mla::QFormat;
+    nb::dict d;
+    d["head_dim_multiple"] = jax_mla::cpu::kHeadDimMultiple;
+    d["max_head_dim"] = jax_mla::cpu::kMaxHeadDim;
+    nb::list dtypes;
+    for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) dtypes.append(DTypeName(t));
+    d["dtypes"] = dtypes;
+    nb::dict formats;
+    for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV, QFormat::kQ6_0}) {
+      formats[QFormatName(f)] = static_cast<int64_t>(f);
+    }
+    d["formats"] = formats;
+    d["kv_tile"] = jax_mla::cpu::kKvTile;
+    return d;
+  }, "What the CPU kernels take: the head-dim rule (multiples of head_dim_multiple up to "
+     "max_head_dim), the dtypes, the quantized formats and their FFI attribute codes, and "
+     "the KV tile.");
   m.def("kv_tile", [] { return jax_mla::cpu::kKvTile; },
         "Keys per kernel tile; num_splits is clamped to the number of tiles.");
   m.def("isa", [] {
