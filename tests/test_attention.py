@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_mla import _common
+from jax_mla import _splits
 
 from .conftest import (AWKWARD_SKV, DTYPES_QKV, F32_TOL, KV_TILE, assert_attention, cache,
                        check_attention, dtype_id, native_attention, randn, reference_attention,
@@ -88,8 +88,8 @@ SPLIT_CASES = {
 def test_split_kv(rng, platform, monkeypatch, case, workers):
     # The split count follows the worker count; pretend to have more cores.
     batch, seq_q, heads_q, heads_kv, seq_kv, causal, kv_len = case
-    monkeypatch.setattr(_common, "cpu_workers", lambda: workers)
-    assert _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv) > 1
+    monkeypatch.setattr(_splits, "cpu_workers", lambda: workers)
+    assert _splits.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv) > 1
     check_attention(rng, batch=batch, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
                     seq_kv=seq_kv, dk=128, dv=64, dtypes=(jnp.float32, jnp.float16, jnp.float16),
                     causal=causal, kv_len=kv_len)

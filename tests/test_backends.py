@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jax_mla
-from jax_mla import _common, _ffi
+from jax_mla import _backend, _ffi
 
 from .conftest import assert_close, randn
 
@@ -54,7 +54,7 @@ def cpu_module_missing(monkeypatch):
     monkeypatch.setattr(_ffi, "_loaded", {})
     monkeypatch.setattr(_ffi, "_targets", {})
     monkeypatch.setattr(_ffi, "_load_errors", {"cpu": "jax_mla._cpu did not load (simulated)"})
-    monkeypatch.setattr(_common, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", set())
 
 
 def test_without_the_module_native_is_an_error_and_default_warns_once(rng, cpu, cpu_module_missing):

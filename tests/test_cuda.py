@@ -101,8 +101,8 @@ def test_attention_many_splits(rng, gpu, dk, dv):
     # the keys 27 (64-key tiles) or 53 (32-key tiles) ways: 4 or 8 warps per
     # column chunk in the combine. Dv of 64 fills half a warp's 128 columns,
     # 128 one warp, 256 two. (flash_attention takes no num_splits.)
-    from jax_mla import _common
-    assert _common.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
+    from jax_mla import _splits
+    assert _splits.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
     check_attention(rng, batch=2, seq_q=1, heads_q=4, heads_kv=1, seq_kv=5000, dk=dk, dv=dv,
                     dtypes=(jnp.bfloat16,) * 3, kv_len=[5000, 1200], scale=0.1)
 
@@ -164,8 +164,8 @@ def test_attention_positions(rng, gpu, q_pos, kv_len, causal):
 
 def test_attention_split_kv_decode(rng, gpu):
     # 2 x 16 decode rows over 1000 keys: fewer blocks than SMs, so the keys are split.
-    from jax_mla import _common
-    assert _common.choose_num_splits(None, 2, 1, 16, 16, 1000, platform="gpu", dk=192) > 1
+    from jax_mla import _splits
+    assert _splits.choose_num_splits(None, 2, 1, 16, 16, 1000, platform="gpu", dk=192) > 1
     check_attention(rng, batch=2, seq_q=1, heads_q=16, heads_kv=16, seq_kv=1000, dk=192, dv=128,
                     dtypes=(jnp.bfloat16,) * 3, causal=True, kv_len=[1000, 0], scale=0.1147)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mla
-from jax_mla import _common, _ffi, quant
+from jax_mla import _ffi, _splits, quant
 
 SCALE = 1.0 / math.sqrt(192.0)
 
@@ -74,7 +74,7 @@ def sweep_row(B, H, S, splits, fmt, calls):
         if ns is None:
             kv_code = 0 if fmt == "bf16" else quant.FORMAT_CODES[fmt]
             bps = _ffi.module("gpu").mla_blocks_per_sm(H, kv_code)
-            used = _common.choose_num_splits(None, B, 1, H, 1, S, platform="gpu", dk=576,
+            used = _splits.choose_num_splits(None, B, 1, H, 1, S, platform="gpu", dk=576,
                                              blocks_per_sm=bps)
         rows.append(dict(B=B, H=H, S=S, fmt=fmt, num_splits=ns, used=used,
                          in_jit_ms=t_jit * 1e3, loop_ms=t_loop * 1e3,
