@@ -160,3 +160,21 @@ def test_causal_takes_a_numpy_bool(rng, cpu):
         assert not np.array_equal(full, causal), name
         np.testing.assert_array_equal(np.asarray(call(np.bool_(False))), full)
         np.testing.assert_array_equal(np.asarray(call(np.bool_(True))), causal)
+
+
+def test_unsupported_head_dims_work_with_the_reference(cpu, rng):
+    # Dk = 100, Dv = 40: valid, only the CPU kernel lacks them.
+    q = randn(rng, (2, 3, 4, 100), jnp.float32)
+    k = randn(rng, (2, 10, 2, 100), jnp.float32)
+    v = randn(rng, (2, 10, 2, 40), jnp.float32)
+    with pytest.raises(NotImplementedError, match="Dk = 100"):
+        jax_mla.flash_attention(q, k, v, backend="native")
+    out = jax_mla.flash_attention(q, k, v, backend="reference")
+    assert out.shape == (2, 3, 4, 40) and np.all(np.isfinite(np.asarray(out)))
+    kv = randn(rng, (2, 10, 100), jnp.float32)
+    with pytest.raises(NotImplementedError, match="Dk = 100"):
+        jax_mla.flash_mla(q, kv, dv=40, v_offset=3, backend="native")
+    out, lse = jax_mla.flash_mla(q, kv, dv=40, v_offset=3, return_lse=True, backend="reference")
+    want = jax_mla.reference.attention(q, kv[:, :, None], kv[:, :, None, 3:43])
+    assert_close(out, want[0], jnp.float32)
+    assert_close(lse, want[1], jnp.float32)
