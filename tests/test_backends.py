@@ -35,6 +35,8 @@ def test_package_under_test_is_the_built_one():
     assert list(package.glob("_cpu*.so")), f"no native _cpu module next to {package}"
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=64,
+                           dv=32)
 def test_default_backend_is_the_native_kernel(rng, platform):
     q = randn(rng, (2, 3, 4, 64), jnp.float32)
     k = randn(rng, (2, 40, 2, 64), jnp.float16)

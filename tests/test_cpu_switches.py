@@ -220,6 +220,7 @@ NAN_FILL_ATTENTION = {
 }
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3)  # check_attention's default
 @pytest.mark.parametrize("case", NAN_FILL_ATTENTION.values(), ids=NAN_FILL_ATTENTION.keys())
 def test_nan_fill_attention(rng, nan_fill, case):
     check_attention(rng, **case)
@@ -239,6 +240,7 @@ NAN_FILL_MLA = {
 }
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, v_offset=0)  # check_mla's defaults
 @pytest.mark.parametrize("case", NAN_FILL_MLA.values(), ids=NAN_FILL_MLA.keys())
 def test_nan_fill_mla(rng, nan_fill, case):
     check_mla(rng, **case)
