@@ -158,8 +158,8 @@ def _native(scale: float, causal: bool, num_splits: int, v_packed: bool,
         shared = len({in_batched[i] for i in cache_idx}) == 1
         placeholders = tuple(i for i in range(1, 1 + n_cache) if args[i - 1].ndim != 4)
         outs = _batching.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
-                                            caches=(tuple(cache_idx) if shared else ())
-                                            + placeholders)
+                                              caches=(tuple(cache_idx) if shared else ())
+                                              + placeholders)
         return outs, (True, True)
 
     return call

@@ -151,7 +151,7 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int,
         cache_batched = in_batched[1:1 + n_cache]
         caches = tuple(range(1, 1 + n_cache)) if len(set(cache_batched)) == 1 else ()
         outs = _batching.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
-                                            caches=caches)
+                                              caches=caches)
         return outs, (True, True)
 
     return call
