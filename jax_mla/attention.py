@@ -8,8 +8,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from jax_mla import _common, quant, reference
+from jax_mla import _backend, _batching, _capabilities, _checks, _splits, reference
+from jax_mla.quant import QuantizedKV
 
 _OP = "flash_attention"
 _TARGET = "jax_mla_flash_attention"
@@ -17,8 +19,11 @@ _TARGET = "jax_mla_flash_attention"
 _TARGET_QUANT = "jax_mla_flash_attention_quant"
 
 
-def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None,
-                    return_lse=False, backend=None):
+def flash_attention(q: jax.Array, k: jax.Array | QuantizedKV, v: jax.Array | QuantizedKV, *,
+                    scale: float | None = None, causal: bool = False,
+                    q_pos: ArrayLike | None = None, kv_len: ArrayLike | None = None,
+                    return_lse: bool = False,
+                    backend: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention with independent K and V head dims (DeepSeek: 192 / 128).
 
     Letters: B batch, Sq queries, Skv keys, Hq query heads, Hkv key/value heads
@@ -35,7 +40,7 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
         8-bit v the CPU kernels round the softmax weights to 8 bits so that
         P.V does (reference.attention_quantized defines both).
       scale: static float multiplying q.k; default 1/sqrt(Dk).
-      causal: the query at absolute position p sees keys j <= p.
+      causal: a bool; the query at absolute position p sees keys j <= p.
       q_pos: int32 scalar or [B]: absolute position of query row 0, so row i
         is at q_pos + i. Default kv_len - Sq (the queries are the last Sq
         tokens). May be negative or run past kv_len.
@@ -59,9 +64,9 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
       return_lse also lse [B, Hq, Sq] float32 (natural log). A query that sees
       no key gets out 0 and lse -inf.
     """
-    _common.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
-    k_shape, k_fmt = _common.check_cache(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
-    v_shape, v_fmt = _common.check_cache(_OP, "v", v, 4, "[B, Skv, Hkv, Dv]")
+    _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
+    k_shape, k_fmt = _checks.check_cache(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
+    v_shape, v_fmt = _checks.check_cache(_OP, "v", v, 4, "[B, Skv, Hkv, Dv]")
     batch, seq_q, heads_q, dk = q.shape
     _, seq_kv, heads_kv, _ = k_shape
     dv = v_shape[3]
@@ -76,45 +81,55 @@ def flash_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=Non
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"{_OP}: the query heads Hq = {heads_q} must be a multiple of the "
                          f"KV heads Hkv = {heads_kv}")
-    scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
-    q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
+    scale = _checks.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
+    causal = _checks.check_static_bool(_OP, "causal", causal)
+    q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    k_ops, v_ops = _common.cache_operands(k), _common.cache_operands(v)
-    platform = _common.target_platform(q, k_ops[0], v_ops[0])
-    codes = (quant.FORMAT_CODES.get(k_fmt, 0), quant.FORMAT_CODES.get(v_fmt, 0))
-    target = _TARGET_QUANT if any(codes) else _TARGET
-    if _common.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.attention(q, _common.float_cache(k), _common.float_cache(v),
-                                       scale=scale, causal=bool(causal), q_pos=q_pos,
-                                       kv_len=kv_len)
+    k_ops, v_ops = _checks.cache_operands(k), _checks.cache_operands(v)
+    platform = _backend.target_platform(q, k_ops[0], v_ops[0])
+    quantized = k_fmt is not None or v_fmt is not None
+    target = _TARGET_QUANT if quantized else _TARGET
+    if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
+        out, lse = reference.attention(q, _checks.float_cache(k), _checks.float_cache(v),
+                                       scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
     else:
-        if _common.is_gpu(platform):
-            _common.check_cuda_attention(_OP, q, k, v)
+        kernel = None
+        if _backend.is_gpu(platform):
+            _capabilities.check_cuda_attention(_OP, q, k, v)
+            from jax_mla._cuda_kernels import cuda_kernel_attr  # GPU calls only
+            kernel = cuda_kernel_attr(_OP)
         else:
-            _common.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
+            _capabilities.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
         # Decode with few query rows per KV head splits the keys across threads
         # (CPU) or thread blocks (CUDA).
-        num_splits = _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv,
+        num_splits = _splits.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv,
                                                platform=platform, dk=dk)
-        call = _native(scale, bool(causal), num_splits, codes)
-        caches = (*k_ops, *v_ops) if any(codes) else (k, v)
+        codes = (_capabilities.format_code(platform, k_fmt),
+                 _capabilities.format_code(platform, v_fmt)) if quantized else None
+        call = _native(scale, causal, num_splits, v_fmt == "q6_0", codes, kernel)
+        caches = (*k_ops, *v_ops) if quantized else (k, v)
         out, lse = call(q, *caches, q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=None)
-def _native(scale: float, causal: bool, num_splits: int, formats: tuple[int, int]):
+def _native(scale: float, causal: bool, num_splits: int, v_packed: bool,
+            formats: tuple[int, int] | None, kernel: np.int32 | None):
     """The FFI call for one static configuration, with its vmap rule. Its
     arguments are (q, k, v, q_pos, kv_len) for float caches, and
     (q, k, k_scales, v, v_scales, q_pos, kv_len) when either is quantized
-    (formats: the k and v format codes; a float cache's scales are an unused
-    placeholder)."""
-    quantized = any(formats)
+    (formats: the k and v format codes, 0 for a float cache, whose scales are
+    an unused placeholder). v_packed: v is q6_0, 4 values in 3 bytes. kernel:
+    the CUDA kernel family (None on the CPU, whose handlers take no such
+    attribute)."""
+    quantized = formats is not None
     attrs = dict(scale=np.float32(scale),          # C++ float
                  causal=np.bool_(causal),          # C++ bool
                  num_splits=np.int64(num_splits))  # C++ int64_t
     if quantized:
         attrs.update(k_fmt=np.int64(formats[0]), v_fmt=np.int64(formats[1]))
+    if kernel is not None:
+        attrs["kernel"] = kernel                   # C++ int32_t
     target = _TARGET_QUANT if quantized else _TARGET
     n_cache = 4 if quantized else 2
 
@@ -122,10 +137,10 @@ def _native(scale: float, causal: bool, num_splits: int, formats: tuple[int, int
     def call(q, *args):
         batch, seq_q, heads_q, _ = q.shape
         v = args[2] if quantized else args[1]
-        dv = v.shape[3] * 4 // 3 if formats[1] == quant.FORMAT_CODES["q6_0"] else v.shape[3]
+        dv = v.shape[3] * 4 // 3 if v_packed else v.shape[3]
         out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype),
                      jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
-                     *_common.split_partial_types(batch, num_splits, seq_q, heads_q, dv))
+                     *_splits.split_partial_types(batch, num_splits, seq_q, heads_q, dv))
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
             q, *args, **attrs)
@@ -142,9 +157,9 @@ def _native(scale: float, causal: bool, num_splits: int, formats: tuple[int, int
         cache_idx = [i for i in range(1, 1 + n_cache) if args[i - 1].ndim == 4]
         shared = len({in_batched[i] for i in cache_idx}) == 1
         placeholders = tuple(i for i in range(1, 1 + n_cache) if args[i - 1].ndim != 4)
-        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
-                                            caches=(tuple(cache_idx) if shared else ())
-                                            + placeholders)
+        outs = _batching.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
+                                              caches=(tuple(cache_idx) if shared else ())
+                                              + placeholders)
         return outs, (True, True)
 
     return call

@@ -9,16 +9,20 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from jax_mla import _common, _ffi, quant, reference
+from jax_mla import _backend, _batching, _capabilities, _checks, _ffi, _splits, quant, reference
 
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
 _TARGET_QUANT = "jax_mla_flash_mla_quant"  # kv as QuantizedKV: qs and d separately
 
 
-def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None,
-              num_splits=None, return_lse=False, backend=None):
+def flash_mla(q: jax.Array, kv: jax.Array | quant.QuantizedKV, *, dv: int = 512, v_offset: int = 0,
+              scale: float | None = None, causal: bool = False,
+              q_pos: ArrayLike | None = None, kv_len: ArrayLike | None = None,
+              num_splits: int | None = None, return_lse: bool = False,
+              backend: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """MLA attention in latent space: all query heads share one latent KV head.
 
     Letters: B batch, Sq queries, Skv cached tokens, H query heads, Dk latent
@@ -53,15 +57,15 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
       out [B, Sq, H, dv] in q's dtype; with return_lse also lse [B, H, Sq]
       float32. A query that sees no key gets out 0 and lse -inf.
     """
-    _common.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
-    kv_shape, kv_fmt = _common.check_cache(_OP, "kv", kv, 3, "[B, Skv, Dk]")
+    _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
+    kv_shape, kv_fmt = _checks.check_cache(_OP, "kv", kv, 3, "[B, Skv, Dk]")
     batch, seq_q, heads, dk = q.shape
     seq_kv = kv_shape[1]
     if kv_shape[0] != batch or kv_shape[2] != dk:
         raise ValueError(f"{_OP}: kv must have shape ({batch}, Skv, {dk}) to match q "
                          f"{tuple(q.shape)}, got {kv_shape}")
-    dv = _common.check_static_int(_OP, "dv", dv, 1)
-    v_offset = _common.check_static_int(_OP, "v_offset", v_offset, 0)
+    dv = _checks.check_static_int(_OP, "dv", dv, 1)
+    v_offset = _checks.check_static_int(_OP, "v_offset", v_offset, 0)
     if v_offset + dv > dk:
         raise ValueError(f"{_OP}: the V slice [v_offset, v_offset + dv) = [{v_offset}, "
                          f"{v_offset + dv}) must fit in the row of Dk = {dk}")
@@ -69,37 +73,45 @@ def flash_mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None
         raise ValueError(f"{_OP}: v_offset must fall on a block boundary (a multiple of "
                          f"{quant.BLOCK}) of the {kv_fmt} cache, got {v_offset}")
     if num_splits is not None:
-        num_splits = _common.check_static_int(_OP, "num_splits", num_splits, 1)
-    scale = _common.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
-    q_pos, kv_len = _common.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
+        num_splits = _checks.check_static_int(_OP, "num_splits", num_splits, 1)
+    scale = _checks.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
+    causal = _checks.check_static_bool(_OP, "causal", causal)
+    q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    cache = _common.cache_operands(kv)
-    platform = _common.target_platform(q, cache[0])
+    cache = _checks.cache_operands(kv)
+    platform = _backend.target_platform(q, cache[0])
     target = _TARGET if kv_fmt is None else _TARGET_QUANT
-    if _common.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.mla(q, _common.float_cache(kv), dv=dv, v_offset=v_offset,
-                                 scale=scale, causal=bool(causal), q_pos=q_pos, kv_len=kv_len)
+    if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
+        out, lse = reference.mla(q, _checks.float_cache(kv), dv=dv, v_offset=v_offset,
+                                 scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
     else:
-        if _common.is_gpu(platform):
-            _common.check_cuda_mla(_OP, q, kv, dv, v_offset)
+        gpu = _backend.is_gpu(platform)
+        if gpu:
+            _capabilities.check_cuda_mla(_OP, q, kv, dv, v_offset)
         else:
-            _common.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
-        kv_code = quant.FORMAT_CODES.get(kv_fmt, 0)
-        blocks_per_sm = (_ffi.module("gpu").mla_blocks_per_sm(seq_q * heads, kv_code)
-                         if _common.is_gpu(platform) else 1)
-        num_splits = _common.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv,
+            _capabilities.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
+        kv_code = _capabilities.format_code(platform, kv_fmt)
+        kernel, blocks_per_sm = None, 1
+        if gpu:
+            from jax_mla._cuda_kernels import cuda_kernel_attr  # GPU calls only
+            kernel = cuda_kernel_attr(_OP)
+            blocks_per_sm = _ffi.module("gpu").mla_blocks_per_sm(seq_q * heads, kv_code)
+        num_splits = _splits.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv,
                                                platform=platform, dk=dk,
                                                blocks_per_sm=blocks_per_sm)
-        call = _native(dv, v_offset, scale, bool(causal), num_splits, kv_code)
+        call = _native(dv, v_offset, scale, causal, num_splits, kv_code, kernel)
         out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=None)
-def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int, kv_fmt: int):
+def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int, kv_fmt: int,
+            kernel: np.int32 | None):
     """The FFI call for one static configuration, with its vmap rule. Its
     arguments are (q, kv, q_pos, kv_len) for a float cache and
-    (q, kv.qs, kv.d, q_pos, kv_len) for a quantized one (kv_fmt > 0)."""
+    (q, kv.qs, kv.d, q_pos, kv_len) for a quantized one (kv_fmt > 0).
+    kernel: the CUDA kernel family (None on the CPU, whose handlers take no
+    such attribute)."""
     n_cache = 2 if kv_fmt else 1
     attrs = dict(scale=np.float32(scale),      # C++ float
                  causal=np.bool_(causal),      # C++ bool
@@ -108,6 +120,8 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int,
                  num_splits=np.int64(num_splits))
     if kv_fmt:
         attrs["kv_fmt"] = np.int64(kv_fmt)
+    if kernel is not None:
+        attrs["kernel"] = kernel                # C++ int32_t
     target = _TARGET_QUANT if kv_fmt else _TARGET
 
     @jax.custom_batching.custom_vmap
@@ -115,7 +129,7 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int,
         batch, seq_q, heads, _ = q.shape
         out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
                      jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
-                     *_common.split_partial_types(batch, num_splits, seq_q, heads, dv))
+                     *_splits.split_partial_types(batch, num_splits, seq_q, heads, dv))
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
             q, *args, **attrs)
@@ -136,8 +150,8 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int,
         # with one batch mapping.
         cache_batched = in_batched[1:1 + n_cache]
         caches = tuple(range(1, 1 + n_cache)) if len(set(cache_batched)) == 1 else ()
-        outs = _common.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
-                                            caches=caches)
+        outs = _batching.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
+                                              caches=caches)
         return outs, (True, True)
 
     return call

@@ -1,10 +1,13 @@
-"""Shared fixtures and helpers: platforms, per-test random data with poisoned
-cache slots, the jitted references, and the one comparison helper."""
+"""Shared fixtures and helpers: platforms, which GPU cases run (only under a
+-m expression naming gpu, and only those the CUDA capability table takes),
+per-test random data with poisoned cache slots, the jitted references, and
+the one comparison helper."""
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 import zlib
 
 import jax
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 import jax_mla
-from jax_mla import _ffi, reference
+from jax_mla import _capabilities, _ffi, reference
 
 # Keys per tile of the CPU kernel; lengths are chosen around it.
 KV_TILE = _ffi.module("cpu").kv_tile()
@@ -63,22 +66,84 @@ def on_gpu() -> bool:
     return device is not None and getattr(device, "platform", device) == "gpu"
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """A shared test whose configuration the CUDA kernels do not take (float32
-    inputs, other head dims) raises NotImplementedError on the gpu
-    parametrization: report it as skipped, with the kernel's message, instead
-    of failed. The check_* helpers below assert that error explicitly."""
-    outcome = yield
-    report = outcome.get_result()
-    callspec = getattr(item, "callspec", None)
-    if (call.when == "call" and call.excinfo is not None and callspec is not None
-            and callspec.params.get("platform") == "gpu"
-            and call.excinfo.errisinstance(NotImplementedError)
-            and "CUDA kernel" in str(call.excinfo.value)):
-        report.outcome = "skipped"
-        report.longrepr = (str(item.path), item.location[1] or 0,
-                           f"Skipped: {call.excinfo.value}")
+# A test's kernel configuration (what the CUDA table decides on): the
+# kernel_config markers give the operation and fixed values; test parameters
+# of these names, or dict parameters holding them, fill in the rest.
+CONFIG_FIELDS = ("dtypes", "dk", "dv", "v_offset", "fmt")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "kernel_config(op, **fields): a native call the test makes, op 'attention' "
+                   "or 'mla', fields among dtypes, dk, dv, v_offset, fmt (test parameters of "
+                   "those names complete them); GPU cases the CUDA table does not take are "
+                   "not run")
+
+
+def kernel_configs(item) -> list[tuple[str, dict]]:
+    """(op, fields) of each native call the test item makes. A case that
+    runs the reference (a backend parameter of "reference") makes none; with
+    an op parameter, only that op's markers count."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    if params.get("backend") == "reference":
+        return []
+    configs = []
+    for marker in item.iter_markers("kernel_config"):
+        op = marker.args[0]
+        if params.get("op", op) != op:
+            continue
+        fields = dict(marker.kwargs)
+        for value in params.values():
+            if isinstance(value, dict):
+                fields.update((k, v) for k, v in value.items() if k in CONFIG_FIELDS)
+        fields.update((k, v) for k, v in params.items() if k in CONFIG_FIELDS)
+        configs.append((op, fields))
+    return configs
+
+
+def cuda_takes(table: dict, op: str, *, dtypes, dk: int, dv: int, v_offset: int = 0,
+               fmt: str | None = None) -> bool:
+    """Whether the CUDA kernel of `op` takes this configuration, by the
+    module's capability table (the rule the op's own check applies)."""
+    if op == "attention":
+        problem = _capabilities.cuda_attention_problem(table, dict(zip("qkv", dtypes)), dk, dv)
+    else:
+        names = ("q",) if fmt else ("q", "kv")
+        problem = _capabilities.cuda_mla_problem(table, dict(zip(names, dtypes)), fmt, dk, dv,
+                                                 v_offset)
+    return problem is None
+
+
+def unsupported_gpu_cases(items, table: dict) -> list:
+    """The gpu-marked items that make a native call the CUDA table does not take."""
+    return [item for item in items if item.get_closest_marker("gpu") is not None
+            and not all(cuda_takes(table, op, **fields) for op, fields in kernel_configs(item))]
+
+
+def mentions_gpu(markexpr: str) -> bool:
+    return re.search(r"\bgpu\b", markexpr) is not None
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected theirs
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only when asked for (-m gpu, or any -m expression that
+    names the marker), so a CPU run shows no skips; of those, a GPU case
+    whose configuration the CUDA table does not take is not run, and one it
+    takes must pass (no NotImplementedError turned into a skip)."""
+    if mentions_gpu(config.getoption("markexpr") or ""):
+        gpu_cases = [item for item in items if item.get_closest_marker("gpu") is not None
+                     and kernel_configs(item)]
+        if not gpu_cases:
+            return
+        if _ffi.module("gpu") is None:
+            raise pytest.UsageError(f"GPU tests selected but {_ffi.why_missing('gpu', '')}")
+        dropped = unsupported_gpu_cases(gpu_cases, _capabilities.cuda())
+    else:
+        dropped = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        ids = {id(item) for item in dropped}
+        items[:] = [item for item in items if id(item) not in ids]
 
 
 @pytest.fixture
@@ -268,28 +333,10 @@ def check_attention(rng, *, batch, seq_q, heads_q, heads_kv, seq_kv, dk, dv,
     k = cache(rng, (batch, seq_kv, heads_kv, dk), k_dtype, kv_len)
     v = cache(rng, (batch, seq_kv, heads_kv, dv), v_dtype, kv_len)
     kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
-    if on_gpu() and not cuda_takes_attention(dtypes, dk, dv):
-        with pytest.raises(NotImplementedError, match="CUDA kernel supports|CUDA kernel takes"):
-            native_attention(q, k, v, **kw)
-        return
     got = native_attention(q, k, v, **kw)
     want = reference_attention(q, k, v, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     assert_attention(got, want, q_dtype, visible, f32_tol=gpu_tol(q_dtype, f32_tol))
-
-
-def cuda_takes(dtypes) -> bool:
-    return len({jnp.dtype(d) for d in dtypes}) == 1 and jnp.dtype(dtypes[0]) in GPU_TOL
-
-
-def cuda_takes_attention(dtypes, dk: int, dv: int) -> bool:
-    """Whether the CUDA flash_attention kernel takes this configuration."""
-    return cuda_takes(dtypes) and (dk, dv) in ((192, 128), (64, 64), (128, 128), (256, 256))
-
-
-def cuda_takes_mla(dtypes, dk: int, dv: int, v_offset: int) -> bool:
-    """Whether the CUDA flash_mla kernel takes this configuration."""
-    return cuda_takes(dtypes) and (dk, dv, v_offset) == (576, 512, 0)
 
 
 def check_mla(rng, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0, dtypes=(jnp.float32,) * 2,
@@ -299,10 +346,6 @@ def check_mla(rng, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0, dtypes=(j
     q = randn(rng, (batch, seq_q, heads, dk), dtypes[0])
     kv = cache(rng, (batch, seq_kv, dk), dtypes[1], kv_len)
     kw = dict(dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
-    if on_gpu() and not cuda_takes_mla(dtypes, dk, dv, v_offset):
-        with pytest.raises(NotImplementedError, match="CUDA kernel supports|CUDA kernel takes"):
-            native_mla(q, kv, num_splits=num_splits, **kw)
-        return
     got = native_mla(q, kv, num_splits=num_splits, **kw)
     want = reference_mla(q, kv, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)

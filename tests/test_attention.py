@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_mla import _common
+from jax_mla import _splits
 
 from .conftest import (AWKWARD_SKV, DTYPES_QKV, F32_TOL, KV_TILE, assert_attention, cache,
                        check_attention, dtype_id, native_attention, randn, reference_attention,
@@ -21,6 +21,7 @@ from .conftest import (AWKWARD_SKV, DTYPES_QKV, F32_TOL, KV_TILE, assert_attenti
 HEAD_DIMS = [(64, 64), (128, 128), (192, 128), (576, 512), (80, 48), (112, 208)]
 
 
+@pytest.mark.kernel_config("attention")
 @pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=[f"{a}x{b}" for a, b in HEAD_DIMS])
 @pytest.mark.parametrize("dtypes", DTYPES_QKV, ids=dtype_id)
 def test_dtypes_and_head_dims(rng, platform, dtypes, dk, dv):
@@ -33,6 +34,7 @@ HEADS = {"mha": (4, 4), "gqa4": (8, 2), "gqa16": (32, 2), "mqa": (5, 1)}
 LENGTHS = [(1, 1), (1, KV_TILE + 1), (2, KV_TILE - 1), (7, 77), (40, KV_TILE + 1), (33, 300)]
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3, dk=64, dv=64)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seq_q, seq_kv", LENGTHS, ids=[f"sq{a}-skv{b}" for a, b in LENGTHS])
 @pytest.mark.parametrize("heads_q, heads_kv", HEADS.values(), ids=HEADS.keys())
@@ -42,6 +44,8 @@ def test_heads_and_lengths(rng, platform, heads_q, heads_kv, seq_q, seq_kv, caus
                     seq_kv=seq_kv, dk=64, dv=64, causal=causal, kv_len=kv_len)
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.bfloat16, jnp.bfloat16),
+                           dk=64, dv=32)
 @pytest.mark.parametrize("seq_kv", AWKWARD_SKV + [KV_TILE, 2 * KV_TILE])
 def test_cache_lengths(rng, platform, seq_kv):
     check_attention(rng, batch=1, seq_q=3, heads_q=2, heads_kv=1, seq_kv=seq_kv, dk=64, dv=32,
@@ -66,6 +70,8 @@ POSITIONS = {
 }
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16),
+                           dk=64, dv=32)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
 def test_positions(rng, platform, q_pos, kv_len, causal):
@@ -83,18 +89,21 @@ SPLIT_CASES = {
 }
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16),
+                           dk=128, dv=64)
 @pytest.mark.parametrize("workers", [4, 64])
 @pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_split_kv(rng, platform, monkeypatch, case, workers):
     # The split count follows the worker count; pretend to have more cores.
     batch, seq_q, heads_q, heads_kv, seq_kv, causal, kv_len = case
-    monkeypatch.setattr(_common, "cpu_workers", lambda: workers)
-    assert _common.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv) > 1
+    monkeypatch.setattr(_splits, "cpu_workers", lambda: workers)
+    assert _splits.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv) > 1
     check_attention(rng, batch=batch, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
                     seq_kv=seq_kv, dk=128, dv=64, dtypes=(jnp.float32, jnp.float16, jnp.float16),
                     causal=causal, kv_len=kv_len)
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3, dk=64, dv=64)
 def test_q_pos_near_int32_max(rng, platform):
     # Rows at q_pos + i up to 2**31 + 1 (past int32) are far past every key:
     # causal or not, each sees the whole cache.
@@ -107,6 +116,7 @@ def test_q_pos_near_int32_max(rng, platform):
     assert_attention(got, want, jnp.float32, visible_keys(None, kv_len, 2, 4, 77, False))
 
 
+@pytest.mark.kernel_config("attention", dk=192, dv=128)
 @pytest.mark.parametrize("seq_q", [1, 16])
 @pytest.mark.parametrize("dtypes", [(jnp.bfloat16,) * 3, (jnp.float32, jnp.bfloat16, jnp.bfloat16)],
                          ids=dtype_id)
@@ -117,6 +127,7 @@ def test_deepseek_prefill_shapes(rng, platform, dtypes, seq_q):
                     dv=128, dtypes=dtypes, causal=True, kv_len=[300, 123], scale=0.1147)
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3, dk=128, dv=64)
 @pytest.mark.parametrize("sharpness", [4.0, 16.0, 100.0])
 def test_large_scores(rng, platform, sharpness):
     # A scale several times 1/sqrt(Dk) makes the softmax peaked and exercises
@@ -131,6 +142,7 @@ SIZES = {"batch_0": (0, 3, 4, 2, 10), "sq_0": (2, 0, 4, 2, 10), "hq_0": (2, 3, 0
          "skv_0": (2, 3, 4, 2, 0)}
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3, dk=64, dv=32)
 @pytest.mark.parametrize("batch, seq_q, heads_q, heads_kv, seq_kv", SIZES.values(),
                          ids=SIZES.keys())
 def test_empty_dimensions(rng, platform, batch, seq_q, heads_q, heads_kv, seq_kv):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jax_mla
-from jax_mla import _common, _ffi
+from jax_mla import _backend, _ffi
 
 from .conftest import assert_close, randn
 
@@ -40,6 +40,8 @@ def test_package_under_test_is_the_built_one():
     assert list(package.glob("_cpu*.so")), f"no native _cpu module next to {package}"
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=64,
+                           dv=32)
 def test_default_backend_is_the_native_kernel(rng, platform):
     q = randn(rng, (2, 3, 4, 64), jnp.float32)
     k = randn(rng, (2, 40, 2, 64), jnp.float16)
@@ -59,7 +61,7 @@ def cpu_module_missing(monkeypatch):
     monkeypatch.setattr(_ffi, "_loaded", {})
     monkeypatch.setattr(_ffi, "_targets", {})
     monkeypatch.setattr(_ffi, "_load_errors", {"cpu": "jax_mla._cpu did not load (simulated)"})
-    monkeypatch.setattr(_common, "_warned", set())
+    monkeypatch.setattr(_backend, "_warned", set())
 
 
 def test_without_the_module_native_is_an_error_and_default_warns_once(rng, cpu, cpu_module_missing):

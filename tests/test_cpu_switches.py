@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_mla
-from jax_mla import _common, _ffi
+from jax_mla import _ffi, _splits
 
 from .conftest import (KV_TILE, assert_close, check_attention, check_mla, randn,
                        reference_attention)
@@ -141,8 +141,8 @@ def test_quantized_decode_over_kv_heads_on_each_isa(rng, isa, monkeypatch, k_fmt
     # Several KV heads with few rows each over 8-bit K and V: the kernel that
     # walks the keys across the heads (attend_heads_q8), per ISA, with the
     # split count forced (flash_attention takes the heuristic's).
-    choose = _common.choose_num_splits
-    monkeypatch.setattr(_common, "choose_num_splits", lambda _, *a, **kw: choose(num_splits, *a, **kw))
+    choose = _splits.choose_num_splits
+    monkeypatch.setattr(_splits, "choose_num_splits", lambda _, *a, **kw: choose(num_splits, *a, **kw))
     *args, dk, dv = case
     check_attention_quant(rng, k_fmt, v_fmt, *args, dk=dk, dv=dv)
 
@@ -207,7 +207,7 @@ def nan_fill(monkeypatch, platform):
     monkeypatch.setenv("JAX_MLA_DEBUG_NAN_FILL", "1")
     # As on a many-core machine: decode calls are split, so the split partials
     # and their merge are checked for unwritten elements too.
-    monkeypatch.setattr(_common, "cpu_workers", lambda: 64)
+    monkeypatch.setattr(_splits, "cpu_workers", lambda: 64)
 
 
 NAN_FILL_ATTENTION = {
@@ -220,6 +220,7 @@ NAN_FILL_ATTENTION = {
 }
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3)  # check_attention's default
 @pytest.mark.parametrize("case", NAN_FILL_ATTENTION.values(), ids=NAN_FILL_ATTENTION.keys())
 def test_nan_fill_attention(rng, nan_fill, case):
     check_attention(rng, **case)
@@ -239,6 +240,7 @@ NAN_FILL_MLA = {
 }
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, v_offset=0)  # check_mla's defaults
 @pytest.mark.parametrize("case", NAN_FILL_MLA.values(), ids=NAN_FILL_MLA.keys())
 def test_nan_fill_mla(rng, nan_fill, case):
     check_mla(rng, **case)

@@ -1,8 +1,9 @@
-"""CUDA-specific cases: the shared tests run float32 and odd head dims that the
-CUDA kernels do not take (NotImplementedError, checked by conftest's check_*),
-so these repeat the position, split-KV, head-count and vmap coverage in the
-configurations the CUDA kernels do take: float16 / bfloat16, MLA's 576/512 row,
-flash_attention's (192, 128), (64, 64), (128, 128), (256, 256)."""
+"""CUDA-specific cases: the shared tests' GPU cases run only where the CUDA
+kernels take their configuration (float32 and odd head dims are not
+generated; conftest filters them by the capability table), so these repeat
+the position, split-KV, head-count and vmap coverage in the configurations
+the CUDA module's capabilities() lists: its dtypes, flash_mla's latent
+layouts and quantized formats, flash_attention's (Dk, Dv) pairs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import jax_mla
+from jax_mla import _capabilities, _ffi
 
 from .conftest import (assert_attention, assert_close, cache, check_attention, check_mla,
                        dtype_id, gpu_tol, native_attention, native_mla, randn,
@@ -32,7 +34,22 @@ def gpu():
         yield "gpu"
 
 
-HALF = [jnp.float16, jnp.bfloat16]
+# What the CUDA kernels take, from the module's table (nothing where the
+# module is not built: then these tests have no parameters).
+CUDA = _capabilities.cuda() if _ffi.module("gpu") is not None else {}
+HALF = [jnp.dtype(d) for d in CUDA.get("dtypes", [])]
+MLA_LAYOUTS = [tuple(layout) for layout in CUDA.get("mla_layouts", [])]
+HEAD_DIMS = [tuple(dims) for dims in CUDA.get("attention_head_dims", [])]
+CUDA_QUANT = list(CUDA.get("mla_formats", {}))
+HEAD_DIMS_IDS = [f"{a}x{b}" for a, b in HEAD_DIMS]
+
+
+@pytest.fixture(params=MLA_LAYOUTS, ids=lambda t: "dk{}-dv{}-off{}".format(*t))
+def layout(request):
+    """(Dk, dv, v_offset): a latent row the CUDA flash_mla kernel takes."""
+    return request.param
+
+
 POSITIONS = {
     "kv_len_0": (None, 0),
     "kv_len_1": (None, 1),
@@ -48,8 +65,9 @@ POSITIONS = {
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
-def test_mla_positions(rng, gpu, q_pos, kv_len, causal, num_splits):
-    check_mla(rng, batch=4, seq_q=3, heads=16, seq_kv=77, dk=576, dv=512,
+def test_mla_positions(rng, gpu, layout, q_pos, kv_len, causal, num_splits):
+    dk, dv, v_offset = layout
+    check_mla(rng, batch=4, seq_q=3, heads=16, seq_kv=77, dk=dk, dv=dv, v_offset=v_offset,
               dtypes=(jnp.bfloat16,) * 2, causal=causal, q_pos=q_pos, kv_len=kv_len,
               num_splits=num_splits, scale=0.135)
 
@@ -64,17 +82,19 @@ MLA_SHAPES = [(2, 1, 16, 1000, [1000, 517]), (2, 1, 128, 300, [300, 1]), (2, 2, 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}"
                                                    for s in MLA_SHAPES])
-def test_mla_shapes(rng, gpu, shape, dtype, num_splits):
+def test_mla_shapes(rng, gpu, layout, shape, dtype, num_splits):
     batch, seq_q, heads, seq_kv, kv_len = shape
-    check_mla(rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=576, dv=512,
-              dtypes=(dtype, dtype), causal=True, kv_len=kv_len, num_splits=num_splits,
-              scale=0.135)
+    dk, dv, v_offset = layout
+    check_mla(rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=dk, dv=dv,
+              v_offset=v_offset, dtypes=(dtype, dtype), causal=True, kv_len=kv_len,
+              num_splits=num_splits, scale=0.135)
 
 
-def test_mla_results_do_not_depend_on_num_splits(rng, gpu):
-    q = randn(rng, (3, 1, 16, 576), jnp.bfloat16)
-    kv = cache(rng, (3, 300, 576), jnp.bfloat16, [300, 0, 150])
-    kw = dict(dv=512, kv_len=[300, 0, 150])
+def test_mla_results_do_not_depend_on_num_splits(rng, gpu, layout):
+    dk, dv, v_offset = layout
+    q = randn(rng, (3, 1, 16, dk), jnp.bfloat16)
+    kv = cache(rng, (3, 300, dk), jnp.bfloat16, [300, 0, 150])
+    kw = dict(dv=dv, v_offset=v_offset, kv_len=[300, 0, 150])
     base = native_mla(q, kv, num_splits=1, **kw)
     for num_splits in (2, 3, 7, 64):
         out, lse = native_mla(q, kv, num_splits=num_splits, **kw)
@@ -86,59 +106,59 @@ def test_mla_results_do_not_depend_on_num_splits(rng, gpu):
 # (more with more splits) and walks them 8 at a time: counts below and above
 # those steps, with a row whose keys fill only some splits and a row with none.
 @pytest.mark.parametrize("num_splits", [5, 8, 16, 33, 119, 125])
-def test_mla_many_splits(rng, gpu, num_splits):
-    check_mla(rng, batch=3, seq_q=1, heads=16, seq_kv=4000, dk=576, dv=512,
+def test_mla_many_splits(rng, gpu, layout, num_splits):
+    dk, dv, v_offset = layout
+    check_mla(rng, batch=3, seq_q=1, heads=16, seq_kv=4000, dk=dk, dv=dv, v_offset=v_offset,
               dtypes=(jnp.float16,) * 2, kv_len=[4000, 1500, 0], num_splits=num_splits,
               scale=0.135)
 
 
-SPLIT_HEAD_DIMS = [(192, 128), (64, 64), (256, 256)]
-
-
-@pytest.mark.parametrize("dk, dv", SPLIT_HEAD_DIMS, ids=[f"{a}x{b}" for a, b in SPLIT_HEAD_DIMS])
+@pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=HEAD_DIMS_IDS)
 def test_attention_many_splits(rng, gpu, dk, dv):
     # 2 x 4 MQA decode rows over 5000 keys: two blocks, so the heuristic splits
     # the keys 27 (64-key tiles) or 53 (32-key tiles) ways: 4 or 8 warps per
     # column chunk in the combine. Dv of 64 fills half a warp's 128 columns,
     # 128 one warp, 256 two. (flash_attention takes no num_splits.)
-    from jax_mla import _common
-    assert _common.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
+    from jax_mla import _splits
+    assert _splits.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
     check_attention(rng, batch=2, seq_q=1, heads_q=4, heads_kv=1, seq_kv=5000, dk=dk, dv=dv,
                     dtypes=(jnp.bfloat16,) * 3, kv_len=[5000, 1200], scale=0.1)
 
 
-def test_mla_q_pos_near_int32_max(rng, gpu):
-    q = randn(rng, (2, 4, 16, 576), jnp.bfloat16)
-    kv = cache(rng, (2, 77, 576), jnp.bfloat16, [77, 30])
+def test_mla_q_pos_near_int32_max(rng, gpu, layout):
+    dk, dv, v_offset = layout
+    q = randn(rng, (2, 4, 16, dk), jnp.bfloat16)
+    kv = cache(rng, (2, 77, dk), jnp.bfloat16, [77, 30])
     kv_len = jnp.array([77, 30], jnp.int32)
-    got = native_mla(q, kv, dv=512, causal=True, q_pos=2**31 - 3, kv_len=kv_len, num_splits=2)
-    want = reference_mla(q, kv, dv=512, causal=False, kv_len=kv_len)
+    got = native_mla(q, kv, dv=dv, v_offset=v_offset, causal=True, q_pos=2**31 - 3,
+                     kv_len=kv_len, num_splits=2)
+    want = reference_mla(q, kv, dv=dv, v_offset=v_offset, causal=False, kv_len=kv_len)
     assert_attention(got, want, jnp.bfloat16, visible_keys(None, kv_len, 2, 4, 77, False),
                      f32_tol=gpu_tol(jnp.bfloat16))
 
 
 @pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, 0), (0, None, 0)],
                          ids=["q", "all", "q_and_kv_len"])
-def test_mla_vmap(rng, gpu, in_axes):
+def test_mla_vmap(rng, gpu, layout, in_axes):
     n, batch = 3, 2
-    q = randn(rng, (n, batch, 1, 16, 576), jnp.bfloat16)
-    kv = cache(rng, (n, batch, 100, 576), jnp.bfloat16)
+    dk, dv, v_offset = layout
+    q = randn(rng, (n, batch, 1, 16, dk), jnp.bfloat16)
+    kv = cache(rng, (n, batch, 100, dk), jnp.bfloat16)
     kv_len = jnp.asarray(rng.integers(1, 101, (n, batch)), jnp.int32)
     args = [q, kv[0] if in_axes[1] is None else kv, kv_len[0] if in_axes[2] is None else kv_len]
 
     def op(q, kv, kv_len):
-        return jax_mla.flash_mla(q, kv, dv=512, kv_len=kv_len, return_lse=True,
-                                 backend="native")
+        return jax_mla.flash_mla(q, kv, dv=dv, v_offset=v_offset, kv_len=kv_len,
+                                 return_lse=True, backend="native")
 
     got = jax.vmap(op, in_axes=in_axes)(*args)
     for j in range(n):
         one = [a if ax is None else a[j] for a, ax in zip(args, in_axes)]
-        want = reference_mla(one[0], one[1], dv=512, kv_len=one[2])
+        want = reference_mla(one[0], one[1], dv=dv, v_offset=v_offset, kv_len=one[2])
         assert_close(got[1][j], want[1], jnp.float32, f32_tol=gpu_tol(jnp.bfloat16))
         assert_close(got[0][j], want[0], jnp.bfloat16, f32_tol=gpu_tol(jnp.bfloat16))
 
 
-HEAD_DIMS = [(192, 128), (64, 64), (128, 128), (256, 256)]
 HEADS = {"gqa4": (8, 2), "mqa": (5, 1)}
 LENGTHS = [(1, 300), (3, 65), (130, 130), (70, 33)]
 
@@ -146,7 +166,7 @@ LENGTHS = [(1, 300), (3, 65), (130, 130), (70, 33)]
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seq_q, seq_kv", LENGTHS, ids=[f"sq{a}-skv{b}" for a, b in LENGTHS])
 @pytest.mark.parametrize("heads_q, heads_kv", HEADS.values(), ids=HEADS.keys())
-@pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=[f"{a}x{b}" for a, b in HEAD_DIMS])
+@pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=HEAD_DIMS_IDS)
 def test_attention_dims_heads_lengths(rng, gpu, dk, dv, heads_q, heads_kv, seq_q, seq_kv,
                                       causal):
     dtype = jnp.bfloat16 if (dk + seq_q) % 2 else jnp.float16  # both dtypes across the grid
@@ -157,15 +177,16 @@ def test_attention_dims_heads_lengths(rng, gpu, dk, dv, heads_q, heads_kv, seq_q
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
-def test_attention_positions(rng, gpu, q_pos, kv_len, causal):
-    check_attention(rng, batch=4, seq_q=5, heads_q=4, heads_kv=2, seq_kv=77, dk=192, dv=128,
+@pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=HEAD_DIMS_IDS)
+def test_attention_positions(rng, gpu, dk, dv, q_pos, kv_len, causal):
+    check_attention(rng, batch=4, seq_q=5, heads_q=4, heads_kv=2, seq_kv=77, dk=dk, dv=dv,
                     dtypes=(jnp.float16,) * 3, causal=causal, q_pos=q_pos, kv_len=kv_len)
 
 
 def test_attention_split_kv_decode(rng, gpu):
     # 2 x 16 decode rows over 1000 keys: fewer blocks than SMs, so the keys are split.
-    from jax_mla import _common
-    assert _common.choose_num_splits(None, 2, 1, 16, 16, 1000, platform="gpu", dk=192) > 1
+    from jax_mla import _splits
+    assert _splits.choose_num_splits(None, 2, 1, 16, 16, 1000, platform="gpu", dk=192) > 1
     check_attention(rng, batch=2, seq_q=1, heads_q=16, heads_kv=16, seq_kv=1000, dk=192, dv=128,
                     dtypes=(jnp.bfloat16,) * 3, causal=True, kv_len=[1000, 0], scale=0.1147)
 
@@ -220,17 +241,18 @@ def test_unsupported_is_not_implemented(rng, gpu, op, dtypes, dk, match):
                                     randn(rng, (1, 10, 4, dk), dtypes[2]))
 
 
-def test_many_native_calls_in_one_jit(rng, gpu):
-    q = randn(rng, (2, 1, 16, 576), jnp.bfloat16)
-    kv = cache(rng, (2, 300, 576), jnp.bfloat16)
+def test_many_native_calls_in_one_jit(rng, gpu, layout):
+    dk, dv, v_offset = layout
+    q = randn(rng, (2, 1, 16, dk), jnp.bfloat16)
+    kv = cache(rng, (2, 300, dk), jnp.bfloat16)
 
     @jax.jit
     def many(q, kv):
-        return sum(jax_mla.flash_mla(q * (i + 1), kv, num_splits=4, backend="native")
-                   .astype(jnp.float32) for i in range(4))
+        return sum(jax_mla.flash_mla(q * (i + 1), kv, dv=dv, v_offset=v_offset, num_splits=4,
+                                     backend="native").astype(jnp.float32) for i in range(4))
 
-    want = sum(np.asarray(reference_mla(q * (i + 1), kv, dv=512)[0]).astype(np.float32)
-               for i in range(4))
+    want = sum(np.asarray(reference_mla(q * (i + 1), kv, dv=dv, v_offset=v_offset)[0])
+               .astype(np.float32) for i in range(4))
     assert_close(many(q, kv), want, jnp.float32, f32_tol=4 * gpu_tol(jnp.bfloat16))
 
 
@@ -240,22 +262,20 @@ def test_many_native_calls_in_one_jit(rng, gpu):
 # bits per block of 32 as the kernels take it (reference.round_query_q8).
 # The kernel's Q.K is exact integer arithmetic scaled in float32; V = d * q is
 # rounded to the query's type, like P, so the float kernels' GPU tolerance holds.
-CUDA_QUANT = ["q8_0", "q8_kv"]
-
-
-def check_mla_quant_gpu(rng, fmt, *, batch, seq_q, heads, seq_kv, dtype, causal=False,
+def check_mla_quant_gpu(rng, fmt, layout, *, batch, seq_q, heads, seq_kv, dtype, causal=False,
                         q_pos=None, kv_len=None, num_splits=None, scale=None):
     from .test_quant_kernels import quantized_cache
-    q = randn(rng, (batch, seq_q, heads, 576), dtype)
-    kv = quantized_cache(rng, (batch, seq_kv, 576), fmt, kv_len)  # scales NaN past kv_len
-    kw = dict(dv=512, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    dk, dv, v_offset = layout
+    q = randn(rng, (batch, seq_q, heads, dk), dtype)
+    kv = quantized_cache(rng, (batch, seq_kv, dk), fmt, kv_len)  # scales NaN past kv_len
+    kw = dict(dv=dv, v_offset=v_offset, causal=causal, q_pos=q_pos, kv_len=kv_len)
     got = native_mla(q, kv, num_splits=num_splits, scale=scale, **kw)
     # The CUDA kernels round the query but not P (P.V on f16/bf16 tensor cores).
     # Rounded on the CPU, whose values are the kernels' (and numpy's): run by
     # XLA:GPU the same function gave a reference that 14 of these cases
     # missed by up to 2.5e-3 (H100, 5742033; an FMA contraction moving ties
     # is the suspect, not confirmed).
-    s = np.float32(1 / np.sqrt(576) if scale is None else scale)
+    s = np.float32(1 / np.sqrt(dk) if scale is None else scale)
     with jax.default_device(jax.devices("cpu")[0]):
         q_ref = np.asarray(jax_mla.reference.round_query_q8(
             jnp.asarray(np.asarray(q, np.float32)) * s))
@@ -270,9 +290,9 @@ def check_mla_quant_gpu(rng, fmt, *, batch, seq_q, heads, seq_kv, dtype, causal=
 @pytest.mark.parametrize("shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}"
                                                    for s in MLA_SHAPES])
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
-def test_mla_quant_shapes(rng, gpu, fmt, shape, dtype, num_splits):
+def test_mla_quant_shapes(rng, gpu, layout, fmt, shape, dtype, num_splits):
     batch, seq_q, heads, seq_kv, kv_len = shape
-    check_mla_quant_gpu(rng, fmt, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv,
+    check_mla_quant_gpu(rng, fmt, layout, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv,
                         dtype=dtype, causal=True, kv_len=kv_len, num_splits=num_splits,
                         scale=0.135)
 
@@ -280,18 +300,19 @@ def test_mla_quant_shapes(rng, gpu, fmt, shape, dtype, num_splits):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
-def test_mla_quant_positions(rng, gpu, fmt, q_pos, kv_len, causal):
+def test_mla_quant_positions(rng, gpu, layout, fmt, q_pos, kv_len, causal):
     # Split in 3 (the splits' partials and the combine see the edge rows too).
-    check_mla_quant_gpu(rng, fmt, batch=4, seq_q=3, heads=16, seq_kv=77, dtype=jnp.bfloat16,
+    check_mla_quant_gpu(rng, fmt, layout, batch=4, seq_q=3, heads=16, seq_kv=77, dtype=jnp.bfloat16,
                         causal=causal, q_pos=q_pos, kv_len=kv_len, num_splits=3)
 
 
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
-def test_mla_quant_results_do_not_depend_on_num_splits(rng, gpu, fmt):
+def test_mla_quant_results_do_not_depend_on_num_splits(rng, gpu, layout, fmt):
     from .test_quant_kernels import quantized_cache
-    q = randn(rng, (3, 1, 16, 576), jnp.bfloat16)
-    kv = quantized_cache(rng, (3, 300, 576), fmt, [300, 0, 150])
-    kw = dict(dv=512, kv_len=[300, 0, 150])
+    dk, dv, v_offset = layout
+    q = randn(rng, (3, 1, 16, dk), jnp.bfloat16)
+    kv = quantized_cache(rng, (3, 300, dk), fmt, [300, 0, 150])
+    kw = dict(dv=dv, v_offset=v_offset, kv_len=[300, 0, 150])
     base = native_mla(q, kv, num_splits=1, **kw)
     for num_splits in (2, 7, 64):
         out, lse = native_mla(q, kv, num_splits=num_splits, **kw)
@@ -300,29 +321,33 @@ def test_mla_quant_results_do_not_depend_on_num_splits(rng, gpu, fmt):
 
 
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
-def test_mla_quant_is_close_to_the_float_cache(rng, gpu, fmt):
+def test_mla_quant_is_close_to_the_float_cache(rng, gpu, layout, fmt):
     # End to end, as test_quant_kernels does on the CPU: 8-bit rows keep
     # outputs within about 1e-2 of float64 attention over the float values.
-    q = randn(rng, (1, 1, 16, 576), jnp.float32) * 0.5
-    x = randn(rng, (1, 500, 576), jnp.float32)
-    out = jax_mla.flash_mla(q.astype(jnp.bfloat16), jax_mla.quantize(x, fmt), backend="native")
+    dk, dv, v_offset = layout
+    q = randn(rng, (1, 1, 16, dk), jnp.float32) * 0.5
+    x = randn(rng, (1, 500, dk), jnp.float32)
+    out = jax_mla.flash_mla(q.astype(jnp.bfloat16), jax_mla.quantize(x, fmt), dv=dv,
+                            v_offset=v_offset, backend="native")
     out = np.asarray(out.astype(jnp.float32))
     qn = np.asarray(q.astype(jnp.bfloat16).astype(jnp.float32), np.float64)[0, 0]
     xn = np.asarray(x, np.float64)[0]
-    s = qn @ xn.T / np.sqrt(576)
+    s = qn @ xn.T / np.sqrt(dk)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
-    want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, :512]
+    want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, v_offset:v_offset + dv]
     err = np.abs(out[0, 0] - want).max() / np.abs(want).max()
     assert err < 1e-2, f"{fmt}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
-def test_mla_quant_vmap_shares_the_cache(rng, gpu, fmt):
+def test_mla_quant_vmap_shares_the_cache(rng, gpu, layout, fmt):
     from .test_quant_kernels import quantized_cache
-    q = randn(rng, (3, 2, 1, 16, 576), jnp.bfloat16)
-    kv = quantized_cache(rng, (2, 100, 576), fmt)
+    dk, dv, v_offset = layout
+    q = randn(rng, (3, 2, 1, 16, dk), jnp.bfloat16)
+    kv = quantized_cache(rng, (2, 100, dk), fmt)
     kv_len = jnp.array([[100, 50], [10, 1], [0, 64]], jnp.int32)
-    op = lambda q, kv, n: jax_mla.flash_mla(q, kv, kv_len=n, backend="native")
+    op = lambda q, kv, n: jax_mla.flash_mla(q, kv, dv=dv, v_offset=v_offset, kv_len=n,
+                                            backend="native")
     got = jax.vmap(op, in_axes=(0, None, 0))(q, kv, kv_len)
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(got[i], np.float32),
@@ -330,14 +355,16 @@ def test_mla_quant_vmap_shares_the_cache(rng, gpu, fmt):
 
 
 @pytest.mark.parametrize("what", ["q6_0", "f32_query"])
-def test_mla_quant_unsupported_is_not_implemented(rng, gpu, what):
+def test_mla_quant_unsupported_is_not_implemented(rng, gpu, layout, what):
+    # A latent layout the kernel takes, so only the format or q's dtype is missing.
+    dk, dv, v_offset = layout
     fmt, dtype = ("q6_0", jnp.bfloat16) if what == "q6_0" else ("q8_0", jnp.float32)
-    q = randn(rng, (1, 1, 16, 576), dtype)
-    kv = jax_mla.quantize(randn(rng, (1, 40, 576), jnp.float32), fmt)
+    q = randn(rng, (1, 1, 16, dk), dtype)
+    kv = jax_mla.quantize(randn(rng, (1, 40, dk), jnp.float32), fmt)
     match = "q8_0, q8_kv; got q6_0" if what == "q6_0" else "float16 or bfloat16"
     for backend in ("native", None):
         with pytest.raises(NotImplementedError, match=match):
-            jax_mla.flash_mla(q, kv, backend=backend)
+            jax_mla.flash_mla(q, kv, dv=dv, v_offset=v_offset, backend=backend)
 
 
 @pytest.mark.parametrize("fmt_code, match", [

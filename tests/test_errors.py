@@ -77,6 +77,12 @@ ATTENTION_ERRORS = {
                      r"scale must be a static Python or numpy float"),
     "scale_not_finite": (lambda: attention(scale=float("inf")), ValueError,
                          r"scale must be finite, got inf"),
+    "causal_str": (lambda: attention(causal="yes"), TypeError, r"causal must be a bool, got str"),
+    "causal_int": (lambda: attention(causal=1), TypeError, r"causal must be a bool, got int"),
+    "causal_str_reference": (lambda: attention(causal="no", backend="reference"), TypeError,
+                             r"causal must be a bool, got str"),
+    "causal_traced": (lambda: jax.jit(lambda c: attention(causal=c))(True), TypeError,
+                      r"causal must be a bool, got .*Tracer"),
     "unknown_backend": (lambda: attention(backend="cuda"), ValueError,
                         r"backend must be one of None, 'native', 'reference', got 'cuda'"),
     "cpu_head_dim_not_multiple_of_16": (
@@ -123,6 +129,9 @@ MLA_ERRORS = {
                           r"q_pos must have an integer dtype, got bfloat16"),
     "traced_scale": (lambda: jax.jit(lambda s: mla(scale=s))(0.1), TypeError,
                      r"scale must be a static Python or numpy float"),
+    "causal_str": (lambda: mla(causal="yes"), TypeError, r"causal must be a bool, got str"),
+    "causal_array": (lambda: mla(causal=jnp.array(True)), TypeError,
+                     r"causal must be a bool, got .*Array"),
     "unknown_backend": (lambda: mla(backend="gpu"), ValueError,
                         r"backend must be one of .* got 'gpu'"),
     "cpu_row_not_multiple_of_16": (lambda: mla(q=ones(2, 1, 4, 100), kv=ones(2, 10, 100)),
@@ -136,6 +145,21 @@ MLA_ERRORS = {
 def test_mla_errors(cpu, call, error, match):
     with pytest.raises(error, match=r"flash_mla: .*" + match):
         call()
+
+
+def test_causal_takes_a_numpy_bool(rng, cpu):
+    # numpy's bool is a bool (what a config loaded from an array holds). On
+    # random data with Sq = 3 causal and full attention differ, so the flag
+    # must arrive as given.
+    q = randn(rng, Q.shape, jnp.float32)
+    k, v, kv = (randn(rng, x.shape, jnp.float32) for x in (K, V, KV))
+    calls = {"attention": lambda c: attention(q, k, v, causal=c),
+             "mla": lambda c: mla(q, kv, causal=c)}
+    for name, call in calls.items():
+        full, causal = (np.asarray(call(c)) for c in (False, True))
+        assert not np.array_equal(full, causal), name
+        np.testing.assert_array_equal(np.asarray(call(np.bool_(False))), full)
+        np.testing.assert_array_equal(np.asarray(call(np.bool_(True))), causal)
 
 
 def test_unsupported_head_dims_work_with_the_reference(cpu, rng):

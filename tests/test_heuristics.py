@@ -1,4 +1,4 @@
-"""The num_splits heuristic (jax_mla._common.num_splits_heuristic) is a pure
+"""The num_splits heuristic (jax_mla._splits.num_splits_heuristic) is a pure
 function of the work items, the cache length, the KV tile and the worker
 count: its properties, and those of the native plan's work_items() and of the
 clamping in choose_num_splits, tested without running a kernel."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from jax_mla import _common, _ffi
+from jax_mla import _ffi, _splits
 
 from .conftest import KV_TILE
 
@@ -18,7 +18,7 @@ GRID = [(items, seq_kv, workers) for items in (0, 1, 2, 3, 8, 16, 100, 1000)
 
 
 def heuristic(items, seq_kv, workers, tile=TILE):
-    return _common.num_splits_heuristic(items, seq_kv, kv_tile=tile, workers=workers)
+    return _splits.num_splits_heuristic(items, seq_kv, kv_tile=tile, workers=workers)
 
 
 def test_at_least_one_and_at_most_half_the_tiles():
@@ -85,16 +85,16 @@ def test_work_items_of_empty_problems(shape):
     (1, 10 * KV_TILE, 1), (3, 10 * KV_TILE, 3), (64, 10 * KV_TILE, 10), (64, 2 * KV_TILE + 1, 3),
     (5, 1, 1), (5, 0, 1)])
 def test_given_num_splits_is_clamped_to_the_tiles(given, seq_kv, expected):
-    assert _common.choose_num_splits(given, 1, 1, 16, 1, seq_kv) == expected
+    assert _splits.choose_num_splits(given, 1, 1, 16, 1, seq_kv) == expected
 
 
 def test_default_num_splits_follows_the_heuristic(monkeypatch):
-    monkeypatch.setattr(_common, "cpu_workers", lambda: 16)
+    monkeypatch.setattr(_splits, "cpu_workers", lambda: 16)
     items = _ffi.module("cpu").work_items(1, 1, 16, 1)
     seq_kv = 100 * KV_TILE
     expected = heuristic(items, seq_kv, 16, tile=KV_TILE)
     assert expected > 1
-    assert _common.choose_num_splits(None, 1, 1, 16, 1, seq_kv) == expected
+    assert _splits.choose_num_splits(None, 1, 1, 16, 1, seq_kv) == expected
 
 
 # The CUDA heuristic (gpu_num_splits_heuristic): its wave count is that of the
@@ -106,7 +106,7 @@ GPU_GRID = [(items, seq_kv, sms) for items in (1, 2, 3, 16, 64, 100, 131, 132, 5
 
 
 def gpu_heuristic(items, seq_kv, sms, tile=TILE):
-    return _common.gpu_num_splits_heuristic(items, seq_kv, kv_tile=tile, sms=sms)
+    return _splits.gpu_num_splits_heuristic(items, seq_kv, kv_tile=tile, sms=sms)
 
 
 def test_gpu_splits_keep_two_tiles_and_leave_none_empty():

@@ -32,6 +32,7 @@ MLA_DTYPES = [(jnp.float32, jnp.float32), (jnp.float16, jnp.float16),
 LAYOUTS = [(576, 512, 0), (576, 512, 64), (192, 64, 24), (80, 48, 0)]
 
 
+@pytest.mark.kernel_config("mla")
 @pytest.mark.parametrize("dk, dv, v_offset", LAYOUTS,
                          ids=[f"{a}-dv{b}-off{c}" for a, b, c in LAYOUTS])
 @pytest.mark.parametrize("dtypes", MLA_DTYPES, ids=dtype_id)
@@ -49,6 +50,7 @@ SPLIT_CASES = {
 }
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32, jnp.bfloat16), dk=576, dv=512)
 @pytest.mark.parametrize("num_splits", NUM_SPLITS)
 @pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_num_splits_matches_reference(rng, platform, case, num_splits):
@@ -58,6 +60,7 @@ def test_num_splits_matches_reference(rng, platform, case, num_splits):
               num_splits=num_splits)
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=576, dv=512)
 @pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_results_do_not_depend_on_num_splits(rng, platform, case):
     batch, seq_q, heads, seq_kv, causal, kv_len = case
@@ -100,6 +103,7 @@ POSITIONS = {
 }
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32, jnp.float16), dk=96, dv=64, v_offset=16)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
@@ -109,6 +113,7 @@ def test_positions(rng, platform, q_pos, kv_len, causal, num_splits):
               num_splits=num_splits)
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.bfloat16,) * 2, dk=576, dv=512)
 @pytest.mark.parametrize("heads, seq_q, seq_kv", [(1, 1, 77), (128, 1, 77), (128, 3, 40),
                                                   (16, 40, KV_TILE + 1), (16, 33, 300)])
 def test_head_counts_and_lengths(rng, platform, heads, seq_q, seq_kv):
@@ -117,6 +122,7 @@ def test_head_counts_and_lengths(rng, platform, heads, seq_q, seq_kv):
               kv_len=[seq_kv, seq_kv // 2 + 1], scale=0.135)
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=576, dv=512)
 def test_q_pos_near_int32_max(rng, platform):
     # Rows past int32 positions see every key, causal or not.
     q, kv = make_inputs(rng, batch=2, seq_q=4, heads=16, seq_kv=77, dk=576, kv_len=[77, 30])
@@ -127,6 +133,7 @@ def test_q_pos_near_int32_max(rng, platform):
     assert_close(got[0], out, jnp.float32)
 
 
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=64, dv=32)
 def test_empty_cache(rng, platform):
     check_mla(rng, batch=2, seq_q=2, heads=4, seq_kv=0, dk=64, dv=32, causal=True, num_splits=4)
 

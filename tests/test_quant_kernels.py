@@ -26,9 +26,7 @@ import numpy as np
 import pytest
 
 import jax_mla
-from jax_mla import quant
-
-from jax_mla import reference
+from jax_mla import _capabilities, quant, reference
 
 from .conftest import (F32_TOL, KV_TILE, OUT_ULPS, assert_attention, cache, native_attention,
                        native_mla, per_batch, randn, visible_keys)
@@ -296,15 +294,17 @@ def mla_quant_ffi(q, qs, d, fmt_code, *, dv=64, v_offset=0):
 @pytest.mark.parametrize("args, match", [
     (dict(fmt_code=7), r"unknown cache format code 7"),
     (dict(fmt_code=0), r"needs a quantized format"),
-    (dict(fmt_code=1, v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
-    (dict(fmt_code=3), r"kv.qs of a q6_0 cache must be uint8"),
-    (dict(fmt_code=2), r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "
-                       r"axis of 1, got \[1, 8, 4\]"),
-    (dict(fmt_code=1, d=np.ones((1, 8, 3), np.float16)), r"last axis of 4, got \[1, 8, 3\]"),
-    (dict(fmt_code=1, qs=np.ones((1, 8, 100), np.int8)), r"multiple of 32, got 100"),
+    (dict(fmt="q8_0", v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
+    (dict(fmt="q6_0"), r"kv.qs of a q6_0 cache must be uint8"),
+    (dict(fmt="q8_kv"), r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "
+                        r"axis of 1, got \[1, 8, 4\]"),
+    (dict(fmt="q8_0", d=np.ones((1, 8, 3), np.float16)), r"last axis of 4, got \[1, 8, 3\]"),
+    (dict(fmt="q8_0", qs=np.ones((1, 8, 100), np.int8)), r"multiple of 32, got 100"),
 ])
 def test_cpp_checks_quantized_operands(cpu, args, match):
     args = dict(args)
+    if "fmt" in args:  # a format's code, as the module's table gives it
+        args["fmt_code"] = _capabilities.cpu()["formats"][args.pop("fmt")]
     q = np.ones((1, 1, 4, 128 if "qs" not in args else 100), np.float32)
     qs = args.pop("qs", np.ones((1, 8, 128), np.int8))
     d = args.pop("d", np.ones((1, 8, 4), np.float16))

@@ -70,6 +70,8 @@ def assert_pair_close(got, want):
 
 ATTENTION_SPECS = [((B, SQ, HQ, DK), jnp.float32, False), ((B, SKV, HKV, DK), jnp.bfloat16, True),
                    ((B, SKV, HKV, DV), jnp.bfloat16, True)]
+ATTENTION_CONFIG = pytest.mark.kernel_config(
+    "attention", dtypes=[dtype for _, dtype, _ in ATTENTION_SPECS], dk=DK, dv=DV)
 # in_axes for (q, k, v, kv_len)
 ATTENTION_AXES = {
     "q": (0, None, None, None),
@@ -80,6 +82,7 @@ ATTENTION_AXES = {
 }
 
 
+@ATTENTION_CONFIG
 @pytest.mark.parametrize("in_axes", ATTENTION_AXES.values(), ids=ATTENTION_AXES.keys())
 def test_vmap_attention(rng, platform, in_axes):
     args = vmap_args(rng, ATTENTION_SPECS, in_axes)
@@ -87,6 +90,7 @@ def test_vmap_attention(rng, platform, in_axes):
     assert_pair_close(got, loop(attention_reference, args, in_axes))
 
 
+@ATTENTION_CONFIG
 def test_vmap_attention_inner_axis(rng, platform):
     # vmap over an axis of q that is not its leading one.
     q, k, v, kv_len = vmap_args(rng, ATTENTION_SPECS, (0, None, None, None))
@@ -95,6 +99,7 @@ def test_vmap_attention_inner_axis(rng, platform):
     assert_pair_close(got, loop(attention_reference, [q, k, v, kv_len], (0, None, None, None)))
 
 
+@ATTENTION_CONFIG
 def test_vmap_attention_nested(rng, platform):
     # Outer vmap over every argument, inner over the queries only.
     _, k, v, kv_len = vmap_args(rng, ATTENTION_SPECS, (0, 0, 0, 0))
@@ -107,6 +112,8 @@ def test_vmap_attention_nested(rng, platform):
 
 
 MLA_SPECS = [((B, SQ, HQ, DK), jnp.float32, False), ((B, SKV, DK), jnp.float16, True)]
+MLA_CONFIG = pytest.mark.kernel_config("mla", dtypes=[dtype for _, dtype, _ in MLA_SPECS], dk=DK,
+                                      dv=DV, v_offset=V_OFFSET)
 # in_axes for (q, kv, kv_len)
 MLA_AXES = {
     "q": (0, None, None),
@@ -117,6 +124,7 @@ MLA_AXES = {
 }
 
 
+@MLA_CONFIG
 @pytest.mark.parametrize("in_axes", MLA_AXES.values(), ids=MLA_AXES.keys())
 def test_vmap_mla(rng, platform, in_axes):
     args = vmap_args(rng, MLA_SPECS, in_axes)
@@ -124,6 +132,7 @@ def test_vmap_mla(rng, platform, in_axes):
     assert_pair_close(got, loop(mla_reference, args, in_axes))
 
 
+@MLA_CONFIG
 def test_vmap_mla_nested(rng, platform):
     # Outer vmap over the queries only, inner over every argument.
     _, kv, kv_len = vmap_args(rng, MLA_SPECS, (0, 0, 0))
@@ -134,6 +143,9 @@ def test_vmap_mla_nested(rng, platform):
         assert_pair_close((got[0][i], got[1][i]), want)
 
 
+@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=DK,
+                           dv=DV)
+@pytest.mark.kernel_config("mla", dtypes=(jnp.float32, jnp.bfloat16), dk=DK, dv=DV)
 def test_many_native_calls_in_one_jit(rng, platform):
     # Eight independent native calls in one executable may run concurrently on
     # the FFI thread pool: a handler that blocked on tasks it scheduled there
@@ -188,6 +200,14 @@ def ops(rng):
     }
 
 
+# The native calls ops() makes.
+OPS_CONFIG_ATTENTION = pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3, dk=DK,
+                                                 dv=DV)
+OPS_CONFIG_MLA = pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=DK, dv=DV)
+
+
+@OPS_CONFIG_ATTENTION
+@OPS_CONFIG_MLA
 @pytest.mark.parametrize("op", ["attention", "mla"])
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_traced_kv_len_is_clamped(rng, platform, op, backend):
@@ -212,6 +232,8 @@ def test_traced_kv_len_is_clamped(rng, platform, op, backend):
     assert np.all(np.asarray(out[1]) == 0) and np.all(np.isneginf(np.asarray(lse[1])))
 
 
+@OPS_CONFIG_ATTENTION
+@OPS_CONFIG_MLA
 @pytest.mark.parametrize("op", ["attention", "mla"])
 def test_traced_positions_compile_once(rng, platform, op):
     call = ops(rng)[op]

@@ -12,7 +12,7 @@ namespace jax_mla::cpu {
 namespace {
 
 // The shared checks, then what the CPU kernels take: head dims that are
-// multiples of 16 up to kMaxHeadDim.
+// multiples of kHeadDimMultiple up to kMaxHeadDim.
 ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, const ffi::AnyBuffer* k_d,
                           int64_t k_fmt, ffi::AnyBuffer v, const ffi::AnyBuffer* v_d, int64_t v_fmt,
                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
@@ -23,11 +23,11 @@ ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, const ffi::AnyBuff
   JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, k_d, k_fmt, v, v_d, v_fmt, q_pos, kv_len, out, lse,
                                         part_out, part_lse, num_splits, p));
   const int64_t Dk = p->dk, Dv = p->dv;
-  JAX_MLA_CHECK(
-      Dk % 16 == 0 && Dv % 16 == 0 && Dk > 0 && Dv > 0 && Dk <= kMaxHeadDim && Dv <= kMaxHeadDim,
-      Unimplemented)
-      << "flash_attention (CPU): head dims must be multiples of 16 up to " << kMaxHeadDim
-      << ", got Dk = " << Dk << ", Dv = " << Dv;
+  JAX_MLA_CHECK(Dk % kHeadDimMultiple == 0 && Dv % kHeadDimMultiple == 0 && Dk > 0 && Dv > 0 &&
+                    Dk <= kMaxHeadDim && Dv <= kMaxHeadDim,
+                Unimplemented)
+      << "flash_attention (CPU): head dims must be multiples of " << kHeadDimMultiple << " up to "
+      << kMaxHeadDim << ", got Dk = " << Dk << ", Dv = " << Dv;
   return ffi::Error::Success();
 }
 

@@ -74,8 +74,9 @@ struct KernelTable {
   void (*merge)(const float* const* src, const float* w, int64_t ns, float* dst, int64_t n);
 };
 
-// Largest Dk and Dv the CPU kernels take (multiples of 16 up to it); the
-// Python side mirrors it as _common.CPU_MAX_HEAD_DIM.
+// The head dims (Dk, Dv) the CPU kernels take: multiples of kHeadDimMultiple
+// up to kMaxHeadDim. The module's capabilities() exports both for Python.
+inline constexpr int64_t kHeadDimMultiple = 16;
 inline constexpr int64_t kMaxHeadDim = 576;
 
 // Keys per online-softmax block of the few-rows (GEMV) kernels.

@@ -13,7 +13,7 @@ namespace jax_mla::cpu {
 namespace {
 
 // The shared checks, then what the CPU kernels take: head dims that are
-// multiples of 16 up to kMaxHeadDim.
+// multiples of kHeadDimMultiple up to kMaxHeadDim.
 ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* kv_d, int64_t kv_fmt,
                     ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                     ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
@@ -22,9 +22,10 @@ ffi::Error CheckMla(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* k
                     int64_t num_splits, AttentionParams* p) {
   JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out, part_lse,
                                   dv, v_offset, num_splits, p));
-  JAX_MLA_CHECK(p->dk % 16 == 0 && dv % 16 == 0 && p->dk <= kMaxHeadDim, Unimplemented)
-      << "flash_mla (CPU): Dk and dv must be multiples of 16 with Dk <= " << kMaxHeadDim
-      << ", got Dk = " << p->dk << ", dv = " << dv;
+  JAX_MLA_CHECK(p->dk % kHeadDimMultiple == 0 && dv % kHeadDimMultiple == 0 && p->dk <= kMaxHeadDim,
+                Unimplemented)
+      << "flash_mla (CPU): Dk and dv must be multiples of " << kHeadDimMultiple
+      << " with Dk <= " << kMaxHeadDim << ", got Dk = " << p->dk << ", dv = " << dv;
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,123 @@
+"""What each native backend takes, as its module reports it (capabilities():
+the one table that the checks, their messages and the tests' parametrization
+read), and the checks that turn a valid configuration outside it into
+NotImplementedError (docs/design.md, "Backends and errors").
+
+The CUDA table is read only when a call targets the GPU, so CPU calls never
+need the CUDA module. The *_problem functions take a table and return what a
+configuration lacks (None when the kernel takes it): the checks raise with
+it, and the tests filter their GPU cases with it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from jax_mla import _backend, _ffi, quant
+
+_ANY = "(backend='reference' takes any)"
+
+
+def _table(platform: str) -> dict:
+    module = _ffi.module(platform)
+    if module is None:
+        raise RuntimeError(_ffi.why_missing(platform, "capabilities"))
+    return module.capabilities()
+
+
+@functools.cache
+def cpu() -> dict:
+    """The CPU module's table: head_dim_multiple, max_head_dim, dtypes,
+    formats (name -> FFI attribute code), kv_tile."""
+    return _table("cpu")
+
+
+@functools.cache
+def cuda() -> dict:
+    """The CUDA module's table: dtypes, attention_head_dims ([Dk, Dv] pairs),
+    mla_layouts ([Dk, dv, v_offset]), mla_formats (name -> code),
+    mla_kernels, attention_kernels."""
+    return _table("gpu")
+
+
+def format_code(platform: str, fmt: str | None) -> int:
+    """The FFI attribute code of a cache format on `platform` (0: a float cache)."""
+    if fmt is None:
+        return 0
+    formats = cuda()["mla_formats"] if _backend.is_gpu(platform) else cpu()["formats"]
+    return formats[fmt]
+
+
+def cpu_head_dims_problem(table: dict, dims: dict[str, int]) -> str | None:
+    multiple, largest = table["head_dim_multiple"], table["max_head_dim"]
+    for name, d in dims.items():
+        if d <= 0 or d % multiple or d > largest:
+            return (f"the CPU kernel supports head dims that are multiples of {multiple} up to "
+                    f"{largest}; got {name} = {d} {_ANY}")
+    return None
+
+
+def _cuda_dtypes_problem(table: dict, dtypes: dict[str, jnp.dtype]) -> str | None:
+    """One of the table's dtypes for every input."""
+    kinds = {jnp.dtype(d) for d in dtypes.values()}
+    if len(kinds) != 1 or next(iter(kinds)).name not in table["dtypes"]:
+        got = ", ".join(f"{name} {jnp.dtype(d)}" for name, d in dtypes.items())
+        return (f"the CUDA kernel takes {', '.join(dtypes)} all "
+                f"{' or all '.join(table['dtypes'])}; got {got} {_ANY}")
+    return None
+
+
+def cuda_attention_problem(table: dict, dtypes: dict[str, jnp.dtype], dk: int,
+                           dv: int) -> str | None:
+    pairs = tuple(tuple(p) for p in table["attention_head_dims"])
+    problem = _cuda_dtypes_problem(table, dtypes)
+    if problem is None and (dk, dv) not in pairs:
+        problem = f"the CUDA kernel supports (Dk, Dv) in {pairs}; got {(dk, dv)} {_ANY}"
+    return problem
+
+
+def cuda_mla_problem(table: dict, dtypes: dict[str, jnp.dtype], fmt: str | None, dk: int,
+                     dv: int, v_offset: int) -> str | None:
+    """`dtypes`: q's and, for a float cache, kv's; `fmt`: a quantized cache's
+    format (None for a float cache)."""
+    if fmt is None:
+        problem = _cuda_dtypes_problem(table, dtypes)
+    elif fmt not in table["mla_formats"]:
+        problem = (f"the CUDA kernel supports quantized caches in "
+                   f"{', '.join(table['mla_formats'])}; got {fmt} (backend='reference' takes "
+                   f"any, the CPU kernel takes {fmt})")
+    elif jnp.dtype(dtypes["q"]).name not in table["dtypes"]:
+        problem = (f"the CUDA kernel takes q {' or '.join(table['dtypes'])} over a quantized "
+                   f"cache; got q {jnp.dtype(dtypes['q'])} {_ANY}")
+    else:
+        problem = None
+    layouts = tuple(tuple(t) for t in table["mla_layouts"])
+    if problem is None and (dk, dv, v_offset) not in layouts:
+        supported = f"= {layouts[0]}" if len(layouts) == 1 else f"in {layouts}"
+        problem = (f"the CUDA kernel supports (Dk, dv, v_offset) {supported}; got "
+                   f"{(dk, dv, v_offset)} {_ANY}")
+    return problem
+
+
+def _raise(op: str, problem: str | None) -> None:
+    if problem is not None:
+        raise NotImplementedError(f"{op}: {problem}")
+
+
+def check_cpu_head_dims(op: str, **dims: int) -> None:
+    _raise(op, cpu_head_dims_problem(cpu(), dims))
+
+
+def check_cuda_attention(op: str, q, k, v) -> None:
+    _raise(op, cuda_attention_problem(cuda(), dict(q=q.dtype, k=k.dtype, v=v.dtype),
+                                      q.shape[-1], v.shape[-1]))
+
+
+def check_cuda_mla(op: str, q, kv, dv: int, v_offset: int) -> None:
+    if isinstance(kv, quant.QuantizedKV):
+        dtypes, fmt = dict(q=q.dtype), kv.fmt
+    else:
+        dtypes, fmt = dict(q=q.dtype, kv=kv.dtype), None
+    _raise(op, cuda_mla_problem(cuda(), dtypes, fmt, q.shape[-1], dv, v_offset))
