@@ -83,10 +83,6 @@ def _check_last_axis(fmt: str, shape) -> None:
                          f"{tuple(shape)}")
 
 
-# Format codes the native kernels take (ffi/common/quant_format.h, QFormat).
-FORMAT_CODES = {"q8_0": 1, "q8_kv": 2, "q6_0": 3}
-
-
 def check_quantized(op: str, name: str, x: QuantizedKV) -> None:
     """Checks that a QuantizedKV's leaves agree with its format (a cache built
     by hand, or whose leaves were sliced apart, may not)."""
