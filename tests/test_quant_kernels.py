@@ -10,10 +10,15 @@ vectorized exp) applies unchanged. Over 8-bit V each rounded weight q_t is an
 integer chosen from float32 values that kernel and reference compute a few
 ulps apart, so a weight that lands within those ulps of a rounding boundary
 may round the other way (about one weight in 10^4); such a flip moves the
-outputs of its row and 32-column block by one step of P, at most max|v| / 255.
-`assert_rounded_p` holds all other elements to F32_TOL, allows flips in at
-most 1% of the elements, and requires the whole output within 5e-4 (relative
+outputs of its row and 32-column block by one step of P, at most max|v| / 255
+(over q8_kv, whose one scale per key makes every block's weight the same
+number, a flip moves the whole row). `assert_rounded_p` holds all other
+elements to F32_TOL, allows at most 2 + 10^-3 x (rounded weights) flipped
+blocks (rows over q8_kv), and requires the whole output within 5e-4 (relative
 L2) of the reference, where leaving P unrounded is 10x further away (~5e-3).
+The bound counts flips, not elements: one flip in a small output is more than
+1% of its elements, and which weights flip depends on the last bits of the
+reference, which XLA computes differently on AVX2 and AVX-512 machines.
 The quantization error itself (the cache against the float values it was made
 from) is measured in test_quant.py and in the README, not here.
 """
@@ -62,7 +67,7 @@ def rounds_p(v_fmt) -> bool:
     return isinstance(v_fmt, str) and v_fmt in EIGHT_BIT
 
 
-def assert_rounded_p(got, want, out_dtype, visible, v_absmax, *, f32_tol=F32_TOL):
+def assert_rounded_p(got, want, out_dtype, visible, v_absmax, v_fmt, *, f32_tol=F32_TOL):
     """assert_attention for outputs over 8-bit V (module docstring): the LSE
     exactly as for float caches, the output up to rare one-step flips of P."""
     out, lse = got
@@ -74,7 +79,18 @@ def assert_rounded_p(got, want, out_dtype, visible, v_absmax, *, f32_tol=F32_TOL
     eps = float(jnp.finfo(out_dtype).eps)
     bad = np.abs(a - e) > f32_tol + (f32_tol + OUT_ULPS * eps) * np.abs(e)
     step = float(v_absmax) / 255
-    assert bad.mean() <= 0.01, f"{int(bad.sum())} of {a.size} elements outside F32_TOL"
+    # Output [B, Sq, H, Dv]: a flip shows in one (row, 32-column block), or in
+    # the whole row over q8_kv; P holds one rounded weight per visible key and
+    # block (per visible key over q8_kv).
+    dv, heads = a.shape[-1], a.shape[2]
+    width = dv if v_fmt == "q8_kv" else 32
+    blocks = -(-dv // width)
+    flipped = np.pad(bad, [(0, 0)] * 3 + [(0, blocks * width - dv)])
+    flipped = flipped.reshape(a.shape[:3] + (blocks, width)).any(-1)
+    weights = int(np.asarray(visible).sum()) * heads * blocks
+    assert flipped.sum() <= 2 + 1e-3 * weights, (
+        f"{int(flipped.sum())} flipped P blocks ({int(bad.sum())} of {a.size} elements outside "
+        f"F32_TOL) for {weights} rounded weights")
     worst = np.abs(a - e).max(initial=0.0)
     assert worst <= step + f32_tol + OUT_ULPS * eps * np.abs(e).max(initial=0.0), (
         f"max |out - reference| {worst:.3g} is more than one P step ({step:.3g})")
@@ -99,7 +115,7 @@ def check_mla_quant(rng, fmt, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     if rounds_p(fmt):
         v_absmax = np.nanmax(np.abs(np.asarray(jax_mla.dequantize(kv))[..., v_offset:v_offset + dv]))
-        assert_rounded_p(got, want, q_dtype, visible, v_absmax)
+        assert_rounded_p(got, want, q_dtype, visible, v_absmax, fmt)
     else:
         assert_attention(got, want, q_dtype, visible)
 
@@ -168,7 +184,7 @@ def check_attention_quant(rng, k_fmt, v_fmt, batch, seq_q, heads_q, heads_kv, se
     want = reference.attention_quantized(q, k, v, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     if rounds_p(v_fmt):
-        assert_rounded_p(got, want, jnp.float32, visible, np.nanmax(np.abs(float_view(v))))
+        assert_rounded_p(got, want, jnp.float32, visible, np.nanmax(np.abs(float_view(v))), v_fmt)
     else:
         assert_attention(got, want, jnp.float32, visible)
 
