@@ -1,7 +1,7 @@
 """Loads the native modules and registers their FFI targets with XLA.
 
 Each module exposes registrations() -> {target name: capsule}; CPU targets are
-registered for platform "cpu", CUDA targets for "CUDA" (DESIGN.md). A module
+registered for platform "cpu", CUDA targets for "CUDA" (docs/design.md, "XLA FFI conventions"). A module
 that fails to import is recorded with the reason, so backends() and the
 backend=None warning can say why.
 """

@@ -1,7 +1,7 @@
 """Quantized KV caches: the QuantizedKV pytree, quantize / dequantize, and the
 cache helpers cache_update and cache_bytes.
 
-Formats (quantization along the last axis, DESIGN.md):
+Formats (quantization along the last axis, docs/formats.md):
   q8_0   blocks of 32: qs int8 [..., D], d float16 [..., D/32]; x ~ d * q.
          ggml's Q8_0 bit for bit: d = max|x| / 127, q = roundf(x * (1/d)).
   q8_kv  one scale per row: qs int8 [..., D], d float32 [..., 1]; x ~ d * q,

@@ -6,7 +6,7 @@ is cast to q's dtype. The native kernels are tested against these functions
 (and these against float64 numpy on small cases). They are not the speed
 baseline: the benchmark compares with the best plain-JAX formulation.
 
-Semantics shared by both ops (DESIGN.md):
+Semantics shared by both ops (docs/design.md, "Positions and lengths"):
   * query row i of batch b is at absolute position q_pos[b] + i; q_pos
     defaults to kv_len - Sq (the queries are the last Sq tokens);
   * keys at positions >= kv_len[b] do not exist; kv_len is clamped to

@@ -20,7 +20,7 @@ from jax_mla import _capabilities, _ffi, reference
 
 # Keys per tile of the CPU kernel; lengths are chosen around it.
 KV_TILE = _ffi.module("cpu").kv_tile()
-# Cache lengths that are not multiples of the tile (STYLE.md #15).
+# Cache lengths that are not multiples of the tile (docs/design.md, "Tests").
 AWKWARD_SKV = sorted({1, KV_TILE - 1, KV_TILE + 1, 77, 300})
 
 # Float dtype combinations (q, k, v): uniform, and float32 queries over a
@@ -172,7 +172,7 @@ def per_batch(x, batch: int) -> np.ndarray:
 
 def cache(rng, shape, dtype, kv_len=None) -> jax.Array:
     """A random cache [B, Skv, ...] whose slots at positions >= kv_len[b] hold
-    NaN (STYLE.md #16): keys past kv_len do not exist, so a kernel that reads
+    NaN (docs/design.md, "Tests"): keys past kv_len do not exist, so a kernel that reads
     them produces NaN and fails."""
     x = rng.standard_normal(shape, dtype=np.float32)
     if kv_len is not None:
@@ -233,7 +233,7 @@ def reference_mla(q, kv, *, dv, v_offset=0, scale=None, causal=False, q_pos=None
                           np.float32(scale), dv=dv, v_offset=v_offset, causal=bool(causal))
 
 
-# Tolerances (STYLE.md #14). The kernel and the reference compute in float32
+# Tolerances (docs/design.md, "Tests"). The kernel and the reference compute in float32
 # from the same upcast inputs and differ only in summation order and in the
 # kernel's vectorized exp (within 2 float32 ulps). At the default scale the
 # scores are O(1), so they differ by a few float32 ulps, and an output (a

@@ -309,7 +309,7 @@ def test_v3_preset_small_scale(rng):
 # ------------------------------------------------------------------ YaRN
 
 def test_softmax_scales_match_the_models():
-    # DESIGN.md: about 0.115 for V2-Lite and 0.135 for V3.
+    # docs/design.md: about 0.115 for V2-Lite and 0.135 for V3.
     v2 = 192 ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2
     v3 = 192 ** -0.5 * (0.1 * 1.0 * math.log(40) + 1) ** 2
     assert ds.MLAConfig().softmax_scale == pytest.approx(v2, rel=1e-12)

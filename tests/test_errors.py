@@ -1,5 +1,5 @@
 """Malformed input: the exception type, and a message that names the argument
-and the values (DESIGN.md, "Backends and errors"). One test per class; the
+and the values (docs/design.md, "Backends and errors"). One test per class; the
 C++ handlers' own checks are tested by calling the FFI targets directly."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The C++ handlers validate their arguments on their own (STYLE.md #4, #5):
+"""The C++ handlers validate their arguments on their own (docs/design.md, "Backends and errors"):
 calling the FFI targets directly with inconsistent shapes or attributes gives
 a runtime error naming the argument and the values, never a crash."""
 

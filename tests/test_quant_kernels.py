@@ -42,7 +42,7 @@ FORMATS = quant.FORMATS
 def quantized_cache(rng, shape, fmt, kv_len=None):
     """A random cache quantized to `fmt`, with the scales of every row at a
     position >= kv_len[b] set to NaN: those rows dequantize to NaN, so a
-    kernel that reads a key that does not exist fails (STYLE.md #16)."""
+    kernel that reads a key that does not exist fails (docs/design.md, "Tests")."""
     x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     qkv = jax_mla.quantize(x, fmt)
     if kv_len is None:

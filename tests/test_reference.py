@@ -1,5 +1,5 @@
 """The pure-JAX references (jax_mla.reference) against an independent float64
-numpy implementation of the contract (DESIGN.md), on small cases."""
+numpy implementation of the contract (docs/design.md), on small cases."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 //
 // The macro evaluates to `return ffi::Error(code, message)` when the condition
 // fails; the message is built with ostream syntax so actual values can be
-// named. Never exit, abort or assert on user input (STYLE.md #4).
+// named. Never exit, abort or assert on user input (docs/design.md, "Backends and errors").
 #pragma once
 
 #include <string>

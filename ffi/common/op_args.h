@@ -1,5 +1,5 @@
 // The arguments of flash_mla and flash_attention, checked the same way on
-// every backend (STYLE.md: shared logic lives once, in ffi/common): q, the
+// every backend (docs/design.md, "Conventions": shared logic lives once, in ffi/common): q, the
 // caches (float, or quantized as qs + scales), the head dims, positions,
 // outputs and split partials, filled into AttentionParams. Each backend's
 // handler calls these first, then rejects what it does not support yet

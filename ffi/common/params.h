@@ -75,7 +75,7 @@ struct AttentionParams {
 };
 
 // Number of keys a row at query position `pos` sees, given the batch row's
-// kv_len (clamped to [0, Skv], DESIGN.md) and the causal flag. Visible keys are
+// kv_len (clamped to [0, Skv], docs/design.md) and the causal flag. Visible keys are
 // always the prefix [0, n) of the cache.
 JAX_MLA_HOST_DEVICE inline int64_t VisibleKeys(int64_t pos, int32_t kv_len, int64_t seq_kv,
                                                bool causal) {

@@ -1,4 +1,4 @@
-// The quantized cache formats (DESIGN.md, jax_mla/quant.py), as every backend
+// The quantized cache formats (docs/formats.md, jax_mla/quant.py), as every backend
 // reads them: storage sizes, scale types and the q6_0 block unpacking. A
 // cache in one of these formats arrives as two buffers, `qs` (the values) and
 // `d` (the scales), quantized along the last axis.

@@ -13,7 +13,7 @@
 namespace jax_mla::cpu {
 
 // Keys per tile of the attention kernels. The Python num_splits heuristic reads
-// it through the module's kv_tile() so that there is one table (STYLE.md #8).
+// it through the module's kv_tile() so that there is one table (docs/design.md, "Conventions").
 inline constexpr int64_t kKvTile = 64;
 
 // A block of query rows that attend to the same key/value head.

@@ -3,15 +3,13 @@
 //
 // A CPU handler must not block waiting for tasks it scheduled on the pool: when
 // several custom calls of one jit run at once, every pool thread can end up
-// waiting and none is left to run the tasks (DESIGN.md). So the workers pull
-// work items from a shared counter, the calling thread among them, and the
-// caller waits only for items another thread has already claimed, i.e. is
-// running right now: a task still queued behind other work claims nothing
-// and is never waited for (if it never gets a thread, the caller runs every
-// item itself). The caller then runs `done` and returns a completed future,
-// so XLA goes on on the same thread. Against completing the future from the
-// pool task that finished last, this took ~40 us off an MLA decode call at
-// 4096 keys (NOTES.md 6).
+// waiting and none is left to run the tasks (docs/design.md, "XLA FFI conventions"). So the workers
+// pull work items from a shared counter, the calling thread among them, and the caller waits only
+// for items another thread has already claimed, i.e. is running right now: a task still queued
+// behind other work claims nothing and is never waited for (if it never gets a thread, the caller
+// runs every item itself). The caller then runs `done` and returns a completed future, so XLA goes
+// on on the same thread. Against completing the future from the pool task that finished last, this
+// took ~40 us off an MLA decode call at 4096 keys (NOTES.md 6).
 #pragma once
 
 #include <algorithm>

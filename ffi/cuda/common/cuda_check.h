@@ -1,4 +1,4 @@
-// CUDA failures as ffi::Error (Internal), never exit/abort (STYLE.md #4).
+// CUDA failures as ffi::Error (Internal), never exit/abort (docs/design.md, "Backends and errors").
 #pragma once
 
 #include <cuda_runtime.h>
