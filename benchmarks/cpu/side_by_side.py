@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     binary = os.path.join(args.ik_bench, IK_BINARY)
     if not os.access(binary, os.X_OK):
         parser.error(f"--ik-bench: no executable {IK_BINARY} in {args.ik_bench}")
-    meta = report.metadata(args.quick, sys.argv[1:] if argv is None else list(argv))
-    meta["command"] = meta["command"].replace("python -m jax_mla", "benchmarks/cpu/side_by_side.py")
+    meta = report.metadata(args.quick, " ".join(
+        ["benchmarks/cpu/side_by_side.py", *(sys.argv[1:] if argv is None else argv)]))
     print(f"# {meta['cpu']['model']}, {meta['cpu']['threads']} threads; jax "
           f"{meta['versions']['jax']}; jax_mla {meta['versions']['jax_mla']} commit "
           f"{meta['commit']}, ISA {meta['cpu']['isa']}")

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         print(f"python -m jax_mla: {why}", file=sys.stderr)
         return 2
     case_list = [] if args.model_only else op_cases(args, parser, platform)
-    meta = report.metadata(args.quick, argv)
+    meta = report.metadata(args.quick, " ".join(["python -m jax_mla", *argv]))
     print(report.header(meta), flush=True)
     budget_s = 0.1 if args.quick else 0.5
     rows = []

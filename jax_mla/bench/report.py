@@ -82,11 +82,11 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
-def metadata(quick: bool, argv: list[str]) -> dict:
+def metadata(quick: bool, command: str) -> dict:
     dev = default_device()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m jax_mla", *argv]),
+        "command": command,
         "quick": quick,
         "device": {"platform": dev.platform, "device_kind": dev.device_kind},
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
