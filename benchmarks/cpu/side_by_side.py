@@ -11,6 +11,8 @@ with as many calls per pass, best of 3 passes, and checked by its own float64
 
     python -P benchmarks/cpu/side_by_side.py --ik-bench /tmp/ik_bench/harness [--quick]
         [--only NAME-PART] [--json F]
+    python -P benchmarks/cpu/side_by_side.py --ik-bench DIR --tests tg@1024,pp512@4096
+        --caches f16,q8_0 [--ops flash_mla]     (any tests instead of the workloads)
 
 Run it with `python -P` (or from outside the repo root), so the installed
 jax_mla (with its native module) is imported. ik_bench: the ik_bench tool
@@ -27,7 +29,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from jax_mla.bench import ops, report
+from jax_mla.bench import cases, ops, report
 from jax_mla.bench.cases import Case
 
 IK_BINARY = "fa_bench_ik"
@@ -78,12 +80,26 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(sorted(QUICK))}")
     parser.add_argument("--json", help="also write the rows and metadata as JSON")
     parser.add_argument("--only", help="run the workloads whose name contains this")
+    parser.add_argument("--tests", type=lambda s: [cases.parse_test(t) for t in s.split(",")],
+                        help="comma-separated tg@N / ppS@N to run instead of the workloads")
+    parser.add_argument("--caches", default="f16", type=lambda s: s.split(","),
+                        help=f"with --tests: comma-separated subset of {', '.join(IK_TOLERANCE)}")
+    parser.add_argument("--ops", default=",".join(cases.OPS), type=lambda s: s.split(","),
+                        help=f"with --tests: comma-separated subset of {', '.join(cases.OPS)}")
     args = parser.parse_args(argv)
     if not args.ik_bench:
         parser.error("--ik-bench (or JAX_MLA_IK_BENCH) must name the ik_bench harness folder")
     binary = os.path.join(args.ik_bench, IK_BINARY)
     if not os.access(binary, os.X_OK):
         parser.error(f"--ik-bench: no executable {IK_BINARY} in {args.ik_bench}")
+    workloads = WORKLOADS
+    if args.tests:
+        bad = [c for c in args.caches if c not in IK_TOLERANCE] + [
+            o for o in args.ops if o not in cases.OPS]
+        if bad:
+            parser.error(f"--caches/--ops: unknown {', '.join(bad)}")
+        workloads = [(f"{'MLA' if c.op == 'flash_mla' else 'std'} {c.cache} {c.test}", c)
+                     for c in cases.cpu_cases(args.tests, args.ops, args.caches)]
     meta = report.metadata(args.quick, " ".join(
         ["benchmarks/cpu/side_by_side.py", *(sys.argv[1:] if argv is None else argv)]))
     print(f"# {meta['cpu']['model']}, {meta['cpu']['threads']} threads; jax "
@@ -92,7 +108,7 @@ def main(argv=None) -> int:
     print(f"{'workload':<20} {'jax_mla ms':>10} {'ik ms':>9} {'ratio':>6} {'jax_mla GFLOP/s':>15} "
           f"{'ik GFLOP/s':>10} {'ik cpu_util':>11} {'jax_mla err':>11} {'ik err':>8}")
     rows, bad = [], []
-    for name, case in WORKLOADS:
+    for name, case in workloads:
         if args.quick and name not in QUICK or args.only and args.only not in name:
             continue
         ours = ops.run_case(case, "cpu", BUDGET_S, backends=("native",))[0]
