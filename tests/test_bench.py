@@ -122,6 +122,18 @@ def test_gpu_cases_are_the_issue_shapes():
     assert all(c.cache in ops.TOLERANCE["gpu"][b] for c in got for b in ops.BACKENDS)
 
 
+def test_gpu_row_path_runs_on_the_cpu(cpu):
+    # The GPU way of timing (back-to-back calls over copies rotated past the
+    # L2) on a small bf16 decode case; the CPU kernels take bf16 too.
+    case = cases.Case("flash_mla", 1, 256, "bf16", batch=1, heads=16, query="bf16")
+    rows = ops.run_case(case, "gpu", budget_s=0.02)
+    assert [r.backend for r in rows] == list(ops.BACKENDS)
+    for r in rows:
+        assert r.copies == timing.MAX_COPIES and r.calls >= timing.MIN_CALLS
+        assert r.err <= r.tolerance == ops.TOLERANCE["gpu"][r.backend]["bf16"]
+        assert math.isfinite(r.ms) and r.gbps == pytest.approx(case.cache_bytes / r.ms / 1e6)
+
+
 def test_cpu_sweep_flags_are_refused_on_a_gpu():
     args, parser = cli.parse_args(["--caches", "f16"])
     with pytest.raises(SystemExit):
