@@ -1,4 +1,4 @@
-"""`python -m jax_mla`: the benchmark (see jax_mla/bench.py, or --help)."""
+"""`python -m jax_mla`: the benchmark (see jax_mla/bench/, or --help)."""
 
 import sys
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The CPU speed issue's measurement on this machine in one command: three full runs of
-# side_by_side.py (jax_mla against ik_llama.cpp, same run) and the main table (python -m jax_mla
-# over f16 and q8_0 caches with ik_llama.cpp), written to benchmarks/results/ as
+# The CPU speed measurement on this machine in one command: three full runs of side_by_side.py
+# (jax_mla against ik_llama.cpp, same run) and the main table (python -m jax_mla's op rows over
+# f16 and q8_0 caches, against plain JAX), written to benchmarks/results/cpu/ as
 # DATE_CPU-KIND_COMMIT_{vs_ik_run1..3,ops_f16_q8_0}.{txt,json}.
 #
 #   PY=/path/to/venv/bin/python IK_BENCH=/tmp/ik_bench/harness benchmarks/cpu/side_by_side.sh
 #
 # PY's environment must have this checkout's jax_mla installed; IK_BENCH is the folder that
-# ../shared/tools/ik_bench builds (about 13 minutes, once per machine). ISA=avx2 times jax_mla's
+# the ik_bench tool builds (about 13 minutes, once per machine). ISA=avx2 times jax_mla's
 # AVX2 path instead of the best one (with an ik_bench built for AVX2 only, the proxy of a Zen 3
 # on a Zen 4); RUNS=n sets the side-by-side runs (3), TABLE=0 leaves out the main table. Run it
 # on a quiet machine: both sides use both cores.
@@ -24,14 +24,15 @@ if [ -n "${ISA:-}" ]; then
 fi
 rev="$(git -C "$ROOT" rev-parse --short HEAD)"
 git -C "$ROOT" diff --quiet HEAD -- ffi jax_mla || echo "warning: uncommitted changes in ffi/ or jax_mla/" >&2
-out="$ROOT/benchmarks/results/$(date -u +%F)_${kind}_${rev}"
+mkdir -p "$ROOT/benchmarks/results/cpu"
+out="$ROOT/benchmarks/results/cpu/$(date -u +%F)_${kind}_${rev}"
 cd /tmp  # import the installed jax_mla, not the source tree
 for run in $(seq "${RUNS:-3}"); do
   "$PY" -P "$ROOT/benchmarks/cpu/side_by_side.py" --ik-bench "$IK" --json "${out}_vs_ik_run$run.json" \
     | tee "${out}_vs_ik_run$run.txt"
 done
 if [ "${TABLE:-1}" != 0 ]; then
-  "$PY" -m jax_mla --no-model --caches f16,q8_0 --ik-bench "$IK" --json "${out}_ops_f16_q8_0.json" \
+  "$PY" -P -m jax_mla --no-model --caches f16,q8_0 --json "${out}_ops_f16_q8_0.json" \
     | tee "${out}_ops_f16_q8_0.txt"
 fi
 echo "written: ${out}_*"
