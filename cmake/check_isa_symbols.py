@@ -30,7 +30,6 @@ import re
 import subprocess
 import sys
 
-
 # Itanium mangling of a name in jax_mla::cpu, with what may precede it: guard
 # variables and typeinfo/vtables (_ZGV, _ZTI, ...), function-local statics
 # (_ZZN), cv- and ref-qualified members (_ZNK...); a leading _ on Mach-O.
@@ -77,12 +76,14 @@ def main() -> int:
             return 2
         if stray:
             status = 1
-            print(f"The {args.isa} copy of the CPU kernels ({obj}) defines symbols outside "
-                  f"namespace jax_mla::cpu::{args.isa}, which the linker would share with the "
-                  "other ISA copies (cmake/check_isa_symbols.py says why; c++filt demangles):\n  "
-                  + "\n  ".join(stray)
-                  + "\nMove them into the ISA namespace or give them internal linkage.",
-                  file=sys.stderr)
+            print(
+                f"The {args.isa} copy of the CPU kernels ({obj}) defines symbols outside "
+                f"namespace jax_mla::cpu::{args.isa}, which the linker would share with the "
+                "other ISA copies (cmake/check_isa_symbols.py says why; c++filt demangles):\n  "
+                + "\n  ".join(stray)
+                + "\nMove them into the ISA namespace or give them internal linkage.",
+                file=sys.stderr,
+            )
     return status
 
 

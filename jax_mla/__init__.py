@@ -8,5 +8,13 @@ from jax_mla.quant import QuantizedKV, cache_bytes, cache_update, dequantize, qu
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantizedKV", "backends", "cache_bytes", "cache_update", "dequantize",
-           "flash_attention", "flash_mla", "quantize"]
+__all__ = [
+    "QuantizedKV",
+    "backends",
+    "cache_bytes",
+    "cache_update",
+    "dequantize",
+    "flash_attention",
+    "flash_mla",
+    "quantize",
+]

@@ -35,7 +35,9 @@ def is_gpu(platform: str) -> bool:
 def resolve_backend(op: str, backend, target: str, platform: str) -> str:
     """'native' or 'reference' for this call on `platform`."""
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of None, 'native', 'reference', got {backend!r}")
+        raise ValueError(
+            f"{op}: backend must be one of None, 'native', 'reference', got {backend!r}"
+        )
     if backend == "reference":
         return "reference"
     if _ffi.has_target(platform, target):
@@ -45,15 +47,21 @@ def resolve_backend(op: str, backend, target: str, platform: str) -> str:
         # The module is built but lacks this kernel (quantized caches on CUDA,
         # say): a valid configuration it does not support yet, never a silent
         # fallback, whatever `backend` says.
-        raise NotImplementedError(f"{op}: no native kernel on {platform} for this call: {why} "
-                                  "(backend='reference' runs the pure-JAX reference)")
+        raise NotImplementedError(
+            f"{op}: no native kernel on {platform} for this call: {why} "
+            "(backend='reference' runs the pure-JAX reference)"
+        )
     if backend == "native":
         raise RuntimeError(
             f"{op}: backend='native' but {why}. Build it with "
             "`pip install -Ccmake.define.JAX_MLA_CUDA=ON .` for CUDA, or reinstall jax_mla "
-            "with a C++ compiler for the CPU module")
+            "with a C++ compiler for the CPU module"
+        )
     if (platform, target) not in _warned:
         _warned.add((platform, target))
-        warnings.warn(f"{op}: using the pure-JAX reference on {platform} because {why}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{op}: using the pure-JAX reference on {platform} because {why}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return "reference"

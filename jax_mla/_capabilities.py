@@ -54,8 +54,10 @@ def cpu_head_dims_problem(table: dict, dims: dict[str, int]) -> str | None:
     multiple, largest = table["head_dim_multiple"], table["max_head_dim"]
     for name, d in dims.items():
         if d <= 0 or d % multiple or d > largest:
-            return (f"the CPU kernel supports head dims that are multiples of {multiple} up to "
-                    f"{largest}; got {name} = {d} {_ANY}")
+            return (
+                f"the CPU kernel supports head dims that are multiples of {multiple} up to "
+                f"{largest}; got {name} = {d} {_ANY}"
+            )
     return None
 
 
@@ -64,13 +66,16 @@ def _cuda_dtypes_problem(table: dict, dtypes: dict[str, jnp.dtype]) -> str | Non
     kinds = {jnp.dtype(d) for d in dtypes.values()}
     if len(kinds) != 1 or next(iter(kinds)).name not in table["dtypes"]:
         got = ", ".join(f"{name} {jnp.dtype(d)}" for name, d in dtypes.items())
-        return (f"the CUDA kernel takes {', '.join(dtypes)} all "
-                f"{' or all '.join(table['dtypes'])}; got {got} {_ANY}")
+        return (
+            f"the CUDA kernel takes {', '.join(dtypes)} all "
+            f"{' or all '.join(table['dtypes'])}; got {got} {_ANY}"
+        )
     return None
 
 
-def cuda_attention_problem(table: dict, dtypes: dict[str, jnp.dtype], dk: int,
-                           dv: int) -> str | None:
+def cuda_attention_problem(
+    table: dict, dtypes: dict[str, jnp.dtype], dk: int, dv: int
+) -> str | None:
     pairs = tuple(tuple(p) for p in table["attention_head_dims"])
     problem = _cuda_dtypes_problem(table, dtypes)
     if problem is None and (dk, dv) not in pairs:
@@ -78,26 +83,33 @@ def cuda_attention_problem(table: dict, dtypes: dict[str, jnp.dtype], dk: int,
     return problem
 
 
-def cuda_mla_problem(table: dict, dtypes: dict[str, jnp.dtype], fmt: str | None, dk: int,
-                     dv: int, v_offset: int) -> str | None:
+def cuda_mla_problem(
+    table: dict, dtypes: dict[str, jnp.dtype], fmt: str | None, dk: int, dv: int, v_offset: int
+) -> str | None:
     """`dtypes`: q's and, for a float cache, kv's; `fmt`: a quantized cache's
     format (None for a float cache)."""
     if fmt is None:
         problem = _cuda_dtypes_problem(table, dtypes)
     elif fmt not in table["mla_formats"]:
-        problem = (f"the CUDA kernel supports quantized caches in "
-                   f"{', '.join(table['mla_formats'])}; got {fmt} (backend='reference' takes "
-                   f"any, the CPU kernel takes {fmt})")
+        problem = (
+            f"the CUDA kernel supports quantized caches in "
+            f"{', '.join(table['mla_formats'])}; got {fmt} (backend='reference' takes "
+            f"any, the CPU kernel takes {fmt})"
+        )
     elif jnp.dtype(dtypes["q"]).name not in table["dtypes"]:
-        problem = (f"the CUDA kernel takes q {' or '.join(table['dtypes'])} over a quantized "
-                   f"cache; got q {jnp.dtype(dtypes['q'])} {_ANY}")
+        problem = (
+            f"the CUDA kernel takes q {' or '.join(table['dtypes'])} over a quantized "
+            f"cache; got q {jnp.dtype(dtypes['q'])} {_ANY}"
+        )
     else:
         problem = None
     layouts = tuple(tuple(t) for t in table["mla_layouts"])
     if problem is None and (dk, dv, v_offset) not in layouts:
         supported = f"= {layouts[0]}" if len(layouts) == 1 else f"in {layouts}"
-        problem = (f"the CUDA kernel supports (Dk, dv, v_offset) {supported}; got "
-                   f"{(dk, dv, v_offset)} {_ANY}")
+        problem = (
+            f"the CUDA kernel supports (Dk, dv, v_offset) {supported}; got "
+            f"{(dk, dv, v_offset)} {_ANY}"
+        )
     return problem
 
 
@@ -111,8 +123,12 @@ def check_cpu_head_dims(op: str, **dims: int) -> None:
 
 
 def check_cuda_attention(op: str, q, k, v) -> None:
-    _raise(op, cuda_attention_problem(cuda(), dict(q=q.dtype, k=k.dtype, v=v.dtype),
-                                      q.shape[-1], v.shape[-1]))
+    _raise(
+        op,
+        cuda_attention_problem(
+            cuda(), dict(q=q.dtype, k=k.dtype, v=v.dtype), q.shape[-1], v.shape[-1]
+        ),
+    )
 
 
 def check_cuda_mla(op: str, q, kv, dv: int, v_offset: int) -> None:

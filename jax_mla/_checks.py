@@ -25,7 +25,8 @@ def check_float_array(op: str, name: str, x, rank: int, layout: str) -> None:
         raise TypeError(f"{op}: {name} must be an array {layout}, got {type(x).__name__}")
     if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
         raise TypeError(
-            f"{op}: {name} must be float32, float16 or bfloat16, got dtype {jnp.dtype(x.dtype)}")
+            f"{op}: {name} must be float32, float16 or bfloat16, got dtype {jnp.dtype(x.dtype)}"
+        )
     if x.ndim != rank:
         raise ValueError(f"{op}: {name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")
 
@@ -36,8 +37,10 @@ def check_cache(op: str, name: str, x, rank: int, layout: str):
     if isinstance(x, quant.QuantizedKV):
         quant.check_quantized(op, name, x)
         if x.ndim != rank:
-            raise ValueError(f"{op}: {name} must have rank {rank} {layout}, got a {x.fmt} cache "
-                             f"of shape {x.shape}")
+            raise ValueError(
+                f"{op}: {name} must have rank {rank} {layout}, got a {x.fmt} cache "
+                f"of shape {x.shape}"
+            )
         return tuple(x.shape), x.fmt
     check_float_array(op, name, x, rank, layout)
     return tuple(x.shape), None
@@ -60,7 +63,9 @@ def check_scale(op: str, scale, default: float) -> float:
     if scale is None:
         return default
     if isinstance(scale, jax.core.Tracer) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{op}: scale must be a static Python or numpy float, got {type(scale).__name__}")
+        raise TypeError(
+            f"{op}: scale must be a static Python or numpy float, got {type(scale).__name__}"
+        )
     if not math.isfinite(float(scale)):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
     return float(scale)
@@ -81,8 +86,9 @@ def check_static_bool(op: str, name: str, value) -> bool:
     return bool(value)
 
 
-def per_batch_int32(op: str, name: str, x, batch: int, lo: int | None = None,
-                    hi: int | None = None) -> jax.Array | None:
+def per_batch_int32(
+    op: str, name: str, x, batch: int, lo: int | None = None, hi: int | None = None
+) -> jax.Array | None:
     """q_pos / kv_len: None, or an integer scalar or [B] -> int32 [B].
 
     Concrete values are range-checked (ValueError); traced ones cannot be and
@@ -95,11 +101,15 @@ def per_batch_int32(op: str, name: str, x, batch: int, lo: int | None = None,
     if isinstance(x, numbers.Integral):
         x = np.asarray(x)
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"{op}: {name} must be an int32 scalar or [B] array, got {type(x).__name__}")
+        raise TypeError(
+            f"{op}: {name} must be an int32 scalar or [B] array, got {type(x).__name__}"
+        )
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{op}: {name} must have an integer dtype, got {jnp.dtype(x.dtype)}")
     if x.shape not in ((), (batch,)):
-        raise ValueError(f"{op}: {name} must be a scalar or have shape ({batch},), got {tuple(x.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be a scalar or have shape ({batch},), got {tuple(x.shape)}"
+        )
     if not isinstance(x, jax.core.Tracer):
         values = np.asarray(x).astype(np.int64)
         i32 = np.iinfo(np.int32)
@@ -107,8 +117,8 @@ def per_batch_int32(op: str, name: str, x, batch: int, lo: int | None = None,
         hi_ = i32.max if hi is None else hi
         bad = (values < lo_) | (values > hi_)
         if bad.any():
-            raise ValueError(
-                f"{op}: {name} must lie in [{lo_}, {hi_}], got {values.reshape(-1)[bad.reshape(-1)][0]}")
+            first = values.reshape(-1)[bad.reshape(-1)][0]
+            raise ValueError(f"{op}: {name} must lie in [{lo_}, {hi_}], got {first}")
     return jnp.broadcast_to(jnp.asarray(x).astype(jnp.int32), (batch,))
 
 

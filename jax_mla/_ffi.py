@@ -1,9 +1,9 @@
 """Loads the native modules and registers their FFI targets with XLA.
 
 Each module exposes registrations() -> {target name: capsule}; CPU targets are
-registered for platform "cpu", CUDA targets for "CUDA" (docs/design.md, "XLA FFI conventions"). A module
-that fails to import is recorded with the reason, so backends() and the
-backend=None warning can say why.
+registered for platform "cpu", CUDA targets for "CUDA" (docs/design.md, "XLA
+FFI conventions"). A module that fails to import is recorded with the reason,
+so backends() and the backend=None warning can say why.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _load() -> None:
                     f"jax_mla was imported from its source tree "
                     f"({pathlib.Path(__file__).resolve().parent}), which has no compiled modules. "
                     "Install it (`pip install .`) and run Python with -P (`python -P -m jax_mla`) "
-                    "or from another directory, so the installed package is imported") from e
+                    "or from another directory, so the installed package is imported"
+                ) from e
             _load_errors[platform] = f"jax_mla.{name} did not load ({e})"
             continue
         registrations = module.registrations()
@@ -50,8 +51,12 @@ def _load() -> None:
         _targets[platform] = frozenset(registrations)
     isa_error = cpu_isa_error()
     if isa_error:
-        warnings.warn(f"jax_mla: {isa_error}; the CPU kernels will refuse to run until "
-                      "JAX_MLA_CPU_ISA is fixed", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"jax_mla: {isa_error}; the CPU kernels will refuse to run until "
+            "JAX_MLA_CPU_ISA is fixed",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def cpu_isa_error() -> str | None:
@@ -115,4 +120,3 @@ def backends() -> dict[str, dict]:
         "error": _load_errors.get("gpu"),
     }
     return info
-

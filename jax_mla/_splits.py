@@ -57,13 +57,22 @@ def gpu_num_splits_heuristic(items: int, seq_kv: int, *, kv_tile: int, sms: int)
             break
     waves = -(-items * first // sms)
     most = min(waves * sms // items, tiles // 2)  # splits that still fit those waves
-    per = -(-tiles // most)                        # the fewest tiles per block there
+    per = -(-tiles // most)  # the fewest tiles per block there
     return -(-tiles // per)
 
 
-def choose_num_splits(num_splits, batch: int, seq_q: int, heads_q: int, heads_kv: int,
-                      seq_kv: int, *, platform: str = "cpu", dk: int = 0,
-                      blocks_per_sm: int = 1) -> int:
+def choose_num_splits(
+    num_splits,
+    batch: int,
+    seq_q: int,
+    heads_q: int,
+    heads_kv: int,
+    seq_kv: int,
+    *,
+    platform: str = "cpu",
+    dk: int = 0,
+    blocks_per_sm: int = 1,
+) -> int:
     """num_splits for a native call: the caller's value or the heuristic's,
     clamped to the number of KV tiles of the platform's kernel. On the GPU
     the heuristic fills `blocks_per_sm` thread blocks per SM (the kernel's
@@ -73,8 +82,9 @@ def choose_num_splits(num_splits, batch: int, seq_q: int, heads_q: int, heads_kv
         kv_tile = module.kv_tile(dk)
         if num_splits is None:
             items = module.work_items(batch, seq_q, heads_q, heads_kv, dk)
-            num_splits = gpu_num_splits_heuristic(items, seq_kv, kv_tile=kv_tile,
-                                                  sms=_gpu_sm_count() * blocks_per_sm)
+            num_splits = gpu_num_splits_heuristic(
+                items, seq_kv, kv_tile=kv_tile, sms=_gpu_sm_count() * blocks_per_sm
+            )
         return max(1, min(num_splits, -(-seq_kv // kv_tile)))
     module = _ffi.module("cpu")
     kv_tile = module.kv_tile()

@@ -19,11 +19,18 @@ _TARGET = "jax_mla_flash_attention"
 _TARGET_QUANT = "jax_mla_flash_attention_quant"
 
 
-def flash_attention(q: jax.Array, k: jax.Array | QuantizedKV, v: jax.Array | QuantizedKV, *,
-                    scale: float | None = None, causal: bool = False,
-                    q_pos: ArrayLike | None = None, kv_len: ArrayLike | None = None,
-                    return_lse: bool = False,
-                    backend: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array | QuantizedKV,
+    v: jax.Array | QuantizedKV,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    q_pos: ArrayLike | None = None,
+    kv_len: ArrayLike | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention with independent K and V head dims (DeepSeek: 192 / 128).
 
     Letters: B batch, Sq queries, Skv keys, Hq query heads, Hkv key/value heads
@@ -71,16 +78,20 @@ def flash_attention(q: jax.Array, k: jax.Array | QuantizedKV, v: jax.Array | Qua
     _, seq_kv, heads_kv, _ = k_shape
     dv = v_shape[3]
     if k_shape[0] != batch or v_shape[0] != batch:
-        raise ValueError(f"{_OP}: k and v must have batch {batch} like q, got k {k_shape}, "
-                         f"v {v_shape}")
+        raise ValueError(
+            f"{_OP}: k and v must have batch {batch} like q, got k {k_shape}, v {v_shape}"
+        )
     if k_shape[3] != dk:
         raise ValueError(f"{_OP}: k head dim must equal q's {dk}, got k {k_shape}")
     if v_shape[1:3] != (seq_kv, heads_kv):
-        raise ValueError(f"{_OP}: v must have Skv = {seq_kv} and Hkv = {heads_kv} like k, "
-                         f"got v {v_shape}")
+        raise ValueError(
+            f"{_OP}: v must have Skv = {seq_kv} and Hkv = {heads_kv} like k, got v {v_shape}"
+        )
     if heads_kv == 0 or heads_q % heads_kv:
-        raise ValueError(f"{_OP}: the query heads Hq = {heads_q} must be a multiple of the "
-                         f"KV heads Hkv = {heads_kv}")
+        raise ValueError(
+            f"{_OP}: the query heads Hq = {heads_q} must be a multiple of the "
+            f"KV heads Hkv = {heads_kv}"
+        )
     scale = _checks.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     causal = _checks.check_static_bool(_OP, "causal", causal)
     q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
@@ -90,31 +101,49 @@ def flash_attention(q: jax.Array, k: jax.Array | QuantizedKV, v: jax.Array | Qua
     quantized = k_fmt is not None or v_fmt is not None
     target = _TARGET_QUANT if quantized else _TARGET
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.attention(q, _checks.float_cache(k), _checks.float_cache(v),
-                                       scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+        out, lse = reference.attention(
+            q,
+            _checks.float_cache(k),
+            _checks.float_cache(v),
+            scale=scale,
+            causal=causal,
+            q_pos=q_pos,
+            kv_len=kv_len,
+        )
     else:
         kernel = None
         if _backend.is_gpu(platform):
             _capabilities.check_cuda_attention(_OP, q, k, v)
             from jax_mla._cuda_kernels import cuda_kernel_attr  # GPU calls only
+
             kernel = cuda_kernel_attr(_OP)
         else:
             _capabilities.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
         # Decode with few query rows per KV head splits the keys across threads
         # (CPU) or thread blocks (CUDA).
-        num_splits = _splits.choose_num_splits(None, batch, seq_q, heads_q, heads_kv, seq_kv,
-                                               platform=platform, dk=dk)
-        codes = (_capabilities.format_code(platform, k_fmt),
-                 _capabilities.format_code(platform, v_fmt)) if quantized else None
+        num_splits = _splits.choose_num_splits(
+            None, batch, seq_q, heads_q, heads_kv, seq_kv, platform=platform, dk=dk
+        )
+        codes = (
+            (_capabilities.format_code(platform, k_fmt), _capabilities.format_code(platform, v_fmt))
+            if quantized
+            else None
+        )
         call = _native(scale, causal, num_splits, v_fmt == "q6_0", codes, kernel)
         caches = (*k_ops, *v_ops) if quantized else (k, v)
         out, lse = call(q, *caches, q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
-@functools.lru_cache(maxsize=None)
-def _native(scale: float, causal: bool, num_splits: int, v_packed: bool,
-            formats: tuple[int, int] | None, kernel: np.int32 | None):
+@functools.cache
+def _native(
+    scale: float,
+    causal: bool,
+    num_splits: int,
+    v_packed: bool,
+    formats: tuple[int, int] | None,
+    kernel: np.int32 | None,
+):
     """The FFI call for one static configuration, with its vmap rule. Its
     arguments are (q, k, v, q_pos, kv_len) for float caches, and
     (q, k, k_scales, v, v_scales, q_pos, kv_len) when either is quantized
@@ -123,13 +152,15 @@ def _native(scale: float, causal: bool, num_splits: int, v_packed: bool,
     the CUDA kernel family (None on the CPU, whose handlers take no such
     attribute)."""
     quantized = formats is not None
-    attrs = dict(scale=np.float32(scale),          # C++ float
-                 causal=np.bool_(causal),          # C++ bool
-                 num_splits=np.int64(num_splits))  # C++ int64_t
+    attrs = dict(
+        scale=np.float32(scale),  # C++ float
+        causal=np.bool_(causal),  # C++ bool
+        num_splits=np.int64(num_splits),
+    )  # C++ int64_t
     if quantized:
         attrs.update(k_fmt=np.int64(formats[0]), v_fmt=np.int64(formats[1]))
     if kernel is not None:
-        attrs["kernel"] = kernel                   # C++ int32_t
+        attrs["kernel"] = kernel  # C++ int32_t
     target = _TARGET_QUANT if quantized else _TARGET
     n_cache = 4 if quantized else 2
 
@@ -138,28 +169,34 @@ def _native(scale: float, causal: bool, num_splits: int, v_packed: bool,
         batch, seq_q, heads_q, _ = q.shape
         v = args[2] if quantized else args[1]
         dv = v.shape[3] * 4 // 3 if v_packed else v.shape[3]
-        out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype),
-                     jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
-                     *_splits.split_partial_types(batch, num_splits, seq_q, heads_q, dv))
+        out_types = (
+            jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
+            *_splits.split_partial_types(batch, num_splits, seq_q, heads_q, dv),
+        )
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
-            q, *args, **attrs)
+            q, *args, **attrs
+        )
         return out, lse
 
     @call.def_vmap
     def rule(axis_size, in_batched, q, *args):
         if in_batched[0] and not any(in_batched[1:]):
-            return (_fold_vmap_into_heads(call, axis_size, q, args, n_cache, formats),
-                    (True, True))
+            return (_fold_vmap_into_heads(call, axis_size, q, args, n_cache, formats), (True, True))
         # The caches are shared (not copied) only all together: the kernel
         # reads them with one batch mapping. A float cache's scales
         # placeholder has no batch axis and is never batched.
         cache_idx = [i for i in range(1, 1 + n_cache) if args[i - 1].ndim == 4]
         shared = len({in_batched[i] for i in cache_idx}) == 1
         placeholders = tuple(i for i in range(1, 1 + n_cache) if args[i - 1].ndim != 4)
-        outs = _batching.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
-                                              caches=(tuple(cache_idx) if shared else ())
-                                              + placeholders)
+        outs = _batching.fold_vmap_into_batch(
+            call,
+            axis_size,
+            in_batched,
+            (q, *args),
+            caches=(tuple(cache_idx) if shared else ()) + placeholders,
+        )
         return outs, (True, True)
 
     return call

@@ -50,18 +50,39 @@ from jax.typing import ArrayLike, DTypeLike
 import jax_mla
 from jax_mla.quant import FORMATS, QuantizedKV, cache_float_dtype
 
-__all__ = ["MLAConfig", "LatentCache", "MODES", "attention", "init_cache", "init_params",
-           "params_from_hf", "param_shapes", "decode_loop", "generate", "rope_inv_freq", "rope_mscale",
-           "yarn_get_mscale", "yarn_find_correction_range", "yarn_linear_ramp_mask",
-           "kv_bytes_per_token"]
+__all__ = [
+    "MLAConfig",
+    "LatentCache",
+    "MODES",
+    "attention",
+    "init_cache",
+    "init_params",
+    "params_from_hf",
+    "param_shapes",
+    "decode_loop",
+    "generate",
+    "rope_inv_freq",
+    "rope_mscale",
+    "yarn_get_mscale",
+    "yarn_find_correction_range",
+    "yarn_linear_ramp_mask",
+    "kv_bytes_per_token",
+]
 
 MODES = ("standard", "latent", "hybrid")
 # The config.json keys from_hf_config cannot default.
-HF_REQUIRED_KEYS = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                    "qk_rope_head_dim", "v_head_dim")
+HF_REQUIRED_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
 
 
 # ------------------------------------------------------------------ configuration
+
 
 @dataclasses.dataclass(frozen=True)
 class MLAConfig:
@@ -74,6 +95,7 @@ class MLAConfig:
     decompresses at a time (its workspace is about kv_chunk * H * (n + p + v)
     floats).
     """
+
     hidden_size: int = 2048
     num_heads: int = 16
     q_lora_rank: int | None = None
@@ -93,9 +115,17 @@ class MLAConfig:
     kv_chunk: int = 2048
 
     def __post_init__(self):
-        ints = ["hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
-                "qk_rope_head_dim", "v_head_dim", "original_max_position_embeddings",
-                "hybrid_threshold", "kv_chunk"]
+        ints = [
+            "hidden_size",
+            "num_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "original_max_position_embeddings",
+            "hybrid_threshold",
+            "kv_chunk",
+        ]
         if self.q_lora_rank is not None:
             ints.append("q_lora_rank")
         for name in ints:
@@ -103,45 +133,58 @@ class MLAConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"MLAConfig: {name} must be a positive int, got {value!r}")
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"MLAConfig: qk_rope_head_dim must be even (RoPE rotates pairs), "
-                             f"got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"MLAConfig: qk_rope_head_dim must be even (RoPE rotates pairs), "
+                f"got {self.qk_rope_head_dim}"
+            )
         for name in ("rope_theta", "yarn_factor", "rms_norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or not value > 0:
                 raise ValueError(f"MLAConfig: {name} must be a positive number, got {value!r}")
 
     @classmethod
-    def deepseek_v3(cls, **overrides) -> "MLAConfig":
+    def deepseek_v3(cls, **overrides) -> MLAConfig:
         """DeepSeek-V3 / R1: hidden 7168, 128 heads, q LoRA rank 1536, the same
         latent and head dims as V2-Lite, YaRN factor 40 with mscale 1.0."""
-        values = dict(hidden_size=7168, num_heads=128, q_lora_rank=1536, mscale=1.0,
-                      mscale_all_dim=1.0)
+        values = dict(
+            hidden_size=7168, num_heads=128, q_lora_rank=1536, mscale=1.0, mscale_all_dim=1.0
+        )
         values.update(overrides)
         return cls(**values)
 
     @classmethod
-    def from_hf_config(cls, config: dict, **overrides) -> "MLAConfig":
+    def from_hf_config(cls, config: dict, **overrides) -> MLAConfig:
         """From a Hugging Face DeepSeek-V2/V3 config.json (as a dict)."""
         if not isinstance(config, Mapping):
-            raise TypeError(f"MLAConfig.from_hf_config: config must be a dict (config.json), "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"MLAConfig.from_hf_config: config must be a dict (config.json), "
+                f"got {type(config).__name__}"
+            )
         missing = [k for k in HF_REQUIRED_KEYS if k not in config]
         if missing:
-            raise ValueError(f"MLAConfig.from_hf_config: config lacks {', '.join(map(repr, missing))} "
-                             f"(keys of a DeepSeek-V2/V3 config.json); it has "
-                             f"{sorted(config) or 'no keys'}")
+            raise ValueError(
+                f"MLAConfig.from_hf_config: config lacks {', '.join(map(repr, missing))} "
+                f"(keys of a DeepSeek-V2/V3 config.json); it has "
+                f"{sorted(config) or 'no keys'}"
+            )
         rope = config.get("rope_scaling") or {}
         values = dict(
-            hidden_size=config["hidden_size"], num_heads=config["num_attention_heads"],
-            q_lora_rank=config.get("q_lora_rank"), kv_lora_rank=config["kv_lora_rank"],
+            hidden_size=config["hidden_size"],
+            num_heads=config["num_attention_heads"],
+            q_lora_rank=config.get("q_lora_rank"),
+            kv_lora_rank=config["kv_lora_rank"],
             qk_nope_head_dim=config["qk_nope_head_dim"],
-            qk_rope_head_dim=config["qk_rope_head_dim"], v_head_dim=config["v_head_dim"],
+            qk_rope_head_dim=config["qk_rope_head_dim"],
+            v_head_dim=config["v_head_dim"],
             rope_theta=float(config.get("rope_theta", 10000.0)),
             yarn_factor=float(rope.get("factor", 1.0)),
             original_max_position_embeddings=rope.get("original_max_position_embeddings", 4096),
-            beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
-            mscale=float(rope.get("mscale", 1)), mscale_all_dim=float(rope.get("mscale_all_dim", 0)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+            beta_fast=float(rope.get("beta_fast", 32)),
+            beta_slow=float(rope.get("beta_slow", 1)),
+            mscale=float(rope.get("mscale", 1)),
+            mscale_all_dim=float(rope.get("mscale_all_dim", 0)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -158,7 +201,7 @@ class MLAConfig:
     @property
     def softmax_scale(self) -> float:
         """1/sqrt(n + p), times mscale(factor, mscale_all_dim)^2 under YaRN."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         if self.mscale_all_dim:
             m = yarn_get_mscale(self.yarn_factor, self.mscale_all_dim)
             scale *= m * m
@@ -166,6 +209,7 @@ class MLAConfig:
 
 
 # ------------------------------------------------------------------ YaRN / RoPE
+
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     """0.1 * mscale * ln(scale) + 1 for scale > 1, else 1 (the HF reference)."""
@@ -176,7 +220,8 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 
 def _yarn_find_correction_dim(num_rotations, dim, base, max_position_embeddings) -> float:
     return (dim * math.log(max_position_embeddings / (num_rotations * 2 * math.pi))) / (
-        2 * math.log(base))
+        2 * math.log(base)
+    )
 
 
 def yarn_find_correction_range(low_rot, high_rot, dim, base, max_position_embeddings):
@@ -202,8 +247,9 @@ def rope_inv_freq(cfg: MLAConfig) -> np.ndarray:
     powers = np.float32(cfg.rope_theta) ** exponents
     freq_extra = (np.float32(1) / powers).astype(np.float32)
     freq_inter = (np.float32(1) / (np.float32(cfg.yarn_factor) * powers)).astype(np.float32)
-    low, high = yarn_find_correction_range(cfg.beta_fast, cfg.beta_slow, dim, cfg.rope_theta,
-                                           cfg.original_max_position_embeddings)
+    low, high = yarn_find_correction_range(
+        cfg.beta_fast, cfg.beta_slow, dim, cfg.rope_theta, cfg.original_max_position_embeddings
+    )
     extra_weight = np.float32(1) - yarn_linear_ramp_mask(low, high, dim // 2)
     return (freq_inter * (1 - extra_weight) + freq_extra * extra_weight).astype(np.float32)
 
@@ -211,8 +257,9 @@ def rope_inv_freq(cfg: MLAConfig) -> np.ndarray:
 def rope_mscale(cfg: MLAConfig) -> float:
     """The factor cos and sin are multiplied by: mscale(factor, mscale) /
     mscale(factor, mscale_all_dim)."""
-    return (yarn_get_mscale(cfg.yarn_factor, cfg.mscale)
-            / yarn_get_mscale(cfg.yarn_factor, cfg.mscale_all_dim))
+    return yarn_get_mscale(cfg.yarn_factor, cfg.mscale) / yarn_get_mscale(
+        cfg.yarn_factor, cfg.mscale_all_dim
+    )
 
 
 def _rope(x, positions, cfg: MLAConfig):
@@ -237,12 +284,18 @@ def _rms_norm(x, weight, eps: float):
 
 # ------------------------------------------------------------------ parameters
 
+
 def param_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:
     """The layer's parameters (a dict pytree) and their shapes. Matrices are
     [in, out] (HF's Linear weights transposed); the K and V up-projections
     are kept per head in HF's orientation."""
-    h, n, p, v, r = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                     cfg.kv_lora_rank)
+    h, n, p, v, r = (
+        cfg.num_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
     shapes = {}
     if cfg.q_lora_rank is None:
         shapes["wq"] = (cfg.hidden_size, h * (n + p))
@@ -258,8 +311,9 @@ def param_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_params(key: jax.Array, cfg: MLAConfig,
-                dtype: DTypeLike = jnp.float32) -> dict[str, jax.Array]:
+def init_params(
+    key: jax.Array, cfg: MLAConfig, dtype: DTypeLike = jnp.float32
+) -> dict[str, jax.Array]:
     """Random parameters: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2)."""
     shapes = param_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
@@ -278,21 +332,26 @@ def _hf_tensor(state_dict, name: str):
     """The tensor named `name` (or ending in '.' + name), as float32 numpy, or None."""
     keys = [k for k in state_dict if k == name or k.endswith("." + name)]
     if len(keys) > 1:
-        raise ValueError(f"params_from_hf: several tensors match {name!r} ({', '.join(keys)}); "
-                         "pass one attention layer's tensors")
+        raise ValueError(
+            f"params_from_hf: several tensors match {name!r} ({', '.join(keys)}); "
+            "pass one attention layer's tensors"
+        )
     if not keys:
         return None
     x = state_dict[keys[0]]
     if hasattr(x, "detach"):  # a torch tensor (bfloat16 has no numpy dtype: upcast first)
         x = x.detach().to("cpu").float().numpy()
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"params_from_hf: {keys[0]!r} must be a numpy array or torch tensor, "
-                        f"got {type(x).__name__}")
+        raise TypeError(
+            f"params_from_hf: {keys[0]!r} must be a numpy array or torch tensor, "
+            f"got {type(x).__name__}"
+        )
     return np.asarray(x, dtype=np.float32)
 
 
-def params_from_hf(state_dict: Mapping[str, Any], cfg: MLAConfig,
-                   dtype: DTypeLike = jnp.float32) -> dict[str, jax.Array]:
+def params_from_hf(
+    state_dict: Mapping[str, Any], cfg: MLAConfig, dtype: DTypeLike = jnp.float32
+) -> dict[str, jax.Array]:
     """Parameters from one attention layer's Hugging Face tensors.
 
     state_dict maps names to numpy arrays or torch tensors. Names are those of
@@ -307,27 +366,39 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: MLAConfig,
     the expected and actual shapes) and when the q LoRA tensors disagree with
     cfg.q_lora_rank.
     """
-    h, n, p, v, r = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                     cfg.kv_lora_rank)
+    h, n, p, v, r = (
+        cfg.num_heads,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.kv_lora_rank,
+    )
     lora = cfg.q_lora_rank is not None
-    present = {name: _hf_tensor(state_dict, name) is not None
-               for name in ("q_proj.weight", "q_a_proj.weight")}
+    present = {
+        name: _hf_tensor(state_dict, name) is not None
+        for name in ("q_proj.weight", "q_a_proj.weight")
+    }
     if lora and present["q_proj.weight"] and not present["q_a_proj.weight"]:
-        raise ValueError(f"params_from_hf: cfg.q_lora_rank is {cfg.q_lora_rank} but the tensors "
-                         "have q_proj.weight and no q_a_proj.weight (a checkpoint without q "
-                         "LoRA, like V2-Lite's): use q_lora_rank=None")
+        raise ValueError(
+            f"params_from_hf: cfg.q_lora_rank is {cfg.q_lora_rank} but the tensors "
+            "have q_proj.weight and no q_a_proj.weight (a checkpoint without q "
+            "LoRA, like V2-Lite's): use q_lora_rank=None"
+        )
     if not lora and present["q_a_proj.weight"] and not present["q_proj.weight"]:
-        raise ValueError("params_from_hf: cfg.q_lora_rank is None but the tensors have "
-                         "q_a_proj.weight and no q_proj.weight (a checkpoint with q LoRA, like "
-                         "V3's): set q_lora_rank")
+        raise ValueError(
+            "params_from_hf: cfg.q_lora_rank is None but the tensors have "
+            "q_a_proj.weight and no q_proj.weight (a checkpoint with q LoRA, like "
+            "V3's): set q_lora_rank"
+        )
 
     def get(name, shape):
         x = _hf_tensor(state_dict, name)
         if x is None:
             raise ValueError(f"params_from_hf: missing tensor {name!r} (expected shape {shape})")
         if x.shape != shape:
-            raise ValueError(f"params_from_hf: tensor {name!r} must have shape {shape}, got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"params_from_hf: tensor {name!r} must have shape {shape}, got {tuple(x.shape)}"
+            )
         return x
 
     out = {}
@@ -348,18 +419,25 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: MLAConfig,
 def _check_params(params, cfg: MLAConfig) -> None:
     shapes = param_shapes(cfg)
     if not isinstance(params, dict):
-        raise TypeError(f"attention: params must be the dict of init_params / params_from_hf, "
-                        f"got {type(params).__name__}")
+        raise TypeError(
+            f"attention: params must be the dict of init_params / params_from_hf, "
+            f"got {type(params).__name__}"
+        )
     for name, shape in shapes.items():
         if name not in params:
-            raise ValueError(f"attention: params lack {name!r} (expected shape {shape}; "
-                             f"q_lora_rank is {cfg.q_lora_rank})")
+            raise ValueError(
+                f"attention: params lack {name!r} (expected shape {shape}; "
+                f"q_lora_rank is {cfg.q_lora_rank})"
+            )
         if tuple(params[name].shape) != shape:
-            raise ValueError(f"attention: params[{name!r}] must have shape {shape}, got "
-                             f"{tuple(params[name].shape)}")
+            raise ValueError(
+                f"attention: params[{name!r}] must have shape {shape}, got "
+                f"{tuple(params[name].shape)}"
+            )
 
 
 # ------------------------------------------------------------------ cache
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -371,6 +449,7 @@ class LatentCache:
     to write a token outside [0, Smax) under jit (that token was dropped, so
     the row's later outputs miss it). A pytree, so it can be donated to jit
     and carried by lax.scan."""
+
     kv: Any
     length: jax.Array
     overflow: jax.Array
@@ -385,8 +464,9 @@ class LatentCache:
         return self.kv.shape[1]
 
 
-def init_cache(cfg: MLAConfig, batch: int, max_len: int,
-               fmt: str | DTypeLike = jnp.float16) -> LatentCache:
+def init_cache(
+    cfg: MLAConfig, batch: int, max_len: int, fmt: str | DTypeLike = jnp.float16
+) -> LatentCache:
     """An empty latent cache of `batch` rows of `max_len` tokens; fmt is "f32",
     "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0"."""
     for name, value in (("batch", batch), ("max_len", max_len)):
@@ -397,9 +477,11 @@ def init_cache(cfg: MLAConfig, batch: int, max_len: int,
     overflow = jnp.zeros((batch,), jnp.bool_)
     if isinstance(fmt, str) and fmt in FORMATS:
         if fmt != "q8_kv" and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
-            raise ValueError(f"init_cache: {fmt} needs kv_lora_rank and the row width to be "
-                             f"multiples of 32 (V starts a block), got kv_lora_rank "
-                             f"{cfg.kv_lora_rank}, row {cfg.cache_dim}")
+            raise ValueError(
+                f"init_cache: {fmt} needs kv_lora_rank and the row width to be "
+                f"multiples of 32 (V starts a block), got kv_lora_rank "
+                f"{cfg.kv_lora_rank}, row {cfg.cache_dim}"
+            )
         leaves = jax.eval_shape(lambda: jax_mla.quantize(jnp.zeros(shape, jnp.float32), fmt))
         kv = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), leaves)
         return LatentCache(kv, length, overflow)
@@ -415,13 +497,17 @@ def kv_bytes_per_token(cfg: MLAConfig, fmt: str | DTypeLike) -> int:
 def _read_rows(kv, start, size: int):
     """Rows [start, start + size) of the cache as float32 [B, size, r + p]."""
     if isinstance(kv, QuantizedKV):
-        part = QuantizedKV(jax.lax.dynamic_slice_in_dim(kv.qs, start, size, axis=1),
-                           jax.lax.dynamic_slice_in_dim(kv.d, start, size, axis=1), kv.fmt)
+        part = QuantizedKV(
+            jax.lax.dynamic_slice_in_dim(kv.qs, start, size, axis=1),
+            jax.lax.dynamic_slice_in_dim(kv.d, start, size, axis=1),
+            kv.fmt,
+        )
         return jax_mla.dequantize(part, jnp.float32)
     return jax.lax.dynamic_slice_in_dim(kv, start, size, axis=1).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------ the layer
+
 
 def _check_inputs(params, x, positions, cache, cfg, mode):
     if not isinstance(cfg, MLAConfig):
@@ -429,41 +515,63 @@ def _check_inputs(params, x, positions, cache, cfg, mode):
     if mode not in MODES:
         raise ValueError(f"attention: mode must be one of {', '.join(MODES)}, got {mode!r}")
     _check_params(params, cfg)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype,
-                                                                                 jnp.floating):
-        raise TypeError(f"attention: x must be a float array [B, S, {cfg.hidden_size}], got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if (
+        not hasattr(x, "shape")
+        or not hasattr(x, "dtype")
+        or not jnp.issubdtype(x.dtype, jnp.floating)
+    ):
+        raise TypeError(
+            f"attention: x must be a float array [B, S, {cfg.hidden_size}], got "
+            f"{getattr(x, 'dtype', type(x).__name__)}"
+        )
     if x.ndim != 3 or x.shape[2] != cfg.hidden_size or x.shape[1] < 1:
-        raise ValueError(f"attention: x must have shape [B, S >= 1, {cfg.hidden_size}], got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"attention: x must have shape [B, S >= 1, {cfg.hidden_size}], got {tuple(x.shape)}"
+        )
     if not isinstance(cache, LatentCache):
-        raise TypeError(f"attention: cache must be a LatentCache (init_cache), got "
-                        f"{type(cache).__name__}")
+        raise TypeError(
+            f"attention: cache must be a LatentCache (init_cache), got {type(cache).__name__}"
+        )
     want = (x.shape[0], cache.kv.shape[1], cfg.cache_dim)
     if tuple(cache.kv.shape) != want:
-        raise ValueError(f"attention: cache must have shape (B, Smax, {cfg.cache_dim}) with B = "
-                         f"{x.shape[0]} like x, got {tuple(cache.kv.shape)}")
+        raise ValueError(
+            f"attention: cache must have shape (B, Smax, {cfg.cache_dim}) with B = "
+            f"{x.shape[0]} like x, got {tuple(cache.kv.shape)}"
+        )
     if not hasattr(positions, "dtype") or not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"attention: positions must be an int32 array [B, S], got "
-                        f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        raise TypeError(
+            f"attention: positions must be an int32 array [B, S], got "
+            f"{getattr(positions, 'dtype', type(positions).__name__)}"
+        )
     if tuple(positions.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"attention: positions must have shape {tuple(x.shape[:2])} (x's "
-                         f"[B, S]), got {tuple(positions.shape)}")
+        raise ValueError(
+            f"attention: positions must have shape {tuple(x.shape[:2])} (x's "
+            f"[B, S]), got {tuple(positions.shape)}"
+        )
     if not isinstance(positions, jax.core.Tracer):
         p = np.asarray(positions).astype(np.int64)
         steps = np.diff(p, axis=1)
         if (steps != 1).any():
-            raise ValueError("attention: each row's positions must be consecutive (p, p + 1, "
-                             f"...), got {p[np.nonzero((steps != 1).any(axis=1))[0][0]].tolist()}")
+            raise ValueError(
+                "attention: each row's positions must be consecutive (p, p + 1, "
+                f"...), got {p[np.nonzero((steps != 1).any(axis=1))[0][0]].tolist()}"
+            )
         bad = (p < 0) | (p >= cache.max_len)
         if bad.any():
-            raise ValueError(f"attention: positions must lie in [0, {cache.max_len}) (the "
-                             f"cache's max_len), got {p[bad][0]}")
+            raise ValueError(
+                f"attention: positions must lie in [0, {cache.max_len}) (the "
+                f"cache's max_len), got {p[bad][0]}"
+            )
 
 
-def attention(params: dict[str, jax.Array], x: jax.Array, positions: ArrayLike,
-              cache: LatentCache, cfg: MLAConfig,
-              mode: str = "hybrid") -> tuple[jax.Array, LatentCache]:
+def attention(
+    params: dict[str, jax.Array],
+    x: jax.Array,
+    positions: ArrayLike,
+    cache: LatentCache,
+    cfg: MLAConfig,
+    mode: str = "hybrid",
+) -> tuple[jax.Array, LatentCache]:
     """One DeepSeek MLA attention layer over the latent cache.
 
     Args:
@@ -521,8 +629,16 @@ def _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg):
     W_UV (sum_j p_j c_j) = sum_j p_j (W_UV c_j)."""
     q_lat = jnp.einsum("bshn,hnr->bshr", q_nope, params["w_uk"].astype(q_nope.dtype))
     q_full = jnp.concatenate([q_lat, q_pe], -1)  # [B, S, H, r + p]
-    o_lat = jax_mla.flash_mla(q_full, kv, dv=cfg.kv_lora_rank, v_offset=0, scale=scale,
-                              causal=True, q_pos=q_pos, kv_len=kv_len)
+    o_lat = jax_mla.flash_mla(
+        q_full,
+        kv,
+        dv=cfg.kv_lora_rank,
+        v_offset=0,
+        scale=scale,
+        causal=True,
+        q_pos=q_pos,
+        kv_len=kv_len,
+    )
     return jnp.einsum("bshr,hvr->bshv", o_lat, params["w_uv"].astype(o_lat.dtype))
 
 
@@ -553,17 +669,30 @@ def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
     def attend(carry, start, size):
         rows = _read_rows(kv, start, size)  # [B, size, r + p]
         c, k_pe = rows[..., :r], rows[..., r:]
-        k = jnp.concatenate([jnp.einsum("bcr,hnr->bchn", c, w_uk),
-                             jnp.broadcast_to(k_pe[:, :, None], (batch, size, h, k_pe.shape[-1]))],
-                            -1).astype(q.dtype)
+        k = jnp.concatenate(
+            [
+                jnp.einsum("bcr,hnr->bchn", c, w_uk),
+                jnp.broadcast_to(k_pe[:, :, None], (batch, size, h, k_pe.shape[-1])),
+            ],
+            -1,
+        ).astype(q.dtype)
         v = jnp.einsum("bcr,hvr->bchv", c, w_uv).astype(q.dtype)
-        o, lse = jax_mla.flash_attention(q, k, v, scale=scale, causal=True, q_pos=q_pos - start,
-                                         kv_len=jnp.clip(kv_len - start, 0, size),
-                                         return_lse=True)
+        o, lse = jax_mla.flash_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            causal=True,
+            q_pos=q_pos - start,
+            kv_len=jnp.clip(kv_len - start, 0, size),
+            return_lse=True,
+        )
         return _merge(*carry, o.astype(jnp.float32), lse)
 
-    init = (jnp.zeros((batch, seq, h, cfg.v_head_dim), jnp.float32),
-            jnp.full((batch, h, seq), -jnp.inf, jnp.float32))
+    init = (
+        jnp.zeros((batch, seq, h, cfg.v_head_dim), jnp.float32),
+        jnp.full((batch, h, seq), -jnp.inf, jnp.float32),
+    )
     longest = jnp.max(jnp.clip(kv_len, 0, smax))
     n_chunks = jnp.minimum((longest + chunk - 1) // chunk, full_chunks)
     carry = jax.lax.fori_loop(0, n_chunks, lambda i, c: attend(c, i * chunk, chunk), init)
@@ -574,6 +703,7 @@ def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
 
 
 # ------------------------------------------------------------------ decode loop
+
 
 def _renorm(out):
     """The default next input: the layer's output RMS-normalized (a stand-in for
@@ -592,14 +722,22 @@ def _check_capacity(op: str, cache: LatentCache, tokens: int, what: str | None =
     if not isinstance(cache.length, jax.core.Tracer):
         longest = int(np.max(np.asarray(cache.length), initial=0))
         if longest + tokens > cache.max_len:
-            raise ValueError(f"{op}: {what} after the {longest} tokens already in the cache need "
-                             f"{longest + tokens} rows, more than its max_len {cache.max_len}")
+            raise ValueError(
+                f"{op}: {what} after the {longest} tokens already in the cache need "
+                f"{longest + tokens} rows, more than its max_len {cache.max_len}"
+            )
 
 
-def generate(params: dict[str, jax.Array], x: jax.Array, cache: LatentCache, cfg: MLAConfig,
-             steps: int, *, mode: str = "hybrid",
-             next_input: Callable[[jax.Array], jax.Array] | None = None
-             ) -> tuple[jax.Array, LatentCache]:
+def generate(
+    params: dict[str, jax.Array],
+    x: jax.Array,
+    cache: LatentCache,
+    cfg: MLAConfig,
+    steps: int,
+    *,
+    mode: str = "hybrid",
+    next_input: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, LatentCache]:
     """`steps` single-token steps through lax.scan, each at the row's current
     length (cache.length), starting from x [B, 1, hidden]; the input of step
     t + 1 is next_input(output of step t) (default: the output RMS-normalized).
@@ -626,10 +764,16 @@ def generate(params: dict[str, jax.Array], x: jax.Array, cache: LatentCache, cfg
     return jnp.moveaxis(ys, 0, 1), cache
 
 
-def decode_loop(params: dict[str, jax.Array], prompt: jax.Array, cache: LatentCache,
-                cfg: MLAConfig, steps: int, *, mode: str = "hybrid",
-                next_input: Callable[[jax.Array], jax.Array] | None = None
-                ) -> tuple[jax.Array, jax.Array, LatentCache]:
+def decode_loop(
+    params: dict[str, jax.Array],
+    prompt: jax.Array,
+    cache: LatentCache,
+    cfg: MLAConfig,
+    steps: int,
+    *,
+    mode: str = "hybrid",
+    next_input: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, LatentCache]:
     """Prefill `prompt` [B, S, hidden] at positions cache.length + [0, S), then
     generate `steps` tokens (generate) from next_input(last prompt output).
 
@@ -641,6 +785,7 @@ def decode_loop(params: dict[str, jax.Array], prompt: jax.Array, cache: LatentCa
     _check_capacity("decode_loop", cache, seq + steps, f"{seq} prompt tokens + {steps} steps")
     positions = cache.length[:, None] + jnp.arange(seq, dtype=jnp.int32)
     out, cache = attention(params, prompt, positions, cache, cfg, mode)
-    ys, cache = generate(params, next_input(out[:, -1:]), cache, cfg, steps, mode=mode,
-                         next_input=next_input)
+    ys, cache = generate(
+        params, next_input(out[:, -1:]), cache, cfg, steps, mode=mode, next_input=next_input
+    )
     return out, ys, cache

@@ -18,11 +18,20 @@ _TARGET = "jax_mla_flash_mla"
 _TARGET_QUANT = "jax_mla_flash_mla_quant"  # kv as QuantizedKV: qs and d separately
 
 
-def flash_mla(q: jax.Array, kv: jax.Array | quant.QuantizedKV, *, dv: int = 512, v_offset: int = 0,
-              scale: float | None = None, causal: bool = False,
-              q_pos: ArrayLike | None = None, kv_len: ArrayLike | None = None,
-              num_splits: int | None = None, return_lse: bool = False,
-              backend: str | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+def flash_mla(
+    q: jax.Array,
+    kv: jax.Array | quant.QuantizedKV,
+    *,
+    dv: int = 512,
+    v_offset: int = 0,
+    scale: float | None = None,
+    causal: bool = False,
+    q_pos: ArrayLike | None = None,
+    kv_len: ArrayLike | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """MLA attention in latent space: all query heads share one latent KV head.
 
     Letters: B batch, Sq queries, Skv cached tokens, H query heads, Dk latent
@@ -62,16 +71,22 @@ def flash_mla(q: jax.Array, kv: jax.Array | quant.QuantizedKV, *, dv: int = 512,
     batch, seq_q, heads, dk = q.shape
     seq_kv = kv_shape[1]
     if kv_shape[0] != batch or kv_shape[2] != dk:
-        raise ValueError(f"{_OP}: kv must have shape ({batch}, Skv, {dk}) to match q "
-                         f"{tuple(q.shape)}, got {kv_shape}")
+        raise ValueError(
+            f"{_OP}: kv must have shape ({batch}, Skv, {dk}) to match q "
+            f"{tuple(q.shape)}, got {kv_shape}"
+        )
     dv = _checks.check_static_int(_OP, "dv", dv, 1)
     v_offset = _checks.check_static_int(_OP, "v_offset", v_offset, 0)
     if v_offset + dv > dk:
-        raise ValueError(f"{_OP}: the V slice [v_offset, v_offset + dv) = [{v_offset}, "
-                         f"{v_offset + dv}) must fit in the row of Dk = {dk}")
+        raise ValueError(
+            f"{_OP}: the V slice [v_offset, v_offset + dv) = [{v_offset}, "
+            f"{v_offset + dv}) must fit in the row of Dk = {dk}"
+        )
     if kv_fmt in ("q8_0", "q6_0") and v_offset % quant.BLOCK:
-        raise ValueError(f"{_OP}: v_offset must fall on a block boundary (a multiple of "
-                         f"{quant.BLOCK}) of the {kv_fmt} cache, got {v_offset}")
+        raise ValueError(
+            f"{_OP}: v_offset must fall on a block boundary (a multiple of "
+            f"{quant.BLOCK}) of the {kv_fmt} cache, got {v_offset}"
+        )
     if num_splits is not None:
         num_splits = _checks.check_static_int(_OP, "num_splits", num_splits, 1)
     scale = _checks.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
@@ -82,8 +97,16 @@ def flash_mla(q: jax.Array, kv: jax.Array | quant.QuantizedKV, *, dv: int = 512,
     platform = _backend.target_platform(q, cache[0])
     target = _TARGET if kv_fmt is None else _TARGET_QUANT
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.mla(q, _checks.float_cache(kv), dv=dv, v_offset=v_offset,
-                                 scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+        out, lse = reference.mla(
+            q,
+            _checks.float_cache(kv),
+            dv=dv,
+            v_offset=v_offset,
+            scale=scale,
+            causal=causal,
+            q_pos=q_pos,
+            kv_len=kv_len,
+        )
     else:
         gpu = _backend.is_gpu(platform)
         if gpu:
@@ -94,45 +117,66 @@ def flash_mla(q: jax.Array, kv: jax.Array | quant.QuantizedKV, *, dv: int = 512,
         kernel, blocks_per_sm = None, 1
         if gpu:
             from jax_mla._cuda_kernels import cuda_kernel_attr  # GPU calls only
+
             kernel = cuda_kernel_attr(_OP)
             blocks_per_sm = _ffi.module("gpu").mla_blocks_per_sm(seq_q * heads, kv_code)
-        num_splits = _splits.choose_num_splits(num_splits, batch, seq_q, heads, 1, seq_kv,
-                                               platform=platform, dk=dk,
-                                               blocks_per_sm=blocks_per_sm)
+        num_splits = _splits.choose_num_splits(
+            num_splits,
+            batch,
+            seq_q,
+            heads,
+            1,
+            seq_kv,
+            platform=platform,
+            dk=dk,
+            blocks_per_sm=blocks_per_sm,
+        )
         call = _native(dv, v_offset, scale, causal, num_splits, kv_code, kernel)
         out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
     return (out, lse) if return_lse else out
 
 
-@functools.lru_cache(maxsize=None)
-def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int, kv_fmt: int,
-            kernel: np.int32 | None):
+@functools.cache
+def _native(
+    dv: int,
+    v_offset: int,
+    scale: float,
+    causal: bool,
+    num_splits: int,
+    kv_fmt: int,
+    kernel: np.int32 | None,
+):
     """The FFI call for one static configuration, with its vmap rule. Its
     arguments are (q, kv, q_pos, kv_len) for a float cache and
     (q, kv.qs, kv.d, q_pos, kv_len) for a quantized one (kv_fmt > 0).
     kernel: the CUDA kernel family (None on the CPU, whose handlers take no
     such attribute)."""
     n_cache = 2 if kv_fmt else 1
-    attrs = dict(scale=np.float32(scale),      # C++ float
-                 causal=np.bool_(causal),      # C++ bool
-                 dv=np.int64(dv),              # C++ int64_t
-                 v_offset=np.int64(v_offset),  # C++ int64_t
-                 num_splits=np.int64(num_splits))
+    attrs = dict(
+        scale=np.float32(scale),  # C++ float
+        causal=np.bool_(causal),  # C++ bool
+        dv=np.int64(dv),  # C++ int64_t
+        v_offset=np.int64(v_offset),  # C++ int64_t
+        num_splits=np.int64(num_splits),
+    )
     if kv_fmt:
         attrs["kv_fmt"] = np.int64(kv_fmt)
     if kernel is not None:
-        attrs["kernel"] = kernel                # C++ int32_t
+        attrs["kernel"] = kernel  # C++ int32_t
     target = _TARGET_QUANT if kv_fmt else _TARGET
 
     @jax.custom_batching.custom_vmap
     def call(q, *args):
         batch, seq_q, heads, _ = q.shape
-        out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
-                     jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
-                     *_splits.split_partial_types(batch, num_splits, seq_q, heads, dv))
+        out_types = (
+            jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+            *_splits.split_partial_types(batch, num_splits, seq_q, heads, dv),
+        )
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
-            q, *args, **attrs)
+            q, *args, **attrs
+        )
         return out, lse
 
     @call.def_vmap
@@ -141,17 +185,17 @@ def _native(dv: int, v_offset: int, scale: float, causal: bool, num_splits: int,
             # Every head reads the same latent rows: the vmapped query sets are
             # just more heads.
             n, batch, seq_q, heads, dk = q.shape
-            out, lse = call(q.transpose(1, 2, 0, 3, 4).reshape(batch, seq_q, n * heads, dk),
-                            *args)
+            out, lse = call(q.transpose(1, 2, 0, 3, 4).reshape(batch, seq_q, n * heads, dk), *args)
             out = out.reshape(batch, seq_q, n, heads, dv).transpose(2, 0, 1, 3, 4)
             lse = lse.reshape(batch, n, heads, seq_q).transpose(1, 0, 2, 3)
             return (out, lse), (True, True)
         # qs and d are shared (not copied) only together: the kernel reads both
         # with one batch mapping.
-        cache_batched = in_batched[1:1 + n_cache]
+        cache_batched = in_batched[1 : 1 + n_cache]
         caches = tuple(range(1, 1 + n_cache)) if len(set(cache_batched)) == 1 else ()
-        outs = _batching.fold_vmap_into_batch(call, axis_size, in_batched, (q, *args),
-                                              caches=caches)
+        outs = _batching.fold_vmap_into_batch(
+            call, axis_size, in_batched, (q, *args), caches=caches
+        )
         return outs, (True, True)
 
     return call

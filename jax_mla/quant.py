@@ -79,8 +79,9 @@ def _check_last_axis(fmt: str, shape) -> None:
     if len(shape) == 0:
         raise ValueError(f"{fmt}: x must have at least one axis, got a scalar")
     if fmt != "q8_kv" and shape[-1] % BLOCK:
-        raise ValueError(f"{fmt}: the last axis must be a multiple of {BLOCK}, got shape "
-                         f"{tuple(shape)}")
+        raise ValueError(
+            f"{fmt}: the last axis must be a multiple of {BLOCK}, got shape {tuple(shape)}"
+        )
 
 
 def check_quantized(op: str, name: str, x: QuantizedKV) -> None:
@@ -91,27 +92,34 @@ def check_quantized(op: str, name: str, x: QuantizedKV) -> None:
         raise ValueError(f"{where} has format {x.fmt!r}; expected one of {', '.join(FORMATS)}")
     for leaf in ("qs", "d"):
         if not hasattr(getattr(x, leaf), "shape"):
-            raise TypeError(f"{where}.{leaf} must be an array, got "
-                            f"{type(getattr(x, leaf)).__name__}")
+            raise TypeError(
+                f"{where}.{leaf} must be an array, got {type(getattr(x, leaf)).__name__}"
+            )
     qs_dtype = jnp.dtype(jnp.uint8 if x.fmt == "q6_0" else jnp.int8)
     d_dtype = jnp.dtype(jnp.float32 if x.fmt == "q8_kv" else jnp.float16)
     if jnp.dtype(x.qs.dtype) != qs_dtype:
-        raise TypeError(f"{where}.qs of a {x.fmt} cache must be {qs_dtype}, got "
-                        f"{jnp.dtype(x.qs.dtype)}")
+        raise TypeError(
+            f"{where}.qs of a {x.fmt} cache must be {qs_dtype}, got {jnp.dtype(x.qs.dtype)}"
+        )
     if jnp.dtype(x.d.dtype) != d_dtype:
-        raise TypeError(f"{where}.d of a {x.fmt} cache must be {d_dtype}, got "
-                        f"{jnp.dtype(x.d.dtype)}")
+        raise TypeError(
+            f"{where}.d of a {x.fmt} cache must be {d_dtype}, got {jnp.dtype(x.d.dtype)}"
+        )
     if x.qs.ndim == 0:
         raise ValueError(f"{where}.qs must have at least one axis, got a scalar")
     if x.fmt == "q6_0" and x.qs.shape[-1] % 24:
-        raise ValueError(f"{where}.qs of a q6_0 cache must have a last axis that is a multiple "
-                         f"of 24 (bytes per block), got shape {tuple(x.qs.shape)}")
+        raise ValueError(
+            f"{where}.qs of a q6_0 cache must have a last axis that is a multiple "
+            f"of 24 (bytes per block), got shape {tuple(x.qs.shape)}"
+        )
     _check_last_axis(x.fmt, x.shape)
     n_scales = 1 if x.fmt == "q8_kv" else x.shape[-1] // BLOCK
     expected = tuple(x.qs.shape[:-1]) + (n_scales,)
     if tuple(x.d.shape) != expected:
-        raise ValueError(f"{where}.d must have shape {expected} for qs of shape "
-                         f"{tuple(x.qs.shape)}, got {tuple(x.d.shape)}")
+        raise ValueError(
+            f"{where}.d must have shape {expected} for qs of shape "
+            f"{tuple(x.qs.shape)}, got {tuple(x.d.shape)}"
+        )
 
 
 def _roundf(v):
@@ -148,8 +156,8 @@ def _q6_0(x):
     q = jnp.minimum(63, jnp.floor(xb * inv + jnp.float32(32.5))).astype(jnp.uint8)
     lo, hi = q[..., :16], q[..., 16:]
     nibbles = (lo & 0xF) | ((hi & 0xF) << 4)
-    h = (lo >> 4) | ((hi >> 4) << 2)                  # 4 bits per j < 16
-    high = h[..., :8] | (h[..., 8:] << 4)               # byte j % 8, nibble j // 8
+    h = (lo >> 4) | ((hi >> 4) << 2)  # 4 bits per j < 16
+    high = h[..., :8] | (h[..., 8:] << 4)  # byte j % 8, nibble j // 8
     qs = jnp.concatenate([nibbles, high], axis=-1).astype(jnp.uint8)
     qs = qs.reshape(x.shape[:-1] + (x.shape[-1] * 3 // 4,))
     return QuantizedKV(qs, d[..., 0].astype(jnp.float16), "q6_0")
@@ -195,8 +203,10 @@ def cache_float_dtype(where: str, fmt: str | DTypeLike) -> np.dtype:
     except (TypeError, ValueError):
         dtype = None
     if dtype not in CACHE_FLOAT_DTYPES:
-        raise ValueError(f"{where}: fmt must be a float dtype ({', '.join(FLOAT_NAMES)} or that "
-                         f"numpy dtype) or one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ValueError(
+            f"{where}: fmt must be a float dtype ({', '.join(FLOAT_NAMES)} or that "
+            f"numpy dtype) or one of {', '.join(FORMATS)}, got {fmt!r}"
+        )
     return dtype
 
 
@@ -217,8 +227,9 @@ def cache_bytes(fmt: str | DTypeLike, shape: Sequence[int]) -> int:
     return n * dtype.itemsize
 
 
-def cache_update(cache: jax.Array | QuantizedKV, rows: ArrayLike,
-                 positions: ArrayLike) -> jax.Array | QuantizedKV:
+def cache_update(
+    cache: jax.Array | QuantizedKV, rows: ArrayLike, positions: ArrayLike
+) -> jax.Array | QuantizedKV:
     """Writes rows [B, S, ...] into cache [B, Smax, ...] (a float array or a
     QuantizedKV, whose rows are quantized first) at positions [B, S]; returns
     the new cache, updated in place when the cache is donated.
@@ -232,16 +243,21 @@ def cache_update(cache: jax.Array | QuantizedKV, rows: ArrayLike,
         raise TypeError(f"cache must be an array or a QuantizedKV, got {type(cache).__name__}")
     _check_float("rows", rows)
     if rows.ndim != len(shape) or rows.shape[0] != shape[0] or rows.shape[2:] != tuple(shape[2:]):
-        raise ValueError(f"rows must have shape ({shape[0]}, S, {', '.join(map(str, shape[2:]))}) "
-                         f"to fit the cache {tuple(shape)}, got {tuple(rows.shape)}")
+        raise ValueError(
+            f"rows must have shape ({shape[0]}, S, {', '.join(map(str, shape[2:]))}) "
+            f"to fit the cache {tuple(shape)}, got {tuple(rows.shape)}"
+        )
     if isinstance(positions, numbers.Integral):
         positions = np.asarray(positions)
     if not hasattr(positions, "dtype") or not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise TypeError(f"positions must be an integer array [B, S], got "
-                        f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        raise TypeError(
+            f"positions must be an integer array [B, S], got "
+            f"{getattr(positions, 'dtype', type(positions).__name__)}"
+        )
     if tuple(positions.shape) != tuple(rows.shape[:2]):
-        raise ValueError(f"positions must have shape {tuple(rows.shape[:2])}, got "
-                         f"{tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must have shape {tuple(rows.shape[:2])}, got {tuple(positions.shape)}"
+        )
     smax = shape[1]
     if not isinstance(positions, jax.core.Tracer):
         values = np.asarray(positions)

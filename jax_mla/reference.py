@@ -23,8 +23,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["attention", "attention_quantized", "mla", "mla_quantized", "round_query_q8",
-           "visible_mask"]
+__all__ = [
+    "attention",
+    "attention_quantized",
+    "mla",
+    "mla_quantized",
+    "round_query_q8",
+    "visible_mask",
+]
 
 
 def _per_batch(x, batch: int, default) -> jax.Array:
@@ -75,8 +81,9 @@ def _softmax_weights(q, k, scale, causal, q_pos, kv_len):
     kv_len = _per_batch(kv_len, batch, seq_kv)
     q_pos = _per_batch(q_pos, batch, jnp.clip(kv_len, 0, seq_kv) - seq_q)
     qf = q.astype(jnp.float32).reshape(batch, seq_q, heads_kv, group, dk)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+    s = jnp.einsum(
+        "bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     s = s * jnp.float32(scale)
     mask = visible_mask(q_pos, kv_len, seq_q, seq_kv, causal)[:, None, None]
     s = jnp.where(mask, s, -jnp.inf)
@@ -102,6 +109,7 @@ def _normalized(o, m, l, dtype):
     out = o.reshape(batch, seq_q, heads_kv * group, dv).astype(dtype)
     return out, lse.reshape(batch, heads_kv * group, seq_q).astype(jnp.float32)
 
+
 def mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None):
     """Reference flash_mla: attention with one latent KV head.
 
@@ -109,7 +117,7 @@ def mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_l
     kv[..., v_offset:v_offset + dv]. Returns (out [B, Sq, H, dv], lse [B, H, Sq]).
     """
     k = kv[:, :, None, :]
-    v = kv[:, :, None, v_offset:v_offset + dv]
+    v = kv[:, :, None, v_offset : v_offset + dv]
     return attention(q, k, v, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
 
 
@@ -153,8 +161,9 @@ def round_query_q8(x) -> jax.Array:
     return (d * r).reshape(x.shape[:-1] + (-1,))[..., :dim]
 
 
-def attention_quantized(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None,
-                        round_p=True):
+def attention_quantized(
+    q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None, round_p=True
+):
     """flash_attention as the CPU kernels compute it; k and v are float arrays or
     QuantizedKV. Returns (out, lse) like `attention`.
 
@@ -203,7 +212,7 @@ def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
     # V's int8 values and per-(key, block) scales; keys past kv_len zeroed.
     nbv = -(-dv // 32)
     exists = _existing_keys(kv_len, seq_kv)[..., None, None]
-    vq = jnp.where(exists, v_qs.astype(jnp.float32), 0.0)                    # [B, Skv, Hkv, Dv]
+    vq = jnp.where(exists, v_qs.astype(jnp.float32), 0.0)  # [B, Skv, Hkv, Dv]
     vd = jnp.broadcast_to(v_d.astype(jnp.float32), (batch, seq_kv, heads_kv, nbv))
     vd = jnp.where(exists, vd, 0.0)
     n_groups = -(-seq_kv // P_GROUP)
@@ -212,43 +221,45 @@ def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
     vd = jnp.pad(vd, [(0, 0), (0, pad_k), (0, 0), (0, 0)])
     vq = jnp.pad(vq, [(0, 0), (0, pad_k), (0, 0), (0, nbv * 32 - dv)])
 
-    vd_t = jnp.moveaxis(vd, 2, 1)                                   # [B, Hkv, Skv', nbv]
-    x = p[..., None] * vd_t[:, :, None, None]                       # [B, Hkv, G, Sq, Skv', nbv]
+    vd_t = jnp.moveaxis(vd, 2, 1)  # [B, Hkv, Skv', nbv]
+    x = p[..., None] * vd_t[:, :, None, None]  # [B, Hkv, G, Sq, Skv', nbv]
     x = x.reshape(x.shape[:4] + (n_groups, P_GROUP, nbv))
     amax = jnp.max(x, axis=5, keepdims=True)
     d = _exact_div(amax, P_LEVELS)
     inv = jnp.where(amax < P_TINY, 0.0, jnp.float32(1) / jnp.where(amax < P_TINY, 1.0, d))
-    pq = jnp.round(x * inv)                                          # half to even
+    pq = jnp.round(x * inv)  # half to even
     vqg = vq.reshape(batch, n_groups, P_GROUP, heads_kv, nbv, 32)
     # Exact integer sums per group (each < 2^24), then the group scales.
     inner = jnp.einsum("bhgqnkj,bnkhjc->bhgqnjc", pq, vqg, precision=hi)
-    o = jnp.sum(d[..., 0, :, None] * inner, axis=4)                 # [B, Hkv, G, Sq, nbv, 32]
+    o = jnp.sum(d[..., 0, :, None] * inner, axis=4)  # [B, Hkv, G, Sq, nbv, 32]
     o = o.reshape(o.shape[:4] + (nbv * 32,))[..., :dv]
-    o = jnp.moveaxis(o, 3, 1)                                        # [B, Sq, Hkv, G, Dv]
+    o = jnp.moveaxis(o, 3, 1)  # [B, Sq, Hkv, G, Dv]
     return _normalized(o, m, l, q.dtype)
 
 
-def mla_quantized(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None,
-                  kv_len=None, round_p=True):
+def mla_quantized(
+    q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None, round_p=True
+):
     """flash_mla as the CPU kernels compute it over a float or QuantizedKV
     latent cache: attention_quantized with K the rows and V their slice."""
     from jax_mla import quant
 
     if not _is_quantized(kv):
-        return mla(q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos,
-                   kv_len=kv_len)
+        return mla(
+            q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len
+        )
     k = quant.QuantizedKV(kv.qs[:, :, None], kv.d[:, :, None], kv.fmt)
     out_dtype = q.dtype
     q, scale = _query_as_computed(q, k, scale)
     kf = quant.dequantize(k)
     kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
     if not (round_p and kv.fmt in _EIGHT_BIT):
-        out, lse = attention(q, kf, kf[..., v_offset:v_offset + dv], **kw)
+        out, lse = attention(q, kf, kf[..., v_offset : v_offset + dv], **kw)
     else:
-        v_qs = kv.qs[:, :, None, v_offset:v_offset + dv]
+        v_qs = kv.qs[:, :, None, v_offset : v_offset + dv]
         if kv.fmt == "q8_kv":
             v_d = kv.d[:, :, None]
         else:
-            v_d = kv.d[:, :, None, v_offset // 32:v_offset // 32 + -(-dv // 32)]
+            v_d = kv.d[:, :, None, v_offset // 32 : v_offset // 32 + -(-dv // 32)]
         out, lse = _attention_rounded_p(q, kf, v_qs, v_d, **kw)
     return out.astype(out_dtype), lse

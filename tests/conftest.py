@@ -74,10 +74,12 @@ CONFIG_FIELDS = ("dtypes", "dk", "dv", "v_offset", "fmt")
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "kernel_config(op, **fields): a native call the test makes, op 'attention' "
-                   "or 'mla', fields among dtypes, dk, dv, v_offset, fmt (test parameters of "
-                   "those names complete them); GPU cases the CUDA table does not take are "
-                   "not run")
+        "markers",
+        "kernel_config(op, **fields): a native call the test makes, op 'attention' "
+        "or 'mla', fields among dtypes, dk, dv, v_offset, fmt (test parameters of "
+        "those names complete them); GPU cases the CUDA table does not take are "
+        "not run",
+    )
 
 
 def kernel_configs(item) -> list[tuple[str, dict]]:
@@ -101,23 +103,29 @@ def kernel_configs(item) -> list[tuple[str, dict]]:
     return configs
 
 
-def cuda_takes(table: dict, op: str, *, dtypes, dk: int, dv: int, v_offset: int = 0,
-               fmt: str | None = None) -> bool:
+def cuda_takes(
+    table: dict, op: str, *, dtypes, dk: int, dv: int, v_offset: int = 0, fmt: str | None = None
+) -> bool:
     """Whether the CUDA kernel of `op` takes this configuration, by the
     module's capability table (the rule the op's own check applies)."""
     if op == "attention":
         problem = _capabilities.cuda_attention_problem(table, dict(zip("qkv", dtypes)), dk, dv)
     else:
         names = ("q",) if fmt else ("q", "kv")
-        problem = _capabilities.cuda_mla_problem(table, dict(zip(names, dtypes)), fmt, dk, dv,
-                                                 v_offset)
+        problem = _capabilities.cuda_mla_problem(
+            table, dict(zip(names, dtypes)), fmt, dk, dv, v_offset
+        )
     return problem is None
 
 
 def unsupported_gpu_cases(items, table: dict) -> list:
     """The gpu-marked items that make a native call the CUDA table does not take."""
-    return [item for item in items if item.get_closest_marker("gpu") is not None
-            and not all(cuda_takes(table, op, **fields) for op, fields in kernel_configs(item))]
+    return [
+        item
+        for item in items
+        if item.get_closest_marker("gpu") is not None
+        and not all(cuda_takes(table, op, **fields) for op, fields in kernel_configs(item))
+    ]
 
 
 def mentions_gpu(markexpr: str) -> bool:
@@ -131,8 +139,11 @@ def pytest_collection_modifyitems(config, items):
     whose configuration the CUDA table does not take is not run, and one it
     takes must pass (no NotImplementedError turned into a skip)."""
     if mentions_gpu(config.getoption("markexpr") or ""):
-        gpu_cases = [item for item in items if item.get_closest_marker("gpu") is not None
-                     and kernel_configs(item)]
+        gpu_cases = [
+            item
+            for item in items
+            if item.get_closest_marker("gpu") is not None and kernel_configs(item)
+        ]
         if not gpu_cases:
             return
         if _ffi.module("gpu") is None:
@@ -210,8 +221,9 @@ def _reference_attention(q, k, v, q_pos, kv_len, scale, *, causal):
 
 @functools.partial(jax.jit, static_argnames=("dv", "v_offset", "causal"))
 def _reference_mla(q, kv, q_pos, kv_len, scale, *, dv, v_offset, causal):
-    return reference.mla(q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos,
-                         kv_len=kv_len)
+    return reference.mla(
+        q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len
+    )
 
 
 def reference_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None):
@@ -220,8 +232,15 @@ def reference_attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len
     batch, seq_q, _, dk = q.shape
     q_pos, kv_len = positions(q_pos, kv_len, batch, seq_q, k.shape[1])
     scale = 1.0 / math.sqrt(dk) if scale is None else scale
-    return _reference_attention(q, k, v, q_pos.astype(np.int32), kv_len.astype(np.int32),
-                                np.float32(scale), causal=bool(causal))
+    return _reference_attention(
+        q,
+        k,
+        v,
+        q_pos.astype(np.int32),
+        kv_len.astype(np.int32),
+        np.float32(scale),
+        causal=bool(causal),
+    )
 
 
 def reference_mla(q, kv, *, dv, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None):
@@ -229,8 +248,16 @@ def reference_mla(q, kv, *, dv, v_offset=0, scale=None, causal=False, q_pos=None
     batch, seq_q, _, dk = q.shape
     q_pos, kv_len = positions(q_pos, kv_len, batch, seq_q, kv.shape[1])
     scale = 1.0 / math.sqrt(dk) if scale is None else scale
-    return _reference_mla(q, kv, q_pos.astype(np.int32), kv_len.astype(np.int32),
-                          np.float32(scale), dv=dv, v_offset=v_offset, causal=bool(causal))
+    return _reference_mla(
+        q,
+        kv,
+        q_pos.astype(np.int32),
+        kv_len.astype(np.int32),
+        np.float32(scale),
+        dv=dv,
+        v_offset=v_offset,
+        causal=bool(causal),
+    )
 
 
 # Tolerances (docs/design.md, "Tests"). The kernel and the reference compute in float32
@@ -280,7 +307,8 @@ def assert_close(actual, expected, dtype, *, f32_tol: float = F32_TOL) -> None:
             idx = tuple(int(i) for i in np.argwhere(differ)[0])
             raise AssertionError(
                 f"{what} positions differ in {int(differ.sum())} of {a.size} elements; first at "
-                f"index {idx}: actual {a[idx]!r}, expected {e[idx]!r}")
+                f"index {idx}: actual {a[idx]!r}, expected {e[idx]!r}"
+            )
     finite = np.isfinite(e)
     err = np.abs(np.where(finite, a, 0.0) - np.where(finite, e, 0.0))
     rtol = f32_tol + OUT_ULPS * float(jnp.finfo(dtype).eps)
@@ -292,7 +320,8 @@ def assert_close(actual, expected, dtype, *, f32_tol: float = F32_TOL) -> None:
         raise AssertionError(
             f"{int((excess > 0).sum())} of {a.size} elements differ beyond atol {f32_tol:g}, "
             f"rtol {rtol:g} ({jnp.dtype(dtype).name}); worst at index {idx}: actual {a[idx]!r}, "
-            f"expected {e[idx]!r}, |diff| {err[idx]:.3g} > allowed {allowed[idx]:.3g}")
+            f"expected {e[idx]!r}, |diff| {err[idx]:.3g} > allowed {allowed[idx]:.3g}"
+        )
 
 
 def assert_attention(got, want, out_dtype, visible, *, f32_tol: float = F32_TOL) -> None:
@@ -322,18 +351,47 @@ def position_arg(x):
 
 
 def native_attention(q, k, v, *, q_pos=None, kv_len=None, **kw):
-    return jax_mla.flash_attention(q, k, v, q_pos=position_arg(q_pos), kv_len=position_arg(kv_len),
-                                   return_lse=True, backend="native", **kw)
+    return jax_mla.flash_attention(
+        q,
+        k,
+        v,
+        q_pos=position_arg(q_pos),
+        kv_len=position_arg(kv_len),
+        return_lse=True,
+        backend="native",
+        **kw,
+    )
 
 
 def native_mla(q, kv, *, q_pos=None, kv_len=None, **kw):
-    return jax_mla.flash_mla(q, kv, q_pos=position_arg(q_pos), kv_len=position_arg(kv_len),
-                             return_lse=True, backend="native", **kw)
+    return jax_mla.flash_mla(
+        q,
+        kv,
+        q_pos=position_arg(q_pos),
+        kv_len=position_arg(kv_len),
+        return_lse=True,
+        backend="native",
+        **kw,
+    )
 
 
-def check_attention(rng, *, batch, seq_q, heads_q, heads_kv, seq_kv, dk, dv,
-                    dtypes=(jnp.float32,) * 3, causal=False, q_pos=None, kv_len=None, scale=None,
-                    f32_tol=None):
+def check_attention(
+    rng,
+    *,
+    batch,
+    seq_q,
+    heads_q,
+    heads_kv,
+    seq_kv,
+    dk,
+    dv,
+    dtypes=(jnp.float32,) * 3,
+    causal=False,
+    q_pos=None,
+    kv_len=None,
+    scale=None,
+    f32_tol=None,
+):
     """flash_attention's kernel vs the reference on random q, k, v (k and v
     poisoned past kv_len), with the contract's empty rows checked exactly."""
     q_dtype, k_dtype, v_dtype = dtypes
@@ -348,8 +406,23 @@ def check_attention(rng, *, batch, seq_q, heads_q, heads_kv, seq_kv, dk, dv,
     assert_attention(got, want, q_dtype, visible, f32_tol=gpu_tol(q_dtype, f32_tol))
 
 
-def check_mla(rng, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0, dtypes=(jnp.float32,) * 2,
-              causal=False, q_pos=None, kv_len=None, num_splits=None, scale=None):
+def check_mla(
+    rng,
+    *,
+    batch,
+    seq_q,
+    heads,
+    seq_kv,
+    dk,
+    dv,
+    v_offset=0,
+    dtypes=(jnp.float32,) * 2,
+    causal=False,
+    q_pos=None,
+    kv_len=None,
+    num_splits=None,
+    scale=None,
+):
     """flash_mla's kernel vs the reference on random q and a latent cache
     poisoned past kv_len, with the contract's empty rows checked exactly."""
     q = randn(rng, (batch, seq_q, heads, dk), dtypes[0])
@@ -358,5 +431,6 @@ def check_mla(rng, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0, dtypes=(j
     got = native_mla(q, kv, num_splits=num_splits, **kw)
     want = reference_mla(q, kv, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
-    assert_attention(got, want, dtypes[0], visible,
-                     f32_tol=gpu_tol(dtypes[0], scaled_tol(scale, dk)))
+    assert_attention(
+        got, want, dtypes[0], visible, f32_tol=gpu_tol(dtypes[0], scaled_tol(scale, dk))
+    )

@@ -59,60 +59,181 @@ MLA = dict(dv=512, v_offset=64)
 CASES = [
     # flash_attention over float caches: the tile kernel (rows in lanes),
     # the GEMV kernel (few rows), several KV heads at once, MQA with empty rows.
-    case("attention tile, GQA prefill", "attention", ((2, 7, 8, 64), F32),
-         (((2, 77, 2, 64), F32), ((2, 77, 2, 64), F32)), causal=True, kv_len=[77, 30]),
-    case("attention GEMV, 192/128 decode", "attention", ((2, 1, 2, 192), F16),
-         (((2, 300, 2, 192), F16), ((2, 300, 2, 128), F16)), kv_len=[300, 1]),
-    case("attention KV heads, 16-head decode", "attention", ((1, 1, 16, 192), F16),
-         (((1, 300, 16, 192), F16), ((1, 300, 16, 128), F16))),
-    case("attention tile, MQA bf16 prefill", "attention", ((2, 40, 5, 80), BF16),
-         (((2, 65, 1, 80), BF16), ((2, 65, 1, 48), BF16)), causal=True, kv_len=[65, 3]),
+    case(
+        "attention tile, GQA prefill",
+        "attention",
+        ((2, 7, 8, 64), F32),
+        (((2, 77, 2, 64), F32), ((2, 77, 2, 64), F32)),
+        causal=True,
+        kv_len=[77, 30],
+    ),
+    case(
+        "attention GEMV, 192/128 decode",
+        "attention",
+        ((2, 1, 2, 192), F16),
+        (((2, 300, 2, 192), F16), ((2, 300, 2, 128), F16)),
+        kv_len=[300, 1],
+    ),
+    case(
+        "attention KV heads, 16-head decode",
+        "attention",
+        ((1, 1, 16, 192), F16),
+        (((1, 300, 16, 192), F16), ((1, 300, 16, 128), F16)),
+    ),
+    case(
+        "attention tile, MQA bf16 prefill",
+        "attention",
+        ((2, 40, 5, 80), BF16),
+        (((2, 65, 1, 80), BF16), ((2, 65, 1, 48), BF16)),
+        causal=True,
+        kv_len=[65, 3],
+    ),
     # flash_mla over float caches: the direct path (decode, cache read in
     # place, split KV) and the tile path (more than 16 rows).
-    case("MLA direct, f16 decode, 2 splits", "mla", ((2, 1, 16, 576), F32),
-         (((2, 300, 576), F16),), kv_len=[300, 45], num_splits=2, **MLA),
-    case("MLA direct, bf16 decode, 3 splits", "mla", ((1, 1, 16, 576), BF16),
-         (((1, 200, 576), BF16),), num_splits=3, **MLA),
-    case("MLA tile, f16 prefill", "mla", ((2, 4, 16, 192), F16), (((2, 77, 192), F16),),
-         dv=64, v_offset=24, causal=True, kv_len=[77, 0]),
-    case("MLA tile, 32 rows over 576", "mla", ((1, 2, 16, 576), F32), (((1, 200, 576), F16),),
-         causal=True, **MLA),
+    case(
+        "MLA direct, f16 decode, 2 splits",
+        "mla",
+        ((2, 1, 16, 576), F32),
+        (((2, 300, 576), F16),),
+        kv_len=[300, 45],
+        num_splits=2,
+        **MLA,
+    ),
+    case(
+        "MLA direct, bf16 decode, 3 splits",
+        "mla",
+        ((1, 1, 16, 576), BF16),
+        (((1, 200, 576), BF16),),
+        num_splits=3,
+        **MLA,
+    ),
+    case(
+        "MLA tile, f16 prefill",
+        "mla",
+        ((2, 4, 16, 192), F16),
+        (((2, 77, 192), F16),),
+        dv=64,
+        v_offset=24,
+        causal=True,
+        kv_len=[77, 0],
+    ),
+    case(
+        "MLA tile, 32 rows over 576",
+        "mla",
+        ((1, 2, 16, 576), F32),
+        (((1, 200, 576), F16),),
+        causal=True,
+        **MLA,
+    ),
     # The 8-bit kernels: flash_mla's tile (16 heads) and GEMV (2 heads) per
     # format, an 8-bit prefill block; flash_attention's 8-bit tile, GEMV, and
     # KV-heads kernels, and a float K with 8-bit V.
-    *[case(f"MLA {fmt}, {kind} decode", "mla", ((2, 1, heads, 576), F32), (((2, 77, 576), fmt),),
-           kv_len=[77, 20], num_splits=2, **MLA)
-      for fmt in ("q8_0", "q8_kv", "q6_0") for kind, heads in (("tile", 16), ("GEMV", 2))],
-    case("MLA q8_0, 32-row prefill", "mla", ((1, 2, 16, 576), F32), (((1, 200, 576), "q8_0"),),
-         causal=True, **MLA),
-    case("attention q8_0, prefill", "attention", ((2, 40, 16, 192), F32),
-         (((2, 135, 16, 192), "q8_0"), ((2, 135, 16, 128), "q8_0")), causal=True,
-         kv_len=[135, 30]),
-    case("attention q8_kv, GQA decode", "attention", ((2, 1, 8, 192), F32),
-         (((2, 77, 4, 192), "q8_kv"), ((2, 77, 4, 128), "q8_kv")), kv_len=[77, 0]),
-    case("attention q8_0, KV heads decode", "attention", ((2, 1, 16, 192), F32),
-         (((2, 137, 16, 192), "q8_0"), ((2, 137, 16, 128), "q8_0")), kv_len=[137, 70]),
-    case("attention f16 K, q8_0 V, GQA decode", "attention", ((2, 1, 8, 192), F32),
-         (((2, 77, 4, 192), F16), ((2, 77, 4, 128), "q8_0")), kv_len=[77, 5]),
+    *[
+        case(
+            f"MLA {fmt}, {kind} decode",
+            "mla",
+            ((2, 1, heads, 576), F32),
+            (((2, 77, 576), fmt),),
+            kv_len=[77, 20],
+            num_splits=2,
+            **MLA,
+        )
+        for fmt in ("q8_0", "q8_kv", "q6_0")
+        for kind, heads in (("tile", 16), ("GEMV", 2))
+    ],
+    case(
+        "MLA q8_0, 32-row prefill",
+        "mla",
+        ((1, 2, 16, 576), F32),
+        (((1, 200, 576), "q8_0"),),
+        causal=True,
+        **MLA,
+    ),
+    case(
+        "attention q8_0, prefill",
+        "attention",
+        ((2, 40, 16, 192), F32),
+        (((2, 135, 16, 192), "q8_0"), ((2, 135, 16, 128), "q8_0")),
+        causal=True,
+        kv_len=[135, 30],
+    ),
+    case(
+        "attention q8_kv, GQA decode",
+        "attention",
+        ((2, 1, 8, 192), F32),
+        (((2, 77, 4, 192), "q8_kv"), ((2, 77, 4, 128), "q8_kv")),
+        kv_len=[77, 0],
+    ),
+    case(
+        "attention q8_0, KV heads decode",
+        "attention",
+        ((2, 1, 16, 192), F32),
+        (((2, 137, 16, 192), "q8_0"), ((2, 137, 16, 128), "q8_0")),
+        kv_len=[137, 70],
+    ),
+    case(
+        "attention f16 K, q8_0 V, GQA decode",
+        "attention",
+        ((2, 1, 8, 192), F32),
+        (((2, 77, 4, 192), F16), ((2, 77, 4, 128), "q8_0")),
+        kv_len=[77, 5],
+    ),
     # The register blocks and their tails, as tests/test_cpu_switches.py
     # covers them per ISA: the float tile path's row blocks (17 to 30 rows),
     # the direct path's (4 to 16 rows), the 8-bit tile's (9 to 32 rows) and
     # its V column groups, each over key counts around the key blocks.
-    *[case(f"tile row blocks, {sq} x {hq // hkv} rows", "attention", ((3, sq, hq, 96), F32),
-           (((3, 129, hkv, 96), F16), ((3, 129, hkv, 80), BF16)), causal=True,
-           q_pos=[87 - sq, 11 - sq, 129 - sq], kv_len=[87, 11, 129])
-      for sq, hq, hkv in ((17, 2, 2), (18, 2, 2), (7, 3, 1), (19, 3, 1))],
-    *[case(f"MLA direct row blocks, {heads} heads", "mla", ((7, 1, heads, 144), F32),
-           (((7, 259, 144), F16),), dv=64, v_offset=16, kv_len=[1, 5, 7, 17, 63, 70, 259],
-           num_splits=2)
-      for heads in (4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16)],
-    *[case(f"MLA {fmt} row blocks, {heads} heads", "mla", ((6, 1, heads, 576), F32),
-           (((6, 137, 576), fmt),), kv_len=[1, 7, 9, 63, 72, 137], num_splits=3, **MLA)
-      for fmt in ("q8_0", "q8_kv") for heads in (9, 24, 32)],
-    *[case(f"MLA {fmt} V column groups, {heads} heads", "mla", ((7, 1, heads, 192), F32),
-           (((7, 139, 192), fmt),), dv=144, v_offset=32, kv_len=[1, 3, 5, 8, 13, 66, 139],
-           num_splits=2)
-      for fmt in ("q8_0", "q8_kv") for heads in (9, 16)],
+    *[
+        case(
+            f"tile row blocks, {sq} x {hq // hkv} rows",
+            "attention",
+            ((3, sq, hq, 96), F32),
+            (((3, 129, hkv, 96), F16), ((3, 129, hkv, 80), BF16)),
+            causal=True,
+            q_pos=[87 - sq, 11 - sq, 129 - sq],
+            kv_len=[87, 11, 129],
+        )
+        for sq, hq, hkv in ((17, 2, 2), (18, 2, 2), (7, 3, 1), (19, 3, 1))
+    ],
+    *[
+        case(
+            f"MLA direct row blocks, {heads} heads",
+            "mla",
+            ((7, 1, heads, 144), F32),
+            (((7, 259, 144), F16),),
+            dv=64,
+            v_offset=16,
+            kv_len=[1, 5, 7, 17, 63, 70, 259],
+            num_splits=2,
+        )
+        for heads in (4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16)
+    ],
+    *[
+        case(
+            f"MLA {fmt} row blocks, {heads} heads",
+            "mla",
+            ((6, 1, heads, 576), F32),
+            (((6, 137, 576), fmt),),
+            kv_len=[1, 7, 9, 63, 72, 137],
+            num_splits=3,
+            **MLA,
+        )
+        for fmt in ("q8_0", "q8_kv")
+        for heads in (9, 24, 32)
+    ],
+    *[
+        case(
+            f"MLA {fmt} V column groups, {heads} heads",
+            "mla",
+            ((7, 1, heads, 192), F32),
+            (((7, 139, 192), fmt),),
+            dv=144,
+            v_offset=32,
+            kv_len=[1, 3, 5, 8, 13, 66, 139],
+            num_splits=2,
+        )
+        for fmt in ("q8_0", "q8_kv")
+        for heads in (9, 16)
+    ],
 ]
 
 
@@ -147,8 +268,11 @@ def run_case(c, arrays):
     caches = []
     for i, (_, kind) in enumerate(c["caches"]):
         if kind in jax_mla.quant.FORMATS:
-            caches.append(jax_mla.QuantizedKV(jnp.asarray(arrays[f"c{i}_qs"]),
-                                              jnp.asarray(arrays[f"c{i}_d"]), kind))
+            caches.append(
+                jax_mla.QuantizedKV(
+                    jnp.asarray(arrays[f"c{i}_qs"]), jnp.asarray(arrays[f"c{i}_d"]), kind
+                )
+            )
         else:
             caches.append(jnp.asarray(arrays[f"c{i}"]).astype(kind))
     kw = dict(c["kw"])
@@ -205,8 +329,16 @@ def main():
             np.savez(os.path.join(folder, f"in{i}.npz"), **arrays)
         with open(os.path.join(folder, "cases.json"), "w") as f:
             json.dump(cases, f)
-        cmd = [args.qemu, "-cpu", CPU_MODEL, sys.executable, "-P",
-               str(pathlib.Path(__file__).resolve()), "--child", folder]
+        cmd = [
+            args.qemu,
+            "-cpu",
+            CPU_MODEL,
+            sys.executable,
+            "-P",
+            str(pathlib.Path(__file__).resolve()),
+            "--child",
+            folder,
+        ]
         print("+", " ".join(cmd[:-1]), "<folder>", flush=True)
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         warnings = "TCG doesn't support requested feature"  # the model's extras TCG lacks
@@ -214,8 +346,10 @@ def main():
         if proc.returncode != 0:
             sys.exit(f"the emulated run failed (exit status {proc.returncode}; -4 is SIGILL)")
         cpu = json.load(open(os.path.join(folder, "isa.json")))
-        print(f"emulated {CPU_MODEL}: jax_mla picked {cpu['isa']} (supported there: "
-              f"{cpu['supported_isas']})")
+        print(
+            f"emulated {CPU_MODEL}: jax_mla picked {cpu['isa']} (supported there: "
+            f"{cpu['supported_isas']})"
+        )
         failures = []
         if cpu["isa"] != "avx2" or "avx512" in cpu["supported_isas"]:
             failures.append(f"expected AVX2 and no AVX-512 on {CPU_MODEL}, got {cpu}")
@@ -226,21 +360,28 @@ def main():
             native = run_case(c, arrays)
             (same_out, flushed), (same_lse, _) = (
                 compare(native[0], emulated["out"], c["q"][1]),
-                compare(native[1], emulated["lse"], F32))
+                compare(native[1], emulated["lse"], F32),
+            )
             same = (same_out, same_lse)
             total_flushed += flushed
             note = f" ({flushed} float16-subnormal output(s) 0 under QEMU)" if flushed else ""
-            print(f"{c['name']:<40} out {'same bits' if same_out else 'DIFFERENT'}{note}, "
-                  f"lse {'same bits' if same_lse else 'DIFFERENT'}")
+            print(
+                f"{c['name']:<40} out {'same bits' if same_out else 'DIFFERENT'}{note}, "
+                f"lse {'same bits' if same_lse else 'DIFFERENT'}"
+            )
             if not all(same):
                 diff = np.nanmax(np.abs(native[0].astype(np.float64) - emulated["out"]))
-                failures.append(f"{c['name']}: emulated and native AVX2 results differ "
-                                f"(max |out diff| {diff:.3g})")
+                failures.append(
+                    f"{c['name']}: emulated and native AVX2 results differ "
+                    f"(max |out diff| {diff:.3g})"
+                )
     if failures:
         sys.exit("\n".join(failures))
     aside = f", {total_flushed} float16-subnormal output(s) aside" if total_flushed else ""
-    print(f"all {len(cases)} cases: the emulated Zen 3 and this machine's AVX2 path agree bit for "
-          f"bit{aside}")
+    print(
+        f"all {len(cases)} cases: the emulated Zen 3 and this machine's AVX2 path agree bit for "
+        f"bit{aside}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ def test_package_under_test_is_the_built_one():
     assert list(package.glob("_cpu*.so")), f"no native _cpu module next to {package}"
 
 
-@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=64,
-                           dv=32)
+@pytest.mark.kernel_config(
+    "attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=64, dv=32
+)
 def test_default_backend_is_the_native_kernel(rng, platform):
     q = randn(rng, (2, 3, 4, 64), jnp.float32)
     k = randn(rng, (2, 40, 2, 64), jnp.float16)
@@ -69,11 +70,13 @@ def test_without_the_module_native_is_an_error_and_default_warns_once(rng, cpu, 
     kv = randn(rng, (1, 10, 64), jnp.float32)
     assert jax_mla.backends()["cpu"]["loaded"] is False
     assert "simulated" in jax_mla.backends()["cpu"]["error"]
-    with pytest.raises(RuntimeError,
-                       match=r"backend='native' but jax_mla._cpu did not load .*pip install"):
+    with pytest.raises(
+        RuntimeError, match=r"backend='native' but jax_mla._cpu did not load .*pip install"
+    ):
         jax_mla.flash_mla(q, kv, dv=32, backend="native")
-    with pytest.warns(RuntimeWarning,
-                      match=r"using the pure-JAX reference on cpu because jax_mla._cpu"):
+    with pytest.warns(
+        RuntimeWarning, match=r"using the pure-JAX reference on cpu because jax_mla._cpu"
+    ):
         out = jax_mla.flash_mla(q, kv, dv=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -86,26 +89,41 @@ def test_without_the_module_native_is_an_error_and_default_warns_once(rng, cpu, 
 def _python(code: str, cwd, **env):
     """Runs `code` in a fresh interpreter (import-time behaviour), returning it
     finished: its stdout and stderr are in the result."""
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
 
 
 def test_an_invalid_cpu_isa_switch_is_reported_at_import():
-    run = _python("import jax_mla; print(jax_mla.backends()['cpu']['error'])", REPO.parent,
-                  JAX_MLA_CPU_ISA="avx3")
+    run = _python(
+        "import jax_mla; print(jax_mla.backends()['cpu']['error'])",
+        REPO.parent,
+        JAX_MLA_CPU_ISA="avx3",
+    )
     assert run.returncode == 0, run.stderr
     assert "RuntimeWarning: jax_mla: JAX_MLA_CPU_ISA=avx3 is not one of auto," in run.stderr
     assert run.stdout.startswith("JAX_MLA_CPU_ISA=avx3 is not one of auto,")
-    fine = _python("import jax_mla; print(jax_mla.backends()['cpu']['error'])", REPO.parent,
-                   JAX_MLA_CPU_ISA="generic")
+    fine = _python(
+        "import jax_mla; print(jax_mla.backends()['cpu']['error'])",
+        REPO.parent,
+        JAX_MLA_CPU_ISA="generic",
+    )
     assert fine.returncode == 0 and "Warning" not in fine.stderr, fine.stderr
     assert fine.stdout.strip() == "None"
 
 
 def test_importing_the_source_tree_says_what_to_do(tmp_path):
     # A copy of the source tree as a clone has it: no compiled modules.
-    shutil.copytree(pathlib.Path(jax_mla.__file__).parent, tmp_path / "jax_mla",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(
+        pathlib.Path(jax_mla.__file__).parent,
+        tmp_path / "jax_mla",
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
     (tmp_path / "pyproject.toml").touch()
     (tmp_path / "ffi").mkdir()
     run = _python("import jax_mla", tmp_path)

@@ -48,8 +48,9 @@ def test_timer_takes_the_best_pass_of_medians(monkeypatch):
 def test_timer_back_to_back_and_long_calls(monkeypatch):
     clock = FakeClock([0.001] * 1000)
     monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
-    t = timing.time_calls(clock.fn, lambda i: (i,), budget_s=0.1, back_to_back=True,
-                          sync=lambda x: x)
+    t = timing.time_calls(
+        clock.fn, lambda i: (i,), budget_s=0.1, back_to_back=True, sync=lambda x: x
+    )
     # 30 calls make a 30 ms sample; 0.1 s / 30 ms rounds to 3 samples a pass.
     assert (t.calls, t.samples, t.passes) == (30, 3, 3)
     assert t.seconds == pytest.approx(0.001)
@@ -58,7 +59,12 @@ def test_timer_back_to_back_and_long_calls(monkeypatch):
     monkeypatch.setattr(timing.time, "perf_counter", long.perf_counter)
     t = timing.time_calls(long.fn, lambda i: (i,), budget_s=0.1, sync=lambda x: x)
     assert (t.seconds, t.calls, t.samples, t.passes, long.calls) == (
-        timing.LONG_CALL_S + 1, 1, 1, 1, [0])
+        timing.LONG_CALL_S + 1,
+        1,
+        1,
+        1,
+        [0],
+    )
 
 
 def test_copies_past_l2():
@@ -103,8 +109,13 @@ def test_gpu_cases_are_the_issue_shapes():
     assert {c.query for c in got} == {"bf16"}
     mla = [c for c in got if c.op == "flash_mla" and c.cache == "bf16"]
     assert [(c.batch, c.heads, c.n_kv) for c in mla] == [
-        (1, 16, 16384), (64, 16, 4096), (64, 16, 16384), (128, 128, 4096), (128, 128, 8192),
-        (32, 128, 32768)]
+        (1, 16, 16384),
+        (64, 16, 4096),
+        (64, 16, 16384),
+        (128, 128, 4096),
+        (128, 128, 8192),
+        (32, 128, 32768),
+    ]
     assert all(c.seq_q == 1 and c.dims == (576, 512) for c in mla)
     quant = [c for c in got if c.cache in ("q8_0", "q8_kv")]
     rows = {(c.batch, c.heads, c.n_kv) for c in quant}
@@ -112,8 +123,14 @@ def test_gpu_cases_are_the_issue_shapes():
     assert {c.cache for c in quant} == {"q8_0", "q8_kv"} and len(quant) == 2 * len(rows)
     prefill = [c for c in got if c.op == "flash_attention"]
     assert {(c.heads, c.seq_q) for c in prefill} >= {(16, 4096), (128, 4096)}
-    assert all(c.causal and c.seq_q == c.n_kv and c.dims == (192, 128) and c.batch == 1
-               and c.cache == "bf16" for c in prefill)
+    assert all(
+        c.causal
+        and c.seq_q == c.n_kv
+        and c.dims == (192, 128)
+        and c.batch == 1
+        and c.cache == "bf16"
+        for c in prefill
+    )
     quick = cases.gpu_cases(quick=True)
     assert 0 < len(quick) < len(got)
     assert max(c.seq_q for c in quick if c.op == "flash_attention") < 4096
@@ -142,14 +159,30 @@ def test_cpu_sweep_flags_are_refused_on_a_gpu():
 
 def test_quantized_op_rows_pass_their_checks(cpu, tmp_path):
     out = tmp_path / "rows.json"
-    assert cli.main(["--tests", "tg@256,pp16@256", "--caches", "q8_0,q8_kv,q6_0", "--no-model",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--tests",
+                "tg@256,pp16@256",
+                "--caches",
+                "q8_0,q8_kv,q6_0",
+                "--no-model",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert {(r["cache"], r["backend"]) for r in rows} == {
-        (c, b) for c in ("q8_0", "q8_kv", "q6_0") for b in ("native", "jax")}
-    assert all(r["err"] <= r["tolerance"] == ops.TOLERANCE["cpu"][r["backend"]][r["cache"]]
-               and math.isfinite(r["ms"]) for r in rows)
+        (c, b) for c in ("q8_0", "q8_kv", "q6_0") for b in ("native", "jax")
+    }
+    assert all(
+        r["err"] <= r["tolerance"] == ops.TOLERANCE["cpu"][r["backend"]][r["cache"]]
+        and math.isfinite(r["ms"])
+        for r in rows
+    )
     meta = data["meta"]
     assert meta["device"]["platform"] == "cpu" and meta["cpu"]["isa"]
     assert set(meta["versions"]) == {"python", "jax", "jaxlib", "numpy", "jax_mla"}
@@ -158,16 +191,30 @@ def test_quantized_op_rows_pass_their_checks(cpu, tmp_path):
 
 def test_a_failing_check_fails_the_run(cpu, monkeypatch, capsys):
     monkeypatch.setitem(ops.TOLERANCE["cpu"]["native"], "f16", 0.0)
-    assert cli.main(["--tests", "tg@64", "--caches", "f16", "--ops", "flash_mla",
-                     "--no-model"]) == 1
+    assert (
+        cli.main(["--tests", "tg@64", "--caches", "f16", "--ops", "flash_mla", "--no-model"]) == 1
+    )
     assert "FAILED CHECK: tg@64 B=1 H=16 flash_mla f16 native" in capsys.readouterr().err
 
 
 def test_model_rows_over_an_8bit_cache_agree(cpu, tmp_path):
     out = tmp_path / "model.json"
-    assert cli.main(["--model-only", "--model-caches", "q8_0", "--model-tests", "tg64@256",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "--model-only",
+                "--model-caches",
+                "q8_0",
+                "--model-tests",
+                "tg64@256",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["model_rows"]
     assert {r["mode"] for r in rows} == {"standard", "latent", "hybrid"}
-    assert all(r["vs_std"] is not None and r["vs_std"] <= layer.model_agreement("q8_0")
-               for r in rows)
+    assert all(
+        r["vs_std"] is not None and r["vs_std"] <= layer.model_agreement("q8_0") for r in rows
+    )

@@ -47,10 +47,12 @@ def test_cpu_head_dim_rule_is_the_kernels(rng, cpu):
     want = jax_mla.flash_mla(q, kv, dv=step, backend="reference")
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
     wide = randn(rng, (1, 1, 2, largest + step), jnp.float32)
-    with pytest.raises(NotImplementedError,
-                       match=f"multiples of {step} up to {largest}; got Dk = {largest + step}"):
-        jax_mla.flash_mla(wide, randn(rng, (1, 5, largest + step), jnp.float32), dv=step,
-                          backend="native")
+    with pytest.raises(
+        NotImplementedError, match=f"multiples of {step} up to {largest}; got Dk = {largest + step}"
+    ):
+        jax_mla.flash_mla(
+            wide, randn(rng, (1, 5, largest + step), jnp.float32), dv=step, backend="native"
+        )
 
 
 def test_cpu_calls_never_read_the_cuda_table(rng, cpu, monkeypatch):
@@ -68,8 +70,10 @@ def test_cpu_calls_never_read_the_cuda_table(rng, cpu, monkeypatch):
 
 def test_cuda_messages_come_from_the_table():
     problem = _capabilities.cuda_attention_problem(CUDA, dict(q=F32, k=F32, v=F32), 64, 64)
-    assert problem.startswith("the CUDA kernel takes q, k, v all float16 or all bfloat16; got "
-                              "q float32, k float32, v float32")
+    assert problem.startswith(
+        "the CUDA kernel takes q, k, v all float16 or all bfloat16; got "
+        "q float32, k float32, v float32"
+    )
     problem = _capabilities.cuda_attention_problem(CUDA, dict(q=F16, k=F16, v=F16), 80, 80)
     assert "(Dk, Dv) in ((192, 128), (64, 64), (128, 128), (256, 256)); got (80, 80)" in problem
     problem = _capabilities.cuda_mla_problem(CUDA, dict(q=BF16, kv=BF16), None, 192, 128, 0)
@@ -82,8 +86,12 @@ def test_cuda_messages_come_from_the_table():
 
 
 def test_cuda_rule_follows_the_table():
-    wider = dict(CUDA, dtypes=["float32", *CUDA["dtypes"]], attention_head_dims=[[80, 48]],
-                 mla_layouts=[[576, 512, 0], [576, 512, 64]])
+    wider = dict(
+        CUDA,
+        dtypes=["float32", *CUDA["dtypes"]],
+        attention_head_dims=[[80, 48]],
+        mla_layouts=[[576, 512, 0], [576, 512, 64]],
+    )
     assert not cuda_takes(CUDA, "attention", dtypes=(F32,) * 3, dk=80, dv=48)
     assert cuda_takes(wider, "attention", dtypes=(F32,) * 3, dk=80, dv=48)
     assert not cuda_takes(wider, "attention", dtypes=(F16,) * 3, dk=192, dv=128)
@@ -102,7 +110,8 @@ def item(platform, *markers, **params):
     return types.SimpleNamespace(
         callspec=types.SimpleNamespace(params=dict(platform=platform, **params)),
         iter_markers=lambda name: [m for m in marks if m.name == name],
-        get_closest_marker=lambda name: next((m for m in marks if m.name == name), None))
+        get_closest_marker=lambda name: next((m for m in marks if m.name == name), None),
+    )
 
 
 def test_gpu_cases_the_table_does_not_take_are_dropped():
@@ -115,17 +124,19 @@ def test_gpu_cases_the_table_does_not_take_are_dropped():
         "dtype": (item("gpu", attention, dtypes=f32), True),
         "dims_param": (item("gpu", attention, dtypes=half, dk=80, dv=48), True),
         "dict_param": (item("gpu", attention, case=dict(dtypes=half, dk=80, dv=48)), True),
-        "reference_backend": (item("gpu", attention, mla, dtypes=f32, backend="reference"),
-                              False),
+        "reference_backend": (item("gpu", attention, mla, dtypes=f32, backend="reference"), False),
         "op_attention": (item("gpu", attention, mla, op="attention", dtypes=half), False),
         "op_mla": (item("gpu", attention, mla, op="mla"), True),
-        "one_of_two_calls": (item("gpu", pytest.mark.kernel_config("attention", dtypes=half,
-                                                                    dk=64, dv=64), mla), True),
+        "one_of_two_calls": (
+            item("gpu", pytest.mark.kernel_config("attention", dtypes=half, dk=64, dv=64), mla),
+            True,
+        ),
         "no_marker": (item("gpu", dtypes=f32), False),
     }
     dropped = unsupported_gpu_cases([case for case, _ in cases.values()], CUDA)
     assert [name for name, (case, _) in cases.items() if case in dropped] == [
-        name for name, (_, drop) in cases.items() if drop]
+        name for name, (_, drop) in cases.items() if drop
+    ]
 
 
 def test_kernel_configs_merge_marker_and_parameters():
@@ -134,7 +145,9 @@ def test_kernel_configs_merge_marker_and_parameters():
     assert configs == [("mla", dict(dtypes=(F32, F32), dk=576, dv=64, v_offset=16))]
 
 
-@pytest.mark.parametrize("markexpr, selects_gpu", [
-    ("", False), ("gpu", True), ("not gpu", True), ("gpu and not slow", True), ("gpux", False)])
+@pytest.mark.parametrize(
+    "markexpr, selects_gpu",
+    [("", False), ("gpu", True), ("not gpu", True), ("gpu and not slow", True), ("gpux", False)],
+)
 def test_gpu_tests_run_only_when_the_marker_expression_names_them(markexpr, selects_gpu):
     assert mentions_gpu(markexpr) == selects_gpu

@@ -12,8 +12,7 @@ import pytest
 import jax_mla
 from jax_mla import _ffi, _splits
 
-from .conftest import (KV_TILE, assert_close, check_attention, check_mla, randn,
-                       reference_attention)
+from .conftest import KV_TILE, assert_close, check_attention, check_mla, randn, reference_attention
 from .test_quant_kernels import check_attention_quant, check_mla_quant
 
 SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
@@ -34,16 +33,52 @@ def test_isa_switch_is_read_at_run_time(isa):
 
 ATTENTION_CASES = {
     # lanes path (many rows per block), GQA, causal, kv_len per batch
-    "gqa_prefill": dict(batch=2, seq_q=7, heads_q=8, heads_kv=2, seq_kv=77, dk=64, dv=64,
-                        causal=True, kv_len=[77, 30]),
+    "gqa_prefill": dict(
+        batch=2,
+        seq_q=7,
+        heads_q=8,
+        heads_kv=2,
+        seq_kv=77,
+        dk=64,
+        dv=64,
+        causal=True,
+        kv_len=[77, 30],
+    ),
     # few rows per block (dot products along Dk), DeepSeek standard dims
-    "decode_192x128": dict(batch=2, seq_q=1, heads_q=2, heads_kv=2, seq_kv=300, dk=192, dv=128,
-                           dtypes=(jnp.float16,) * 3, kv_len=[300, 1]),
+    "decode_192x128": dict(
+        batch=2,
+        seq_q=1,
+        heads_q=2,
+        heads_kv=2,
+        seq_kv=300,
+        dk=192,
+        dv=128,
+        dtypes=(jnp.float16,) * 3,
+        kv_len=[300, 1],
+    ),
     # MQA, Sq > Skv with empty rows, odd head count and dims
-    "mqa_sq_gt_skv": dict(batch=2, seq_q=40, heads_q=5, heads_kv=1, seq_kv=KV_TILE + 1, dk=80,
-                          dv=48, dtypes=(jnp.bfloat16,) * 3, causal=True, kv_len=[KV_TILE + 1, 3]),
-    "mixed_112x208": dict(batch=1, seq_q=2, heads_q=4, heads_kv=4, seq_kv=KV_TILE - 1, dk=112,
-                          dv=208, dtypes=(jnp.float32, jnp.bfloat16, jnp.float16)),
+    "mqa_sq_gt_skv": dict(
+        batch=2,
+        seq_q=40,
+        heads_q=5,
+        heads_kv=1,
+        seq_kv=KV_TILE + 1,
+        dk=80,
+        dv=48,
+        dtypes=(jnp.bfloat16,) * 3,
+        causal=True,
+        kv_len=[KV_TILE + 1, 3],
+    ),
+    "mixed_112x208": dict(
+        batch=1,
+        seq_q=2,
+        heads_q=4,
+        heads_kv=4,
+        seq_kv=KV_TILE - 1,
+        dk=112,
+        dv=208,
+        dtypes=(jnp.float32, jnp.bfloat16, jnp.float16),
+    ),
 }
 
 
@@ -53,11 +88,30 @@ def test_attention_on_each_isa(rng, isa, case):
 
 
 MLA_CASES = {
-    "deepseek_decode_split": dict(batch=2, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512,
-                                  dtypes=(jnp.float32, jnp.bfloat16), kv_len=[300, 45],
-                                  num_splits=3, scale=0.135),
-    "prefill_offset": dict(batch=2, seq_q=4, heads=16, seq_kv=77, dk=192, dv=64, v_offset=24,
-                           dtypes=(jnp.float16, jnp.float16), causal=True, kv_len=[77, 0]),
+    "deepseek_decode_split": dict(
+        batch=2,
+        seq_q=1,
+        heads=16,
+        seq_kv=300,
+        dk=576,
+        dv=512,
+        dtypes=(jnp.float32, jnp.bfloat16),
+        kv_len=[300, 45],
+        num_splits=3,
+        scale=0.135,
+    ),
+    "prefill_offset": dict(
+        batch=2,
+        seq_q=4,
+        heads=16,
+        seq_kv=77,
+        dk=192,
+        dv=64,
+        v_offset=24,
+        dtypes=(jnp.float16, jnp.float16),
+        causal=True,
+        kv_len=[77, 0],
+    ),
 }
 
 
@@ -66,8 +120,11 @@ def test_mla_on_each_isa(rng, isa, case):
     check_mla(rng, **case)
 
 
-@pytest.mark.parametrize("seq_q,heads_q,heads_kv", [(17, 2, 2), (18, 2, 2), (7, 3, 1), (19, 3, 1)],
-                         ids=["17rows", "18rows", "21rows", "30rows"])
+@pytest.mark.parametrize(
+    "seq_q,heads_q,heads_kv",
+    [(17, 2, 2), (18, 2, 2), (7, 3, 1), (19, 3, 1)],
+    ids=["17rows", "18rows", "21rows", "30rows"],
+)
 @pytest.mark.parametrize("causal", [False, True])
 def test_tile_row_blocks_and_key_counts_on_each_isa(rng, isa, seq_q, heads_q, heads_kv, causal):
     # The float tile path (blocks of more than 16 rows): P.V's row blocks
@@ -76,10 +133,20 @@ def test_tile_row_blocks_and_key_counts_on_each_isa(rng, isa, seq_q, heads_q, he
     # tile of 23 keys is 6 + 6 + 4 + 4 + 4), visible key counts around both
     # and the 64-key tile; fresh random data.
     kv_len = [KV_TILE + 23, 11, 2 * KV_TILE + 1]
-    check_attention(rng, batch=3, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
-                    seq_kv=2 * KV_TILE + 1, dk=96, dv=80, dtypes=(jnp.float32, jnp.float16, jnp.bfloat16),
-                    causal=causal, q_pos=[KV_TILE + 23 - seq_q, 11 - seq_q, 2 * KV_TILE + 1 - seq_q],
-                    kv_len=kv_len)
+    check_attention(
+        rng,
+        batch=3,
+        seq_q=seq_q,
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        seq_kv=2 * KV_TILE + 1,
+        dk=96,
+        dv=80,
+        dtypes=(jnp.float32, jnp.float16, jnp.bfloat16),
+        causal=causal,
+        q_pos=[KV_TILE + 23 - seq_q, 11 - seq_q, 2 * KV_TILE + 1 - seq_q],
+        kv_len=kv_len,
+    )
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -95,54 +162,102 @@ def test_mla_direct_row_blocks_and_key_counts_on_each_isa(rng, isa, heads, num_s
     # scores inside the V tile: kernels.cc's direct-path condition.)
     lens = [1, 5, 7, 17, KV_TILE - 1, KV_TILE + 6, 4 * KV_TILE + 3]
     for dtypes in [(jnp.float32, jnp.float16), (jnp.bfloat16, jnp.bfloat16)]:
-        check_mla(rng, batch=len(lens), seq_q=1, heads=heads, seq_kv=4 * KV_TILE + 3, dk=144,
-                  dv=64, v_offset=16, dtypes=dtypes, kv_len=lens, num_splits=num_splits)
+        check_mla(
+            rng,
+            batch=len(lens),
+            seq_q=1,
+            heads=heads,
+            seq_kv=4 * KV_TILE + 3,
+            dk=144,
+            dv=64,
+            v_offset=16,
+            dtypes=dtypes,
+            kv_len=lens,
+            num_splits=num_splits,
+        )
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q8_kv", "q6_0"])
 @pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
 def test_quantized_mla_on_each_isa(rng, isa, fmt, heads):
     # The quantized row conversions (int8 loads, q6_0 unpacking) per ISA.
-    check_mla_quant(rng, fmt, batch=2, seq_q=1, heads=heads, seq_kv=KV_TILE + 13, dk=576,
-                    dv=512, v_offset=64, kv_len=[KV_TILE + 13, 20], num_splits=2)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=2,
+        seq_q=1,
+        heads=heads,
+        seq_kv=KV_TILE + 13,
+        dk=576,
+        dv=512,
+        v_offset=64,
+        kv_len=[KV_TILE + 13, 20],
+        num_splits=2,
+    )
 
 
-@pytest.mark.parametrize("k_fmt, v_fmt", [("q8_0", "q8_0"), ("q8_kv", "q8_kv"),
-                                          (jnp.float16, "q8_0"), ("q8_0", jnp.bfloat16)],
-                         ids=["q8_0", "q8_kv", "f16-q8_0", "q8_0-bf16"])
-@pytest.mark.parametrize("case", [
-    # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len): a causal prefill chunk
-    # (tile kernel, 40 rows per block) and GQA decode (GEMV kernel).
-    (2, 40, 16, 16, KV_TILE * 2 + 7, True, None, [KV_TILE * 2 + 7, 30]),
-    (2, 1, 8, 4, KV_TILE + 13, False, None, [KV_TILE + 13, 0]),
-], ids=["prefill", "gqa_decode"])
+@pytest.mark.parametrize(
+    "k_fmt, v_fmt",
+    [("q8_0", "q8_0"), ("q8_kv", "q8_kv"), (jnp.float16, "q8_0"), ("q8_0", jnp.bfloat16)],
+    ids=["q8_0", "q8_kv", "f16-q8_0", "q8_0-bf16"],
+)
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len): a causal prefill chunk
+        # (tile kernel, 40 rows per block) and GQA decode (GEMV kernel).
+        (2, 40, 16, 16, KV_TILE * 2 + 7, True, None, [KV_TILE * 2 + 7, 30]),
+        (2, 1, 8, 4, KV_TILE + 13, False, None, [KV_TILE + 13, 0]),
+    ],
+    ids=["prefill", "gqa_decode"],
+)
 def test_quantized_attention_on_each_isa(rng, isa, k_fmt, v_fmt, case):
     # The rounded query and P (integer or exact float sums) per ISA, 192/128.
     check_attention_quant(rng, k_fmt, v_fmt, *case)
 
 
-@pytest.mark.parametrize("k_fmt, v_fmt", [("q8_0", "q8_0"), ("q8_kv", "q8_kv"), ("q8_kv", "q8_0")],
-                         ids=["q8_0", "q8_kv", "q8_kv-q8_0"])
+@pytest.mark.parametrize(
+    "k_fmt, v_fmt",
+    [("q8_0", "q8_0"), ("q8_kv", "q8_kv"), ("q8_kv", "q8_0")],
+    ids=["q8_0", "q8_kv", "q8_kv-q8_0"],
+)
 @pytest.mark.parametrize("num_splits", [1, 2])
-@pytest.mark.parametrize("case", [
-    # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len, dk, dv). Decode over 16
-    # KV heads, a row each: key counts around the 4-key P.V steps and the
-    # 64-key groups, one batch row empty.
-    (7, 1, 16, 16, 2 * KV_TILE + 9, False, None,
-     [1, 3, 6, KV_TILE - 1, KV_TILE + 5, 2 * KV_TILE + 9, 0], 192, 128),
-    # GQA 2 over 3 causal positions: 6 rows per KV head with different ends;
-    # Dk and Dv 96 (a 32-value tail after whole 64-byte vectors).
-    (2, 3, 8, 4, KV_TILE + 13, True, None, [KV_TILE + 13, 2], 96, 96),
-    # Dv 160 and 3 KV heads of 3 rows (GQA 3), positions given.
-    (2, 1, 9, 3, 2 * KV_TILE + 1, False, [2 * KV_TILE, 40], [2 * KV_TILE + 1, 41], 64, 160),
-], ids=["mha_decode", "gqa_causal_96", "gqa3_160"])
-def test_quantized_decode_over_kv_heads_on_each_isa(rng, isa, monkeypatch, k_fmt, v_fmt,
-                                                    num_splits, case):
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len, dk, dv). Decode over 16
+        # KV heads, a row each: key counts around the 4-key P.V steps and the
+        # 64-key groups, one batch row empty.
+        (
+            7,
+            1,
+            16,
+            16,
+            2 * KV_TILE + 9,
+            False,
+            None,
+            [1, 3, 6, KV_TILE - 1, KV_TILE + 5, 2 * KV_TILE + 9, 0],
+            192,
+            128,
+        ),
+        # GQA 2 over 3 causal positions: 6 rows per KV head with different ends;
+        # Dk and Dv 96 (a 32-value tail after whole 64-byte vectors).
+        (2, 3, 8, 4, KV_TILE + 13, True, None, [KV_TILE + 13, 2], 96, 96),
+        # Dv 160 and 3 KV heads of 3 rows (GQA 3), positions given.
+        (2, 1, 9, 3, 2 * KV_TILE + 1, False, [2 * KV_TILE, 40], [2 * KV_TILE + 1, 41], 64, 160),
+    ],
+    ids=["mha_decode", "gqa_causal_96", "gqa3_160"],
+)
+def test_quantized_decode_over_kv_heads_on_each_isa(
+    rng, isa, monkeypatch, k_fmt, v_fmt, num_splits, case
+):
     # Several KV heads with few rows each over 8-bit K and V: the kernel that
     # walks the keys across the heads (attend_heads_q8), per ISA, with the
     # split count forced (flash_attention takes the heuristic's).
     choose = _splits.choose_num_splits
-    monkeypatch.setattr(_splits, "choose_num_splits", lambda _, *a, **kw: choose(num_splits, *a, **kw))
+    monkeypatch.setattr(
+        _splits, "choose_num_splits", lambda _, *a, **kw: choose(num_splits, *a, **kw)
+    )
     *args, dk, dv = case
     check_attention_quant(rng, k_fmt, v_fmt, *args, dk=dk, dv=dv)
 
@@ -151,8 +266,20 @@ def test_quantized_decode_over_kv_heads_on_each_isa(rng, isa, monkeypatch, k_fmt
 def test_quantized_mla_odd_rows_and_partial_v_block_on_each_isa(rng, isa, fmt):
     # 15 rows per block (row tails of every P.V kernel) and dv = 48 (a V block
     # of 16 columns: chunk tails of the integer layouts), several tiles, causal.
-    check_mla_quant(rng, fmt, batch=2, seq_q=3, heads=5, seq_kv=2 * KV_TILE + 9, dk=96, dv=48,
-                    v_offset=32, causal=True, kv_len=[2 * KV_TILE + 9, KV_TILE - 3], num_splits=2)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=2,
+        seq_q=3,
+        heads=5,
+        seq_kv=2 * KV_TILE + 9,
+        dk=96,
+        dv=48,
+        v_offset=32,
+        causal=True,
+        kv_len=[2 * KV_TILE + 9, KV_TILE - 3],
+        num_splits=2,
+    )
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -164,8 +291,19 @@ def test_quantized_mla_row_blocks_and_key_counts_on_each_isa(rng, isa, fmt, head
     # counts at and around the 8-key sub-tiles and the 64-key tiles (odd
     # counts leave half a key pair), each split count; fresh random data.
     lens = [1, 7, 9, KV_TILE - 1, KV_TILE + 8, 2 * KV_TILE + 9]
-    check_mla_quant(rng, fmt, batch=len(lens), seq_q=1, heads=heads, seq_kv=2 * KV_TILE + 9,
-                    dk=576, dv=512, v_offset=64, kv_len=lens, num_splits=num_splits)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=len(lens),
+        seq_q=1,
+        heads=heads,
+        seq_kv=2 * KV_TILE + 9,
+        dk=576,
+        dv=512,
+        v_offset=64,
+        kv_len=lens,
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q8_kv"])
@@ -176,8 +314,19 @@ def test_quantized_mla_v_column_groups_on_each_isa(rng, isa, fmt, heads):
     # 16-column tail; 9, 12 and 16 rows (4-row blocks, a 1-row tail); key
     # counts around the 4-key dwords and 8-key sub-tiles; fresh random data.
     lens = [1, 3, 5, 8, 13, KV_TILE + 2, 2 * KV_TILE + 11]
-    check_mla_quant(rng, fmt, batch=len(lens), seq_q=1, heads=heads, seq_kv=2 * KV_TILE + 11,
-                    dk=192, dv=144, v_offset=32, kv_len=lens, num_splits=2)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=len(lens),
+        seq_q=1,
+        heads=heads,
+        seq_kv=2 * KV_TILE + 11,
+        dk=192,
+        dv=144,
+        v_offset=32,
+        kv_len=lens,
+        num_splits=2,
+    )
 
 
 UNSUPPORTED_ISAS = [isa for isa in BUILT_ISAS if isa not in SUPPORTED_ISAS]
@@ -211,12 +360,32 @@ def nan_fill(monkeypatch, platform):
 
 
 NAN_FILL_ATTENTION = {
-    "empty_rows_gqa": dict(batch=3, seq_q=5, heads_q=8, heads_kv=2, seq_kv=77, dk=64, dv=32,
-                           causal=True, q_pos=-2, kv_len=[0, 5, 77]),
-    "split_decode": dict(batch=2, seq_q=1, heads_q=4, heads_kv=4, seq_kv=300, dk=64, dv=64,
-                         kv_len=[300, 0]),
-    "half_output": dict(batch=2, seq_q=3, heads_q=4, heads_kv=1, seq_kv=KV_TILE + 1, dk=192,
-                        dv=128, dtypes=(jnp.bfloat16,) * 3, kv_len=[KV_TILE + 1, 0]),
+    "empty_rows_gqa": dict(
+        batch=3,
+        seq_q=5,
+        heads_q=8,
+        heads_kv=2,
+        seq_kv=77,
+        dk=64,
+        dv=32,
+        causal=True,
+        q_pos=-2,
+        kv_len=[0, 5, 77],
+    ),
+    "split_decode": dict(
+        batch=2, seq_q=1, heads_q=4, heads_kv=4, seq_kv=300, dk=64, dv=64, kv_len=[300, 0]
+    ),
+    "half_output": dict(
+        batch=2,
+        seq_q=3,
+        heads_q=4,
+        heads_kv=1,
+        seq_kv=KV_TILE + 1,
+        dk=192,
+        dv=128,
+        dtypes=(jnp.bfloat16,) * 3,
+        kv_len=[KV_TILE + 1, 0],
+    ),
 }
 
 
@@ -228,15 +397,44 @@ def test_nan_fill_attention(rng, nan_fill, case):
 
 NAN_FILL_MLA = {
     # splits past kv_len are empty; batch rows 1 and 2 see few or no keys
-    "decode_splits": dict(batch=3, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512,
-                          kv_len=[300, 10, 0], num_splits=7),
-    "decode_splits_clamped": dict(batch=2, seq_q=1, heads=16, seq_kv=77, dk=576, dv=512,
-                                  dtypes=(jnp.bfloat16,) * 2, kv_len=[77, 0], num_splits=64),
-    "prefill_splits_empty_rows": dict(batch=2, seq_q=6, heads=4, seq_kv=77, dk=96, dv=64,
-                                      v_offset=32, causal=True, q_pos=[-3, 70], kv_len=[77, 40],
-                                      num_splits=3),
-    "no_split": dict(batch=2, seq_q=2, heads=16, seq_kv=77, dk=576, dv=512, causal=True,
-                     kv_len=[77, 0], num_splits=1),
+    "decode_splits": dict(
+        batch=3, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512, kv_len=[300, 10, 0], num_splits=7
+    ),
+    "decode_splits_clamped": dict(
+        batch=2,
+        seq_q=1,
+        heads=16,
+        seq_kv=77,
+        dk=576,
+        dv=512,
+        dtypes=(jnp.bfloat16,) * 2,
+        kv_len=[77, 0],
+        num_splits=64,
+    ),
+    "prefill_splits_empty_rows": dict(
+        batch=2,
+        seq_q=6,
+        heads=4,
+        seq_kv=77,
+        dk=96,
+        dv=64,
+        v_offset=32,
+        causal=True,
+        q_pos=[-3, 70],
+        kv_len=[77, 40],
+        num_splits=3,
+    ),
+    "no_split": dict(
+        batch=2,
+        seq_q=2,
+        heads=16,
+        seq_kv=77,
+        dk=576,
+        dv=512,
+        causal=True,
+        kv_len=[77, 0],
+        num_splits=1,
+    ),
 }
 
 

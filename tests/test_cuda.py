@@ -15,9 +15,20 @@ import pytest
 import jax_mla
 from jax_mla import _capabilities, _ffi
 
-from .conftest import (assert_attention, assert_close, cache, check_attention, check_mla,
-                       dtype_id, gpu_tol, native_attention, native_mla, randn,
-                       reference_attention, reference_mla, visible_keys)
+from .conftest import (
+    assert_attention,
+    assert_close,
+    cache,
+    check_attention,
+    check_mla,
+    gpu_tol,
+    native_attention,
+    native_mla,
+    randn,
+    reference_attention,
+    reference_mla,
+    visible_keys,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -67,27 +78,59 @@ POSITIONS = {
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
 def test_mla_positions(rng, gpu, layout, q_pos, kv_len, causal, num_splits):
     dk, dv, v_offset = layout
-    check_mla(rng, batch=4, seq_q=3, heads=16, seq_kv=77, dk=dk, dv=dv, v_offset=v_offset,
-              dtypes=(jnp.bfloat16,) * 2, causal=causal, q_pos=q_pos, kv_len=kv_len,
-              num_splits=num_splits, scale=0.135)
+    check_mla(
+        rng,
+        batch=4,
+        seq_q=3,
+        heads=16,
+        seq_kv=77,
+        dk=dk,
+        dv=dv,
+        v_offset=v_offset,
+        dtypes=(jnp.bfloat16,) * 2,
+        causal=causal,
+        q_pos=q_pos,
+        kv_len=kv_len,
+        num_splits=num_splits,
+        scale=0.135,
+    )
 
 
 # (B, Sq, H, Skv, kv_len): 16-row blocks (H = 16 decode), 64-row blocks, rows
 # that do not fill a block, many KV tiles.
-MLA_SHAPES = [(2, 1, 16, 1000, [1000, 517]), (2, 1, 128, 300, [300, 1]), (2, 2, 16, 77, None),
-              (1, 5, 20, 129, None), (3, 1, 1, 64, [64, 0, 33]), (2, 33, 16, 300, [300, 150])]
+MLA_SHAPES = [
+    (2, 1, 16, 1000, [1000, 517]),
+    (2, 1, 128, 300, [300, 1]),
+    (2, 2, 16, 77, None),
+    (1, 5, 20, 129, None),
+    (3, 1, 1, 64, [64, 0, 33]),
+    (2, 33, 16, 300, [300, 150]),
+]
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}"
-                                                   for s in MLA_SHAPES])
+@pytest.mark.parametrize(
+    "shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}" for s in MLA_SHAPES]
+)
 def test_mla_shapes(rng, gpu, layout, shape, dtype, num_splits):
     batch, seq_q, heads, seq_kv, kv_len = shape
     dk, dv, v_offset = layout
-    check_mla(rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=dk, dv=dv,
-              v_offset=v_offset, dtypes=(dtype, dtype), causal=True, kv_len=kv_len,
-              num_splits=num_splits, scale=0.135)
+    check_mla(
+        rng,
+        batch=batch,
+        seq_q=seq_q,
+        heads=heads,
+        seq_kv=seq_kv,
+        dk=dk,
+        dv=dv,
+        v_offset=v_offset,
+        dtypes=(dtype, dtype),
+        causal=True,
+        kv_len=kv_len,
+        num_splits=num_splits,
+        scale=0.135,
+    )
 
 
 def test_mla_results_do_not_depend_on_num_splits(rng, gpu, layout):
@@ -108,9 +151,20 @@ def test_mla_results_do_not_depend_on_num_splits(rng, gpu, layout):
 @pytest.mark.parametrize("num_splits", [5, 8, 16, 33, 119, 125])
 def test_mla_many_splits(rng, gpu, layout, num_splits):
     dk, dv, v_offset = layout
-    check_mla(rng, batch=3, seq_q=1, heads=16, seq_kv=4000, dk=dk, dv=dv, v_offset=v_offset,
-              dtypes=(jnp.float16,) * 2, kv_len=[4000, 1500, 0], num_splits=num_splits,
-              scale=0.135)
+    check_mla(
+        rng,
+        batch=3,
+        seq_q=1,
+        heads=16,
+        seq_kv=4000,
+        dk=dk,
+        dv=dv,
+        v_offset=v_offset,
+        dtypes=(jnp.float16,) * 2,
+        kv_len=[4000, 1500, 0],
+        num_splits=num_splits,
+        scale=0.135,
+    )
 
 
 @pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=HEAD_DIMS_IDS)
@@ -120,9 +174,21 @@ def test_attention_many_splits(rng, gpu, dk, dv):
     # column chunk in the combine. Dv of 64 fills half a warp's 128 columns,
     # 128 one warp, 256 two. (flash_attention takes no num_splits.)
     from jax_mla import _splits
+
     assert _splits.choose_num_splits(None, 2, 1, 4, 1, 5000, platform="gpu", dk=dk) >= 16
-    check_attention(rng, batch=2, seq_q=1, heads_q=4, heads_kv=1, seq_kv=5000, dk=dk, dv=dv,
-                    dtypes=(jnp.bfloat16,) * 3, kv_len=[5000, 1200], scale=0.1)
+    check_attention(
+        rng,
+        batch=2,
+        seq_q=1,
+        heads_q=4,
+        heads_kv=1,
+        seq_kv=5000,
+        dk=dk,
+        dv=dv,
+        dtypes=(jnp.bfloat16,) * 3,
+        kv_len=[5000, 1200],
+        scale=0.1,
+    )
 
 
 def test_mla_q_pos_near_int32_max(rng, gpu, layout):
@@ -130,15 +196,22 @@ def test_mla_q_pos_near_int32_max(rng, gpu, layout):
     q = randn(rng, (2, 4, 16, dk), jnp.bfloat16)
     kv = cache(rng, (2, 77, dk), jnp.bfloat16, [77, 30])
     kv_len = jnp.array([77, 30], jnp.int32)
-    got = native_mla(q, kv, dv=dv, v_offset=v_offset, causal=True, q_pos=2**31 - 3,
-                     kv_len=kv_len, num_splits=2)
+    got = native_mla(
+        q, kv, dv=dv, v_offset=v_offset, causal=True, q_pos=2**31 - 3, kv_len=kv_len, num_splits=2
+    )
     want = reference_mla(q, kv, dv=dv, v_offset=v_offset, causal=False, kv_len=kv_len)
-    assert_attention(got, want, jnp.bfloat16, visible_keys(None, kv_len, 2, 4, 77, False),
-                     f32_tol=gpu_tol(jnp.bfloat16))
+    assert_attention(
+        got,
+        want,
+        jnp.bfloat16,
+        visible_keys(None, kv_len, 2, 4, 77, False),
+        f32_tol=gpu_tol(jnp.bfloat16),
+    )
 
 
-@pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, 0), (0, None, 0)],
-                         ids=["q", "all", "q_and_kv_len"])
+@pytest.mark.parametrize(
+    "in_axes", [(0, None, None), (0, 0, 0), (0, None, 0)], ids=["q", "all", "q_and_kv_len"]
+)
 def test_mla_vmap(rng, gpu, layout, in_axes):
     n, batch = 3, 2
     dk, dv, v_offset = layout
@@ -148,8 +221,9 @@ def test_mla_vmap(rng, gpu, layout, in_axes):
     args = [q, kv[0] if in_axes[1] is None else kv, kv_len[0] if in_axes[2] is None else kv_len]
 
     def op(q, kv, kv_len):
-        return jax_mla.flash_mla(q, kv, dv=dv, v_offset=v_offset, kv_len=kv_len,
-                                 return_lse=True, backend="native")
+        return jax_mla.flash_mla(
+            q, kv, dv=dv, v_offset=v_offset, kv_len=kv_len, return_lse=True, backend="native"
+        )
 
     got = jax.vmap(op, in_axes=in_axes)(*args)
     for j in range(n):
@@ -167,28 +241,62 @@ LENGTHS = [(1, 300), (3, 65), (130, 130), (70, 33)]
 @pytest.mark.parametrize("seq_q, seq_kv", LENGTHS, ids=[f"sq{a}-skv{b}" for a, b in LENGTHS])
 @pytest.mark.parametrize("heads_q, heads_kv", HEADS.values(), ids=HEADS.keys())
 @pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=HEAD_DIMS_IDS)
-def test_attention_dims_heads_lengths(rng, gpu, dk, dv, heads_q, heads_kv, seq_q, seq_kv,
-                                      causal):
+def test_attention_dims_heads_lengths(rng, gpu, dk, dv, heads_q, heads_kv, seq_q, seq_kv, causal):
     dtype = jnp.bfloat16 if (dk + seq_q) % 2 else jnp.float16  # both dtypes across the grid
-    check_attention(rng, batch=2, seq_q=seq_q, heads_q=heads_q, heads_kv=heads_kv,
-                    seq_kv=seq_kv, dk=dk, dv=dv, dtypes=(dtype,) * 3, causal=causal,
-                    kv_len=[seq_kv, max(1, seq_kv // 3)])
+    check_attention(
+        rng,
+        batch=2,
+        seq_q=seq_q,
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        seq_kv=seq_kv,
+        dk=dk,
+        dv=dv,
+        dtypes=(dtype,) * 3,
+        causal=causal,
+        kv_len=[seq_kv, max(1, seq_kv // 3)],
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
 @pytest.mark.parametrize("dk, dv", HEAD_DIMS, ids=HEAD_DIMS_IDS)
 def test_attention_positions(rng, gpu, dk, dv, q_pos, kv_len, causal):
-    check_attention(rng, batch=4, seq_q=5, heads_q=4, heads_kv=2, seq_kv=77, dk=dk, dv=dv,
-                    dtypes=(jnp.float16,) * 3, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    check_attention(
+        rng,
+        batch=4,
+        seq_q=5,
+        heads_q=4,
+        heads_kv=2,
+        seq_kv=77,
+        dk=dk,
+        dv=dv,
+        dtypes=(jnp.float16,) * 3,
+        causal=causal,
+        q_pos=q_pos,
+        kv_len=kv_len,
+    )
 
 
 def test_attention_split_kv_decode(rng, gpu):
     # 2 x 16 decode rows over 1000 keys: fewer blocks than SMs, so the keys are split.
     from jax_mla import _splits
+
     assert _splits.choose_num_splits(None, 2, 1, 16, 16, 1000, platform="gpu", dk=192) > 1
-    check_attention(rng, batch=2, seq_q=1, heads_q=16, heads_kv=16, seq_kv=1000, dk=192, dv=128,
-                    dtypes=(jnp.bfloat16,) * 3, causal=True, kv_len=[1000, 0], scale=0.1147)
+    check_attention(
+        rng,
+        batch=2,
+        seq_q=1,
+        heads_q=16,
+        heads_kv=16,
+        seq_kv=1000,
+        dk=192,
+        dv=128,
+        dtypes=(jnp.bfloat16,) * 3,
+        causal=True,
+        kv_len=[1000, 0],
+        scale=0.1147,
+    )
 
 
 @pytest.mark.parametrize("in_axes", [(0, None, None, None), (0, 0, 0, 0)], ids=["q", "all"])
@@ -201,8 +309,9 @@ def test_attention_vmap(rng, gpu, in_axes):
     args = [x if ax is not None else x[0] for x, ax in zip([q, k, v, kv_len], in_axes)]
 
     def op(q, k, v, kv_len):
-        return jax_mla.flash_attention(q, k, v, kv_len=kv_len, causal=True, return_lse=True,
-                                       backend="native")
+        return jax_mla.flash_attention(
+            q, k, v, kv_len=kv_len, causal=True, return_lse=True, backend="native"
+        )
 
     got = jax.vmap(op, in_axes=in_axes)(*args)
     for j in range(n):
@@ -227,18 +336,22 @@ def test_unsupported_is_not_implemented(rng, gpu, op, dtypes, dk, match):
     q = randn(rng, (1, 1, 4, dk), dtypes[0])
     with pytest.raises(NotImplementedError, match=match):
         if op == "mla":
-            jax_mla.flash_mla(q, randn(rng, (1, 10, dk), dtypes[1]), dv=dk - 64,
-                              backend="native")
+            jax_mla.flash_mla(q, randn(rng, (1, 10, dk), dtypes[1]), dv=dk - 64, backend="native")
         else:
-            jax_mla.flash_attention(q, randn(rng, (1, 10, 4, dk), dtypes[1]),
-                                    randn(rng, (1, 10, 4, dk), dtypes[2]), backend="native")
+            jax_mla.flash_attention(
+                q,
+                randn(rng, (1, 10, 4, dk), dtypes[1]),
+                randn(rng, (1, 10, 4, dk), dtypes[2]),
+                backend="native",
+            )
     # backend=None also raises: the native kernel exists, only this config is missing.
     with pytest.raises(NotImplementedError):
         if op == "mla":
             jax_mla.flash_mla(q, randn(rng, (1, 10, dk), dtypes[1]), dv=dk - 64)
         else:
-            jax_mla.flash_attention(q, randn(rng, (1, 10, 4, dk), dtypes[1]),
-                                    randn(rng, (1, 10, 4, dk), dtypes[2]))
+            jax_mla.flash_attention(
+                q, randn(rng, (1, 10, 4, dk), dtypes[1]), randn(rng, (1, 10, 4, dk), dtypes[2])
+            )
 
 
 def test_many_native_calls_in_one_jit(rng, gpu, layout):
@@ -248,11 +361,17 @@ def test_many_native_calls_in_one_jit(rng, gpu, layout):
 
     @jax.jit
     def many(q, kv):
-        return sum(jax_mla.flash_mla(q * (i + 1), kv, dv=dv, v_offset=v_offset, num_splits=4,
-                                     backend="native").astype(jnp.float32) for i in range(4))
+        return sum(
+            jax_mla.flash_mla(
+                q * (i + 1), kv, dv=dv, v_offset=v_offset, num_splits=4, backend="native"
+            ).astype(jnp.float32)
+            for i in range(4)
+        )
 
-    want = sum(np.asarray(reference_mla(q * (i + 1), kv, dv=dv, v_offset=v_offset)[0])
-               .astype(np.float32) for i in range(4))
+    want = sum(
+        np.asarray(reference_mla(q * (i + 1), kv, dv=dv, v_offset=v_offset)[0]).astype(np.float32)
+        for i in range(4)
+    )
     assert_close(many(q, kv), want, jnp.float32, f32_tol=4 * gpu_tol(jnp.bfloat16))
 
 
@@ -262,9 +381,24 @@ def test_many_native_calls_in_one_jit(rng, gpu, layout):
 # bits per block of 32 as the kernels take it (reference.round_query_q8).
 # The kernel's Q.K is exact integer arithmetic scaled in float32; V = d * q is
 # rounded to the query's type, like P, so the float kernels' GPU tolerance holds.
-def check_mla_quant_gpu(rng, fmt, layout, *, batch, seq_q, heads, seq_kv, dtype, causal=False,
-                        q_pos=None, kv_len=None, num_splits=None, scale=None):
+def check_mla_quant_gpu(
+    rng,
+    fmt,
+    layout,
+    *,
+    batch,
+    seq_q,
+    heads,
+    seq_kv,
+    dtype,
+    causal=False,
+    q_pos=None,
+    kv_len=None,
+    num_splits=None,
+    scale=None,
+):
     from .test_quant_kernels import quantized_cache
+
     dk, dv, v_offset = layout
     q = randn(rng, (batch, seq_q, heads, dk), dtype)
     kv = quantized_cache(rng, (batch, seq_kv, dk), fmt, kv_len)  # scales NaN past kv_len
@@ -277,8 +411,9 @@ def check_mla_quant_gpu(rng, fmt, layout, *, batch, seq_q, heads, seq_kv, dtype,
     # is the suspect, not confirmed).
     s = np.float32(1 / np.sqrt(dk) if scale is None else scale)
     with jax.default_device(jax.devices("cpu")[0]):
-        q_ref = np.asarray(jax_mla.reference.round_query_q8(
-            jnp.asarray(np.asarray(q, np.float32)) * s))
+        q_ref = np.asarray(
+            jax_mla.reference.round_query_q8(jnp.asarray(np.asarray(q, np.float32)) * s)
+        )
     want = reference_mla(q_ref, jax_mla.dequantize(kv), scale=1.0, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
@@ -287,14 +422,26 @@ def check_mla_quant_gpu(rng, fmt, layout, *, batch, seq_q, heads, seq_kv, dtype,
 
 @pytest.mark.parametrize("num_splits", [None, 4])
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}"
-                                                   for s in MLA_SHAPES])
+@pytest.mark.parametrize(
+    "shape", MLA_SHAPES, ids=[f"b{s[0]}-sq{s[1]}-h{s[2]}-skv{s[3]}" for s in MLA_SHAPES]
+)
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
 def test_mla_quant_shapes(rng, gpu, layout, fmt, shape, dtype, num_splits):
     batch, seq_q, heads, seq_kv, kv_len = shape
-    check_mla_quant_gpu(rng, fmt, layout, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv,
-                        dtype=dtype, causal=True, kv_len=kv_len, num_splits=num_splits,
-                        scale=0.135)
+    check_mla_quant_gpu(
+        rng,
+        fmt,
+        layout,
+        batch=batch,
+        seq_q=seq_q,
+        heads=heads,
+        seq_kv=seq_kv,
+        dtype=dtype,
+        causal=True,
+        kv_len=kv_len,
+        num_splits=num_splits,
+        scale=0.135,
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -302,13 +449,26 @@ def test_mla_quant_shapes(rng, gpu, layout, fmt, shape, dtype, num_splits):
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
 def test_mla_quant_positions(rng, gpu, layout, fmt, q_pos, kv_len, causal):
     # Split in 3 (the splits' partials and the combine see the edge rows too).
-    check_mla_quant_gpu(rng, fmt, layout, batch=4, seq_q=3, heads=16, seq_kv=77, dtype=jnp.bfloat16,
-                        causal=causal, q_pos=q_pos, kv_len=kv_len, num_splits=3)
+    check_mla_quant_gpu(
+        rng,
+        fmt,
+        layout,
+        batch=4,
+        seq_q=3,
+        heads=16,
+        seq_kv=77,
+        dtype=jnp.bfloat16,
+        causal=causal,
+        q_pos=q_pos,
+        kv_len=kv_len,
+        num_splits=3,
+    )
 
 
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
 def test_mla_quant_results_do_not_depend_on_num_splits(rng, gpu, layout, fmt):
     from .test_quant_kernels import quantized_cache
+
     dk, dv, v_offset = layout
     q = randn(rng, (3, 1, 16, dk), jnp.bfloat16)
     kv = quantized_cache(rng, (3, 300, dk), fmt, [300, 0, 150])
@@ -327,14 +487,15 @@ def test_mla_quant_is_close_to_the_float_cache(rng, gpu, layout, fmt):
     dk, dv, v_offset = layout
     q = randn(rng, (1, 1, 16, dk), jnp.float32) * 0.5
     x = randn(rng, (1, 500, dk), jnp.float32)
-    out = jax_mla.flash_mla(q.astype(jnp.bfloat16), jax_mla.quantize(x, fmt), dv=dv,
-                            v_offset=v_offset, backend="native")
+    out = jax_mla.flash_mla(
+        q.astype(jnp.bfloat16), jax_mla.quantize(x, fmt), dv=dv, v_offset=v_offset, backend="native"
+    )
     out = np.asarray(out.astype(jnp.float32))
     qn = np.asarray(q.astype(jnp.bfloat16).astype(jnp.float32), np.float64)[0, 0]
     xn = np.asarray(x, np.float64)[0]
     s = qn @ xn.T / np.sqrt(dk)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
-    want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, v_offset:v_offset + dv]
+    want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, v_offset : v_offset + dv]
     err = np.abs(out[0, 0] - want).max() / np.abs(want).max()
     assert err < 1e-2, f"{fmt}: relative error {err:.3g}"
 
@@ -342,16 +503,19 @@ def test_mla_quant_is_close_to_the_float_cache(rng, gpu, layout, fmt):
 @pytest.mark.parametrize("fmt", CUDA_QUANT)
 def test_mla_quant_vmap_shares_the_cache(rng, gpu, layout, fmt):
     from .test_quant_kernels import quantized_cache
+
     dk, dv, v_offset = layout
     q = randn(rng, (3, 2, 1, 16, dk), jnp.bfloat16)
     kv = quantized_cache(rng, (2, 100, dk), fmt)
     kv_len = jnp.array([[100, 50], [10, 1], [0, 64]], jnp.int32)
-    op = lambda q, kv, n: jax_mla.flash_mla(q, kv, dv=dv, v_offset=v_offset, kv_len=n,
-                                            backend="native")
+    op = lambda q, kv, n: jax_mla.flash_mla(
+        q, kv, dv=dv, v_offset=v_offset, kv_len=n, backend="native"
+    )
     got = jax.vmap(op, in_axes=(0, None, 0))(q, kv, kv_len)
     for i in range(3):
-        np.testing.assert_array_equal(np.asarray(got[i], np.float32),
-                                      np.asarray(op(q[i], kv, kv_len[i]), np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(got[i], np.float32), np.asarray(op(q[i], kv, kv_len[i]), np.float32)
+        )
 
 
 @pytest.mark.parametrize("what", ["q6_0", "f32_query"])
@@ -367,25 +531,42 @@ def test_mla_quant_unsupported_is_not_implemented(rng, gpu, layout, what):
             jax_mla.flash_mla(q, kv, dv=dv, v_offset=v_offset, backend=backend)
 
 
-@pytest.mark.parametrize("fmt_code, match", [
-    (3, r"q8_0 and q8_kv are supported, got q6_0"),
-    (0, r"needs a quantized format"),
-    (7, r"unknown cache format code 7"),
-])
+@pytest.mark.parametrize(
+    "fmt_code, match",
+    [
+        (3, r"q8_0 and q8_kv are supported, got q6_0"),
+        (0, r"needs a quantized format"),
+        (7, r"unknown cache format code 7"),
+    ],
+)
 def test_mla_quant_cpp_checks(gpu, fmt_code, match):
     # The CUDA handler checks again when called directly (no Python checks).
     q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
     qs = jnp.ones((1, 8, 432 if fmt_code == 3 else 576), jnp.uint8 if fmt_code == 3 else jnp.int8)
     d = jnp.ones((1, 8, 18), jnp.float16)
-    out_types = (jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
-                 jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    out_types = (
+        jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
+        jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32),
+    )
     call = jax.ffi.ffi_call("jax_mla_flash_mla_quant", out_types, vmap_method="sequential")
     with pytest.raises(Exception, match=match):
-        jax.block_until_ready(call(
-            q, qs, d, jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32),
-            scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(512),
-            v_offset=np.int64(0), num_splits=np.int64(1), kv_fmt=np.int64(fmt_code)))
+        jax.block_until_ready(
+            call(
+                q,
+                qs,
+                d,
+                jnp.zeros((1,), jnp.int32),
+                jnp.full((1,), 8, jnp.int32),
+                scale=np.float32(0.1),
+                causal=np.bool_(False),
+                dv=np.int64(512),
+                v_offset=np.int64(0),
+                num_splits=np.int64(1),
+                kv_fmt=np.int64(fmt_code),
+            )
+        )
 
 
 # ---------------------------------------------------------------- kernel families
@@ -425,9 +606,13 @@ def test_mla_kernel_family(rng, gpu, monkeypatch, family, num_splits):
     q = randn(rng, (batch, seq_q, heads, 576), jnp.bfloat16)
     kv = cache(rng, (batch, seq_kv, 576), jnp.bfloat16, kv_len)
     kw = dict(dv=512, causal=True, kv_len=kv_len, scale=0.135)
-    check_family(family, lambda: native_mla(q, kv, num_splits=num_splits, **kw),
-                 reference_mla(q, kv, **kw), jnp.bfloat16,
-                 visible_keys(None, kv_len, batch, seq_q, seq_kv, True))
+    check_family(
+        family,
+        lambda: native_mla(q, kv, num_splits=num_splits, **kw),
+        reference_mla(q, kv, **kw),
+        jnp.bfloat16,
+        visible_keys(None, kv_len, batch, seq_q, seq_kv, True),
+    )
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -440,15 +625,25 @@ def test_attention_kernel_family(rng, gpu, monkeypatch, family, num_splits):
     k = cache(rng, (batch, seq_kv, heads_kv, 192), jnp.bfloat16, kv_len)
     v = cache(rng, (batch, seq_kv, heads_kv, 128), jnp.bfloat16, kv_len)
     kw = dict(causal=True, q_pos=70, kv_len=kv_len)
-    check_family(family, lambda: native_attention(q, k, v, num_splits=num_splits, **kw),
-                 reference_attention(q, k, v, **kw), jnp.bfloat16,
-                 visible_keys(70, kv_len, batch, seq_q, seq_kv, True))
+    check_family(
+        family,
+        lambda: native_attention(q, k, v, num_splits=num_splits, **kw),
+        reference_attention(q, k, v, **kw),
+        jnp.bfloat16,
+        visible_keys(70, kv_len, batch, seq_q, seq_kv, True),
+    )
 
 
-@pytest.mark.parametrize("op, variable", [("flash_mla", "JAX_MLA_CUDA_MLA_KERNEL"),
-                                          ("flash_attention", "JAX_MLA_CUDA_ATTENTION_KERNEL")])
+@pytest.mark.parametrize(
+    "op, variable",
+    [
+        ("flash_mla", "JAX_MLA_CUDA_MLA_KERNEL"),
+        ("flash_attention", "JAX_MLA_CUDA_ATTENTION_KERNEL"),
+    ],
+)
 def test_kernel_family_switch(gpu, monkeypatch, op, variable):
     from jax_mla._cuda_kernels import cuda_kernel_attr
+
     names = cuda_families("mla_kernels" if op == "flash_mla" else "attention_kernels")
     assert names[0] == "auto" and "mma_sync" in names
     monkeypatch.delenv(variable, raising=False)
@@ -467,12 +662,25 @@ def test_kernel_attribute_out_of_range_is_an_error(gpu, kernel):
     # The CUDA handler checks the attribute itself (called directly, no Python checks).
     q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
     kv = jnp.ones((1, 8, 576), jnp.bfloat16)
-    out_types = (jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
-                 jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    out_types = (
+        jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
+        jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32),
+    )
     call = jax.ffi.ffi_call("jax_mla_flash_mla", out_types, vmap_method="sequential")
     with pytest.raises(Exception, match=rf"kernel must be in \[0, \d+\), got {kernel}"):
-        jax.block_until_ready(call(
-            q, kv, jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32),
-            scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(512),
-            v_offset=np.int64(0), num_splits=np.int64(1), kernel=np.int32(kernel)))
+        jax.block_until_ready(
+            call(
+                q,
+                kv,
+                jnp.zeros((1,), jnp.int32),
+                jnp.full((1,), 8, jnp.int32),
+                scale=np.float32(0.1),
+                causal=np.bool_(False),
+                dv=np.int64(512),
+                v_offset=np.int64(0),
+                num_splits=np.int64(1),
+                kernel=np.int32(kernel),
+            )
+        )

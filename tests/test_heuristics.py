@@ -12,9 +12,12 @@ from jax_mla import _ffi, _splits
 from .conftest import KV_TILE
 
 TILE = 32
-GRID = [(items, seq_kv, workers) for items in (0, 1, 2, 3, 8, 16, 100, 1000)
-        for seq_kv in (0, 1, 31, 32, 33, 127, 128, 200, 4096, 100_000)
-        for workers in (1, 2, 16, 128)]
+GRID = [
+    (items, seq_kv, workers)
+    for items in (0, 1, 2, 3, 8, 16, 100, 1000)
+    for seq_kv in (0, 1, 31, 32, 33, 127, 128, 200, 4096, 100_000)
+    for workers in (1, 2, 16, 128)
+]
 
 
 def heuristic(items, seq_kv, workers, tile=TILE):
@@ -81,9 +84,17 @@ def test_work_items_of_empty_problems(shape):
     assert _ffi.module("cpu").work_items(*shape) == 0
 
 
-@pytest.mark.parametrize("given, seq_kv, expected", [
-    (1, 10 * KV_TILE, 1), (3, 10 * KV_TILE, 3), (64, 10 * KV_TILE, 10), (64, 2 * KV_TILE + 1, 3),
-    (5, 1, 1), (5, 0, 1)])
+@pytest.mark.parametrize(
+    "given, seq_kv, expected",
+    [
+        (1, 10 * KV_TILE, 1),
+        (3, 10 * KV_TILE, 3),
+        (64, 10 * KV_TILE, 10),
+        (64, 2 * KV_TILE + 1, 3),
+        (5, 1, 1),
+        (5, 0, 1),
+    ],
+)
 def test_given_num_splits_is_clamped_to_the_tiles(given, seq_kv, expected):
     assert _splits.choose_num_splits(given, 1, 1, 16, 1, seq_kv) == expected
 
@@ -100,9 +111,12 @@ def test_default_num_splits_follows_the_heuristic(monkeypatch):
 # The CUDA heuristic (gpu_num_splits_heuristic): its wave count is that of the
 # fewest splits filling 90% of the last wave; within it, the fewest tiles per
 # block, with no split left without a tile.
-GPU_GRID = [(items, seq_kv, sms) for items in (1, 2, 3, 16, 64, 100, 131, 132, 500)
-            for seq_kv in (0, 31, 127, 128, 1000, 4096, 16384, 100_000)
-            for sms in (1, 8, 132, 264)]
+GPU_GRID = [
+    (items, seq_kv, sms)
+    for items in (1, 2, 3, 16, 64, 100, 131, 132, 500)
+    for seq_kv in (0, 31, 127, 128, 1000, 4096, 16384, 100_000)
+    for sms in (1, 8, 132, 264)
+]
 
 
 def gpu_heuristic(items, seq_kv, sms, tile=TILE):
@@ -124,14 +138,17 @@ def test_gpu_no_split_when_the_blocks_fill_the_sms(items, sms):
     assert gpu_heuristic(items, 100_000, sms) == 1
 
 
-@pytest.mark.parametrize("items, seq_kv, sms, expected", [
-    (1, 16384, 132, 128),  # B = 1, 16 heads: 128 blocks of 4 tiles, not 119 (103 of 5)
-    (1, 16384, 264, 256),  # the same over q8_0 (two blocks per SM): 256 of 2, not 238
-    (64, 4096, 132, 2),    # B = 64: two splits, as before
-    (64, 16384, 132, 2),
-    (100, 16384, 132, 5),  # 5 splits fill 4 waves (500 of 528): still 5
-    (32, 1000, 132, 4),
-])
+@pytest.mark.parametrize(
+    "items, seq_kv, sms, expected",
+    [
+        (1, 16384, 132, 128),  # B = 1, 16 heads: 128 blocks of 4 tiles, not 119 (103 of 5)
+        (1, 16384, 264, 256),  # the same over q8_0 (two blocks per SM): 256 of 2, not 238
+        (64, 4096, 132, 2),  # B = 64: two splits, as before
+        (64, 16384, 132, 2),
+        (100, 16384, 132, 5),  # 5 splits fill 4 waves (500 of 528): still 5
+        (32, 1000, 132, 4),
+    ],
+)
 def test_gpu_split_counts(items, seq_kv, sms, expected):
     assert gpu_heuristic(items, seq_kv, sms) == expected
 

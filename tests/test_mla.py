@@ -13,8 +13,16 @@ import pytest
 
 import jax_mla
 
-from .conftest import (KV_TILE, assert_close, cache, check_mla, dtype_id, native_mla, randn,
-                       reference_mla)
+from .conftest import (
+    KV_TILE,
+    assert_close,
+    cache,
+    check_mla,
+    dtype_id,
+    native_mla,
+    randn,
+    reference_mla,
+)
 
 
 def make_inputs(rng, *, batch, seq_q, heads, seq_kv, dk, dtypes=(jnp.float32,) * 2, kv_len=None):
@@ -23,9 +31,14 @@ def make_inputs(rng, *, batch, seq_q, heads, seq_kv, dk, dtypes=(jnp.float32,) *
     return q, kv
 
 
-MLA_DTYPES = [(jnp.float32, jnp.float32), (jnp.float16, jnp.float16),
-              (jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float16),
-              (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
+MLA_DTYPES = [
+    (jnp.float32, jnp.float32),
+    (jnp.float16, jnp.float16),
+    (jnp.bfloat16, jnp.bfloat16),
+    (jnp.float32, jnp.float16),
+    (jnp.float32, jnp.bfloat16),
+    (jnp.bfloat16, jnp.float32),
+]
 # (Dk, dv, v_offset): DeepSeek's latent row ([c_kv 512 | k_pe 64], V first),
 # V as the row's tail, V narrower than the row at an offset that is not a
 # multiple of 16, and a small odd-multiple-of-16 row.
@@ -33,12 +46,26 @@ LAYOUTS = [(576, 512, 0), (576, 512, 64), (192, 64, 24), (80, 48, 0)]
 
 
 @pytest.mark.kernel_config("mla")
-@pytest.mark.parametrize("dk, dv, v_offset", LAYOUTS,
-                         ids=[f"{a}-dv{b}-off{c}" for a, b, c in LAYOUTS])
+@pytest.mark.parametrize(
+    "dk, dv, v_offset", LAYOUTS, ids=[f"{a}-dv{b}-off{c}" for a, b, c in LAYOUTS]
+)
 @pytest.mark.parametrize("dtypes", MLA_DTYPES, ids=dtype_id)
 def test_dtypes_and_layouts(rng, platform, dtypes, dk, dv, v_offset):
-    check_mla(rng, batch=2, seq_q=2, heads=16, seq_kv=77, dk=dk, dv=dv, v_offset=v_offset,
-              dtypes=dtypes, causal=True, kv_len=[77, 40], num_splits=3, scale=0.135)
+    check_mla(
+        rng,
+        batch=2,
+        seq_q=2,
+        heads=16,
+        seq_kv=77,
+        dk=dk,
+        dv=dv,
+        v_offset=v_offset,
+        dtypes=dtypes,
+        causal=True,
+        kv_len=[77, 40],
+        num_splits=3,
+        scale=0.135,
+    )
 
 
 NUM_SPLITS = [None, 1, 2, 3, 7, 64]
@@ -55,17 +82,28 @@ SPLIT_CASES = {
 @pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_num_splits_matches_reference(rng, platform, case, num_splits):
     batch, seq_q, heads, seq_kv, causal, kv_len = case
-    check_mla(rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=576, dv=512,
-              dtypes=(jnp.float32, jnp.bfloat16), causal=causal, kv_len=kv_len,
-              num_splits=num_splits)
+    check_mla(
+        rng,
+        batch=batch,
+        seq_q=seq_q,
+        heads=heads,
+        seq_kv=seq_kv,
+        dk=576,
+        dv=512,
+        dtypes=(jnp.float32, jnp.bfloat16),
+        causal=causal,
+        kv_len=kv_len,
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=576, dv=512)
 @pytest.mark.parametrize("case", SPLIT_CASES.values(), ids=SPLIT_CASES.keys())
 def test_results_do_not_depend_on_num_splits(rng, platform, case):
     batch, seq_q, heads, seq_kv, causal, kv_len = case
-    q, kv = make_inputs(rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=576,
-                        kv_len=kv_len)
+    q, kv = make_inputs(
+        rng, batch=batch, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=576, kv_len=kv_len
+    )
     kw = dict(dv=512, causal=causal, kv_len=kv_len)
     base_out, base_lse = native_mla(q, kv, num_splits=1, **kw)
     for num_splits in NUM_SPLITS[2:]:
@@ -75,15 +113,17 @@ def test_results_do_not_depend_on_num_splits(rng, platform, case):
         assert_close(out, base_out, jnp.float32)
 
 
-@pytest.mark.parametrize("num_splits, expected", [(1, [1]), (2, [2]), (7, [3]), (64, [3]),
-                                                  (None, [1, 2, 3])])
+@pytest.mark.parametrize(
+    "num_splits, expected", [(1, [1]), (2, [2]), (7, [3]), (64, [3]), (None, [1, 2, 3])]
+)
 def test_num_splits_is_clamped_to_tiles(rng, cpu, num_splits, expected):
     # The lowered call shows the split count the kernel gets: at most the
     # number of KV tiles, whether given or picked by the heuristic.
     seq_kv = 2 * KV_TILE + 1  # three tiles
     q, kv = make_inputs(rng, batch=1, seq_q=1, heads=16, seq_kv=seq_kv, dk=64)
-    f = jax.jit(lambda q, kv: jax_mla.flash_mla(q, kv, dv=32, num_splits=num_splits,
-                                                backend="native"))
+    f = jax.jit(
+        lambda q, kv: jax_mla.flash_mla(q, kv, dv=32, num_splits=num_splits, backend="native")
+    )
     splits = [int(n) for n in re.findall(r"num_splits = (\d+)", f.lower(q, kv).as_text())]
     assert len(splits) == 1 and splits[0] in expected, splits
     want = reference_mla(q, kv, dv=32)
@@ -108,18 +148,42 @@ POSITIONS = {
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("q_pos, kv_len", POSITIONS.values(), ids=POSITIONS.keys())
 def test_positions(rng, platform, q_pos, kv_len, causal, num_splits):
-    check_mla(rng, batch=4, seq_q=3, heads=8, seq_kv=77, dk=96, dv=64, v_offset=16,
-              dtypes=(jnp.float32, jnp.float16), causal=causal, q_pos=q_pos, kv_len=kv_len,
-              num_splits=num_splits)
+    check_mla(
+        rng,
+        batch=4,
+        seq_q=3,
+        heads=8,
+        seq_kv=77,
+        dk=96,
+        dv=64,
+        v_offset=16,
+        dtypes=(jnp.float32, jnp.float16),
+        causal=causal,
+        q_pos=q_pos,
+        kv_len=kv_len,
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.kernel_config("mla", dtypes=(jnp.bfloat16,) * 2, dk=576, dv=512)
-@pytest.mark.parametrize("heads, seq_q, seq_kv", [(1, 1, 77), (128, 1, 77), (128, 3, 40),
-                                                  (16, 40, KV_TILE + 1), (16, 33, 300)])
+@pytest.mark.parametrize(
+    "heads, seq_q, seq_kv",
+    [(1, 1, 77), (128, 1, 77), (128, 3, 40), (16, 40, KV_TILE + 1), (16, 33, 300)],
+)
 def test_head_counts_and_lengths(rng, platform, heads, seq_q, seq_kv):
-    check_mla(rng, batch=2, seq_q=seq_q, heads=heads, seq_kv=seq_kv, dk=576, dv=512,
-              dtypes=(jnp.bfloat16, jnp.bfloat16), causal=True,
-              kv_len=[seq_kv, seq_kv // 2 + 1], scale=0.135)
+    check_mla(
+        rng,
+        batch=2,
+        seq_q=seq_q,
+        heads=heads,
+        seq_kv=seq_kv,
+        dk=576,
+        dv=512,
+        dtypes=(jnp.bfloat16, jnp.bfloat16),
+        causal=True,
+        kv_len=[seq_kv, seq_kv // 2 + 1],
+        scale=0.135,
+    )
 
 
 @pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=576, dv=512)
@@ -149,8 +213,9 @@ def test_no_copy_of_the_latent_cache(cpu, num_splits, mode):
     kv_len = jnp.array([[4096], [4000], [1]], jnp.int32)
 
     def op(q, kv, kv_len=None):
-        return jax_mla.flash_mla(q, kv, dv=512, kv_len=kv_len, num_splits=num_splits,
-                                 backend="native")
+        return jax_mla.flash_mla(
+            q, kv, dv=512, kv_len=kv_len, num_splits=num_splits, backend="native"
+        )
 
     if mode == "call":
         fn = jax.jit(op)

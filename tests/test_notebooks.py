@@ -18,8 +18,11 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["benchmark.ipynb", "deepseek_layer.ipynb",
-                                           "quickstart.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "benchmark.ipynb",
+        "deepseek_layer.ipynb",
+        "quickstart.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -29,11 +32,17 @@ def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     # Run from notebooks/ (no jax_mla/ source folder there to shadow the installed package).
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()
-    errors = [out for cell in nb.cells if cell.cell_type == "code"
-              for out in cell.get("outputs", []) if out.get("output_type") == "error"]
+    errors = [
+        out
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    ]
     assert not errors, errors
 
 
@@ -46,6 +55,7 @@ def test_notebook_is_committed_with_its_outputs(path):
     counts = [cell.get("execution_count") for cell in code]
     assert counts == list(range(1, len(code) + 1)), f"{path.name}: execution counts {counts}"
     assert any(cell.get("outputs") for cell in code), f"{path.name} has no saved outputs"
-    errors = [out for cell in code for out in cell.get("outputs", [])
-              if out.get("output_type") == "error"]
+    errors = [
+        out for cell in code for out in cell.get("outputs", []) if out.get("output_type") == "error"
+    ]
     assert not errors, errors

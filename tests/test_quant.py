@@ -4,7 +4,6 @@ round-trip error bounds, pytree behaviour, cache updates and byte counts."""
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -51,11 +50,13 @@ def q6_0_ik(x: np.ndarray):
 def test_q8_0_matches_ggml_bit_for_bit(rng):
     gguf = pytest.importorskip("gguf")
     from gguf import quants
+
     x = varied(rng, (5, 7, 128))
     q = jax_mla.quantize(jnp.asarray(x), "q8_0")
     ref = quants.quantize(x.reshape(-1, 128), gguf.GGMLQuantizationType.Q8_0).reshape(-1, 34)
-    np.testing.assert_array_equal(np.asarray(q.d).reshape(-1).view(np.uint8).reshape(-1, 2),
-                                  ref[:, :2])
+    np.testing.assert_array_equal(
+        np.asarray(q.d).reshape(-1).view(np.uint8).reshape(-1, 2), ref[:, :2]
+    )
     np.testing.assert_array_equal(np.asarray(q.qs).reshape(-1, 32).view(np.uint8), ref[:, 2:])
 
 
@@ -138,11 +139,15 @@ def test_cache_update_under_jit_with_donation(rng, fmt):
     positions = jnp.array([[0, 4, 9], [2, 3, 5]], jnp.int32)
     update = jax.jit(jax_mla.cache_update, donate_argnums=0)
     new = update(cache, rows, positions)
-    got = np.asarray(new.astype(jnp.float32) if not isinstance(fmt, str)
-                     else jax_mla.dequantize(new))
+    got = np.asarray(
+        new.astype(jnp.float32) if not isinstance(fmt, str) else jax_mla.dequantize(new)
+    )
     want = np.zeros((B, SMAX, D), np.float32)
-    stored = (rows.astype(fmt).astype(jnp.float32) if not isinstance(fmt, str)
-              else jax_mla.dequantize(jax_mla.quantize(rows, fmt)))
+    stored = (
+        rows.astype(fmt).astype(jnp.float32)
+        if not isinstance(fmt, str)
+        else jax_mla.dequantize(jax_mla.quantize(rows, fmt))
+    )
     for b in range(B):
         want[b, np.asarray(positions[b])] = np.asarray(stored[b])
     np.testing.assert_array_equal(got, want)
@@ -155,8 +160,9 @@ def test_cache_update_drops_traced_out_of_range_positions(rng):
     new = jax.jit(jax_mla.cache_update)(cache, rows, positions)
     got = np.asarray(jax_mla.dequantize(new))
     np.testing.assert_array_equal(got[0, [0, 1, 3]], 0.0)  # -1 did not wrap to 3
-    np.testing.assert_array_equal(got[0, 2], np.asarray(
-        jax_mla.dequantize(jax_mla.quantize(rows[0, 2], "q8_0"))))
+    np.testing.assert_array_equal(
+        got[0, 2], np.asarray(jax_mla.dequantize(jax_mla.quantize(rows[0, 2], "q8_0")))
+    )
 
 
 def test_cache_bytes():
@@ -164,7 +170,7 @@ def test_cache_bytes():
     n = 16384 * 576
     assert jax_mla.cache_bytes(jnp.float16, shape) == 2 * n
     assert jax_mla.cache_bytes("bfloat16", shape) == 2 * n
-    assert jax_mla.cache_bytes("q8_0", shape) == n + n // 32 * 2   # 34 bytes per 32 values
+    assert jax_mla.cache_bytes("q8_0", shape) == n + n // 32 * 2  # 34 bytes per 32 values
     assert jax_mla.cache_bytes("q6_0", shape) == n * 3 // 4 + n // 32 * 2  # 26 per 32
     assert jax_mla.cache_bytes("q8_kv", shape) == n + 16384 * 4
     for name, size in (("f32", 4), ("f16", 2), ("bf16", 2), ("float32", 4), (jnp.bfloat16, 2)):
@@ -176,35 +182,65 @@ def test_cache_bytes():
 @pytest.mark.parametrize("fmt", ["f64", "float64", np.float64, "f8", "q4_0", np.int8, None])
 def test_cache_bytes_refuses_what_no_cache_holds(fmt):
     # numpy alone reads "f16" as float128 and "f8" as float64: never a silent size.
-    with pytest.raises(ValueError, match=re.escape("cache_bytes: fmt must be a float dtype (f32, "
-                                                   "f16, bf16 or that numpy dtype) or one of "
-                                                   f"q8_0, q8_kv, q6_0, got {fmt!r}")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cache_bytes: fmt must be a float dtype (f32, "
+            "f16, bf16 or that numpy dtype) or one of "
+            f"q8_0, q8_kv, q6_0, got {fmt!r}"
+        ),
+    ):
         jax_mla.cache_bytes(fmt, (1, 4, 64))
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: jax_mla.quantize(jnp.ones((2, 64)), "q4_0"), ValueError, "fmt must be one of"),
-    (lambda: jax_mla.quantize(jnp.ones((2, 48)), "q8_0"), ValueError,
-     r"q8_0: the last axis must be a multiple of 32, got shape \(2, 48\)"),
-    (lambda: jax_mla.quantize(jnp.ones((2, 48)), "q6_0"), ValueError, "multiple of 32"),
-    (lambda: jax_mla.quantize(jnp.ones((2, 64), jnp.int32), "q8_0"), TypeError,
-     "x must have a float dtype, got int32"),
-    (lambda: jax_mla.dequantize(jnp.ones((2, 64))), TypeError, "must be a QuantizedKV"),
-    (lambda: jax_mla.cache_bytes("q5", (2, 64)), ValueError, "fmt must be a float dtype"),
-    (lambda: jax_mla.cache_bytes(jnp.int8, (2, 64)), ValueError, "fmt must be a float dtype"),
-    (lambda: jax_mla.cache_update(jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 16)),
-                                  jnp.zeros((1, 2), jnp.int32)), ValueError,
-     r"rows must have shape \(1, S, 32\)"),
-    (lambda: jax_mla.cache_update(jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 32)),
-                                  jnp.array([[0, 4]], jnp.int32)), ValueError,
-     r"positions must lie in \[0, 4\), got 4"),
-    (lambda: jax_mla.cache_update(jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 32)),
-                                  jnp.zeros((1, 3), jnp.int32)), ValueError,
-     r"positions must have shape \(1, 2\), got \(1, 3\)"),
-    (lambda: jax_mla.cache_update(jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 32)),
-                                  jnp.zeros((1, 2), jnp.float32)), TypeError,
-     "positions must be an integer array"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: jax_mla.quantize(jnp.ones((2, 64)), "q4_0"), ValueError, "fmt must be one of"),
+        (
+            lambda: jax_mla.quantize(jnp.ones((2, 48)), "q8_0"),
+            ValueError,
+            r"q8_0: the last axis must be a multiple of 32, got shape \(2, 48\)",
+        ),
+        (lambda: jax_mla.quantize(jnp.ones((2, 48)), "q6_0"), ValueError, "multiple of 32"),
+        (
+            lambda: jax_mla.quantize(jnp.ones((2, 64), jnp.int32), "q8_0"),
+            TypeError,
+            "x must have a float dtype, got int32",
+        ),
+        (lambda: jax_mla.dequantize(jnp.ones((2, 64))), TypeError, "must be a QuantizedKV"),
+        (lambda: jax_mla.cache_bytes("q5", (2, 64)), ValueError, "fmt must be a float dtype"),
+        (lambda: jax_mla.cache_bytes(jnp.int8, (2, 64)), ValueError, "fmt must be a float dtype"),
+        (
+            lambda: jax_mla.cache_update(
+                jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 16)), jnp.zeros((1, 2), jnp.int32)
+            ),
+            ValueError,
+            r"rows must have shape \(1, S, 32\)",
+        ),
+        (
+            lambda: jax_mla.cache_update(
+                jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 32)), jnp.array([[0, 4]], jnp.int32)
+            ),
+            ValueError,
+            r"positions must lie in \[0, 4\), got 4",
+        ),
+        (
+            lambda: jax_mla.cache_update(
+                jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 32)), jnp.zeros((1, 3), jnp.int32)
+            ),
+            ValueError,
+            r"positions must have shape \(1, 2\), got \(1, 3\)",
+        ),
+        (
+            lambda: jax_mla.cache_update(
+                jnp.zeros((1, 4, 32)), jnp.ones((1, 2, 32)), jnp.zeros((1, 2), jnp.float32)
+            ),
+            TypeError,
+            "positions must be an integer array",
+        ),
+    ],
+)
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()

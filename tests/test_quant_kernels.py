@@ -33,8 +33,18 @@ import pytest
 import jax_mla
 from jax_mla import _capabilities, quant, reference
 
-from .conftest import (F32_TOL, KV_TILE, OUT_ULPS, assert_attention, cache, native_attention,
-                       native_mla, per_batch, randn, visible_keys)
+from .conftest import (
+    F32_TOL,
+    KV_TILE,
+    OUT_ULPS,
+    assert_attention,
+    cache,
+    native_attention,
+    native_mla,
+    per_batch,
+    randn,
+    visible_keys,
+)
 
 FORMATS = quant.FORMATS
 
@@ -90,10 +100,12 @@ def assert_rounded_p(got, want, out_dtype, visible, v_absmax, v_fmt, *, f32_tol=
     weights = int(np.asarray(visible).sum()) * heads * blocks
     assert flipped.sum() <= 2 + 1e-3 * weights, (
         f"{int(flipped.sum())} flipped P blocks ({int(bad.sum())} of {a.size} elements outside "
-        f"F32_TOL) for {weights} rounded weights")
+        f"F32_TOL) for {weights} rounded weights"
+    )
     worst = np.abs(a - e).max(initial=0.0)
     assert worst <= step + f32_tol + OUT_ULPS * eps * np.abs(e).max(initial=0.0), (
-        f"max |out - reference| {worst:.3g} is more than one P step ({step:.3g})")
+        f"max |out - reference| {worst:.3g} is more than one P step ({step:.3g})"
+    )
     rel = np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30)
     assert rel <= 5e-4 + 2 * OUT_ULPS * eps, f"relative L2 error {rel:.3g}"
     empty = np.asarray(visible) == 0  # [B, Sq]: exactly 0 there
@@ -104,9 +116,24 @@ def float_view(x):
     return jax_mla.dequantize(x) if isinstance(x, quant.QuantizedKV) else x
 
 
-def check_mla_quant(rng, fmt, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0,
-                    q_dtype=jnp.float32, causal=False, q_pos=None, kv_len=None, num_splits=None,
-                    scale=None):
+def check_mla_quant(
+    rng,
+    fmt,
+    *,
+    batch,
+    seq_q,
+    heads,
+    seq_kv,
+    dk,
+    dv,
+    v_offset=0,
+    q_dtype=jnp.float32,
+    causal=False,
+    q_pos=None,
+    kv_len=None,
+    num_splits=None,
+    scale=None,
+):
     q = randn(rng, (batch, seq_q, heads, dk), q_dtype)
     kv = quantized_cache(rng, (batch, seq_kv, dk), fmt, kv_len)
     kw = dict(dv=dv, v_offset=v_offset, causal=causal, q_pos=q_pos, kv_len=kv_len, scale=scale)
@@ -114,7 +141,9 @@ def check_mla_quant(rng, fmt, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0
     want = reference.mla_quantized(q, kv, **kw)
     visible = visible_keys(q_pos, kv_len, batch, seq_q, seq_kv, causal)
     if rounds_p(fmt):
-        v_absmax = np.nanmax(np.abs(np.asarray(jax_mla.dequantize(kv))[..., v_offset:v_offset + dv]))
+        v_absmax = np.nanmax(
+            np.abs(np.asarray(jax_mla.dequantize(kv))[..., v_offset : v_offset + dv])
+        )
         assert_rounded_p(got, want, q_dtype, visible, v_absmax, fmt)
     else:
         assert_attention(got, want, q_dtype, visible)
@@ -125,57 +154,116 @@ def check_mla_quant(rng, fmt, *, batch, seq_q, heads, seq_kv, dk, dv, v_offset=0
 MLA_LAYOUTS = [(576, 512, 0), (576, 512, 64), (96, 48, 32)]
 
 
-@pytest.mark.parametrize("dk, dv, v_offset", MLA_LAYOUTS,
-                         ids=[f"{a}-dv{b}-off{c}" for a, b, c in MLA_LAYOUTS])
+@pytest.mark.parametrize(
+    "dk, dv, v_offset", MLA_LAYOUTS, ids=[f"{a}-dv{b}-off{c}" for a, b, c in MLA_LAYOUTS]
+)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
 def test_mla_over_quantized_cache(rng, cpu, fmt, heads, dk, dv, v_offset):
     # 16 heads take the tile (GEMM) kernel, 2 the few-rows (GEMV) kernel.
-    check_mla_quant(rng, fmt, batch=2, seq_q=2, heads=heads, seq_kv=KV_TILE + 13, dk=dk, dv=dv,
-                    v_offset=v_offset, causal=True, kv_len=[KV_TILE + 13, 30], num_splits=3)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=2,
+        seq_q=2,
+        heads=heads,
+        seq_kv=KV_TILE + 13,
+        dk=dk,
+        dv=dv,
+        v_offset=v_offset,
+        causal=True,
+        kv_len=[KV_TILE + 13, 30],
+        num_splits=3,
+    )
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mla_decode_splits_and_empty_rows(rng, cpu, fmt, num_splits):
-    check_mla_quant(rng, fmt, batch=3, seq_q=1, heads=16, seq_kv=300, dk=576, dv=512,
-                    q_dtype=jnp.bfloat16, kv_len=[300, 0, 150], num_splits=num_splits)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=3,
+        seq_q=1,
+        heads=16,
+        seq_kv=300,
+        dk=576,
+        dv=512,
+        q_dtype=jnp.bfloat16,
+        kv_len=[300, 0, 150],
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_mla_prefill_with_positions(rng, cpu, fmt):
     # Queries partly before position 0 (they see nothing) and past kv_len.
-    check_mla_quant(rng, fmt, batch=2, seq_q=5, heads=4, seq_kv=77, dk=576, dv=512, causal=True,
-                    q_pos=[-2, 70], kv_len=[3, 77])
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=2,
+        seq_q=5,
+        heads=4,
+        seq_kv=77,
+        dk=576,
+        dv=512,
+        causal=True,
+        q_pos=[-2, 70],
+        kv_len=[3, 77],
+    )
 
 
 # (k format, v format): each format with itself, float with quantized both
 # ways, and two different formats.
-ATTN_FORMATS = [("q8_0", "q8_0"), ("q8_kv", "q8_kv"), ("q6_0", "q6_0"),
-                (jnp.float16, "q8_0"), ("q6_0", jnp.bfloat16), ("q8_0", "q6_0"),
-                ("q8_kv", "q8_0")]
+ATTN_FORMATS = [
+    ("q8_0", "q8_0"),
+    ("q8_kv", "q8_kv"),
+    ("q6_0", "q6_0"),
+    (jnp.float16, "q8_0"),
+    ("q6_0", jnp.bfloat16),
+    ("q8_0", "q6_0"),
+    ("q8_kv", "q8_0"),
+]
 
 
 def fmt_id(f) -> str:
     return f if isinstance(f, str) else jnp.dtype(f).name
 
 
-@pytest.mark.parametrize("k_fmt, v_fmt", ATTN_FORMATS,
-                         ids=[f"{fmt_id(a)}-{fmt_id(b)}" for a, b in ATTN_FORMATS])
-@pytest.mark.parametrize("case", [
-    # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len): GQA decode with few rows
-    # per KV head (several KV heads per work item), MHA decode, and a causal
-    # prefill chunk with per-batch lengths.
-    (2, 1, 8, 4, 300, False, None, [300, 111]),
-    (1, 1, 4, 4, KV_TILE + 1, False, None, None),
-    (2, 7, 16, 2, 77, True, None, [77, 9]),
-], ids=["gqa_decode", "mha_decode", "prefill"])
+@pytest.mark.parametrize(
+    "k_fmt, v_fmt", ATTN_FORMATS, ids=[f"{fmt_id(a)}-{fmt_id(b)}" for a, b in ATTN_FORMATS]
+)
+@pytest.mark.parametrize(
+    "case",
+    [
+        # (B, Sq, Hq, Hkv, Skv, causal, q_pos, kv_len): GQA decode with few rows
+        # per KV head (several KV heads per work item), MHA decode, and a causal
+        # prefill chunk with per-batch lengths.
+        (2, 1, 8, 4, 300, False, None, [300, 111]),
+        (1, 1, 4, 4, KV_TILE + 1, False, None, None),
+        (2, 7, 16, 2, 77, True, None, [77, 9]),
+    ],
+    ids=["gqa_decode", "mha_decode", "prefill"],
+)
 def test_attention_over_quantized_caches(rng, cpu, k_fmt, v_fmt, case):
     check_attention_quant(rng, k_fmt, v_fmt, *case)
 
 
-def check_attention_quant(rng, k_fmt, v_fmt, batch, seq_q, heads_q, heads_kv, seq_kv, causal,
-                          q_pos, kv_len, dk=192, dv=128):
+def check_attention_quant(
+    rng,
+    k_fmt,
+    v_fmt,
+    batch,
+    seq_q,
+    heads_q,
+    heads_kv,
+    seq_kv,
+    causal,
+    q_pos,
+    kv_len,
+    dk=192,
+    dv=128,
+):
     q = randn(rng, (batch, seq_q, heads_q, dk), jnp.float32)
     k = as_cache(rng, (batch, seq_kv, heads_kv, dk), k_fmt, kv_len)
     v = as_cache(rng, (batch, seq_kv, heads_kv, dv), v_fmt, kv_len)
@@ -253,30 +341,53 @@ def test_no_dequantized_copy_of_the_cache(cpu, fmt):
 def test_v_offset_must_fall_on_a_block_boundary(fmt, v_offset):
     q = jnp.ones((1, 1, 4, 128), jnp.float32)
     kv = jax_mla.quantize(jnp.ones((1, 8, 128), jnp.float32), fmt)
-    with pytest.raises(ValueError, match=rf"v_offset must fall on a block boundary .*{fmt}.*"
-                                         rf"got {v_offset}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"v_offset must fall on a block boundary .*{fmt}.*"
+        rf"got {v_offset}",
+    ):
         jax_mla.flash_mla(q, kv, dv=48, v_offset=v_offset, backend="native")
 
 
 def test_v_offset_is_free_in_q8_kv(rng, cpu):
-    check_mla_quant(rng, "q8_kv", batch=1, seq_q=1, heads=16, seq_kv=40, dk=96, dv=48,
-                    v_offset=16)
+    check_mla_quant(rng, "q8_kv", batch=1, seq_q=1, heads=16, seq_kv=40, dk=96, dv=48, v_offset=16)
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda kv: quant.QuantizedKV(kv.qs, kv.d, "q4_0"), ValueError,
-     r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0"),
-    (lambda kv: quant.QuantizedKV(kv.qs.astype(jnp.int16), kv.d, "q8_0"), TypeError,
-     r"kv.qs of a q8_0 cache must be int8, got int16"),
-    (lambda kv: quant.QuantizedKV(kv.qs, kv.d.astype(jnp.float32), "q8_0"), TypeError,
-     r"kv.d of a q8_0 cache must be float16, got float32"),
-    (lambda kv: quant.QuantizedKV(kv.qs, kv.d[..., :1], "q8_0"), ValueError,
-     r"kv.d must have shape \(1, 8, 4\) for qs of shape \(1, 8, 128\), got \(1, 8, 1\)"),
-    (lambda kv: quant.QuantizedKV(kv.qs[..., :100], kv.d, "q8_0"), ValueError,
-     r"last axis must be a multiple of 32"),
-    (lambda kv: quant.QuantizedKV(kv.qs[0], kv.d[0], "q8_0"), ValueError,
-     r"kv must have rank 3 \[B, Skv, Dk\], got a q8_0 cache of shape \(8, 128\)"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (
+            lambda kv: quant.QuantizedKV(kv.qs, kv.d, "q4_0"),
+            ValueError,
+            r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0",
+        ),
+        (
+            lambda kv: quant.QuantizedKV(kv.qs.astype(jnp.int16), kv.d, "q8_0"),
+            TypeError,
+            r"kv.qs of a q8_0 cache must be int8, got int16",
+        ),
+        (
+            lambda kv: quant.QuantizedKV(kv.qs, kv.d.astype(jnp.float32), "q8_0"),
+            TypeError,
+            r"kv.d of a q8_0 cache must be float16, got float32",
+        ),
+        (
+            lambda kv: quant.QuantizedKV(kv.qs, kv.d[..., :1], "q8_0"),
+            ValueError,
+            r"kv.d must have shape \(1, 8, 4\) for qs of shape \(1, 8, 128\), got \(1, 8, 1\)",
+        ),
+        (
+            lambda kv: quant.QuantizedKV(kv.qs[..., :100], kv.d, "q8_0"),
+            ValueError,
+            r"last axis must be a multiple of 32",
+        ),
+        (
+            lambda kv: quant.QuantizedKV(kv.qs[0], kv.d[0], "q8_0"),
+            ValueError,
+            r"kv must have rank 3 \[B, Skv, Dk\], got a q8_0 cache of shape \(8, 128\)",
+        ),
+    ],
+)
 def test_malformed_quantized_cache(make, error, match):
     q = jnp.ones((1, 1, 4, 128), jnp.float32)
     kv = make(jax_mla.quantize(jnp.ones((1, 8, 128), jnp.float32), "q8_0"))
@@ -288,8 +399,11 @@ def test_attention_rejects_mismatched_quantized_caches():
     q = jnp.ones((1, 1, 4, 64), jnp.float32)
     k = jax_mla.quantize(jnp.ones((1, 8, 2, 64), jnp.float32), "q8_0")
     v = jax_mla.quantize(jnp.ones((1, 9, 2, 64), jnp.float32), "q6_0")
-    with pytest.raises(ValueError, match=r"v must have Skv = 8 and Hkv = 2 like k, got v "
-                                         r"\(1, 9, 2, 64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"v must have Skv = 8 and Hkv = 2 like k, got v "
+        r"\(1, 9, 2, 64\)",
+    ):
         jax_mla.flash_attention(q, k, v, backend="native")
 
 
@@ -297,26 +411,46 @@ def test_attention_rejects_mismatched_quantized_caches():
 # bypassing the Python checks): a runtime error naming the problem, no crash.
 def mla_quant_ffi(q, qs, d, fmt_code, *, dv=64, v_offset=0):
     batch, seq_q, heads = q.shape[:3]
-    out_types = (jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
-                 jax.ShapeDtypeStruct((0,), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    out_types = (
+        jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
+        jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32),
+        jax.ShapeDtypeStruct((0,), jnp.float32),
+    )
     call = jax.ffi.ffi_call("jax_mla_flash_mla_quant", out_types, vmap_method="sequential")
-    return jax.block_until_ready(call(
-        q, qs, d, np.zeros((batch,), np.int32), np.full((batch,), qs.shape[1], np.int32),
-        scale=np.float32(0.1), causal=np.bool_(False), dv=np.int64(dv),
-        v_offset=np.int64(v_offset), num_splits=np.int64(1), kv_fmt=np.int64(fmt_code)))
+    return jax.block_until_ready(
+        call(
+            q,
+            qs,
+            d,
+            np.zeros((batch,), np.int32),
+            np.full((batch,), qs.shape[1], np.int32),
+            scale=np.float32(0.1),
+            causal=np.bool_(False),
+            dv=np.int64(dv),
+            v_offset=np.int64(v_offset),
+            num_splits=np.int64(1),
+            kv_fmt=np.int64(fmt_code),
+        )
+    )
 
 
-@pytest.mark.parametrize("args, match", [
-    (dict(fmt_code=7), r"unknown cache format code 7"),
-    (dict(fmt_code=0), r"needs a quantized format"),
-    (dict(fmt="q8_0", v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
-    (dict(fmt="q6_0"), r"kv.qs of a q6_0 cache must be uint8"),
-    (dict(fmt="q8_kv"), r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "
-                        r"axis of 1, got \[1, 8, 4\]"),
-    (dict(fmt="q8_0", d=np.ones((1, 8, 3), np.float16)), r"last axis of 4, got \[1, 8, 3\]"),
-    (dict(fmt="q8_0", qs=np.ones((1, 8, 100), np.int8)), r"multiple of 32, got 100"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (dict(fmt_code=7), r"unknown cache format code 7"),
+        (dict(fmt_code=0), r"needs a quantized format"),
+        (dict(fmt="q8_0", v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
+        (dict(fmt="q6_0"), r"kv.qs of a q6_0 cache must be uint8"),
+        (
+            dict(fmt="q8_kv"),
+            r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "
+            r"axis of 1, got \[1, 8, 4\]",
+        ),
+        (dict(fmt="q8_0", d=np.ones((1, 8, 3), np.float16)), r"last axis of 4, got \[1, 8, 3\]"),
+        (dict(fmt="q8_0", qs=np.ones((1, 8, 100), np.int8)), r"multiple of 32, got 100"),
+    ],
+)
 def test_cpp_checks_quantized_operands(cpu, args, match):
     args = dict(args)
     if "fmt" in args:  # a format's code, as the module's table gives it
@@ -330,29 +464,30 @@ def test_cpp_checks_quantized_operands(cpu, args, match):
 
 # --- The rounded P over 8-bit V (quant_format.h, reference.attention_quantized)
 
+
 def numpy_rounded_p_mla(q, kv, dv, v_offset):
     """float64 numpy MLA decode (no positions) with P rounded as the contract
     says, from the int8 values and scales directly (not through reference.py)."""
     fmt = kv.fmt
-    qs = np.asarray(kv.qs, np.float64)[0]                       # [Skv, Dk]
-    d = np.asarray(kv.d, np.float64)[0]                         # [Skv, Dk / 32 or 1]
+    qs = np.asarray(kv.qs, np.float64)[0]  # [Skv, Dk]
+    d = np.asarray(kv.d, np.float64)[0]  # [Skv, Dk / 32 or 1]
     k = np.asarray(jax_mla.dequantize(kv), np.float64)[0]
     x = np.asarray(q, np.float64)[0, 0] / np.sqrt(q.shape[-1])  # [H, Dk]
     blocks = x.reshape(x.shape[0], -1, 32)
     qd = np.abs(blocks).max(-1, keepdims=True) / 127
-    qr = (qd * np.sign(blocks) * np.floor(np.abs(blocks / np.where(qd > 0, qd, 1)) + 0.5))
-    s = qr.reshape(x.shape) @ k.T                               # [H, Skv]
+    qr = qd * np.sign(blocks) * np.floor(np.abs(blocks / np.where(qd > 0, qd, 1)) + 0.5)
+    s = qr.reshape(x.shape) @ k.T  # [H, Skv]
     p = np.exp(s - s.max(-1, keepdims=True))
-    vq = qs[:, v_offset:v_offset + dv]
+    vq = qs[:, v_offset : v_offset + dv]
     nbv = -(-dv // 32)
-    vd = d[:, :1].repeat(nbv, 1) if fmt == "q8_kv" else d[:, v_offset // 32:v_offset // 32 + nbv]
+    vd = d[:, :1].repeat(nbv, 1) if fmt == "q8_kv" else d[:, v_offset // 32 : v_offset // 32 + nbv]
     out = np.zeros((x.shape[0], dv))
     for g0 in range(0, len(p[0]), 64):
         for j in range(nbv):
-            xs = p[:, g0:g0 + 64] * vd[None, g0:g0 + 64, j]     # [H, n]
+            xs = p[:, g0 : g0 + 64] * vd[None, g0 : g0 + 64, j]  # [H, n]
             dd = xs.max(-1, keepdims=True) / 255
             pq = np.round(xs / dd)
-            out[:, 32 * j:32 * j + 32] += dd * (pq @ vq[g0:g0 + 64, 32 * j:32 * j + 32])
+            out[:, 32 * j : 32 * j + 32] += dd * (pq @ vq[g0 : g0 + 64, 32 * j : 32 * j + 32])
     return out / p.sum(-1, keepdims=True)
 
 
@@ -364,10 +499,15 @@ def test_rounded_p_reference_against_float64_numpy(rng, fmt):
     kv = quantized_cache(rng, (1, 200, 128), fmt)
     want = numpy_rounded_p_mla(q, kv, dv=64, v_offset=64)
     ref = np.asarray(reference.mla_quantized(q, kv, dv=64, v_offset=64)[0], np.float64)[0, 0]
-    got = np.asarray(jax_mla.flash_mla(q, kv, dv=64, v_offset=64, backend="native")
-                     if jax_mla.backends().get("cpu") else ref, np.float64)
-    unrounded = np.asarray(reference.mla_quantized(q, kv, dv=64, v_offset=64, round_p=False)[0],
-                           np.float64)[0, 0]
+    got = np.asarray(
+        jax_mla.flash_mla(q, kv, dv=64, v_offset=64, backend="native")
+        if jax_mla.backends().get("cpu")
+        else ref,
+        np.float64,
+    )
+    unrounded = np.asarray(
+        reference.mla_quantized(q, kv, dv=64, v_offset=64, round_p=False)[0], np.float64
+    )[0, 0]
     rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
     assert rel(ref, want) < 1e-4, rel(ref, want)
     assert rel(unrounded, want) > 1e-3, rel(unrounded, want)
@@ -379,8 +519,19 @@ def test_rounded_p_reference_against_float64_numpy(rng, fmt):
 def test_rounded_p_with_peaked_scores(rng, cpu, fmt, heads):
     # A large scale: most weights underflow or fall below 2^-64 of the
     # running max (those groups round to 0), a few keys dominate.
-    check_mla_quant(rng, fmt, batch=2, seq_q=1, heads=heads, seq_kv=3 * KV_TILE + 5, dk=192,
-                    dv=128, kv_len=[3 * KV_TILE + 5, KV_TILE], num_splits=2, scale=2.0)
+    check_mla_quant(
+        rng,
+        fmt,
+        batch=2,
+        seq_q=1,
+        heads=heads,
+        seq_kv=3 * KV_TILE + 5,
+        dk=192,
+        dv=128,
+        kv_len=[3 * KV_TILE + 5, KV_TILE],
+        num_splits=2,
+        scale=2.0,
+    )
 
 
 @pytest.mark.parametrize("v_fmt", ["q8_0", "q8_kv", jnp.float16, jnp.bfloat16])

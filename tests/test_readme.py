@@ -20,8 +20,11 @@ DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob(
 NO_RUN = "<!-- no-run -->"
 README_MAX_LINES = 250
 # Paths outside the repo and internal issue numbers have no place in user docs.
-FORBIDDEN = [re.compile(r"\.\./shared"), re.compile(r"/work/"),
-             re.compile(r"\bissues? #?\d+", re.IGNORECASE)]
+FORBIDDEN = [
+    re.compile(r"\.\./shared"),
+    re.compile(r"/work/"),
+    re.compile(r"\bissues? #?\d+", re.IGNORECASE),
+]
 
 
 def python_blocks(text: str) -> list[tuple[int, str, bool]]:
@@ -46,10 +49,15 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
 
 
 def test_python_blocks_are_found():
-    text = ("x\n<!-- no-run -->\n```python\na = 1\n```\n```sh\nls\n```\n```python\nb = 2\n```\n"
-            "- item\n\n  ```python\n  c = 3\n  ```\n")
-    assert python_blocks(text) == [(3, "a = 1\n", False), (9, "b = 2\n", True),
-                                   (14, "c = 3\n", True)]
+    text = (
+        "x\n<!-- no-run -->\n```python\na = 1\n```\n```sh\nls\n```\n```python\nb = 2\n```\n"
+        "- item\n\n  ```python\n  c = 3\n  ```\n"
+    )
+    assert python_blocks(text) == [
+        (3, "a = 1\n", False),
+        (9, "b = 2\n", True),
+        (14, "c = 3\n", True),
+    ]
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -63,8 +71,10 @@ def test_python_blocks_run(path):
             with jax.default_device(jax.devices("cpu")[0]):
                 exec(compile(code, f"{path.name}:{line}", "exec"), namespace)
         except Exception as e:
-            raise AssertionError(f"{path.relative_to(ROOT)}, the python block at line {line} "
-                                 f"failed: {type(e).__name__}: {e}") from e
+            raise AssertionError(
+                f"{path.relative_to(ROOT)}, the python block at line {line} "
+                f"failed: {type(e).__name__}: {e}"
+            ) from e
 
 
 def test_readme_is_short():
@@ -77,12 +87,12 @@ def test_no_outside_paths_or_issue_numbers(path):
     for number, line in enumerate(path.read_text().splitlines(), 1):
         for pattern in FORBIDDEN:
             assert not pattern.search(line), (
-                f"{path.relative_to(ROOT)}:{number} matches {pattern.pattern!r}: {line.strip()}")
+                f"{path.relative_to(ROOT)}:{number} matches {pattern.pattern!r}: {line.strip()}"
+            )
 
 
 def test_forbidden_patterns_match():
-    for text in ("see ../shared/DESIGN.md", "built in /work/main", "as in issue 16",
-                 "Issues #5"):
+    for text in ("see ../shared/DESIGN.md", "built in /work/main", "as in issue 16", "Issues #5"):
         assert any(p.search(text) for p in FORBIDDEN), text
     for text in ("docs/design.md", "an issue with q8_0", "work/items"):
         assert not any(p.search(text) for p in FORBIDDEN), text

@@ -100,10 +100,11 @@ def test_mla_matches_float64(rng, v_offset, dv):
     kv_len = [12, 0, 5]
     q = randn(rng, (3, 2, 4, 48), jnp.float32)
     kv = cache(rng, (3, 12, 48), jnp.float32, kv_len)
-    out, lse = ref_mla(q, kv, dv=dv, v_offset=v_offset, causal=True, scale=0.2,
-                             kv_len=jnp.array(kv_len, jnp.int32))
+    out, lse = ref_mla(
+        q, kv, dv=dv, v_offset=v_offset, causal=True, scale=0.2, kv_len=jnp.array(kv_len, jnp.int32)
+    )
     k = kv[:, :, None, :]
-    v = kv[:, :, None, v_offset:v_offset + dv]
+    v = kv[:, :, None, v_offset : v_offset + dv]
     want_out, want_lse = attention_f64(q, k, v, causal=True, scale=0.2, kv_len=kv_len)
     assert_close(lse, want_lse, jnp.float32)
     assert_close(out, want_out, jnp.float32)
@@ -113,8 +114,14 @@ def test_empty_rows_are_zero_and_minus_inf_not_nan(rng):
     q = randn(rng, (2, 3, 2, 16), jnp.float32)
     k = cache(rng, (2, 4, 1, 16), jnp.float32, [0, 4])
     v = cache(rng, (2, 4, 1, 16), jnp.float32, [0, 4])
-    out, lse = ref_attention(q, k, v, causal=True, q_pos=jnp.array([0, -2], jnp.int32),
-                                   kv_len=jnp.array([0, 4], jnp.int32))
+    out, lse = ref_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        q_pos=jnp.array([0, -2], jnp.int32),
+        kv_len=jnp.array([0, 4], jnp.int32),
+    )
     out, lse = np.asarray(out), np.asarray(lse)
     # Batch 0 has no keys; in batch 1 the rows at positions -2 and -1 see none.
     assert np.all(out[0] == 0) and np.all(np.isneginf(lse[0]))

@@ -61,7 +61,9 @@ def test_every_declared_function_exists_with_its_parameters(name):
     module = load(name)
     for fn_name, fn in stub_functions(module).items():
         assert callable(getattr(module, fn_name, None)), (
-            f"jax_mla/{name}.pyi declares {fn_name}(), which jax_mla.{name} does not have")
+            f"jax_mla/{name}.pyi declares {fn_name}(), which jax_mla.{name} does not have"
+        )
         assert parameters(fn) == parameters(binding(module, fn_name)), (
             f"jax_mla/{name}.pyi: {fn_name} takes {parameters(fn)}, "
-            f"the module's takes {parameters(binding(module, fn_name))}")
+            f"the module's takes {parameters(binding(module, fn_name))}"
+        )

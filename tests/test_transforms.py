@@ -19,8 +19,9 @@ B, SQ, HQ, HKV, SKV, DK, DV, V_OFFSET = 2, 3, 4, 2, 40, 64, 32, 16
 
 
 def attention_native(q, k, v, kv_len):
-    return jax_mla.flash_attention(q, k, v, kv_len=kv_len, causal=True, return_lse=True,
-                                   backend="native")
+    return jax_mla.flash_attention(
+        q, k, v, kv_len=kv_len, causal=True, return_lse=True, backend="native"
+    )
 
 
 def attention_reference(q, k, v, kv_len):
@@ -28,8 +29,17 @@ def attention_reference(q, k, v, kv_len):
 
 
 def mla_native(q, kv, kv_len):
-    return jax_mla.flash_mla(q, kv, dv=DV, v_offset=V_OFFSET, kv_len=kv_len, causal=True,
-                             num_splits=2, return_lse=True, backend="native")
+    return jax_mla.flash_mla(
+        q,
+        kv,
+        dv=DV,
+        v_offset=V_OFFSET,
+        kv_len=kv_len,
+        causal=True,
+        num_splits=2,
+        return_lse=True,
+        backend="native",
+    )
 
 
 def mla_reference(q, kv, kv_len):
@@ -68,10 +78,14 @@ def assert_pair_close(got, want):
     assert_close(got[0], want[0], jnp.float32)
 
 
-ATTENTION_SPECS = [((B, SQ, HQ, DK), jnp.float32, False), ((B, SKV, HKV, DK), jnp.bfloat16, True),
-                   ((B, SKV, HKV, DV), jnp.bfloat16, True)]
+ATTENTION_SPECS = [
+    ((B, SQ, HQ, DK), jnp.float32, False),
+    ((B, SKV, HKV, DK), jnp.bfloat16, True),
+    ((B, SKV, HKV, DV), jnp.bfloat16, True),
+]
 ATTENTION_CONFIG = pytest.mark.kernel_config(
-    "attention", dtypes=[dtype for _, dtype, _ in ATTENTION_SPECS], dk=DK, dv=DV)
+    "attention", dtypes=[dtype for _, dtype, _ in ATTENTION_SPECS], dk=DK, dv=DV
+)
 # in_axes for (q, k, v, kv_len)
 ATTENTION_AXES = {
     "q": (0, None, None, None),
@@ -94,8 +108,9 @@ def test_vmap_attention(rng, platform, in_axes):
 def test_vmap_attention_inner_axis(rng, platform):
     # vmap over an axis of q that is not its leading one.
     q, k, v, kv_len = vmap_args(rng, ATTENTION_SPECS, (0, None, None, None))
-    got = jax.vmap(attention_native, in_axes=(2, None, None, None))(jnp.moveaxis(q, 0, 2), k, v,
-                                                                   kv_len)
+    got = jax.vmap(attention_native, in_axes=(2, None, None, None))(
+        jnp.moveaxis(q, 0, 2), k, v, kv_len
+    )
     assert_pair_close(got, loop(attention_reference, [q, k, v, kv_len], (0, None, None, None)))
 
 
@@ -107,13 +122,16 @@ def test_vmap_attention_nested(rng, platform):
     got = jax.vmap(jax.vmap(attention_native, in_axes=(0, None, None, None)))(q, k, v, kv_len)
     for j in range(N):
         want = [attention_reference(q[j, i], k[j], v[j], kv_len[j]) for i in range(2)]
-        assert_pair_close((got[0][j], got[1][j]),
-                          tuple(np.stack([np.asarray(w[n]) for w in want]) for n in range(2)))
+        assert_pair_close(
+            (got[0][j], got[1][j]),
+            tuple(np.stack([np.asarray(w[n]) for w in want]) for n in range(2)),
+        )
 
 
 MLA_SPECS = [((B, SQ, HQ, DK), jnp.float32, False), ((B, SKV, DK), jnp.float16, True)]
-MLA_CONFIG = pytest.mark.kernel_config("mla", dtypes=[dtype for _, dtype, _ in MLA_SPECS], dk=DK,
-                                      dv=DV, v_offset=V_OFFSET)
+MLA_CONFIG = pytest.mark.kernel_config(
+    "mla", dtypes=[dtype for _, dtype, _ in MLA_SPECS], dk=DK, dv=DV, v_offset=V_OFFSET
+)
 # in_axes for (q, kv, kv_len)
 MLA_AXES = {
     "q": (0, None, None),
@@ -143,8 +161,9 @@ def test_vmap_mla_nested(rng, platform):
         assert_pair_close((got[0][i], got[1][i]), want)
 
 
-@pytest.mark.kernel_config("attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=DK,
-                           dv=DV)
+@pytest.mark.kernel_config(
+    "attention", dtypes=(jnp.float32, jnp.float16, jnp.float16), dk=DK, dv=DV
+)
 @pytest.mark.kernel_config("mla", dtypes=(jnp.float32, jnp.bfloat16), dk=DK, dv=DV)
 def test_many_native_calls_in_one_jit(rng, platform):
     # Eight independent native calls in one executable may run concurrently on
@@ -158,8 +177,10 @@ def test_many_native_calls_in_one_jit(rng, platform):
     @jax.jit
     def many(q, k, v, kv):
         att = sum(jax_mla.flash_attention(q * (i + 1), k, v, backend="native") for i in range(4))
-        mla = sum(jax_mla.flash_mla(q * (i + 1), kv, dv=DV, num_splits=4, backend="native")
-                  for i in range(4))
+        mla = sum(
+            jax_mla.flash_mla(q * (i + 1), kv, dv=DV, num_splits=4, backend="native")
+            for i in range(4)
+        )
         return att, mla
 
     result = {}
@@ -193,16 +214,23 @@ def ops(rng):
     v = randn(rng, (B, SKV, HKV, DV), jnp.float32)
     kv = randn(rng, (B, SKV, DK), jnp.float32)
     return {
-        "attention": (lambda n, **kw: jax_mla.flash_attention(q, k, v, kv_len=n, causal=True,
-                                                              return_lse=True, **kw)),
-        "mla": (lambda n, **kw: jax_mla.flash_mla(q, kv, dv=DV, kv_len=n, causal=True,
-                                                  num_splits=2, return_lse=True, **kw)),
+        "attention": (
+            lambda n, **kw: jax_mla.flash_attention(
+                q, k, v, kv_len=n, causal=True, return_lse=True, **kw
+            )
+        ),
+        "mla": (
+            lambda n, **kw: jax_mla.flash_mla(
+                q, kv, dv=DV, kv_len=n, causal=True, num_splits=2, return_lse=True, **kw
+            )
+        ),
     }
 
 
 # The native calls ops() makes.
-OPS_CONFIG_ATTENTION = pytest.mark.kernel_config("attention", dtypes=(jnp.float32,) * 3, dk=DK,
-                                                 dv=DV)
+OPS_CONFIG_ATTENTION = pytest.mark.kernel_config(
+    "attention", dtypes=(jnp.float32,) * 3, dk=DK, dv=DV
+)
 OPS_CONFIG_MLA = pytest.mark.kernel_config("mla", dtypes=(jnp.float32,) * 2, dk=DK, dv=DV)
 
 

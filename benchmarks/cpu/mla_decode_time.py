@@ -30,15 +30,20 @@ def main():
         calls = max(1, calls // 100)
     if mode == "std-pp":
         q = jnp.asarray(rng.standard_normal((1, seq_q, 16, 192)), jnp.float32)
-        k, v = (jnp.asarray(rng.standard_normal((1, seq_kv, 16, d)), jnp.float16) for d in (192, 128))
+        k, v = (
+            jnp.asarray(rng.standard_normal((1, seq_kv, 16, d)), jnp.float16) for d in (192, 128)
+        )
         kv = (k, v) if fmt == "f16" else (jax_mla.quantize(k, fmt), jax_mla.quantize(v, fmt))
         f = jax.jit(lambda q, kv: jax_mla.flash_attention(q, *kv, causal=True, backend="native"))
     else:
         q = jnp.asarray(rng.standard_normal((1, seq_q, 16, 576)), jnp.float32)
         x = jnp.asarray(rng.standard_normal((1, seq_kv, 576)), jnp.float16)
         kv = x if fmt == "f16" else jax_mla.quantize(x, fmt)
-        f = jax.jit(lambda q, kv: jax_mla.flash_mla(q, kv, dv=512, v_offset=64,
-                                                    causal=mode != "tg", backend="native"))
+        f = jax.jit(
+            lambda q, kv: jax_mla.flash_mla(
+                q, kv, dv=512, v_offset=64, causal=mode != "tg", backend="native"
+            )
+        )
     f(q, kv).block_until_ready()
 
     def cpu():
@@ -47,8 +52,10 @@ def main():
     wall, used = time.perf_counter(), cpu()
     for _ in range(calls):
         f(q, kv).block_until_ready()
-    print(f"{fmt} {mode}: wall {(time.perf_counter() - wall) / calls * 1e3:.3f} ms, "
-          f"cpu {(cpu() - used) / calls * 1e3:.3f} ms/call")
+    print(
+        f"{fmt} {mode}: wall {(time.perf_counter() - wall) / calls * 1e3:.3f} ms, "
+        f"cpu {(cpu() - used) / calls * 1e3:.3f} ms/call"
+    )
 
 
 if __name__ == "__main__":

@@ -29,15 +29,19 @@ def main():
     for fmt in ["float16", "bfloat16", *jax_mla.quant.FORMATS]:
         kv = jnp.asarray(x, fmt) if fmt in ("float16", "bfloat16") else jax_mla.quantize(x, fmt)
         out = np.asarray(jax_mla.flash_mla(jnp.asarray(q), kv, scale=SCALE, backend="native"))
-        rel = lambda o: np.linalg.norm(np.asarray(o, np.float64)[0, 0] - want) / np.linalg.norm(want)
+        rel = lambda o: (
+            np.linalg.norm(np.asarray(o, np.float64)[0, 0] - want) / np.linalg.norm(want)
+        )
         line = f"{fmt:>9}: relative L2 error vs float64 {rel(out):.2e}"
         if fmt in ("q8_0", "q8_kv"):
             qj = jnp.asarray(q)
             cache_only = reference.mla(qj, jax_mla.dequantize(kv), scale=SCALE)[0]
             with_query = reference.mla_quantized(qj, kv, scale=SCALE, round_p=False)[0]
             with_p = reference.mla_quantized(qj, kv, scale=SCALE)[0]
-            line += (f" (reference: cache {rel(cache_only):.2e}, + 8-bit query "
-                     f"{rel(with_query):.2e}, + 8-bit P {rel(with_p):.2e})")
+            line += (
+                f" (reference: cache {rel(cache_only):.2e}, + 8-bit query "
+                f"{rel(with_query):.2e}, + 8-bit P {rel(with_p):.2e})"
+            )
         print(line)
 
 

@@ -56,8 +56,17 @@ QUICK = {"MLA tg@1024", "MLA tg@4096", "std tg@16384", "MLA q8_0 tg@16384"}
 def time_ik(binary: str, case: Case, reps: int) -> dict:
     """ik_llama.cpp on the case: best median_ms of PASSES runs of `reps` calls,
     its relative error against float64, and its lowest CPU use."""
-    cmd = [binary, "mla" if case.op == "flash_mla" else "std", case.cache, str(case.seq_q),
-           str(case.n_kv), "--threads", str(report.threads()), "--heads", str(case.heads)]
+    cmd = [
+        binary,
+        "mla" if case.op == "flash_mla" else "std",
+        case.cache,
+        str(case.seq_q),
+        str(case.n_kv),
+        "--threads",
+        str(report.threads()),
+        "--heads",
+        str(case.heads),
+    ]
     if case.op == "flash_mla":
         cmd += ["--voff", "0"]  # V = the first 512 columns, as jax_mla's rows read it
     if case.causal:
@@ -69,23 +78,40 @@ def time_ik(binary: str, case: Case, reps: int) -> dict:
 
     err = float(run("--check", "--reps", "1")["rel_err"])
     passes = [run("--reps", str(reps)) for _ in range(PASSES)]
-    return {"ms": min(float(p["median_ms"]) for p in passes), "err": err,
-            "cpu_util": min(float(p["cpu_util"]) for p in passes)}
+    return {
+        "ms": min(float(p["median_ms"]) for p in passes),
+        "err": err,
+        "cpu_util": min(float(p["cpu_util"]) for p in passes),
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ik-bench", default=os.environ.get("JAX_MLA_IK_BENCH"),
-                        help=f"folder with ik_bench's {IK_BINARY} (default $JAX_MLA_IK_BENCH)")
+    parser.add_argument(
+        "--ik-bench",
+        default=os.environ.get("JAX_MLA_IK_BENCH"),
+        help=f"folder with ik_bench's {IK_BINARY} (default $JAX_MLA_IK_BENCH)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(sorted(QUICK))}")
     parser.add_argument("--json", help="also write the rows and metadata as JSON")
     parser.add_argument("--only", help="run the workloads whose name contains this")
-    parser.add_argument("--tests", type=lambda s: [cases.parse_test(t) for t in s.split(",")],
-                        help="comma-separated tg@N / ppS@N to run instead of the workloads")
-    parser.add_argument("--caches", default="f16", type=lambda s: s.split(","),
-                        help=f"with --tests: comma-separated subset of {', '.join(IK_TOLERANCE)}")
-    parser.add_argument("--ops", default=",".join(cases.OPS), type=lambda s: s.split(","),
-                        help=f"with --tests: comma-separated subset of {', '.join(cases.OPS)}")
+    parser.add_argument(
+        "--tests",
+        type=lambda s: [cases.parse_test(t) for t in s.split(",")],
+        help="comma-separated tg@N / ppS@N to run instead of the workloads",
+    )
+    parser.add_argument(
+        "--caches",
+        default="f16",
+        type=lambda s: s.split(","),
+        help=f"with --tests: comma-separated subset of {', '.join(IK_TOLERANCE)}",
+    )
+    parser.add_argument(
+        "--ops",
+        default=",".join(cases.OPS),
+        type=lambda s: s.split(","),
+        help=f"with --tests: comma-separated subset of {', '.join(cases.OPS)}",
+    )
     args = parser.parse_args(argv)
     if not args.ik_bench:
         parser.error("--ik-bench (or JAX_MLA_IK_BENCH) must name the ik_bench harness folder")
@@ -95,18 +121,27 @@ def main(argv=None) -> int:
     workloads = WORKLOADS
     if args.tests:
         bad = [c for c in args.caches if c not in IK_TOLERANCE] + [
-            o for o in args.ops if o not in cases.OPS]
+            o for o in args.ops if o not in cases.OPS
+        ]
         if bad:
             parser.error(f"--caches/--ops: unknown {', '.join(bad)}")
-        workloads = [(f"{'MLA' if c.op == 'flash_mla' else 'std'} {c.cache} {c.test}", c)
-                     for c in cases.cpu_cases(args.tests, args.ops, args.caches)]
-    meta = report.metadata(args.quick, " ".join(
-        ["benchmarks/cpu/side_by_side.py", *(sys.argv[1:] if argv is None else argv)]))
-    print(f"# {meta['cpu']['model']}, {meta['cpu']['threads']} threads; jax "
-          f"{meta['versions']['jax']}; jax_mla {meta['versions']['jax_mla']} commit "
-          f"{meta['commit']}, ISA {meta['cpu']['isa']}")
-    print(f"{'workload':<20} {'jax_mla ms':>10} {'ik ms':>9} {'ratio':>6} {'jax_mla GFLOP/s':>15} "
-          f"{'ik GFLOP/s':>10} {'ik cpu_util':>11} {'jax_mla err':>11} {'ik err':>8}")
+        workloads = [
+            (f"{'MLA' if c.op == 'flash_mla' else 'std'} {c.cache} {c.test}", c)
+            for c in cases.cpu_cases(args.tests, args.ops, args.caches)
+        ]
+    meta = report.metadata(
+        args.quick,
+        " ".join(["benchmarks/cpu/side_by_side.py", *(sys.argv[1:] if argv is None else argv)]),
+    )
+    print(
+        f"# {meta['cpu']['model']}, {meta['cpu']['threads']} threads; jax "
+        f"{meta['versions']['jax']}; jax_mla {meta['versions']['jax_mla']} commit "
+        f"{meta['commit']}, ISA {meta['cpu']['isa']}"
+    )
+    print(
+        f"{'workload':<20} {'jax_mla ms':>10} {'ik ms':>9} {'ratio':>6} {'jax_mla GFLOP/s':>15} "
+        f"{'ik GFLOP/s':>10} {'ik cpu_util':>11} {'jax_mla err':>11} {'ik err':>8}"
+    )
     rows, bad = [], []
     for name, case in workloads:
         if args.quick and name not in QUICK or args.only and args.only not in name:
@@ -118,13 +153,24 @@ def main(argv=None) -> int:
         ik = time_ik(binary, case, ours.samples)
         if not ik["err"] <= IK_TOLERANCE[case.cache]:
             bad.append(f"{name}: ik err {ik['err']:.3g} > {IK_TOLERANCE[case.cache]:g}")
-        row = dict(workload=name, case=asdict(case), jax_mla=asdict(ours), ik_ms=ik["ms"],
-                   ik_err=ik["err"], ik_cpu_util=ik["cpu_util"], ratio=ours.ms / ik["ms"],
-                   jax_mla_gflops=case.flops / ours.ms / 1e6, ik_gflops=case.flops / ik["ms"] / 1e6)
+        row = dict(
+            workload=name,
+            case=asdict(case),
+            jax_mla=asdict(ours),
+            ik_ms=ik["ms"],
+            ik_err=ik["err"],
+            ik_cpu_util=ik["cpu_util"],
+            ratio=ours.ms / ik["ms"],
+            jax_mla_gflops=case.flops / ours.ms / 1e6,
+            ik_gflops=case.flops / ik["ms"] / 1e6,
+        )
         rows.append(row)
-        print(f"{name:<20} {ours.ms:>10.3f} {ik['ms']:>9.3f} {row['ratio']:>6.2f} "
-              f"{row['jax_mla_gflops']:>15.1f} {row['ik_gflops']:>10.1f} {ik['cpu_util']:>11.2f} "
-              f"{ours.err:>11.1e} {ik['err']:>8.1e}", flush=True)
+        print(
+            f"{name:<20} {ours.ms:>10.3f} {ik['ms']:>9.3f} {row['ratio']:>6.2f} "
+            f"{row['jax_mla_gflops']:>15.1f} {row['ik_gflops']:>10.1f} {ik['cpu_util']:>11.2f} "
+            f"{ours.err:>11.1e} {ik['err']:>8.1e}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

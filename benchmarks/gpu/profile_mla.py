@@ -3,6 +3,7 @@
       python3 -P benchmarks/gpu/profile_mla.py B H S [fmt [ns,ns,...]]
 fmt: bf16 (default), q8_0 or q8_kv (the bf16 cache quantized); ns: num_splits values,
 each called 4 times in that order ("none", the default, for the heuristic's choice)."""
+
 import sys
 
 import jax
@@ -22,8 +23,11 @@ def main():
     splits = sys.argv[5].split(",") if len(sys.argv) > 5 else ["none"]
     for ns in splits:
         ns = None if ns == "none" else int(ns)
-        f = jax.jit(lambda q, kv, ns=ns: jax_mla.flash_mla(q, kv, scale=0.135, num_splits=ns,
-                                                           backend="native"))
+        f = jax.jit(
+            lambda q, kv, ns=ns: jax_mla.flash_mla(
+                q, kv, scale=0.135, num_splits=ns, backend="native"
+            )
+        )
         for _ in range(4):
             out = f(q, kv)
         jax.block_until_ready(out)

@@ -8,6 +8,7 @@ The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
 (--quick: one case per kernel kind, bfloat16 only, for racecheck's slower run)."""
+
 import os
 import sys
 
@@ -71,37 +72,67 @@ def main():
 
     quick = "--quick" in sys.argv
     dtypes = [jnp.dtype(d) for d in caps["dtypes"]]
-    (dk_mla, dv_mla, _), = caps["mla_layouts"]
+    ((dk_mla, dv_mla, _),) = caps["mla_layouts"]
     for dtype in dtypes[-1:] if quick else dtypes:
         tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
-        mla_cases = ((16, 1, 3), (128, 1, 2)) if quick else ((16, 1, 1), (16, 1, 3), (128, 2, 1),
-                                                             (20, 3, 2))
+        mla_cases = (
+            ((16, 1, 3), (128, 1, 2))
+            if quick
+            else ((16, 1, 1), (16, 1, 3), (128, 2, 1), (20, 3, 2))
+        )
         for family in families(caps["mla_kernels"]):
             os.environ["JAX_MLA_CUDA_MLA_KERNEL"] = family  # read when the call is traced
             for heads, seq_q, splits in mla_cases:
                 q = jnp.asarray(rng.standard_normal((2, seq_q, heads, dk_mla)), dtype)
                 kv = jnp.asarray(rng.standard_normal((2, 100, dk_mla)), dtype)
                 kv_len = jnp.array([100, 37], jnp.int32)
-                got = jax_mla.flash_mla(q, kv, dv=dv_mla, causal=True, kv_len=kv_len,
-                                        num_splits=splits, backend="native")
-                want = ref_attention(q, kv[:, :, None], kv[:, :, None, :dv_mla], dk_mla ** -0.5,
-                                     True, np.asarray(kv_len) - seq_q, np.asarray(kv_len))
-                check(f"mla {family} {dtype.name} H={heads} Sq={seq_q} ns={splits}", got, want,
-                      tol)
+                got = jax_mla.flash_mla(
+                    q,
+                    kv,
+                    dv=dv_mla,
+                    causal=True,
+                    kv_len=kv_len,
+                    num_splits=splits,
+                    backend="native",
+                )
+                want = ref_attention(
+                    q,
+                    kv[:, :, None],
+                    kv[:, :, None, :dv_mla],
+                    dk_mla**-0.5,
+                    True,
+                    np.asarray(kv_len) - seq_q,
+                    np.asarray(kv_len),
+                )
+                check(f"mla {family} {dtype.name} H={heads} Sq={seq_q} ns={splits}", got, want, tol)
         os.environ.pop("JAX_MLA_CUDA_MLA_KERNEL")
         # Quantized latent caches: 16-row and 64-row blocks, splits.
         for fmt in caps["mla_formats"]:
             for heads, seq_q, splits in ((16, 1, 3), (128, 1, 2)) if quick else mla_cases:
                 q = jnp.asarray(rng.standard_normal((2, seq_q, heads, dk_mla)), dtype)
-                kvq = jax_mla.quantize(jnp.asarray(rng.standard_normal((2, 100, dk_mla)),
-                                                   jnp.float32), fmt)
+                kvq = jax_mla.quantize(
+                    jnp.asarray(rng.standard_normal((2, 100, dk_mla)), jnp.float32), fmt
+                )
                 kv = np.asarray(jax_mla.dequantize(kvq))
                 kv_len = jnp.array([100, 37], jnp.int32)
-                got = jax_mla.flash_mla(q, kvq, dv=dv_mla, causal=True, kv_len=kv_len,
-                                        num_splits=splits, backend="native")
-                want = ref_attention(round_query_q8(q, dk_mla ** -0.5), kv[:, :, None],
-                                     kv[:, :, None, :dv_mla], 1.0, True,
-                                     np.asarray(kv_len) - seq_q, np.asarray(kv_len))
+                got = jax_mla.flash_mla(
+                    q,
+                    kvq,
+                    dv=dv_mla,
+                    causal=True,
+                    kv_len=kv_len,
+                    num_splits=splits,
+                    backend="native",
+                )
+                want = ref_attention(
+                    round_query_q8(q, dk_mla**-0.5),
+                    kv[:, :, None],
+                    kv[:, :, None, :dv_mla],
+                    1.0,
+                    True,
+                    np.asarray(kv_len) - seq_q,
+                    np.asarray(kv_len),
+                )
                 check(f"mla {fmt} {dtype.name} H={heads} Sq={seq_q} ns={splits}", got, want, tol)
         dims = caps["attention_head_dims"][:1] if quick else caps["attention_head_dims"]
         for family in families(caps["attention_kernels"]):
@@ -113,15 +144,19 @@ def main():
                     v = jnp.asarray(rng.standard_normal((2, 90, 2, dv)), dtype)
                     kv_len = jnp.array([90, 0], jnp.int32)
                     try:
-                        got = jax.block_until_ready(jax_mla.flash_attention(
-                            q, k, v, causal=True, kv_len=kv_len, backend="native"))
+                        got = jax.block_until_ready(
+                            jax_mla.flash_attention(
+                                q, k, v, causal=True, kv_len=kv_len, backend="native"
+                            )
+                        )
                     except Exception as e:  # a family without this pair says so (kernel_table.h)
                         if f"kernel {family} takes" not in str(e):
                             raise
                         print(f"attention {family} {dk}/{dv}: not one of its pairs", flush=True)
                         break
-                    want = ref_attention(q, k, v, dk ** -0.5, True, np.asarray(kv_len) - seq_q,
-                                         np.asarray(kv_len))
+                    want = ref_attention(
+                        q, k, v, dk**-0.5, True, np.asarray(kv_len) - seq_q, np.asarray(kv_len)
+                    )
                     check(f"attention {family} {dtype.name} {dk}/{dv} Sq={seq_q}", got, want, tol)
         os.environ.pop("JAX_MLA_CUDA_ATTENTION_KERNEL")
     print("sanitize cases:", "all ok" if bad == 0 else f"{bad} FAILED", flush=True)

@@ -21,6 +21,7 @@ Usage (device): python3 -P benchmarks/gpu/side_by_side.py --fi-dir .carry/flashi
   [--rows 64,16,16384/128,128,8192] [--quant q8_0,q8_kv] [--skip prefill,fa3]
 Writes $OUT/side_by_side.json and prints a table last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,15 +55,19 @@ def load_fi(fi_dir):
 
 
 def metrics(case, seconds: float) -> dict:
-    return dict(ms=seconds * 1e3, GBps=case.cache_bytes / seconds / 1e9,
-                TFLOPs=case.flops / seconds / 1e12)
+    return dict(
+        ms=seconds * 1e3, GBps=case.cache_bytes / seconds / 1e9, TFLOPs=case.flops / seconds / 1e12
+    )
 
 
 def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=()):
     import torch
 
-    ws = (torch.empty(512 * 1024 * 1024, dtype=torch.uint8, device=torch.device("cuda"))
-          if fi_ok else None)
+    ws = (
+        torch.empty(512 * 1024 * 1024, dtype=torch.uint8, device=torch.device("cuda"))
+        if fi_ok
+        else None
+    )
     for B, H, S in configs:
         row = dict(B=B, H=H, S=S)
         RES["mla"].append(row)
@@ -92,8 +97,7 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
     row["cache_copies"] = ncp
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(B, H, 576, generator=g, device=dev).to(torch.bfloat16)
-    kvs = [torch.randn(B * S, 576, generator=g, device=dev).to(torch.bfloat16)
-           for _ in range(ncp)]
+    kvs = [torch.randn(B * S, 576, generator=g, device=dev).to(torch.bfloat16) for _ in range(ncp)]
     torch.cuda.synchronize()
     qj = jax.dlpack.from_dlpack(q)[:, None]  # [B, 1, H, 576], as the op takes it
     kvj = [jax.dlpack.from_dlpack(kv.view(B, S, 576)) for kv in kvs]
@@ -101,8 +105,9 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
     outs = {}
     for name, fn in (("jax_mla", ours), ("xla", xla)):
         jax.block_until_ready(fn(qj, kvj[0]))
-        t = timing.time_calls(fn, lambda i: (qj, kvj[i % ncp]), budget_s=BUDGET_S,
-                              back_to_back=True)
+        t = timing.time_calls(
+            fn, lambda i: (qj, kvj[i % ncp]), budget_s=BUDGET_S, back_to_back=True
+        )
         row[name] = dict(loop=metrics(case, t.seconds), calls=t.calls)
         outs[name] = np.asarray(fn(qj, kvj[0]).astype(jnp.float32))[:, 0]
     row["jax_mla"]["err"] = ops.relative_error(ours, ops.reference_fn(case), (qj, kvj[0]))
@@ -120,8 +125,9 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
         qkvs = jax.block_until_ready([quantize(kv) for kv in kvj])
         ours_q = ops.native_fn(qcase)
         jax.block_until_ready(ours_q(qj, qkvs[0]))
-        t = timing.time_calls(ours_q, lambda i, cs=qkvs: (qj, cs[i % ncp]), budget_s=BUDGET_S,
-                              back_to_back=True)
+        t = timing.time_calls(
+            ours_q, lambda i, cs=qkvs: (qj, cs[i % ncp]), budget_s=BUDGET_S, back_to_back=True
+        )
         row[f"jax_mla_{fmt}"] = dict(loop=metrics(qcase, t.seconds))
         outs[f"jax_mla_{fmt}"] = np.asarray(ours_q(qj, qkvs[0]).astype(jnp.float32))[:, 0]
         del qkvs
@@ -138,8 +144,9 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
             run(*fa3_args(0))
             torch.cuda.synchronize()
             outs["fa3"] = out.float().cpu().numpy()
-            t = timing.time_calls(run, fa3_args, budget_s=BUDGET_S, back_to_back=True,
-                                  sync=torch_sync)
+            t = timing.time_calls(
+                run, fa3_args, budget_s=BUDGET_S, back_to_back=True, sync=torch_sync
+            )
             row["fa3"] = dict(loop=metrics(case, t.seconds), calls=t.calls)
             try:
                 graph_s = fb.time_graph(lambda i: run(*fa3_args(i)), min(t.calls, 50))
@@ -153,13 +160,17 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
     ref = outs["xla"]
     for k, o in outs.items():
         row.setdefault(k, {})["max_abs_diff_vs_xla"] = float(np.abs(o - ref).max())
-    log(f"MLA B={B} H={H} S={S}: " + ", ".join(
-        f"{k} {row[k]['loop']['ms']:.4f} ms" for k in ("jax_mla", "xla", "fa3",
-                                                       *(f"jax_mla_{f}" for f in quant))
-        if "loop" in row.get(k, {}))
+    log(
+        f"MLA B={B} H={H} S={S}: "
+        + ", ".join(
+            f"{k} {row[k]['loop']['ms']:.4f} ms"
+            for k in ("jax_mla", "xla", "fa3", *(f"jax_mla_{f}" for f in quant))
+            if "loop" in row.get(k, {})
+        )
         + f", jax_mla in-jit {row['jax_mla']['in_jit']['ms']:.4f} ms, jax_mla err "
         f"{row['jax_mla']['err']:.1e}, max|diff| vs xla "
-        + ", ".join(f"{k} {row[k]['max_abs_diff_vs_xla']:.2e}" for k in outs))
+        + ", ".join(f"{k} {row[k]['max_abs_diff_vs_xla']:.2e}" for k in outs)
+    )
 
 
 def bench_prefill(prefill):
@@ -197,56 +208,77 @@ def prefill_row(row):
     ours = ops.native_fn(case)
     mine = ours(qj, kj, vj)
     t = timing.time_calls(ours, lambda i: (qj, kj, vj), budget_s=BUDGET_S, back_to_back=True)
-    row["jax_mla"] = dict(ms=t.seconds * 1e3, TFLOPs=flops / t.seconds / 1e12,
-                          err=ops.relative_error(ours, ops.reference_fn(case),
-                                                 ops.check_inputs(case, (qj, kj, vj))))
+    row["jax_mla"] = dict(
+        ms=t.seconds * 1e3,
+        TFLOPs=flops / t.seconds / 1e12,
+        err=ops.relative_error(ours, ops.reference_fn(case), ops.check_inputs(case, (qj, kj, vj))),
+    )
     mine = torch.from_dlpack(mine).float()
     try:
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
-                q, k, v, is_causal=True, scale=SCALE)
+                q, k, v, is_causal=True, scale=SCALE
+            )
             ref = sdpa(qt, kt, vt).transpose(1, 2).float()
-            t = timing.time_calls(sdpa, lambda i: (qt, kt, vt), budget_s=BUDGET_S,
-                                  back_to_back=True, sync=torch_sync)
-        row["cudnn"] = dict(ms=t.seconds * 1e3, TFLOPs=flops / t.seconds / 1e12,
-                            max_abs_diff_vs_jax_mla=float((ref - mine).abs().max()))
+            t = timing.time_calls(
+                sdpa, lambda i: (qt, kt, vt), budget_s=BUDGET_S, back_to_back=True, sync=torch_sync
+            )
+        row["cudnn"] = dict(
+            ms=t.seconds * 1e3,
+            TFLOPs=flops / t.seconds / 1e12,
+            max_abs_diff_vs_jax_mla=float((ref - mine).abs().max()),
+        )
     except Exception as e:  # noqa: BLE001
         RES["errors"].append(f"cudnn {H},{S}: {e!r}"[:2000])
         log("cudnn error", repr(e)[:500])
-    log(f"prefill H={H} S={S}: jax_mla {row['jax_mla']['ms']:.3f} ms "
-        f"{row['jax_mla']['TFLOPs']:.0f} TFLOP/s err {row['jax_mla']['err']:.1e}" + (
+    log(
+        f"prefill H={H} S={S}: jax_mla {row['jax_mla']['ms']:.3f} ms "
+        f"{row['jax_mla']['TFLOPs']:.0f} TFLOP/s err {row['jax_mla']['err']:.1e}"
+        + (
             f", cuDNN {row['cudnn']['ms']:.3f} ms {row['cudnn']['TFLOPs']:.0f} TFLOP/s, "
-            f"max|diff| {row['cudnn']['max_abs_diff_vs_jax_mla']:.2e}" if "cudnn" in row else ""))
+            f"max|diff| {row['cudnn']['max_abs_diff_vs_jax_mla']:.2e}"
+            if "cudnn" in row
+            else ""
+        )
+    )
 
 
 def summary():
     nan = float("nan")
     log("\n==== MLA decode (ms; back-to-back calls) ====")
-    log(f"{'B':>4} {'H':>4} {'S':>6} | jax_mla  in-jit   GB/s  TFLOP/s | xla     | fa3     [graph] "
-        "| fa3/jax_mla")
+    log(
+        f"{'B':>4} {'H':>4} {'S':>6} | jax_mla  in-jit   GB/s  TFLOP/s | xla     | fa3     [graph] "
+        "| fa3/jax_mla"
+    )
     for r in RES["mla"]:
         j, x, f = r["jax_mla"], r["xla"], r.get("fa3", {})
         best = min(j["loop"]["ms"], j["in_jit"]["ms"])
         fms = f.get("loop", {}).get("ms", nan)
-        log(f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {j['loop']['ms']:.4f} {j['in_jit']['ms']:.4f} "
+        log(
+            f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {j['loop']['ms']:.4f} {j['in_jit']['ms']:.4f} "
             f"{j['loop']['GBps']:6.0f} {j['loop']['TFLOPs']:6.1f} | {x['loop']['ms']:.4f} | "
-            f"{fms:.4f} [{f.get('graph', {}).get('ms', nan):.4f}] | {fms / best:.2f}")
+            f"{fms:.4f} [{f.get('graph', {}).get('ms', nan):.4f}] | {fms / best:.2f}"
+        )
     for fmt in ("q8_0", "q8_kv"):
         rows = [r for r in RES["mla"] if f"jax_mla_{fmt}" in r]
         if rows:
             log(f"==== MLA decode over a {fmt} cache (ms; back-to-back calls) ====")
         for r in rows:
             qm, j = r[f"jax_mla_{fmt}"]["loop"], r["jax_mla"]["loop"]
-            log(f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {qm['ms']:.4f} ms {qm['GBps']:6.0f} GB/s | "
+            log(
+                f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {qm['ms']:.4f} ms {qm['GBps']:6.0f} GB/s | "
                 f"bf16 cache {j['ms']:.4f} ms | speedup {j['ms'] / qm['ms']:.2f}x | max|diff| vs "
-                f"xla {r[f'jax_mla_{fmt}']['max_abs_diff_vs_xla']:.2e}")
+                f"xla {r[f'jax_mla_{fmt}']['max_abs_diff_vs_xla']:.2e}"
+            )
     log("==== 192/128 causal prefill, B=1 ====")
     for r in RES["prefill"]:
         j, c = r["jax_mla"], r.get("cudnn", {})
-        log(f"H={r['H']:>3} S={r['S']:>5} | jax_mla {j['ms']:.3f} ms {j['TFLOPs']:.0f} TFLOP/s | "
+        log(
+            f"H={r['H']:>3} S={r['S']:>5} | jax_mla {j['ms']:.3f} ms {j['TFLOPs']:.0f} TFLOP/s | "
             f"cuDNN {c.get('ms', nan):.3f} ms {c.get('TFLOPs', nan):.0f} TFLOP/s | "
-            f"ratio {c.get('ms', nan) / j['ms']:.2f}")
+            f"ratio {c.get('ms', nan) / j['ms']:.2f}"
+        )
 
 
 def main():
@@ -255,10 +287,16 @@ def main():
     ap.add_argument("--site", default="/tmp/fisite")
     ap.add_argument("--in-jit-calls", type=int, default=32)
     ap.add_argument("--skip", default="", help="comma list: mla, prefill, fa3")
-    ap.add_argument("--rows", default="", help="MLA rows to run, B,H,S separated by '/' "
-                                               "(default: the package's GPU MLA decode rows)")
-    ap.add_argument("--quant", default="", help="comma list of cache formats to time jax_mla "
-                                                "over as well: q8_0, q8_kv")
+    ap.add_argument(
+        "--rows",
+        default="",
+        help="MLA rows to run, B,H,S separated by '/' (default: the package's GPU MLA decode rows)",
+    )
+    ap.add_argument(
+        "--quant",
+        default="",
+        help="comma list of cache formats to time jax_mla over as well: q8_0, q8_kv",
+    )
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     skip = set(a.skip.split(","))
@@ -270,6 +308,7 @@ def main():
             fb.setup_cuda_env()
             import jax  # noqa: F401  (jax first, then torch, as the tool does)
             import torch  # noqa: F401
+
             fi_ok = "fa3" in fb.jit_build(["fa3"], os.path.join(a.fi_dir, "prebuilt"))
         except Exception as e:  # noqa: BLE001
             RES["errors"].append(f"flashinfer setup: {e!r}"[:2000])
@@ -277,12 +316,19 @@ def main():
     import torch
 
     from jax_mla.bench import cases, report
-    RES["env"] = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__,
-                      **report.metadata(False, " ".join(sys.argv)))
+
+    RES["env"] = dict(
+        gpu=torch.cuda.get_device_name(0),
+        torch=torch.__version__,
+        **report.metadata(False, " ".join(sys.argv)),
+    )
     log("env", RES["env"])
     if "mla" not in skip:
-        configs = ([tuple(int(x) for x in r.split(",")) for r in a.rows.split("/")]
-                   if a.rows else cases.GPU_MLA_DECODE)
+        configs = (
+            [tuple(int(x) for x in r.split(",")) for r in a.rows.split("/")]
+            if a.rows
+            else cases.GPU_MLA_DECODE
+        )
         bench_mla(fb, fi_ok, a.in_jit_calls, configs, tuple(f for f in a.quant.split(",") if f))
     if "prefill" not in skip:
         bench_prefill(cases.GPU_PREFILL)

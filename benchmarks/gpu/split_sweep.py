@@ -11,6 +11,7 @@ Usage (device): python3 -P benchmarks/gpu/split_sweep.py \
     --rows 1,16,16384:16,32,64,103,119,128/64,16,4096:1,2,4 [--fmt q8_0] [--label old]
 Prints a table last and writes $OUT/split_sweep_<label>_<fmt>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,16 @@ def sweep_row(B, H, S, splits, fmt, calls):
     base = None
     rows = []
     for ns in [1, None] + [n for n in splits if n != 1]:
-        one = jax.jit(lambda q, kv, ns=ns: jax_mla.flash_mla(q, kv, scale=SCALE, num_splits=ns,
-                                                             backend="native"))
-        many = jax.jit(lambda q, kvs, ns=ns: [
-            jax_mla.flash_mla(q, kv, scale=SCALE, num_splits=ns, backend="native") for kv in kvs])
+        one = jax.jit(
+            lambda q, kv, ns=ns: jax_mla.flash_mla(
+                q, kv, scale=SCALE, num_splits=ns, backend="native"
+            )
+        )
+        many = jax.jit(
+            lambda q, kvs, ns=ns: [
+                jax_mla.flash_mla(q, kv, scale=SCALE, num_splits=ns, backend="native") for kv in kvs
+            ]
+        )
         seq = [kvs[i % ncp] for i in range(reps)]
         t_jit = median_time(lambda: jax.block_until_ready(many(q, seq)), reps)
 
@@ -74,14 +81,27 @@ def sweep_row(B, H, S, splits, fmt, calls):
         if ns is None:
             kv_code = 0 if fmt == "bf16" else _ffi.module("gpu").capabilities()["mla_formats"][fmt]
             bps = _ffi.module("gpu").mla_blocks_per_sm(H, kv_code)
-            used = _splits.choose_num_splits(None, B, 1, H, 1, S, platform="gpu", dk=576,
-                                             blocks_per_sm=bps)
-        rows.append(dict(B=B, H=H, S=S, fmt=fmt, num_splits=ns, used=used,
-                         in_jit_ms=t_jit * 1e3, loop_ms=t_loop * 1e3,
-                         max_abs_diff_vs_1=float(np.abs(out - base).max())))
-        print(f"{B},{H},{S} {fmt} ns={str(ns):>4} (used {used:>4}): in-jit {t_jit * 1e3:.4f} ms, "
-              f"loop {t_loop * 1e3:.4f} ms, max|diff| vs ns=1 {rows[-1]['max_abs_diff_vs_1']:.2e}",
-              flush=True)
+            used = _splits.choose_num_splits(
+                None, B, 1, H, 1, S, platform="gpu", dk=576, blocks_per_sm=bps
+            )
+        rows.append(
+            dict(
+                B=B,
+                H=H,
+                S=S,
+                fmt=fmt,
+                num_splits=ns,
+                used=used,
+                in_jit_ms=t_jit * 1e3,
+                loop_ms=t_loop * 1e3,
+                max_abs_diff_vs_1=float(np.abs(out - base).max()),
+            )
+        )
+        print(
+            f"{B},{H},{S} {fmt} ns={str(ns):>4} (used {used:>4}): in-jit {t_jit * 1e3:.4f} ms, "
+            f"loop {t_loop * 1e3:.4f} ms, max|diff| vs ns=1 {rows[-1]['max_abs_diff_vs_1']:.2e}",
+            flush=True,
+        )
     return rows
 
 
@@ -102,8 +122,10 @@ def main():
         json.dump(res, fh, indent=1)
     print(f"\n==== {a.label} {a.fmt}: ms per call ====")
     for r in res:
-        print(f"{r['B']:>3} {r['H']:>4} {r['S']:>6} ns {str(r['num_splits']):>4} ({r['used']:>4}) "
-              f"in-jit {r['in_jit_ms']:.4f} loop {r['loop_ms']:.4f}")
+        print(
+            f"{r['B']:>3} {r['H']:>4} {r['S']:>6} ns {str(r['num_splits']):>4} ({r['used']:>4}) "
+            f"in-jit {r['in_jit_ms']:.4f} loop {r['loop_ms']:.4f}"
+        )
 
 
 if __name__ == "__main__":

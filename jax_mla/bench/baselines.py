@@ -33,8 +33,9 @@ def _softmax_f32(s, causal: bool):
 
 def plain_mla(q, kv, *, causal: bool):
     """MLA as a JAX user writes it: scores against the whole row, V the slice."""
-    s = jnp.einsum("bqhd,bkd->bhqk", q.astype(kv.dtype), kv,
-                   preferred_element_type=jnp.float32) * jnp.float32(SCALE)
+    s = jnp.einsum(
+        "bqhd,bkd->bhqk", q.astype(kv.dtype), kv, preferred_element_type=jnp.float32
+    ) * jnp.float32(SCALE)
     p = _softmax_f32(s, causal).astype(kv.dtype)
     out = jnp.einsum("bhqk,bkd->bqhd", p, kv[..., :MLA_DV], preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
@@ -45,8 +46,9 @@ def plain_attention(q, k, v, *, causal: bool):
     batch, seq_q, heads, dk = q.shape
     heads_kv = k.shape[2]
     qg = q.reshape(batch, seq_q, heads_kv, heads // heads_kv, dk).astype(k.dtype)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
-                   preferred_element_type=jnp.float32) * jnp.float32(SCALE)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * jnp.float32(
+        SCALE
+    )
     p = _softmax_f32(s, causal).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, seq_q, heads, v.shape[-1]).astype(q.dtype)
@@ -54,6 +56,7 @@ def plain_attention(q, k, v, *, causal: bool):
 
 def plain_fn(case: Case):
     """The jitted plain-JAX formulation of the case's op: fn(q, *caches)."""
-    fn = functools.partial(plain_mla if case.op == "flash_mla" else plain_attention,
-                           causal=case.causal)
+    fn = functools.partial(
+        plain_mla if case.op == "flash_mla" else plain_attention, causal=case.causal
+    )
     return jax.jit(lambda q, *caches: fn(q, *(as_float(c, jnp.bfloat16) for c in caches)))

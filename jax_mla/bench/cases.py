@@ -29,8 +29,14 @@ STD_DK, STD_DV = 192, 128
 SCALE = 1.0 / math.sqrt(192)
 OPS = ("flash_mla", "flash_attention")
 # Float caches by dtype, quantized ones by format name (read in place by the kernels).
-CACHES = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32,
-          "q8_0": "q8_0", "q8_kv": "q8_kv", "q6_0": "q6_0"}
+CACHES = {
+    "f16": jnp.float16,
+    "bf16": jnp.bfloat16,
+    "f32": jnp.float32,
+    "q8_0": "q8_0",
+    "q8_kv": "q8_kv",
+    "q6_0": "q6_0",
+}
 QUERY_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 # CPU: batch 1, DeepSeek-V2-Lite's 16 heads, f32 queries over each cache type.
@@ -42,8 +48,14 @@ CPU_FULL_TESTS = ("tg@1024", "tg@4096", "tg@16384", "pp512@512", "pp512@4096")
 # FlashInfer and FlashMLA comparisons use; 192/128 causal prefill of S queries
 # over S keys, batch 1, at (H, S) where cuDNN's figures were taken; the 8-bit
 # latent formats on a memory-bound and a compute-bound decode row.
-GPU_MLA_DECODE = ((1, 16, 16384), (64, 16, 4096), (64, 16, 16384), (128, 128, 4096),
-                  (128, 128, 8192), (32, 128, 32768))
+GPU_MLA_DECODE = (
+    (1, 16, 16384),
+    (64, 16, 4096),
+    (64, 16, 16384),
+    (128, 128, 4096),
+    (128, 128, 8192),
+    (32, 128, 32768),
+)
 GPU_PREFILL = ((16, 4096), (16, 16384), (128, 4096))
 GPU_QUANT_FORMATS = ("q8_0", "q8_kv")
 GPU_QUANT_DECODE = ((64, 16, 16384), (128, 128, 8192))
@@ -55,10 +67,11 @@ GPU_QUICK_QUANT_DECODE = ((64, 16, 4096),)
 @dataclass(frozen=True)
 class Case:
     """One benchmark configuration (every backend is timed on it)."""
-    op: str             # "flash_mla" | "flash_attention"
-    seq_q: int          # queries per sequence; 1 = decode
-    n_kv: int           # cached tokens per sequence; the queries are the last seq_q of them
-    cache: str          # key of CACHES
+
+    op: str  # "flash_mla" | "flash_attention"
+    seq_q: int  # queries per sequence; 1 = decode
+    n_kv: int  # cached tokens per sequence; the queries are the last seq_q of them
+    cache: str  # key of CACHES
     batch: int = 1
     heads: int = CPU_HEADS
     query: str = "f32"  # key of QUERY_DTYPES
@@ -85,8 +98,9 @@ class Case:
         fmt = CACHES[self.cache]
         if self.op == "flash_mla":
             return jax_mla.cache_bytes(fmt, (1, 1, MLA_DK))
-        return (jax_mla.cache_bytes(fmt, (1, 1, self.kv_heads, STD_DK))
-                + jax_mla.cache_bytes(fmt, (1, 1, self.kv_heads, STD_DV)))
+        return jax_mla.cache_bytes(fmt, (1, 1, self.kv_heads, STD_DK)) + jax_mla.cache_bytes(
+            fmt, (1, 1, self.kv_heads, STD_DV)
+        )
 
     @property
     def cache_bytes(self) -> int:
@@ -120,20 +134,25 @@ def parse_test(name: str) -> tuple[int, int]:
 
 def cpu_cases(tests, ops=OPS, caches=("f16",)) -> list[Case]:
     """The CPU sweep: every (seq_q, n_kv) test x op x cache, batch 1, 16 heads."""
-    return [Case(op, seq_q, n_kv, cache) for seq_q, n_kv in tests for op in ops
-            for cache in caches]
+    return [Case(op, seq_q, n_kv, cache) for seq_q, n_kv in tests for op in ops for cache in caches]
 
 
 def gpu_cases(quick: bool, ops=OPS) -> list[Case]:
     """The GPU shapes: bf16 MLA decode, the 8-bit latent caches on a few decode
     rows, and 192/128 causal prefill."""
-    decode, quant, prefill = ((GPU_QUICK_MLA_DECODE, GPU_QUICK_QUANT_DECODE, GPU_QUICK_PREFILL)
-                              if quick else (GPU_MLA_DECODE, GPU_QUANT_DECODE, GPU_PREFILL))
+    decode, quant, prefill = (
+        (GPU_QUICK_MLA_DECODE, GPU_QUICK_QUANT_DECODE, GPU_QUICK_PREFILL)
+        if quick
+        else (GPU_MLA_DECODE, GPU_QUANT_DECODE, GPU_PREFILL)
+    )
     cases = []
     if "flash_mla" in ops:
         cases += [Case("flash_mla", 1, s, "bf16", b, h, "bf16") for b, h, s in decode]
-        cases += [Case("flash_mla", 1, s, fmt, b, h, "bf16") for b, h, s in quant
-                  for fmt in GPU_QUANT_FORMATS]
+        cases += [
+            Case("flash_mla", 1, s, fmt, b, h, "bf16")
+            for b, h, s in quant
+            for fmt in GPU_QUANT_FORMATS
+        ]
     if "flash_attention" in ops:
         cases += [Case("flash_attention", s, s, "bf16", 1, h, "bf16") for h, s in prefill]
     return cases
@@ -150,9 +169,13 @@ def make_inputs(case: Case, seed: int = 0) -> tuple:
         x = jax.random.normal(key, shape, jnp.float32)
         return jax_mla.quantize(x, fmt) if isinstance(fmt, str) else x.astype(fmt)
 
-    q = jax.random.normal(keys[0], (case.batch, case.seq_q, case.heads, dk),
-                          QUERY_DTYPES[case.query])
+    q = jax.random.normal(
+        keys[0], (case.batch, case.seq_q, case.heads, dk), QUERY_DTYPES[case.query]
+    )
     if case.op == "flash_mla":
         return q, cache(keys[1], (case.batch, case.n_kv, dk))
-    return (q, cache(keys[1], (case.batch, case.n_kv, case.kv_heads, dk)),
-            cache(keys[2], (case.batch, case.n_kv, case.kv_heads, dv)))
+    return (
+        q,
+        cache(keys[1], (case.batch, case.n_kv, case.kv_heads, dk)),
+        cache(keys[2], (case.batch, case.n_kv, case.kv_heads, dv)),
+    )

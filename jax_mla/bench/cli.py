@@ -16,8 +16,10 @@ def _names(allowed):
         bad = [x for x in given if x not in allowed]
         if bad:
             raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+                f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}"
+            )
         return given
+
     return parse
 
 
@@ -25,40 +27,69 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m jax_mla",
         description="Benchmark jax_mla's native kernels against plain JAX on DeepSeek attention "
-                    "shapes on the default JAX device, checking each against jax_mla.reference "
-                    "first. On the CPU: a llama-bench-style sweep and the DeepSeek-V2-Lite layer; "
-                    "on a GPU: bf16 MLA decode, 8-bit latent caches and 192/128 prefill.")
-    p.add_argument("--quick", action="store_true",
-                   help="small sweep (CPU: f16 cache only, "
-                        f"{', '.join(cases.CPU_QUICK_TESTS)}); under a minute")
+        "shapes on the default JAX device, checking each against jax_mla.reference "
+        "first. On the CPU: a llama-bench-style sweep and the DeepSeek-V2-Lite layer; "
+        "on a GPU: bf16 MLA decode, 8-bit latent caches and 192/128 prefill.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sweep (CPU: f16 cache only, "
+        f"{', '.join(cases.CPU_QUICK_TESTS)}); under a minute",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the rows and metadata as JSON")
-    p.add_argument("--tests", type=lambda s: [cases.parse_test(t) for t in s.split(",")],
-                   help="CPU: comma-separated tg@N / ppS@N (default: the quick or full list)")
-    p.add_argument("--ops", type=_names(cases.OPS), default=list(cases.OPS),
-                   help=f"comma-separated subset of {','.join(cases.OPS)}")
-    p.add_argument("--caches", type=_names(cases.CACHES),
-                   help=f"CPU: comma-separated subset of {','.join(cases.CACHES)} "
-                        "(default: f16 with --quick, all)")
-    p.add_argument("--modes", type=_names(layer.MODES), default=list(layer.MODES),
-                   help=f"layer: comma-separated subset of {','.join(layer.MODES)}")
-    p.add_argument("--model-tests",
-                   type=lambda s: [layer.parse_model_test(t) for t in s.split(",")],
-                   help=f"layer: comma-separated ppN / tg{layer.MODEL_TG_STEPS}@N / pgN "
-                        f"(default: {','.join(layer.MODEL_QUICK_TESTS)} with --quick, else "
-                        f"{','.join(layer.MODEL_FULL_TESTS)})")
-    p.add_argument("--model-caches", type=_names(layer.MODEL_CACHES),
-                   help=f"layer: comma-separated subset of {','.join(layer.MODEL_CACHES)} "
-                        "(default: f16 with --quick, else f16,q8_0,q6_0)")
-    p.add_argument("--long", action="store_true",
-                   help=f"layer: add {','.join(layer.MODEL_LONG_TESTS)}")
+    p.add_argument(
+        "--tests",
+        type=lambda s: [cases.parse_test(t) for t in s.split(",")],
+        help="CPU: comma-separated tg@N / ppS@N (default: the quick or full list)",
+    )
+    p.add_argument(
+        "--ops",
+        type=_names(cases.OPS),
+        default=list(cases.OPS),
+        help=f"comma-separated subset of {','.join(cases.OPS)}",
+    )
+    p.add_argument(
+        "--caches",
+        type=_names(cases.CACHES),
+        help=f"CPU: comma-separated subset of {','.join(cases.CACHES)} "
+        "(default: f16 with --quick, all)",
+    )
+    p.add_argument(
+        "--modes",
+        type=_names(layer.MODES),
+        default=list(layer.MODES),
+        help=f"layer: comma-separated subset of {','.join(layer.MODES)}",
+    )
+    p.add_argument(
+        "--model-tests",
+        type=lambda s: [layer.parse_model_test(t) for t in s.split(",")],
+        help=f"layer: comma-separated ppN / tg{layer.MODEL_TG_STEPS}@N / pgN "
+        f"(default: {','.join(layer.MODEL_QUICK_TESTS)} with --quick, else "
+        f"{','.join(layer.MODEL_FULL_TESTS)})",
+    )
+    p.add_argument(
+        "--model-caches",
+        type=_names(layer.MODEL_CACHES),
+        help=f"layer: comma-separated subset of {','.join(layer.MODEL_CACHES)} "
+        "(default: f16 with --quick, else f16,q8_0,q6_0)",
+    )
+    p.add_argument(
+        "--long", action="store_true", help=f"layer: add {','.join(layer.MODEL_LONG_TESTS)}"
+    )
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--model-only", action="store_true",
-                       help="only the layer rows (the DeepSeek layer), not the op rows")
+    which.add_argument(
+        "--model-only",
+        action="store_true",
+        help="only the layer rows (the DeepSeek layer), not the op rows",
+    )
     which.add_argument("--no-model", action="store_true", help="only the op rows")
     args = p.parse_args(argv)
     if args.model_tests is None:
-        args.model_tests = [layer.parse_model_test(t) for t in
-                            (layer.MODEL_QUICK_TESTS if args.quick else layer.MODEL_FULL_TESTS)]
+        args.model_tests = [
+            layer.parse_model_test(t)
+            for t in (layer.MODEL_QUICK_TESTS if args.quick else layer.MODEL_FULL_TESTS)
+        ]
     if args.long:
         args.model_tests += [layer.parse_model_test(t) for t in layer.MODEL_LONG_TESTS]
     if args.model_caches is None:
@@ -79,19 +110,25 @@ def native_ready(platform: str) -> str | None:
     if platform == "gpu":
         cuda = info["cuda"]
         return None if cuda["loaded"] else f"the native CUDA module did not load: {cuda['error']}"
-    return (f"the default JAX platform is {platform!r}; jax_mla has CPU and CUDA kernels only: "
-            "rerun with JAX_PLATFORMS=cpu")
+    return (
+        f"the default JAX platform is {platform!r}; jax_mla has CPU and CUDA kernels only: "
+        "rerun with JAX_PLATFORMS=cpu"
+    )
 
 
 def op_cases(args, parser, platform: str) -> list[cases.Case]:
     if platform == "cpu":
-        tests = args.tests or [cases.parse_test(t) for t in
-                               (cases.CPU_QUICK_TESTS if args.quick else cases.CPU_FULL_TESTS)]
+        tests = args.tests or [
+            cases.parse_test(t)
+            for t in (cases.CPU_QUICK_TESTS if args.quick else cases.CPU_FULL_TESTS)
+        ]
         caches = args.caches or (["f16"] if args.quick else list(cases.CACHES))
         return cases.cpu_cases(tests, args.ops, caches)
     if args.tests or args.caches:
-        parser.error("--tests and --caches choose the CPU sweep; on a GPU the cases are the GPU "
-                     "shapes (choose among them with --ops and --quick)")
+        parser.error(
+            "--tests and --caches choose the CPU sweep; on a GPU the cases are the GPU "
+            "shapes (choose among them with --ops and --quick)"
+        )
     return cases.gpu_cases(args.quick, args.ops)
 
 
@@ -108,8 +145,9 @@ def run_layer(args, budget_s: float, meta: dict):
             for row in layer.run_model_case(kind, n, cache, args.modes, cfg, params, budget_s):
                 print(report.model_table_row(row), flush=True)
                 rows.append(row)
-    mem = layer.memory_rows(cfg, params, args.model_caches[:1] if args.quick
-                            else args.model_caches, args.modes)
+    mem = layer.memory_rows(
+        cfg, params, args.model_caches[:1] if args.quick else args.model_caches, args.modes
+    )
     print("\n" + report.memory_table(mem), flush=True)
     return rows, mem
 
@@ -135,15 +173,20 @@ def main(argv=None) -> int:
             rows.append(row)
     noisy = [r.other_load for r in rows if timing.disturbed(r.other_load)]
     if noisy:
-        print(f"* timed while other processes kept up to {max(noisy):.1f} cores busy: rerun on "
-              "a quiet machine")
+        print(
+            f"* timed while other processes kept up to {max(noisy):.1f} cores busy: rerun on "
+            "a quiet machine"
+        )
     model_rows, mem_rows = [], []
     if not args.no_model:
         if platform == "cpu":
             model_rows, mem_rows = run_layer(args, budget_s, meta)
         else:
-            print(f"\nDeepSeek layer rows: skipped on {platform} (CPU only for now: the layer "
-                  "does not take bf16 on CUDA yet)", flush=True)
+            print(
+                f"\nDeepSeek layer rows: skipped on {platform} (CPU only for now: the layer "
+                "does not take bf16 on CUDA yet)",
+                flush=True,
+            )
     if args.json:
         report.write_json(args.json, meta, rows, model_rows, mem_rows)
     report.print_failures(rows, model_rows)

@@ -25,12 +25,21 @@ BACKENDS = ("native", "jax")
 # dtype (bf16 for a dequantized cache). The reference runs on the dequantized
 # cache.
 TOLERANCE = {
-    "cpu": {"native": {"f32": 1e-4, "f16": 1e-4, "bf16": 1e-4,
-                       "q8_0": 3e-2, "q8_kv": 3e-2, "q6_0": 1e-4},
-            "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2,
-                    "q8_0": 4e-2, "q8_kv": 4e-2, "q6_0": 4e-2}},
-    "gpu": {"native": {"f16": 1e-2, "bf16": 1e-2, "q8_0": 3e-2, "q8_kv": 3e-2},
-            "jax": {"f16": 1e-2, "bf16": 4e-2, "q8_0": 4e-2, "q8_kv": 4e-2}},
+    "cpu": {
+        "native": {
+            "f32": 1e-4,
+            "f16": 1e-4,
+            "bf16": 1e-4,
+            "q8_0": 3e-2,
+            "q8_kv": 3e-2,
+            "q6_0": 1e-4,
+        },
+        "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2, "q8_0": 4e-2, "q8_kv": 4e-2, "q6_0": 4e-2},
+    },
+    "gpu": {
+        "native": {"f16": 1e-2, "bf16": 1e-2, "q8_0": 3e-2, "q8_kv": 3e-2},
+        "jax": {"f16": 1e-2, "bf16": 4e-2, "q8_0": 4e-2, "q8_kv": 4e-2},
+    },
 }
 # Above this many reference FLOPs (dense, float32 at HIGHEST precision), the
 # check uses only the last CHECK_QUERIES queries of the row.
@@ -41,25 +50,26 @@ CHECK_QUERIES = 64
 @dataclass
 class Row:
     """One line of the op table (and of the JSON output)."""
+
     test: str
     op: str
     cache: str
     backend: str
     batch: int
     heads: int
-    ms: float             # NaN when the check failed (the row is not timed)
-    tokens_per_s: float   # batch * seq_q / time
-    gflops: float         # 2 * B * H * visible keys * (Dk + Dv) / time
-    gbps: float           # cache bytes read (each cached token once) / time
+    ms: float  # NaN when the check failed (the row is not timed)
+    tokens_per_s: float  # batch * seq_q / time
+    gflops: float  # 2 * B * H * visible keys * (Dk + Dv) / time
+    gbps: float  # cache bytes read (each cached token once) / time
     speedup: float | None  # plain-JAX ms / native ms, on native rows
-    err: float            # max |out - ref| / max |ref| against jax_mla.reference
-    tolerance: float      # the most err may be
+    err: float  # max |out - ref| / max |ref| against jax_mla.reference
+    tolerance: float  # the most err may be
     checked_queries: int  # queries the check covered (all, or the last CHECK_QUERIES)
-    calls: int            # calls per timed sample (1: each synchronized)
-    samples: int          # samples per pass
-    copies: int           # input copies the calls rotated among
+    calls: int  # calls per timed sample (1: each synchronized)
+    samples: int  # samples per pass
+    copies: int  # input copies the calls rotated among
     other_load: float | None  # cores other processes kept busy while this row was
-                              # timed (None: unknown, or timed too briefly to tell)
+    # timed (None: unknown, or timed too briefly to tell)
     seq_q: int
     n_kv: int
     kv_bytes_per_token: int
@@ -67,11 +77,13 @@ class Row:
 
 def native_fn(case: Case):
     if case.op == "flash_mla":
-        fn = functools.partial(jax_mla.flash_mla, dv=MLA_DV, scale=SCALE, causal=case.causal,
-                               backend="native")
+        fn = functools.partial(
+            jax_mla.flash_mla, dv=MLA_DV, scale=SCALE, causal=case.causal, backend="native"
+        )
     else:
-        fn = functools.partial(jax_mla.flash_attention, scale=SCALE, causal=case.causal,
-                               backend="native")
+        fn = functools.partial(
+            jax_mla.flash_attention, scale=SCALE, causal=case.causal, backend="native"
+        )
     return jax.jit(fn)
 
 
@@ -119,19 +131,37 @@ def run_case(case: Case, platform: str, budget_s: float, backends=BACKENDS) -> l
         fn = BACKEND_FNS[backend](case)
         err = relative_error(fn, ref_fn, checked)
         tol = TOLERANCE[platform][backend][case.cache]
-        row = Row(test=case.test, op=case.op, cache=case.cache, backend=backend,
-                  batch=case.batch, heads=case.heads, ms=math.nan, tokens_per_s=math.nan,
-                  gflops=math.nan, gbps=math.nan, speedup=None, err=err, tolerance=tol,
-                  checked_queries=checked[0].shape[1], calls=0, samples=0, copies=copies,
-                  other_load=None, seq_q=case.seq_q, n_kv=case.n_kv,
-                  kv_bytes_per_token=case.kv_bytes_per_token)
+        row = Row(
+            test=case.test,
+            op=case.op,
+            cache=case.cache,
+            backend=backend,
+            batch=case.batch,
+            heads=case.heads,
+            ms=math.nan,
+            tokens_per_s=math.nan,
+            gflops=math.nan,
+            gbps=math.nan,
+            speedup=None,
+            err=err,
+            tolerance=tol,
+            checked_queries=checked[0].shape[1],
+            calls=0,
+            samples=0,
+            copies=copies,
+            other_load=None,
+            seq_q=case.seq_q,
+            n_kv=case.n_kv,
+            kv_bytes_per_token=case.kv_bytes_per_token,
+        )
         rows.append(row)
         if failed(row):
             continue
         jax.block_until_ready(fn(*inputs[0]))  # compiles for the full inputs
         with timing.OtherLoad() as load:
-            t = timing.time_calls(fn, lambda i: inputs[i % copies], budget_s=budget_s,
-                                  back_to_back=gpu)
+            t = timing.time_calls(
+                fn, lambda i: inputs[i % copies], budget_s=budget_s, back_to_back=gpu
+            )
         s = t.seconds
         row.ms, row.calls, row.samples, row.other_load = s * 1e3, t.calls, t.samples, load.cores
         row.tokens_per_s = case.batch * case.seq_q / s

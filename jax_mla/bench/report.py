@@ -22,8 +22,15 @@ import numpy as np
 import jax_mla
 from jax_mla.bench import timing
 from jax_mla.bench.cases import SCALE
-from jax_mla.bench.layer import MEMORY_CONTEXTS, MEMORY_UBATCH, MODEL_TG_STEPS
-from jax_mla.bench.layer import MemoryRow, ModelRow, model_agreement, model_failed
+from jax_mla.bench.layer import (
+    MEMORY_CONTEXTS,
+    MEMORY_UBATCH,
+    MODEL_TG_STEPS,
+    MemoryRow,
+    ModelRow,
+    model_agreement,
+    model_failed,
+)
 from jax_mla.bench.ops import Row, failed
 
 
@@ -37,8 +44,10 @@ def default_device():
 
 def cpu_model() -> str:
     """lscpu's model name, else /proc/cpuinfo's, else platform's."""
-    for cmd, pattern in ((["lscpu"], r"Model name:\s*(.+)"), (["cat", "/proc/cpuinfo"],
-                                                              r"model name\s*:\s*(.+)")):
+    for cmd, pattern in (
+        (["lscpu"], r"Model name:\s*(.+)"),
+        (["cat", "/proc/cpuinfo"], r"model name\s*:\s*(.+)"),
+    ):
         try:
             text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
@@ -65,12 +74,20 @@ def git_commit() -> str | None:
     when it was not imported from a git checkout's root (an installed package)."""
     root = pathlib.Path(jax_mla.__file__).resolve().parent.parent
     try:
-        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+        top = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         if pathlib.Path(top).resolve() != root:  # e.g. a virtual environment inside a repo
             return None
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -85,22 +102,34 @@ def threads() -> int:
 def metadata(quick: bool, command: str) -> dict:
     dev = default_device()
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "quick": quick,
         "device": {"platform": dev.platform, "device_kind": dev.device_kind},
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-                     "jax_mla": jax_mla.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "numpy": np.__version__,
+            "jax_mla": jax_mla.__version__,
+        },
         "commit": git_commit(),
         "scale": SCALE,
-        "timing": {"passes": timing.PASSES, "samples": [timing.MIN_SAMPLES, timing.MAX_SAMPLES],
-                   "back_to_back_calls": [timing.MIN_CALLS, timing.MAX_CALLS]
-                   if dev.platform != "cpu" else None},
+        "timing": {
+            "passes": timing.PASSES,
+            "samples": [timing.MIN_SAMPLES, timing.MAX_SAMPLES],
+            "back_to_back_calls": [timing.MIN_CALLS, timing.MAX_CALLS]
+            if dev.platform != "cpu"
+            else None,
+        },
     }
     if dev.platform == "cpu":
-        meta["cpu"] = {"model": cpu_model(), **cpu_flags(), "threads": threads(),
-                       "isa": jax_mla.backends()["cpu"]["isa"]}
+        meta["cpu"] = {
+            "model": cpu_model(),
+            **cpu_flags(),
+            "threads": threads(),
+            "isa": jax_mla.backends()["cpu"]["isa"],
+        }
     else:
         meta["card"] = dev.device_kind
     return meta
@@ -109,23 +138,31 @@ def metadata(quick: bool, command: str) -> dict:
 def header(meta: dict) -> str:
     yes = {True: "yes", False: "no", None: "unknown"}
     v = meta["versions"]
-    lines = [f"jax_mla {v['jax_mla']} benchmark{' (--quick)' if meta['quick'] else ''}, "
-             f"{meta['date']}, commit {meta['commit'] or 'unknown (not a checkout)'}"]
+    lines = [
+        f"jax_mla {v['jax_mla']} benchmark{' (--quick)' if meta['quick'] else ''}, "
+        f"{meta['date']}, commit {meta['commit'] or 'unknown (not a checkout)'}"
+    ]
     if "cpu" in meta:
         cpu = meta["cpu"]
-        lines.append(f"CPU: {cpu['model']}, avx512f: {yes[cpu['avx512f']]}, avx2: "
-                     f"{yes[cpu['avx2']]}; {cpu['threads']} threads; jax_mla CPU ISA path: "
-                     f"{cpu['isa']}")
+        lines.append(
+            f"CPU: {cpu['model']}, avx512f: {yes[cpu['avx512f']]}, avx2: "
+            f"{yes[cpu['avx2']]}; {cpu['threads']} threads; jax_mla CPU ISA path: "
+            f"{cpu['isa']}"
+        )
         lines.append("f32 queries over the cache type; batch 1, 16 heads (DeepSeek-V2-Lite)")
-        timed = (f"jitted call incl. dispatch, warm, each synchronized; best of "
-                 f"{timing.PASSES} passes of the median of {timing.MIN_SAMPLES}.."
-                 f"{timing.MAX_SAMPLES} calls")
+        timed = (
+            f"jitted call incl. dispatch, warm, each synchronized; best of "
+            f"{timing.PASSES} passes of the median of {timing.MIN_SAMPLES}.."
+            f"{timing.MAX_SAMPLES} calls"
+        )
     else:
         lines.append(f"GPU: {meta['card']}; bf16 queries and caches (or the 8-bit format named)")
-        timed = (f"jitted calls incl. dispatch issued back to back ({timing.MIN_CALLS}.."
-                 f"{timing.MAX_CALLS}) between synchronizations, inputs rotated past the L2; best "
-                 f"of {timing.PASSES} passes of the median of {timing.MIN_SAMPLES}.."
-                 f"{timing.MAX_SAMPLES} samples")
+        timed = (
+            f"jitted calls incl. dispatch issued back to back ({timing.MIN_CALLS}.."
+            f"{timing.MAX_CALLS}) between synchronizations, inputs rotated past the L2; best "
+            f"of {timing.PASSES} passes of the median of {timing.MIN_SAMPLES}.."
+            f"{timing.MAX_SAMPLES} samples"
+        )
     lines += [
         f"python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, numpy {v['numpy']}",
         "flash_mla: 576/512 over one latent head; flash_attention: 192/128, KV heads = heads; "
@@ -139,11 +176,20 @@ def header(meta: dict) -> str:
 
 
 # (field, title, width, format); widths are fixed so rows print as they finish.
-COLUMNS = (("test", "test", 11, "{}"), ("batch", "B", 3, "{}"), ("heads", "H", 3, "{}"),
-           ("op", "op", 15, "{}"), ("cache", "cache", 5, "{}"), ("backend", "backend", 7, "{}"),
-           ("ms", "ms", 10, "{:.3f}"), ("tokens_per_s", "tokens/s", 9, "{:.1f}"),
-           ("gflops", "GFLOP/s", 7, "{:.1f}"), ("gbps", "GB/s", 7, "{:.1f}"),
-           ("speedup", "speedup", 7, "{:.2f}"), ("err", "err", 12, "{:.1e}"))
+COLUMNS = (
+    ("test", "test", 11, "{}"),
+    ("batch", "B", 3, "{}"),
+    ("heads", "H", 3, "{}"),
+    ("op", "op", 15, "{}"),
+    ("cache", "cache", 5, "{}"),
+    ("backend", "backend", 7, "{}"),
+    ("ms", "ms", 10, "{:.3f}"),
+    ("tokens_per_s", "tokens/s", 9, "{:.1f}"),
+    ("gflops", "GFLOP/s", 7, "{:.1f}"),
+    ("gbps", "GB/s", 7, "{:.1f}"),
+    ("speedup", "speedup", 7, "{:.2f}"),
+    ("err", "err", 12, "{:.1e}"),
+)
 LEFT = {"test", "op", "cache", "backend"}
 
 
@@ -160,14 +206,26 @@ def _cell(row: Row, name: str, fmt: str) -> str:
 
 
 def _line(values) -> str:
-    return "| " + " | ".join(f"{v:{'<' if name in LEFT else '>'}{width}}"
-                             for v, (name, _, width, _) in zip(values, COLUMNS)) + " |"
+    return (
+        "| "
+        + " | ".join(
+            f"{v:{'<' if name in LEFT else '>'}{width}}"
+            for v, (name, _, width, _) in zip(values, COLUMNS)
+        )
+        + " |"
+    )
 
 
 def table_head() -> str:
     """The title line and rule of a markdown table, like llama-bench's."""
-    rule = "| " + " | ".join("-" * width if name in LEFT else "-" * (width - 1) + ":"
-                             for name, _, width, _ in COLUMNS) + " |"
+    rule = (
+        "| "
+        + " | ".join(
+            "-" * width if name in LEFT else "-" * (width - 1) + ":"
+            for name, _, width, _ in COLUMNS
+        )
+        + " |"
+    )
     return _line([title for _, title, _, _ in COLUMNS]) + "\n" + rule
 
 
@@ -176,23 +234,29 @@ def table_row(row: Row) -> str:
 
 
 def model_header(cfg) -> str:
-    return (f"DeepSeek-V2-Lite attention layer (jax_mla.deepseek): hidden {cfg.hidden_size}, "
-            f"{cfg.num_heads} heads, latent {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}, "
-            f"batch 1, f32 activations; ppN: prefill of N tokens; tg{MODEL_TG_STEPS}@N: "
-            f"{MODEL_TG_STEPS} decode steps after N tokens; pgN: N prompt tokens then N/10 "
-            "generated; tokens/s as llama-bench; vs std: max|out - standard|/max|standard|")
+    return (
+        f"DeepSeek-V2-Lite attention layer (jax_mla.deepseek): hidden {cfg.hidden_size}, "
+        f"{cfg.num_heads} heads, latent {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}, "
+        f"batch 1, f32 activations; ppN: prefill of N tokens; tg{MODEL_TG_STEPS}@N: "
+        f"{MODEL_TG_STEPS} decode steps after N tokens; pgN: N prompt tokens then N/10 "
+        "generated; tokens/s as llama-bench; vs std: max|out - standard|/max|standard|"
+    )
 
 
 def model_table_head() -> str:
-    return ("| test        | mode     | cache | ms         | tokens/s  | vs std       |\n"
-            "| ----------- | -------- | ----- | ---------: | --------: | -----------: |")
+    return (
+        "| test        | mode     | cache | ms         | tokens/s  | vs std       |\n"
+        "| ----------- | -------- | ----- | ---------: | --------: | -----------: |"
+    )
 
 
 def model_table_row(row: ModelRow) -> str:
     ms = f"{row.ms:.1f}" + (" *" if timing.disturbed(row.other_load) else "")
     err = "" if row.vs_std is None else f"{row.vs_std:.1e}" + (" FAIL" if model_failed(row) else "")
-    return (f"| {row.test:<11} | {row.mode:<8} | {row.cache:<5} | {ms:>10} | "
-            f"{row.tokens_per_s:>9.1f} | {err:>12} |")
+    return (
+        f"| {row.test:<11} | {row.mode:<8} | {row.cache:<5} | {ms:>10} | "
+        f"{row.tokens_per_s:>9.1f} | {err:>12} |"
+    )
 
 
 def _mib(n: int) -> str:
@@ -200,37 +264,55 @@ def _mib(n: int) -> str:
 
 
 def memory_table(rows: list[MemoryRow]) -> str:
-    lines = [f"KV cache (the latent cache of one layer, shared by every mode) and peak workspace "
-             f"(XLA temporaries of the compiled call) at {', '.join(map(str, MEMORY_CONTEXTS))} "
-             "tokens of context",
-             f"| context | cache | mode     | KV B/token | KV MiB (1 layer) | workspace MiB, decode "
-             f"| workspace MiB, ubatch {MEMORY_UBATCH} |",
-             "| ------: | ----- | -------- | ---------: | ---------------: | --------------------: "
-             "| ----------------------: |"]
+    lines = [
+        f"KV cache (the latent cache of one layer, shared by every mode) and peak workspace "
+        f"(XLA temporaries of the compiled call) at {', '.join(map(str, MEMORY_CONTEXTS))} "
+        "tokens of context",
+        f"| context | cache | mode     | KV B/token | KV MiB (1 layer) | workspace MiB, decode "
+        f"| workspace MiB, ubatch {MEMORY_UBATCH} |",
+        "| ------: | ----- | -------- | ---------: | ---------------: | --------------------: "
+        "| ----------------------: |",
+    ]
     for r in rows:
-        lines.append(f"| {r.context:>7} | {r.cache:<5} | {r.mode:<8} | {r.kv_bytes_per_token:>10} "
-                     f"| {_mib(r.kv_bytes):>16} | {_mib(r.workspace_decode_bytes):>21} "
-                     f"| {_mib(r.workspace_ubatch_bytes):>23} |")
+        lines.append(
+            f"| {r.context:>7} | {r.cache:<5} | {r.mode:<8} | {r.kv_bytes_per_token:>10} "
+            f"| {_mib(r.kv_bytes):>16} | {_mib(r.workspace_decode_bytes):>21} "
+            f"| {_mib(r.workspace_ubatch_bytes):>23} |"
+        )
     return "\n".join(lines)
 
 
-def write_json(path: str, meta: dict, rows: list[Row], model_rows: list[ModelRow],
-               memory_rows: list[MemoryRow]) -> None:
+def write_json(
+    path: str, meta: dict, rows: list[Row], model_rows: list[ModelRow], memory_rows: list[MemoryRow]
+) -> None:
     """The run as JSON: {"meta", "rows", "model_rows", "memory_rows"}; a row whose
     check failed (or a layer row not run) keeps its NaN times."""
     with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows],
-                   "model_rows": [asdict(r) for r in model_rows],
-                   "memory_rows": [asdict(r) for r in memory_rows]}, f, indent=1)
+        json.dump(
+            {
+                "meta": meta,
+                "rows": [asdict(r) for r in rows],
+                "model_rows": [asdict(r) for r in model_rows],
+                "memory_rows": [asdict(r) for r in memory_rows],
+            },
+            f,
+            indent=1,
+        )
 
 
 def print_failures(rows: list[Row], model_rows: list[ModelRow]) -> None:
     sys.stdout.flush()
     for r in rows:
         if failed(r):
-            print(f"FAILED CHECK: {r.test} B={r.batch} H={r.heads} {r.op} {r.cache} {r.backend}: "
-                  f"err {r.err:.3g} > {r.tolerance:g} (vs jax_mla.reference)", file=sys.stderr)
+            print(
+                f"FAILED CHECK: {r.test} B={r.batch} H={r.heads} {r.op} {r.cache} {r.backend}: "
+                f"err {r.err:.3g} > {r.tolerance:g} (vs jax_mla.reference)",
+                file=sys.stderr,
+            )
     for r in model_rows:
         if model_failed(r):
-            print(f"FAILED CHECK: {r.test} {r.mode} {r.cache}: vs std {r.vs_std:.3g} > "
-                  f"{model_agreement(r.cache):g} (the modes disagree)", file=sys.stderr)
+            print(
+                f"FAILED CHECK: {r.test} {r.mode} {r.cache}: vs std {r.vs_std:.3g} > "
+                f"{model_agreement(r.cache):g} (the modes disagree)",
+                file=sys.stderr,
+            )

@@ -45,8 +45,8 @@ MIN_LOAD_WINDOW_S = 0.25
 @dataclass(frozen=True)
 class Timing:
     seconds: float  # per call
-    calls: int      # calls per sample
-    samples: int    # samples per pass
+    calls: int  # calls per sample
+    samples: int  # samples per pass
     passes: int
 
 
@@ -55,10 +55,16 @@ def copies_past_l2(nbytes: int) -> int:
     return max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def time_calls(fn: Callable, make_args: Callable[[int], tuple], *, budget_s: float,
-               back_to_back: bool = False, sync: Callable[[Any], Any] = jax.block_until_ready,
-               passes: int = PASSES, samples: tuple[int, int] = (MIN_SAMPLES, MAX_SAMPLES)
-               ) -> Timing:
+def time_calls(
+    fn: Callable,
+    make_args: Callable[[int], tuple],
+    *,
+    budget_s: float,
+    back_to_back: bool = False,
+    sync: Callable[[Any], Any] = jax.block_until_ready,
+    passes: int = PASSES,
+    samples: tuple[int, int] = (MIN_SAMPLES, MAX_SAMPLES),
+) -> Timing:
     """Seconds per call of fn(*make_args(i)), i = 0, 1, ...
 
     make_args(i) runs before each sample starts, outside the timed window (a
