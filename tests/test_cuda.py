@@ -541,32 +541,39 @@ def test_mla_quant_unsupported_is_not_implemented(rng, gpu, layout, what):
 )
 def test_mla_quant_cpp_checks(gpu, fmt_code, match):
     # The CUDA handler checks again when called directly (no Python checks).
-    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
     qs = jnp.ones((1, 8, 432 if fmt_code == 3 else 576), jnp.uint8 if fmt_code == 3 else jnp.int8)
     d = jnp.ones((1, 8, 18), jnp.float16)
+    with pytest.raises(Exception, match=match):
+        direct_mla_call("jax_mla_flash_mla_quant", qs, d, kv_fmt=np.int64(fmt_code))
+
+
+def direct_mla_call(target, *cache, kernel=0, **attrs):
+    """One decode row (B 1, H 16, 576/512 over 8 keys) through the CUDA
+    target itself, bypassing the Python checks, so the handler's own checks
+    are what answers."""
     out_types = (
-        jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
+        jax.ShapeDtypeStruct((1, 1, 16, 512), jnp.bfloat16),
         jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
         jax.ShapeDtypeStruct((0,), jnp.float32),
         jax.ShapeDtypeStruct((0,), jnp.float32),
     )
-    call = jax.ffi.ffi_call("jax_mla_flash_mla_quant", out_types, vmap_method="sequential")
-    with pytest.raises(Exception, match=match):
-        jax.block_until_ready(
-            call(
-                q,
-                qs,
-                d,
-                jnp.zeros((1,), jnp.int32),
-                jnp.full((1,), 8, jnp.int32),
-                scale=np.float32(0.1),
-                causal=np.bool_(False),
-                dv=np.int64(512),
-                v_offset=np.int64(0),
-                num_splits=np.int64(1),
-                kv_fmt=np.int64(fmt_code),
-            )
+    call = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")
+    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
+    positions = (jnp.zeros((1,), jnp.int32), jnp.full((1,), 8, jnp.int32))
+    return jax.block_until_ready(
+        call(
+            q,
+            *cache,
+            *positions,
+            scale=np.float32(0.1),
+            causal=np.bool_(False),
+            dv=np.int64(512),
+            v_offset=np.int64(0),
+            num_splits=np.int64(1),
+            kernel=np.int32(kernel),
+            **attrs,
         )
+    )
 
 
 # ---------------------------------------------------------------- kernel families
@@ -660,27 +667,5 @@ def test_kernel_family_switch(gpu, monkeypatch, op, variable):
 @pytest.mark.parametrize("kernel", [-1, 99])
 def test_kernel_attribute_out_of_range_is_an_error(gpu, kernel):
     # The CUDA handler checks the attribute itself (called directly, no Python checks).
-    q = jnp.ones((1, 1, 16, 576), jnp.bfloat16)
-    kv = jnp.ones((1, 8, 576), jnp.bfloat16)
-    out_types = (
-        jax.ShapeDtypeStruct((1, 1, 16, 512), q.dtype),
-        jax.ShapeDtypeStruct((1, 16, 1), jnp.float32),
-        jax.ShapeDtypeStruct((0,), jnp.float32),
-        jax.ShapeDtypeStruct((0,), jnp.float32),
-    )
-    call = jax.ffi.ffi_call("jax_mla_flash_mla", out_types, vmap_method="sequential")
     with pytest.raises(Exception, match=rf"kernel must be in \[0, \d+\), got {kernel}"):
-        jax.block_until_ready(
-            call(
-                q,
-                kv,
-                jnp.zeros((1,), jnp.int32),
-                jnp.full((1,), 8, jnp.int32),
-                scale=np.float32(0.1),
-                causal=np.bool_(False),
-                dv=np.int64(512),
-                v_offset=np.int64(0),
-                num_splits=np.int64(1),
-                kernel=np.int32(kernel),
-            )
-        )
+        direct_mla_call("jax_mla_flash_mla", jnp.ones((1, 8, 576), jnp.bfloat16), kernel=kernel)
