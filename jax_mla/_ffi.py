@@ -103,14 +103,16 @@ def backends() -> dict[str, dict]:
     """Which native modules loaded, and what they report about themselves."""
     info: dict = {}
     cpu = _loaded.get("cpu")
+    # Read the switch once, so the ISA and the error below describe the same setting.
+    isa_error = cpu_isa_error()
     info["cpu"] = {
         "loaded": cpu is not None,
         "targets": sorted(_targets.get("cpu", ())),
         # "error: ..." when JAX_MLA_CPU_ISA names a path this CPU cannot run.
-        "isa": (f"error: {cpu_isa_error()}" if cpu_isa_error() else cpu.isa()) if cpu else None,
+        "isa": (f"error: {isa_error}" if isa_error else cpu.isa()) if cpu else None,
         "built_isas": cpu.built_isas().split(",") if cpu else [],
         "supported_isas": cpu.supported_isas().split(",") if cpu else [],
-        "error": _load_errors.get("cpu") or cpu_isa_error(),
+        "error": _load_errors.get("cpu") or isa_error,
     }
     cuda = _loaded.get("gpu")
     info["cuda"] = {
