@@ -4,12 +4,14 @@
 # repository root:
 #   bash benchmarks/gpu/run.sh STEP...
 # Steps, in the order given:
-#   build     pip install with the CUDA module forced on (JAX_MLA_CUDA=ON), then
+#   build     a wheel with the CUDA module forced on (JAX_MLA_CUDA=ON) for
+#             $CUDA_ARCHS (default "80;90a") into $WHEEL_DIR, installed, then
 #             what loaded (backends(), the module's capabilities()).
 #   unit      benchmarks/gpu/wgmma_unit.cu: the wgmma helpers against a host
 #             reference (sm_90a cards only).
 #   test      pytest -m gpu over tests/ ($PYTEST_ARGS adds to or narrows it,
-#             e.g. PYTEST_ARGS="tests/test_cuda.py -k family").
+#             e.g. PYTEST_ARGS="tests/test_cuda.py -k family"); TEST_JOBS=N
+#             runs the collected tests as N processes side by side.
 #   sanitize  compute-sanitizer memcheck over benchmarks/gpu/sanitize_cases.py,
 #             jax_mla's kernels only; SANITIZE_TOOLS="memcheck racecheck" adds
 #             racecheck (on the --quick cases).
@@ -40,8 +42,16 @@ log() {  # log NAME: stdin to $OUT/NAME.log (and the terminal) or the terminal
 step_build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   git log -1 --format="commit %h %s" 2>/dev/null || true
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip install --no-build-isolation --no-deps -v \
-    -Ccmake.define.JAX_MLA_CUDA=ON . 2>&1 | grep -E "error|warning: |Successfully installed"
+  # The wheel is kept ($WHEEL_DIR) so that a later call on a fresh machine can
+  # install it instead of compiling again.
+  local wheels="${WHEEL_DIR:-/tmp/jax_mla_wheel}"
+  rm -rf "$wheels"
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel --no-build-isolation --no-deps -v \
+    -w "$wheels" -Ccmake.define.JAX_MLA_CUDA=ON \
+    "-Ccmake.define.JAX_MLA_CUDA_ARCHS=${CUDA_ARCHS:-80;90a}" . 2>&1 |
+    grep -E "error|warning: |Successfully built" || return 1
+  python3 -m pip install --no-deps --force-reinstall -q "$wheels"/jax_mla-*.whl || return 1
+  ls -l "$wheels"
   python3 -P -c "import jax, jax_mla
 print('jax', jax.__version__, jax.devices())
 print(jax_mla.backends()['cuda'])
@@ -55,7 +65,30 @@ step_unit() {
 
 step_test() {
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-  python3 -P -X faulthandler -m pytest -p no:cacheprovider -q -rfs -m gpu ${PYTEST_ARGS:-tests}
+  local pytest="python3 -P -X faulthandler -m pytest -p no:cacheprovider -q -rfs -m gpu"
+  local jobs="${TEST_JOBS:-1}" dir i status=0
+  if [ "$jobs" -le 1 ]; then
+    $pytest ${PYTEST_ARGS:-tests}
+    return
+  fi
+  # Most of a GPU test's time is tracing, compiling and the host-side
+  # reference, so TEST_JOBS processes share the card: the collected test ids
+  # are dealt out round-robin and each share's output is printed in turn.
+  dir=$(mktemp -d)
+  $pytest --collect-only ${PYTEST_ARGS:-tests} | grep "::" >"$dir/ids" || return 1
+  for ((i = 0; i < jobs; i++)); do
+    awk -v n="$jobs" -v i="$i" 'NR % n == i' "$dir/ids" >"$dir/ids.$i"
+    [ -s "$dir/ids.$i" ] || continue
+    xargs -a "$dir/ids.$i" -d '\n' $pytest >"$dir/out.$i" 2>&1 &
+  done
+  for ((i = 0; i < jobs; i++)); do
+    [ -s "$dir/ids.$i" ] || continue
+    wait -n || status=1
+  done
+  for ((i = 0; i < jobs; i++)); do
+    [ -f "$dir/out.$i" ] && { echo "== share $i of $jobs"; cat "$dir/out.$i"; }
+  done
+  return $status
 }
 
 step_sanitize() {
