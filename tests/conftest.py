@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import zlib
 
@@ -17,6 +18,12 @@ import pytest
 
 import jax_mla
 from jax_mla import _capabilities, _ffi, reference
+
+# Every kernel test also checks that the kernel writes every output element:
+# the CPU kernels fill their outputs with NaN before computing (read per call;
+# JAX_MLA_DEBUG_NAN_FILL=0 turns it off). Cheap next to the kernels, and it
+# spares CI a second pass over the kernel tests.
+os.environ.setdefault("JAX_MLA_DEBUG_NAN_FILL", "1")
 
 # Keys per tile of the CPU kernel; lengths are chosen around it.
 KV_TILE = _ffi.module("cpu").kv_tile()
