@@ -162,8 +162,9 @@ def test_quantized_op_rows_pass_their_checks(cpu, tmp_path):
     assert (
         cli.main(
             [
+                "--quick",
                 "--tests",
-                "tg@256,pp16@256",
+                "tg@256,pp16@128",
                 "--caches",
                 "q8_0,q8_kv,q6_0",
                 "--no-model",
@@ -202,11 +203,12 @@ def test_model_rows_over_an_8bit_cache_agree(cpu, tmp_path):
     assert (
         cli.main(
             [
+                "--quick",
                 "--model-only",
                 "--model-caches",
                 "q8_0",
                 "--model-tests",
-                "tg64@256",
+                "tg64@128",
                 "--json",
                 str(out),
             ]
