@@ -73,20 +73,21 @@ step_test() {
   fi
   # Most of a GPU test's time is tracing, compiling and the host-side
   # reference, so TEST_JOBS processes share the card: the collected test ids
-  # are dealt out round-robin and each share's output is printed in turn.
+  # are dealt out round-robin, and each share's lines stream out prefixed with
+  # its number (a step cut off by its time limit still shows what ran).
   dir=$(mktemp -d)
+  echo "collecting"
   $pytest --collect-only ${PYTEST_ARGS:-tests} | grep "::" >"$dir/ids" || return 1
+  echo "$(wc -l <"$dir/ids") tests in $jobs shares"
   for ((i = 0; i < jobs; i++)); do
     awk -v n="$jobs" -v i="$i" 'NR % n == i' "$dir/ids" >"$dir/ids.$i"
     [ -s "$dir/ids.$i" ] || continue
-    xargs -a "$dir/ids.$i" -d '\n' $pytest >"$dir/out.$i" 2>&1 &
+    (xargs -a "$dir/ids.$i" -d '\n' $pytest -vv 2>&1 |
+      sed -u "s/^/[$i] /"; exit "${PIPESTATUS[0]}") &
   done
   for ((i = 0; i < jobs; i++)); do
     [ -s "$dir/ids.$i" ] || continue
     wait -n || status=1
-  done
-  for ((i = 0; i < jobs; i++)); do
-    [ -f "$dir/out.$i" ] && { echo "== share $i of $jobs"; cat "$dir/out.$i"; }
   done
   return $status
 }
