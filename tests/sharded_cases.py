@@ -99,19 +99,20 @@ def mla_inputs(rng, batch, seq_q, heads, seq_kv, kv_len, dtype=jnp.float32, fmt=
 
 # ------------------------------------------------------------------ no communication
 
-# (mesh, q spec, kv spec, [B, Sq, H]): batch, heads, queries and both at once.
+# (mesh, q spec, kv spec, [B, Sq, H], cache format): batch, heads, queries,
+# and batch and heads at once.
 MLA_SPLITS = {
-    "batch-1d": (MESH_1D, ("d",), ("d",), (8, 1, 4)),
-    "heads-1d": (MESH_1D, (None, None, "d"), (), (2, 1, 16)),
-    "queries-1d": (MESH_1D, (None, "d"), (), (2, 16, 2)),
-    "batch-heads-2d": (MESH_2D, ("x", None, "y"), ("x",), (4, 2, 8)),
+    "batch-1d": (MESH_1D, ("d",), ("d",), (8, 1, 4), None),
+    "heads-1d": (MESH_1D, (None, None, "d"), (), (2, 1, 16), None),
+    "queries-1d": (MESH_1D, (None, "d"), (), (2, 16, 2), None),
+    "batch-heads-2d": (MESH_2D, ("x", None, "y"), ("x",), (4, 2, 8), None),
+    "batch-heads-2d-q8_0": (MESH_2D, ("x", None, "y"), ("x",), (4, 2, 8), "q8_0"),
 }
 
 
-@pytest.mark.parametrize("fmt", [None, "q8_0"], ids=["float", "q8_0"])
 @pytest.mark.parametrize("split", MLA_SPLITS.values(), ids=MLA_SPLITS.keys())
-def test_mla_split_without_communication(rng, split, fmt):
-    m, q_spec, kv_spec, (batch, seq_q, heads) = split
+def test_mla_split_without_communication(rng, split):
+    m, q_spec, kv_spec, (batch, seq_q, heads), fmt = split
     lens = [100, 37, 0, 64, 1, 99, 100, 12][:batch]
     q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, 100, lens, fmt=fmt)
     f = lambda *a: mla(*a, causal=True)
@@ -307,6 +308,29 @@ def test_explicit_mesh_axes_type_the_results(rng):
     assert collectives(f, *args) == []
 
 
+# Shardy is JAX's default; the GSPMD callbacks serve JAX configured without it
+# (for as long as the option exists).
+PARTITIONERS = [True] + ([False] if hasattr(jax.config, "jax_use_shardy_partitioner") else [])
+
+
+@pytest.mark.parametrize("shardy", PARTITIONERS, ids=["shardy", "gspmd"][: len(PARTITIONERS)])
+def test_partitioners(rng, shardy):
+    q, kv, q_pos, kv_len = mla_inputs(rng, 4, 2, 8, 256, [256, 3, 0, 100])
+    f = lambda *a: mla(*a, causal=True)
+    want = jax.jit(f)(q, kv, q_pos, kv_len)
+    args = (put(q, MESH_2D, "x"), put(kv, MESH_2D, "x", "y"), q_pos, kv_len)
+    before = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", shardy)
+    try:
+        got = jax.jit(f)(*args)
+        found = collectives(f, *args)
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", before)
+    assert_pair(got, want, q.dtype)
+    assert padded(got[0].sharding.spec) == ("x", None, None, None)
+    assert found and all(kind == "all-reduce" and n <= 2 * 2 * 8 * 513 for kind, n in found)
+
+
 def test_shard_map_with_merge_attention(rng):
     # The recipe of docs/sharding.md: each device attends its slice of the
     # cache with positions relative to it, merge_attention merges.
@@ -358,6 +382,7 @@ SMALL = ds.MLAConfig(
     qk_rope_head_dim=32,
     v_head_dim=32,
     kv_chunk=16,
+    hybrid_threshold=8,  # hybrid: the prefill standard, the decode latent
 )
 # Tensor parallelism: every per-head weight split over "tp" by its heads.
 PARAM_SPECS = {
@@ -390,9 +415,9 @@ def test_deepseek_layer_on_a_mesh(rng, mode):
             outs.append(out)
         return jnp.concatenate(outs, 1), cache
 
-    want, _ = run(params, ds.init_cache(SMALL, 2, 48, jnp.float32), lambda x, *s: x)
+    want, _ = run(params, ds.init_cache(SMALL, 2, 32, jnp.float32), lambda x, *s: x)
     sharded = {k: put(v, m, *PARAM_SPECS[k]) for k, v in params.items()}
-    empty = ds.init_cache(SMALL, 2, 48, jnp.float32)
+    empty = ds.init_cache(SMALL, 2, 32, jnp.float32)
     cache = ds.LatentCache(
         put(empty.kv, m, "dp", "cp"), put(empty.length, m, "dp"), put(empty.overflow, m, "dp")
     )
