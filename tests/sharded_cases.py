@@ -358,14 +358,20 @@ def test_shard_map_with_merge_attention(rng):
     assert_pair(got, want, q.dtype)
 
 
-@pytest.mark.parametrize("in_axes", [(0, None, None), (0, 0, 0)], ids=["q", "all"])
+# vmap over q alone folds into the heads; over q and kv_len into the batch with
+# the cache shared (rows read modulo its batch: the batch is not split then);
+# over everything into the batch.
+@pytest.mark.parametrize(
+    "in_axes", [(0, None, None), (0, None, 0), (0, 0, 0)], ids=["q", "q-kv_len", "all"]
+)
 def test_vmap_of_a_context_parallel_call(rng, in_axes):
     q = randn(rng, (3, 2, 1, 4, 576), jnp.float32)
     kv = cache(rng, (2, 160, 576), jnp.float32)
     kv_len = jnp.asarray([160, 70], jnp.int32)
-    if in_axes[1] == 0:
-        kv = jnp.stack([kv, kv[:, ::-1]] * 2)[:3]
+    if in_axes[2] == 0:
         kv_len = jnp.stack([kv_len, kv_len // 2, kv_len - 1])
+    if in_axes[1] == 0:
+        kv = jnp.stack([kv, kv[:, ::-1], kv * 0.5])
     f = jax.vmap(lambda q, kv, n: mla(q, kv, None, n, causal=True), in_axes=in_axes)
     kv_spec = (None, None, "d") if in_axes[1] == 0 else (None, "d")
     got = jax.jit(f)(q, put(kv, MESH_1D, *kv_spec), kv_len)
