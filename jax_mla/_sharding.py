@@ -45,15 +45,19 @@ Resplit = Callable[[int, int, int, int, int, int, str], int]
 Axes = tuple[str, ...]
 
 
-def partitioned(ffi: Callable[[int], Native], num_splits: int, resplit: Resplit) -> Native:
+def partitioned(op: str, ffi: Callable[[int], Native], num_splits: int, resplit: Resplit) -> Native:
     """The native call `ffi(num_splits)`, with rules that split it over a mesh.
     On one device (and inside shard_map, where the call already sees its
     shard) it is that call unchanged; split over a mesh, each device calls
     `ffi` with the number of KV splits `resplit` chooses for its shapes."""
 
     @custom_partitioning
-    def call(*args):
+    def partitioned_call(*args):
         return ffi(num_splits)(*args)
+
+    def call(*args):
+        _check_context(op)
+        return partitioned_call(*args)
 
     def partition(mesh, arg_shapes, result_shape):
         del result_shape
@@ -64,12 +68,26 @@ def partitioned(ffi: Callable[[int], Native], num_splits: int, resplit: Resplit)
         del result_shape
         return _plan(mesh, arg_shapes).results(mesh)
 
-    call.def_partition(
+    partitioned_call.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer_sharding_from_operands,
         sharding_rule=_rule,
     )
     return call
+
+
+def _check_context(op: str) -> None:
+    """A shard_map that leaves some mesh axes automatic (axis_names) hands the
+    partitioner no mesh to split the call over: refuse it at trace time."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes:
+        return
+    auto = [a for a in (*mesh.auto_axes, *mesh.explicit_axes) if mesh.shape[a] > 1]
+    if auto:
+        raise NotImplementedError(
+            f"{op}: inside a shard_map whose mesh axes {auto} are not manual; make every "
+            "axis manual (shard_map's default axis_names) or call the op outside shard_map"
+        )
 
 
 def _rule(mesh, value_types, result_types) -> SdyShardingRule:

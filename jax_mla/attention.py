@@ -192,7 +192,7 @@ def _native(
             None, batch, seq_q, heads_q, heads_kv, seq_kv, platform=platform, dk=dk
         )
 
-    sharded = _sharding.partitioned(ffi, num_splits, resplit)
+    sharded = _sharding.partitioned(_OP, ffi, num_splits, resplit)
 
     @jax.custom_batching.custom_vmap
     def call(q, *args):

@@ -215,7 +215,7 @@ def _native(
             blocks_per_sm=blocks_per_sm,
         )
 
-    sharded = _sharding.partitioned(ffi, num_splits, resplit)
+    sharded = _sharding.partitioned(_OP, ffi, num_splits, resplit)
 
     @jax.custom_batching.custom_vmap
     def call(q, *args):

@@ -358,6 +358,19 @@ def test_shard_map_with_merge_attention(rng):
     assert_pair(got, want, q.dtype)
 
 
+def test_partly_manual_shard_map_is_refused(rng):
+    q, kv, _, _ = mla_inputs(rng, 2, 1, 4, 64, [64, 64])
+    f = jax.shard_map(
+        lambda q, kv: jax_mla.flash_mla(q, kv),
+        mesh=MESH_2D,
+        in_specs=(P("x"), P("x")),
+        out_specs=P("x"),
+        axis_names={"x"},
+    )
+    with pytest.raises(NotImplementedError, match=r"shard_map whose mesh axes \['y'\] are not"):
+        jax.jit(f)(q, kv)
+
+
 # vmap over q alone folds into the heads; over q and kv_len into the batch with
 # the cache shared (rows read modulo its batch: the batch is not split then);
 # over everything into the batch.
