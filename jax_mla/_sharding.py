@@ -29,7 +29,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.custom_partitioning import (
     ArrayMapping,
-    CompoundFactor,
     SdyShardingRule,
     custom_partitioning,
 )
@@ -100,12 +99,12 @@ def _rule(mesh, value_types, result_types) -> SdyShardingRule:
     lead = next(c for c in caches if len(c) > 1)
     same_batch = lead[0] == q[0]
     cache_batch = "b" if same_batch else "c"
-    q_heads, kv_heads, sizes = "h", "h", {}
-    if len(lead) == 4 and lead[2] != q[2]:
-        kv_heads = "k"
-        if lead[2] > 1:  # GQA: query head h = k * group + g
-            q_heads = CompoundFactor("k", "g")
-            sizes["g"] = q[2] // lead[2]
+    # GQA's KV heads are a factor of their own: as the compound (KV head, group)
+    # of the query heads, Shardy would split a KV head axis smaller than a mesh
+    # axis by a sub-axis, which the partition callback cannot be given. The
+    # callback splits the KV heads with the query heads instead.
+    q_heads = "h"
+    kv_heads = "h" if len(lead) < 4 or lead[2] == q[2] else "k"
     operands = [ArrayMapping("b", "s", q_heads, "d")]
     features = []
     for i, c in enumerate(caches):
@@ -132,7 +131,6 @@ def _rule(mesh, value_types, result_types) -> SdyShardingRule:
         tuple(operands),
         results,
         need_replication_factors=tuple(f for f in order if f in replicated),
-        **sizes,
     )
 
 

@@ -212,6 +212,19 @@ def test_attention_split_without_communication(rng, split):
     assert collectives(f, *args) == []
 
 
+@pytest.mark.parametrize("heads", ["y", ("x", "y")], ids=["4-way", "8-way"])
+def test_attention_gqa_heads_split_inside_jit(rng, heads):
+    # K and V computed inside jit, the query heads split 4 or 8 ways over 2 KV
+    # heads: each device slices the KV head its query heads read.
+    q = randn(rng, (2, 3, 8, 64), jnp.float32)
+    k = cache(rng, (2, 20, 2, 64), jnp.float32)
+    v = cache(rng, (2, 20, 2, 48), jnp.float32)
+    f = lambda q, k, v: attention(q, jnp.sin(k), 2 * v, None, None, causal=True)
+    got = jax.jit(constrained(f, (None, None, heads)))(q, k, v)
+    assert_pair(got, jax.jit(f)(q, k, v), q.dtype)
+    assert collectives(constrained(f, (None, None, heads)), q, k, v) == []
+
+
 @pytest.mark.parametrize("fmt", [None, "q8_0"], ids=["float", "q8_0-k"])
 def test_attention_context_parallel(rng, fmt):
     batch, seq_q, heads_q, heads_kv, seq_kv = 2, 4, 8, 2, 204
