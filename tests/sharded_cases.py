@@ -161,7 +161,8 @@ MLA_CONTEXT = {
 @pytest.mark.parametrize("split", MLA_CONTEXT.values(), ids=MLA_CONTEXT.keys())
 def test_mla_context_parallel(rng, split):
     m, q_spec, kv_spec, (batch, seq_q, heads), seq_kv, dtype, fmt = split
-    # Lengths that leave some devices without a visible key, or all of them.
+    # Lengths that leave some devices without a visible key, or all of them
+    # (assert_close requires the -inf LSEs of the empty rows where expected).
     lens = [seq_kv, 40, 0, seq_kv - 7][:batch]
     q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, seq_kv, lens, dtype, fmt)
     f = lambda *a: mla(*a, causal=True)
@@ -169,7 +170,6 @@ def test_mla_context_parallel(rng, split):
     args = (put(q, m, *q_spec), put(kv, m, *kv_spec), q_pos, kv_len)
     got = jax.jit(f)(*args)
     assert_pair(got, want, dtype)
-    assert np.isneginf(np.asarray(got[1])[lens.index(0)]).all() if 0 in lens else True
     # Only the merge communicates: the outputs and their weights, never keys.
     merge = batch * seq_q * heads * (512 + 1)
     found = collectives(f, *args)
