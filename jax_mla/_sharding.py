@@ -21,11 +21,14 @@ bytes and scales) are never split: an operand sharded there is gathered.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.custom_partitioning import (
     ArrayMapping,
@@ -69,6 +72,7 @@ def partitioned(op: str, ffi: Callable[[int], Native], num_splits: int, resplit:
 
     partitioned_call.def_partition(
         partition=partition,
+        decode_shardings=False,  # _dims reads the shardings, sub-axes included
         infer_sharding_from_operands=infer_sharding_from_operands,
         sharding_rule=_rule,
     )
@@ -176,13 +180,57 @@ def _named(mesh, dims: Sequence[Axes]) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*entries))
 
 
-def _dims(x) -> list[Axes]:
-    """The mesh axes each dim of an operand is split over ([] entries () when
-    its sharding is not a NamedSharding: then nothing is split)."""
+def _dims(x, mesh) -> list[Axes]:
+    """The mesh axes each dim of an operand is split over, major first, read
+    from where its sharding puts each device's block. A dim split in a way no
+    mesh axes name (a sub-axis, as XLA's propagation may leave behind: 2
+    heads over a 4-device axis) counts as unsplit, and the partitioner then
+    reshards it; JAX's own conversion to a PartitionSpec would fail there."""
+    shape = tuple(x.shape)
     sharding = getattr(x, "sharding", None)
-    spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
-    spec = spec + (None,) * (len(x.shape) - len(spec))
-    return [() if e is None else tuple(e) if isinstance(e, tuple) else (e,) for e in spec]
+    if sharding is None or mesh.empty:
+        return [()] * len(shape)
+    # On a shape padded to a multiple of the device count every split divides
+    # (devices_indices_map refuses the uneven ones XLA pads), and the block
+    # indices are the same.
+    n = mesh.devices.size
+    padded = tuple(-(-size // n) * n for size in shape)
+    blocks = sharding.devices_indices_map(padded)
+    coords = {device: c for c, device in np.ndenumerate(mesh.devices)}
+    names = mesh.axis_names
+    dims = []
+    for i, size in enumerate(padded):
+        starts = {d: blocks[d][i].indices(size)[0] for d in coords}
+        step = min((v for v in starts.values() if v > 0), default=0)
+        if not step:
+            dims.append(())
+            continue
+        index = {d: v // step for d, v in starts.items()}
+        found = ()
+        for order in itertools.permutations(_moving_axes(index, coords)):
+            if all(index[d] == _linear(c, order, mesh) for d, c in coords.items()):
+                found = tuple(names[k] for k in order)
+                break
+        dims.append(found)
+    return dims
+
+
+def _moving_axes(index: dict, coords: dict) -> list[int]:
+    """The mesh axes (by position) along which a dim's block index changes."""
+    moving = []
+    for k in range(len(next(iter(coords.values())))):
+        seen: dict[tuple, int] = {}
+        for d, c in coords.items():
+            if seen.setdefault(c[:k] + c[k + 1 :], index[d]) != index[d]:
+                moving.append(k)
+                break
+    return moving
+
+
+def _linear(coord: tuple, order: Sequence[int], mesh) -> int:
+    """The block index of the device at `coord` when the mesh axes `order`
+    split a dim, the first the major one (a PartitionSpec's order)."""
+    return functools.reduce(lambda acc, k: acc * mesh.devices.shape[k] + coord[k], order, 0)
 
 
 def _size(mesh, axes: Axes) -> int:
@@ -198,7 +246,7 @@ def _plan(mesh, arg_shapes) -> _Plan:
     q, caches = arg_shapes[0], arg_shapes[1:-2]
     ranks = tuple(len(c.shape) for c in caches)
     lead = next(c for c in caches if len(c.shape) > 1)
-    q_dims, c_dims = _dims(q), _dims(lead)
+    q_dims, c_dims = _dims(q, mesh), _dims(lead, mesh)
     same_batch = lead.shape[0] == q.shape[0]
     used: set[str] = set()
 

@@ -285,6 +285,18 @@ def test_uneven_splits(rng):
     assert_pair(got, jax.jit(f)(q, k, v, pos, lens), q.dtype)
 
 
+def test_split_by_a_sub_axis_counts_as_unsplit(rng):
+    # q's 2 heads come from a reshape of a dim split over 4 devices: XLA
+    # splits the heads by part of the axis, which no mesh axis names. The
+    # call takes those heads whole, and is right.
+    x = randn(rng, (2, 1, 64), jnp.float32)
+    w = randn(rng, (64, 2 * 576), jnp.float32) / 8
+    kv = cache(rng, (2, 64, 576), jnp.float32)
+    f = lambda x, w, kv: mla((x @ w).reshape(2, 1, 2, 576), kv, None, None)
+    got = jax.jit(f)(x, put(w, MESH_2D, None, ("x", "y")), kv)
+    assert_pair(got, jax.jit(f)(x, w, kv), jnp.float32)
+
+
 def test_head_dim_split_is_gathered(rng):
     # Dk is never split: an operand split there is gathered, the result is right.
     q, kv, q_pos, kv_len = mla_inputs(rng, 2, 1, 4, 64, [64, 30])
