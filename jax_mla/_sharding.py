@@ -1,5 +1,5 @@
 """How a native call partitions over a device mesh (docs/design.md,
-"Sharding"): its Shardy sharding rule, the GSPMD callbacks, and the per-device
+"Transformations"): its Shardy sharding rule, the GSPMD callbacks, and the per-device
 call, context-parallel merge included.
 
 A native call takes (q, *caches, q_pos, kv_len) and returns (out, lse):
@@ -127,10 +127,7 @@ def _rule(mesh, value_types, result_types) -> SdyShardingRule:
     # Shardy wants the special factors in the order they first appear.
     order = []
     for mapping in (*operands, *results):
-        for dim in mapping:
-            for factor in (dim,) if isinstance(dim, str) else dim:
-                if factor not in order:
-                    order.append(factor)
+        order += [factor for factor in mapping if factor not in order]
     return SdyShardingRule(
         tuple(operands),
         results,
