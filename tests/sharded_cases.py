@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import jax_mla
 from jax_mla import deepseek as ds
 
-from .conftest import F32_TOL, assert_close, cache, randn
+from .conftest import F32_TOL, KV_TILE, assert_close, cache, randn
 
 if jax.device_count() < 8:
     raise RuntimeError(
@@ -125,12 +125,14 @@ def test_mla_split_without_communication(rng, split):
 
 
 def test_mla_num_splits_chosen_per_device(rng):
-    # An explicit num_splits larger than a device's KV tiles is clamped per
-    # device; results do not depend on it.
-    q, kv, q_pos, kv_len = mla_inputs(rng, 8, 1, 4, 700, [700, 5, 333, 0, 64, 650, 1, 200])
+    # num_splits=16 over 1024 keys split 8 ways: each device's call is
+    # clamped to its own 128 keys' tiles. Results do not depend on it.
+    q, kv, q_pos, kv_len = mla_inputs(rng, 2, 1, 4, 1024, [1024, 333])
     f = lambda *a: mla(*a, num_splits=16)
-    got = jax.jit(f)(put(q, MESH_1D, "d"), put(kv, MESH_1D, "d"), q_pos, kv_len)
-    assert_pair(got, jax.jit(f)(q, kv, q_pos, kv_len), q.dtype)
+    args = (q, put(kv, MESH_1D, None, "d"), q_pos, kv_len)
+    assert_pair(jax.jit(f)(*args), jax.jit(f)(q, kv, q_pos, kv_len), q.dtype)
+    text = jax.jit(f).lower(*args).compile().as_text()
+    assert re.findall(r"num_splits = (\d+)", text) == [str(-(-128 // KV_TILE))]
 
 
 # ------------------------------------------------------------------ context parallelism
