@@ -3,6 +3,7 @@ attention with Dk != Dv, split-KV decoding) as native XLA FFI kernels for JAX.""
 
 from jax_mla._ffi import backends
 from jax_mla.attention import flash_attention
+from jax_mla.merge import merge_attention
 from jax_mla.mla import flash_mla
 from jax_mla.quant import QuantizedKV, cache_bytes, cache_update, dequantize, quantize
 
@@ -16,5 +17,6 @@ __all__ = [
     "dequantize",
     "flash_attention",
     "flash_mla",
+    "merge_attention",
     "quantize",
 ]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jax_mla import _backend, _batching, _capabilities, _checks, _splits, reference
+from jax_mla import _backend, _batching, _capabilities, _checks, _sharding, _splits, reference
 from jax_mla.quant import QuantizedKV
 
 _OP = "flash_attention"
@@ -144,7 +144,9 @@ def _native(
     formats: tuple[int, int] | None,
     kernel: np.int32 | None,
 ):
-    """The FFI call for one static configuration, with its vmap rule. Its
+    """The FFI call for one static configuration, with its vmap rule and its
+    sharding rules (_sharding.partitioned: split over a mesh, each device
+    calls it on its shard with num_splits chosen for its shapes). Its
     arguments are (q, k, v, q_pos, kv_len) for float caches, and
     (q, k, k_scales, v, v_scales, q_pos, kv_len) when either is quantized
     (formats: the k and v format codes, 0 for a float cache, whose scales are
@@ -155,8 +157,7 @@ def _native(
     attrs = dict(
         scale=np.float32(scale),  # C++ float
         causal=np.bool_(causal),  # C++ bool
-        num_splits=np.int64(num_splits),
-    )  # C++ int64_t
+    )
     if quantized:
         attrs.update(k_fmt=np.int64(formats[0]), v_fmt=np.int64(formats[1]))
     if kernel is not None:
@@ -164,21 +165,38 @@ def _native(
     target = _TARGET_QUANT if quantized else _TARGET
     n_cache = 4 if quantized else 2
 
+    def ffi(splits: int):
+        def run(q, *args):
+            batch, seq_q, heads_q, _ = q.shape
+            v = args[2] if quantized else args[1]
+            dv = v.shape[3] * 4 // 3 if v_packed else v.shape[3]
+            out_sharding, lse_sharding = _sharding.typed_like(q)
+            out_types = (
+                jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype, sharding=out_sharding),
+                jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32, sharding=lse_sharding),
+                *_splits.split_partial_types(batch, splits, seq_q, heads_q, dv),
+            )
+            # vmap never reaches the FFI call: custom_vmap's rule below folds it.
+            out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+                q,
+                *args,
+                **attrs,
+                num_splits=np.int64(splits),  # C++ int64_t
+            )
+            return out, lse
+
+        return run
+
+    def resplit(batch, seq_q, heads_q, heads_kv, seq_kv, dk, platform):
+        return _splits.choose_num_splits(
+            None, batch, seq_q, heads_q, heads_kv, seq_kv, platform=platform, dk=dk
+        )
+
+    sharded = _sharding.partitioned(_OP, ffi, num_splits, resplit)
+
     @jax.custom_batching.custom_vmap
     def call(q, *args):
-        batch, seq_q, heads_q, _ = q.shape
-        v = args[2] if quantized else args[1]
-        dv = v.shape[3] * 4 // 3 if v_packed else v.shape[3]
-        out_types = (
-            jax.ShapeDtypeStruct((batch, seq_q, heads_q, dv), q.dtype),
-            jax.ShapeDtypeStruct((batch, heads_q, seq_q), jnp.float32),
-            *_splits.split_partial_types(batch, num_splits, seq_q, heads_q, dv),
-        )
-        # vmap never reaches the FFI call: custom_vmap's rule below folds it.
-        out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
-            q, *args, **attrs
-        )
-        return out, lse
+        return sharded(q, *args)
 
     @call.def_vmap
     def rule(axis_size, in_batched, q, *args):

@@ -11,7 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jax_mla import _backend, _batching, _capabilities, _checks, _ffi, _splits, quant, reference
+from jax_mla import (
+    _backend,
+    _batching,
+    _capabilities,
+    _checks,
+    _ffi,
+    _sharding,
+    _splits,
+    quant,
+    reference,
+)
 
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
@@ -120,7 +130,7 @@ def flash_mla(
 
             kernel = cuda_kernel_attr(_OP)
             blocks_per_sm = _ffi.module("gpu").mla_blocks_per_sm(seq_q * heads, kv_code)
-        num_splits = _splits.choose_num_splits(
+        chosen = _splits.choose_num_splits(
             num_splits,
             batch,
             seq_q,
@@ -131,7 +141,7 @@ def flash_mla(
             dk=dk,
             blocks_per_sm=blocks_per_sm,
         )
-        call = _native(dv, v_offset, scale, causal, num_splits, kv_code, kernel)
+        call = _native(dv, v_offset, scale, causal, chosen, kv_code, kernel, num_splits)
         out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
     return (out, lse) if return_lse else out
 
@@ -145,19 +155,23 @@ def _native(
     num_splits: int,
     kv_fmt: int,
     kernel: np.int32 | None,
+    requested: int | None,
 ):
-    """The FFI call for one static configuration, with its vmap rule. Its
+    """The FFI call for one static configuration, with its vmap rule and its
+    sharding rules (_sharding.partitioned: split over a mesh, each device
+    calls it on its shard with num_splits chosen for its shapes). Its
     arguments are (q, kv, q_pos, kv_len) for a float cache and
     (q, kv.qs, kv.d, q_pos, kv_len) for a quantized one (kv_fmt > 0).
     kernel: the CUDA kernel family (None on the CPU, whose handlers take no
-    such attribute)."""
+    such attribute). requested: the caller's num_splits (None: the
+    heuristic's), which a call split over a mesh applies to each device's
+    shapes."""
     n_cache = 2 if kv_fmt else 1
     attrs = dict(
         scale=np.float32(scale),  # C++ float
         causal=np.bool_(causal),  # C++ bool
         dv=np.int64(dv),  # C++ int64_t
         v_offset=np.int64(v_offset),  # C++ int64_t
-        num_splits=np.int64(num_splits),
     )
     if kv_fmt:
         attrs["kv_fmt"] = np.int64(kv_fmt)
@@ -165,19 +179,47 @@ def _native(
         attrs["kernel"] = kernel  # C++ int32_t
     target = _TARGET_QUANT if kv_fmt else _TARGET
 
+    def ffi(splits: int):
+        def run(q, *args):
+            batch, seq_q, heads, _ = q.shape
+            out_sharding, lse_sharding = _sharding.typed_like(q)
+            out_types = (
+                jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype, sharding=out_sharding),
+                jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32, sharding=lse_sharding),
+                *_splits.split_partial_types(batch, splits, seq_q, heads, dv),
+            )
+            # vmap never reaches the FFI call: custom_vmap's rule below folds it.
+            out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+                q,
+                *args,
+                **attrs,
+                num_splits=np.int64(splits),  # C++ int64_t
+            )
+            return out, lse
+
+        return run
+
+    def resplit(batch, seq_q, heads, heads_kv, seq_kv, dk, platform):
+        blocks_per_sm = 1
+        if _backend.is_gpu(platform):
+            blocks_per_sm = _ffi.module("gpu").mla_blocks_per_sm(seq_q * heads, kv_fmt)
+        return _splits.choose_num_splits(
+            requested,
+            batch,
+            seq_q,
+            heads,
+            heads_kv,
+            seq_kv,
+            platform=platform,
+            dk=dk,
+            blocks_per_sm=blocks_per_sm,
+        )
+
+    sharded = _sharding.partitioned(_OP, ffi, num_splits, resplit)
+
     @jax.custom_batching.custom_vmap
     def call(q, *args):
-        batch, seq_q, heads, _ = q.shape
-        out_types = (
-            jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
-            *_splits.split_partial_types(batch, num_splits, seq_q, heads, dv),
-        )
-        # vmap never reaches the FFI call: custom_vmap's rule below folds it.
-        out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
-            q, *args, **attrs
-        )
-        return out, lse
+        return sharded(q, *args)
 
     @call.def_vmap
     def rule(axis_size, in_batched, q, *args):
