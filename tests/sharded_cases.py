@@ -2,14 +2,16 @@
 process of its own (XLA_FLAGS=--xla_force_host_platform_device_count=8 must
 be set before jax starts): batch, heads, queries and the cache's sequence
 (context parallelism) on 1-D and 2-D meshes, float and quantized caches,
-jit with NamedSharding inputs, shard_map with merge_attention, vmap, and the
-DeepSeek layer. Results must equal the single-device ones at the kernels'
-tolerances, and the compiled HLO must move no cache: no collective at all
-for batch-, head- and query-split calls, and only the LSE merge's, of
-O(B * Sq * H * Dv) values, for context-parallel ones."""
+jit with NamedSharding inputs, shard_map with merge_attention, vmap, the
+DeepSeek layer, and `python -m jax_mla --sharded`. Results must equal the
+single-device ones at the kernels' tolerances, and the compiled HLO must move
+no cache: no collective at all for batch-, head- and query-split calls, and
+only the LSE merge's, of O(B * Sq * H * Dv) values, for context-parallel ones."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import jax
@@ -21,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_mla
 from jax_mla import deepseek as ds
+from jax_mla.bench import cases, cli, ops, sharded
 
 from .conftest import F32_TOL, KV_TILE, assert_close, cache, randn
 
@@ -491,3 +494,43 @@ def test_deepseek_latent_decode_moves_no_cache(rng):
     local_cache = 2 * 512 * SMALL.cache_dim // 8
     found = collectives(f, params, x, pos, cache)
     assert found and all(n < local_cache for _, n in found), found
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+def test_sharded_benchmark_rows(tmp_path):
+    """`python -m jax_mla --sharded` at a tiny size: every split of both ops
+    agrees with the one-device call, is timed, and communicates only as
+    docs/sharding.md says (nothing for batch and heads, the merge for context)."""
+    out = tmp_path / "sharded.json"
+    argv = ["--sharded", "--quick", "--tests", "tg@60", "--json", str(out)]
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = data["sharded_rows"]
+    assert data["meta"]["devices"]["count"] == 8 and data["rows"] == []
+    want = [(op, s) for op in cases.OPS for s in ("one device", *sharded.SPLITS)]
+    assert [(r["op"], r["split"]) for r in rows] == want
+    for r in rows:
+        # 1 row and 16 heads per device; 60 keys rounded up to a multiple of 8.
+        assert (r["batch"], r["heads"], r["n_kv"], r["devices"]) == (
+            8,
+            16,
+            64,
+            1 if r["split"] == "one device" else 8,
+        )
+        assert r["err"] <= r["tolerance"] and math.isfinite(r["ms"]), r
+        assert (r["vs_one"] is None) == (r["split"] == "one device")
+        if r["split"] == "context":
+            assert re.fullmatch(r"all-reduce x\d+", r["collectives"]), r
+        else:
+            assert r["collectives"] == "none", r
+
+
+def test_sharded_benchmark_fails_on_a_failing_check(monkeypatch, capsys):
+    monkeypatch.setitem(ops.TOLERANCE["cpu"]["native"], "f16", -1.0)  # no err passes
+    argv = ["--sharded", "--quick", "--tests", "tg@8", "--ops", "flash_mla", "--splits", "context"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "FAILED CHECK: tg@8 B=8 H=16 flash_mla f16 split one device" in err
+    assert "FAILED CHECK: tg@8 B=8 H=16 flash_mla f16 split context" in err

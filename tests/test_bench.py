@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from jax_mla.bench import cases, cli, layer, ops, timing
+from jax_mla.bench import cases, cli, layer, ops, sharded, timing
 
 
 class FakeClock:
@@ -220,3 +220,23 @@ def test_model_rows_over_an_8bit_cache_agree(cpu, tmp_path):
     assert all(
         r["vs_std"] is not None and r["vs_std"] <= layer.model_agreement("q8_0") for r in rows
     )
+
+
+def test_sharded_rows_need_several_devices(cpu, capsys):
+    # This process has one CPU device: the option says how to get fake ones.
+    # The rows themselves run in tests/sharded_cases.py, on 8 devices.
+    assert cli.main(["--sharded", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "sharding needs several" in err
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=8" in err
+
+
+def test_sharded_cases_divide_over_the_devices():
+    got = sharded.sharded_cases([(1, 1000)], cases.OPS, ["f16"], "cpu", 6)
+    assert [(c.op, c.batch, c.heads, c.n_kv, c.query) for c in got] == [
+        (op, 6, 18, 1002, "f32") for op in cases.OPS
+    ]
+    assert {
+        (c.batch, c.heads, c.query)
+        for c in sharded.sharded_cases([(1, 64)], ["flash_mla"], ["bf16"], "gpu", 4)
+    } == {(64, 128, "bf16")}

@@ -7,6 +7,7 @@ device, each row checked against jax_mla.reference before it is timed.
   baselines  the plain-JAX formulations
   ops        op rows: check, then time, native and plain JAX on a case
   layer      layer rows: the DeepSeek-V2-Lite attention layer (CPU only for now)
+  sharded    sharded rows (--sharded): each op split over every device JAX has
   report     header, tables and the JSON of --json
   cli        the command line
 """

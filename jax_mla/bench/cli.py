@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 
 import jax_mla
-from jax_mla.bench import cases, layer, ops, report, timing
+from jax_mla.bench import cases, layer, ops, report, sharded, timing
 
 
 def _names(allowed):
@@ -84,6 +84,23 @@ def parse_args(argv):
         help="only the layer rows (the DeepSeek layer), not the op rows",
     )
     which.add_argument("--no-model", action="store_true", help="only the op rows")
+    which.add_argument(
+        "--sharded",
+        action="store_true",
+        help="instead: time each op split over every device JAX has, by --splits, next to "
+        "the same call on one device, each checked against the one-device result; decode at "
+        f"{','.join(sharded.TESTS['cpu'])} unless --tests, {sharded.BATCH_PER_DEVICE['cpu']} "
+        f"row and {sharded.HEADS['cpu']} heads per device on the CPU, "
+        f"{sharded.BATCH_PER_DEVICE['gpu']} rows and {sharded.HEADS['gpu']} heads on GPUs. "
+        "Needs several devices: for fake CPU ones (overhead only, not scaling) start with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu",
+    )
+    p.add_argument(
+        "--splits",
+        type=_names(sharded.SPLITS),
+        default=list(sharded.SPLITS),
+        help=f"--sharded: comma-separated subset of {','.join(sharded.SPLITS)}",
+    )
     args = p.parse_args(argv)
     if args.model_tests is None:
         args.model_tests = [
@@ -160,6 +177,8 @@ def main(argv=None) -> int:
     if why:
         print(f"python -m jax_mla: {why}", file=sys.stderr)
         return 2
+    if args.sharded:
+        return sharded.main(args, platform, " ".join(["python -m jax_mla", *argv]))
     case_list = [] if args.model_only else op_cases(args, parser, platform)
     meta = report.metadata(args.quick, " ".join(["python -m jax_mla", *argv]))
     print(report.header(meta), flush=True)

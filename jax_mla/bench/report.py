@@ -283,10 +283,16 @@ def memory_table(rows: list[MemoryRow]) -> str:
 
 
 def write_json(
-    path: str, meta: dict, rows: list[Row], model_rows: list[ModelRow], memory_rows: list[MemoryRow]
+    path: str,
+    meta: dict,
+    rows: list[Row],
+    model_rows: list[ModelRow],
+    memory_rows: list[MemoryRow],
+    sharded_rows: list = (),
 ) -> None:
-    """The run as JSON: {"meta", "rows", "model_rows", "memory_rows"}; a row whose
-    check failed (or a layer row not run) keeps its NaN times."""
+    """The run as JSON: {"meta", "rows", "model_rows", "memory_rows",
+    "sharded_rows"}; a row whose check failed (or a layer row not run) keeps
+    its NaN times."""
     with open(path, "w") as f:
         json.dump(
             {
@@ -294,6 +300,7 @@ def write_json(
                 "rows": [asdict(r) for r in rows],
                 "model_rows": [asdict(r) for r in model_rows],
                 "memory_rows": [asdict(r) for r in memory_rows],
+                "sharded_rows": [asdict(r) for r in sharded_rows],
             },
             f,
             indent=1,
