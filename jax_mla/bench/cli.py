@@ -41,7 +41,7 @@ def parse_args(argv):
     p.add_argument(
         "--tests",
         type=lambda s: [cases.parse_test(t) for t in s.split(",")],
-        help="CPU: comma-separated tg@N / ppS@N (default: the quick or full list)",
+        help="CPU and --sharded: comma-separated tg@N / ppS@N (default: the quick or full list)",
     )
     p.add_argument(
         "--ops",
@@ -52,7 +52,7 @@ def parse_args(argv):
     p.add_argument(
         "--caches",
         type=_names(cases.CACHES),
-        help=f"CPU: comma-separated subset of {','.join(cases.CACHES)} "
+        help=f"CPU and --sharded: comma-separated subset of {','.join(cases.CACHES)} "
         "(default: f16 with --quick, all)",
     )
     p.add_argument(
@@ -89,9 +89,11 @@ def parse_args(argv):
         action="store_true",
         help="instead: time each op split over every device JAX has, by --splits, next to "
         "the same call on one device, each checked against the one-device result; decode at "
-        f"{','.join(sharded.TESTS['cpu'])} unless --tests, {sharded.BATCH_PER_DEVICE['cpu']} "
-        f"row and {sharded.HEADS['cpu']} heads per device on the CPU, "
-        f"{sharded.BATCH_PER_DEVICE['gpu']} rows and {sharded.HEADS['gpu']} heads on GPUs. "
+        f"{','.join(sharded.TESTS['cpu'])} ({','.join(sharded.QUICK_TESTS['cpu'])} on the CPU "
+        f"with --quick) unless --tests, {sharded.BATCH_PER_DEVICE['cpu']} batch row per device "
+        f"and {sharded.HEADS['cpu']} heads on the CPU, {sharded.BATCH_PER_DEVICE['gpu']} rows "
+        f"per device and {sharded.HEADS['gpu']} heads on GPUs (heads and keys rounded up to a "
+        "multiple of the devices), an f16 cache (bf16 on GPUs) unless --caches. "
         "Needs several devices: for fake CPU ones (overhead only, not scaling) start with "
         "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu",
     )

@@ -295,7 +295,16 @@ def main(args, platform: str, command: str) -> int:
     tests = args.tests or [
         cases.parse_test(t) for t in (QUICK_TESTS if args.quick else TESTS)[platform]
     ]
-    case_list = sharded_cases(tests, args.ops, args.caches or [CACHE[platform]], platform, n)
+    caches = args.caches or [CACHE[platform]]
+    bad = [c for c in caches if c not in ops.TOLERANCE[platform]["native"]]
+    if bad:
+        print(
+            f"python -m jax_mla --sharded: the {platform} rows take the caches "
+            f"{', '.join(ops.TOLERANCE[platform]['native'])}; got {', '.join(bad)}",
+            file=sys.stderr,
+        )
+        return 2
+    case_list = sharded_cases(tests, args.ops, caches, platform, n)
     meta = report.metadata(args.quick, command)
     dev = jax.devices()[0]
     meta["devices"] = {"count": n, "platform": dev.platform, "kind": dev.device_kind}
