@@ -27,9 +27,9 @@ from jax_mla.bench import cases, ops, report, timing
 
 SPLITS = ("batch", "heads", "context")
 AXIS = "d"
-# Per device, so every split divides its dim: rows of the batch, and query
-# heads (DeepSeek-V2-Lite's 16 on the CPU as the op rows, V3's 128 on a GPU,
-# rounded up to a multiple of the devices).
+# The shapes, chosen so that every split divides its dim: batch rows per
+# device, and query heads (DeepSeek-V2-Lite's 16 on the CPU, as the op rows;
+# V3's 128 on GPUs), rounded up to a multiple of the devices, as are the keys.
 BATCH_PER_DEVICE = {"cpu": 1, "gpu": 16}
 HEADS = {"cpu": cases.CPU_HEADS, "gpu": 128}
 TESTS = {"cpu": ("tg@4096",), "gpu": ("tg@4096",)}
