@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jax_mla import _backend, _batching, _capabilities, _checks, _splits, reference
+from jax_mla import _autodiff, _backend, _batching, _capabilities, _checks, _splits, reference
 from jax_mla.quant import QuantizedKV
 
 _OP = "flash_attention"
@@ -96,21 +96,27 @@ def flash_attention(
     causal = _checks.check_static_bool(_OP, "causal", causal)
     q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    k_ops, v_ops = _checks.cache_operands(k), _checks.cache_operands(v)
-    platform = _backend.target_platform(q, k_ops[0], v_ops[0])
+    platform = _backend.target_platform(
+        q, _checks.cache_operands(k)[0], _checks.cache_operands(v)[0]
+    )
     quantized = k_fmt is not None or v_fmt is not None
     target = _TARGET_QUANT if quantized else _TARGET
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.attention(
-            q,
-            _checks.float_cache(k),
-            _checks.float_cache(v),
-            scale=scale,
-            causal=causal,
-            q_pos=q_pos,
-            kv_len=kv_len,
-        )
+        native_platform = None
+
+        def forward(q, k, v, q_pos, kv_len):
+            return reference.attention(
+                q,
+                _checks.float_cache(k),
+                _checks.float_cache(v),
+                scale=scale,
+                causal=causal,
+                q_pos=q_pos,
+                kv_len=kv_len,
+            )
+
     else:
+        native_platform = platform
         kernel = None
         if _backend.is_gpu(platform):
             _capabilities.check_cuda_attention(_OP, q, k, v)
@@ -130,8 +136,27 @@ def flash_attention(
             else None
         )
         call = _native(scale, causal, num_splits, v_fmt == "q6_0", codes, kernel)
-        caches = (*k_ops, *v_ops) if quantized else (k, v)
-        out, lse = call(q, *caches, q_pos, kv_len)
+
+        def forward(q, k, v, q_pos, kv_len):
+            if quantized:
+                return call(
+                    q, *_checks.cache_operands(k), *_checks.cache_operands(v), q_pos, kv_len
+                )
+            return call(q, k, v, q_pos, kv_len)
+
+    # Differentiable in q and the float caches (docs/design.md, "Autodiff").
+    out, lse = _autodiff.attention(
+        forward,
+        q,
+        k,
+        v,
+        q_pos,
+        kv_len,
+        op=_OP,
+        scale=scale,
+        causal=causal,
+        platform=native_platform,
+    )
     return (out, lse) if return_lse else out
 
 

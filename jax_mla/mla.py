@@ -11,7 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jax_mla import _backend, _batching, _capabilities, _checks, _ffi, _splits, quant, reference
+from jax_mla import (
+    _autodiff,
+    _backend,
+    _batching,
+    _capabilities,
+    _checks,
+    _ffi,
+    _splits,
+    quant,
+    reference,
+)
 
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
@@ -97,17 +107,22 @@ def flash_mla(
     platform = _backend.target_platform(q, cache[0])
     target = _TARGET if kv_fmt is None else _TARGET_QUANT
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.mla(
-            q,
-            _checks.float_cache(kv),
-            dv=dv,
-            v_offset=v_offset,
-            scale=scale,
-            causal=causal,
-            q_pos=q_pos,
-            kv_len=kv_len,
-        )
+        native_platform = None
+
+        def forward(q, kv, q_pos, kv_len):
+            return reference.mla(
+                q,
+                _checks.float_cache(kv),
+                dv=dv,
+                v_offset=v_offset,
+                scale=scale,
+                causal=causal,
+                q_pos=q_pos,
+                kv_len=kv_len,
+            )
+
     else:
+        native_platform = platform
         gpu = _backend.is_gpu(platform)
         if gpu:
             _capabilities.check_cuda_mla(_OP, q, kv, dv, v_offset)
@@ -132,7 +147,25 @@ def flash_mla(
             blocks_per_sm=blocks_per_sm,
         )
         call = _native(dv, v_offset, scale, causal, num_splits, kv_code, kernel)
-        out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
+
+        def forward(q, kv, q_pos, kv_len):
+            cache = _checks.cache_operands(kv)
+            return call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
+
+    # Differentiable in q and a float kv (docs/design.md, "Autodiff").
+    out, lse = _autodiff.mla(
+        forward,
+        q,
+        kv,
+        q_pos,
+        kv_len,
+        op=_OP,
+        dv=dv,
+        v_offset=v_offset,
+        scale=scale,
+        causal=causal,
+        platform=native_platform,
+    )
     return (out, lse) if return_lse else out
 
 
