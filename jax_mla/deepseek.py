@@ -752,14 +752,13 @@ def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
     )
     longest = jnp.max(jnp.clip(kv_len, 0, smax))
 
-    # A scan over every chunk that skips those past the longest row (a loop
-    # whose trip count is traced could not be differentiated).
-    def step(carry, start):
-        return jax.lax.cond(
-            longest > start, lambda c: attend(c, start, chunk), lambda c: c, carry
-        ), None
+    # Every chunk, skipping those past the longest row: a loop over a static
+    # range (a scan) differentiates, one with a traced trip count would not.
+    def step(i, carry):
+        start = i * chunk
+        return jax.lax.cond(longest > start, lambda c: attend(c, start, chunk), lambda c: c, carry)
 
-    carry, _ = jax.lax.scan(step, init, jnp.arange(full_chunks, dtype=jnp.int32) * chunk)
+    carry = jax.lax.fori_loop(0, full_chunks, step, init)
     if tail:
         start = full_chunks * chunk
         carry = jax.lax.cond(longest > start, lambda c: attend(c, start, tail), lambda c: c, carry)
