@@ -227,6 +227,7 @@ def _native_backward(scale: float, causal: bool):
     @jax.custom_batching.custom_vmap
     def call(q, k, v, dout, lse, delta, q_pos, kv_len):
         out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+        kv_len = jnp.clip(kv_len, 0, k.shape[1])  # the contract's range (C++ clamps again)
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         return jax.ffi.ffi_call(TARGET_BWD, out_types, vmap_method="sequential")(
             q, k, v, dout, lse, delta, q_pos, kv_len, **attrs

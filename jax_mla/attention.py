@@ -70,6 +70,17 @@ def flash_attention(
       out [B, Sq, Hq, Dv] in q's dtype (float32 accumulation); with
       return_lse also lse [B, Hq, Sq] float32 (natural log). A query that sees
       no key gets out 0 and lse -inf.
+
+    Differentiation (jax.grad, jax.vjp; first order): gradients with respect
+    to q, k and v (the LSE's cotangent included) in each input's dtype,
+    float32 accumulation; the forward saves only out and lse, the backward
+    recomputes the softmax (docs/design.md, "Autodiff"). A query that sees no
+    key, and a key past kv_len, get a zero gradient. Over a QuantizedKV k or
+    v the gradient is that of the float attention over the dequantized cache
+    (jax.grad of reference.attention(q, dequantize(k), dequantize(v)): the
+    8-bit roundings above are not differentiated) and flows to q and a float
+    k or v only; differentiating the quantized cache raises TypeError.
+    Second order raises NotImplementedError.
     """
     _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
     k_shape, k_fmt = _checks.check_cache(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")

@@ -75,6 +75,11 @@ def flash_mla(
     Returns:
       out [B, Sq, H, dv] in q's dtype; with return_lse also lse [B, H, Sq]
       float32. A query that sees no key gets out 0 and lse -inf.
+
+    Differentiation: as flash_attention's, with respect to q and kv; the V
+    gradient is added into columns [v_offset, v_offset + dv) of kv's. Over a
+    QuantizedKV kv only q gets a gradient, that of reference.mla over
+    dequantize(kv).
     """
     _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
     kv_shape, kv_fmt = _checks.check_cache(_OP, "kv", kv, 3, "[B, Skv, Dk]")
