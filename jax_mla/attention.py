@@ -107,9 +107,8 @@ def flash_attention(
     causal = _checks.check_static_bool(_OP, "causal", causal)
     q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
 
-    platform = _backend.target_platform(
-        q, _checks.cache_operands(k)[0], _checks.cache_operands(v)[0]
-    )
+    k_ops, v_ops = _checks.cache_operands(k), _checks.cache_operands(v)
+    platform = _backend.target_platform(q, k_ops[0], v_ops[0])
     quantized = k_fmt is not None or v_fmt is not None
     target = _TARGET_QUANT if quantized else _TARGET
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":

@@ -167,7 +167,6 @@ ATTENTION_CASES = {
         shape=(2, 3, 10, 2, 2, 16, 16), dtypes="fff", causal=True, q_pos=2**31 - 4, lse=True
     ),
     "bf16": dict(shape=(1, 4, 17, 4, 2, 32, 32), dtypes="bbb", causal=False, lse=False),
-    "f16": dict(shape=(1, 4, 17, 4, 4, 32, 32), dtypes="hhh", causal=True, lse=True),
     "f32-over-bf16": dict(shape=(2, 3, 11, 2, 1, 48, 16), dtypes="fbb", causal=True, lse=True),
     "mixed": dict(shape=(1, 3, 11, 4, 4, 32, 16), dtypes="bfh", causal=False, lse=True),
     "192-128": dict(shape=(1, 3, 9, 2, 1, 192, 128), dtypes="fff", causal=True, lse=True),
