@@ -160,18 +160,17 @@ inline constexpr int64_t kBwdKeys = 64;
 static_assert(kBwdRows % 16 == 0 && kBwdKeys % 16 == 0, "blocks are whole vectors");
 
 // attend_bwd_kv: K and V transposed [dk + dv, keys], the block's queries
-// (scaled) and output gradients [rows, dk + dv], scores and their gradients
-// [rows, keys] twice, per-row values, and one converted row.
+// (scaled) and output gradients [rows, dk + dv], the scores and their
+// gradients [rows, keys] each, and one converted row.
 inline size_t BwdKvScratchFloats(int64_t dk, int64_t dv) {
-  return size_t((dk + dv) * (kBwdKeys + kBwdRows) + 2 * kBwdRows * kBwdKeys + 3 * kBwdRows +
-                std::max(dk, dv));
+  return size_t((dk + dv) * (kBwdKeys + kBwdRows) + 2 * kBwdRows * kBwdKeys + std::max(dk, dv));
 }
 
 // attend_bwd_q: Q and dO transposed [dk + dv, rows], a K and V tile
-// [keys, dk + dv], the tile's scores and their gradients [keys, rows] twice,
-// per-row values, and one converted row.
+// [keys, dk + dv], the tile's scores and their gradients [keys, rows] each,
+// three values per row (LSE, delta, keys seen), and one converted row.
 inline size_t BwdQScratchFloats(int64_t dk, int64_t dv) {
-  return size_t((dk + dv) * (kBwdRows + kBwdKeys) + 2 * kBwdKeys * kBwdRows + 4 * kBwdRows +
+  return size_t((dk + dv) * (kBwdRows + kBwdKeys) + 2 * kBwdKeys * kBwdRows + 3 * kBwdRows +
                 std::max(dk, dv));
 }
 
