@@ -23,6 +23,12 @@
 namespace jax_mla::cpu::JAX_MLA_ISA {
 namespace {
 
+// The blocks (kernels.h) as this copy's own constants: std::min takes its
+// arguments by reference, and a sanitizer build would then emit the shared
+// ones as data symbols in every ISA copy (cmake/check_isa_symbols.py).
+constexpr int64_t kRows = kBwdRows;
+constexpr int64_t kKeys = kBwdKeys;
+
 // c[i][l] (+)= sum_{r < n} a[i * sa + r * sr] * b[r * ldb + l] for i < AB and
 // l < LV * W: AB x LV accumulators, one broadcast of a per row and step.
 template <int AB, int LV, bool kAdd>
@@ -127,13 +133,13 @@ void AttendBwdKv(const BwdQuery* heads, int64_t n_heads, const int64_t* end, int
                  int64_t j1, float* grad_k, int64_t gk_stride, float* grad_v, int64_t gv_stride,
                  float* scratch) {
   const int64_t nk = j1 - j0, kp = RoundUp(nk, W);
-  float* kt = scratch;                    // [dk, kp] K transposed
-  float* vt = kt + dk * kBwdKeys;         // [dv, kp] V transposed
-  float* qs = vt + dv * kBwdKeys;         // [rows, dk] queries times scale
-  float* od = qs + kBwdRows * dk;         // [rows, dv] output gradients
-  float* s = od + kBwdRows * dv;          // [rows, kp] scores, then P
-  float* dp = s + kBwdRows * kBwdKeys;    // [rows, kp] dP, then dS
-  float* row = dp + kBwdRows * kBwdKeys;  // one converted row
+  float* kt = scratch;              // [dk, kp] K transposed
+  float* vt = kt + dk * kKeys;      // [dv, kp] V transposed
+  float* qs = vt + dv * kKeys;      // [rows, dk] queries times scale
+  float* od = qs + kRows * dk;      // [rows, dv] output gradients
+  float* s = od + kRows * dv;       // [rows, kp] scores, then P
+  float* dp = s + kRows * kKeys;    // [rows, kp] dP, then dS
+  float* row = dp + kRows * kKeys;  // one converted row
   for (int64_t t = 0; t < nk; ++t) {
     RowToFloat(k, j0 + t, row, dk);
     for (int64_t d = 0; d < dk; ++d) kt[d * kp + t] = row[d];
@@ -165,8 +171,8 @@ void AttendBwdKv(const BwdQuery* heads, int64_t n_heads, const int64_t* end, int
   }
   for (int64_t g = 0; g < n_heads; ++g) {
     const BwdQuery& h = heads[g];
-    for (int64_t i0 = first; i0 < seq_q; i0 += kBwdRows) {
-      const int64_t R = std::min(kBwdRows, seq_q - i0);
+    for (int64_t i0 = first; i0 < seq_q; i0 += kRows) {
+      const int64_t R = std::min(kRows, seq_q - i0);
       for (int64_t r = 0; r < R; ++r) {
         ToFloat(QueryRow(h, i0 + r), h.q_dtype, qs + r * dk, dk);
         ScaleRow(qs + r * dk, dk, scale);
@@ -189,16 +195,16 @@ void AttendBwdQ(const BwdQuery& h, const int64_t* end, int64_t i0, int64_t i1, c
                 const KvRows& v, int64_t dk, int64_t dv, float scale, float* grad_q,
                 int64_t gq_stride, float* scratch) {
   const int64_t R = i1 - i0, rp = RoundUp(R, W);
-  float* qt = scratch;                     // [dk, rp] queries times scale, transposed
-  float* ot = qt + dk * kBwdRows;          // [dv, rp] output gradients, transposed
-  float* kt = ot + dv * kBwdRows;          // [T, dk] key tile
-  float* vt = kt + kBwdKeys * dk;          // [T, dv] value tile
-  float* st = vt + kBwdKeys * dv;          // [T, rp] scores, then dS
-  float* dpt = st + kBwdKeys * kBwdRows;   // [T, rp] dP
-  float* lse = dpt + kBwdKeys * kBwdRows;  // [rp]
-  float* delta = lse + kBwdRows;           // [rp]
-  float* cnt = delta + kBwdRows;           // [rp] keys of the tile each row sees
-  float* row = cnt + kBwdRows;             // one converted row
+  float* qt = scratch;               // [dk, rp] queries times scale, transposed
+  float* ot = qt + dk * kRows;       // [dv, rp] output gradients, transposed
+  float* kt = ot + dv * kRows;       // [T, dk] key tile
+  float* vt = kt + kKeys * dk;       // [T, dv] value tile
+  float* st = vt + kKeys * dv;       // [T, rp] scores, then dS
+  float* dpt = st + kKeys * kRows;   // [T, rp] dP
+  float* lse = dpt + kKeys * kRows;  // [rp]
+  float* delta = lse + kRows;        // [rp]
+  float* cnt = delta + kRows;        // [rp] keys of the tile each row sees
+  float* row = cnt + kRows;          // one converted row
   int64_t kv_end = 0;
   for (int64_t r = 0; r < rp; ++r) {
     const bool real = r < R;
@@ -212,8 +218,8 @@ void AttendBwdQ(const BwdQuery& h, const int64_t* end, int64_t i0, int64_t i1, c
   }
   float* gq = grad_q + i0 * gq_stride;
   for (int64_t r = 0; r < R; ++r) std::fill_n(gq + r * gq_stride, dk, 0.f);
-  for (int64_t t0 = 0; t0 < kv_end; t0 += kBwdKeys) {
-    const int64_t tn = std::min(kBwdKeys, kv_end - t0);
+  for (int64_t t0 = 0; t0 < kv_end; t0 += kKeys) {
+    const int64_t tn = std::min(kKeys, kv_end - t0);
     for (int64_t t = 0; t < tn; ++t) {
       RowToFloat(k, t0 + t, kt + t * dk, dk);
       RowToFloat(v, t0 + t, vt + t * dv, dv);
