@@ -13,10 +13,12 @@ Two rows per size and dtype:
            the backward, against jax.vjp of the plain formulation.
 Each timed with jax_mla.bench.timing's timer (jitted, warm, synchronized);
 `*` marks a time taken while other processes kept more than 0.25 cores busy.
-speedup is jax ms / native ms.
-temp MiB is XLA's temporary buffer size of the fwd+bwd function; err is
-max |native - plain| / max |plain| over dq, dk, dv (the plain one rounds
-its einsum operands to the inputs' dtype).
+speedup is jax ms / native ms. native cpu and jax cpu are the process's CPU
+milliseconds per call (all threads, spin-waits included) and cpu x their
+ratio: the work a call costs, which other processes' load moves far less
+than the wall time. temp MiB is XLA's temporary buffer size of the fwd+bwd
+functions (native / jax); err is max |native - plain| / max |plain| over dq,
+dk, dv (the plain one rounds its einsum operands to the inputs' dtype).
 
     python -P benchmarks/cpu/backward.py [--sizes 1024,2048] [--dtypes float32,bfloat16]
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
 import subprocess
 
@@ -82,6 +85,17 @@ def plain_fwd_bwd(q, k, v, dout):
     return jax.vjp(plain, q, k, v)[1](dout)
 
 
+def cpu_ms(fn, args, calls: int = 3) -> float:
+    """CPU milliseconds this process spends per call (all its threads): the
+    work a call costs, which other processes' load on a shared machine
+    changes far less than the wall time."""
+    start = os.times()
+    for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    end = os.times()
+    return ((end.user - start.user) + (end.system - start.system)) / calls * 1e3
+
+
 def run(seq: int, dtype, budget_s: float) -> list[str]:
     rng = np.random.default_rng(0)
     shapes = [(BATCH, seq, HEADS, d) for d in (DK, DK, DV, DV)]
@@ -102,11 +116,12 @@ def run(seq: int, dtype, budget_s: float) -> list[str]:
         / float(jnp.max(jnp.abs(b.astype(jnp.float32))))
         for a, b in zip(grads["fwd+bwd", "native"], grads["fwd+bwd", "jax"])
     )
-    ms, load = {}, {}
+    ms, load, cpu = {}, {}, {}
     for key, (fn, args) in fns.items():
         with timing.OtherLoad() as other:
             ms[key] = timing.time_calls(fn, lambda _: args, budget_s=budget_s).seconds * 1e3
         load[key] = timing.disturbed(other.cores)
+        cpu[key] = cpu_ms(fn, args)
     lines = []
     for step in ("bwd", "fwd+bwd"):
         temp = ""
@@ -120,7 +135,9 @@ def run(seq: int, dtype, budget_s: float) -> list[str]:
         lines.append(
             f"{seq:>5} {jnp.dtype(dtype).name:>8} {step:>8} "
             f"{ms[step, 'native']:>9.1f}{mark['native']} {ms[step, 'jax']:>9.1f}{mark['jax']} "
-            f"{ms[step, 'jax'] / ms[step, 'native']:>7.2f} {temp:>11} {err:>8.1e}"
+            f"{ms[step, 'jax'] / ms[step, 'native']:>7.2f} {cpu[step, 'native']:>9.0f} "
+            f"{cpu[step, 'jax']:>9.0f} {cpu[step, 'jax'] / cpu[step, 'native']:>7.2f} "
+            f"{temp:>11} {err:>8.1e}"
         )
     return lines
 
@@ -152,7 +169,7 @@ def main():
     print(f"B={BATCH}, H={HEADS} (KV heads = heads), Dk={DK}, Dv={DV}, causal, Sq = Skv = S")
     print(
         f"{'S':>5} {'dtype':>8} {'step':>8} {'native ms':>10} {'jax ms':>10} {'speedup':>7} "
-        f"{'temp MiB':>11} {'err':>8}"
+        f"{'native cpu':>9} {'jax cpu':>9} {'cpu x':>7} {'temp MiB':>11} {'err':>8}"
     )
     for seq in (int(s) for s in args.sizes.split(",")):
         for dtype in args.dtypes.split(","):
