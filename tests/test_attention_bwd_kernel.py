@@ -174,8 +174,9 @@ def numpy_backward(q, k, v, dout, dlse, q_pos, kv_len, scale, causal):
     dq = scale * einsum("bhqk,bkhd->bqhd", ds, kk)
     dk = scale * einsum("bhqk,bqhd->bkhd", ds, q)
     dv = einsum("bhqk,bqhd->bkhd", p, dout)
-    by_group = (batch, seq_kv, heads_kv, group, -1)
-    return lse[..., 0], delta, (dq, dk.reshape(by_group).sum(3), dv.reshape(by_group).sum(3))
+    dk = dk.reshape(batch, seq_kv, heads_kv, group, q.shape[-1]).sum(3)
+    dv = dv.reshape(batch, seq_kv, heads_kv, group, v.shape[-1]).sum(3)
+    return lse[..., 0], delta, (dq, dk, dv)
 
 
 CASES = {
@@ -317,6 +318,16 @@ def test_every_result_element_is_written(cpu, rng, monkeypatch):
         causal=True,
         q_pos=[-3, 0],
         kv_len=[BLOCK + 9, 0],
+    )
+
+
+@pytest.mark.parametrize("seq_q, seq_kv", [(3, 0), (0, 5)], ids=["no_keys", "no_queries"])
+def test_empty_axes(cpu, rng, monkeypatch, seq_q, seq_kv):
+    # No keys: dq is 0; no queries: dk and dv are 0; written, not left as
+    # the NaN fill put them.
+    monkeypatch.setenv("JAX_MLA_DEBUG_NAN_FILL", "1")
+    check_bwd(
+        rng, batch=2, seq_q=seq_q, heads_q=4, heads_kv=2, seq_kv=seq_kv, dk=32, dv=16, causal=True
     )
 
 
