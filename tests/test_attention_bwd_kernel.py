@@ -29,7 +29,7 @@ def attention_bwd_ffi(q, k, v, dout, lse, delta, q_pos, kv_len, *, scale, causal
     """The target called as the contract says: (dq, dk, dv) in float32."""
     if shapes is None:
         batch, seq_q, heads_q, dk = q.shape
-        seq_kv, heads_kv, dv = v.shape[1:]
+        seq_kv, heads_kv = v.shape[1:3]
         shapes = (batch, seq_q, heads_q, dk), (batch, seq_kv, heads_kv, dk), v.shape
     call = jax.ffi.ffi_call(
         "jax_mla_flash_attention_bwd",
