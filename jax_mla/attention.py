@@ -10,7 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jax_mla import _backend, _batching, _capabilities, _checks, _sharding, _splits, reference
+from jax_mla import (
+    _autodiff,
+    _backend,
+    _batching,
+    _capabilities,
+    _checks,
+    _sharding,
+    _splits,
+    reference,
+)
 from jax_mla.quant import QuantizedKV
 
 _OP = "flash_attention"
@@ -70,6 +79,17 @@ def flash_attention(
       out [B, Sq, Hq, Dv] in q's dtype (float32 accumulation); with
       return_lse also lse [B, Hq, Sq] float32 (natural log). A query that sees
       no key gets out 0 and lse -inf.
+
+    Differentiation (jax.grad, jax.vjp; first order): gradients with respect
+    to q, k and v (the LSE's cotangent included) in each input's dtype,
+    float32 accumulation; the forward saves only out and lse, the backward
+    recomputes the softmax (docs/design.md, "Autodiff"). A query that sees no
+    key, and a key past kv_len, get a zero gradient. Over a QuantizedKV k or
+    v the gradient is that of the float attention over the dequantized cache
+    (jax.grad of reference.attention(q, dequantize(k), dequantize(v)): the
+    8-bit roundings above are not differentiated) and flows to q and a float
+    k or v only; differentiating the quantized cache raises TypeError.
+    Second order raises NotImplementedError.
     """
     _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
     k_shape, k_fmt = _checks.check_cache(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
@@ -101,16 +121,21 @@ def flash_attention(
     quantized = k_fmt is not None or v_fmt is not None
     target = _TARGET_QUANT if quantized else _TARGET
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.attention(
-            q,
-            _checks.float_cache(k),
-            _checks.float_cache(v),
-            scale=scale,
-            causal=causal,
-            q_pos=q_pos,
-            kv_len=kv_len,
-        )
+        native_platform = None
+
+        def forward(q, k, v, q_pos, kv_len):
+            return reference.attention(
+                q,
+                _checks.float_cache(k),
+                _checks.float_cache(v),
+                scale=scale,
+                causal=causal,
+                q_pos=q_pos,
+                kv_len=kv_len,
+            )
+
     else:
+        native_platform = platform
         kernel = None
         if _backend.is_gpu(platform):
             _capabilities.check_cuda_attention(_OP, q, k, v)
@@ -130,8 +155,27 @@ def flash_attention(
             else None
         )
         call = _native(scale, causal, num_splits, v_fmt == "q6_0", codes, kernel)
-        caches = (*k_ops, *v_ops) if quantized else (k, v)
-        out, lse = call(q, *caches, q_pos, kv_len)
+
+        def forward(q, k, v, q_pos, kv_len):
+            if quantized:
+                return call(
+                    q, *_checks.cache_operands(k), *_checks.cache_operands(v), q_pos, kv_len
+                )
+            return call(q, k, v, q_pos, kv_len)
+
+    # Differentiable in q and the float caches (docs/design.md, "Autodiff").
+    out, lse = _autodiff.attention(
+        forward,
+        q,
+        k,
+        v,
+        q_pos,
+        kv_len,
+        op=_OP,
+        scale=scale,
+        causal=causal,
+        platform=native_platform,
+    )
     return (out, lse) if return_lse else out
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "LatentCache",
     "MODES",
     "attention",
+    "self_attention",
     "init_cache",
     "init_params",
     "params_from_hf",
@@ -509,11 +510,12 @@ def _read_rows(kv, start, size: int):
 # ------------------------------------------------------------------ the layer
 
 
-def _check_inputs(params, x, positions, cache, cfg, mode):
+def _check_inputs(params, x, positions, cache, cfg, mode, op="attention"):
+    """cache None: self_attention's checks (positions are only RoPE's)."""
     if not isinstance(cfg, MLAConfig):
-        raise TypeError(f"attention: cfg must be an MLAConfig, got {type(cfg).__name__}")
+        raise TypeError(f"{op}: cfg must be an MLAConfig, got {type(cfg).__name__}")
     if mode not in MODES:
-        raise ValueError(f"attention: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ValueError(f"{op}: mode must be one of {', '.join(MODES)}, got {mode!r}")
     _check_params(params, cfg)
     if (
         not hasattr(x, "shape")
@@ -521,34 +523,37 @@ def _check_inputs(params, x, positions, cache, cfg, mode):
         or not jnp.issubdtype(x.dtype, jnp.floating)
     ):
         raise TypeError(
-            f"attention: x must be a float array [B, S, {cfg.hidden_size}], got "
+            f"{op}: x must be a float array [B, S, {cfg.hidden_size}], got "
             f"{getattr(x, 'dtype', type(x).__name__)}"
         )
     if x.ndim != 3 or x.shape[2] != cfg.hidden_size or x.shape[1] < 1:
         raise ValueError(
-            f"attention: x must have shape [B, S >= 1, {cfg.hidden_size}], got {tuple(x.shape)}"
+            f"{op}: x must have shape [B, S >= 1, {cfg.hidden_size}], got {tuple(x.shape)}"
         )
-    if not isinstance(cache, LatentCache):
+    if cache is not None and not isinstance(cache, LatentCache):
         raise TypeError(
             f"attention: cache must be a LatentCache (init_cache), got {type(cache).__name__}"
         )
-    want = (x.shape[0], cache.kv.shape[1], cfg.cache_dim)
-    if tuple(cache.kv.shape) != want:
+    if cache is not None and tuple(cache.kv.shape) != (
+        x.shape[0],
+        cache.kv.shape[1],
+        cfg.cache_dim,
+    ):
         raise ValueError(
             f"attention: cache must have shape (B, Smax, {cfg.cache_dim}) with B = "
             f"{x.shape[0]} like x, got {tuple(cache.kv.shape)}"
         )
     if not hasattr(positions, "dtype") or not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(
-            f"attention: positions must be an int32 array [B, S], got "
+            f"{op}: positions must be an int32 array [B, S], got "
             f"{getattr(positions, 'dtype', type(positions).__name__)}"
         )
     if tuple(positions.shape) != tuple(x.shape[:2]):
         raise ValueError(
-            f"attention: positions must have shape {tuple(x.shape[:2])} (x's "
+            f"{op}: positions must have shape {tuple(x.shape[:2])} (x's "
             f"[B, S]), got {tuple(positions.shape)}"
         )
-    if not isinstance(positions, jax.core.Tracer):
+    if cache is not None and not isinstance(positions, jax.core.Tracer):
         p = np.asarray(positions).astype(np.int64)
         steps = np.diff(p, axis=1)
         if (steps != 1).any():
@@ -593,22 +598,11 @@ def attention(
       (out [B, S, hidden] in x's dtype, the updated LatentCache).
     """
     _check_inputs(params, x, positions, cache, cfg, mode)
-    if mode == "hybrid":
-        mode = "standard" if x.shape[1] >= cfg.hybrid_threshold else "latent"
+    mode = _resolve_mode(mode, x, cfg)
     batch, seq, _ = x.shape
-    h, n, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
     positions = jnp.asarray(positions).astype(jnp.int32)
-
-    if cfg.q_lora_rank is None:
-        q = x @ params["wq"]
-    else:
-        q = _rms_norm(x @ params["wq_a"], params["q_norm"], cfg.rms_norm_eps) @ params["wq_b"]
-    q = q.reshape(batch, seq, h, cfg.qk_head_dim)
-    q_nope, q_pe = q[..., :n], _rope(q[..., n:], positions, cfg)
-    kv_a = x @ params["wkv_a"]
-    c_kv = _rms_norm(kv_a[..., :r], params["kv_norm"], cfg.rms_norm_eps)
-    k_pe = _rope(kv_a[..., r:], positions, cfg)
-    kv = jax_mla.cache_update(cache.kv, jnp.concatenate([c_kv, k_pe], -1), positions)
+    q_nope, q_pe, rows = _project(params, x, positions, cfg)
+    kv = jax_mla.cache_update(cache.kv, rows, positions)
 
     q_pos = positions[:, 0]
     kv_len = positions[:, -1] + 1
@@ -617,11 +611,74 @@ def attention(
         o = _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg)
     else:
         o = _standard(params, jnp.concatenate([q_nope, q_pe], -1), kv, q_pos, kv_len, scale, cfg)
-    out = o.reshape(batch, seq, h * cfg.v_head_dim).astype(x.dtype) @ params["wo"]
+    out = o.reshape(batch, seq, cfg.num_heads * cfg.v_head_dim).astype(x.dtype) @ params["wo"]
     # Traced positions outside the cache were dropped by cache_update: say so.
     dropped = ((positions < 0) | (positions >= cache.max_len)).any(axis=1)
     new_cache = LatentCache(kv, jnp.clip(kv_len, 0, cache.max_len), cache.overflow | dropped)
     return out.astype(x.dtype), new_cache
+
+
+def self_attention(
+    params: dict[str, jax.Array],
+    x: jax.Array,
+    cfg: MLAConfig,
+    mode: str = "standard",
+    positions: ArrayLike | None = None,
+) -> jax.Array:
+    """The layer over x alone, without a cache: the training call.
+
+    Each row of x [B, S, hidden] is one causal sequence: token t attends to
+    tokens 0..t of its row. positions (int32 [B, S], default 0..S-1 in every
+    row) are the RoPE positions only. Differentiable (jax.grad) in params and x in every mode:
+    standard calls jax_mla.flash_attention on the decompressed 192/128 heads
+    (the usual training path), latent calls jax_mla.flash_mla on the latent
+    rows. Returns out [B, S, hidden] in x's dtype: what attention() returns for
+    the same tokens written to an empty cache at those positions.
+    """
+    if positions is None and hasattr(x, "shape") and len(x.shape) == 3:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    _check_inputs(params, x, positions, None, cfg, mode, op="self_attention")
+    mode = _resolve_mode(mode, x, cfg)
+    batch, seq, _ = x.shape
+    h, r = cfg.num_heads, cfg.kv_lora_rank
+    positions = jnp.asarray(positions).astype(jnp.int32)
+    q_nope, q_pe, rows = _project(params, x, positions, cfg)
+    causal = dict(scale=cfg.softmax_scale, causal=True, q_pos=0, kv_len=seq)
+    if mode == "latent":
+        q_lat = jnp.einsum("bshn,hnr->bshr", q_nope, params["w_uk"].astype(q_nope.dtype))
+        o_lat = jax_mla.flash_mla(jnp.concatenate([q_lat, q_pe], -1), rows, dv=r, **causal)
+        o = jnp.einsum("bshr,hvr->bshv", o_lat, params["w_uv"].astype(o_lat.dtype))
+    else:
+        c, k_pe = rows[..., :r], rows[..., r:]
+        k_nope = jnp.einsum("bsr,hnr->bshn", c, params["w_uk"].astype(c.dtype))
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], q_pe.shape)], -1)
+        v = jnp.einsum("bsr,hvr->bshv", c, params["w_uv"].astype(c.dtype))
+        o = jax_mla.flash_attention(jnp.concatenate([q_nope, q_pe], -1), k, v, **causal)
+    out = o.reshape(batch, seq, h * cfg.v_head_dim).astype(x.dtype) @ params["wo"]
+    return out.astype(x.dtype)
+
+
+def _resolve_mode(mode: str, x, cfg: MLAConfig) -> str:
+    if mode == "hybrid":
+        return "standard" if x.shape[1] >= cfg.hybrid_threshold else "latent"
+    return mode
+
+
+def _project(params, x, positions, cfg: MLAConfig):
+    """(q_nope [B, S, H, n], q_pe [B, S, H, p] roped, the cache rows
+    [B, S, r + p] = [c_kv normalized | k_pe roped]) of the new tokens."""
+    batch, seq, _ = x.shape
+    n, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank is None:
+        q = x @ params["wq"]
+    else:
+        q = _rms_norm(x @ params["wq_a"], params["q_norm"], cfg.rms_norm_eps) @ params["wq_b"]
+    q = q.reshape(batch, seq, cfg.num_heads, cfg.qk_head_dim)
+    q_nope, q_pe = q[..., :n], _rope(q[..., n:], positions, cfg)
+    kv_a = x @ params["wkv_a"]
+    c_kv = _rms_norm(kv_a[..., :r], params["kv_norm"], cfg.rms_norm_eps)
+    k_pe = _rope(kv_a[..., r:], positions, cfg)
+    return q_nope, q_pe, jnp.concatenate([c_kv, k_pe], -1)
 
 
 def _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg):
@@ -657,7 +714,7 @@ def _merge(o1, lse1, o2, lse2):
 def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
     """Decompress the cached rows chunk by chunk into per-head K [.., H, n + p]
     and V [.., H, v], attend with flash_attention, merge the chunks by LSE.
-    Only chunks below the longest row's length are visited."""
+    Only chunks below the longest row's length are computed."""
     batch, seq, h, _ = q.shape
     smax = kv.shape[1]
     chunk = min(cfg.kv_chunk, smax)
@@ -694,8 +751,14 @@ def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
         jnp.full((batch, h, seq), -jnp.inf, jnp.float32),
     )
     longest = jnp.max(jnp.clip(kv_len, 0, smax))
-    n_chunks = jnp.minimum((longest + chunk - 1) // chunk, full_chunks)
-    carry = jax.lax.fori_loop(0, n_chunks, lambda i, c: attend(c, i * chunk, chunk), init)
+
+    # Every chunk, skipping those past the longest row: a loop over a static
+    # range (a scan) differentiates, one with a traced trip count would not.
+    def step(i, carry):
+        start = i * chunk
+        return jax.lax.cond(longest > start, lambda c: attend(c, start, chunk), lambda c: c, carry)
+
+    carry = jax.lax.fori_loop(0, full_chunks, step, init)
     if tail:
         start = full_chunks * chunk
         carry = jax.lax.cond(longest > start, lambda c: attend(c, start, tail), lambda c: c, carry)

@@ -12,6 +12,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jax_mla import (
+    _autodiff,
     _backend,
     _batching,
     _capabilities,
@@ -75,6 +76,11 @@ def flash_mla(
     Returns:
       out [B, Sq, H, dv] in q's dtype; with return_lse also lse [B, H, Sq]
       float32. A query that sees no key gets out 0 and lse -inf.
+
+    Differentiation: as flash_attention's, with respect to q and kv; the V
+    gradient is added into columns [v_offset, v_offset + dv) of kv's. Over a
+    QuantizedKV kv only q gets a gradient, that of reference.mla over
+    dequantize(kv).
     """
     _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
     kv_shape, kv_fmt = _checks.check_cache(_OP, "kv", kv, 3, "[B, Skv, Dk]")
@@ -107,17 +113,22 @@ def flash_mla(
     platform = _backend.target_platform(q, cache[0])
     target = _TARGET if kv_fmt is None else _TARGET_QUANT
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
-        out, lse = reference.mla(
-            q,
-            _checks.float_cache(kv),
-            dv=dv,
-            v_offset=v_offset,
-            scale=scale,
-            causal=causal,
-            q_pos=q_pos,
-            kv_len=kv_len,
-        )
+        native_platform = None
+
+        def forward(q, kv, q_pos, kv_len):
+            return reference.mla(
+                q,
+                _checks.float_cache(kv),
+                dv=dv,
+                v_offset=v_offset,
+                scale=scale,
+                causal=causal,
+                q_pos=q_pos,
+                kv_len=kv_len,
+            )
+
     else:
+        native_platform = platform
         gpu = _backend.is_gpu(platform)
         if gpu:
             _capabilities.check_cuda_mla(_OP, q, kv, dv, v_offset)
@@ -142,7 +153,25 @@ def flash_mla(
             blocks_per_sm=blocks_per_sm,
         )
         call = _native(dv, v_offset, scale, causal, chosen, kv_code, kernel, num_splits)
-        out, lse = call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
+
+        def forward(q, kv, q_pos, kv_len):
+            cache = _checks.cache_operands(kv)
+            return call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
+
+    # Differentiable in q and a float kv (docs/design.md, "Autodiff").
+    out, lse = _autodiff.mla(
+        forward,
+        q,
+        kv,
+        q_pos,
+        kv_len,
+        op=_OP,
+        dv=dv,
+        v_offset=v_offset,
+        scale=scale,
+        causal=causal,
+        platform=native_platform,
+    )
     return (out, lse) if return_lse else out
 
 

@@ -22,6 +22,7 @@ def test_notebooks_exist():
         "benchmark.ipynb",
         "deepseek_layer.ipynb",
         "quickstart.ipynb",
+        "training.ipynb",
     ]
 
 

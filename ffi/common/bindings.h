@@ -87,4 +87,25 @@ auto MlaQuantBinding() {
       .template Attr<int64_t>("kv_fmt");
 }
 
+// jax_mla_flash_attention_bwd: (q, k, v, dout, lse, delta, q_pos, kv_len) ->
+// (dq, dk, dv), the gradients in float32 (docs/design.md, "Backward kernels").
+template <typename Ctx>
+auto AttentionBwdBinding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<Ctx>()
+      .template Arg<ffi::AnyBuffer>()         // q [B, Sq, Hq, Dk]
+      .template Arg<ffi::AnyBuffer>()         // k [B, Skv, Hkv, Dk]
+      .template Arg<ffi::AnyBuffer>()         // v [B, Skv, Hkv, Dv]
+      .template Arg<ffi::AnyBuffer>()         // dout [B, Sq, Hq, Dv]
+      .template Arg<ffi::Buffer<ffi::F32>>()  // lse [B, Hq, Sq]
+      .template Arg<ffi::Buffer<ffi::F32>>()  // delta [B, Hq, Sq]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // q_pos [B]
+      .template Arg<ffi::Buffer<ffi::S32>>()  // kv_len [B]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // dq [B, Sq, Hq, Dk]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // dk [B, Skv, Hkv, Dk]
+      .template Ret<ffi::Buffer<ffi::F32>>()  // dv [B, Skv, Hkv, Dv]
+      .template Attr<float>("scale")
+      .template Attr<bool>("causal");
+}
+
 }  // namespace jax_mla

@@ -74,6 +74,36 @@ struct AttentionParams {
   float* part_lse = nullptr;  // [B, num_splits, Sq, Hq] float32
 };
 
+// The attention backward (docs/design.md, "Backward kernels"): the gradients
+// of q, k and v from the forward's inputs, its LSE and delta =
+// rowsum(dout * out) - dlse. K and V are float caches of the query batch.
+struct AttentionBwdParams {
+  int64_t batch = 0;     // B
+  int64_t seq_q = 0;     // Sq
+  int64_t heads_q = 0;   // Hq
+  int64_t heads_kv = 0;  // Hkv, divides Hq
+  int64_t seq_kv = 0;    // Skv
+  int64_t dk = 0;        // K head dim
+  int64_t dv = 0;        // V head dim
+  float scale = 1.f;
+  bool causal = false;
+
+  const void* q = nullptr;  // [B, Sq, Hq, Dk], dtype q_dtype
+  DType q_dtype = DType::kF32;
+  RowView k;                   // K rows [B, Skv, Hkv, Dk]
+  RowView v;                   // V rows [B, Skv, Hkv, Dv]
+  const void* dout = nullptr;  // [B, Sq, Hq, Dv], dtype dout_dtype
+  DType dout_dtype = DType::kF32;
+  const float* lse = nullptr;       // [B, Hq, Sq] natural-log LSE of the scaled scores
+  const float* delta = nullptr;     // [B, Hq, Sq]
+  const int32_t* q_pos = nullptr;   // [B]
+  const int32_t* kv_len = nullptr;  // [B]
+
+  float* grad_q = nullptr;  // [B, Sq, Hq, Dk]
+  float* grad_k = nullptr;  // [B, Skv, Hkv, Dk]
+  float* grad_v = nullptr;  // [B, Skv, Hkv, Dv]
+};
+
 // Number of keys a row at query position `pos` sees, given the batch row's
 // kv_len (clamped to [0, Skv], docs/design.md) and the causal flag. Visible keys are
 // always the prefix [0, n) of the cache.

@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
+
+#include "ffi/cpu/scratch.h"
 
 namespace jax_mla::cpu {
 namespace {
@@ -15,37 +15,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool NanFillRequested() {
-  const char* env = std::getenv("JAX_MLA_DEBUG_NAN_FILL");
-  return env != nullptr && env[0] != '\0' && std::strcmp(env, "0") != 0;
-}
-
-void FillNaN(void* data, DType dtype, int64_t n) {
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (int64_t i = 0; i < n; ++i) StoreFromFloat(data, i, dtype, nan);
-}
-
 // Keys per call when several KV heads over a quantized cache go one head at a
 // time: a multiple of the key tile and of the 8-bit P group, so the calls'
 // groups are those of one long call.
 constexpr int64_t kQuantHeadsChunk = 256;
 static_assert(kQuantHeadsChunk % kKvTile == 0 && kQuantHeadsChunk % kPGroup == 0,
               "chunks must fall on tiles and P groups");
-
-// Sizes a per-thread scratch vector for a call: grown on demand and reused
-// across calls, or exactly n under AddressSanitizer, so that a kernel
-// overrunning this call's scratch is caught even after a larger call left slack.
-template <typename V>
-void Grow(V& v, size_t n) {
-#if defined(__SANITIZE_ADDRESS__)
-  if (v.size() != n) {
-    v.resize(n);
-    v.shrink_to_fit();
-  }
-#else
-  if (v.size() < n) v.resize(n);
-#endif
-}
 
 // Per-thread scratch (Grow).
 struct Scratch {
@@ -117,23 +92,6 @@ void StoreRows(const AttentionParams& p, int64_t b, int64_t hkv, int64_t group, 
       }
     }
   }
-}
-
-// The rows of (K/V batch b, KV head h) of a view.
-KvRows RowsOf(const RowView& view, int64_t b, int64_t h) {
-  KvRows rows;
-  rows.data = static_cast<const char*>(view.data) +
-              (b * view.batch_stride + h * view.head_stride) * view.UnitBytes();
-  rows.dtype = view.dtype;
-  rows.row_bytes = view.row_stride * view.UnitBytes();
-  rows.fmt = view.fmt;
-  if (view.fmt != QFormat::kNone) {
-    const int64_t sb = ScaleBytes(view.fmt);
-    rows.scales = static_cast<const char*>(view.scales) +
-                  (b * view.scale_batch_stride + h * view.scale_head_stride) * sb;
-    rows.scale_row_bytes = view.scale_row_stride * sb;
-  }
-  return rows;
 }
 
 // The rows of KV heads h, h + 1, ... of a view (8-bit: with their scales).
@@ -267,6 +225,22 @@ void Combine(const AttentionParams& p, const KernelTable& kern) {
 }
 
 }  // namespace
+
+KvRows RowsOf(const RowView& view, int64_t b, int64_t h) {
+  KvRows rows;
+  rows.data = static_cast<const char*>(view.data) +
+              (b * view.batch_stride + h * view.head_stride) * view.UnitBytes();
+  rows.dtype = view.dtype;
+  rows.row_bytes = view.row_stride * view.UnitBytes();
+  rows.fmt = view.fmt;
+  if (view.fmt != QFormat::kNone) {
+    const int64_t sb = ScaleBytes(view.fmt);
+    rows.scales = static_cast<const char*>(view.scales) +
+                  (b * view.scale_batch_stride + h * view.scale_head_stride) * sb;
+    rows.scale_row_bytes = view.scale_row_stride * sb;
+  }
+  return rows;
+}
 
 Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t seq_kv,
               int64_t num_splits) {

@@ -36,6 +36,9 @@ struct Plan {
   int64_t items = 0;
 };
 
+// The rows of (K/V batch b, KV head h) of a view.
+KvRows RowsOf(const RowView& view, int64_t b, int64_t h);
+
 // Splits cover whole key tiles, so trailing splits may be empty (their LSE is
 // -inf and the merge ignores them).
 Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, int64_t seq_kv,

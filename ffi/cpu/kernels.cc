@@ -25,11 +25,13 @@
 // The pieces live in ffi/cpu/kernels/, one job per header, all compiled here:
 // common.h (shared helpers), tile.h and tile_float.h (steps 1-4),
 // tile_q8_avx512.h and tile_q8_avx2.h (their 8-bit forms), gemv.h and dot_q8.h
-// (AttendFew), heads.h and heads_q8.h (several KV heads), direct.h.
+// (AttendFew), heads.h and heads_q8.h (several KV heads), direct.h, and
+// backward.h (the backward's two work items).
 #include "ffi/cpu/kernels.h"
 
 #include <algorithm>
 
+#include "ffi/cpu/kernels/backward.h"
 #include "ffi/cpu/kernels/common.h"
 #include "ffi/cpu/kernels/direct.h"
 #include "ffi/cpu/kernels/gemv.h"
@@ -217,7 +219,13 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 }  // namespace
 
 extern const KernelTable kKernels;
-const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA), &Attend,  &AttendHeadsAny,
-                              &AttendHeadsQ8,           &ToFloat, &Merge};
+const KernelTable kKernels = {JAX_MLA_STR(JAX_MLA_ISA),
+                              &Attend,
+                              &AttendHeadsAny,
+                              &AttendHeadsQ8,
+                              &AttendBwdKv,
+                              &AttendBwdQ,
+                              &ToFloat,
+                              &Merge};
 
 }  // namespace jax_mla::cpu::JAX_MLA_ISA

@@ -3,6 +3,7 @@
 // once per ISA level in ffi/cpu/kernels.cc and chosen at run time, isa.cc).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -46,6 +47,20 @@ struct KvHeads {
   int64_t scale_head_bytes = 0;
 };
 
+// The backward's view of one (batch, query head): position i's query (Dk
+// values) at q + i * q_stride and its output gradient (Dv values) at
+// dout + i * dout_stride, in elements of their dtypes; its LSE and delta.
+struct BwdQuery {
+  const void* q = nullptr;
+  DType q_dtype = DType::kF32;
+  int64_t q_stride = 0;
+  const void* dout = nullptr;
+  DType dout_dtype = DType::kF32;
+  int64_t dout_stride = 0;
+  const float* lse = nullptr;    // [Sq]
+  const float* delta = nullptr;  // [Sq]
+};
+
 struct KernelTable {
   const char* isa;
   // Online-softmax attention of `rows` over keys [kv_begin, max(rows.end)),
@@ -67,6 +82,24 @@ struct KernelTable {
   // AttendHeadsQ8ScratchFloats(n_heads, n_rows, dk, dv) floats.
   void (*attend_heads_q8)(const RowBlock* rows, int64_t n_heads, const KvHeads& k, const KvHeads& v,
                           int64_t dk, int64_t dv, int64_t kv_begin, float* scratch);
+  // The backward (kernels/backward.h), each result element written by one
+  // call. end[i] is the number of keys position i sees (nondecreasing in i);
+  // a row whose LSE is -inf sees none. Keys at or past a row's end are never
+  // read.
+  // dK and dV of keys [j0, j1) (j1 - j0 <= kBwdKeys) of one (batch, KV head)
+  // over every position of the heads[g], g < n_heads, that share it: rows j0
+  // to j1 of grad_k and grad_v (row t at grad_k + t * gk_stride, ...), k and
+  // v's row 0 at key 0. `scratch` holds BwdKvScratchFloats(dk, dv) floats.
+  void (*attend_bwd_kv)(const BwdQuery* heads, int64_t n_heads, const int64_t* end, int64_t seq_q,
+                        const KvRows& k, const KvRows& v, int64_t dk, int64_t dv, float scale,
+                        int64_t j0, int64_t j1, float* grad_k, int64_t gk_stride, float* grad_v,
+                        int64_t gv_stride, float* scratch);
+  // dQ of positions [i0, i1) (i1 - i0 <= kBwdRows) of one (batch, query
+  // head): rows i0 to i1 of grad_q (row i at grad_q + i * gq_stride).
+  // `scratch` holds BwdQScratchFloats(dk, dv) floats.
+  void (*attend_bwd_q)(const BwdQuery& head, const int64_t* end, int64_t i0, int64_t i1,
+                       const KvRows& k, const KvRows& v, int64_t dk, int64_t dv, float scale,
+                       float* grad_q, int64_t gq_stride, float* scratch);
   // dst[i] = float(src[i]) for i < n.
   void (*to_float)(const void* src, DType dtype, float* dst, int64_t n);
   // The split merge of one output row: dst[i] = sum_s w[s] * src[s][i] for
@@ -118,6 +151,27 @@ inline size_t AttendScratchFloats(int64_t dk, int64_t dv, int64_t n_rows) {
   const int64_t nbv = (dv + kQBlock - 1) / kQBlock;
   return size_t(dk * rp + kKvTile * (dk + dv + kTilePad + rp) + 4 * rp +
                 nbv * (kKvTile * (rp + 1) + rp));
+}
+
+// The backward's blocks: query rows per dQ work item and keys per dK/dV work
+// item (multiples of the widest vector, 16 floats).
+inline constexpr int64_t kBwdRows = 64;
+inline constexpr int64_t kBwdKeys = 64;
+static_assert(kBwdRows % 16 == 0 && kBwdKeys % 16 == 0, "blocks are whole vectors");
+
+// attend_bwd_kv: K and V transposed [dk + dv, keys], the block's queries
+// (scaled) and output gradients [rows, dk + dv], the scores and their
+// gradients [rows, keys] each, and one converted row.
+inline size_t BwdKvScratchFloats(int64_t dk, int64_t dv) {
+  return size_t((dk + dv) * (kBwdKeys + kBwdRows) + 2 * kBwdRows * kBwdKeys + std::max(dk, dv));
+}
+
+// attend_bwd_q: Q and dO transposed [dk + dv, rows], a K and V tile
+// [keys, dk + dv], the tile's scores and their gradients [keys, rows] each,
+// three values per row (LSE, delta, keys seen), and one converted row.
+inline size_t BwdQScratchFloats(int64_t dk, int64_t dv) {
+  return size_t((dk + dv) * (kBwdRows + kBwdKeys) + 2 * kBwdKeys * kBwdRows + 3 * kBwdRows +
+                std::max(dk, dv));
 }
 
 // The kernels for the ISA chosen by JAX_MLA_CPU_ISA (auto|avx2|avx512|generic,

@@ -21,6 +21,7 @@ NB_MODULE(_cpu, m) {
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMla);
     d["jax_mla_flash_attention_quant"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionQuant);
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMlaQuant);
+    d["jax_mla_flash_attention_bwd"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionBwd);
     return d;
   });
   m.def(

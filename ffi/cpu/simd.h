@@ -87,6 +87,10 @@ inline constexpr int kPvVecs = 4;      // PV: value vectors (x16 dims) per block
 inline constexpr bool kDirect = true;
 inline constexpr int kPvDirectRows = 16;
 inline constexpr int kPvDirectVecs = 1;
+// The backward's GEMMs (kernels/backward.h, Gemm): broadcast rows and lane
+// vectors per block, 24 accumulators.
+inline constexpr int kGemmRows = 6;
+inline constexpr int kGemmVecs = 4;
 
 #elif defined(__AVX2__)
 
@@ -158,6 +162,9 @@ inline constexpr int kPvVecs = 3;
 inline constexpr bool kDirect = true;
 inline constexpr int kPvDirectRows = 6;
 inline constexpr int kPvDirectVecs = 2;
+// 12 accumulators, 15 registers with the two loaded vectors and a broadcast.
+inline constexpr int kGemmRows = 6;
+inline constexpr int kGemmVecs = 2;
 
 #else  // generic: plain loops the compiler may vectorize for the baseline ISA
 
@@ -231,6 +238,8 @@ inline constexpr int kPvVecs = 2;
 inline constexpr bool kDirect = false;
 inline constexpr int kPvDirectRows = 4;
 inline constexpr int kPvDirectVecs = 1;
+inline constexpr int kGemmRows = 4;
+inline constexpr int kGemmVecs = 2;
 
 #endif
 
