@@ -661,3 +661,29 @@ def test_grad_uneven_splits(rng):
 
     got = jax.jit(constrained(g, (None, "x", "y")))(q, kv)
     assert_grads(got, jax.jit(g)(q, kv), q.dtype, ["dq", "dkv"])
+
+
+def test_grad_inside_shard_map(rng):
+    # The shard_map recipe, differentiated: each device's backward over its
+    # slice, merge_attention's transpose (check_vma=False: docs/sharding.md).
+    q, kv, _, kv_len = mla_inputs(rng, 4, 2, 4, 160, [160, 9, 0, 100], dk=64)
+
+    @jax.shard_map(
+        mesh=MESH_2D, in_specs=(P("x"), P("x", "y"), P("x")), out_specs=P("x"), check_vma=False
+    )
+    def context(q, kv, kv_len):
+        rows = kv.shape[1]
+        start = jax.lax.axis_index("y") * rows
+        out, lse = mla(
+            q,
+            kv,
+            kv_len - q.shape[1] - start,
+            jnp.clip(kv_len - start, 0, rows),
+            dv=32,
+            causal=True,
+        )
+        return jax_mla.merge_attention(out, lse, "y")[0]
+
+    unsplit = lambda q, kv, kv_len: mla(q, kv, None, kv_len, dv=32, causal=True)[0]
+    grads = lambda f: jax.jit(jax.grad(lambda q, kv: jnp.sum(jnp.sin(f(q, kv, kv_len))), (0, 1)))
+    assert_grads(grads(context)(q, kv), grads(unsplit)(q, kv), q.dtype, ["dq", "dkv"])
