@@ -6,7 +6,10 @@ jit with NamedSharding inputs, shard_map with merge_attention, vmap, and the
 DeepSeek layer. Results must equal the single-device ones at the kernels'
 tolerances, and the compiled HLO must move no cache: no collective at all
 for batch-, head- and query-split calls, and only the LSE merge's, of
-O(B * Sq * H * Dv) values, for context-parallel ones."""
+O(B * Sq * H * Dv) values, for context-parallel ones. Gradients (jax.vjp
+under jit) must equal the single-device ones, their HLO hold only the
+all-reduces of the backward's sums, and never a device's slice of a cache
+for context splits."""
 
 from __future__ import annotations
 
