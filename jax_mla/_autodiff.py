@@ -149,10 +149,18 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
         )
 
     def call(q, leaves, q_pos, kv_len):
-        return forward(q, rebuild(leaves), q_pos, kv_len)
+        out, lse = forward(q, rebuild(leaves), q_pos, kv_len)
+        axes = _varying_axes(q, leaves, q_pos, kv_len)
+        return _vary(out, axes), _vary(lse, axes)
 
     def run_backward(q, leaves, out, lse, dout, dlse, q_pos, kv_len):
         dq, dcaches = backward(q, rebuild(leaves), out, lse, dout, dlse, q_pos, kv_len)
+        axes = _varying_axes(q, leaves, q_pos, kv_len)
+        dq = _input_gradient(dq, q, axes)
+        dcaches = tuple(
+            None if d is None else _input_gradient(d, parts[0], axes)
+            for d, parts in zip(dcaches, leaves)
+        )
         # A placeholder for a quantized cache's gradient keeps the outputs arrays.
         return dq, tuple(jnp.zeros((0,), jnp.float32) if d is None else d for d in dcaches)
 
@@ -188,6 +196,33 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
 
     f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f(q, leaves, q_pos, kv_len)
+
+
+# Inside shard_map (check_vma), JAX types each value by the manual axes it
+# varies over. An FFI call's results are typed as varying over none, so the
+# op's results are cast to vary over every axis their inputs vary over (else
+# JAX transposes the collectives after them wrongly), and each gradient is
+# summed over the axes its input does not vary over, as the transpose of
+# JAX's own implicit cast would. Outside shard_map there are no such axes.
+
+
+def _varying_axes(*inputs) -> frozenset:
+    axes: set = set()
+    for a in jax.tree_util.tree_leaves(inputs):
+        axes |= set(jax.typeof(a).mat.varying)
+    return frozenset(axes)
+
+
+def _vary(x, axes: frozenset):
+    missing = tuple(sorted(axes - set(jax.typeof(x).mat.varying)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _input_gradient(grad, x, axes: frozenset):
+    """grad (computed on each device) as the gradient of input x."""
+    summed = tuple(sorted(axes - set(jax.typeof(x).mat.varying)))
+    grad = _vary(grad, axes)
+    return jax.lax.psum(grad, summed) if summed else grad
 
 
 def _first_order_only(op: str, fn: Callable) -> Callable:

@@ -666,13 +666,19 @@ def test_grad_uneven_splits(rng):
     assert_grads(got, jax.jit(g)(q, kv), q.dtype, ["dq", "dkv"])
 
 
-def test_grad_inside_shard_map(rng):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["check_vma", "no-check_vma"])
+def test_grad_inside_shard_map(rng, check_vma):
     # The shard_map recipe, differentiated: each device's backward over its
-    # slice, merge_attention's transpose (check_vma=False: docs/sharding.md).
+    # slice, merge_attention's transpose, and q's gradient summed over the
+    # context axis q does not vary over (by the op under check_vma, by JAX's
+    # psum transpose without it).
     q, kv, _, kv_len = mla_inputs(rng, 4, 2, 4, 160, [160, 9, 0, 100], dk=64)
 
     @jax.shard_map(
-        mesh=MESH_2D, in_specs=(P("x"), P("x", "y"), P("x")), out_specs=P("x"), check_vma=False
+        mesh=MESH_2D,
+        in_specs=(P("x"), P("x", "y"), P("x")),
+        out_specs=P("x"),
+        check_vma=check_vma,
     )
     def context(q, kv, kv_len):
         rows = kv.shape[1]
