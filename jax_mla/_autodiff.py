@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _batching, _ffi
+from jax_mla import _batching, _ffi, _sharding
 from jax_mla.quant import QuantizedKV, dequantize
 
 TARGET_BWD = "jax_mla_flash_attention_bwd"
@@ -76,7 +76,9 @@ def attention(
         k, v = caches
         if platform is not None and has_native_backward(platform) and not _quantized(k, v):
             delta = _delta(out, dout, dlse)
-            dq, dk, dv = _native_backward(scale, causal)(q, k, v, dout, lse, delta, q_pos, kv_len)
+            dq, dk, dv = _native_backward(op, scale, causal)(
+                q, k, v, dout, lse, delta, q_pos, kv_len
+            )
         else:
             dq, dk, dv = _blockwise_backward(
                 q, k, v, out, lse, dout, dlse, q_pos, kv_len, scale, causal
@@ -114,7 +116,9 @@ def mla(
         if platform is not None and has_native_backward(platform) and not _quantized(k):
             v = kv[:, :, None, v_offset : v_offset + dv]
             delta = _delta(out, dout, dlse)
-            dq, dk, dvv = _native_backward(scale, causal)(q, k, v, dout, lse, delta, q_pos, kv_len)
+            dq, dk, dvv = _native_backward(op, scale, causal)(
+                q, k, v, dout, lse, delta, q_pos, kv_len
+            )
         else:
             dq, dk, dvv = _blockwise_backward(
                 q, k, (v_offset, dv), out, lse, dout, dlse, q_pos, kv_len, scale, causal
@@ -145,10 +149,18 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
         )
 
     def call(q, leaves, q_pos, kv_len):
-        return forward(q, rebuild(leaves), q_pos, kv_len)
+        out, lse = forward(q, rebuild(leaves), q_pos, kv_len)
+        axes = _varying_axes(q, leaves, q_pos, kv_len)
+        return _vary(out, axes), _vary(lse, axes)
 
     def run_backward(q, leaves, out, lse, dout, dlse, q_pos, kv_len):
         dq, dcaches = backward(q, rebuild(leaves), out, lse, dout, dlse, q_pos, kv_len)
+        axes = _varying_axes(q, leaves, q_pos, kv_len)
+        dq = _input_gradient(dq, q, axes)
+        dcaches = tuple(
+            None if d is None else _input_gradient(d, parts[0], axes)
+            for d, parts in zip(dcaches, leaves)
+        )
         # A placeholder for a quantized cache's gradient keeps the outputs arrays.
         return dq, tuple(jnp.zeros((0,), jnp.float32) if d is None else d for d in dcaches)
 
@@ -186,6 +198,33 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
     return f(q, leaves, q_pos, kv_len)
 
 
+# Inside shard_map (check_vma), JAX types each value by the manual axes it
+# varies over. An FFI call's results are typed as varying over none, so the
+# op's results are cast to vary over every axis their inputs vary over (else
+# JAX transposes the collectives after them wrongly), and each gradient is
+# summed over the axes its input does not vary over, as the transpose of
+# JAX's own implicit cast would. Outside shard_map there are no such axes.
+
+
+def _varying_axes(*inputs) -> frozenset:
+    axes: set = set()
+    for a in jax.tree_util.tree_leaves(inputs):
+        axes |= set(jax.typeof(a).mat.varying)
+    return frozenset(axes)
+
+
+def _vary(x, axes: frozenset):
+    missing = tuple(sorted(axes - set(jax.typeof(x).mat.varying)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _input_gradient(grad, x, axes: frozenset):
+    """grad (computed on each device) as the gradient of input x."""
+    summed = tuple(sorted(axes - set(jax.typeof(x).mat.varying)))
+    grad = _vary(grad, axes)
+    return jax.lax.psum(grad, summed) if summed else grad
+
+
 def _first_order_only(op: str, fn: Callable) -> Callable:
     """fn as a custom_jvp whose rule raises."""
     fn = jax.custom_jvp(fn)
@@ -218,20 +257,28 @@ def _delta(out, dout, dlse) -> jax.Array:
 
 
 @functools.cache
-def _native_backward(scale: float, causal: bool):
+def _native_backward(op: str, scale: float, causal: bool):
     """The FFI call of jax_mla_flash_attention_bwd (the contract is in
     docs/design.md, "Autodiff"): (q, k, v, dout, lse, delta, q_pos, kv_len)
-    -> (dq, dk, dv) float32 (the callers cast them to the inputs' dtypes)."""
+    -> (dq, dk, dv) float32 (the callers cast them to the inputs' dtypes),
+    with sharding rules like the forward's (_sharding.partitioned_backward)."""
     attrs = dict(scale=np.float32(scale), causal=np.bool_(causal))  # C++ float, bool
 
-    @jax.custom_batching.custom_vmap
-    def call(q, k, v, dout, lse, delta, q_pos, kv_len):
+    def ffi(q, k, v, dout, lse, delta, q_pos, kv_len):
         out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-        kv_len = jnp.clip(kv_len, 0, k.shape[1])  # the contract's range (C++ clamps again)
         # vmap never reaches the FFI call: custom_vmap's rule below folds it.
         return jax.ffi.ffi_call(TARGET_BWD, out_types, vmap_method="sequential")(
             q, k, v, dout, lse, delta, q_pos, kv_len, **attrs
         )
+
+    sharded = _sharding.partitioned_backward(op, ffi)
+
+    @jax.custom_batching.custom_vmap
+    def call(q, k, v, dout, lse, delta, q_pos, kv_len):
+        # The contract's range over the global keys (C++ clamps again); a
+        # context split's keys past it are then past every device's kv_len.
+        kv_len = jnp.clip(kv_len, 0, k.shape[1])
+        return sharded(q, k, v, dout, lse, delta, q_pos, kv_len)
 
     @call.def_vmap
     def rule(axis_size, in_batched, *args):

@@ -39,7 +39,8 @@ def merge_attention(
     Returns:
       (out [B, Sq, H, Dv] in out's dtype, lse [B, H, Sq] float32), the same
       on every device of the axis. The merge computes in float32; an out in
-      float16 or bfloat16 is rounded once more than a single call's.
+      float16 or bfloat16 is rounded once more than a single call's. It is
+      differentiable (jax.grad through it reaches each device's out and lse).
     """
     _checks.check_float_array(_OP, "out", out, 4, "[B, Sq, H, Dv]")
     _checks.check_float_array(_OP, "lse", lse, 3, "[B, H, Sq]")
@@ -50,7 +51,9 @@ def merge_attention(
             f"{tuple(out.shape)}), got {tuple(lse.shape)}"
         )
     lse = lse.astype(jnp.float32)
-    top = lax.pmax(lse, axis_name)
+    # The shift cancels out of both results, so it carries no gradient; stopped,
+    # since pmax has no differentiation rule.
+    top = lax.pmax(lax.stop_gradient(lse), axis_name)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # all -inf: every weight is 0
     weight = jnp.moveaxis(jnp.exp(lse - top), 1, 2)[..., None]  # [B, Sq, H, 1]
     # The weighted outputs and the weights travel in one all-reduce.

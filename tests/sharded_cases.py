@@ -6,7 +6,10 @@ jit with NamedSharding inputs, shard_map with merge_attention, vmap, the
 DeepSeek layer, and `python -m jax_mla --sharded`. Results must equal the
 single-device ones at the kernels' tolerances, and the compiled HLO must move
 no cache: no collective at all for batch-, head- and query-split calls, and
-only the LSE merge's, of O(B * Sq * H * Dv) values, for context-parallel ones."""
+only the LSE merge's, of O(B * Sq * H * Dv) values, for context-parallel ones.
+Gradients (jax.vjp under jit) must equal the single-device ones, their HLO
+hold only the all-reduces of the backward's sums, and never a device's slice
+of a cache for context splits."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from jax_mla import deepseek as ds
 from jax_mla.bench import cases, cli, ops, sharded
 
 from .conftest import F32_TOL, KV_TILE, assert_close, cache, randn
+from .test_grad import assert_grad_close
 
 if jax.device_count() < 8:
     raise RuntimeError(
@@ -55,9 +59,14 @@ _COLLECTIVE = re.compile(
 
 
 def collectives(f, *args) -> list[tuple[str, int]]:
+    """compiled_collectives of jit(f) for *args."""
+    return compiled_collectives(jax.jit(f).lower(*args).compile())
+
+
+def compiled_collectives(compiled) -> list[tuple[str, int]]:
     """(kind, elements of its largest result) for each collective in the
-    compiled HLO of jit(f)(*args)."""
-    text = jax.jit(f).lower(*args).compile().as_text()
+    HLO of a compiled function."""
+    text = compiled.as_text()
     found = []
     for types, kind in _COLLECTIVE.findall(text):
         sizes = [
@@ -534,3 +543,198 @@ def test_sharded_benchmark_fails_on_a_failing_check(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "FAILED CHECK: tg@8 B=8 H=16 flash_mla f16 split one device" in err
     assert "FAILED CHECK: tg@8 B=8 H=16 flash_mla f16 split context" in err
+
+
+# ------------------------------------------------------------------ gradients
+
+
+def vjp_under_jit(f, n_inputs: int):
+    """jit of the VJP of f's (out, lse) with respect to its first n_inputs
+    arguments, the cotangents as arguments: no loss reduction adds a
+    collective of its own to the compiled HLO."""
+
+    def grads(cts, *args):
+        diff, rest = args[:n_inputs], args[n_inputs:]
+        _, pullback = jax.vjp(lambda *d: f(*d, *rest), *diff)
+        return pullback(cts)
+
+    return grads
+
+
+def cotangents(rng, out, lse):
+    return randn(rng, out.shape, out.dtype), randn(rng, lse.shape, jnp.float32)
+
+
+def assert_grads(got, want, q_dtype, names):
+    for g, w, name in zip(got, want, names):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_grad_close(g, np.asarray(w, np.float64), q_dtype, name)
+
+
+# (mesh, q spec, kv spec, [B, Sq, H], summed): the gradient of a batch split
+# needs no communication, that of a head or query split one all-reduce of
+# the cache's gradient (summed: the latent cache is replicated along them).
+MLA_GRAD_SPLITS = {
+    "batch-1d": (MESH_1D, ("d",), ("d",), (8, 2, 2), False),
+    "queries-1d": (MESH_1D, (None, "d"), (), (1, 16, 2), True),
+    "batch-heads-2d": (MESH_2D, ("x", None, "y"), ("x",), (2, 3, 4), True),
+}
+
+
+@pytest.mark.parametrize("split", MLA_GRAD_SPLITS.values(), ids=MLA_GRAD_SPLITS.keys())
+def test_mla_grad_split(rng, split):
+    m, q_spec, kv_spec, (batch, seq_q, heads), summed = split
+    lens = [70, 37, 0, 64, 1, 69, 70, 12][:batch]
+    q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, 70, lens, dk=128)
+    f = lambda q, kv, q_pos, kv_len: mla(q, kv, q_pos, kv_len, dv=64, causal=True)
+    cts = cotangents(rng, *f(q, kv, q_pos, kv_len))
+    g = vjp_under_jit(f, 2)
+    want = jax.jit(g)(cts, q, kv, q_pos, kv_len)
+    args = (cts, put(q, m, *q_spec), put(kv, m, *kv_spec), q_pos, kv_len)
+    compiled = jax.jit(g).lower(*args).compile()
+    got = compiled(*args)
+    assert_grads(got, want, q.dtype, ["dq", "dkv"])
+    assert padded(got[0].sharding.spec) == padded(q_spec[:3])  # dq follows q
+    assert padded(got[1].sharding.spec, 3) == padded(kv_spec, 3)  # dkv follows kv
+    found = compiled_collectives(compiled)
+    if summed:  # of the cache's size: inherent, but never a gather
+        assert found and all(kind == "all-reduce" for kind, _ in found), found
+    else:
+        assert found == [], found
+
+
+# (mesh, q spec, k/v spec, [B, Sq, Hq, Hkv]): MHA and GQA's KV heads split
+# with their query heads need no communication; KV heads fewer than the
+# devices (each device slices the one its query heads read) or one KV head
+# for all sum the caches' gradients in one all-reduce.
+ATTENTION_GRAD_SPLITS = {
+    "batch-1d": (MESH_1D, ("d",), ("d",), (8, 3, 4, 2)),
+    "gqa-heads-with-kv-2d": (MESH_2D, ("y", None, "x"), ("y", None, "x"), (4, 3, 8, 2)),
+    "gqa-heads-slice-kv-2d": (MESH_2D, (None, None, "y"), (), (2, 3, 8, 2)),
+    "mqa-heads-1d": (MESH_1D, (None, None, "d"), (), (1, 2, 8, 1)),
+}
+
+
+@pytest.mark.parametrize("split", ATTENTION_GRAD_SPLITS.values(), ids=ATTENTION_GRAD_SPLITS.keys())
+def test_attention_grad_split(rng, split):
+    m, q_spec, kv_spec, (batch, seq_q, heads_q, heads_kv) = split
+    lens = jnp.asarray([50, 7, 0, 33, 1, 49, 20, 50][:batch], jnp.int32)
+    q = randn(rng, (batch, seq_q, heads_q, 64), jnp.float32)
+    k = cache(rng, (batch, 50, heads_kv, 64), jnp.float32, lens)
+    v = cache(rng, (batch, 50, heads_kv, 32), jnp.float32, lens)
+    q_pos = lens - seq_q
+    f = lambda q, k, v, q_pos, kv_len: attention(q, k, v, q_pos, kv_len, causal=True)
+    cts = cotangents(rng, *f(q, k, v, q_pos, lens))
+    g = vjp_under_jit(f, 3)
+    want = jax.jit(g)(cts, q, k, v, q_pos, lens)
+    args = (cts, put(q, m, *q_spec), put(k, m, *kv_spec), put(v, m, *kv_spec), q_pos, lens)
+    compiled = jax.jit(g).lower(*args).compile()
+    got = compiled(*args)
+    assert_grads(got, want, q.dtype, ["dq", "dk", "dv"])
+    found = compiled_collectives(compiled)
+    if kv_spec:  # the caches split with the queries: nothing to sum
+        assert found == [], found
+    else:
+        assert found and all(kind == "all-reduce" for kind, _ in found), found
+
+
+# (mesh, q spec, kv spec, [B, Sq, H], Skv, dtype): the cache's sequence split,
+# alone and with the batch or the heads; slices of 37 keys.
+MLA_GRAD_CONTEXT = {
+    "decode-1d-f32": (MESH_1D, (), (None, "d"), (3, 1, 4), 296, jnp.float32),
+    "chunk-batch-2d-bf16": (MESH_2D, ("x",), ("x", "y"), (2, 5, 2), 148, jnp.bfloat16),
+    "chunk-heads-2d-f32": (MESH_2D, (None, None, "x"), (None, "y"), (1, 3, 4), 148, jnp.float32),
+}
+
+
+@pytest.mark.parametrize("split", MLA_GRAD_CONTEXT.values(), ids=MLA_GRAD_CONTEXT.keys())
+def test_mla_grad_context_parallel(rng, split):
+    m, q_spec, kv_spec, (batch, seq_q, heads), seq_kv, dtype = split
+    lens = [seq_kv, 40, 0][:batch]
+    q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, seq_kv, lens, dtype, dk=128)
+    f = lambda q, kv, q_pos, kv_len: mla(q, kv, q_pos, kv_len, dv=64, causal=True)
+    cts = cotangents(rng, *f(q, kv, q_pos, kv_len))
+    g = vjp_under_jit(f, 2)
+    want = jax.jit(g)(cts, q, kv, q_pos, kv_len)
+    args = (cts, put(q, m, *q_spec), put(kv, m, *kv_spec), q_pos, kv_len)
+    compiled = jax.jit(g).lower(*args).compile()
+    got = compiled(*args)
+    assert_grads(got, want, dtype, ["dq", "dkv"])
+    assert padded(got[1].sharding.spec, 3) == padded(kv_spec, 3)  # dkv stays split
+    # The merge's and dq's all-reduces (and, with the heads split, the
+    # latent cache gradient's over them): none carries a device's keys.
+    local_cache = math.prod(args[2].sharding.shard_shape(kv.shape))
+    found = compiled_collectives(compiled)
+    assert found and all(kind == "all-reduce" and n <= local_cache for kind, n in found), found
+    if not q_spec[2:]:
+        assert all(n < local_cache for _, n in found), found
+
+
+def test_attention_grad_context_parallel(rng):
+    # Context over y, the KV heads (and their query heads) over x.
+    batch, seq_q, heads_q, heads_kv, seq_kv = 2, 4, 8, 2, 204
+    lens = jnp.asarray([204, 61], jnp.int32)
+    q = randn(rng, (batch, seq_q, heads_q, 64), jnp.float32)
+    k = cache(rng, (batch, seq_kv, heads_kv, 64), jnp.float32, lens)
+    v = cache(rng, (batch, seq_kv, heads_kv, 32), jnp.float32, lens)
+    q_pos = lens - seq_q
+    f = lambda q, k, v, q_pos, kv_len: attention(q, k, v, q_pos, kv_len, causal=True)
+    cts = cotangents(rng, *f(q, k, v, q_pos, lens))
+    g = vjp_under_jit(f, 3)
+    want = jax.jit(g)(cts, q, k, v, q_pos, lens)
+    kv_spec = (None, "y", "x")
+    q_split = put(q, MESH_2D, None, None, "x")
+    args = (cts, q_split, put(k, MESH_2D, *kv_spec), put(v, MESH_2D, *kv_spec), q_pos, lens)
+    compiled = jax.jit(g).lower(*args).compile()
+    got = compiled(*args)
+    assert_grads(got, want, q.dtype, ["dq", "dk", "dv"])
+    local_cache = math.prod(args[3].sharding.shard_shape(v.shape))  # v's slice, the smaller
+    found = compiled_collectives(compiled)
+    assert found and all(kind == "all-reduce" and n < local_cache for kind, n in found), found
+
+
+def test_grad_uneven_splits(rng):
+    # 3 queries over 2 devices and 6 heads over 4 around a replicated latent
+    # cache. The cotangents are computed inside jit on the padded shards, so
+    # XLA's padding holds garbage (cos(0) = 1), which must not add into dkv.
+    q, kv, q_pos, kv_len = mla_inputs(rng, 2, 3, 6, 40, [40, 17], dk=64)
+    f = lambda q, kv: mla(q, kv, q_pos, kv_len, dv=32, causal=True)
+
+    def g(q, kv):
+        outs, pullback = jax.vjp(f, q, kv)
+        return pullback(jax.tree_util.tree_map(jnp.cos, outs))
+
+    got = jax.jit(constrained(g, (None, "x", "y")))(q, kv)
+    assert_grads(got, jax.jit(g)(q, kv), q.dtype, ["dq", "dkv"])
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["check_vma", "no-check_vma"])
+def test_grad_inside_shard_map(rng, check_vma):
+    # The shard_map recipe, differentiated: each device's backward over its
+    # slice, merge_attention's transpose, and q's gradient summed over the
+    # context axis q does not vary over (by the op under check_vma, by JAX's
+    # psum transpose without it).
+    q, kv, _, kv_len = mla_inputs(rng, 4, 2, 4, 160, [160, 9, 0, 100], dk=64)
+
+    @jax.shard_map(
+        mesh=MESH_2D,
+        in_specs=(P("x"), P("x", "y"), P("x")),
+        out_specs=P("x"),
+        check_vma=check_vma,
+    )
+    def context(q, kv, kv_len):
+        rows = kv.shape[1]
+        start = jax.lax.axis_index("y") * rows
+        out, lse = mla(
+            q,
+            kv,
+            kv_len - q.shape[1] - start,
+            jnp.clip(kv_len - start, 0, rows),
+            dv=32,
+            causal=True,
+        )
+        return jax_mla.merge_attention(out, lse, "y")[0]
+
+    unsplit = lambda q, kv, kv_len: mla(q, kv, None, kv_len, dv=32, causal=True)[0]
+    grads = lambda f: jax.jit(jax.grad(lambda q, kv: jnp.sum(jnp.sin(f(q, kv, kv_len))), (0, 1)))
+    assert_grads(grads(context)(q, kv), grads(unsplit)(q, kv), q.dtype, ["dq", "dkv"])

@@ -18,6 +18,7 @@ import pytest
 import jax_mla
 
 from .conftest import assert_close, cache, randn
+from .test_grad import assert_grad_close
 
 
 def split_keys(q, kv, kv_len, parts: int, **kw):
@@ -60,6 +61,34 @@ def test_merge_attention_equals_the_unsplit_call(rng, dtype, causal):
         assert_close(part_lse, want[1], jnp.float32)
         assert part_out.dtype == dtype and part_lse.dtype == jnp.float32
     assert (np.asarray(got[0][:, 2]) == 0).all() and np.isneginf(np.asarray(got[1][:, 2])).all()
+
+
+def test_merge_attention_gradient(rng):
+    # jax.grad through the parts and their merge equals the unsplit call's
+    # (the merge's max shift cancels, so it carries no gradient).
+    q = randn(rng, (2, 3, 2, 64), jnp.float32)
+    kv_len = jnp.asarray([160, 50], jnp.int32)
+    kv = cache(rng, (2, 160, 64), jnp.float32, kv_len)
+    merge = jax.vmap(lambda o, s: jax_mla.merge_attention(o, s, "i"), axis_name="i")
+
+    def loss(out, lse):
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
+
+    def split(q, kv):
+        out, lse = merge(*split_keys(q, kv, kv_len, 4, dv=32, causal=True))
+        return loss(out[1], lse[1])
+
+    def unsplit(q, kv):
+        return loss(
+            *jax_mla.flash_mla(
+                q, kv, dv=32, causal=True, kv_len=kv_len, return_lse=True, backend="native"
+            )
+        )
+
+    got = jax.jit(jax.grad(split, (0, 1)))(q, kv)
+    want = jax.jit(jax.grad(unsplit, (0, 1)))(q, kv)
+    for g, w, name in zip(got, want, ["dq", "dkv"]):
+        assert_grad_close(g, np.asarray(w, np.float64), jnp.float32, name)
 
 
 def test_merge_attention_errors():
