@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 
 import jax_mla
-from jax_mla.bench import cases, layer, ops, report, sharded, timing
+from jax_mla.bench import cases, layer, ops, report, sharded
 
 
 def _names(allowed):
@@ -192,12 +192,7 @@ def main(argv=None) -> int:
         for row in ops.run_case(case, platform, budget_s):
             print(report.table_row(row), flush=True)
             rows.append(row)
-    noisy = [r.other_load for r in rows if timing.disturbed(r.other_load)]
-    if noisy:
-        print(
-            f"* timed while other processes kept up to {max(noisy):.1f} cores busy: rerun on "
-            "a quiet machine"
-        )
+    report.print_load_note(rows)
     model_rows, mem_rows = [], []
     if not args.no_model:
         if platform == "cpu":

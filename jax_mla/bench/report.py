@@ -193,44 +193,63 @@ COLUMNS = (
 LEFT = {"test", "op", "cache", "backend"}
 
 
-def _cell(row: Row, name: str, fmt: str) -> str:
-    value = getattr(row, name)
-    if value is None or (isinstance(value, float) and math.isnan(value) and name != "err"):
-        return ""
-    text = fmt.format(value)
-    if name == "err" and failed(row):
-        return text + " FAIL"
-    if name == "ms" and timing.disturbed(row.other_load):
-        return text + " *"
-    return text
+class Table:
+    """A markdown table printed a row at a time: columns of (field, title,
+    width, format), the fields in `left` left-aligned. A row whose check
+    failed gets FAIL after its err, and a time taken under load a *."""
 
+    def __init__(self, columns, left):
+        self.columns, self.left = columns, frozenset(left)
 
-def _line(values) -> str:
-    return (
-        "| "
-        + " | ".join(
-            f"{v:{'<' if name in LEFT else '>'}{width}}"
-            for v, (name, _, width, _) in zip(values, COLUMNS)
+    def _line(self, values) -> str:
+        cells = (
+            f"{v:{'<' if name in self.left else '>'}{width}}"
+            for v, (name, _, width, _) in zip(values, self.columns)
         )
-        + " |"
-    )
+        return "| " + " | ".join(cells) + " |"
+
+    def head(self) -> str:
+        """The title line and rule, like llama-bench's."""
+        rule = " | ".join(
+            "-" * w if name in self.left else "-" * (w - 1) + ":" for name, _, w, _ in self.columns
+        )
+        return self._line([title for _, title, _, _ in self.columns]) + "\n| " + rule + " |"
+
+    def row(self, row) -> str:
+        return self._line([self._cell(row, name, fmt) for name, _, _, fmt in self.columns])
+
+    @staticmethod
+    def _cell(row, name: str, fmt: str) -> str:
+        value = getattr(row, name)
+        if value is None or (isinstance(value, float) and math.isnan(value) and name != "err"):
+            return ""
+        text = fmt.format(value)
+        if name == "err" and not row.err <= row.tolerance:  # NaN fails too
+            return text + " FAIL"
+        if name == "ms" and timing.disturbed(row.other_load):
+            return text + " *"
+        return text
+
+
+OP_TABLE = Table(COLUMNS, LEFT)
 
 
 def table_head() -> str:
-    """The title line and rule of a markdown table, like llama-bench's."""
-    rule = (
-        "| "
-        + " | ".join(
-            "-" * width if name in LEFT else "-" * (width - 1) + ":"
-            for name, _, width, _ in COLUMNS
-        )
-        + " |"
-    )
-    return _line([title for _, title, _, _ in COLUMNS]) + "\n" + rule
+    return OP_TABLE.head()
 
 
 def table_row(row: Row) -> str:
-    return _line([_cell(row, name, fmt) for name, _, _, fmt in COLUMNS])
+    return OP_TABLE.row(row)
+
+
+def print_load_note(rows) -> None:
+    """The footnote for rows timed while other processes kept cores busy."""
+    noisy = [r.other_load for r in rows if timing.disturbed(r.other_load)]
+    if noisy:
+        print(
+            f"* timed while other processes kept up to {max(noisy):.1f} cores busy: rerun on "
+            "a quiet machine"
+        )
 
 
 def model_header(cfg) -> str:

@@ -245,33 +245,15 @@ COLUMNS = (
 LEFT = {"test", "op", "cache", "split", "collectives"}
 
 
-def _cell(row: ShardedRow, name: str, fmt: str) -> str:
-    value = getattr(row, name)
-    if value is None or (isinstance(value, float) and math.isnan(value) and name != "err"):
-        return ""
-    text = fmt.format(value)
-    if name == "err" and failed(row):
-        return text + " FAIL"
-    if name == "ms" and timing.disturbed(row.other_load):
-        return text + " *"
-    return text
-
-
-def _line(values) -> str:
-    cells = (
-        f"{v:{'<' if name in LEFT else '>'}{width}}"
-        for v, (name, _, width, _) in zip(values, COLUMNS)
-    )
-    return "| " + " | ".join(cells) + " |"
+TABLE = report.Table(COLUMNS, LEFT)
 
 
 def table_head() -> str:
-    rule = " | ".join("-" * w if name in LEFT else "-" * (w - 1) + ":" for name, _, w, _ in COLUMNS)
-    return _line([title for _, title, _, _ in COLUMNS]) + "\n| " + rule + " |"
+    return TABLE.head()
 
 
 def table_row(row: ShardedRow) -> str:
-    return _line([_cell(row, name, fmt) for name, _, _, fmt in COLUMNS])
+    return TABLE.row(row)
 
 
 def main(args, platform: str, command: str) -> int:
@@ -315,12 +297,7 @@ def main(args, platform: str, command: str) -> int:
         for row in run_case(case, platform, args.splits, 0.1 if args.quick else 0.5):
             print(table_row(row), flush=True)
             rows.append(row)
-    noisy = [r.other_load for r in rows if timing.disturbed(r.other_load)]
-    if noisy:
-        print(
-            f"* timed while other processes kept up to {max(noisy):.1f} cores busy: rerun on "
-            "a quiet machine"
-        )
+    report.print_load_note(rows)
     if args.json:
         report.write_json(args.json, meta, [], [], [], sharded_rows=rows)
     sys.stdout.flush()
