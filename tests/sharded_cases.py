@@ -581,18 +581,24 @@ MLA_GRAD_SPLITS = {
 }
 
 
-@pytest.mark.parametrize("split", MLA_GRAD_SPLITS.values(), ids=MLA_GRAD_SPLITS.keys())
-def test_mla_grad_split(rng, split):
-    m, q_spec, kv_spec, (batch, seq_q, heads), summed = split
-    lens = [70, 37, 0, 64, 1, 69, 70, 12][:batch]
-    q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, 70, lens, dk=128)
+def mla_grads_split_and_whole(rng, m, q_spec, kv_spec, q, kv, q_pos, kv_len):
+    """flash_mla's (dq, dkv) under jit with q and kv split as the specs say,
+    the same on one device, and the compiled split call (for its HLO)."""
     f = lambda q, kv, q_pos, kv_len: mla(q, kv, q_pos, kv_len, dv=64, causal=True)
     cts = cotangents(rng, *f(q, kv, q_pos, kv_len))
     g = vjp_under_jit(f, 2)
     want = jax.jit(g)(cts, q, kv, q_pos, kv_len)
     args = (cts, put(q, m, *q_spec), put(kv, m, *kv_spec), q_pos, kv_len)
     compiled = jax.jit(g).lower(*args).compile()
-    got = compiled(*args)
+    return compiled(*args), want, compiled
+
+
+@pytest.mark.parametrize("split", MLA_GRAD_SPLITS.values(), ids=MLA_GRAD_SPLITS.keys())
+def test_mla_grad_split(rng, split):
+    m, q_spec, kv_spec, (batch, seq_q, heads), summed = split
+    lens = [70, 37, 0, 64, 1, 69, 70, 12][:batch]
+    q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, 70, lens, dk=128)
+    got, want, compiled = mla_grads_split_and_whole(rng, m, q_spec, kv_spec, q, kv, q_pos, kv_len)
     assert_grads(got, want, q.dtype, ["dq", "dkv"])
     assert padded(got[0].sharding.spec) == padded(q_spec[:3])  # dq follows q
     assert padded(got[1].sharding.spec, 3) == padded(kv_spec, 3)  # dkv follows kv
@@ -652,18 +658,12 @@ def test_mla_grad_context_parallel(rng, split):
     m, q_spec, kv_spec, (batch, seq_q, heads), seq_kv, dtype = split
     lens = [seq_kv, 40, 0][:batch]
     q, kv, q_pos, kv_len = mla_inputs(rng, batch, seq_q, heads, seq_kv, lens, dtype, dk=128)
-    f = lambda q, kv, q_pos, kv_len: mla(q, kv, q_pos, kv_len, dv=64, causal=True)
-    cts = cotangents(rng, *f(q, kv, q_pos, kv_len))
-    g = vjp_under_jit(f, 2)
-    want = jax.jit(g)(cts, q, kv, q_pos, kv_len)
-    args = (cts, put(q, m, *q_spec), put(kv, m, *kv_spec), q_pos, kv_len)
-    compiled = jax.jit(g).lower(*args).compile()
-    got = compiled(*args)
+    got, want, compiled = mla_grads_split_and_whole(rng, m, q_spec, kv_spec, q, kv, q_pos, kv_len)
     assert_grads(got, want, dtype, ["dq", "dkv"])
     assert padded(got[1].sharding.spec, 3) == padded(kv_spec, 3)  # dkv stays split
     # The merge's and dq's all-reduces (and, with the heads split, the
     # latent cache gradient's over them): none carries a device's keys.
-    local_cache = math.prod(args[2].sharding.shard_shape(kv.shape))
+    local_cache = math.prod(NamedSharding(m, P(*kv_spec)).shard_shape(kv.shape))
     found = compiled_collectives(compiled)
     assert found and all(kind == "all-reduce" and n <= local_cache for kind, n in found), found
     if not q_spec[2:]:
