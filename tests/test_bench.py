@@ -12,6 +12,7 @@ import json
 import math
 
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jax_mla.bench import cases, cli, layer, ops, sharded, timing
 
@@ -229,6 +230,19 @@ def test_sharded_rows_need_several_devices(cpu, capsys):
     err = capsys.readouterr().err
     assert "sharding needs several" in err
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=8" in err
+
+
+def test_sharded_specs_put_each_dim_on_its_axis():
+    assert sharded.specs("flash_attention", "batch+heads") == (
+        P("batch", None, "heads"),
+        P("batch", None, "heads"),
+    )
+    # flash_mla's latent cache is read by every head: replicated over "heads".
+    assert sharded.specs("flash_mla", "heads+context") == (
+        P(None, None, "heads"),
+        P(None, "context", None),
+    )
+    assert sharded.specs("flash_mla", "batch") == (P("batch", None, None), P("batch", None, None))
 
 
 def test_sharded_cases_divide_over_the_devices():

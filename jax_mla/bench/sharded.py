@@ -1,6 +1,8 @@
 """Sharded rows (`python -m jax_mla --sharded`): each op on every device JAX
 has, its inputs split by batch, by heads or by the cache's sequence (context
-parallelism, merged by LSE), next to the same call on one device, in one run.
+parallelism, merged by LSE), or by two of them on a 2-D mesh (data x tensor,
+data x context, tensor x context), next to the same call on one device, in
+one run.
 
 Each split row is checked against the one-device result (which is checked
 against jax_mla.reference first) before it is timed with the package's timer,
@@ -25,8 +27,10 @@ from jax.sharding import PartitionSpec as P
 
 from jax_mla.bench import cases, ops, report, timing
 
-SPLITS = ("batch", "heads", "context")
-AXIS = "d"
+DIMS = ("batch", "heads", "context")
+# A 2-D split is two dims joined by "+": the first over a mesh axis of 2
+# devices, the second over the rest.
+SPLITS = (*DIMS, "batch+heads", "batch+context", "heads+context")
 # The shapes, chosen so that every split divides its dim: batch rows per
 # device, and query heads (DeepSeek-V2-Lite's 16 on the CPU, as the op rows;
 # V3's 128 on GPUs), rounded up to a multiple of the devices, as are the keys.
@@ -95,13 +99,30 @@ def sharded_cases(tests, ops_, caches, platform: str, devices: int) -> list[case
     ]
 
 
+def mesh_for(split: str, devices: list):
+    """A 1-D mesh over every device for one dim; for "a+b", 2 x (n / 2)."""
+    dims = split.split("+")
+    n = len(devices)
+    shape = (n,) if len(dims) == 1 else (2, n // 2)
+    types = (jax.sharding.AxisType.Auto,) * len(dims)
+    return jax.make_mesh(shape, tuple(dims), axis_types=types, devices=devices)
+
+
 def specs(op: str, split: str) -> tuple[P, P]:
-    """(q's spec, each cache's spec) for a split over the mesh axis."""
-    if split == "batch":
-        return P(AXIS), P(AXIS)
-    if split == "heads":  # flash_mla's one latent head is read by every query head
-        return P(None, None, AXIS), P() if op == "flash_mla" else P(None, None, AXIS)
-    return P(), P(None, AXIS)
+    """(q's spec, each cache's spec): each dim of the split over the mesh axis
+    named after it. q is [B, Sq, H, D]; a cache is [B, S, (Hkv,) D]."""
+    q, cache = [None] * 3, [None] * 3
+    for dim in split.split("+"):
+        if dim == "batch":
+            q[0] = cache[0] = dim
+        elif dim == "heads":
+            q[2] = dim
+            # flash_mla's one latent head is read by every query head.
+            if op != "flash_mla":
+                cache[2] = dim
+        else:  # context: the cache's sequence; every device sees all queries
+            cache[1] = dim
+    return P(*q), P(*cache)
 
 
 def place(inputs: tuple, mesh, op: str, split: str) -> tuple:
@@ -131,7 +152,6 @@ def run_case(case: cases.Case, platform: str, splits, budget_s: float) -> list[S
     """The one-device row, then one row per split over every device."""
     gpu = platform != "cpu"
     devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
     # Rotated past the L2 of a device holding a 1/n share of the cache, so no
     # split row reads a warm cache either.
     copies = timing.copies_past_l2(case.cache_bytes // len(devices)) if gpu else 1
@@ -143,7 +163,9 @@ def run_case(case: cases.Case, platform: str, splits, budget_s: float) -> list[S
     rows, one_ms = [], None
     for split in ("one device", *splits):
         placed = (
-            inputs if split == "one device" else [place(x, mesh, case.op, split) for x in inputs]
+            inputs
+            if split == "one device"
+            else [place(x, mesh_for(split, devices), case.op, split) for x in inputs]
         )
         if split == "one device":
             out = fn(*ops.check_inputs(case, placed[0]))
@@ -210,10 +232,10 @@ def header(meta: dict) -> str:
         f"{'f32' if d['platform'] == 'cpu' else 'bf16'} queries over the cache type; "
         "flash_mla: 576/512 over one latent head; flash_attention: 192/128, KV heads = heads; "
         "tg@N: decode over N cached tokens; ppS@N: S causal queries ending them",
-        "each split over all the devices on a 1-D mesh, next to the same call on one device: "
+        "each split over all the devices, next to the same call on one device: "
         "batch: q and the cache by rows; heads: q by heads (flash_attention's KV heads with "
         "them, flash_mla's latent cache replicated); context: the cache by its sequence, the "
-        "partial results merged by LSE",
+        "partial results merged by LSE; a+b: a 2-D mesh, a over 2 devices and b over the rest",
         f"ms: {timed}; GB/s: cache bytes read by all devices; vs one: one-device ms / this ms",
         "err: max|out-want|/max|want|, want = jax_mla.reference on the one-device row, the "
         "one-device result on split rows; collectives: those in the compiled call's HLO",
@@ -233,7 +255,7 @@ COLUMNS = (
     ("heads", "H", 4, "{}"),
     ("op", "op", 15, "{}"),
     ("cache", "cache", 5, "{}"),
-    ("split", "split", 10, "{}"),
+    ("split", "split", 13, "{}"),
     ("devices", "dev", 3, "{}"),
     ("ms", "ms", 10, "{:.3f}"),
     ("tokens_per_s", "tokens/s", 9, "{:.1f}"),
@@ -286,6 +308,16 @@ def main(args, platform: str, command: str) -> int:
             file=sys.stderr,
         )
         return 2
+    splits = list(args.splits)
+    if n % 2 or n < 4:
+        two_d = [s for s in splits if "+" in s]
+        if two_d:
+            print(
+                f"python -m jax_mla --sharded: {n} devices make no 2 x (n / 2) mesh; "
+                f"leaving out {', '.join(two_d)}",
+                file=sys.stderr,
+            )
+        splits = [s for s in splits if "+" not in s]
     case_list = sharded_cases(tests, args.ops, caches, platform, n)
     meta = report.metadata(args.quick, command)
     dev = jax.devices()[0]
@@ -294,7 +326,7 @@ def main(args, platform: str, command: str) -> int:
     print(table_head(), flush=True)
     rows = []
     for case in case_list:
-        for row in run_case(case, platform, args.splits, 0.1 if args.quick else 0.5):
+        for row in run_case(case, platform, splits, 0.1 if args.quick else 0.5):
             print(table_row(row), flush=True)
             rows.append(row)
     report.print_load_note(rows)
