@@ -14,7 +14,7 @@ import math
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jax_mla.bench import cases, cli, layer, ops, sharded, timing
+from jax_mla.bench import backward, cases, cli, layer, ops, sharded, timing
 
 
 class FakeClock:
@@ -254,3 +254,36 @@ def test_sharded_cases_divide_over_the_devices():
         (c.batch, c.heads, c.query)
         for c in sharded.sharded_cases([(1, 64)], ["flash_mla"], ["bf16"], "gpu", 4)
     } == {(64, 128, "bf16")}
+
+
+def test_backward_rows_check_time_and_record(cpu, monkeypatch, tmp_path):
+    # A tiny gradient table: each op's step against plain JAX's, checked,
+    # timed, with XLA's temporaries; the JSON keeps the rows.
+    monkeypatch.setattr(backward, "CPU_QUICK_TESTS", ((48, 2, "f32"), (40, 3, "bf16")))
+    out = tmp_path / "backward.json"
+    assert cli.main(["--backward", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["backward_rows"]
+    assert [(r["op"], r["test"], r["dtype"], r["heads"]) for r in rows] == [
+        (op, test, dtype, heads)
+        for op in cases.OPS
+        for test, dtype, heads in (("pp48", "f32", 2), ("pp40", "bf16", 3))
+    ]
+    for r in rows:
+        assert r["err"] <= r["tolerance"] and r["backward"] == "native", r
+        assert math.isfinite(r["ms"]) and r["speedup"] == pytest.approx(r["jax_ms"] / r["ms"])
+        assert r["tflops"] > 0 and r["temp_mib"] >= 0 and r["jax_temp_mib"] >= 0
+
+
+def test_backward_check_runs_on_fewer_heads_when_plain_jax_cannot_fit(cpu, monkeypatch, capsys):
+    # A device too small for the plain step's S x S scores: its columns stay
+    # empty, and the check compares both on the heads that fit.
+    monkeypatch.setattr(backward, "device_bytes", lambda: 4 * 32 * 32 * 3 * 4)  # 3 heads at S=32
+    assert backward.check_heads(32, 8) == 3
+    row = backward.run_case("flash_attention", 32, 8, "f32", 0.01)
+    assert row.err <= row.tolerance and row.jax_ms is None and row.speedup is None
+    assert math.isfinite(row.ms) and row.jax_temp_mib is None
+
+
+def test_backward_flops_count_the_causal_step():
+    # Forward: 2 S^2 H (Dk + Dv) / 2; the backward 2.5 times that.
+    assert backward.flops(4, 2, 3, 5) == 3.5 * 2 * 16 * 2 * 8 / 2

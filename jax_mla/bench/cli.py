@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 
 import jax_mla
-from jax_mla.bench import cases, layer, ops, report, sharded
+from jax_mla.bench import backward, cases, layer, ops, report, sharded
 
 
 def _names(allowed):
@@ -97,6 +97,14 @@ def parse_args(argv):
         "Needs several devices: for fake CPU ones (overhead only, not scaling) start with "
         "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu",
     )
+    which.add_argument(
+        "--backward",
+        action="store_true",
+        help="instead: time a gradient step (forward and jax.vjp's backward) of each op, "
+        "causal prefill, batch 1, next to jax.vjp of plain JAX, each checked against it; "
+        "S = 1024 and 4096, 16 heads, f32 and bf16 on the CPU (S = 256 with --quick), "
+        "S = 4096 and 16384, 16 and 128 heads, bf16 on GPUs (S = 1024, 16 heads with --quick)",
+    )
     p.add_argument(
         "--splits",
         type=_names(sharded.SPLITS),
@@ -181,6 +189,8 @@ def main(argv=None) -> int:
         return 2
     if args.sharded:
         return sharded.main(args, platform, " ".join(["python -m jax_mla", *argv]))
+    if args.backward:
+        return backward.main(args, platform, " ".join(["python -m jax_mla", *argv]))
     case_list = [] if args.model_only else op_cases(args, parser, platform)
     meta = report.metadata(args.quick, " ".join(["python -m jax_mla", *argv]))
     print(report.header(meta), flush=True)

@@ -308,10 +308,11 @@ def write_json(
     model_rows: list[ModelRow],
     memory_rows: list[MemoryRow],
     sharded_rows: list = (),
+    backward_rows: list = (),
 ) -> None:
     """The run as JSON: {"meta", "rows", "model_rows", "memory_rows",
-    "sharded_rows"}; a row whose check failed (or a layer row not run) keeps
-    its NaN times."""
+    "sharded_rows", "backward_rows"}; a row whose check failed (or a layer row
+    not run) keeps its NaN times."""
     with open(path, "w") as f:
         json.dump(
             {
@@ -320,6 +321,7 @@ def write_json(
                 "model_rows": [asdict(r) for r in model_rows],
                 "memory_rows": [asdict(r) for r in memory_rows],
                 "sharded_rows": [asdict(r) for r in sharded_rows],
+                "backward_rows": [asdict(r) for r in backward_rows],
             },
             f,
             indent=1,
