@@ -3,7 +3,9 @@
 // kernel family, then the combine kernel when the keys are split. The CPU
 // handler's FFI signature (ffi/cpu/attention.cc) plus the `kernel` attribute
 // (kernel_family.h). The kernels are declared here (attention_launch.h) and
-// instantiated in ffi/cuda/inst/.
+// instantiated in ffi/cuda/inst/. The paged target only checks its arguments
+// and refuses: no CUDA kernel reads paged K/V yet (capabilities() lists
+// flash_attention outside paged_ops, so Python raises first).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -14,6 +16,8 @@
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/op_args.h"
+#include "ffi/common/paged_args.h"
+#include "ffi/common/paged_bindings.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/attention/attention_launch.h"
 #include "ffi/cuda/common/combine.h"
@@ -126,11 +130,31 @@ ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   return ffi::Error::Success();
 }
 
+ffi::Error FlashAttentionPaged(cudaStream_t, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::S32> block_table, ffi::Buffer<ffi::S32> q_pos,
+                               ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                               ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float, bool,
+                               int64_t num_splits, int32_t) {
+  AttentionParams p;
+  JAX_MLA_RETURN_IF_ERROR(PagedAttentionArgs(q, k, nullptr, 0, v, nullptr, 0, block_table, q_pos,
+                                             kv_len, out, lse, part_out, part_lse, num_splits, &p));
+  JAX_MLA_CHECK(false, Unimplemented)
+      << "flash_attention (CUDA): paged k and v are not supported yet (flash_mla's are; "
+      << "backend='reference' takes any)";
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The shared binding plus the kernel family (kernel_family.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     kFlashAttention, FlashAttention,
     AttentionBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kFlashAttentionPaged, FlashAttentionPaged,
+    AttentionPagedBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
 
 }  // namespace jax_mla::cuda
