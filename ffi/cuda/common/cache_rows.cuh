@@ -52,12 +52,21 @@ struct CacheRows {
     if constexpr (kPaged) return j & (v.page_size - 1);
     return j;
   }
-  // Offset of key j's row from Base (units of the strides), -1 when skipped.
-  // `batch_stride` is the page stride of a paged view (unused otherwise).
-  __device__ __forceinline__ int64_t Offset(int64_t j, int64_t batch_stride,
-                                            int64_t row_stride) const {
-    const int64_t page = Page(j);
-    return page < 0 ? -1 : page * batch_stride + Row(j) * row_stride;
+  // Whether key j is read (below kv_len, not on a skipped page), and in *off
+  // its row's offset from Base (units of the strides; 0 when not read, a
+  // valid address for a zero-filling cp.async). `batch_stride` is the page
+  // stride of a paged view (unused otherwise). The contiguous branch is the
+  // kernels' original expression, so their code does not change.
+  __device__ __forceinline__ bool Locate(int64_t j, int64_t kv_len, int64_t batch_stride,
+                                         int64_t row_stride, int64_t* off) const {
+    if constexpr (kPaged) {
+      const int64_t page = j < kv_len ? Page(j) : -1;
+      *off = page < 0 ? 0 : page * batch_stride + Row(j) * row_stride;
+      return page >= 0;
+    }
+    const bool ok = j < kv_len;
+    *off = (ok ? j : 0) * row_stride;
+    return ok;
   }
 };
 

@@ -231,9 +231,9 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
       const int rr = c / kMlaChunks, cc = c % kMlaChunks;
       const int64_t j = t * kMlaKeys + rr;
       // Keys past kv_len or on a skipped page are zero-filled, never read.
-      const int64_t off = j < kv_len ? rows.Offset(j, p.k.batch_stride, p.k.row_stride) : -1;
-      const bool ok = off >= 0;
-      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + (ok ? off : 0) + cc * 8, ok);
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + off + cc * 8, ok);
     }
   };
 

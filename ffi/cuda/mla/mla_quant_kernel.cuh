@@ -102,18 +102,18 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
       const int64_t j = t * kMlaKeys + rr;
       // Keys past kv_len or on a skipped page are zero-filled, never read.
-      const int64_t off = j < kv_len ? rows.Offset(j, p.k.batch_stride, p.k.row_stride) : -1;
-      const bool ok = off >= 0;
-      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + (ok ? off : 0) + cc * 16, ok);
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + off + cc * 16, ok);
     }
     char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
     constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
     for (int c = tid; c < kMlaKeys * kWords; c += kThreads) {
       const int rr = c / kWords, ww = c % kWords;
       const int64_t j = t * kMlaKeys + rr;
-      const int64_t off = j < kv_len ? rows.Offset(j, d_batch_bytes, kScaleBytes) : -1;
-      const bool ok = off >= 0;
-      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + (ok ? off : 0) + ww * 4, ok);
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, d_batch_bytes, kScaleBytes, &off);
+      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + off + ww * 4, ok);
     }
   };
 

@@ -213,9 +213,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           const int rr = c / kChunks, cc = c % kChunks;
           const int64_t j = key0 + rr;
           // Keys past kv_len or on a skipped page are zero-filled, never read.
-          const int64_t off = j < kv_len ? rows.Offset(j, p.k.batch_stride, p.k.row_stride) : -1;
-          const bool ok = off >= 0;
-          CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + (ok ? off : 0) + cc * 8, ok);
+          int64_t off;
+          const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+          CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + off + cc * 8, ok);
         }
 #pragma unroll 1
         for (int blk = 0; blk < 9; ++blk) MbarArriveCpAsync(bar + blk);
