@@ -48,8 +48,7 @@ nb::dict Capabilities() {
   // mla_kernels family reads pages) and the page sizes.
   nb::list paged_ops, page_sizes;
   paged_ops.append("flash_mla");
-  for (int64_t size : {16, 32, 64, 128})
-    if (jax_mla::IsValidPageSize(size)) page_sizes.append(size);
+  for (int64_t size : jax_mla::kPageSizes) page_sizes.append(size);
   d["paged_ops"] = paged_ops;
   d["page_sizes"] = page_sizes;
   return d;

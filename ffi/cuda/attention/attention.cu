@@ -17,7 +17,6 @@
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/paged_args.h"
-#include "ffi/common/paged_bindings.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/attention/attention_launch.h"
 #include "ffi/cuda/common/combine.h"
@@ -138,8 +137,8 @@ ffi::Error FlashAttentionPaged(cudaStream_t, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float, bool,
                                int64_t num_splits, int32_t) {
   AttentionParams p;
-  JAX_MLA_RETURN_IF_ERROR(PagedAttentionArgs(q, k, nullptr, 0, v, nullptr, 0, block_table, q_pos,
-                                             kv_len, out, lse, part_out, part_lse, num_splits, &p));
+  JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, nullptr, 0, v, nullptr, 0, q_pos, kv_len, out, lse,
+                                        part_out, part_lse, num_splits, &p, &block_table));
   JAX_MLA_CHECK(false, Unimplemented)
       << "flash_attention (CUDA): paged k and v are not supported yet (flash_mla's are; "
       << "backend='reference' takes any)";

@@ -17,7 +17,6 @@
 #include "ffi/common/check.h"
 #include "ffi/common/op_args.h"
 #include "ffi/common/paged_args.h"
-#include "ffi/common/paged_bindings.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/common/combine.h"
 #include "ffi/cuda/common/cuda_check.h"
@@ -39,7 +38,7 @@ JAX_MLA_MLA_LAYOUTS(JAX_MLA_LAYOUT_MATCHES)
 
 namespace {
 
-// After the shared checks (MlaArgs or PagedMlaArgs), what the CUDA kernel
+// After the shared checks (MlaArgs, paged or not), what the CUDA kernel
 // takes: f16 or bf16 for both q and kv, DeepSeek's latent layout.
 ffi::Error SupportedMla(const AttentionParams* p, int64_t dv, int64_t v_offset) {
   JAX_MLA_CHECK(p->q_dtype == p->k.dtype && p->q_dtype != DType::kF32, Unimplemented)
@@ -166,8 +165,8 @@ ffi::Error FlashMlaPaged(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   AttentionParams p;
   p.scale = scale;
   p.causal = causal;
-  JAX_MLA_RETURN_IF_ERROR(PagedMlaArgs(q, kv, nullptr, 0, block_table, q_pos, kv_len, out, lse,
-                                       part_out, part_lse, dv, v_offset, num_splits, &p));
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, nullptr, 0, q_pos, kv_len, out, lse, part_out, part_lse,
+                                  dv, v_offset, num_splits, &p, &block_table));
   JAX_MLA_RETURN_IF_ERROR(SupportedMla(&p, dv, v_offset));
   return RunMla(p, kernel, stream);
 }
@@ -205,8 +204,8 @@ ffi::Error FlashMlaQuantPaged(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
   p.causal = causal;
   JAX_MLA_CHECK(kv_fmt != 0, InvalidArgument)
       << "flash_mla: the quantized-cache call needs a quantized format";
-  JAX_MLA_RETURN_IF_ERROR(PagedMlaArgs(q, kv, &kv_d, kv_fmt, block_table, q_pos, kv_len, out, lse,
-                                       part_out, part_lse, dv, v_offset, num_splits, &p));
+  JAX_MLA_RETURN_IF_ERROR(MlaArgs(q, kv, &kv_d, kv_fmt, q_pos, kv_len, out, lse, part_out, part_lse,
+                                  dv, v_offset, num_splits, &p, &block_table));
   JAX_MLA_RETURN_IF_ERROR(SupportedMlaQuant(&p, dv, v_offset));
   return RunMla(p, kernel, stream);
 }
