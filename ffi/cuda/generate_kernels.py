@@ -15,6 +15,7 @@ MLA_LAYOUT = (576, 512, 0)
 MLA_GROUPS = (1, 4)  # 16-row groups per block (mla/mla_config.h, MlaGroups)
 MLA_QUANT = {"q8_0": "QFormat::kQ8_0", "q8kv": "QFormat::kQ8KV"}  # 8-bit latent caches
 # Contiguous caches, then paged ones (block table, pages read in place); file tag -> kPaged.
+# The sm_90a attention kernel reads contiguous caches only.
 MLA_PAGING = {"": "false", "_paged": "true"}
 # flash_attention's (Dk, Dv) pairs: DeepSeek's 192/128, then equal dims.
 ATTENTION_DIMS = ((192, 128), (64, 64), (128, 128), (256, 256))
@@ -89,10 +90,11 @@ def main() -> None:
                 f"cudaError_t LaunchMlaSm90Split<{ctype}, {paged}>({args})",
             )
         for adk, adv in ATTENTION_DIMS:
-            files[f"attention_{adk}_{adv}_{tag}.cu"] = instantiation(
-                "attention/attention_kernel.cuh",
-                f"cudaError_t LaunchAttention<{ctype}, {adk}, {adv}>({args})",
-            )
+            for ptag, paged in MLA_PAGING.items():
+                files[f"attention_{adk}_{adv}_{tag}{ptag}.cu"] = instantiation(
+                    "attention/attention_kernel.cuh",
+                    f"cudaError_t LaunchAttention<{ctype}, {adk}, {adv}, {paged}>({args})",
+                )
         for adk, adv in ATTENTION_SM90_DIMS:
             files[f"attention_sm90_{adk}_{adv}_{tag}.cu"] = instantiation(
                 "attention/attention_sm90_kernel.cuh",

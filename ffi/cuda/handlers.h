@@ -12,8 +12,7 @@ namespace jax_mla::cuda {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuant);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
-// The paged targets (ffi/common/paged_args.h). flash_attention's checks its
-// arguments and refuses: no CUDA kernel reads paged K/V yet.
+// The paged targets (ffi/common/paged_args.h).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaPaged);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuantPaged);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttentionPaged);

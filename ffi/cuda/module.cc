@@ -45,9 +45,11 @@ nb::dict Capabilities() {
   d["mla_kernels"] = mla_kernels;
   d["attention_kernels"] = attention_kernels;
   // Paged caches (ffi/common/paged_args.h): the ops with paged kernels (every
-  // mla_kernels family reads pages) and the page sizes.
+  // mla_kernels family reads pages; of attention_kernels, mma_sync and auto,
+  // which takes it for paged calls) and the page sizes.
   nb::list paged_ops, page_sizes;
   paged_ops.append("flash_mla");
+  paged_ops.append("flash_attention");
   for (int64_t size : jax_mla::kPageSizes) page_sizes.append(size);
   d["paged_ops"] = paged_ops;
   d["page_sizes"] = page_sizes;
