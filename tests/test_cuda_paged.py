@@ -1,15 +1,17 @@
-"""The CUDA paged flash_mla targets (jax_mla_flash_mla_paged and
-jax_mla_flash_mla_quant_paged), called directly so the kernels answer, not the
+"""The CUDA paged targets (jax_mla_flash_mla_paged, jax_mla_flash_mla_quant_paged,
+jax_mla_flash_attention_paged), called directly so the kernels answer, not the
 Python checks: the pages of a cache, in a random order inside a pool whose
 unused pages (and every slot past kv_len) hold NaN, must give exactly what the
 contiguous target gives on the cache itself (the same kernel, tiles and
 arithmetic; only the row addresses differ), for every page size, kernel
 family, float and 8-bit cache, with and without split-KV. Keys on pages whose
 index is out of range are skipped: compared with the contiguous call over the
-cache without them. Bad tables and page sizes are the handler's errors."""
+cache without them. Bad tables and page sizes are the handler's errors. Last,
+flash_mla(block_table=...) through the public API under jit."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -254,35 +256,144 @@ def test_paged_handler_checks(gpu, page_size, table_shape, match):
         )
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA module")
-def test_paged_attention_is_refused(gpu):
-    """No CUDA kernel reads paged K/V for flash_attention: the table says so
-    and the handler refuses (after its argument checks)."""
-    assert "flash_attention" not in CUDA.get("paged_ops", [])
-    q = jnp.ones((1, 1, 4, 128), jnp.bfloat16)
-    k = jnp.ones((2, 16, 4, 128), jnp.bfloat16)
+# ---------------------------------------------------------------- flash_attention
+PAGED_ATTENTION = "flash_attention" in CUDA.get("paged_ops", [])
+HEAD_DIMS = [tuple(d) for d in CUDA.get("attention_head_dims", [])] if PAGED_ATTENTION else []
+ATTENTION_FAMILIES = list(CUDA.get("attention_kernels", [])) if PAGED_ATTENTION else []
+
+
+def attention_call(target, q, k, v, block_table, q_pos, kv_len, *, num_splits, kernel, **attrs):
+    """(out, lse) of a CUDA flash_attention target (block_table None: contiguous)."""
+    b, sq, hq, _ = q.shape
+    dv, ns = v.shape[-1], num_splits
     out_types = (
-        jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16),
-        jax.ShapeDtypeStruct((1, 4, 1), jnp.float32),
-        jax.ShapeDtypeStruct((0,), jnp.float32),
-        jax.ShapeDtypeStruct((0,), jnp.float32),
+        jax.ShapeDtypeStruct((b, sq, hq, dv), q.dtype),
+        jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+        jax.ShapeDtypeStruct((b, ns, sq, hq, dv) if ns > 1 else (0,), jnp.float32),
+        jax.ShapeDtypeStruct((b, ns, sq, hq) if ns > 1 else (0,), jnp.float32),
     )
-    call = jax.ffi.ffi_call("jax_mla_flash_attention_paged", out_types)
-    with pytest.raises(Exception, match="paged k and v are not supported"):
-        jax.block_until_ready(
-            call(
-                q,
-                k,
-                k,
-                jnp.zeros((1, 1), jnp.int32),
-                jnp.zeros((1,), jnp.int32),
-                jnp.full((1,), 8, jnp.int32),
-                scale=np.float32(0.1),
-                causal=np.bool_(False),
-                num_splits=np.int64(1),
-                kernel=np.int32(0),
-            )
-        )
+    call = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")
+    table = () if block_table is None else (jnp.asarray(block_table, jnp.int32),)
+    out, lse, _, _ = call(
+        q,
+        jnp.asarray(k),
+        jnp.asarray(v),
+        *table,
+        jnp.asarray(q_pos, jnp.int32),
+        jnp.asarray(kv_len, jnp.int32),
+        num_splits=np.int64(ns),
+        kernel=np.int32(kernel),
+        **attrs,
+    )
+    return jax.block_until_ready((out, lse))
+
+
+def attention_pools(rng, k, v, page_size, spare, kv_len):
+    """k and v [B, Skv, Hkv, D] as pages of one pool order (page_pool on both)."""
+    state = rng.bit_generator.state
+    (k_pool,), table = page_pool(rng, (k,), page_size, spare, kv_len)
+    rng.bit_generator.state = state  # the same permutation and table for v
+    (v_pool,), table_v = page_pool(rng, (v,), page_size, spare, kv_len)
+    assert np.array_equal(table, table_v)
+    return k_pool, v_pool, table
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("family", ATTENTION_FAMILIES)
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=lambda d: f"{d[0]}x{d[1]}")
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_attention_paged_equals_contiguous(rng, gpu, page_size, dims, family, num_splits):
+    """Paged k and v in a NaN-filled pool: bit-identical to the contiguous
+    mma.sync kernel (auto takes mma.sync for paged calls); a forced sm90 is
+    refused, never another kernel."""
+    dk, dv = dims
+    max_pages = math.ceil(150 / page_size)
+    seq_kv = max_pages * page_size
+    kv_len = [seq_kv, 0, seq_kv // 2 + 1]
+    batch, seq_q, hq, hkv = len(kv_len), 5, 8, 2
+    dtype = jnp.bfloat16
+    q = jnp.asarray(rng.standard_normal((batch, seq_q, hq, dk), np.float32)).astype(dtype)
+
+    def rows(d):  # [B, Skv, Hkv, d], NaN past kv_len
+        x = rng.standard_normal((batch, seq_kv, hkv, d), dtype=np.float32)
+        for b, n in enumerate(kv_len):
+            x[b, n:] = np.nan
+        return np.asarray(jnp.asarray(x).astype(dtype))
+
+    k, v = rows(dk), rows(dv)
+    k_pool, v_pool, table = attention_pools(rng, k, v, page_size, 4, kv_len)
+    q_pos = [seq_kv - seq_q, 0, 3]
+    attrs = dict(scale=np.float32(0.1), causal=np.bool_(True))
+    paged = functools.partial(
+        attention_call,
+        "jax_mla_flash_attention_paged",
+        q,
+        k_pool,
+        v_pool,
+        table,
+        q_pos,
+        kv_len,
+        num_splits=num_splits,
+        kernel=ATTENTION_FAMILIES.index(family),
+        **attrs,
+    )
+    if family == "sm90":
+        with pytest.raises(Exception, match="kernel sm90 does not read paged caches"):
+            paged()
+        return
+    want = attention_call(
+        "jax_mla_flash_attention",
+        q,
+        k,
+        v,
+        None,
+        q_pos,
+        kv_len,
+        num_splits=num_splits,
+        kernel=ATTENTION_FAMILIES.index("mma_sync"),
+        **attrs,
+    )
+    got = paged()
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    assert np.isfinite(np.asarray(got[0], np.float32)).all()
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_attention_out_of_range_pages_are_skipped(rng, gpu, page_size):
+    """As for flash_mla: skipped pages below kv_len contribute nothing."""
+    dk, dv = 128, 128
+    if (dk, dv) not in HEAD_DIMS:
+        pytest.skip("no 128/128 attention kernel")
+    max_pages = math.ceil(150 / page_size)
+    seq_kv = max_pages * page_size
+    kv_len = [seq_kv, 2 * page_size]
+    batch, hq, hkv, dtype = len(kv_len), 4, 2, jnp.bfloat16
+    q = jnp.asarray(rng.standard_normal((batch, 1, hq, dk), np.float32)).astype(dtype)
+    k = np.asarray(rng.standard_normal((batch, seq_kv, hkv, dk), np.float32)).astype(dtype)
+    v = np.asarray(rng.standard_normal((batch, seq_kv, hkv, dv), np.float32)).astype(dtype)
+    k_pool, v_pool, table = attention_pools(rng, k, v, page_size, 2, kv_len)
+    skip = np.zeros(table.shape, bool)
+    skip[0, 1::2] = True
+    skip[1, :2] = True  # every page of the row: output 0, LSE -inf
+    table[skip] = -1
+    live = ~np.repeat(skip, page_size, axis=1)
+    live &= np.arange(seq_kv)[None, :] < np.asarray(kv_len)[:, None]
+    kept_len = live.sum(axis=1)
+    k_kept, v_kept = np.zeros_like(k), np.zeros_like(v)
+    for b in range(batch):
+        k_kept[b, : kept_len[b]], v_kept[b, : kept_len[b]] = k[b, live[b]], v[b, live[b]]
+    attrs = dict(scale=np.float32(0.1), causal=np.bool_(False), num_splits=2)
+    mma = ATTENTION_FAMILIES.index("mma_sync")
+    zeros = [0] * batch
+    want = attention_call(
+        "jax_mla_flash_attention", q, k_kept, v_kept, None, zeros, kept_len, kernel=mma, **attrs
+    )
+    got = attention_call(
+        "jax_mla_flash_attention_paged", q, k_pool, v_pool, table, zeros, kv_len, kernel=0, **attrs
+    )
+    visible = np.broadcast_to(kept_len[:, None], (batch, 1))
+    assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", *FORMATS])

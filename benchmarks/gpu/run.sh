@@ -17,8 +17,8 @@
 #             racecheck (on the --quick cases).
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
-#   paged     paged flash_mla: its GPU tests (tests/test_cuda_paged.py; the sanitize
-#             step's memcheck cases include paged calls), then FlashMLA built from
+#   paged     paged caches: the GPU tests of the paged targets (tests/test_cuda_paged.py;
+#             the sanitize step's memcheck cases include paged calls), then FlashMLA built from
 #             .carry/flashmla (once per machine, into /tmp/fmb; sm_90a) and the MLA
 #             decode rows with jax_mla over pages of $PAGE (default 64) against
 #             FlashMLA and FlashInfer (pages of 64) on the same bytes
