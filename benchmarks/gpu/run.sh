@@ -17,6 +17,8 @@
 #             racecheck (on the --quick cases).
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
+#   backward  benchmarks/gpu/backward.py $BACKWARD_ARGS: the attention backward
+#             (192/128 causal, bf16) against cuDNN's through torch SDPA.
 #   profile   Nsight Compute on one launch of each MLA kernel of
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
@@ -25,7 +27,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -110,6 +112,11 @@ step_bench() {
   python3 -P benchmarks/gpu/side_by_side.py ${SIDE_BY_SIDE_ARGS:-}
 }
 
+step_backward() {
+  # shellcheck disable=SC2086
+  python3 -P benchmarks/gpu/backward.py ${BACKWARD_ARGS:-}
+}
+
 step_profile() {
   # shellcheck disable=SC2086
   ncu --clock-control none --kernel-name regex:Mla --launch-skip 2 --launch-count 1 \
@@ -123,8 +130,8 @@ step_sweep() {
     --rows "${SWEEP_ROWS:-128,128,8192:1,2,3,4/1,16,16384:32,64,128/64,16,4096:1,2,4}"
 }
 
-declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [profile]=300
-                  [sweep]=300)
+declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [backward]=600
+                  [profile]=300 [sweep]=300)
 status=0
 for step in "$@"; do
   if [ -z "${LIMIT[$step]:-}" ]; then
