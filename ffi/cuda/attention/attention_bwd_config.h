@@ -28,7 +28,9 @@ struct AttnBwdShape {
   static constexpr size_t kKvSmem = size_t(kKvKeys) * (kKRow + kVRow) + kStages * kKvStage;
   // Q kernel.
   static constexpr int kRows = 64;
-  static constexpr int kKeys = (Dk >= 256 || Dv >= 256) ? 32 : 64;
+  // 32 keys per tile from Dk + Dv = 320 on: dQ's accumulators leave room for
+  // S and dP of 32 keys only, and two blocks fit an H100 SM's shared memory.
+  static constexpr int kKeys = (Dk + Dv >= 320) ? 32 : 64;
   static constexpr size_t kQSmem =
       size_t(kRows) * (kKRow + kVRow) + size_t(kStages) * kKeys * (kKRow + kVRow);
 };
