@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(128) AttentionBwdKvKernel(const AttentionBwdPa
   // mask those at positions >= j0 - q_pos; none when the block is past kv_len.
   int64_t r_first = 0;
   if (p.causal && j0 - q_pos > 0) r_first = (j0 - q_pos) * group;
-  if (j0 >= kv_len || r_first >= R) r_first = R;
-  const int64_t t_begin = r_first / kQRows, t_end = (R + kQRows - 1) / kQRows;
+  const int64_t t_end = (R + kQRows - 1) / kQRows;
+  const int64_t t_begin = j0 >= kv_len || r_first >= R ? t_end : r_first / kQRows;
 
   const T* k_base = static_cast<const T*>(p.k.data) + b * p.k.batch_stride + hk * p.k.head_stride;
   const T* v_base = static_cast<const T*>(p.v.data) + b * p.v.batch_stride + hk * p.v.head_stride;
@@ -298,7 +298,7 @@ __global__ void __launch_bounds__(128) AttentionBwdQKernel(const AttentionBwdPar
     return r < R ? VisibleKeys(q_pos + r / group, kv_len_raw, Skv, p.causal) : 0;
   };
   const int64_t last_row = (row0 + kRows < R ? row0 + kRows : R) - 1;
-  const int64_t n_max = visible(last_row), n_min = visible(row0);
+  const int64_t n_max = visible(last_row);
   const int64_t r_lo = row0 + warp * 16 + lane / 4, r_hi = r_lo + 8;
   // The lane's two rows: visible keys (0 for a row that saw none), LSE in
   // log2 units, delta.
