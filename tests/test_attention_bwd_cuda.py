@@ -4,7 +4,8 @@ jax.vjp of flash_attention: dq, dk, dv against the float64 numpy backward
 over the (Dk, Dv) pairs the CUDA table lists for the backward, its dtypes,
 GQA ratios, causal masks, q_pos, kv_len, rows that see no key and lengths
 around the kernels' blocks; bitwise repeatability; and the dispatch rule
-(which configurations take the native backward), which runs without a GPU."""
+(which configurations take the native backward; the CUDA table's rule is in
+test_capabilities.py), which runs without a GPU."""
 
 from __future__ import annotations
 
@@ -243,23 +244,6 @@ def test_flash_attention_grad_uses_it(rng, gpu, dims, monkeypatch):
 
 
 # ------------------------------------------------------------------ dispatch (no GPU needed)
-
-TABLE = {
-    "dtypes": ["float16", "bfloat16"],
-    "attention_bwd_head_dims": [[192, 128], [64, 64], [128, 128], [256, 256]],
-}
-F16, BF16 = jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)
-
-
-def test_cuda_backward_table_rule():
-    problem = _capabilities.cuda_attention_bwd_problem
-    same = dict(q=BF16, k=BF16, v=BF16, dout=BF16)
-    assert problem(TABLE, same, 192, 128) is None
-    assert "(Dk, Dv)" in problem(TABLE, same, 576, 512)  # flash_mla's layout: pure JAX
-    assert "dout" in problem(TABLE, dict(same, dout=F16), 192, 128)
-    assert "float32" in problem(TABLE, dict(same, q=jnp.dtype(jnp.float32)), 64, 64)
-    # A module built before the backward existed lists no pairs.
-    assert problem({"dtypes": TABLE["dtypes"]}, same, 64, 64) is not None
 
 
 def test_cpu_takes_every_float_configuration(cpu):
