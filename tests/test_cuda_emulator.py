@@ -20,7 +20,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
 KERNELS = ("attention_kernel.cuh", "attention_bwd_kernel.cuh")
-CASES = ("forward", "bwd_64x64", "bwd_192x128", "bwd_128x128_gqa3", "bwd_256x256")
+CASES = (
+    "forward",
+    "bwd_64x64",
+    "bwd_64x64_f16",
+    "bwd_192x128",
+    "bwd_128x128_f16",
+    "bwd_128x128_gqa3",
+    "bwd_256x256",
+)
 
 
 def host_copy(name: str) -> str:

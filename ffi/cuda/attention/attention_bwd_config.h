@@ -20,7 +20,7 @@ struct AttnBwdShape {
   static constexpr int kVRow = Dv * 2 + 16;
   // KV kernel.
   static constexpr int kKvKeys = 64;
-  static constexpr int kQRows = 32;
+  static constexpr int kQRows = 32;  // divides kThreads
   static constexpr int kSplit = (Dk + Dv > 320) ? 2 : 1;
   static constexpr int kStages = 2;
   // Per stage: Q and dO rows, then the rows' LSE (log2 units), delta and visible-key count.

@@ -111,31 +111,32 @@ __global__ void __launch_bounds__(128) AttentionBwdKvKernel(const AttentionBwdPa
   const T* v_base = static_cast<const T*>(p.v.data) + b * p.v.batch_stride + hk * p.v.head_stride;
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
-  auto row_offset = [&](int64_t r) {  // element offset of row r in [B, Sq, Hq, *] / Dim
-    return (b * Sq + r / group) * Hq + hk * group + r % group;
-  };
-  auto stat_index = [&](int64_t r) { return (b * Hq + hk * group + r % group) * Sq + r / group; };
 
+  // Tile t's q and dout rows by cp.async into stage st, and its row facts by
+  // plain stores (visible after the barrier that precedes their use). Each
+  // row has kPerRow threads, each copying every kPerRow-th 16-byte chunk: one
+  // pair of 64-bit divisions per thread and tile.
   auto load_rows = [&](int64_t t, int st) {
-    const int64_t r0 = t * kQRows;
-    auto ok = [&](int rr) { return r0 + rr < R; };
-    bwd::LoadRows<Dk, T>(
-        s_q(st), kKRow, kQRows, tid,
-        [&](int rr) { return q + (rr < 0 ? 0 : row_offset(r0 + rr) * Dk); }, ok);
-    bwd::LoadRows<Dv, T>(
-        s_do(st), kVRow, kQRows, tid,
-        [&](int rr) { return dout + (rr < 0 ? 0 : row_offset(r0 + rr) * Dv); }, ok);
-    // Row facts by plain stores: visible after the barrier that precedes their use.
-    for (int rr = tid; rr < kQRows; rr += Shape::kThreads) {
-      const int64_t r = r0 + rr;
+    constexpr int kPerRow = Shape::kThreads / kQRows;
+    const int rr = tid / kPerRow, part = tid % kPerRow;
+    const int64_t r = t * kQRows + rr;
+    const bool ok = r < R;
+    const int64_t pos = ok ? r / group : 0, head = ok ? hk * group + r % group : 0;
+    const int64_t off = (b * Sq + pos) * Hq + head;  // row of [B, Sq, Hq, *]
+    for (int cc = part; cc < Dk / 8; cc += kPerRow)
+      CpAsync16(s_q(st) + rr * kKRow + cc * 16, q + off * Dk + cc * 8, ok);
+    for (int cc = part; cc < Dv / 8; cc += kPerRow)
+      CpAsync16(s_do(st) + rr * kVRow + cc * 16, dout + off * Dv + cc * 8, ok);
+    if (part == 0) {
       float lse2 = INFINITY, delta = 0.f;
       int32_t vis = 0;
-      if (r < R) {
-        const float lse = p.lse[stat_index(r)];
-        vis = int32_t(VisibleKeys(q_pos + r / group, kv_len_raw, Skv, p.causal));
+      if (ok) {
+        const int64_t stat = (b * Hq + head) * Sq + pos;  // [B, Hq, Sq]
+        const float lse = p.lse[stat];
+        vis = int32_t(VisibleKeys(q_pos + pos, kv_len_raw, Skv, p.causal));
         if (lse == -INFINITY) vis = 0;  // a row that saw no key contributes nothing
         lse2 = vis > 0 ? lse * kLog2e : INFINITY;
-        delta = vis > 0 ? p.delta[stat_index(r)] : 0.f;
+        delta = vis > 0 ? p.delta[stat] : 0.f;
       }
       s_lse(st)[rr] = lse2;
       s_delta(st)[rr] = delta;
