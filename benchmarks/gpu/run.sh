@@ -14,7 +14,8 @@
 #             runs the collected tests as N processes side by side.
 #   sanitize  compute-sanitizer memcheck over benchmarks/gpu/sanitize_cases.py,
 #             jax_mla's kernels only; SANITIZE_TOOLS="memcheck racecheck" adds
-#             racecheck (on the --quick cases).
+#             racecheck (on the --quick cases); SANITIZE_ARGS=--backward runs the
+#             attention backward's cases only.
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
 #   backward  benchmarks/gpu/backward.py $BACKWARD_ARGS: the attention backward
@@ -27,7 +28,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,30p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,31p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -100,7 +101,7 @@ step_sanitize() {
     quick=""
     [ "$tool" = racecheck ] && quick=--quick
     "$SAN" --tool "$tool" --kernel-name kns=jax_mla --print-limit 20 \
-      python3 -P benchmarks/gpu/sanitize_cases.py $quick
+      python3 -P benchmarks/gpu/sanitize_cases.py $quick ${SANITIZE_ARGS:-}
     echo "$tool: exit $?"
   done
 }

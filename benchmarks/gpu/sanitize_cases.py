@@ -9,7 +9,8 @@ reference so a silent failure also shows.
 The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
-(--quick: one case per kernel kind, bfloat16 only, for racecheck's slower run)."""
+(--quick: one case per kernel kind, bfloat16 only, for racecheck's slower run;
+--backward: the backward's cases only)."""
 
 import os
 import sys
@@ -90,6 +91,51 @@ def families(names):
     return [n for n in names if hopper or not n.startswith("sm90")]
 
 
+def backward_cases(caps, rng, dtype, quick, check):
+    """The attention backward, called as the autodiff calls it: keys past
+    kv_len hold NaN (never read), batch row 1 has no keys at all."""
+    tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
+    bwd_dims = caps.get("attention_bwd_head_dims", [])
+    for dk, dv in bwd_dims[:1] if quick else bwd_dims:
+        for seq_q, causal in ((70, True),) if quick else ((1, False), (70, True), (70, False)):
+            seq_kv, kv_len = 90, np.array([77, 0], np.int32)
+            q, dout = (rng.standard_normal((2, seq_q, 4, d)) for d in (dk, dv))
+            k, v = (rng.standard_normal((2, seq_kv, 2, d)) for d in (dk, dv))
+            k[0, 77:] = v[0, 77:] = np.nan
+            k[1], v[1] = np.nan, np.nan
+            q, k, v, dout = (jnp.asarray(x, dtype) for x in (q, k, v, dout))
+            q_pos = kv_len - seq_q
+            lse, delta, want = ref_attention_bwd(q, k, v, dout, dk**-0.5, causal, q_pos, kv_len)
+            call = jax.ffi.ffi_call(
+                "jax_mla_flash_attention_bwd",
+                tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+            )
+            got = jax.block_until_ready(
+                call(
+                    q,
+                    k,
+                    v,
+                    dout,
+                    jnp.asarray(lse, jnp.float32),
+                    jnp.asarray(delta, jnp.float32),
+                    jnp.asarray(q_pos, jnp.int32),
+                    jnp.asarray(kv_len, jnp.int32),
+                    scale=np.float32(dk**-0.5),
+                    causal=np.bool_(causal),
+                )
+            )
+            for name, g, w in zip(("dq", "dk", "dv"), got, want):
+                # Gradients grow with the rows summed: the tolerance is
+                # relative to the largest.
+                scaled = tol * max(1.0, float(np.abs(w).max()))
+                check(
+                    f"attention_bwd {dtype.name} {dk}/{dv} Sq={seq_q} causal={causal} {name}",
+                    g,
+                    w,
+                    scaled,
+                )
+
+
 def main():
     caps = jax_mla._ffi.module("gpu").capabilities()
     rng = np.random.default_rng(0)
@@ -104,6 +150,11 @@ def main():
 
     quick = "--quick" in sys.argv
     dtypes = [jnp.dtype(d) for d in caps["dtypes"]]
+    if "--backward" in sys.argv:  # the backward's cases only
+        for dtype in dtypes[-1:] if quick else dtypes:
+            backward_cases(caps, rng, dtype, quick, check)
+        print("sanitize cases:", "all ok" if bad == 0 else f"{bad} FAILED", flush=True)
+        return
     ((dk_mla, dv_mla, _),) = caps["mla_layouts"]
     for dtype in dtypes[-1:] if quick else dtypes:
         tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
@@ -191,47 +242,7 @@ def main():
                     )
                     check(f"attention {family} {dtype.name} {dk}/{dv} Sq={seq_q}", got, want, tol)
         os.environ.pop("JAX_MLA_CUDA_ATTENTION_KERNEL")
-        # The attention backward, called as the autodiff calls it: keys past
-        # kv_len hold NaN (never read), batch row 1 has no keys at all.
-        bwd_dims = caps.get("attention_bwd_head_dims", [])
-        for dk, dv in bwd_dims[:1] if quick else bwd_dims:
-            for seq_q, causal in ((70, True),) if quick else ((1, False), (70, True), (70, False)):
-                seq_kv, kv_len = 90, np.array([77, 0], np.int32)
-                q, dout = (rng.standard_normal((2, seq_q, 4, d)) for d in (dk, dv))
-                k, v = (rng.standard_normal((2, seq_kv, 2, d)) for d in (dk, dv))
-                k[0, 77:] = v[0, 77:] = np.nan
-                k[1], v[1] = np.nan, np.nan
-                q, k, v, dout = (jnp.asarray(x, dtype) for x in (q, k, v, dout))
-                q_pos = kv_len - seq_q
-                lse, delta, want = ref_attention_bwd(q, k, v, dout, dk**-0.5, causal, q_pos, kv_len)
-                call = jax.ffi.ffi_call(
-                    "jax_mla_flash_attention_bwd",
-                    tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-                )
-                got = jax.block_until_ready(
-                    call(
-                        q,
-                        k,
-                        v,
-                        dout,
-                        jnp.asarray(lse, jnp.float32),
-                        jnp.asarray(delta, jnp.float32),
-                        jnp.asarray(q_pos, jnp.int32),
-                        jnp.asarray(kv_len, jnp.int32),
-                        scale=np.float32(dk**-0.5),
-                        causal=np.bool_(causal),
-                    )
-                )
-                for name, g, w in zip(("dq", "dk", "dv"), got, want):
-                    # Gradients grow with the rows summed: the tolerance is
-                    # relative to the largest.
-                    scaled = tol * max(1.0, float(np.abs(w).max()))
-                    check(
-                        f"attention_bwd {dtype.name} {dk}/{dv} Sq={seq_q} causal={causal} {name}",
-                        g,
-                        w,
-                        scaled,
-                    )
+        backward_cases(caps, rng, dtype, quick, check)
     print("sanitize cases:", "all ok" if bad == 0 else f"{bad} FAILED", flush=True)
 
 
