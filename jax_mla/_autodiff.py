@@ -12,10 +12,11 @@ visible key j:
 
 (dlse is the LSE's cotangent: d lse_i / d s_ij = P_ij). It runs either as the
 native target jax_mla_flash_attention_bwd (float caches, where the platform's
-module has it) or as the pure-JAX blockwise version below (lax.scan over key
-blocks, float32, memory O(block x Sq)). flash_mla's backward is attention's
-with one KV head: K the latent rows, V their slice, whose gradient is added
-into the slice's columns of the kv gradient.
+module has it and takes the configuration: native_backward_problem) or as the
+pure-JAX blockwise version below (lax.scan over key blocks, float32, memory
+O(block x Sq)). flash_mla's backward is attention's with one KV head: K the
+latent rows, V their slice, whose gradient is added into the slice's columns
+of the kv gradient.
 
 Over a QuantizedKV cache the gradient flows to q (and to a float cache beside
 it) only, and is that of the float attention over the dequantized cache, i.e.
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _batching, _ffi, _sharding, reference
+from jax_mla import _backend, _batching, _capabilities, _ffi, _sharding, reference
 from jax_mla.quant import QuantizedKV, dequantize
 
 TARGET_BWD = "jax_mla_flash_attention_bwd"
@@ -49,6 +50,26 @@ _SymbolicZero = jax.custom_derivatives.SymbolicZero
 def has_native_backward(platform: str) -> bool:
     """Whether `platform`'s native module has the backward kernel."""
     return _ffi.has_target(platform, TARGET_BWD)
+
+
+def native_backward_problem(platform: str | None, q, k, v, dout) -> str | None:
+    """Why the native backward does not take this gradient call (None when it
+    does): k and v are caches [B, Skv, Hkv, D]. The CPU target takes every
+    float configuration its forward takes; the CUDA one those of its table's
+    attention_bwd_head_dims and dtypes (not flash_mla's latent layout, whose
+    gradient there is the pure-JAX backward)."""
+    if platform is None:
+        return "the reference backend has no native backward"
+    if _quantized(k, v):
+        return "the native backward takes float caches only"
+    if not has_native_backward(platform):
+        return _ffi.why_missing(platform, TARGET_BWD)
+    if not _backend.is_gpu(platform):
+        return None
+    dtypes = dict(q=q.dtype, k=k.dtype, v=v.dtype, dout=dout.dtype)
+    return _capabilities.cuda_attention_bwd_problem(
+        _capabilities.cuda(), dtypes, q.shape[-1], v.shape[-1]
+    )
 
 
 # ------------------------------------------------------------------ the custom_vjp
@@ -80,7 +101,7 @@ def attention(
             return _paged_backward(
                 q, caches, table[0], None, out, lse, dout, dlse, q_pos, kv_len, scale, causal
             )
-        if platform is not None and has_native_backward(platform) and not _quantized(k, v):
+        if native_backward_problem(platform, q, k, v, dout) is None:
             delta = _delta(out, dout, dlse)
             dq, dk, dv = _native_backward(op, scale, causal)(
                 q, k, v, dout, lse, delta, q_pos, kv_len
@@ -136,8 +157,8 @@ def mla(
             k = QuantizedKV(kv.qs[:, :, None], kv.d[:, :, None], kv.fmt)
         else:
             k = kv[:, :, None]
-        if platform is not None and has_native_backward(platform) and not _quantized(k):
-            v = kv[:, :, None, v_offset : v_offset + dv]
+        v = None if isinstance(kv, QuantizedKV) else kv[:, :, None, v_offset : v_offset + dv]
+        if native_backward_problem(platform, q, k, v, dout) is None:
             delta = _delta(out, dout, dlse)
             dq, dk, dvv = _native_backward(op, scale, causal)(
                 q, k, v, dout, lse, delta, q_pos, kv_len

@@ -38,9 +38,10 @@ def cpu() -> dict:
 @functools.cache
 def cuda() -> dict:
     """The CUDA module's table: dtypes, attention_head_dims ([Dk, Dv] pairs),
-    mla_layouts ([Dk, dv, v_offset]), mla_formats (name -> code),
-    mla_kernels, attention_kernels, page_sizes (those of the *_paged
-    targets; absent: none)."""
+    attention_bwd_head_dims (the pairs of the native backward), mla_layouts
+    ([Dk, dv, v_offset]), mla_formats (name -> code), mla_kernels,
+    attention_kernels, page_sizes (those of the *_paged targets; absent:
+    none)."""
     return _table("gpu")
 
 
@@ -82,6 +83,19 @@ def cuda_attention_problem(
     problem = _cuda_dtypes_problem(table, dtypes)
     if problem is None and (dk, dv) not in pairs:
         problem = f"the CUDA kernel supports (Dk, Dv) in {pairs}; got {(dk, dv)} {_ANY}"
+    return problem
+
+
+def cuda_attention_bwd_problem(
+    table: dict, dtypes: dict[str, jnp.dtype], dk: int, dv: int
+) -> str | None:
+    """What the CUDA backward kernel lacks for a call (None when it takes it):
+    q, k, v and dout of one of the table's dtypes, (Dk, Dv) one of its
+    backward pairs (a build without the backward lists none)."""
+    pairs = tuple(tuple(p) for p in table.get("attention_bwd_head_dims", ()))
+    problem = _cuda_dtypes_problem(table, dtypes)
+    if problem is None and (dk, dv) not in pairs:
+        problem = f"the CUDA backward kernel supports (Dk, Dv) in {pairs}; got {(dk, dv)}"
     return problem
 
 

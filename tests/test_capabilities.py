@@ -19,6 +19,7 @@ from .conftest import cuda_takes, kernel_configs, mentions_gpu, randn, unsupport
 CUDA = {
     "dtypes": ["float16", "bfloat16"],
     "attention_head_dims": [[192, 128], [64, 64], [128, 128], [256, 256]],
+    "attention_bwd_head_dims": [[192, 128], [64, 64], [128, 128], [256, 256]],
     "mla_layouts": [[576, 512, 0]],
     "mla_formats": {"q8_0": 1, "q8_kv": 2},
     "mla_kernels": ["auto"],
@@ -151,3 +152,15 @@ def test_kernel_configs_merge_marker_and_parameters():
 )
 def test_gpu_tests_run_only_when_the_marker_expression_names_them(markexpr, selects_gpu):
     assert mentions_gpu(markexpr) == selects_gpu
+
+
+def test_cuda_backward_table_rule():
+    problem = _capabilities.cuda_attention_bwd_problem
+    same = dict(q=BF16, k=BF16, v=BF16, dout=BF16)
+    assert problem(CUDA, same, 192, 128) is None
+    assert "(Dk, Dv)" in problem(CUDA, same, 576, 512)  # flash_mla's layout: pure JAX
+    assert "dout" in problem(CUDA, dict(same, dout=F16), 192, 128)
+    assert "float32" in problem(CUDA, dict(same, q=F32), 64, 64)
+    # A module built before the backward existed lists no pairs.
+    table = {k: v for k, v in CUDA.items() if k != "attention_bwd_head_dims"}
+    assert problem(table, same, 64, 64) is not None

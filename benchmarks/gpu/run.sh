@@ -15,7 +15,8 @@
 #   sanitize  compute-sanitizer memcheck over benchmarks/gpu/sanitize_cases.py,
 #             jax_mla's kernels only; SANITIZE_TOOLS="memcheck racecheck" adds
 #             racecheck (on the --quick cases); SANITIZE_ARGS=--paged-only runs the
-#             paged-cache cases alone.
+#             paged-cache cases alone, SANITIZE_ARGS=--backward the attention
+#             backward's cases alone.
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
 #   paged     FlashMLA built from .carry/flashmla (once per machine, into /tmp/fmb;
@@ -24,6 +25,8 @@
 #             bytes (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g. --skip fa3).
 #             The paged targets' GPU tests run in the test step (alone:
 #             PYTEST_ARGS=tests/test_cuda_paged.py), their memcheck cases in sanitize.
+#   backward  benchmarks/gpu/backward.py $BACKWARD_ARGS: the attention backward
+#             (192/128 causal, bf16) against cuDNN's through torch SDPA.
 #   profile   Nsight Compute on one launch of each MLA kernel of
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
@@ -32,7 +35,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,33p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,36p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -129,6 +132,11 @@ step_paged() {
     --skip prefill ${SIDE_BY_SIDE_ARGS:-}
 }
 
+step_backward() {
+  # shellcheck disable=SC2086
+  python3 -P benchmarks/gpu/backward.py ${BACKWARD_ARGS:-}
+}
+
 step_profile() {
   # shellcheck disable=SC2086
   ncu --clock-control none --kernel-name regex:Mla --launch-skip 2 --launch-count 1 \
@@ -143,8 +151,7 @@ step_sweep() {
 }
 
 declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [paged]=600
-                  [profile]=300
-                  [sweep]=300)
+                  [backward]=600 [profile]=300 [sweep]=300)
 status=0
 for step in "$@"; do
   if [ -z "${LIMIT[$step]:-}" ]; then

@@ -2,18 +2,20 @@
 racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
 16- and 64-row blocks over float caches in each kernel family the card runs
 and over each 8-bit format, each attention head-dim pair and kernel family,
-split-KV and its combine, causal, ragged kv_len with empty rows), and paged
-flash_mla and flash_attention (every page size, float and 8-bit latent caches,
-pages in a random order in a pool NaN wherever no live key is, block-table
-entries out of range both past kv_len and below it: those keys skipped, never
-read), each checked against the reference so a silent failure also shows.
+split-KV and its combine, causal, ragged kv_len with empty rows), the attention
+backward (jax_mla_flash_attention_bwd: each backward pair, GQA, causal, keys
+past kv_len, rows that see no key), and paged flash_mla and flash_attention
+(every page size, float and 8-bit latent caches, pages in a random order in a
+pool NaN wherever no live key is, block-table entries out of range both past
+kv_len and below it: those keys skipped, never read), each checked against the
+reference so a silent failure also shows.
 The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
-[--paged-only]
+[--paged-only | --backward]
 (--quick: one case per kernel kind, bfloat16 only, for racecheck's slower run;
---paged-only: the paged cases alone. The paged cases run in bfloat16: the
-dtype changes no address arithmetic)."""
+--paged-only: the paged cases alone, --backward: the backward's cases alone.
+The paged cases run in bfloat16: the dtype changes no address arithmetic)."""
 
 import os
 import sys
@@ -44,6 +46,36 @@ def ref_attention(q, k, v, scale, causal, q_pos, kv_len):
                 p = np.exp(s - s.max())
                 out[b, i, h] = p @ v[b, :n, kh] / p.sum()
     return out
+
+
+def ref_attention_bwd(q, k, v, dout, scale, causal, q_pos, kv_len):
+    """float64 numpy backward of the attention above at cotangent dout (no
+    LSE cotangent): (lse [B,Hq,Sq], delta [B,Hq,Sq], (dq, dk, dv))."""
+    q, k, v, dout = (np.asarray(x, np.float32).astype(np.float64) for x in (q, k, v, dout))
+    B, Sq, Hq, _ = q.shape
+    Skv, Hkv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    lse = np.full((B, Hq, Sq), -np.inf)
+    delta = np.zeros((B, Hq, Sq))
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b in range(B):
+        for i in range(Sq):
+            n = min(int(kv_len[b]), Skv)
+            if causal:
+                n = min(n, max(int(q_pos[b]) + i + 1, 0))
+            if n == 0:
+                continue
+            for h in range(Hq):
+                kh = h // group
+                s = k[b, :n, kh] @ q[b, i, h] * scale
+                lse[b, h, i] = s.max() + np.log(np.exp(s - s.max()).sum())
+                p = np.exp(s - lse[b, h, i])
+                delta[b, h, i] = dout[b, i, h] @ (p @ v[b, :n, kh])
+                ds = p * (v[b, :n, kh] @ dout[b, i, h] - delta[b, h, i])
+                dq[b, i, h] = scale * ds @ k[b, :n, kh]
+                dk[b, :n, kh] += scale * np.outer(ds, q[b, i, h])
+                dv[b, :n, kh] += np.outer(p, dout[b, i, h])
+    return lse, delta, (dq, dk, dv)
 
 
 def round_query_q8(q, scale):
@@ -219,6 +251,51 @@ def families(names):
     return [n for n in names if hopper or not n.startswith("sm90")]
 
 
+def backward_cases(caps, rng, dtype, quick, check):
+    """The attention backward, called as the autodiff calls it: keys past
+    kv_len hold NaN (never read), batch row 1 has no keys at all."""
+    tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
+    bwd_dims = caps.get("attention_bwd_head_dims", [])
+    for dk, dv in bwd_dims[:1] if quick else bwd_dims:
+        for seq_q, causal in ((70, True),) if quick else ((1, False), (70, True), (70, False)):
+            seq_kv, kv_len = 90, np.array([77, 0], np.int32)
+            q, dout = (rng.standard_normal((2, seq_q, 4, d)) for d in (dk, dv))
+            k, v = (rng.standard_normal((2, seq_kv, 2, d)) for d in (dk, dv))
+            k[0, 77:] = v[0, 77:] = np.nan
+            k[1], v[1] = np.nan, np.nan
+            q, k, v, dout = (jnp.asarray(x, dtype) for x in (q, k, v, dout))
+            q_pos = kv_len - seq_q
+            lse, delta, want = ref_attention_bwd(q, k, v, dout, dk**-0.5, causal, q_pos, kv_len)
+            call = jax.ffi.ffi_call(
+                "jax_mla_flash_attention_bwd",
+                tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+            )
+            got = jax.block_until_ready(
+                call(
+                    q,
+                    k,
+                    v,
+                    dout,
+                    jnp.asarray(lse, jnp.float32),
+                    jnp.asarray(delta, jnp.float32),
+                    jnp.asarray(q_pos, jnp.int32),
+                    jnp.asarray(kv_len, jnp.int32),
+                    scale=np.float32(dk**-0.5),
+                    causal=np.bool_(causal),
+                )
+            )
+            for name, g, w in zip(("dq", "dk", "dv"), got, want):
+                # Gradients grow with the rows summed: the tolerance is
+                # relative to the largest.
+                scaled = tol * max(1.0, float(np.abs(w).max()))
+                check(
+                    f"attention_bwd {dtype.name} {dk}/{dv} Sq={seq_q} causal={causal} {name}",
+                    g,
+                    w,
+                    scaled,
+                )
+
+
 def main():
     caps = jax_mla._ffi.module("gpu").capabilities()
     rng = np.random.default_rng(0)
@@ -234,6 +311,11 @@ def main():
     quick = "--quick" in sys.argv
     paged_only = "--paged-only" in sys.argv
     dtypes = [jnp.dtype(d) for d in caps["dtypes"]]
+    if "--backward" in sys.argv:  # the backward's cases only
+        for dtype in dtypes[-1:] if quick else dtypes:
+            backward_cases(caps, rng, dtype, quick, check)
+        print("sanitize cases:", "all ok" if bad == 0 else f"{bad} FAILED", flush=True)
+        return
     ((dk_mla, dv_mla, _),) = caps["mla_layouts"]
     for dtype in [] if paged_only else dtypes[-1:] if quick else dtypes:
         tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
@@ -321,6 +403,7 @@ def main():
                     )
                     check(f"attention {family} {dtype.name} {dk}/{dv} Sq={seq_q}", got, want, tol)
         os.environ.pop("JAX_MLA_CUDA_ATTENTION_KERNEL")
+        backward_cases(caps, rng, dtype, quick, check)
     if "flash_mla" in caps.get("paged_ops", []):
         paged_cases(caps, rng, check, jnp.dtype(jnp.bfloat16), 2e-2, quick)
     if "flash_attention" in caps.get("paged_ops", []):

@@ -1,4 +1,5 @@
-// The CUDA FFI handlers (defined in attention/attention.cu and mla/mla.cu) and
+// The CUDA FFI handlers (defined in attention/attention.cu, attention_bwd.cu and
+// mla/mla.cu) and
 // the facts the Python side asks the module for (tile sizes, work items;
 // split_inputs.cc).
 #pragma once
@@ -16,6 +17,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaPaged);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuantPaged);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttentionPaged);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttentionBwd);
 
 // Keys per KV tile of the kernel serving head dim `dk` (num_splits is clamped
 // to the number of tiles).

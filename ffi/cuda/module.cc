@@ -23,12 +23,15 @@ namespace {
 nb::dict Capabilities() {
   using jax_mla::QFormat;
   nb::dict d;
-  nb::list dtypes, attention_dims, mla_layouts, mla_kernels, attention_kernels;
+  nb::list dtypes, attention_dims, attention_bwd_dims, mla_layouts, mla_kernels, attention_kernels;
 #define JAX_MLA_DTYPE(NAME) dtypes.append(NAME);
   JAX_MLA_CUDA_DTYPES(JAX_MLA_DTYPE)
 #undef JAX_MLA_DTYPE
 #define JAX_MLA_PAIR(DK, DV) attention_dims.append(nb::list(nb::make_tuple(DK, DV)));
   JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_PAIR)
+#undef JAX_MLA_PAIR
+#define JAX_MLA_PAIR(DK, DV) attention_bwd_dims.append(nb::list(nb::make_tuple(DK, DV)));
+  JAX_MLA_ATTENTION_BWD_HEAD_DIMS(JAX_MLA_PAIR)
 #undef JAX_MLA_PAIR
 #define JAX_MLA_LAYOUT(DK, DV, V_OFFSET) \
   mla_layouts.append(nb::list(nb::make_tuple(DK, DV, V_OFFSET)));
@@ -40,6 +43,7 @@ nb::dict Capabilities() {
   for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV}) formats[jax_mla::QFormatName(f)] = int64_t(f);
   d["dtypes"] = dtypes;
   d["attention_head_dims"] = attention_dims;
+  d["attention_bwd_head_dims"] = attention_bwd_dims;
   d["mla_layouts"] = mla_layouts;
   d["mla_formats"] = formats;
   d["mla_kernels"] = mla_kernels;
@@ -62,6 +66,7 @@ NB_MODULE(_cuda, m) {
   m.def("registrations", [] {
     nb::dict d;
     d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttention);
+    d["jax_mla_flash_attention_bwd"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttentionBwd);
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMla);
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuant);
     d["jax_mla_flash_mla_paged"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaPaged);
@@ -70,7 +75,8 @@ NB_MODULE(_cuda, m) {
     return d;
   });
   m.def("capabilities", &Capabilities,
-        "What this build supports: dtypes, head dims, MLA layouts and formats (FFI codes), "
+        "What this build supports: dtypes, head dims (forward and backward), MLA layouts and "
+        "formats (FFI codes), "
         "the kernel families a call may force (JAX_MLA_CUDA_MLA_KERNEL, "
         "JAX_MLA_CUDA_ATTENTION_KERNEL), the ops with paged kernels (paged_ops) and their "
         "page sizes.");

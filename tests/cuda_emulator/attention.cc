@@ -1,0 +1,285 @@
+// The mma.sync attention kernels run through the host emulator
+// (mock/ffi/cuda/common/kernel_utils.cuh) against float64 loops:
+//   forward     the forward kernel (attention_kernel.cuh), which the GPU tests
+//               validate, so the emulator's fragment layouts are checked too;
+//   bwd_*       the backward's KV and Q kernels (attention_bwd_kernel.cuh):
+//               dq, dk, dv within two ulps of the inputs' type times the
+//               gradient's magnitude, every element written, keys past kv_len
+//               (NaN in k and v) exactly 0, rows that see no key dq = 0.
+// Built by tests/test_cuda_emulator.py with the kernel headers' launchers
+// (host code with <<<>>>) cut off into kernels.h. Usage: attention CASE...
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace jax_mla::cuda {
+alignas(128) char smem[240000];  // the block's dynamic shared memory
+}  // namespace jax_mla::cuda
+
+namespace {
+
+using jax_mla::AttentionBwdParams;
+using jax_mla::AttentionParams;
+using jax_mla::VisibleKeys;
+
+// Runs kernel() as every block of `grid`, one block at a time, 128 threads each.
+template <typename F>
+void RunGrid(Dim3 grid, const F& kernel) {
+  gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        emu::Block block;
+        emu::block = &block;
+        // Garbage, so a read of shared memory nothing wrote shows.
+        memset(jax_mla::cuda::smem, 0x7f, sizeof(jax_mla::cuda::smem));
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < 128; ++t)
+          threads.emplace_back([&, t] {
+            threadIdx = {t, 0, 0};
+            blockIdx = {x, y, z};
+            kernel();
+          });
+        for (auto& t : threads) t.join();
+      }
+}
+
+template <typename T>
+T Round(float f) {
+  T v;
+  v.x = std::is_same_v<T, __half> ? emu::HalfBits(f) : emu::Bf16Bits(f);
+  return v;
+}
+
+template <typename T>
+double F(T x) {
+  return emu::ToFloat(x);
+}
+
+// [B, S, H, D] row-major index.
+size_t At(int b, int s, int h, int d, int S, int H, int D) {
+  return ((size_t(b) * S + s) * H + h) * D + d;
+}
+
+int Fails(const char* what, const std::vector<float>& got, const std::vector<double>& want,
+          double ulp) {
+  double magnitude = 1;
+  for (double w : want) magnitude = std::max(magnitude, std::abs(w));
+  const double tol = 2 * ulp * magnitude;
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) {
+      printf("  %s FAIL: element %zu is %g\n", what, i, got[i]);
+      return 1;
+    }
+    const double e = std::abs(got[i] - want[i]) / (tol * (1 + std::abs(want[i]) / magnitude));
+    if (e > worst) worst = e, at = i;
+  }
+  const bool ok = worst <= 1;
+  printf("  %s %s: worst |diff| / tol %.3f", what, ok ? "ok" : "FAIL", worst);
+  if (!got.empty()) printf(" (element %zu: %g, expected %g)", at, got[at], want[at]);
+  printf("\n");
+  return !ok;
+}
+
+struct Case {
+  int B, Sq, Hq, Hkv, Skv;
+  bool causal;
+  std::vector<int> q_pos, kv_len;
+};
+
+template <typename T, int Dk, int Dv>
+int CheckBackward(const Case& c, uint64_t seed) {
+  const int B = c.B, Sq = c.Sq, Hq = c.Hq, Hkv = c.Hkv, Skv = c.Skv, group = Hq / Hkv;
+  std::vector<int> q_pos = c.q_pos, kv_len = c.kv_len;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  auto random = [&](size_t n) {
+    std::vector<T> x(n);
+    for (auto& e : x) e = Round<T>(normal(rng));
+    return x;
+  };
+  std::vector<T> q = random(size_t(B) * Sq * Hq * Dk), k = random(size_t(B) * Skv * Hkv * Dk),
+                 v = random(size_t(B) * Skv * Hkv * Dv), dout = random(size_t(B) * Sq * Hq * Dv);
+  for (int b = 0; b < B; ++b)  // keys past kv_len do not exist: NaN shows a read
+    for (int j = std::clamp(kv_len[b], 0, Skv); j < Skv; ++j)
+      for (int h = 0; h < Hkv; ++h) {
+        for (int d = 0; d < Dk; ++d) k[At(b, j, h, d, Skv, Hkv, Dk)] = Round<T>(NAN);
+        for (int d = 0; d < Dv; ++d) v[At(b, j, h, d, Skv, Hkv, Dv)] = Round<T>(NAN);
+      }
+  const double scale = 1.0 / std::sqrt(double(Dk));
+  // The contract in float64: lse, delta (with a random dlse), dq, dk, dv.
+  std::vector<double> dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<float> lse(size_t(B) * Hq * Sq, -INFINITY), delta(lse.size());
+  std::vector<int64_t> seen(size_t(B) * Sq);
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < Sq; ++i) {
+      const int64_t n = VisibleKeys(int64_t(q_pos[b]) + i, kv_len[b], Skv, c.causal);
+      seen[size_t(b) * Sq + i] = n;
+      for (int h = 0; h < Hq; ++h) {
+        const int hk = h / group;
+        const size_t stat = (size_t(b) * Hq + h) * Sq + i;
+        const float dlse = normal(rng);
+        delta[stat] = dlse;  // kept on rows that see no key: the kernels must ignore it
+        if (n == 0) continue;
+        std::vector<double> s(n), p(n);
+        double m = -INFINITY, total = 0, dot = 0;
+        for (int j = 0; j < n; ++j) {
+          double acc = 0;
+          for (int d = 0; d < Dk; ++d)
+            acc += F(q[At(b, i, h, d, Sq, Hq, Dk)]) * F(k[At(b, j, hk, d, Skv, Hkv, Dk)]);
+          s[j] = acc * scale;
+          m = std::max(m, s[j]);
+        }
+        for (int j = 0; j < n; ++j) total += std::exp(s[j] - m);
+        lse[stat] = float(m + std::log(total));
+        for (int j = 0; j < n; ++j) p[j] = std::exp(s[j] - lse[stat]);
+        for (int d = 0; d < Dv; ++d) {
+          double o = 0;
+          for (int j = 0; j < n; ++j) o += p[j] * F(v[At(b, j, hk, d, Skv, Hkv, Dv)]);
+          dot += o * F(dout[At(b, i, h, d, Sq, Hq, Dv)]);
+        }
+        delta[stat] = float(dot - dlse);
+        for (int j = 0; j < n; ++j) {
+          double dp = 0;
+          for (int d = 0; d < Dv; ++d)
+            dp += F(dout[At(b, i, h, d, Sq, Hq, Dv)]) * F(v[At(b, j, hk, d, Skv, Hkv, Dv)]);
+          const double ds = p[j] * (dp - delta[stat]);
+          for (int d = 0; d < Dk; ++d) {
+            dq[At(b, i, h, d, Sq, Hq, Dk)] += scale * ds * F(k[At(b, j, hk, d, Skv, Hkv, Dk)]);
+            dk[At(b, j, hk, d, Skv, Hkv, Dk)] += scale * ds * F(q[At(b, i, h, d, Sq, Hq, Dk)]);
+          }
+          for (int d = 0; d < Dv; ++d)
+            dv[At(b, j, hk, d, Skv, Hkv, Dv)] += p[j] * F(dout[At(b, i, h, d, Sq, Hq, Dv)]);
+        }
+      }
+    }
+
+  // NaN first: an element no block writes fails.
+  std::vector<float> gq(dq.size(), NAN), gk(dk.size(), NAN), gv(dv.size(), NAN);
+  AttentionBwdParams p;
+  p.batch = B, p.seq_q = Sq, p.heads_q = Hq, p.heads_kv = Hkv, p.seq_kv = Skv;
+  p.dk = Dk, p.dv = Dv, p.scale = float(scale), p.causal = c.causal;
+  p.q = q.data(), p.dout = dout.data();
+  p.k.data = k.data(), p.v.data = v.data();
+  p.k.batch_stride = int64_t(Skv) * Hkv * Dk, p.k.row_stride = Hkv * Dk, p.k.head_stride = Dk;
+  p.v.batch_stride = int64_t(Skv) * Hkv * Dv, p.v.row_stride = Hkv * Dv, p.v.head_stride = Dv;
+  p.lse = lse.data(), p.delta = delta.data(), p.q_pos = q_pos.data(), p.kv_len = kv_len.data();
+  p.grad_q = gq.data(), p.grad_k = gk.data(), p.grad_v = gv.data();
+  // The grids of LaunchAttentionBwd.
+  using Shape = jax_mla::cuda::AttnBwdShape<Dk, Dv>;
+  const unsigned bh = unsigned(B * Hkv);
+  if (Skv > 0)
+    RunGrid({unsigned((Skv + Shape::kKvKeys - 1) / Shape::kKvKeys), unsigned(Shape::kSplit), bh},
+            [&] { jax_mla::cuda::AttentionBwdKvKernel<T, Dk, Dv>(p); });
+  if (Sq * group > 0)
+    RunGrid({unsigned((Sq * group + Shape::kRows - 1) / Shape::kRows), 1u, bh},
+            [&] { jax_mla::cuda::AttentionBwdQKernel<T, Dk, Dv>(p); });
+
+  const double ulp = std::ldexp(1.0, std::is_same_v<T, __half> ? -10 : -7);
+  int bad = Fails("dq", gq, dq, ulp) + Fails("dk", gk, dk, ulp) + Fails("dv", gv, dv, ulp);
+  for (int b = 0; b < B; ++b) {
+    for (int j = std::clamp(kv_len[b], 0, Skv); j < Skv; ++j)
+      for (int h = 0; h < Hkv; ++h) {
+        for (int d = 0; d < Dk; ++d) bad += gk[At(b, j, h, d, Skv, Hkv, Dk)] != 0.f;
+        for (int d = 0; d < Dv; ++d) bad += gv[At(b, j, h, d, Skv, Hkv, Dv)] != 0.f;
+      }
+    for (int i = 0; i < Sq; ++i)
+      if (seen[size_t(b) * Sq + i] == 0)
+        for (int h = 0; h < Hq; ++h)
+          for (int d = 0; d < Dk; ++d) bad += gq[At(b, i, h, d, Sq, Hq, Dk)] != 0.f;
+  }
+  if (bad) printf("  FAIL: %d checks (exact zeros included)\n", bad);
+  return bad;
+}
+
+// The forward 192/128 bf16 kernel, causal GQA, against float64 attention.
+int CheckForward() {
+  using T = __nv_bfloat16;
+  constexpr int Dk = 192, Dv = 128;
+  const int B = 1, Sq = 37, Hq = 2, Hkv = 1, Skv = 70;
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> normal;
+  auto random = [&](size_t n) {
+    std::vector<T> x(n);
+    for (auto& e : x) e = Round<T>(normal(rng));
+    return x;
+  };
+  std::vector<T> q = random(B * Sq * Hq * Dk), k = random(B * Skv * Hkv * Dk),
+                 v = random(B * Skv * Hkv * Dv), out(B * Sq * Hq * Dv);
+  std::vector<float> lse(B * Hq * Sq);
+  std::vector<int> q_pos{Skv - Sq}, kv_len{Skv};
+  AttentionParams p;
+  p.batch = B, p.kv_batch = B, p.seq_q = Sq, p.heads_q = Hq, p.heads_kv = Hkv, p.seq_kv = Skv;
+  p.dk = Dk, p.dv = Dv, p.scale = 1.f / std::sqrt(float(Dk)), p.causal = true;
+  p.q = q.data(), p.k.data = k.data(), p.v.data = v.data();
+  p.k.batch_stride = Skv * Hkv * Dk, p.k.row_stride = Hkv * Dk, p.k.head_stride = Dk;
+  p.v.batch_stride = Skv * Hkv * Dv, p.v.row_stride = Hkv * Dv, p.v.head_stride = Dv;
+  p.q_pos = q_pos.data(), p.kv_len = kv_len.data(), p.out = out.data(), p.lse = lse.data();
+  RunGrid({unsigned((Sq * Hq / Hkv + 63) / 64), 1u, unsigned(B * Hkv)},
+          [&] { jax_mla::cuda::AttentionKernel<T, Dk, Dv>(p); });
+  double worst = 0;
+  for (int i = 0; i < Sq; ++i)
+    for (int h = 0; h < Hq; ++h) {
+      const int n = q_pos[0] + i + 1;
+      std::vector<double> s(n);
+      double m = -INFINITY, total = 0;
+      for (int j = 0; j < n; ++j) {
+        double acc = 0;
+        for (int d = 0; d < Dk; ++d) acc += F(q[At(0, i, h, d, Sq, Hq, Dk)]) * F(k[j * Dk + d]);
+        s[j] = acc * p.scale;
+        m = std::max(m, s[j]);
+      }
+      for (int j = 0; j < n; ++j) total += std::exp(s[j] - m);
+      worst = std::max(worst, std::abs(lse[h * Sq + i] - (m + std::log(total))));
+      for (int d = 0; d < Dv; ++d) {
+        double o = 0;
+        for (int j = 0; j < n; ++j) o += std::exp(s[j] - m) / total * F(v[j * Dv + d]);
+        worst = std::max(worst, std::abs(F(out[At(0, i, h, d, Sq, Hq, Dv)]) - o));
+      }
+    }
+  // Two bf16 ulps of outputs up to about 3 in magnitude.
+  const bool ok = worst < 2e-2;
+  printf("  out, lse %s: max |diff| %g\n", ok ? "ok" : "FAIL", worst);
+  return !ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using BF16 = __nv_bfloat16;
+  int bad = 0;
+  for (int a = 1; a < argc; ++a) {
+    const std::string name = argv[a];
+    printf("%s\n", name.c_str());
+    if (name == "forward") {
+      bad += CheckForward();
+    } else if (name == "bwd_64x64") {  // GQA 2, q_pos < 0 (empty rows), a batch row without keys
+      bad += CheckBackward<BF16, 64, 64>({2, 37, 4, 2, 70, true, {-5, 3}, {70, 0}}, 1);
+    } else if (name == "bwd_64x64_f16") {  // not causal, kv_len inside the second key block
+      bad += CheckBackward<__half, 64, 64>({2, 9, 2, 2, 130, false, {0, 0}, {130, 65}}, 2);
+    } else if (name == "bwd_192x128") {  // GQA 4 over one KV head, Sq < Skv
+      bad += CheckBackward<BF16, 192, 128>({1, 19, 4, 1, 67, true, {48}, {67}}, 3);
+    } else if (name == "bwd_128x128_f16") {  // more than one row tile of each kernel
+      bad += CheckBackward<__half, 128, 128>({1, 70, 1, 1, 70, true, {0}, {70}}, 5);
+    } else if (name == "bwd_128x128_gqa3") {  // group 3: rows of a position span row tiles
+      bad += CheckBackward<BF16, 128, 128>({2, 23, 6, 2, 50, true, {27, -4}, {50, 31}}, 6);
+    } else if (name == "bwd_256x256") {  // the column split, kv_len < Skv
+      bad += CheckBackward<BF16, 256, 256>({2, 5, 2, 1, 40, true, {30, 2}, {35, 3}}, 4);
+    } else {
+      printf("unknown case\n");
+      ++bad;
+    }
+  }
+  printf(bad ? "FAILED\n" : "all ok\n");
+  return bad != 0;
+}

@@ -1,0 +1,193 @@
+// The device helpers of ffi/cuda/common/kernel_utils.cuh emulated on the host,
+// so that the CUDA kernels' fragment logic runs without a GPU
+// (tests/test_cuda_emulator.py): this file shadows the real one on the include
+// path. One std::thread per CUDA thread of a block; the warp collectives
+// (ldmatrix, mma.sync m16n8k16, shuffles) exchange their operands through
+// per-warp slots between two barriers, with the PTX ISA's fragment layouts;
+// the products are float sums of the exact 16-bit inputs. cp.async is a
+// synchronous copy, so races are not emulated (compute-sanitizer's racecheck
+// covers them on the GPU).
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+struct __half {
+  uint16_t x;
+};
+struct float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 gridDim;
+
+namespace emu {
+inline float ToFloat(__nv_bfloat16 v) {
+  uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline float ToFloat(__half v) {
+  _Float16 h;
+  memcpy(&h, &v.x, 2);
+  return float(h);
+}
+inline uint16_t Bf16Bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7fff + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+inline uint16_t HalfBits(float f) {
+  _Float16 h = (_Float16)f;
+  uint16_t u;
+  memcpy(&u, &h, 2);
+  return u;
+}
+struct Warp {
+  std::barrier<> bar{32};
+  const char* ptr[32];
+  uint32_t a[32][4], b[32][2];
+  float f[32];
+};
+struct Block {
+  std::barrier<> bar{128};
+  Warp warps[4];
+};
+inline Block* block = nullptr;
+inline Warp& MyWarp() { return block->warps[threadIdx.x / 32]; }
+template <typename T>
+inline float Elem(uint32_t w, int half) {
+  T v;
+  v.x = uint16_t(half ? w >> 16 : w & 0xffff);
+  return ToFloat(v);
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block->bar.arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int m) {
+  auto& w = emu::MyWarp();
+  const int lane = threadIdx.x % 32;
+  w.f[lane] = v;
+  w.bar.arrive_and_wait();
+  const float r = w.f[lane ^ m];
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+namespace jax_mla::cuda {
+template <typename T>
+inline uint32_t PackPair(float lo, float hi);
+template <>
+inline uint32_t PackPair<__nv_bfloat16>(float lo, float hi) {
+  return emu::Bf16Bits(lo) | uint32_t(emu::Bf16Bits(hi)) << 16;
+}
+template <>
+inline uint32_t PackPair<__half>(float lo, float hi) {
+  return emu::HalfBits(lo) | uint32_t(emu::HalfBits(hi)) << 16;
+}
+
+template <typename T>
+inline void Mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  auto& w = emu::MyWarp();
+  const int lane = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  w.bar.arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = emu::Elem<T>(w.a[l][0], h);
+      A[g + 8][2 * t + h] = emu::Elem<T>(w.a[l][1], h);
+      A[g][2 * t + 8 + h] = emu::Elem<T>(w.a[l][2], h);
+      A[g + 8][2 * t + 8 + h] = emu::Elem<T>(w.a[l][3], h);
+      B[2 * t + h][g] = emu::Elem<T>(w.b[l][0], h);
+      B[2 * t + 8 + h][g] = emu::Elem<T>(w.b[l][1], h);
+    }
+  }
+  w.bar.arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + e % 2;
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    c[e] = acc;
+  }
+}
+
+inline void LdMatrix(uint32_t r[4], const void* p, bool trans) {
+  auto& w = emu::MyWarp();
+  const int lane = threadIdx.x % 32;
+  w.ptr[lane] = static_cast<const char*>(p);
+  w.bar.arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < 4; ++m) {
+    uint16_t lo, hi;
+    if (!trans) {
+      memcpy(&lo, w.ptr[8 * m + g] + 4 * t, 2);
+      memcpy(&hi, w.ptr[8 * m + g] + 4 * t + 2, 2);
+    } else {
+      memcpy(&lo, w.ptr[8 * m + 2 * t] + 2 * g, 2);
+      memcpy(&hi, w.ptr[8 * m + 2 * t + 1] + 2 * g, 2);
+    }
+    r[m] = lo | uint32_t(hi) << 16;
+  }
+  w.bar.arrive_and_wait();
+}
+inline void LdMatrixX4(uint32_t r[4], const void* p) { LdMatrix(r, p, false); }
+inline void LdMatrixX4Trans(uint32_t r[4], const void* p) { LdMatrix(r, p, true); }
+inline void CpAsync16(void* smem, const void* gmem, bool valid) {
+  if (valid)
+    memcpy(smem, gmem, 16);
+  else
+    memset(smem, 0, 16);
+}
+inline void CpAsyncCommit() {}
+template <int N>
+inline void CpAsyncWait() {}
+inline float Exp2(float x) { return exp2f(x); }
+inline void QuadRowMax(float& mx_lo, float& mx_hi) {
+  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+  mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+  mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+}
+inline void QuadRowSum(float& l_lo, float& l_hi) {
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+  l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+  l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+}
+struct MaxStep {
+  float mu_lo, mu_hi, al_lo, al_hi;
+};
+inline MaxStep StepMax(float m_lo, float m_hi, float mn_lo, float mn_hi) {
+  MaxStep r;
+  r.mu_lo = mn_lo == -INFINITY ? 0.f : mn_lo;
+  r.mu_hi = mn_hi == -INFINITY ? 0.f : mn_hi;
+  r.al_lo = Exp2(m_lo - r.mu_lo);
+  r.al_hi = Exp2(m_hi - r.mu_hi);
+  return r;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+}  // namespace jax_mla::cuda
