@@ -76,7 +76,8 @@ MODEL_AGREEMENT = 1e-3
 MODEL_AGREEMENT_8BIT = 3e-2
 # bf16/f16 activations: the modes round q, K and V and the attention output
 # at different steps, each by up to half an epsilon of the type; as in
-# tests/test_deepseek_dtypes.py, 4 epsilons more.
+# tests/test_deepseek_dtypes.py (measured up to 0.76 eps from the plain math),
+# 4 epsilons more.
 HALF_AGREEMENT_EPS = 4.0
 
 
