@@ -193,3 +193,12 @@ def test_self_attention_and_its_gradient(platform, rng, dtype, mode):
         name = jax.tree_util.keystr(path)
         assert g.dtype == jnp.dtype(dtype), name
         assert_rel(g, ref, EPS_TOL * eps(dtype), f"d{name}")
+
+
+def test_integer_params_are_refused():
+    params = ds.init_params(jax.random.PRNGKey(0), CFG, jnp.bfloat16)
+    params["wo"] = params["wo"].astype(jnp.int32)
+    x = jnp.zeros((1, 1, CFG.hidden_size), jnp.bfloat16)
+    cache = ds.init_cache(CFG, 1, 4, jnp.bfloat16)
+    with pytest.raises(TypeError, match=r"params\['wo'\] must be float32, bfloat16 or float16"):
+        ds.attention(params, x, jnp.zeros((1, 1), jnp.int32), cache, CFG)
