@@ -16,7 +16,7 @@ max |out_standard| on the same inputs: the modes must agree. The memory rows
 give the latent cache's bytes ("KV self size", one layer: every mode shares
 that cache) and each mode's peak workspace ("compute buffer size": XLA's
 temporary bytes of the compiled call) for a decode step and for a 512-token
-ubatch at the end of long contexts.
+ubatch at the end of long contexts, at batch 1 (in runs that include it).
 A row whose call runs out of device memory (the plain layer at long contexts
 and large batches) says OOM instead of a time.
 """
