@@ -20,6 +20,13 @@ Letters: B batch, S new tokens in a call, Smax cache capacity, H heads,
 r kv_lora_rank (512), n qk_nope_head_dim (128), p qk_rope_head_dim (64),
 v v_head_dim (128).
 
+Precision: the projections run in the params' dtype with float32
+accumulation, RMSNorm and RoPE in float32; q (and in standard mode the
+decompressed K and V) is rounded to the activation dtype, or, for bfloat16
+or float16 activations over a float cache of another dtype, to the cache's
+(the CUDA kernels take one dtype for q and a float cache); the output has
+x's dtype.
+
 The cache row of a token is [c_kv (r, after kv_a_layernorm) | k_pe (p, after
 RoPE)], so V in latent space is the first r columns (v_offset = 0).
 
@@ -266,7 +273,7 @@ def rope_mscale(cfg: MLAConfig) -> float:
 
 def _rope(x, positions, cfg: MLAConfig):
     """RoPE on interleaved pairs. x [B, S, ..., p], positions int [B, S]; returns
-    x's dtype, de-interleaved ([even outputs | odd outputs], as HF stores it)."""
+    float32, de-interleaved ([even outputs | odd outputs], as HF stores it)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
     m = jnp.float32(rope_mscale(cfg))
     cos, sin = jnp.cos(angles) * m, jnp.sin(angles) * m  # [B, S, p/2]
@@ -275,13 +282,34 @@ def _rope(x, positions, cfg: MLAConfig):
     sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
     xf = x.astype(jnp.float32)
     even, odd = xf[..., 0::2], xf[..., 1::2]
-    return jnp.concatenate([even * cos - odd * sin, odd * cos + even * sin], -1).astype(x.dtype)
+    return jnp.concatenate([even * cos - odd * sin, odd * cos + even * sin], -1)
 
 
 def _rms_norm(x, weight, eps: float):
+    """float32, whatever the dtypes of x and weight."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(eps))
-    return weight * xf.astype(x.dtype)
+    return weight.astype(jnp.float32) * xf
+
+
+def _matmul(x, w):
+    """x @ w in w's dtype (x is cast to it), accumulated and returned in float32."""
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _einsum(spec: str, x, w):
+    """einsum(spec, x, w) in w's dtype, accumulated and returned in float32."""
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _attention_dtype(x, kv) -> jnp.dtype:
+    """The dtype of the attention's q, K and V (docs/design.md, "The DeepSeek
+    layer"): x's, except that half-precision activations over a float cache of
+    another dtype take the cache's, since the CUDA kernels take one dtype for
+    q and a float cache (casting q is cheap, casting the cache is a copy)."""
+    if x.dtype != jnp.float32 and kv is not None and not isinstance(kv, QuantizedKV):
+        return jnp.dtype(kv.dtype)
+    return jnp.dtype(x.dtype)
 
 
 # ------------------------------------------------------------------ parameters
@@ -435,6 +463,11 @@ def _check_params(params, cfg: MLAConfig) -> None:
             raise ValueError(
                 f"attention: params[{name!r}] must have shape {shape}, got "
                 f"{tuple(params[name].shape)}"
+            )
+        if not jnp.issubdtype(params[name].dtype, jnp.floating):
+            raise TypeError(
+                f"attention: params[{name!r}] must be float32, bfloat16 or float16, got "
+                f"{params[name].dtype}"
             )
 
 
@@ -704,7 +737,10 @@ def attention(
 
     Args:
       params: init_params / params_from_hf's dict.
-      x: [B, S, hidden] float: the layer's input (after the model's input norm).
+      x: [B, S, hidden] float32, bfloat16 or float16: the layer's input (after
+        the model's input norm). The CUDA kernels take bfloat16 and float16
+        activations (docs/design.md, "The DeepSeek layer", says which dtype
+        each step computes in).
       positions: int32 [B, S]: the absolute positions of the new tokens, p, p+1,
         ... in each row (rows may be at different lengths). They are the RoPE
         positions and the cache rows written (jax_mla.cache_update), and each
@@ -731,12 +767,13 @@ def attention(
     q_pos = positions[:, 0]
     kv_len = positions[:, -1] + 1
     scale = cfg.softmax_scale
+    dtype = _attention_dtype(x, kv)
     if mode == "latent":
-        o = _latent(params, q_nope, q_pe, kv, table, q_pos, kv_len, scale, cfg)
+        o = _latent(params, q_nope, q_pe, kv, table, q_pos, kv_len, scale, cfg, dtype)
     else:
-        q = jnp.concatenate([q_nope, q_pe], -1)
+        q = jnp.concatenate([q_nope, q_pe], -1).astype(dtype)
         o = _standard(params, q, kv, table, q_pos, kv_len, scale, cfg)
-    out = o.reshape(batch, seq, cfg.num_heads * cfg.v_head_dim).astype(x.dtype) @ params["wo"]
+    out = _matmul(o.reshape(batch, seq, cfg.num_heads * cfg.v_head_dim), params["wo"])
     # Traced positions outside the cache were dropped by cache_update, and
     # tokens on table entries that are no page were dropped and are skipped
     # by the attention: say so.
@@ -775,18 +812,23 @@ def self_attention(
     h, r = cfg.num_heads, cfg.kv_lora_rank
     positions = jnp.asarray(positions).astype(jnp.int32)
     q_nope, q_pe, rows = _project(params, x, positions, cfg)
+    # The rows as a cache of x's dtype would hold them.
+    dtype = _attention_dtype(x, None)
+    rows = rows.astype(dtype)
     causal = dict(scale=cfg.softmax_scale, causal=True, q_pos=0, kv_len=seq)
     if mode == "latent":
-        q_lat = jnp.einsum("bshn,hnr->bshr", q_nope, params["w_uk"].astype(q_nope.dtype))
-        o_lat = jax_mla.flash_mla(jnp.concatenate([q_lat, q_pe], -1), rows, dv=r, **causal)
-        o = jnp.einsum("bshr,hvr->bshv", o_lat, params["w_uv"].astype(o_lat.dtype))
+        q_lat = _einsum("bshn,hnr->bshr", q_nope, params["w_uk"])
+        q = jnp.concatenate([q_lat, q_pe], -1).astype(dtype)
+        o_lat = jax_mla.flash_mla(q, rows, dv=r, **causal)
+        o = _einsum("bshr,hvr->bshv", o_lat, params["w_uv"])
     else:
         c, k_pe = rows[..., :r], rows[..., r:]
-        k_nope = jnp.einsum("bsr,hnr->bshn", c, params["w_uk"].astype(c.dtype))
+        k_nope = _einsum("bsr,hnr->bshn", c, params["w_uk"]).astype(dtype)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], q_pe.shape)], -1)
-        v = jnp.einsum("bsr,hvr->bshv", c, params["w_uv"].astype(c.dtype))
-        o = jax_mla.flash_attention(jnp.concatenate([q_nope, q_pe], -1), k, v, **causal)
-    out = o.reshape(batch, seq, h * cfg.v_head_dim).astype(x.dtype) @ params["wo"]
+        v = _einsum("bsr,hvr->bshv", c, params["w_uv"]).astype(dtype)
+        q = jnp.concatenate([q_nope, q_pe], -1).astype(dtype)
+        o = jax_mla.flash_attention(q, k, v, **causal)
+    out = _matmul(o.reshape(batch, seq, h * cfg.v_head_dim), params["wo"])
     return out.astype(x.dtype)
 
 
@@ -798,27 +840,29 @@ def _resolve_mode(mode: str, x, cfg: MLAConfig) -> str:
 
 def _project(params, x, positions, cfg: MLAConfig):
     """(q_nope [B, S, H, n], q_pe [B, S, H, p] roped, the cache rows
-    [B, S, r + p] = [c_kv normalized | k_pe roped]) of the new tokens."""
+    [B, S, r + p] = [c_kv normalized | k_pe roped]) of the new tokens, all
+    float32."""
     batch, seq, _ = x.shape
     n, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank is None:
-        q = x @ params["wq"]
+        q = _matmul(x, params["wq"])
     else:
-        q = _rms_norm(x @ params["wq_a"], params["q_norm"], cfg.rms_norm_eps) @ params["wq_b"]
+        q_a = _rms_norm(_matmul(x, params["wq_a"]), params["q_norm"], cfg.rms_norm_eps)
+        q = _matmul(q_a, params["wq_b"])
     q = q.reshape(batch, seq, cfg.num_heads, cfg.qk_head_dim)
     q_nope, q_pe = q[..., :n], _rope(q[..., n:], positions, cfg)
-    kv_a = x @ params["wkv_a"]
+    kv_a = _matmul(x, params["wkv_a"])
     c_kv = _rms_norm(kv_a[..., :r], params["kv_norm"], cfg.rms_norm_eps)
     k_pe = _rope(kv_a[..., r:], positions, cfg)
     return q_nope, q_pe, jnp.concatenate([c_kv, k_pe], -1)
 
 
-def _latent(params, q_nope, q_pe, kv, block_table, q_pos, kv_len, scale, cfg):
+def _latent(params, q_nope, q_pe, kv, block_table, q_pos, kv_len, scale, cfg, dtype):
     """Absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and the output's
-    W_UV (sum_j p_j c_j) = sum_j p_j (W_UV c_j). A paged cache is read in
-    place through its block table."""
-    q_lat = jnp.einsum("bshn,hnr->bshr", q_nope, params["w_uk"].astype(q_nope.dtype))
-    q_full = jnp.concatenate([q_lat, q_pe], -1)  # [B, S, H, r + p]
+    W_UV (sum_j p_j c_j) = sum_j p_j (W_UV c_j). The query in dtype; returns
+    float32. A paged cache is read in place through its block table."""
+    q_lat = _einsum("bshn,hnr->bshr", q_nope, params["w_uk"])
+    q_full = jnp.concatenate([q_lat, q_pe], -1).astype(dtype)  # [B, S, H, r + p]
     o_lat = jax_mla.flash_mla(
         q_full,
         kv,
@@ -830,7 +874,7 @@ def _latent(params, q_nope, q_pe, kv, block_table, q_pos, kv_len, scale, cfg):
         kv_len=kv_len,
         block_table=block_table,
     )
-    return jnp.einsum("bshr,hvr->bshv", o_lat, params["w_uv"].astype(o_lat.dtype))
+    return _einsum("bshr,hvr->bshv", o_lat, params["w_uv"])
 
 
 def _merge(o1, lse1, o2, lse2):
@@ -847,11 +891,12 @@ def _merge(o1, lse1, o2, lse2):
 
 def _standard(params, q, kv, block_table, q_pos, kv_len, scale, cfg):
     """Decompress the cached rows chunk by chunk into per-head K [.., H, n + p]
-    and V [.., H, v], attend with flash_attention, merge the chunks by LSE.
-    Only chunks below the longest row's length are computed. A paged cache's
-    chunks are whole pages, gathered, and attended as pages of their own
-    (_read_pages), so a table entry that is no page is skipped as the ops
-    skip it."""
+    and V [.., H, v] in q's dtype (the up-projections in the params' dtype,
+    accumulated in float32), attend with flash_attention, merge the chunks by
+    LSE. Only chunks below the longest row's length are computed. A paged
+    cache's chunks are whole pages, gathered, and attended as pages of their
+    own (_read_pages), so a table entry that is no page is skipped as the ops
+    skip it. Returns float32."""
     batch, seq, h, _ = q.shape
     if block_table is None:
         smax = kv.shape[1]
@@ -861,8 +906,7 @@ def _standard(params, q, kv, block_table, q_pos, kv_len, scale, cfg):
         smax = block_table.shape[1] * page_size
         chunk = min(max(1, cfg.kv_chunk // page_size) * page_size, smax)
     full_chunks, tail = divmod(smax, chunk)
-    w_uk = params["w_uk"].astype(jnp.float32)
-    w_uv = params["w_uv"].astype(jnp.float32)
+    w_uk, w_uv = params["w_uk"], params["w_uv"]
     r = cfg.kv_lora_rank
 
     def attend(carry, start, size):
@@ -874,12 +918,14 @@ def _standard(params, q, kv, block_table, q_pos, kv_len, scale, cfg):
         c, k_pe = rows[..., :r], rows[..., r:]
         k = jnp.concatenate(
             [
-                jnp.einsum("bcr,hnr->bchn", c, w_uk),
-                jnp.broadcast_to(k_pe[:, :, None], (batch, size, h, k_pe.shape[-1])),
+                _einsum("bcr,hnr->bchn", c, w_uk).astype(q.dtype),
+                jnp.broadcast_to(k_pe[:, :, None], (batch, size, h, k_pe.shape[-1])).astype(
+                    q.dtype
+                ),
             ],
             -1,
-        ).astype(q.dtype)
-        v = jnp.einsum("bcr,hvr->bchv", c, w_uv).astype(q.dtype)
+        )
+        v = _einsum("bcr,hvr->bchv", c, w_uv).astype(q.dtype)
         if paged:  # [B, size, ...] as pages [B * size / page_size, page_size, ...]
             k = k.reshape((-1, page_size) + k.shape[2:])
             v = v.reshape((-1, page_size) + v.shape[2:])
