@@ -55,6 +55,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jax_mla
+from jax_mla._checks import PAGE_SIZES
 from jax_mla.quant import FORMATS, QuantizedKV, cache_float_dtype
 
 __all__ = [
@@ -566,6 +567,11 @@ def init_paged_cache(
     (-1): give each row its pages (PageAllocator.block_table) with
     dataclasses.replace(cache, block_table=...) before writing. fmt as
     init_cache's."""
+    if page_size not in PAGE_SIZES:
+        raise ValueError(
+            f"init_paged_cache: page_size must be one of {', '.join(map(str, PAGE_SIZES))} "
+            f"(the page sizes the ops read), got {page_size!r}"
+        )
     _positive(
         "init_paged_cache",
         batch=batch,

@@ -179,3 +179,8 @@ def test_init_paged_cache():
     np.testing.assert_array_equal(np.asarray(cache.block_table), np.full((3, 4), -1))
     with pytest.raises(ValueError, match="init_paged_cache: num_pages must be a positive int"):
         ds.init_paged_cache(SMALL, 3, num_pages=0, page_size=32, max_pages=4)
+    with pytest.raises(
+        ValueError,
+        match=re.escape("init_paged_cache: page_size must be one of 16, 32, 64, 128 (the page "),
+    ):
+        ds.init_paged_cache(SMALL, 3, num_pages=4, page_size=24, max_pages=4)
