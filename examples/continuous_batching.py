@@ -155,7 +155,7 @@ def serve(
             if lost.any():  # a token fell on no page: never silently
                 raise RuntimeError("a live request lost a token: its pages were not reserved")
             out = np.asarray(out)
-            x = np.asarray(renorm(jnp.asarray(out)))
+            x = np.array(renorm(jnp.asarray(out)))  # writable: admissions set rows
             for slot, r in enumerate(active):
                 if r is None:
                     continue
