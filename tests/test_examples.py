@@ -20,8 +20,9 @@ EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"examples.{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -46,7 +47,9 @@ def test_continuous_batching_runs():
 
 def test_continuous_batching_matches_each_request_alone():
     """Every request's outputs, served among others over shared, reused
-    pages, are those of decode_loop on a contiguous cache of its own."""
+    pages, are those of the request run alone on a contiguous cache of its
+    own: its prompt, then one token at a time, each input the previous
+    output renormalized (as the example, and deepseek.generate, feed it)."""
     example = load("continuous_batching")
     cfg = example.CFG
     params = ds.init_params(jax.random.PRNGKey(1), cfg)
@@ -55,16 +58,23 @@ def test_continuous_batching_matches_each_request_alone():
     assert stats["pages_left"] == 0
     assert stats["pages_taken"] > 16, "the run must reuse freed pages"
     assert stats["decode_tokens"] == sum(r.max_new for r in requests)
-    loop = jax.jit(ds.decode_loop, static_argnames=("cfg", "steps", "mode", "next_input"))
+    step = jax.jit(ds.attention, static_argnames=("cfg", "mode"))
     for r in requests:
-        _, ys, _ = loop(
+        n = len(r.prompt)
+        cache = ds.init_cache(cfg, 1, example.MAX_PAGES * example.PAGE_SIZE, "f32")
+        out, cache = step(
             params,
             jnp.asarray(r.prompt[None]),
-            ds.init_cache(cfg, 1, example.MAX_PAGES * example.PAGE_SIZE, "f32"),
-            cfg,
-            r.max_new,
+            jnp.arange(n, dtype=jnp.int32)[None],
+            cache,
+            cfg=cfg,
         )
-        got, want = np.stack(r.outputs), np.asarray(ys[0])
+        x, want = example.renorm(out[:, -1:]), []
+        for t in range(r.max_new):
+            y, cache = step(params, x, jnp.full((1, 1), n + t, jnp.int32), cache, cfg=cfg)
+            want.append(np.asarray(y[0, 0]))
+            x = example.renorm(y)
+        got, want = np.stack(r.outputs), np.stack(want)
         # float32 rounding of differently batched matmuls, fed back step by step.
         err = np.abs(got - want).max() / np.abs(want).max()
         assert err < 1e-4, f"request {r.rid}: max rel error {err:.3g}"
