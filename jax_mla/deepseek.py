@@ -29,6 +29,9 @@ x's dtype.
 
 The cache row of a token is [c_kv (r, after kv_a_layernorm) | k_pe (p, after
 RoPE)], so V in latent space is the first r columns (v_offset = 0).
+The cache is contiguous ([B, Smax, r + p]) or paged: a pool of pages shared
+by the rows, each row's pages listed in its block table (init_paged_cache,
+jax_mla.PageAllocator); every mode reads either.
 
 RoPE follows the released checkpoints: the rope part of q and k holds
 interleaved pairs (x[2i], x[2i+1]); like the Hugging Face code, which
@@ -754,7 +757,11 @@ def attention(
         attention: earlier cache rows are the context. Concrete positions are
         checked (consecutive, inside the cache); traced ones that fall outside
         the cache are dropped on write and set the row's cache.overflow.
-      cache: LatentCache (init_cache), donated under jit for in-place writes.
+      cache: LatentCache (init_cache, or init_paged_cache with each row's pages
+        in its block_table), donated under jit for in-place writes. A paged
+        cache's concrete table entries that a row writes or reads must be
+        pages of the pool; traced ones that are not are dropped and skipped
+        and set the row's cache.overflow.
       cfg: MLAConfig (static under jit).
       mode: "standard", "latent" or "hybrid" (static); see the module doc.
         All three compute the same function.
