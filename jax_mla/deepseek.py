@@ -20,8 +20,8 @@ Letters: B batch, S new tokens in a call, Smax cache capacity, H heads,
 r kv_lora_rank (512), n qk_nope_head_dim (128), p qk_rope_head_dim (64),
 v v_head_dim (128).
 
-Precision: the projections run in the params' dtype with float32
-accumulation, RMSNorm and RoPE in float32; q (and in standard mode the
+Precision: the projections run in the params' dtype (accumulated in
+float32, rounded to that dtype), RMSNorm and RoPE in float32; q (and in standard mode the
 decompressed K and V) is rounded to the activation dtype, or, for bfloat16
 or float16 activations over a float cache of another dtype, to the cache's
 (the CUDA kernels take one dtype for q and a float cache); the output has
@@ -296,14 +296,20 @@ def _rms_norm(x, weight, eps: float):
     return weight.astype(jnp.float32) * xf
 
 
+# The projections run in the params' dtype (x is cast to it) and return
+# float32. XLA accumulates half-precision dots in float32 on the CPU and the
+# GPU alike but rounds their result to the operands' dtype: asking for a
+# float32 result (preferred_element_type) would skip that rounding, but the
+# CPU runtime lacks some bf16 x bf16 -> f32 dot layouts (an Unsupported
+# element type error from its DotThunk at run time).
 def _matmul(x, w):
-    """x @ w in w's dtype (x is cast to it), accumulated and returned in float32."""
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    """x @ w in w's dtype, as float32."""
+    return jnp.matmul(x.astype(w.dtype), w).astype(jnp.float32)
 
 
 def _einsum(spec: str, x, w):
-    """einsum(spec, x, w) in w's dtype, accumulated and returned in float32."""
-    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    """einsum(spec, x, w) in w's dtype, as float32."""
+    return jnp.einsum(spec, x.astype(w.dtype), w).astype(jnp.float32)
 
 
 def _attention_dtype(x, kv) -> jnp.dtype:

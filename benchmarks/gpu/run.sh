@@ -17,6 +17,12 @@
 #             racecheck (on the --quick cases).
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
+#   layer     the DeepSeek layer rows (python -m jax_mla --model-only: bf16, every
+#             mode next to plain JAX that decompresses the cache at every step,
+#             contexts up to 64k), one process per batch size in $LAYER_BATCHES
+#             (default "1 16 64"), each with $LAYER_ARGS (e.g. --quick) and its
+#             JSON in $OUT/layer_b<B>.json. All three batches may need more than
+#             one call's 10 minutes: LAYER_BATCHES=64 runs the largest alone.
 #   profile   Nsight Compute on one launch of each MLA kernel of
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
@@ -25,7 +31,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,32p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -110,6 +116,16 @@ step_bench() {
   python3 -P benchmarks/gpu/side_by_side.py ${SIDE_BY_SIDE_ARGS:-}
 }
 
+step_layer() {
+  local batch status=0
+  for batch in ${LAYER_BATCHES:-1 16 64}; do
+    # shellcheck disable=SC2086
+    python3 -P -m jax_mla --model-only --model-batches "$batch" ${LAYER_ARGS:-} \
+      ${OUT:+--json "$OUT/layer_b$batch.json"} || status=1
+  done
+  return $status
+}
+
 step_profile() {
   # shellcheck disable=SC2086
   ncu --clock-control none --kernel-name regex:Mla --launch-skip 2 --launch-count 1 \
@@ -123,8 +139,8 @@ step_sweep() {
     --rows "${SWEEP_ROWS:-128,128,8192:1,2,3,4/1,16,16384:32,64,128/64,16,4096:1,2,4}"
 }
 
-declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [profile]=300
-                  [sweep]=300)
+declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [layer]=600
+                  [profile]=300 [sweep]=300)
 status=0
 for step in "$@"; do
   if [ -z "${LIMIT[$step]:-}" ]; then

@@ -29,7 +29,9 @@ def parse_args(argv):
         description="Benchmark jax_mla's native kernels against plain JAX on DeepSeek attention "
         "shapes on the default JAX device, checking each against jax_mla.reference "
         "first. On the CPU: a llama-bench-style sweep and the DeepSeek-V2-Lite layer; "
-        "on a GPU: bf16 MLA decode, 8-bit latent caches and 192/128 prefill.",
+        "on a GPU: bf16 MLA decode, 8-bit latent caches, 192/128 prefill and the layer in "
+        "bf16 at batches 1, 16 and 64 next to plain JAX that decompresses the cache at "
+        "every step.",
     )
     p.add_argument(
         "--quick",
@@ -58,24 +60,43 @@ def parse_args(argv):
     p.add_argument(
         "--modes",
         type=_names(layer.MODES),
-        default=list(layer.MODES),
-        help=f"layer: comma-separated subset of {','.join(layer.MODES)}",
+        help=f"layer: comma-separated subset of {','.join(layer.MODES)} ({layer.PLAIN}: "
+        "plain JAX decompressing the whole cache at every call; default: "
+        f"{','.join(layer.DEFAULT_MODES['cpu'])} on the CPU, all on a GPU)",
     )
     p.add_argument(
         "--model-tests",
         type=lambda s: [layer.parse_model_test(t) for t in s.split(",")],
         help=f"layer: comma-separated ppN / tg{layer.MODEL_TG_STEPS}@N / pgN "
-        f"(default: {','.join(layer.MODEL_QUICK_TESTS)} with --quick, else "
-        f"{','.join(layer.MODEL_FULL_TESTS)})",
+        f"(default on the CPU: {','.join(layer.MODEL_QUICK_TESTS)} with --quick, else "
+        f"{','.join(layer.MODEL_FULL_TESTS)}; on a GPU: {','.join(layer.GPU_QUICK_TESTS)} "
+        f"with --quick, else {','.join(layer.GPU_FULL_TESTS)})",
     )
     p.add_argument(
         "--model-caches",
         type=_names(layer.MODEL_CACHES),
         help=f"layer: comma-separated subset of {','.join(layer.MODEL_CACHES)} "
-        "(default: f16 with --quick, else f16,q8_0,q6_0)",
+        "(default: f16 with --quick, else f16,q8_0,q6_0 on the CPU; bf16 on a GPU, "
+        f"which takes {','.join(layer.GPU_CACHES)})",
     )
     p.add_argument(
-        "--long", action="store_true", help=f"layer: add {','.join(layer.MODEL_LONG_TESTS)}"
+        "--model-batches",
+        type=lambda s: [int(b) for b in s.split(",")],
+        help="layer: comma-separated batch sizes (default: 1 on the CPU; "
+        f"{','.join(map(str, layer.DEFAULT_BATCHES['gpu']))} on a GPU, "
+        f"{','.join(map(str, layer.GPU_QUICK_BATCHES))} with --quick)",
+    )
+    p.add_argument(
+        "--model-dtype",
+        choices=list(layer.DTYPES),
+        help="layer: the activations' and parameters' dtype (default: f32 on the CPU, "
+        "bf16 on a GPU, whose kernels take bf16 and f16)",
+    )
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help=f"layer: add {','.join(layer.MODEL_LONG_TESTS)} on the CPU, "
+        f"{','.join(layer.GPU_LONG_TESTS)} on a GPU",
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument(
@@ -104,16 +125,45 @@ def parse_args(argv):
         help=f"--sharded: comma-separated subset of {','.join(sharded.SPLITS)}",
     )
     args = p.parse_args(argv)
-    if args.model_tests is None:
-        args.model_tests = [
-            layer.parse_model_test(t)
-            for t in (layer.MODEL_QUICK_TESTS if args.quick else layer.MODEL_FULL_TESTS)
-        ]
-    if args.long:
-        args.model_tests += [layer.parse_model_test(t) for t in layer.MODEL_LONG_TESTS]
-    if args.model_caches is None:
-        args.model_caches = ["f16"] if args.quick else ["f16", "q8_0", "q6_0"]
+    if args.model_batches is not None and min(args.model_batches) < 1:
+        p.error(f"--model-batches must be positive, got {args.model_batches}")
     return args, p
+
+
+def layer_settings(args, parser, platform: str) -> None:
+    """Fills the layer options left to the platform's defaults."""
+    gpu = platform != "cpu"
+    if args.model_tests is None:
+        if gpu:
+            names = layer.GPU_QUICK_TESTS if args.quick else layer.GPU_FULL_TESTS
+        else:
+            names = layer.MODEL_QUICK_TESTS if args.quick else layer.MODEL_FULL_TESTS
+        args.model_tests = [layer.parse_model_test(t) for t in names]
+    if args.long:
+        longer = layer.GPU_LONG_TESTS if gpu else layer.MODEL_LONG_TESTS
+        args.model_tests += [layer.parse_model_test(t) for t in longer]
+    if args.model_caches is None:
+        if gpu:
+            args.model_caches = ["bf16"]
+        else:
+            args.model_caches = ["f16"] if args.quick else ["f16", "q8_0", "q6_0"]
+    if args.model_batches is None:
+        if gpu and args.quick:
+            args.model_batches = list(layer.GPU_QUICK_BATCHES)
+        else:
+            args.model_batches = list(layer.DEFAULT_BATCHES["gpu" if gpu else "cpu"])
+    if args.modes is None:
+        args.modes = list(layer.DEFAULT_MODES["gpu" if gpu else "cpu"])
+    args.model_dtype = args.model_dtype or layer.DEFAULT_DTYPE["gpu" if gpu else "cpu"]
+    if gpu:
+        bad = [c for c in args.model_caches if c not in layer.GPU_CACHES]
+        if bad:
+            parser.error(
+                f"--model-caches {','.join(bad)}: the layer's CUDA kernels take "
+                f"{','.join(layer.GPU_CACHES)} caches"
+            )
+        if args.model_dtype == "f32":
+            parser.error("--model-dtype f32: the CUDA kernels take bf16 and f16 activations")
 
 
 def native_ready(platform: str) -> str | None:
@@ -154,18 +204,23 @@ def op_cases(args, parser, platform: str) -> list[cases.Case]:
 def run_layer(args, budget_s: float, meta: dict):
     """The layer rows and the memory table; prints as it goes."""
     cfg = layer.model_cfg()
-    params = layer.model_params(cfg)
+    dtype = layer.DTYPES[args.model_dtype]
+    params = layer.model_params(cfg, dtype)
     meta["model"] = asdict(cfg)
-    print("\n" + report.model_header(cfg), flush=True)
+    meta["model_dtype"] = dtype
+    print("\n" + report.model_header(cfg, dtype, args.model_batches), flush=True)
     print(report.model_table_head(), flush=True)
     rows = []
     for kind, n in args.model_tests:
-        for cache in args.model_caches:
-            for row in layer.run_model_case(kind, n, cache, args.modes, cfg, params, budget_s):
-                print(report.model_table_row(row), flush=True)
-                rows.append(row)
+        for batch in args.model_batches:
+            for cache in args.model_caches:
+                for row in layer.run_model_case(
+                    kind, n, cache, args.modes, cfg, params, budget_s, batch, dtype
+                ):
+                    print(report.model_table_row(row), flush=True)
+                    rows.append(row)
     mem = layer.memory_rows(
-        cfg, params, args.model_caches[:1] if args.quick else args.model_caches, args.modes
+        cfg, params, args.model_caches[:1] if args.quick else args.model_caches, args.modes, dtype
     )
     print("\n" + report.memory_table(mem), flush=True)
     return rows, mem
@@ -182,6 +237,8 @@ def main(argv=None) -> int:
     if args.sharded:
         return sharded.main(args, platform, " ".join(["python -m jax_mla", *argv]))
     case_list = [] if args.model_only else op_cases(args, parser, platform)
+    if not args.no_model:
+        layer_settings(args, parser, platform)
     meta = report.metadata(args.quick, " ".join(["python -m jax_mla", *argv]))
     print(report.header(meta), flush=True)
     budget_s = 0.1 if args.quick else 0.5
@@ -195,14 +252,7 @@ def main(argv=None) -> int:
     report.print_load_note(rows)
     model_rows, mem_rows = [], []
     if not args.no_model:
-        if platform == "cpu":
-            model_rows, mem_rows = run_layer(args, budget_s, meta)
-        else:
-            print(
-                f"\nDeepSeek layer rows: skipped on {platform} (CPU only for now: the layer "
-                "does not take bf16 on CUDA yet)",
-                flush=True,
-            )
+        model_rows, mem_rows = run_layer(args, budget_s, meta)
     if args.json:
         report.write_json(args.json, meta, rows, model_rows, mem_rows)
     report.print_failures(rows, model_rows)

@@ -252,28 +252,32 @@ def print_load_note(rows) -> None:
         )
 
 
-def model_header(cfg) -> str:
+def model_header(cfg, dtype: str = "float32", batches=(1,)) -> str:
     return (
         f"DeepSeek-V2-Lite attention layer (jax_mla.deepseek): hidden {cfg.hidden_size}, "
         f"{cfg.num_heads} heads, latent {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}, "
-        f"batch 1, f32 activations; ppN: prefill of N tokens; tg{MODEL_TG_STEPS}@N: "
-        f"{MODEL_TG_STEPS} decode steps after N tokens; pgN: N prompt tokens then N/10 "
-        "generated; tokens/s as llama-bench; vs std: max|out - standard|/max|standard|"
+        f"batch {', '.join(map(str, batches))}, {dtype} activations and parameters; ppN: "
+        f"prefill of N tokens; tg{MODEL_TG_STEPS}@N: {MODEL_TG_STEPS} decode steps after N "
+        "tokens; pgN: N prompt tokens then N/10 generated; tokens/s as llama-bench, summed "
+        "over the batch; plain: plain JAX decompressing the whole cache at every call; "
+        "vs std: max|out - standard|/max|standard|"
     )
 
 
 def model_table_head() -> str:
     return (
-        "| test        | mode     | cache | ms         | tokens/s  | vs std       |\n"
-        "| ----------- | -------- | ----- | ---------: | --------: | -----------: |"
+        "| test        |  B | mode     | cache | ms         | tokens/s  | vs std       |\n"
+        "| ----------- | -: | -------- | ----- | ---------: | --------: | -----------: |"
     )
 
 
 def model_table_row(row: ModelRow) -> str:
     ms = f"{row.ms:.1f}" + (" *" if timing.disturbed(row.other_load) else "")
+    if row.error:
+        ms = row.error
     err = "" if row.vs_std is None else f"{row.vs_std:.1e}" + (" FAIL" if model_failed(row) else "")
     return (
-        f"| {row.test:<11} | {row.mode:<8} | {row.cache:<5} | {ms:>10} | "
+        f"| {row.test:<11} | {row.batch:>2} | {row.mode:<8} | {row.cache:<5} | {ms:>10} | "
         f"{row.tokens_per_s:>9.1f} | {err:>12} |"
     )
 
@@ -338,7 +342,7 @@ def print_failures(rows: list[Row], model_rows: list[ModelRow]) -> None:
     for r in model_rows:
         if model_failed(r):
             print(
-                f"FAILED CHECK: {r.test} {r.mode} {r.cache}: vs std {r.vs_std:.3g} > "
-                f"{model_agreement(r.cache):g} (the modes disagree)",
+                f"FAILED CHECK: {r.test} B={r.batch} {r.mode} {r.cache}: vs std "
+                f"{r.vs_std:.3g} > {model_agreement(r.cache, r.dtype):g} (the modes disagree)",
                 file=sys.stderr,
             )
