@@ -184,3 +184,38 @@ def test_init_paged_cache():
         match=re.escape("init_paged_cache: page_size must be one of 16, 32, 64, 128 (the page "),
     ):
         ds.init_paged_cache(SMALL, 3, num_pages=4, page_size=24, max_pages=4)
+
+
+# V2-Lite's latent and head dims (what the CUDA kernels take: flash_mla at
+# 576/512, flash_attention at 192/128) on a small hidden size.
+LITE = ds.MLAConfig(hidden_size=256, num_heads=4, kv_chunk=64)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
+@pytest.mark.parametrize("mode", ds.MODES)
+def test_half_precision_layer_over_pages(platform, rng, fmt, mode):
+    """bfloat16 activations and params (the dtypes the GPU takes): a prefill
+    and three decode steps over shuffled pages of 64 give the contiguous
+    cache's outputs on the same device."""
+    params = ds.init_params(jax.random.PRNGKey(4), LITE, jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 23, LITE.hidden_size)), jnp.bfloat16)
+    table = jnp.asarray([[3, 0], [5, 1]], jnp.int32)
+    paged = dataclasses.replace(
+        ds.init_paged_cache(LITE, 2, num_pages=6, page_size=64, max_pages=2, fmt=fmt),
+        block_table=table,
+    )
+    contiguous = ds.init_cache(LITE, 2, 128, fmt)
+    outs = {}
+    for name, cache in (("paged", paged), ("contiguous", contiguous)):
+        got = []
+        for start, stop in ((0, 20), (20, 21), (21, 22), (22, 23)):
+            positions = jnp.broadcast_to(
+                jnp.arange(start, stop, dtype=jnp.int32), (2, stop - start)
+            )
+            out, cache = ATTN(params, x[:, start:stop], positions, cache, cfg=LITE, mode=mode)
+            assert out.dtype == jnp.bfloat16
+            got.append(np.asarray(out.astype(jnp.float32)))
+        outs[name] = np.concatenate(got, axis=1)
+        assert not np.asarray(cache.overflow).any()
+    # The same rows and kernels read through the table: bf16 output rounding at most.
+    assert_rel(outs["paged"], outs["contiguous"], 1e-2, f"{mode} {fmt}")

@@ -165,6 +165,17 @@ def test_concrete_bad_slots_raise(table, positions, message):
         )
 
 
+def test_table_entries_beyond_int32_raise():
+    # Cast to int32, 2**32 would become page 0; the positions here are traced.
+    table = np.array([[1, 2**32]], np.int64)
+    with pytest.raises(
+        ValueError, match=re.escape("entries must fit in int32, got 1 .. 4294967296")
+    ):
+        jax.jit(lambda c, r, p: jax_mla.cache_update(c, r, p, block_table=table))(
+            jnp.zeros((2, 16, 32)), jnp.ones((1, 1, 32)), jnp.asarray([[17]], jnp.int32)
+        )
+
+
 def test_unused_entries_not_reached_are_fine():
     table = jnp.asarray([[1, -1, -1]], jnp.int32)
     new = jax_mla.cache_update(
