@@ -317,7 +317,8 @@ def _attention_dtype(x, kv) -> jnp.dtype:
     layer"): x's, except that half-precision activations over a float cache of
     another dtype take the cache's, since the CUDA kernels take one dtype for
     q and a float cache (casting q is cheap, casting the cache is a copy)."""
-    if x.dtype != jnp.float32 and kv is not None and not isinstance(kv, QuantizedKV):
+    half = jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if half and kv is not None and not isinstance(kv, QuantizedKV):
         return jnp.dtype(kv.dtype)
     return jnp.dtype(x.dtype)
 

@@ -11,9 +11,15 @@ import argparse
 import json
 import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from jax_mla.bench import cases, cli, layer, ops, sharded, timing
+from jax_mla import deepseek
+from jax_mla.bench import baselines, cases, cli, layer, ops, report, sharded, timing
+
+from .test_deepseek import SMALL, assert_rel
 
 
 class FakeClock:
@@ -240,3 +246,50 @@ def test_sharded_cases_divide_over_the_devices():
         (c.batch, c.heads, c.query)
         for c in sharded.sharded_cases([(1, 64)], ["flash_mla"], ["bf16"], "gpu", 4)
     } == {(64, 128, "bf16")}
+
+
+def test_plain_layer_baseline_computes_the_layer(cpu):
+    """The layer rows' plain-JAX baseline is the same function as the layer:
+    a prefill over two rows at different lengths, then a decode step."""
+    params = deepseek.init_params(jax.random.PRNGKey(0), SMALL)
+    plain = jax.jit(baselines.plain_deepseek_attention, static_argnames="cfg")
+    ours = jax.jit(deepseek.attention, static_argnames=("cfg", "mode"))
+    caches = [deepseek.init_cache(SMALL, 2, 24, jnp.float32) for _ in range(2)]
+    for starts, seq in ((np.array([0, 3]), 9), (np.array([9, 12]), 1)):
+        x = jax.random.normal(jax.random.PRNGKey(seq), (2, seq, SMALL.hidden_size))
+        pos = jnp.asarray(starts[:, None] + np.arange(seq), jnp.int32)
+        want, caches[0] = ours(params, x, pos, caches[0], cfg=SMALL, mode="standard")
+        got, caches[1] = plain(params, x, pos, caches[1], cfg=SMALL)
+        # float32 both; the plain layer sums over all keys at once.
+        assert_rel(got, want, 1e-5, f"{seq} tokens")
+        np.testing.assert_array_equal(np.asarray(caches[1].length), starts + seq)
+
+
+class _FailingCall:
+    """A jitted layer call whose compile fails with `message`."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def lower(self, *args):
+        raise RuntimeError(self.message)
+
+
+def _run_failing_row(monkeypatch, message: str):
+    fail = lambda *args: (_FailingCall(message), lambda: (), 1, 1)
+    monkeypatch.setattr(layer, "_model_call", fail)
+    return layer.run_model_case("pp", 16, "f16", ["plain"], SMALL, {}, 0.1, batch=2)
+
+
+def test_a_layer_row_out_of_memory_says_so(monkeypatch):
+    """A layer call that runs out of device memory (the plain layer at long
+    contexts and large batches) gives a row that says OOM, not a failed run."""
+    (row,) = _run_failing_row(monkeypatch, "RESOURCE_EXHAUSTED: Out of memory allocating")
+    assert row.error == "OOM" and math.isnan(row.ms) and row.vs_std is None
+    assert not layer.model_failed(row)
+    assert "|  2 | plain    | f16   |        OOM |" in report.model_table_row(row)
+
+
+def test_other_layer_errors_are_not_taken_for_memory(monkeypatch):
+    with pytest.raises(RuntimeError, match="INTERNAL: a kernel failed"):
+        _run_failing_row(monkeypatch, "INTERNAL: a kernel failed")

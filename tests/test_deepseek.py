@@ -20,8 +20,9 @@ from jax_mla import deepseek as ds
 
 @pytest.fixture(autouse=True)
 def _on_cpu(cpu):
-    """The layer runs float32 activations, which the CUDA kernels do not take
-    yet (NotImplementedError): these tests run on the CPU on every machine."""
+    """These tests run float32 activations, which the CUDA kernels do not take
+    (NotImplementedError), on the CPU on every machine; the bf16/f16 layer,
+    on the GPU too, is tests/test_deepseek_dtypes.py's."""
 
 
 # A small layer with every structural feature of V2-Lite: 4 heads, latent rank

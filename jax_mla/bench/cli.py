@@ -219,6 +219,8 @@ def run_layer(args, budget_s: float, meta: dict):
                 ):
                     print(report.model_table_row(row), flush=True)
                     rows.append(row)
+    if 1 not in args.model_batches:
+        return rows, []  # the memory table is batch 1's (run.sh runs a process per batch)
     mem = layer.memory_rows(
         cfg, params, args.model_caches[:1] if args.quick else args.model_caches, args.modes, dtype
     )
