@@ -85,6 +85,14 @@ def view(pool, table, length) -> ds.LatentCache:
     )
 
 
+def check_nothing_lost(cache: ds.LatentCache, live: list[bool]) -> None:
+    """A token written to or read from a table entry that is no page is
+    dropped or skipped under jit and flags its row: never silently. (Empty
+    slots, whose rows have no pages, are flagged too, and ignored.)"""
+    if np.asarray(cache.overflow)[live].any():
+        raise RuntimeError("a live request lost a token: its pages were not reserved")
+
+
 def serve(
     requests: list[Request],
     params,
@@ -128,6 +136,7 @@ def serve(
                 mode="hybrid",
             )
             pool = cache.kv
+            check_nothing_lost(cache, [True])
             x[slot] = np.asarray(renorm(out[:, -1]))
             active[slot] = req
             stats["prefill_tokens"] += n
@@ -151,9 +160,7 @@ def serve(
                 mode="hybrid",
             )
             pool = cache.kv
-            lost = np.asarray(cache.overflow)[[r is not None for r in active]]
-            if lost.any():  # a token fell on no page: never silently
-                raise RuntimeError("a live request lost a token: its pages were not reserved")
+            check_nothing_lost(cache, [r is not None for r in active])
             out = np.asarray(out)
             x = np.array(renorm(jnp.asarray(out)))  # writable: admissions set rows
             for slot, r in enumerate(active):

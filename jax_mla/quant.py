@@ -254,7 +254,7 @@ def _check_block_table(block_table, batch: int):
     if not isinstance(table, jax.core.Tracer):
         values = np.asarray(table)
         i32 = np.iinfo(np.int32)
-        if values.min() < i32.min or values.max() > i32.max:
+        if values.size and (values.min() < i32.min or values.max() > i32.max):
             # Cast to int32 they would wrap, perhaps onto a real page.
             raise ValueError(
                 f"block_table entries must fit in int32, got {values.min()} .. {values.max()}"
