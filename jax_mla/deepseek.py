@@ -29,6 +29,9 @@ x's dtype.
 
 The cache row of a token is [c_kv (r, after kv_a_layernorm) | k_pe (p, after
 RoPE)], so V in latent space is the first r columns (v_offset = 0).
+The cache is contiguous ([B, Smax, r + p]) or paged: a pool of pages shared
+by the rows, each row's pages listed in its block table (init_paged_cache,
+jax_mla.PageAllocator); every mode reads either.
 
 RoPE follows the released checkpoints: the rope part of q and k holds
 interleaved pairs (x[2i], x[2i+1]); like the Hugging Face code, which
@@ -55,6 +58,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jax_mla
+from jax_mla._checks import PAGE_SIZES
 from jax_mla.quant import FORMATS, QuantizedKV, cache_float_dtype
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "attention",
     "self_attention",
     "init_cache",
+    "init_paged_cache",
     "init_params",
     "params_from_hf",
     "param_shapes",
@@ -483,17 +488,29 @@ def _check_params(params, cfg: MLAConfig) -> None:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LatentCache:
-    """The latent KV cache of one layer: kv [B, Smax, r + p] (a float array or a
-    QuantizedKV) whose row t holds token t's [c_kv | k_pe]; length int32 [B],
-    each row's tokens so far (what attention() last wrote: its last position
-    + 1, at most Smax); overflow bool [B], set for good once a row was asked
-    to write a token outside [0, Smax) under jit (that token was dropped, so
-    the row's later outputs miss it). A pytree, so it can be donated to jit
-    and carried by lax.scan."""
+    """The latent KV cache of one layer, contiguous or paged.
+
+    Contiguous (block_table None): kv [B, Smax, r + p] (a float array or a
+    QuantizedKV) whose row t of sequence b holds its token t's [c_kv | k_pe].
+    Paged (init_paged_cache): kv is a pool of pages [num_pages, page_size,
+    r + p] and block_table int32 [B, max_pages] lists each sequence's pages,
+    so token t of sequence b sits in row t % page_size of page
+    block_table[b, t // page_size] and Smax = max_pages * page_size
+    (docs/design.md, "Paged caches"); the pool may be shared with other
+    batches, each bringing its own block_table, length and overflow.
+
+    length int32 [B]: each row's tokens so far (what attention() last wrote:
+    its last position + 1, at most Smax). overflow bool [B]: set for good once
+    a row lost a token under jit: it wrote outside [0, Smax), or (paged) a
+    token it wrote or reads lies on a table entry that is no page (that token
+    was dropped or skipped, so the row's outputs miss it). A pytree, so it
+    can be donated to jit and carried by lax.scan.
+    """
 
     kv: Any
     length: jax.Array
     overflow: jax.Array
+    block_table: jax.Array | None = None
 
     @property
     def fmt(self) -> str:
@@ -501,8 +518,39 @@ class LatentCache:
         return self.kv.fmt if isinstance(self.kv, QuantizedKV) else jnp.dtype(self.kv.dtype).name
 
     @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    @property
+    def page_size(self) -> int | None:
+        return self.kv.shape[1] if self.paged else None
+
+    @property
     def max_len(self) -> int:
+        """Smax: the most tokens a row can hold."""
+        if self.paged:
+            return self.block_table.shape[1] * self.kv.shape[1]
         return self.kv.shape[1]
+
+
+def _positive(op: str, **values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+
+
+def _empty_rows(op: str, cfg: MLAConfig, shape: tuple[int, ...], fmt: str | DTypeLike):
+    """Zeros of `shape` (last axis the row) stored as fmt."""
+    if isinstance(fmt, str) and fmt in FORMATS:
+        if fmt != "q8_kv" and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
+            raise ValueError(
+                f"{op}: {fmt} needs kv_lora_rank and the row width to be "
+                f"multiples of 32 (V starts a block), got kv_lora_rank "
+                f"{cfg.kv_lora_rank}, row {cfg.cache_dim}"
+            )
+        leaves = jax.eval_shape(lambda: jax_mla.quantize(jnp.zeros(shape, jnp.float32), fmt))
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), leaves)
+    return jnp.zeros(shape, cache_float_dtype(op, fmt))
 
 
 def init_cache(
@@ -510,24 +558,40 @@ def init_cache(
 ) -> LatentCache:
     """An empty latent cache of `batch` rows of `max_len` tokens; fmt is "f32",
     "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0"."""
-    for name, value in (("batch", batch), ("max_len", max_len)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
-    shape = (batch, max_len, cfg.cache_dim)
-    length = jnp.zeros((batch,), jnp.int32)
-    overflow = jnp.zeros((batch,), jnp.bool_)
-    if isinstance(fmt, str) and fmt in FORMATS:
-        if fmt != "q8_kv" and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
-            raise ValueError(
-                f"init_cache: {fmt} needs kv_lora_rank and the row width to be "
-                f"multiples of 32 (V starts a block), got kv_lora_rank "
-                f"{cfg.kv_lora_rank}, row {cfg.cache_dim}"
-            )
-        leaves = jax.eval_shape(lambda: jax_mla.quantize(jnp.zeros(shape, jnp.float32), fmt))
-        kv = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), leaves)
-        return LatentCache(kv, length, overflow)
-    dtype = cache_float_dtype("init_cache", fmt)
-    return LatentCache(jnp.zeros(shape, dtype), length, overflow)
+    _positive("init_cache", batch=batch, max_len=max_len)
+    kv = _empty_rows("init_cache", cfg, (batch, max_len, cfg.cache_dim), fmt)
+    return LatentCache(kv, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.bool_))
+
+
+def init_paged_cache(
+    cfg: MLAConfig,
+    batch: int,
+    num_pages: int,
+    page_size: int,
+    max_pages: int,
+    fmt: str | DTypeLike = jnp.float16,
+) -> LatentCache:
+    """An empty paged latent cache: a pool of num_pages pages of page_size
+    rows (16, 32, 64 or 128, as the ops take), `batch` rows of up to
+    max_pages pages each, and a block table of jax_mla.PageAllocator.UNUSED
+    (-1): give each row its pages (PageAllocator.block_table) with
+    dataclasses.replace(cache, block_table=...) before writing. fmt as
+    init_cache's."""
+    if page_size not in PAGE_SIZES:
+        raise ValueError(
+            f"init_paged_cache: page_size must be one of {', '.join(map(str, PAGE_SIZES))} "
+            f"(the page sizes the ops read), got {page_size!r}"
+        )
+    _positive(
+        "init_paged_cache",
+        batch=batch,
+        num_pages=num_pages,
+        page_size=page_size,
+        max_pages=max_pages,
+    )
+    kv = _empty_rows("init_paged_cache", cfg, (num_pages, page_size, cfg.cache_dim), fmt)
+    table = jnp.full((batch, max_pages), jax_mla.PageAllocator.UNUSED, jnp.int32)
+    return LatentCache(kv, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.bool_), table)
 
 
 def kv_bytes_per_token(cfg: MLAConfig, fmt: str | DTypeLike) -> int:
@@ -536,7 +600,7 @@ def kv_bytes_per_token(cfg: MLAConfig, fmt: str | DTypeLike) -> int:
 
 
 def _read_rows(kv, start, size: int):
-    """Rows [start, start + size) of the cache as float32 [B, size, r + p]."""
+    """Rows [start, start + size) of a contiguous cache as float32 [B, size, r + p]."""
     if isinstance(kv, QuantizedKV):
         part = QuantizedKV(
             jax.lax.dynamic_slice_in_dim(kv.qs, start, size, axis=1),
@@ -545,6 +609,30 @@ def _read_rows(kv, start, size: int):
         )
         return jax_mla.dequantize(part, jnp.float32)
     return jax.lax.dynamic_slice_in_dim(kv, start, size, axis=1).astype(jnp.float32)
+
+
+def _read_pages(kv, block_table, start, size: int):
+    """Positions [start, start + size) of each row of a paged cache (start and
+    size multiples of the page size), gathered as float32 [B, size, r + p],
+    and the block table [B, size / page_size] of those rows taken as pages of
+    their own: entry j of row b is b * n + j, or -1 where the row's table
+    holds no page (those rows are read from page 0 and must be skipped)."""
+    num_pages, page_size = kv.shape[0], kv.shape[1]
+    n = size // page_size
+    pages = jax.lax.dynamic_slice_in_dim(block_table, start // page_size, n, axis=1)
+    valid = (pages >= 0) & (pages < num_pages)
+    index = jnp.where(valid, pages, 0)
+    batch = block_table.shape[0]
+
+    def gather(x):
+        return x[index].reshape((batch, size) + x.shape[2:])
+
+    if isinstance(kv, QuantizedKV):
+        rows = jax_mla.dequantize(QuantizedKV(gather(kv.qs), gather(kv.d), kv.fmt), jnp.float32)
+    else:
+        rows = gather(kv).astype(jnp.float32)
+    local = jnp.arange(batch * n, dtype=jnp.int32).reshape(batch, n)
+    return rows, jnp.where(valid, local, -1)
 
 
 # ------------------------------------------------------------------ the layer
@@ -574,7 +662,9 @@ def _check_inputs(params, x, positions, cache, cfg, mode, op="attention"):
         raise TypeError(
             f"attention: cache must be a LatentCache (init_cache), got {type(cache).__name__}"
         )
-    if cache is not None and tuple(cache.kv.shape) != (
+    if cache is not None and cache.paged:
+        _check_paged_cache(cache, x.shape[0], cfg)
+    elif cache is not None and tuple(cache.kv.shape) != (
         x.shape[0],
         cache.kv.shape[1],
         cfg.cache_dim,
@@ -607,6 +697,48 @@ def _check_inputs(params, x, positions, cache, cfg, mode, op="attention"):
                 f"attention: positions must lie in [0, {cache.max_len}) (the "
                 f"cache's max_len), got {p[bad][0]}"
             )
+        if cache.paged and not isinstance(cache.block_table, jax.core.Tracer):
+            _check_pages_read(np.asarray(cache.block_table), p[:, -1] + 1, cache)
+
+
+def _check_paged_cache(cache: LatentCache, batch: int, cfg: MLAConfig) -> None:
+    table = cache.block_table
+    if not hasattr(table, "dtype") or not jnp.issubdtype(table.dtype, jnp.integer):
+        raise TypeError(
+            f"attention: cache.block_table must be an int32 array [B, max_pages], got "
+            f"{getattr(table, 'dtype', type(table).__name__)}"
+        )
+    if table.ndim != 2 or table.shape[0] != batch:
+        raise ValueError(
+            f"attention: cache.block_table must have shape ({batch}, max_pages) with B = "
+            f"{batch} like x, got {tuple(table.shape)}"
+        )
+    if len(cache.kv.shape) != 3 or cache.kv.shape[2] != cfg.cache_dim:
+        raise ValueError(
+            f"attention: a paged cache's kv must have shape (num_pages, page_size, "
+            f"{cfg.cache_dim}), got {tuple(cache.kv.shape)}"
+        )
+    for name in ("length", "overflow"):
+        if tuple(getattr(cache, name).shape) != (batch,):
+            raise ValueError(
+                f"attention: cache.{name} must have shape ({batch},) like the block "
+                f"table's rows, got {tuple(getattr(cache, name).shape)}"
+            )
+
+
+def _check_pages_read(table: np.ndarray, kv_len: np.ndarray, cache: LatentCache) -> None:
+    """Concrete tables: every page a row writes or reads (positions below its
+    kv_len) must be a page of the pool."""
+    num_pages, page_size = cache.kv.shape[0], cache.kv.shape[1]
+    cols = np.arange(table.shape[1])
+    reached = cols[None, :] * page_size < kv_len[:, None]
+    bad = reached & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"attention: cache.block_table[{b}, {j}] must be a page in [0, {num_pages}) "
+            f"(row {b} holds positions up to {kv_len[b] - 1}), got {table[b, j]}"
+        )
 
 
 def attention(
@@ -632,7 +764,11 @@ def attention(
         attention: earlier cache rows are the context. Concrete positions are
         checked (consecutive, inside the cache); traced ones that fall outside
         the cache are dropped on write and set the row's cache.overflow.
-      cache: LatentCache (init_cache), donated under jit for in-place writes.
+      cache: LatentCache (init_cache, or init_paged_cache with each row's pages
+        in its block_table), donated under jit for in-place writes. A paged
+        cache's concrete table entries that a row writes or reads must be
+        pages of the pool; traced ones that are not are dropped and skipped
+        and set the row's cache.overflow.
       cfg: MLAConfig (static under jit).
       mode: "standard", "latent" or "hybrid" (static); see the module doc.
         All three compute the same function.
@@ -645,21 +781,29 @@ def attention(
     batch, seq, _ = x.shape
     positions = jnp.asarray(positions).astype(jnp.int32)
     q_nope, q_pe, rows = _project(params, x, positions, cfg)
-    kv = jax_mla.cache_update(cache.kv, rows, positions)
+    table = cache.block_table
+    kv = jax_mla.cache_update(cache.kv, rows, positions, block_table=table)
 
     q_pos = positions[:, 0]
     kv_len = positions[:, -1] + 1
     scale = cfg.softmax_scale
     dtype = _attention_dtype(x, kv)
     if mode == "latent":
-        o = _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg, dtype)
+        o = _latent(params, q_nope, q_pe, kv, table, q_pos, kv_len, scale, cfg, dtype)
     else:
         q = jnp.concatenate([q_nope, q_pe], -1).astype(dtype)
-        o = _standard(params, q, kv, q_pos, kv_len, scale, cfg)
+        o = _standard(params, q, kv, table, q_pos, kv_len, scale, cfg)
     out = _matmul(o.reshape(batch, seq, cfg.num_heads * cfg.v_head_dim), params["wo"])
-    # Traced positions outside the cache were dropped by cache_update: say so.
-    dropped = ((positions < 0) | (positions >= cache.max_len)).any(axis=1)
-    new_cache = LatentCache(kv, jnp.clip(kv_len, 0, cache.max_len), cache.overflow | dropped)
+    # Traced positions outside the cache were dropped by cache_update, and
+    # tokens on table entries that are no page were dropped and are skipped
+    # by the attention: say so.
+    lost = ((positions < 0) | (positions >= cache.max_len)).any(axis=1)
+    if table is not None:
+        page_size, num_pages = cache.kv.shape[1], cache.kv.shape[0]
+        cols = jnp.arange(table.shape[1], dtype=jnp.int32) * page_size
+        reached = cols[None, :] < kv_len[:, None]
+        lost = lost | (reached & ((table < 0) | (table >= num_pages))).any(axis=1)
+    new_cache = LatentCache(kv, jnp.clip(kv_len, 0, cache.max_len), cache.overflow | lost, table)
     return out.astype(x.dtype), new_cache
 
 
@@ -733,10 +877,10 @@ def _project(params, x, positions, cfg: MLAConfig):
     return q_nope, q_pe, jnp.concatenate([c_kv, k_pe], -1)
 
 
-def _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg, dtype):
+def _latent(params, q_nope, q_pe, kv, block_table, q_pos, kv_len, scale, cfg, dtype):
     """Absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, and the output's
     W_UV (sum_j p_j c_j) = sum_j p_j (W_UV c_j). The query in dtype; returns
-    float32."""
+    float32. A paged cache is read in place through its block table."""
     q_lat = _einsum("bshn,hnr->bshr", q_nope, params["w_uk"])
     q_full = jnp.concatenate([q_lat, q_pe], -1).astype(dtype)  # [B, S, H, r + p]
     o_lat = jax_mla.flash_mla(
@@ -748,6 +892,7 @@ def _latent(params, q_nope, q_pe, kv, q_pos, kv_len, scale, cfg, dtype):
         causal=True,
         q_pos=q_pos,
         kv_len=kv_len,
+        block_table=block_table,
     )
     return _einsum("bshr,hvr->bshv", o_lat, params["w_uv"])
 
@@ -764,21 +909,32 @@ def _merge(o1, lse1, o2, lse2):
     return o, jnp.where(total > 0, m + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
 
 
-def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
+def _standard(params, q, kv, block_table, q_pos, kv_len, scale, cfg):
     """Decompress the cached rows chunk by chunk into per-head K [.., H, n + p]
     and V [.., H, v] in q's dtype (the up-projections in the params' dtype,
     accumulated in float32), attend with flash_attention, merge the chunks by
-    LSE. Only chunks below the longest row's length are computed. Returns
-    float32."""
+    LSE. Only chunks below the longest row's length are computed. A paged
+    cache's chunks are whole pages, gathered, and attended as pages of their
+    own (_read_pages), so a table entry that is no page is skipped as the ops
+    skip it. Returns float32."""
     batch, seq, h, _ = q.shape
-    smax = kv.shape[1]
-    chunk = min(cfg.kv_chunk, smax)
+    if block_table is None:
+        smax = kv.shape[1]
+        chunk = min(cfg.kv_chunk, smax)
+    else:
+        page_size = kv.shape[1]
+        smax = block_table.shape[1] * page_size
+        chunk = min(max(1, cfg.kv_chunk // page_size) * page_size, smax)
     full_chunks, tail = divmod(smax, chunk)
     w_uk, w_uv = params["w_uk"], params["w_uv"]
     r = cfg.kv_lora_rank
 
     def attend(carry, start, size):
-        rows = _read_rows(kv, start, size)  # [B, size, r + p]
+        if block_table is None:
+            rows, paged = _read_rows(kv, start, size), {}  # [B, size, r + p]
+        else:
+            rows, table = _read_pages(kv, block_table, start, size)
+            paged = dict(block_table=table)
         c, k_pe = rows[..., :r], rows[..., r:]
         k = jnp.concatenate(
             [
@@ -790,6 +946,9 @@ def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
             -1,
         )
         v = _einsum("bcr,hvr->bchv", c, w_uv).astype(q.dtype)
+        if paged:  # [B, size, ...] as pages [B * size / page_size, page_size, ...]
+            k = k.reshape((-1, page_size) + k.shape[2:])
+            v = v.reshape((-1, page_size) + v.shape[2:])
         o, lse = jax_mla.flash_attention(
             q,
             k,
@@ -799,6 +958,7 @@ def _standard(params, q, kv, q_pos, kv_len, scale, cfg):
             q_pos=q_pos - start,
             kv_len=jnp.clip(kv_len - start, 0, size),
             return_lse=True,
+            **paged,
         )
         return _merge(*carry, o.astype(jnp.float32), lse)
 

@@ -227,28 +227,7 @@ def cache_bytes(fmt: str | DTypeLike, shape: Sequence[int]) -> int:
     return n * dtype.itemsize
 
 
-def cache_update(
-    cache: jax.Array | QuantizedKV, rows: ArrayLike, positions: ArrayLike
-) -> jax.Array | QuantizedKV:
-    """Writes rows [B, S, ...] into cache [B, Smax, ...] (a float array or a
-    QuantizedKV, whose rows are quantized first) at positions [B, S]; returns
-    the new cache, updated in place when the cache is donated.
-
-    Concrete positions outside [0, Smax) raise ValueError; traced ones that
-    fall outside are dropped (never wrapped, negative ones included).
-    """
-    quantized = isinstance(cache, QuantizedKV)
-    shape = cache.shape if quantized else getattr(cache, "shape", None)
-    if shape is None:
-        raise TypeError(f"cache must be an array or a QuantizedKV, got {type(cache).__name__}")
-    _check_float("rows", rows)
-    if rows.ndim != len(shape) or rows.shape[0] != shape[0] or rows.shape[2:] != tuple(shape[2:]):
-        raise ValueError(
-            f"rows must have shape ({shape[0]}, S, {', '.join(map(str, shape[2:]))}) "
-            f"to fit the cache {tuple(shape)}, got {tuple(rows.shape)}"
-        )
-    if isinstance(positions, numbers.Integral):
-        positions = np.asarray(positions)
+def _check_positions(positions, rows) -> None:
     if not hasattr(positions, "dtype") or not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(
             f"positions must be an integer array [B, S], got "
@@ -258,20 +237,122 @@ def cache_update(
         raise ValueError(
             f"positions must have shape {tuple(rows.shape[:2])}, got {tuple(positions.shape)}"
         )
-    smax = shape[1]
+
+
+def _check_block_table(block_table, batch: int):
+    table = np.asarray(block_table) if isinstance(block_table, (list, tuple)) else block_table
+    if not hasattr(table, "dtype") or not jnp.issubdtype(table.dtype, jnp.integer):
+        raise TypeError(
+            f"block_table must be an int32 array [B, max_pages], got "
+            f"{getattr(table, 'dtype', type(block_table).__name__)}"
+        )
+    if table.ndim != 2 or table.shape[0] != batch or table.shape[1] < 1:
+        raise ValueError(
+            f"block_table must have shape ({batch}, max_pages >= 1) (B of rows), "
+            f"got {tuple(table.shape)}"
+        )
+    if not isinstance(table, jax.core.Tracer):
+        values = np.asarray(table)
+        i32 = np.iinfo(np.int32)
+        if values.size and (values.min() < i32.min or values.max() > i32.max):
+            # Cast to int32 they would wrap, perhaps onto a real page.
+            raise ValueError(
+                f"block_table entries must fit in int32, got {values.min()} .. {values.max()}"
+            )
+    return table
+
+
+def cache_update(
+    cache: jax.Array | QuantizedKV,
+    rows: ArrayLike,
+    positions: ArrayLike,
+    *,
+    block_table: ArrayLike | None = None,
+) -> jax.Array | QuantizedKV:
+    """Writes rows [B, S, ...] into a cache at positions [B, S]; returns the
+    new cache, updated in place when the cache is donated. The cache is a
+    float array or a QuantizedKV (whose rows are quantized first).
+
+    Contiguous (block_table None): cache [B, Smax, ...]; row s of sequence b
+    goes to cache[b, positions[b, s]].
+
+    Paged (block_table int32 [B, max_pages]): cache [num_pages, page_size,
+    ...], shared by all sequences; Smax = max_pages * page_size, and row s of
+    sequence b goes to row positions[b, s] % page_size of page
+    block_table[b, positions[b, s] // page_size] (docs/design.md, "Paged
+    caches"). Two sequences writing one slot leave either row.
+
+    Bad slots: a concrete position outside [0, Smax) raises ValueError, and
+    so does (paged) a concrete page index outside [0, num_pages) that a
+    concrete position reaches (naming b, the table column j and the value).
+    Traced ones are dropped: that row is not written, anywhere (never
+    wrapped, negative ones included). The DeepSeek layer reports such drops
+    in its cache's overflow flags.
+    """
+    quantized = isinstance(cache, QuantizedKV)
+    shape = cache.shape if quantized else getattr(cache, "shape", None)
+    if shape is None:
+        raise TypeError(f"cache must be an array or a QuantizedKV, got {type(cache).__name__}")
+    _check_float("rows", rows)
+    if isinstance(positions, numbers.Integral):
+        positions = np.asarray(positions)
+    paged = block_table is not None
+    if paged:
+        if len(shape) < 2:
+            raise ValueError(
+                f"a paged cache must have shape (num_pages, page_size, ...), got {tuple(shape)}"
+            )
+        if rows.ndim != len(shape) or rows.shape[2:] != tuple(shape[2:]):
+            raise ValueError(
+                f"rows must have shape (B, S, {', '.join(map(str, shape[2:]))}) to fit the "
+                f"pages {tuple(shape)}, got {tuple(rows.shape)}"
+            )
+        _check_positions(positions, rows)
+        table = _check_block_table(block_table, rows.shape[0])
+        num_pages, page_size = shape[0], shape[1]
+        smax = table.shape[1] * page_size
+    else:
+        if (
+            rows.ndim != len(shape)
+            or rows.shape[0] != shape[0]
+            or rows.shape[2:] != tuple(shape[2:])
+        ):
+            raise ValueError(
+                f"rows must have shape ({shape[0]}, S, {', '.join(map(str, shape[2:]))}) "
+                f"to fit the cache {tuple(shape)}, got {tuple(rows.shape)}"
+            )
+        _check_positions(positions, rows)
+        smax = shape[1]
     if not isinstance(positions, jax.core.Tracer):
         values = np.asarray(positions)
         bad = (values < 0) | (values >= smax)
         if bad.any():
             raise ValueError(f"positions must lie in [0, {smax}), got {values[bad].reshape(-1)[0]}")
-    # Out-of-range traced positions go to Smax, which mode="drop" discards
-    # (a negative index would otherwise wrap around).
+        if paged and not isinstance(table, jax.core.Tracer):
+            cols = values // page_size
+            pages = np.take_along_axis(np.asarray(table), cols, axis=1)
+            bad = (pages < 0) | (pages >= num_pages)
+            if bad.any():
+                b, s = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"block_table[{b}, {cols[b, s]}] must be a page in [0, {num_pages}) "
+                    f"(sequence {b} writes position {values[b, s]} there), got {pages[b, s]}"
+                )
+    # Out-of-range traced slots go to an index one past the end, which
+    # mode="drop" discards (a negative index would otherwise wrap around).
     pos = jnp.asarray(positions).astype(jnp.int32)
-    pos = jnp.where((pos < 0) | (pos >= smax), smax, pos)
-    batch = jnp.arange(shape[0], dtype=jnp.int32)[:, None]
+    outside = (pos < 0) | (pos >= smax)
+    if paged:
+        cols = jnp.clip(pos // page_size, 0, table.shape[1] - 1)
+        page = jnp.take_along_axis(jnp.asarray(table).astype(jnp.int32), cols, axis=1)
+        outside = outside | (page < 0) | (page >= num_pages)
+        index = (jnp.where(outside, num_pages, page), pos % page_size)
+    else:
+        batch = jnp.arange(shape[0], dtype=jnp.int32)[:, None]
+        index = (batch, jnp.where(outside, smax, pos))
 
     def write(dst, src):
-        return dst.at[batch, pos].set(src.astype(dst.dtype), mode="drop")
+        return dst.at[index].set(src.astype(dst.dtype), mode="drop")
 
     if not quantized:
         return write(cache, rows)

@@ -7,6 +7,9 @@
 #
 #   PY=/path/to/venv/bin/python tests/sanitized_cpu.sh [pytest args]   (default: -m "not gpu")
 #
+# Paged caches alone (tests/test_paged.py: shuffled pages, out-of-range table entries, every
+# page size, format and ISA path; about 15 minutes on 2 busy cores): pass `-k test_paged`.
+#
 # PY's environment needs jax, pytest, scikit-build-core and nanobind; this REPLACES the jax_mla
 # installed there with the sanitized build (CPU module only), so give it a venv of its own.
 # Needs GCC (its libasan and libubsan).

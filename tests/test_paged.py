@@ -353,3 +353,28 @@ def test_cpu_handler_rejects_a_bad_page_size(rng):
             v_offset=np.int64(0),
             num_splits=np.int64(1),
         )
+
+
+@pytest.mark.parametrize("fmt", ("q8_0", "q8_kv"))
+@pytest.mark.parametrize("page_size", (16, 32))
+def test_runs_of_consecutive_pages_over_8bit_v(rng, fmt, page_size):
+    # Pages in pool order, with one break inside a 64-key P group: whole
+    # groups of the runs are read in place, the broken group is staged, and
+    # every group is rounded as in the contiguous cache.
+    seq_kv, kv_len = 320, np.array([300])
+    q, kv = mla_case(rng, batch=1, seq_q=1, seq_kv=seq_kv, kv_len=kv_len, fmt=fmt, heads=16)
+    n = seq_kv // page_size
+    order = np.arange(n)
+    order[n // 2 :] += 3  # a gap in the pool: pages n/2 .. are not next to page n/2 - 1
+    pages = jax.tree_util.tree_map(
+        lambda a: (
+            jnp.zeros((n + 3, page_size) + a.shape[2:], a.dtype)
+            .at[order]
+            .set(a[0].reshape((n, page_size) + a.shape[2:]))
+        ),
+        kv,
+    )
+    table = jnp.asarray(order[None], jnp.int32)
+    kw = dict(dv=32, kv_len=kv_len, return_lse=True)
+    got = jax_mla.flash_mla(q, pages, block_table=table, **kw)
+    assert_same(got, jax_mla.flash_mla(q, kv, **kw), NATIVE_TOL)

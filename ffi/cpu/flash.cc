@@ -235,9 +235,26 @@ void AttendPaged(const AttentionParams& p, const KernelTable& kern, Scratch& scr
   const bool stage = ps < kPGroup && RoundsProbabilities(p.v.fmt);
   const bool mla = p.v_in_k >= 0;
   for (int64_t c = kv0; c < kv_max;) {
+    const int64_t j = c / ps;
+    if (!PageInRange(kv, table[j])) {
+      c = std::min(kv_max, (j + 1) * ps);  // never read
+      continue;
+    }
+    // The run of pages from j that lie one after another in the pool: one
+    // call reads it in place.
+    int64_t run_end = std::min(kv_max, (j + 1) * ps);
+    for (int64_t n = j + 1;
+         run_end < kv_max && table[n] == table[n - 1] + 1 && PageInRange(kv, table[n]); ++n)
+      run_end = std::min(kv_max, (n + 1) * ps);
     const int64_t g1 = std::min(kv_max, (c / kPGroup + 1) * kPGroup);
+    if (stage && run_end >= g1) {  // whole P groups in place: the run cut at a group's end
+      const int64_t c1 = run_end == kv_max ? kv_max : run_end / kPGroup * kPGroup;
+      attend(PageView(kv, table[j], j * ps), PageView(p.v, table[j], j * ps), c, c1);
+      c = c1;
+      continue;
+    }
     bool all_in_range = true;
-    for (int64_t j = c / ps; j * ps < g1; ++j) all_in_range &= PageInRange(kv, table[j]);
+    for (int64_t i = j; i * ps < g1; ++i) all_in_range &= PageInRange(kv, table[i]);
     if (stage && all_in_range) {
       const int64_t kb = StagedBytes(kv), vb = mla ? 0 : StagedBytes(p.v);
       Grow(scratch.staged, size_t(kb + vb));
@@ -257,18 +274,9 @@ void AttendPaged(const AttentionParams& p, const KernelTable& kern, Scratch& scr
       c = g1;
       continue;
     }
-    // One page, or a run of pages laid out one after another in the pool.
-    const int64_t j = c / ps;
-    int64_t c1 = std::min(kv_max, (j + 1) * ps);
-    if (!PageInRange(kv, table[j])) {
-      c = c1;  // never read
-      continue;
-    }
-    // A group with an out-of-range page goes page by page (its P groups are
-    // then rounded per call).
-    for (int64_t n = j + 1;
-         !stage && c1 < kv_max && table[n] == table[n - 1] + 1 && PageInRange(kv, table[n]); ++n)
-      c1 = std::min(kv_max, (n + 1) * ps);
+    // A run of pages (over 8-bit V with small pages, one that ends inside a
+    // group with an out-of-range page: that group's P is then rounded per call).
+    const int64_t c1 = stage ? std::min(run_end, g1) : run_end;
     attend(PageView(kv, table[j], j * ps), PageView(p.v, table[j], j * ps), c, c1);
     c = c1;
   }

@@ -1,0 +1,89 @@
+"""Paged against contiguous MLA decode on the CPU, side by side in one process:
+16 heads, one query, a cache of SKV (default 16384) 576-wide rows, V the
+first 512 columns, for each cache format and page size. The pages of the
+paged cache are shuffled (no two consecutive positions in consecutive pages,
+the worst case for the driver, which merges runs of consecutive pages into
+one kernel call) or, with --sequential, laid out in order.
+
+Calls alternate between the contiguous and the paged cache (ABAB...) so that
+both see the same machine load; the figure is the median over rounds of each
+round's mean time per call.
+
+    python -P benchmarks/cpu/paged_decode.py [--skv 16384] [--formats f16,q8_0]
+        [--pages 16,32,64,128] [--rounds 7] [--calls 20] [--sequential]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_mla
+
+
+def paged(cache, page_size: int, rng, sequential: bool):
+    """The single-sequence cache [1, S, ...] as (pages, block_table [1, S / page_size])."""
+    n = cache.shape[1] // page_size if not hasattr(cache, "qs") else cache.qs.shape[1] // page_size
+    order = np.arange(n) if sequential else rng.permutation(n)
+
+    def pool(leaf):
+        pages = leaf[0].reshape((n, page_size) + leaf.shape[2:])
+        out = jnp.zeros_like(pages).at[order].set(pages)
+        return out
+
+    return jax.tree_util.tree_map(pool, cache), jnp.asarray(order[None], jnp.int32)
+
+
+def timed(f, args, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = f(*args)
+    out.block_until_ready()
+    return (time.perf_counter() - start) / calls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--skv", type=int, default=16384)
+    parser.add_argument("--formats", default="f16,q8_0")
+    parser.add_argument("--pages", default="16,32,64,128")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--sequential", action="store_true")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 1, 16, 576)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, args.skv, 576)), jnp.float16)
+    contiguous = jax.jit(lambda q, kv: jax_mla.flash_mla(q, kv, backend="native"))
+    paged_call = jax.jit(
+        lambda q, kv, table: jax_mla.flash_mla(q, kv, block_table=table, backend="native")
+    )
+    print(
+        f"MLA decode, 16 heads, Skv {args.skv}, ISA {jax_mla.backends()['cpu']['isa']}, "
+        f"{'sequential' if args.sequential else 'shuffled'} pages; median of {args.rounds} "
+        f"rounds x {args.calls} calls"
+    )
+    print(f"{'format':>7} {'page':>5} {'contiguous ms':>14} {'paged ms':>9} {'paged/contig':>13}")
+    for fmt in args.formats.split(","):
+        kv = x if fmt == "f16" else jax_mla.quantize(x, fmt)
+        for page_size in map(int, args.pages.split(",")):
+            pages, table = paged(kv, page_size, rng, args.sequential)
+            expected = contiguous(q, kv)
+            got = paged_call(q, pages, table)
+            np.testing.assert_allclose(
+                np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4
+            )
+            a, b = [], []
+            for _ in range(args.rounds):
+                a.append(timed(contiguous, (q, kv), args.calls))
+                b.append(timed(paged_call, (q, pages, table), args.calls))
+            ta, tb = np.median(a) * 1e3, np.median(b) * 1e3
+            print(f"{fmt:>7} {page_size:>5} {ta:>14.3f} {tb:>9.3f} {tb / ta:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
