@@ -74,9 +74,7 @@ def main():
             pages, table = paged(kv, page_size, rng, args.sequential)
             expected = contiguous(q, kv)
             got = paged_call(q, pages, table)
-            np.testing.assert_allclose(
-                np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4
-            )
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)
             a, b = [], []
             for _ in range(args.rounds):
                 a.append(timed(contiguous, (q, kv), args.calls))
