@@ -48,7 +48,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 import jax_mla
-from jax_mla.quant import FORMATS, QuantizedKV, cache_float_dtype
+from jax_mla.quant import BLOCK_FORMATS, FORMATS, QuantizedKV, cache_float_dtype
 
 __all__ = [
     "MLAConfig",
@@ -469,7 +469,7 @@ def init_cache(
     cfg: MLAConfig, batch: int, max_len: int, fmt: str | DTypeLike = jnp.float16
 ) -> LatentCache:
     """An empty latent cache of `batch` rows of `max_len` tokens; fmt is "f32",
-    "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0"."""
+    "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0", "fp8_e4m3"."""
     for name, value in (("batch", batch), ("max_len", max_len)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
@@ -477,7 +477,7 @@ def init_cache(
     length = jnp.zeros((batch,), jnp.int32)
     overflow = jnp.zeros((batch,), jnp.bool_)
     if isinstance(fmt, str) and fmt in FORMATS:
-        if fmt != "q8_kv" and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
+        if fmt in BLOCK_FORMATS and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
             raise ValueError(
                 f"init_cache: {fmt} needs kv_lora_rank and the row width to be "
                 f"multiples of 32 (V starts a block), got kv_lora_rank "
