@@ -360,7 +360,7 @@ def test_v_offset_is_free_in_q8_kv(rng, cpu):
         (
             lambda kv: quant.QuantizedKV(kv.qs, kv.d, "q4_0"),
             ValueError,
-            r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0",
+            r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0, fp8_e4m3",
         ),
         (
             lambda kv: quant.QuantizedKV(kv.qs.astype(jnp.int16), kv.d, "q8_0"),
@@ -443,6 +443,12 @@ def mla_quant_ffi(q, qs, d, fmt_code, *, dv=64, v_offset=0):
         (dict(fmt_code=0), r"needs a quantized format"),
         (dict(fmt="q8_0", v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
         (dict(fmt="q6_0"), r"kv.qs of a q6_0 cache must be uint8"),
+        (dict(fmt="fp8_e4m3"), r"kv.qs of a fp8_e4m3 cache must be float8_e4m3fn"),
+        (
+            dict(fmt="fp8_e4m3", qs=np.ones((1, 8, 128), jnp.float8_e4m3fn)),
+            r"kv.d of a fp8_e4m3 cache must be float32 with the shape of qs but a last "
+            r"axis of 1, got \[1, 8, 4\]",
+        ),
         (
             dict(fmt="q8_kv"),
             r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "
