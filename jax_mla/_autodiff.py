@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mla import _batching, _ffi, _sharding
+from jax_mla import _batching, _ffi, _sharding, reference
 from jax_mla.quant import QuantizedKV, dequantize
 
 TARGET_BWD = "jax_mla_flash_attention_bwd"
@@ -66,14 +66,20 @@ def attention(
     scale: float,
     causal: bool,
     platform: str | None,
+    block_table: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """forward(q, k, v, q_pos, kv_len) -> (out, lse), differentiable in q and
-    the float caches. platform: where the native forward runs (its native
-    backward is used when it exists and no cache is quantized), or None for
-    the reference backend (pure-JAX backward)."""
+    """forward(q, k, v, q_pos, kv_len[, block_table]) -> (out, lse),
+    differentiable in q and the float caches. platform: where the native
+    forward runs (its native backward is used when it exists and no cache is
+    quantized), or None for the reference backend (pure-JAX backward).
+    block_table: the caches are paged (see _paged_backward)."""
 
-    def backward(q, caches, out, lse, dout, dlse, q_pos, kv_len):
+    def backward(q, caches, out, lse, dout, dlse, q_pos, kv_len, *table):
         k, v = caches
+        if table:
+            return _paged_backward(
+                q, caches, table[0], None, out, lse, dout, dlse, q_pos, kv_len, scale, causal
+            )
         if platform is not None and has_native_backward(platform) and not _quantized(k, v):
             delta = _delta(out, dout, dlse)
             dq, dk, dv = _native_backward(op, scale, causal)(
@@ -85,10 +91,11 @@ def attention(
             )
         return dq.astype(q.dtype), (_cast(dk, k), _cast(dv, v))
 
-    def forward_caches(q, caches, q_pos, kv_len):
-        return forward(q, *caches, q_pos, kv_len)
+    def forward_caches(q, caches, *positions):
+        return forward(q, *caches, *positions)
 
-    return _differentiable(op, forward_caches, backward, q, (k, v), q_pos, kv_len)
+    positions = (q_pos, kv_len) if block_table is None else (q_pos, kv_len, block_table)
+    return _differentiable(op, forward_caches, backward, q, (k, v), positions)
 
 
 def mla(
@@ -104,11 +111,27 @@ def mla(
     scale: float,
     causal: bool,
     platform: str | None,
+    block_table: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """flash_mla's counterpart of `attention`: forward(q, kv, q_pos, kv_len)."""
+    """flash_mla's counterpart of `attention`: forward(q, kv, q_pos, kv_len[, block_table])."""
 
-    def backward(q, caches, out, lse, dout, dlse, q_pos, kv_len):
+    def backward(q, caches, out, lse, dout, dlse, q_pos, kv_len, *table):
         (kv,) = caches
+        if table:
+            return _paged_backward(
+                q,
+                caches,
+                table[0],
+                (v_offset, dv),
+                out,
+                lse,
+                dout,
+                dlse,
+                q_pos,
+                kv_len,
+                scale,
+                causal,
+            )
         if isinstance(kv, QuantizedKV):
             k = QuantizedKV(kv.qs[:, :, None], kv.d[:, :, None], kv.fmt)
         else:
@@ -128,16 +151,67 @@ def mla(
         dkv = dk[:, :, 0].at[..., v_offset : v_offset + dv].add(dvv[:, :, 0])
         return dq.astype(q.dtype), (dkv.astype(kv.dtype),)
 
-    def forward_caches(q, caches, q_pos, kv_len):
-        return forward(q, caches[0], q_pos, kv_len)
+    def forward_caches(q, caches, *positions):
+        return forward(q, caches[0], *positions)
 
-    return _differentiable(op, forward_caches, backward, q, (kv,), q_pos, kv_len)
+    positions = (q_pos, kv_len) if block_table is None else (q_pos, kv_len, block_table)
+    return _differentiable(op, forward_caches, backward, q, (kv,), positions)
 
 
-def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
-    """forward(q, caches, q_pos, kv_len) -> (out, lse) as a custom_vjp whose
-    backward is backward(q, caches, out, lse, dout, dlse, q_pos, kv_len) ->
-    (dq, dcaches), None for a quantized cache's. Caches travel as leaves (a
+def _paged_backward(
+    q, caches, block_table, sliced, out, lse, dout, dlse, q_pos, kv_len, scale, causal
+):
+    """The pure-JAX backward over paged caches ([num_pages, page_size, ...]
+    with one KV head axis added for flash_mla's, whose V is `sliced` =
+    (v_offset, dv)): the pages are gathered into contiguous caches (the
+    backward may copy; the forward kernels read pages in place), keys of
+    out-of-range pages masked as the forward skips them, and each key's
+    gradient added back into its page (nothing into out-of-range ones)."""
+    num_pages, page_size = _leaf(caches[0]).shape[:2]
+    key_mask = reference.page_mask(block_table, num_pages, page_size)
+    flat = [reference.gather_pages(c, block_table) for c in caches]
+    if sliced is not None:
+        kv = flat[0]
+        k = (
+            QuantizedKV(kv.qs[:, :, None], kv.d[:, :, None], kv.fmt)
+            if _quantized(kv)
+            else kv[:, :, None]
+        )
+        dq, dk, dvv = _blockwise_backward(
+            q, k, sliced, out, lse, dout, dlse, q_pos, kv_len, scale, causal, key_mask
+        )
+        if dk is not None:
+            v_offset, dv = sliced
+            dk = dk[:, :, 0].at[..., v_offset : v_offset + dv].add(dvv[:, :, 0])
+        grads = (dk,)
+    else:
+        dq, dk, dv = _blockwise_backward(
+            q, *flat, out, lse, dout, dlse, q_pos, kv_len, scale, causal, key_mask
+        )
+        grads = (dk, dv)
+    # Out-of-range entries scatter to index num_pages, which mode="drop" drops.
+    index = jnp.where((block_table >= 0) & (block_table < num_pages), block_table, num_pages)
+
+    def scatter(grad, pages):
+        if grad is None:
+            return None
+        grad = grad.reshape((-1, page_size) + grad.shape[2:])
+        zeros = jnp.zeros(pages.shape, jnp.float32)
+        return zeros.at[index.reshape(-1)].add(grad, mode="drop").astype(pages.dtype)
+
+    return dq.astype(q.dtype), tuple(scatter(g, c) for g, c in zip(grads, caches))
+
+
+def _leaf(cache):
+    return cache.qs if isinstance(cache, QuantizedKV) else cache
+
+
+def _differentiable(op, forward, backward, q, caches, positions):
+    """forward(q, caches, *positions) -> (out, lse) as a custom_vjp whose
+    backward is backward(q, caches, out, lse, dout, dlse, *positions) ->
+    (dq, dcaches), None for a quantized cache's. positions: (q_pos, kv_len),
+    and a paged cache's block_table: integer arrays, not differentiated.
+    Caches travel as leaves (a
     QuantizedKV as its (qs, d), its format static) so that custom_vjp sees
     arrays only."""
     fmts = tuple(c.fmt if isinstance(c, QuantizedKV) else None for c in caches)
@@ -148,14 +222,14 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
             QuantizedKV(*parts, fmt) if fmt else parts[0] for parts, fmt in zip(leaves, fmts)
         )
 
-    def call(q, leaves, q_pos, kv_len):
-        out, lse = forward(q, rebuild(leaves), q_pos, kv_len)
-        axes = _varying_axes(q, leaves, q_pos, kv_len)
+    def call(q, leaves, positions):
+        out, lse = forward(q, rebuild(leaves), *positions)
+        axes = _varying_axes(q, leaves, positions)
         return _vary(out, axes), _vary(lse, axes)
 
-    def run_backward(q, leaves, out, lse, dout, dlse, q_pos, kv_len):
-        dq, dcaches = backward(q, rebuild(leaves), out, lse, dout, dlse, q_pos, kv_len)
-        axes = _varying_axes(q, leaves, q_pos, kv_len)
+    def run_backward(q, leaves, out, lse, dout, dlse, positions):
+        dq, dcaches = backward(q, rebuild(leaves), out, lse, dout, dlse, *positions)
+        axes = _varying_axes(q, leaves, positions)
         dq = _input_gradient(dq, q, axes)
         dcaches = tuple(
             None if d is None else _input_gradient(d, parts[0], axes)
@@ -170,7 +244,7 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
     run_backward = _first_order_only(op, run_backward)
     f = jax.custom_vjp(call)
 
-    def fwd(q, leaves, q_pos, kv_len):
+    def fwd(q, leaves, positions):
         for fmt, parts in zip(fmts, leaves):
             if fmt and any(p.perturbed for p in parts):
                 raise TypeError(
@@ -178,24 +252,24 @@ def _differentiable(op, forward, backward, q, caches, q_pos, kv_len):
                     "a quantized cache the gradient flows to the queries (and float caches) "
                     "only. Differentiate a float cache, or stop_gradient the quantized one"
                 )
-        values = jax.tree_util.tree_map(lambda p: p.value, (q, leaves, q_pos, kv_len))
+        values = jax.tree_util.tree_map(lambda p: p.value, (q, leaves, positions))
         out, lse = primal(*values)
         wanted = tuple(not fmt and parts[0].perturbed for fmt, parts in zip(fmts, leaves))
         return (out, lse), (values, out, lse, wanted)
 
     def bwd(res, cts):
-        (q, leaves, q_pos, kv_len), out, lse, wanted = res
+        (q, leaves, positions), out, lse, wanted = res
         dout, dlse = cts
         dout = jnp.zeros(out.shape, out.dtype) if isinstance(dout, _SymbolicZero) else dout
         dlse = jnp.zeros(lse.shape, lse.dtype) if isinstance(dlse, _SymbolicZero) else dlse
-        dq, dcaches = run_backward(q, leaves, out, lse, dout, dlse, q_pos, kv_len)
+        dq, dcaches = run_backward(q, leaves, out, lse, dout, dlse, positions)
         dleaves = tuple(
             (None, None) if fmt else (d if w else None,) for fmt, d, w in zip(fmts, dcaches, wanted)
         )
-        return dq, dleaves, None, None
+        return dq, dleaves, (None,) * len(positions)
 
     f.defvjp(fwd, bwd, symbolic_zeros=True)
-    return f(q, leaves, q_pos, kv_len)
+    return f(q, leaves, tuple(positions))
 
 
 # Inside shard_map (check_vma), JAX types each value by the manual axes it
@@ -314,10 +388,13 @@ def _blocking(seq_kv: int) -> tuple[int, int]:
     return block, -(-seq_kv // block)
 
 
-def _visible(j0, block, q_pos, kv_len, seq_q, causal):
-    """([B, 1, 1, Sq or 1, block] visible, [B, block] exists) for keys j0 + [0, block)."""
+def _visible(j0, block, q_pos, kv_len, seq_q, causal, key_mask=None):
+    """([B, 1, 1, Sq or 1, block] visible, [B, block] exists) for keys j0 + [0, block)
+    (key_mask: None or this block's [B, block] of the caller's)."""
     keys = j0 + jnp.arange(block, dtype=jnp.int32)
     exists = keys[None, :] < kv_len[:, None]
+    if key_mask is not None:
+        exists = exists & key_mask
     mask = exists[:, None, :]
     if causal:
         # j <= q_pos + i as j - i <= q_pos (no int32 overflow), as the reference.
@@ -326,9 +403,10 @@ def _visible(j0, block, q_pos, kv_len, seq_q, causal):
     return mask[:, None, None], exists
 
 
-def _blockwise(q, k, v, q_pos, kv_len, causal, body, init):
+def _blockwise(q, k, v, q_pos, kv_len, causal, body, init, key_mask=None):
     """Scans body(carry, (qf, kb, vb, visible)) over key blocks; v is an array,
-    a QuantizedKV, or (v_offset, dv): the slice of k's rows (flash_mla)."""
+    a QuantizedKV, or (v_offset, dv): the slice of k's rows (flash_mla).
+    key_mask: None or [B, Skv] bool, False for keys that do not exist."""
     batch, seq_q, heads_q, dk = q.shape
     seq_kv, heads_kv = k.shape[1], k.shape[2]
     block, n = _blocking(seq_kv)
@@ -336,18 +414,19 @@ def _blockwise(q, k, v, q_pos, kv_len, causal, body, init):
     qf = q.astype(jnp.float32).reshape(batch, seq_q, heads_kv, heads_q // heads_kv, dk)
     sliced = isinstance(v, tuple)
     xs = (_key_blocks(k, block, n), None if sliced else _key_blocks(v, block, n))
+    masks = None if key_mask is None else _key_blocks(key_mask, block, n)
 
     def step(carry, x):
-        i, (kb, vb) = x
-        visible, exists = _visible(i * block, block, q_pos, kv_len, seq_q, causal)
+        i, (kb, vb), mb = x
+        visible, exists = _visible(i * block, block, q_pos, kv_len, seq_q, causal, mb)
         kf = _read_block(kb, exists)
         vf = kf[..., v[0] : v[0] + v[1]] if sliced else _read_block(vb, exists)
         return body(carry, qf, kf, vf, visible)
 
-    return jax.lax.scan(step, init, (jnp.arange(n, dtype=jnp.int32), xs))
+    return jax.lax.scan(step, init, (jnp.arange(n, dtype=jnp.int32), xs, masks))
 
 
-def _blockwise_forward(q, k, v, q_pos, kv_len, scale, causal):
+def _blockwise_forward(q, k, v, q_pos, kv_len, scale, causal, key_mask=None):
     """(out float32 [B, Sq, Hq, Dv], lse [B, Hq, Sq]) with an online softmax
     over key blocks: the float attention the reference defines."""
     batch, seq_q, heads_q, _ = q.shape
@@ -372,7 +451,7 @@ def _blockwise_forward(q, k, v, q_pos, kv_len, scale, causal):
         jnp.zeros(shape, jnp.float32),
         jnp.zeros(shape + (dv,), jnp.float32),
     )
-    (m, l, acc), _ = _blockwise(q, k, v, q_pos, kv_len, causal, body, init)
+    (m, l, acc), _ = _blockwise(q, k, v, q_pos, kv_len, causal, body, init, key_mask)
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, jnp.log(jnp.where(seen, l, 1.0)) + m, -jnp.inf)
@@ -380,7 +459,7 @@ def _blockwise_forward(q, k, v, q_pos, kv_len, scale, causal):
     return out, lse.reshape(batch, heads_q, seq_q)
 
 
-def _blockwise_backward(q, k, v, out, lse, dout, dlse, q_pos, kv_len, scale, causal):
+def _blockwise_backward(q, k, v, out, lse, dout, dlse, q_pos, kv_len, scale, causal, key_mask=None):
     """(dq, dk, dv) float32 (None for a quantized cache's),
     accumulated in float32 over key blocks. Over a quantized cache, out and
     lse are first recomputed as the float attention's (see the module doc)."""
@@ -389,7 +468,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, q_pos, kv_len, scale, cau
     group = heads_q // heads_kv
     sliced = isinstance(v, tuple)
     if _quantized(k, v):
-        out, lse = _blockwise_forward(q, k, v, q_pos, kv_len, scale, causal)
+        out, lse = _blockwise_forward(q, k, v, q_pos, kv_len, scale, causal, key_mask)
     delta = _delta(out, dout, dlse).reshape(batch, heads_kv, group, seq_q)
     lse = lse.reshape(batch, heads_kv, group, seq_q)
     dof = dout.astype(jnp.float32).reshape(batch, seq_q, heads_kv, group, -1)
@@ -407,7 +486,7 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, q_pos, kv_len, scale, cau
         return dq, (dkb, dvb)
 
     init = jnp.zeros((batch, seq_q, heads_kv, group, dk_), jnp.float32)
-    dq, (dk, dv) = _blockwise(q, k, v, q_pos, kv_len, causal, body, init)
+    dq, (dk, dv) = _blockwise(q, k, v, q_pos, kv_len, causal, body, init, key_mask)
 
     def unblock(x, cache):
         if isinstance(cache, QuantizedKV):

@@ -30,7 +30,8 @@ def _table(platform: str) -> dict:
 @functools.cache
 def cpu() -> dict:
     """The CPU module's table: head_dim_multiple, max_head_dim, dtypes,
-    formats (name -> FFI attribute code), kv_tile."""
+    formats (name -> FFI attribute code), kv_tile, page_sizes (those of the
+    *_paged targets)."""
     return _table("cpu")
 
 
@@ -38,7 +39,8 @@ def cpu() -> dict:
 def cuda() -> dict:
     """The CUDA module's table: dtypes, attention_head_dims ([Dk, Dv] pairs),
     mla_layouts ([Dk, dv, v_offset]), mla_formats (name -> code),
-    mla_kernels, attention_kernels."""
+    mla_kernels, attention_kernels, page_sizes (those of the *_paged
+    targets; absent: none)."""
     return _table("gpu")
 
 
@@ -120,6 +122,26 @@ def _raise(op: str, problem: str | None) -> None:
 
 def check_cpu_head_dims(op: str, **dims: int) -> None:
     _raise(op, cpu_head_dims_problem(cpu(), dims))
+
+
+def page_size_problem(table: dict, page_size: int) -> str | None:
+    """What a paged cache of `page_size` lacks in a module's table, whose
+    "page_sizes" lists the page sizes its *_paged kernels take (none: no
+    paged kernels)."""
+    sizes = tuple(table.get("page_sizes", ()))
+    if page_size in sizes:
+        return None
+    if not sizes:
+        return f"this backend has no kernels over paged caches {_ANY}"
+    return (
+        f"the kernels over paged caches take page sizes {', '.join(map(str, sizes))}; "
+        f"got {page_size} {_ANY}"
+    )
+
+
+def check_page_size(op: str, platform: str, page_size: int) -> None:
+    table = cuda() if _backend.is_gpu(platform) else cpu()
+    _raise(op, page_size_problem(table, page_size))
 
 
 def check_cuda_attention(op: str, q, k, v) -> None:

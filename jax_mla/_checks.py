@@ -132,3 +132,62 @@ def positions(op: str, q_pos, kv_len, batch: int, seq_q: int, seq_kv: int):
         # Clamp first, as the kernels do with a traced kv_len.
         q_pos = jnp.clip(kv_len, 0, seq_kv) - seq_q
     return q_pos, kv_len
+
+
+# ------------------------------------------------------------------ paged caches
+
+PAGE_SIZES = (16, 32, 64, 128)
+
+
+def check_pages(op: str, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(num_pages, page_size) of a paged cache of logical shape [num_pages,
+    page_size, ...]: page_size is static and one of PAGE_SIZES."""
+    num_pages, page_size = shape[0], shape[1]
+    if page_size not in PAGE_SIZES:
+        raise ValueError(
+            f"{op}: the page size ({name}.shape[1]) must be one of "
+            f"{', '.join(map(str, PAGE_SIZES))}, got {page_size} (shape {shape})"
+        )
+    return num_pages, page_size
+
+
+def check_block_table(op: str, block_table, batch: int) -> jax.Array:
+    """block_table: an integer [B, max_pages] array -> int32."""
+    if not hasattr(block_table, "dtype") or not hasattr(block_table, "shape"):
+        raise TypeError(
+            f"{op}: block_table must be an int32 [B, max_pages] array, got "
+            f"{type(block_table).__name__}"
+        )
+    if not jnp.issubdtype(block_table.dtype, jnp.integer):
+        raise TypeError(
+            f"{op}: block_table must have an integer dtype, got {jnp.dtype(block_table.dtype)}"
+        )
+    if block_table.ndim != 2 or block_table.shape[0] != batch:
+        raise ValueError(
+            f"{op}: block_table must have shape ({batch}, max_pages) to match q's batch, got "
+            f"{tuple(block_table.shape)}"
+        )
+    if not isinstance(block_table, jax.core.Tracer):
+        values = np.asarray(block_table)
+        i32 = np.iinfo(np.int32)
+        if values.size and (values.min() < i32.min or values.max() > i32.max):
+            raise ValueError(f"{op}: block_table entries must fit in int32")
+    return jnp.asarray(block_table).astype(jnp.int32)
+
+
+def check_block_table_entries(op: str, block_table, kv_len, num_pages: int, page_size: int):
+    """Concrete block_table and kv_len: every page a sequence's kv_len reaches
+    must lie in [0, num_pages) (ValueError naming b, j and the value). Traced
+    ones cannot be checked: the kernels skip the keys of such pages."""
+    if isinstance(block_table, jax.core.Tracer) or isinstance(kv_len, jax.core.Tracer):
+        return
+    table = np.asarray(block_table)
+    reached = -(-np.asarray(kv_len).astype(np.int64) // page_size)  # pages holding keys
+    used = np.arange(table.shape[1])[None, :] < reached[:, None]
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bad.any():
+        b, j = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(
+            f"{op}: block_table[{b}, {j}] = {int(table[b, j])} must lie in [0, {num_pages}) "
+            f"(num_pages): sequence {b}'s kv_len = {int(np.asarray(kv_len)[b])} reaches page {j}"
+        )

@@ -26,6 +26,7 @@ _OP = "flash_attention"
 _TARGET = "jax_mla_flash_attention"
 # K and/or V as QuantizedKV: each cache passed as (values, scales).
 _TARGET_QUANT = "jax_mla_flash_attention_quant"
+_PAGED = "_paged"  # suffix of the targets over paged caches (block_table before q_pos)
 
 
 def flash_attention(
@@ -37,6 +38,7 @@ def flash_attention(
     causal: bool = False,
     q_pos: ArrayLike | None = None,
     kv_len: ArrayLike | None = None,
+    block_table: ArrayLike | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -64,6 +66,15 @@ def flash_attention(
       kv_len: int32 scalar or [B] (default Skv): keys at positions >= kv_len do
         not exist. Concrete values must lie in [0, Skv]; traced values are
         clamped to it.
+      block_table: None, or int32 [B, max_pages]: k and v are then paged
+        caches [num_pages, page_size, Hkv, D] (float or QuantizedKV) sharing
+        this table, page_size one of 16, 32, 64, 128. Position t of sequence
+        b is row t % page_size of page block_table[b, t // page_size]; Skv
+        is max_pages * page_size. Pages are read in place, and entries at or
+        past kv_len are never read. A concrete table whose entry among the
+        pages kv_len reaches lies outside [0, num_pages) raises ValueError;
+        under jit the keys of such a page are skipped, as if they did not
+        exist.
       return_lse: also return the log-sum-exp of the scaled scores.
       backend: None (the native kernel when built for this platform, else the
         reference with a warning), "native" or "reference".
@@ -93,18 +104,29 @@ def flash_attention(
     Second order raises NotImplementedError.
     """
     _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, Hq, Dk]")
-    k_shape, k_fmt = _checks.check_cache(_OP, "k", k, 4, "[B, Skv, Hkv, Dk]")
-    v_shape, v_fmt = _checks.check_cache(_OP, "v", v, 4, "[B, Skv, Hkv, Dv]")
+    paged = block_table is not None
+    rows = "num_pages, page_size" if paged else "B, Skv"
+    k_shape, k_fmt = _checks.check_cache(_OP, "k", k, 4, f"[{rows}, Hkv, Dk]")
+    v_shape, v_fmt = _checks.check_cache(_OP, "v", v, 4, f"[{rows}, Hkv, Dv]")
     batch, seq_q, heads_q, dk = q.shape
     _, seq_kv, heads_kv, _ = k_shape
     dv = v_shape[3]
-    if k_shape[0] != batch or v_shape[0] != batch:
+    if paged:
+        num_pages, page_size = _checks.check_pages(_OP, "k", k_shape)
+        if v_shape[:2] != k_shape[:2]:
+            raise ValueError(
+                f"{_OP}: k and v pages must have the same (num_pages, page_size), got "
+                f"k {k_shape}, v {v_shape}"
+            )
+        block_table = _checks.check_block_table(_OP, block_table, batch)
+        seq_kv = block_table.shape[1] * page_size
+    elif k_shape[0] != batch or v_shape[0] != batch:
         raise ValueError(
             f"{_OP}: k and v must have batch {batch} like q, got k {k_shape}, v {v_shape}"
         )
     if k_shape[3] != dk:
         raise ValueError(f"{_OP}: k head dim must equal q's {dk}, got k {k_shape}")
-    if v_shape[1:3] != (seq_kv, heads_kv):
+    if v_shape[2] != heads_kv or (not paged and v_shape[1] != seq_kv):
         raise ValueError(
             f"{_OP}: v must have Skv = {seq_kv} and Hkv = {heads_kv} like k, got v {v_shape}"
         )
@@ -116,15 +138,21 @@ def flash_attention(
     scale = _checks.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     causal = _checks.check_static_bool(_OP, "causal", causal)
     q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
+    if paged:
+        _checks.check_block_table_entries(_OP, block_table, kv_len, num_pages, page_size)
 
     k_ops, v_ops = _checks.cache_operands(k), _checks.cache_operands(v)
     platform = _backend.target_platform(q, k_ops[0], v_ops[0])
     quantized = k_fmt is not None or v_fmt is not None
-    target = _TARGET_QUANT if quantized else _TARGET
+    target = (_TARGET_QUANT if quantized else _TARGET) + (_PAGED if paged else "")
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
         native_platform = None
 
-        def forward(q, k, v, q_pos, kv_len):
+        def forward(q, k, v, q_pos, kv_len, *table):
+            key_mask = None
+            if table:  # paged: the reference may gather (the kernels never do)
+                key_mask = reference.page_mask(table[0], num_pages, page_size)
+                k, v = (reference.gather_pages(c, table[0]) for c in (k, v))
             return reference.attention(
                 q,
                 _checks.float_cache(k),
@@ -133,6 +161,7 @@ def flash_attention(
                 causal=causal,
                 q_pos=q_pos,
                 kv_len=kv_len,
+                key_mask=key_mask,
             )
 
     else:
@@ -145,6 +174,8 @@ def flash_attention(
             kernel = cuda_kernel_attr(_OP)
         else:
             _capabilities.check_cpu_head_dims(_OP, Dk=dk, Dv=dv)
+        if paged:
+            _capabilities.check_page_size(_OP, platform, page_size)
         # Decode with few query rows per KV head splits the keys across threads
         # (CPU) or thread blocks (CUDA).
         num_splits = _splits.choose_num_splits(
@@ -155,14 +186,14 @@ def flash_attention(
             if quantized
             else None
         )
-        call = _native(scale, causal, num_splits, v_fmt == "q6_0", codes, kernel)
+        call = _native(scale, causal, num_splits, v_fmt == "q6_0", codes, kernel, paged)
 
-        def forward(q, k, v, q_pos, kv_len):
+        def forward(q, k, v, q_pos, kv_len, *table):
             if quantized:
                 return call(
-                    q, *_checks.cache_operands(k), *_checks.cache_operands(v), q_pos, kv_len
+                    q, *_checks.cache_operands(k), *_checks.cache_operands(v), *table, q_pos, kv_len
                 )
-            return call(q, k, v, q_pos, kv_len)
+            return call(q, k, v, *table, q_pos, kv_len)
 
     # Differentiable in q and the float caches (docs/design.md, "Autodiff").
     out, lse = _autodiff.attention(
@@ -176,6 +207,7 @@ def flash_attention(
         scale=scale,
         causal=causal,
         platform=native_platform,
+        block_table=block_table,
     )
     return (out, lse) if return_lse else out
 
@@ -188,6 +220,7 @@ def _native(
     v_packed: bool,
     formats: tuple[int, int] | None,
     kernel: np.int32 | None,
+    paged: bool = False,
 ):
     """The FFI call for one static configuration, with its vmap rule and its
     sharding rules (_sharding.partitioned: split over a mesh, each device
@@ -197,7 +230,9 @@ def _native(
     (formats: the k and v format codes, 0 for a float cache, whose scales are
     an unused placeholder). v_packed: v is q6_0, 4 values in 3 bytes. kernel:
     the CUDA kernel family (None on the CPU, whose handlers take no such
-    attribute)."""
+    attribute). paged: the caches are pages and a block_table comes before
+    q_pos (the *_paged targets, not partitioned: split over a mesh, XLA runs
+    them on replicated operands)."""
     quantized = formats is not None
     attrs = dict(
         scale=np.float32(scale),  # C++ float
@@ -207,7 +242,7 @@ def _native(
         attrs.update(k_fmt=np.int64(formats[0]), v_fmt=np.int64(formats[1]))
     if kernel is not None:
         attrs["kernel"] = kernel  # C++ int32_t
-    target = _TARGET_QUANT if quantized else _TARGET
+    target = (_TARGET_QUANT if quantized else _TARGET) + (_PAGED if paged else "")
     n_cache = 4 if quantized else 2
 
     def ffi(splits: int):
@@ -237,7 +272,7 @@ def _native(
             None, batch, seq_q, heads_q, heads_kv, seq_kv, platform=platform, dk=dk
         )
 
-    sharded = _sharding.partitioned(_OP, ffi, num_splits, resplit)
+    sharded = ffi(num_splits) if paged else _sharding.partitioned(_OP, ffi, num_splits, resplit)
 
     @jax.custom_batching.custom_vmap
     def call(q, *args):
@@ -245,6 +280,10 @@ def _native(
 
     @call.def_vmap
     def rule(axis_size, in_batched, q, *args):
+        if paged:
+            # A float cache's scales placeholder has no page axis: never batched.
+            outs = _batching.fold_vmap_paged(call, axis_size, in_batched, (q, *args), n_cache)
+            return outs, (True, True)
         if in_batched[0] and not any(in_batched[1:]):
             return (_fold_vmap_into_heads(call, axis_size, q, args, n_cache, formats), (True, True))
         # The caches are shared (not copied) only all together: the kernel

@@ -27,6 +27,7 @@ from jax_mla import (
 _OP = "flash_mla"
 _TARGET = "jax_mla_flash_mla"
 _TARGET_QUANT = "jax_mla_flash_mla_quant"  # kv as QuantizedKV: qs and d separately
+_PAGED = "_paged"  # suffix of the targets over paged caches (block_table before q_pos)
 
 
 def flash_mla(
@@ -39,6 +40,7 @@ def flash_mla(
     causal: bool = False,
     q_pos: ArrayLike | None = None,
     kv_len: ArrayLike | None = None,
+    block_table: ArrayLike | None = None,
     num_splits: int | None = None,
     return_lse: bool = False,
     backend: str | None = None,
@@ -69,6 +71,9 @@ def flash_mla(
       scale: static float; default 1/sqrt(Dk) as in FlashMLA. DeepSeek models
         pass 1/sqrt(qk_nope + qk_rope) times YaRN's mscale^2.
       causal, q_pos, kv_len, return_lse, backend: as in flash_attention.
+      block_table: None, or int32 [B, max_pages]: kv is then a paged cache
+        [num_pages, page_size, Dk] (float or QuantizedKV), read in place, as
+        in flash_attention.
       num_splits: static number of KV chunks a call is split into, computed in
         parallel and merged by their LSE. None picks it from B, H, Sq, Skv and
         the CPU's thread count; it is clamped to the number of KV tiles, and
@@ -84,10 +89,21 @@ def flash_mla(
     dequantize(kv).
     """
     _checks.check_float_array(_OP, "q", q, 4, "[B, Sq, H, Dk]")
-    kv_shape, kv_fmt = _checks.check_cache(_OP, "kv", kv, 3, "[B, Skv, Dk]")
+    paged = block_table is not None
+    layout = "[num_pages, page_size, Dk]" if paged else "[B, Skv, Dk]"
+    kv_shape, kv_fmt = _checks.check_cache(_OP, "kv", kv, 3, layout)
     batch, seq_q, heads, dk = q.shape
     seq_kv = kv_shape[1]
-    if kv_shape[0] != batch or kv_shape[2] != dk:
+    if paged:
+        num_pages, page_size = _checks.check_pages(_OP, "kv", kv_shape)
+        block_table = _checks.check_block_table(_OP, block_table, batch)
+        seq_kv = block_table.shape[1] * page_size
+        if kv_shape[2] != dk:
+            raise ValueError(
+                f"{_OP}: kv pages must have shape (num_pages, page_size, {dk}) to match q "
+                f"{tuple(q.shape)}, got {kv_shape}"
+            )
+    elif kv_shape[0] != batch or kv_shape[2] != dk:
         raise ValueError(
             f"{_OP}: kv must have shape ({batch}, Skv, {dk}) to match q "
             f"{tuple(q.shape)}, got {kv_shape}"
@@ -109,14 +125,20 @@ def flash_mla(
     scale = _checks.check_scale(_OP, scale, 1.0 / math.sqrt(dk) if dk else 1.0)
     causal = _checks.check_static_bool(_OP, "causal", causal)
     q_pos, kv_len = _checks.positions(_OP, q_pos, kv_len, batch, seq_q, seq_kv)
+    if paged:
+        _checks.check_block_table_entries(_OP, block_table, kv_len, num_pages, page_size)
 
     cache = _checks.cache_operands(kv)
     platform = _backend.target_platform(q, cache[0])
-    target = _TARGET if kv_fmt is None else _TARGET_QUANT
+    target = (_TARGET if kv_fmt is None else _TARGET_QUANT) + (_PAGED if paged else "")
     if _backend.resolve_backend(_OP, backend, target, platform) == "reference":
         native_platform = None
 
-        def forward(q, kv, q_pos, kv_len):
+        def forward(q, kv, q_pos, kv_len, *table):
+            key_mask = None
+            if table:  # paged: the reference may gather (the kernels never do)
+                key_mask = reference.page_mask(table[0], num_pages, page_size)
+                kv = reference.gather_pages(kv, table[0])
             return reference.mla(
                 q,
                 _checks.float_cache(kv),
@@ -126,6 +148,7 @@ def flash_mla(
                 causal=causal,
                 q_pos=q_pos,
                 kv_len=kv_len,
+                key_mask=key_mask,
             )
 
     else:
@@ -135,6 +158,8 @@ def flash_mla(
             _capabilities.check_cuda_mla(_OP, q, kv, dv, v_offset)
         else:
             _capabilities.check_cpu_head_dims(_OP, Dk=dk, dv=dv)
+        if paged:
+            _capabilities.check_page_size(_OP, platform, page_size)
         kv_code = _capabilities.format_code(platform, kv_fmt)
         kernel, blocks_per_sm = None, 1
         if gpu:
@@ -153,11 +178,11 @@ def flash_mla(
             dk=dk,
             blocks_per_sm=blocks_per_sm,
         )
-        call = _native(dv, v_offset, scale, causal, chosen, kv_code, kernel, num_splits)
+        call = _native(dv, v_offset, scale, causal, chosen, kv_code, kernel, num_splits, paged)
 
-        def forward(q, kv, q_pos, kv_len):
+        def forward(q, kv, q_pos, kv_len, *table):
             cache = _checks.cache_operands(kv)
-            return call(q, *(cache if kv_code else cache[:1]), q_pos, kv_len)
+            return call(q, *(cache if kv_code else cache[:1]), *table, q_pos, kv_len)
 
     # Differentiable in q and a float kv (docs/design.md, "Autodiff").
     out, lse = _autodiff.mla(
@@ -172,6 +197,7 @@ def flash_mla(
         scale=scale,
         causal=causal,
         platform=native_platform,
+        block_table=block_table,
     )
     return (out, lse) if return_lse else out
 
@@ -186,6 +212,7 @@ def _native(
     kv_fmt: int,
     kernel: np.int32 | None,
     requested: int | None,
+    paged: bool = False,
 ):
     """The FFI call for one static configuration, with its vmap rule and its
     sharding rules (_sharding.partitioned: split over a mesh, each device
@@ -195,7 +222,11 @@ def _native(
     kernel: the CUDA kernel family (None on the CPU, whose handlers take no
     such attribute). requested: the caller's num_splits (None: the
     heuristic's), which a call split over a mesh applies to each device's
-    shapes."""
+    shapes. paged: the cache operands are pages and a block_table comes
+    before q_pos (the *_paged targets); such calls are not partitioned (see
+    _paged_call)."""
+    if paged:
+        return _paged_call(dv, v_offset, scale, causal, num_splits, kv_fmt, kernel)
     n_cache = 2 if kv_fmt else 1
     attrs = dict(
         scale=np.float32(scale),  # C++ float
@@ -269,5 +300,55 @@ def _native(
             call, axis_size, in_batched, (q, *args), caches=caches
         )
         return outs, (True, True)
+
+    return call
+
+
+def _paged_call(
+    dv: int,
+    v_offset: int,
+    scale: float,
+    causal: bool,
+    num_splits: int,
+    kv_fmt: int,
+    kernel: np.int32 | None,
+):
+    """The FFI call of the *_paged targets: (q, pages[, scales], block_table,
+    q_pos, kv_len). It has no sharding rules: split over a mesh, XLA runs it
+    on replicated operands. Its vmap rule folds the vmapped axis into the
+    batch, and a vmapped cache into the pages (_batching.fold_vmap_paged)."""
+    n_cache = 2 if kv_fmt else 1
+    attrs = dict(
+        scale=np.float32(scale),  # C++ float
+        causal=np.bool_(causal),  # C++ bool
+        dv=np.int64(dv),  # C++ int64_t
+        v_offset=np.int64(v_offset),  # C++ int64_t
+        num_splits=np.int64(num_splits),  # C++ int64_t
+    )
+    if kv_fmt:
+        attrs["kv_fmt"] = np.int64(kv_fmt)
+    if kernel is not None:
+        attrs["kernel"] = kernel  # C++ int32_t
+    target = (_TARGET_QUANT if kv_fmt else _TARGET) + _PAGED
+
+    @jax.custom_batching.custom_vmap
+    def call(q, *args):
+        batch, seq_q, heads, _ = q.shape
+        out_types = (
+            jax.ShapeDtypeStruct((batch, seq_q, heads, dv), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+            *_splits.split_partial_types(batch, num_splits, seq_q, heads, dv),
+        )
+        out, lse, _, _ = jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(
+            q, *args, **attrs
+        )
+        return out, lse
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, q, *args):
+        return _batching.fold_vmap_paged(call, axis_size, in_batched, (q, *args), n_cache), (
+            True,
+            True,
+        )
 
     return call

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 __all__ = [
     "attention",
     "attention_quantized",
+    "gather_pages",
     "mla",
     "mla_quantized",
+    "page_mask",
     "round_query_q8",
     "visible_mask",
 ]
@@ -39,11 +41,11 @@ def _per_batch(x, batch: int, default) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch,))
 
 
-def visible_mask(q_pos, kv_len, seq_q: int, seq_kv: int, causal: bool) -> jax.Array:
-    """[B, Sq, Skv] bool: which keys each query row sees (q_pos, kv_len: int32 [B])."""
-    kv_len = jnp.clip(kv_len, 0, seq_kv)
+def visible_mask(q_pos, kv_len, seq_q: int, seq_kv: int, causal: bool, key_mask=None) -> jax.Array:
+    """[B, Sq, Skv] bool: which keys each query row sees (q_pos, kv_len: int32
+    [B]; key_mask: None or [B, Skv] bool, False for keys that do not exist)."""
+    mask = _existing_keys(kv_len, seq_kv, key_mask)[:, None, :]
     key = jnp.arange(seq_kv, dtype=jnp.int32)
-    mask = key[None, None, :] < kv_len[:, None, None]
     if causal:
         # key j <= q_pos + i, written as j - i <= q_pos: q_pos + i may not fit
         # in int32 (q_pos near 2**31 - 1), j - i always does.
@@ -52,25 +54,27 @@ def visible_mask(q_pos, kv_len, seq_q: int, seq_kv: int, causal: bool) -> jax.Ar
     return mask
 
 
-def attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None):
+def attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None, key_mask=None):
     """Reference flash_attention. Returns (out [B, Sq, Hq, Dv] in q.dtype, lse [B, Hq, Sq] f32).
 
     q [B, Sq, Hq, Dk], k [B, Skv, Hkv, Dk], v [B, Skv, Hkv, Dv], Hq % Hkv == 0;
-    query head h uses KV head h // (Hq // Hkv).
+    query head h uses KV head h // (Hq // Hkv). key_mask: None, or [B, Skv]
+    bool with False for keys that do not exist besides those past kv_len (the
+    keys of a paged cache's out-of-range pages, page_mask).
     """
     batch, seq_q, heads_q, dk = q.shape
     seq_kv = k.shape[1]
     scale = 1.0 / math.sqrt(dk) if scale is None else scale
-    p, m, l, kv_len = _softmax_weights(q, k, scale, causal, q_pos, kv_len)
+    p, m, l, kv_len = _softmax_weights(q, k, scale, causal, q_pos, kv_len, key_mask)
     # Keys past kv_len do not exist: zero them so that whatever the cache holds
     # there (stale rows, NaN poison) cannot leak in through 0 * NaN.
-    exists = _existing_keys(kv_len, seq_kv)
+    exists = _existing_keys(kv_len, seq_kv, key_mask)
     vf = jnp.where(exists[:, :, None, None], v.astype(jnp.float32), 0.0)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=jax.lax.Precision.HIGHEST)
     return _normalized(o, m, l, q.dtype)
 
 
-def _softmax_weights(q, k, scale, causal, q_pos, kv_len):
+def _softmax_weights(q, k, scale, causal, q_pos, kv_len, key_mask=None):
     """The unnormalized softmax weights of q [B, Sq, Hq, Dk] over k [B, Skv,
     Hkv, Dk] in float32: p = exp(s - m) [B, Hkv, G, Sq, Skv] (0 where masked),
     the row maxima m and sums l ([..., 1]; m = 0 for a row that sees nothing),
@@ -85,7 +89,7 @@ def _softmax_weights(q, k, scale, causal, q_pos, kv_len):
         "bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
     )
     s = s * jnp.float32(scale)
-    mask = visible_mask(q_pos, kv_len, seq_q, seq_kv, causal)[:, None, None]
+    mask = visible_mask(q_pos, kv_len, seq_q, seq_kv, causal, key_mask)[:, None, None]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, initial=-jnp.inf, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows that see nothing: avoid inf - inf
@@ -94,9 +98,31 @@ def _softmax_weights(q, k, scale, causal, q_pos, kv_len):
     return p, m, l, kv_len
 
 
-def _existing_keys(kv_len, seq_kv):
-    """[B, Skv]: key j exists in batch row b (j < kv_len[b])."""
-    return jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None]
+def _existing_keys(kv_len, seq_kv, key_mask=None):
+    """[B, Skv]: key j exists in batch row b (j < kv_len[b], and key_mask[b, j])."""
+    exists = jnp.arange(seq_kv)[None, :] < jnp.clip(kv_len, 0, seq_kv)[:, None]
+    return exists if key_mask is None else exists & key_mask
+
+
+def gather_pages(pages, block_table):
+    """A paged cache as a contiguous one: pages [num_pages, page_size, ...]
+    (an array or a QuantizedKV) and block_table int32 [B, max_pages] ->
+    [B, max_pages * page_size, ...], row t of sequence b being row
+    t % page_size of page block_table[b, t // page_size]. Out-of-range
+    entries read page 0 instead; page_mask marks their keys."""
+
+    def gather(x):
+        rows = x[jnp.clip(block_table, 0, x.shape[0] - 1)]  # [B, max_pages, page_size, ...]
+        return rows.reshape((rows.shape[0], -1) + rows.shape[3:])
+
+    return jax.tree_util.tree_map(gather, pages)
+
+
+def page_mask(block_table, num_pages: int, page_size: int) -> jax.Array:
+    """[B, max_pages * page_size] bool: the keys of pages whose index lies in
+    [0, num_pages); the others are skipped, as if they did not exist."""
+    valid = (block_table >= 0) & (block_table < num_pages)
+    return jnp.repeat(valid, page_size, axis=1)
 
 
 def _normalized(o, m, l, dtype):
@@ -110,7 +136,9 @@ def _normalized(o, m, l, dtype):
     return out, lse.reshape(batch, heads_kv * group, seq_q).astype(jnp.float32)
 
 
-def mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None):
+def mla(
+    q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None, key_mask=None
+):
     """Reference flash_mla: attention with one latent KV head.
 
     q [B, Sq, H, Dk], kv [B, Skv, Dk]; K is the whole row, V is
@@ -118,7 +146,9 @@ def mla(q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_l
     """
     k = kv[:, :, None, :]
     v = kv[:, :, None, v_offset : v_offset + dv]
-    return attention(q, k, v, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    return attention(
+        q, k, v, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len, key_mask=key_mask
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +192,7 @@ def round_query_q8(x) -> jax.Array:
 
 
 def attention_quantized(
-    q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None, round_p=True
+    q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None, round_p=True, key_mask=None
 ):
     """flash_attention as the CPU kernels compute it; k and v are float arrays or
     QuantizedKV. Returns (out, lse) like `attention`.
@@ -183,7 +213,7 @@ def attention_quantized(
     out_dtype = q.dtype
     q, scale = _query_as_computed(q, k, scale)
     kf = quant.dequantize(k) if _is_quantized(k) else k
-    kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len, key_mask=key_mask)
     if not (round_p and _is_quantized(v) and v.fmt in _EIGHT_BIT):
         vf = quant.dequantize(v) if _is_quantized(v) else v
         out, lse = attention(q, kf, vf, **kw)
@@ -200,18 +230,18 @@ def _query_as_computed(q, k, scale):
     return q, scale
 
 
-def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
+def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len, key_mask=None):
     """attention over float K and 8-bit V (int8 values v_qs [B, Skv, Hkv, Dv],
     scales v_d [B, Skv, Hkv, ceil(Dv / 32) or 1]) with P rounded."""
     batch = q.shape[0]
     seq_kv, heads_kv = kf.shape[1], kf.shape[2]
     dv = v_qs.shape[-1]
     hi = jax.lax.Precision.HIGHEST
-    p, m, l, kv_len = _softmax_weights(q, kf, scale, causal, q_pos, kv_len)
+    p, m, l, kv_len = _softmax_weights(q, kf, scale, causal, q_pos, kv_len, key_mask)
 
     # V's int8 values and per-(key, block) scales; keys past kv_len zeroed.
     nbv = -(-dv // 32)
-    exists = _existing_keys(kv_len, seq_kv)[..., None, None]
+    exists = _existing_keys(kv_len, seq_kv, key_mask)[..., None, None]
     vq = jnp.where(exists, v_qs.astype(jnp.float32), 0.0)  # [B, Skv, Hkv, Dv]
     vd = jnp.broadcast_to(v_d.astype(jnp.float32), (batch, seq_kv, heads_kv, nbv))
     vd = jnp.where(exists, vd, 0.0)
@@ -238,7 +268,17 @@ def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len):
 
 
 def mla_quantized(
-    q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None, round_p=True
+    q,
+    kv,
+    *,
+    dv=512,
+    v_offset=0,
+    scale=None,
+    causal=False,
+    q_pos=None,
+    kv_len=None,
+    round_p=True,
+    key_mask=None,
 ):
     """flash_mla as the CPU kernels compute it over a float or QuantizedKV
     latent cache: attention_quantized with K the rows and V their slice."""
@@ -246,13 +286,21 @@ def mla_quantized(
 
     if not _is_quantized(kv):
         return mla(
-            q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len
+            q,
+            kv,
+            dv=dv,
+            v_offset=v_offset,
+            scale=scale,
+            causal=causal,
+            q_pos=q_pos,
+            kv_len=kv_len,
+            key_mask=key_mask,
         )
     k = quant.QuantizedKV(kv.qs[:, :, None], kv.d[:, :, None], kv.fmt)
     out_dtype = q.dtype
     q, scale = _query_as_computed(q, k, scale)
     kf = quant.dequantize(k)
-    kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
+    kw = dict(scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len, key_mask=key_mask)
     if not (round_p and kv.fmt in _EIGHT_BIT):
         out, lse = attention(q, kf, kf[..., v_offset : v_offset + dv], **kw)
     else:

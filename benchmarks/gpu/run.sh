@@ -17,6 +17,12 @@
 #             racecheck (on the --quick cases).
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
+#   paged     paged caches: the GPU tests of the paged targets (tests/test_cuda_paged.py;
+#             the sanitize step's memcheck cases include paged calls), then FlashMLA built from
+#             .carry/flashmla (once per machine, into /tmp/fmb; sm_90a) and the MLA
+#             decode rows with jax_mla over pages of $PAGE (default 64) against
+#             FlashMLA and FlashInfer (pages of 64) on the same bytes
+#             (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g. --skip fa3).
 #   profile   Nsight Compute on one launch of each MLA kernel of
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
@@ -25,7 +31,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,28p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,32p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -110,6 +116,19 @@ step_bench() {
   python3 -P benchmarks/gpu/side_by_side.py ${SIDE_BY_SIDE_ARGS:-}
 }
 
+step_paged() {
+  python3 -P -X faulthandler -m pytest -p no:cacheprovider -q -rfs -m gpu \
+    tests/test_cuda_paged.py || return 1
+  local fm=/tmp/fmb
+  if ! ls "$fm"/flashmla/flash_mla/cuda*.so >/dev/null 2>&1; then
+    MAX_JOBS="${MAX_JOBS:-12}" bash .carry/flashmla/build.sh .carry/flashmla/flashmla_src.tar.xz \
+      "$fm" | tail -5
+  fi
+  # shellcheck disable=SC2086
+  python3 -P benchmarks/gpu/side_by_side.py --paged "${PAGE:-64}" --flashmla-dir "$fm/flashmla" \
+    --skip prefill ${SIDE_BY_SIDE_ARGS:-}
+}
+
 step_profile() {
   # shellcheck disable=SC2086
   ncu --clock-control none --kernel-name regex:Mla --launch-skip 2 --launch-count 1 \
@@ -123,7 +142,8 @@ step_sweep() {
     --rows "${SWEEP_ROWS:-128,128,8192:1,2,3,4/1,16,16384:32,64,128/64,16,4096:1,2,4}"
 }
 
-declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [profile]=300
+declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [paged]=600
+                  [profile]=300
                   [sweep]=300)
 status=0
 for step in "$@"; do

@@ -2,8 +2,11 @@
 racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
 16- and 64-row blocks over float caches in each kernel family the card runs
 and over each 8-bit format, each attention head-dim pair and kernel family,
-split-KV and its combine, causal, ragged kv_len with empty rows), each checked
-against the reference so a silent failure also shows.
+split-KV and its combine, causal, ragged kv_len with empty rows), and paged
+flash_mla and flash_attention (every page size, float and 8-bit latent caches,
+pages in a random order in a pool NaN wherever no live key is, block-table
+entries out of range both past kv_len and below it: those keys skipped, never
+read), each checked against the reference so a silent failure also shows.
 The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
@@ -49,6 +52,161 @@ def round_query_q8(q, scale):
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
     v = (xb * inv).astype(np.float64)
     return (d * (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.float32)).reshape(x.shape)
+
+
+def paged_mla(target, q, cache, table, kv_len, kw):
+    """(out, lse) of a paged flash_mla target, called directly (the kernels'
+    reads are what memcheck watches): cache is (kv,) or (qs, d) as pages."""
+    b, sq, h, _ = q.shape
+    ns = int(kw["num_splits"])
+    out_types = (
+        jax.ShapeDtypeStruct((b, sq, h, kw["dv"]), q.dtype),
+        jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
+        jax.ShapeDtypeStruct((b, ns, sq, h, kw["dv"]) if ns > 1 else (0,), jnp.float32),
+        jax.ShapeDtypeStruct((b, ns, sq, h) if ns > 1 else (0,), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(target, out_types)
+    positions = (jnp.zeros((b,), jnp.int32), jnp.asarray(kv_len, jnp.int32))
+    return jax.block_until_ready(call(q, *cache, jnp.asarray(table), *positions, **kw))
+
+
+def paged_cases(caps, rng, check, dtype, tol, quick):
+    """Paged flash_mla: keys of batch row b on its pages in a random order of
+    the pool, every slot no live key occupies NaN; table entries past kv_len
+    and some below it out of range (skipped). Non-causal, so the reference is the
+    attention over the live keys alone."""
+    ((dk, dv, _),) = caps["mla_layouts"]
+    page_sizes = caps["page_sizes"][::2] if quick else caps["page_sizes"]
+    kv_len = np.array([150, 77, 0], np.int32)
+    for page_size in page_sizes:
+        max_pages = -(-160 // page_size)
+        batch, num_pages = len(kv_len), len(kv_len) * max_pages + 2
+        table = rng.permutation(num_pages)[: batch * max_pages].reshape(batch, max_pages)
+        table = table.astype(np.int32)
+        seq = np.arange(max_pages * page_size)
+        for b, n in enumerate(kv_len):
+            table[b, seq[::page_size] >= n] = -1 if b % 2 else num_pages + 7
+        table[0, 1] = -5  # skipped below kv_len
+        table[1, 0] = 2**31 - 1
+        skipped = (table < 0) | (table >= num_pages)
+        live = ~np.repeat(skipped, page_size, axis=1) & (seq[None, :] < kv_len[:, None])
+        x = rng.standard_normal((num_pages, page_size, dk)).astype(np.float32)
+        # NaN wherever no live key is: unused pages, skipped ones, rows past kv_len.
+        poison = np.ones((num_pages, page_size), bool)
+        for b in range(batch):
+            pages = live[b].reshape(max_pages, page_size)
+            for j in np.flatnonzero(~skipped[b]):
+                poison[table[b, j]] &= ~pages[j]
+        x[poison] = np.nan
+        for heads, splits in (
+            ((16, 3), (128, 2)) if quick else ((16, 1), (16, 3), (128, 1), (128, 2))
+        ):
+            q = jnp.asarray(rng.standard_normal((batch, 1, heads, dk)), dtype)
+            kw = dict(
+                scale=np.float32(dk**-0.5),
+                causal=np.bool_(False),
+                dv=np.int64(dv),
+                v_offset=np.int64(0),
+                num_splits=np.int64(splits),
+            )
+            for family in families(caps["mla_kernels"]) + list(caps["mla_formats"]):
+                if family in caps["mla_formats"]:
+                    kvq = jax_mla.quantize(jnp.asarray(np.nan_to_num(x)), family)
+                    d = np.asarray(kvq.d).copy()
+                    d[poison] = np.nan
+                    cache = (kvq.qs, jnp.asarray(d))
+                    rows = np.asarray(jax_mla.dequantize(kvq))
+                    # The kernels round the scaled query to 8 bits (reference scale 1).
+                    target, q_ref, scale = (
+                        "jax_mla_flash_mla_quant_paged",
+                        round_query_q8(q, dk**-0.5),
+                        1.0,
+                    )
+                    attrs = dict(kv_fmt=np.int64(caps["mla_formats"][family]), kernel=np.int32(0))
+                else:
+                    cache = (jnp.asarray(x, dtype),)
+                    rows = np.asarray(cache[0], np.float32)
+                    target, q_ref, scale = "jax_mla_flash_mla_paged", q, dk**-0.5
+                    attrs = dict(kernel=np.int32(caps["mla_kernels"].index(family)))
+                got, _ = paged_mla(target, q, cache, table, kv_len, {**kw, **attrs})
+                kept = np.zeros((batch, max_pages * page_size, dk), np.float32)
+                kept_len = live.sum(axis=1)
+                for b in range(batch):
+                    pages = rows[np.clip(table[b], 0, num_pages - 1)].reshape(-1, dk)
+                    kept[b, : kept_len[b]] = pages[live[b]]
+                want = ref_attention(
+                    q_ref,
+                    kept[:, :, None],
+                    kept[:, :, None, :dv],
+                    scale,
+                    False,
+                    np.zeros(batch),
+                    kept_len,
+                )
+                name = f"paged mla {family} {dtype.name} page={page_size} H={heads} ns={splits}"
+                check(name, got, want, tol)
+
+
+def paged_attention_cases(caps, rng, check, dtype, tol, quick):
+    """Paged flash_attention (mma.sync, split in two): k and v pages in a
+    random order of a pool NaN wherever no live key is, GQA, one page below
+    kv_len skipped; non-causal, so the reference is the attention over the
+    live keys alone."""
+    dims = caps["attention_head_dims"][:1] if quick else caps["attention_head_dims"]
+    kv_len = np.array([90, 40, 0], np.int32)
+    for page_size in caps["page_sizes"][::2] if quick else caps["page_sizes"]:
+        max_pages = -(-96 // page_size)
+        batch, num_pages = len(kv_len), len(kv_len) * max_pages + 1
+        table = rng.permutation(num_pages)[: batch * max_pages].reshape(batch, max_pages)
+        table = table.astype(np.int32)
+        seq = np.arange(max_pages * page_size)
+        for b, n in enumerate(kv_len):
+            table[b, seq[::page_size] >= n] = num_pages
+        table[0, 0] = -1  # skipped below kv_len
+        skipped = (table < 0) | (table >= num_pages)
+        live = ~np.repeat(skipped, page_size, axis=1) & (seq[None, :] < kv_len[:, None])
+        kept_len = live.sum(axis=1)
+        for dk, dv in dims:
+            q = jnp.asarray(rng.standard_normal((batch, 3, 4, dk)), dtype)
+            pools = []
+            for d in (dk, dv):
+                x = rng.standard_normal((num_pages, page_size, 2, d)).astype(np.float32)
+                poison = np.ones((num_pages, page_size), bool)
+                for b in range(batch):
+                    for j in np.flatnonzero(~skipped[b]):
+                        poison[table[b, j]] &= ~live[b].reshape(max_pages, page_size)[j]
+                x[poison] = np.nan
+                pools.append(x)
+            k, v = (jnp.asarray(x, dtype) for x in pools)
+            out_types = (
+                jax.ShapeDtypeStruct((batch, 3, 4, dv), dtype),
+                jax.ShapeDtypeStruct((batch, 4, 3), jnp.float32),
+                jax.ShapeDtypeStruct((batch, 2, 3, 4, dv), jnp.float32),
+                jax.ShapeDtypeStruct((batch, 2, 3, 4), jnp.float32),
+            )
+            call = jax.ffi.ffi_call("jax_mla_flash_attention_paged", out_types)
+            got = jax.block_until_ready(
+                call(
+                    q,
+                    k,
+                    v,
+                    jnp.asarray(table),
+                    jnp.zeros((batch,), jnp.int32),
+                    jnp.asarray(kv_len),
+                    scale=np.float32(dk**-0.5),
+                    causal=np.bool_(False),
+                    num_splits=np.int64(2),
+                    kernel=np.int32(0),
+                )
+            )[0]
+            kept = [np.zeros((batch, max_pages * page_size, 2, d), np.float32) for d in (dk, dv)]
+            for arr, pool in zip(kept, (k, v)):
+                rows = np.asarray(pool, np.float32)
+                for b in range(batch):
+                    pages = rows[np.clip(table[b], 0, num_pages - 1)]
+                    arr[b, : kept_len[b]] = pages.reshape((-1,) + rows.shape[2:])[live[b]]
+            want = ref_attention(q, kept[0], kept[1], dk**-0.5, False, np.zeros(batch), kept_len)
+            check(f"paged attention {dtype.name} {dk}/{dv} page={page_size}", got, want, tol)
 
 
 def families(names):
@@ -159,6 +317,10 @@ def main():
                     )
                     check(f"attention {family} {dtype.name} {dk}/{dv} Sq={seq_q}", got, want, tol)
         os.environ.pop("JAX_MLA_CUDA_ATTENTION_KERNEL")
+        if "flash_mla" in caps.get("paged_ops", []):
+            paged_cases(caps, rng, check, dtype, tol, quick)
+        if "flash_attention" in caps.get("paged_ops", []):
+            paged_attention_cases(caps, rng, check, dtype, tol, quick)
     print("sanitize cases:", "all ok" if bad == 0 else f"{bad} FAILED", flush=True)
 
 

@@ -17,8 +17,16 @@ same cache quantized to each format; GB/s counts the bytes read (576 + 36 per
 row for q8_0, 576 + 4 for q8_kv); max |diff| vs XLA over the bf16 cache is the
 format's error, not only the kernel's.
 
+Paged caches (--paged P): jax_mla is also timed over the same bytes viewed as
+pages of P rows (jax_mla.flash_mla's block_table, an in-order table so the
+result is the contiguous one's), and, with --flashmla-dir (FlashMLA built by
+/work/shared/tools/flashmla's build.sh; sm_90a), DeepSeek's FlashMLA, which
+reads pages of 64 natively, over the same bytes; FlashInfer's fa3 already reads
+them as pages of 64.
+
 Usage (device): python3 -P benchmarks/gpu/side_by_side.py --fi-dir .carry/flashinfer_mla
   [--rows 64,16,16384/128,128,8192] [--quant q8_0,q8_kv] [--skip prefill,fa3]
+  [--paged 64 --flashmla-dir /tmp/fmb/flashmla]
 Writes $OUT/side_by_side.json and prints a table last.
 """
 
@@ -60,7 +68,22 @@ def metrics(case, seconds: float) -> dict:
     )
 
 
-def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=()):
+def load_flashmla(fm_dir):
+    """DeepSeek's flash_mla module built in fm_dir (build.sh's DEST/flashmla), or None."""
+    if not fm_dir:
+        return None
+    try:
+        sys.path.insert(0, fm_dir)
+        import flash_mla
+
+        return flash_mla
+    except Exception as e:  # noqa: BLE001
+        RES["errors"].append(f"flashmla import: {e!r}"[:2000])
+        log("flashmla import failed:", repr(e)[:500])
+        return None
+
+
+def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=(), paged=0, fm=None):
     import torch
 
     ws = (
@@ -71,15 +94,16 @@ def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=()):
     for B, H, S in configs:
         row = dict(B=B, H=H, S=S)
         RES["mla"].append(row)
-        mla_row(row, fb, ws, in_jit_calls, quant)
+        mla_row(row, fb, ws, in_jit_calls, quant, paged, fm)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # this row's tensors died with mla_row's frame
         save()
 
 
-def mla_row(row, fb, ws, in_jit_calls, quant):
+def mla_row(row, fb, ws, in_jit_calls, quant, paged=0, fm=None):
     """Fills row with one MLA decode configuration's timings (FlashInfer's
-    when ws, its workspace, is given)."""
+    when ws, its workspace, is given; jax_mla paged with pages of `paged`
+    rows and FlashMLA's when fm is given)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -131,6 +155,55 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
         row[f"jax_mla_{fmt}"] = dict(loop=metrics(qcase, t.seconds))
         outs[f"jax_mla_{fmt}"] = np.asarray(ours_q(qj, qkvs[0]).astype(jnp.float32))[:, 0]
         del qkvs
+    # Paged: the same bytes as pages, the block table in order.
+    if paged:
+        from jax_mla.bench.cases import SCALE
+
+        n_pages = B * S // paged
+        table = jnp.arange(n_pages, dtype=jnp.int32).reshape(B, S // paged)
+        pages = [kv.reshape(n_pages, paged, 576) for kv in kvj]
+        ours_p = jax.jit(
+            lambda q, pg, bt: jax_mla.flash_mla(
+                q, pg, block_table=bt, dv=512, scale=SCALE, backend="native"
+            )
+        )
+        jax.block_until_ready(ours_p(qj, pages[0], table))
+        t = timing.time_calls(
+            ours_p, lambda i: (qj, pages[i % ncp], table), budget_s=BUDGET_S, back_to_back=True
+        )
+        row["jax_mla_paged"] = dict(loop=metrics(case, t.seconds), calls=t.calls, page=paged)
+        outs["jax_mla_paged"] = np.asarray(ours_p(qj, pages[0], table).astype(jnp.float32))[:, 0]
+        del pages
+    if fm is not None:
+        try:
+            from jax_mla.bench.cases import SCALE
+
+            fq = q[:, None].contiguous()  # [B, 1, H, 576]
+            fcaches = [kv.view(B * S // 64, 64, 1, 576) for kv in kvs]
+            ftable = torch.arange(B * S // 64, dtype=torch.int32, device=dev).view(B, S // 64)
+            seqlens = torch.full((B,), S, dtype=torch.int32, device=dev)
+            sched, _ = fm.get_mla_metadata()
+
+            def fm_run(cache):
+                return fm.flash_mla_with_kvcache(
+                    fq, cache, ftable, seqlens, 512, sched, None, softmax_scale=SCALE
+                )[0]
+
+            out = fm_run(fcaches[0])
+            torch.cuda.synchronize()
+            outs["flashmla"] = out[:, 0].float().cpu().numpy()
+            t = timing.time_calls(
+                fm_run,
+                lambda i: (fcaches[i % ncp],),
+                budget_s=BUDGET_S,
+                back_to_back=True,
+                sync=torch_sync,
+            )
+            row["flashmla"] = dict(loop=metrics(case, t.seconds), calls=t.calls)
+            del fcaches
+        except Exception as e:  # noqa: BLE001
+            RES["errors"].append(f"flashmla {B},{H},{S}: {e!r}"[:2000])
+            log("flashmla error", repr(e)[:500])
     # FlashInfer fa3
     if ws is not None:
         try:
@@ -164,7 +237,8 @@ def mla_row(row, fb, ws, in_jit_calls, quant):
         f"MLA B={B} H={H} S={S}: "
         + ", ".join(
             f"{k} {row[k]['loop']['ms']:.4f} ms"
-            for k in ("jax_mla", "xla", "fa3", *(f"jax_mla_{f}" for f in quant))
+            for k in ("jax_mla", "xla", "fa3", "jax_mla_paged", "flashmla")
+            + tuple(f"jax_mla_{f}" for f in quant)
             if "loop" in row.get(k, {})
         )
         + f", jax_mla in-jit {row['jax_mla']['in_jit']['ms']:.4f} ms, jax_mla err "
@@ -271,6 +345,21 @@ def summary():
                 f"bf16 cache {j['ms']:.4f} ms | speedup {j['ms'] / qm['ms']:.2f}x | max|diff| vs "
                 f"xla {r[f'jax_mla_{fmt}']['max_abs_diff_vs_xla']:.2e}"
             )
+    rows = [r for r in RES["mla"] if "jax_mla_paged" in r]
+    if rows:
+        log(
+            f"==== MLA decode, paged (pages of {rows[0]['jax_mla_paged']['page']} for jax_mla, "
+            "64 for FlashMLA and fa3; ms, back-to-back calls) ===="
+        )
+        log(f"{'B':>4} {'H':>4} {'S':>6} | paged   contig. | FlashMLA fm/paged | fa3     fa3/paged")
+    for r in rows:
+        pm = r["jax_mla_paged"]["loop"]["ms"]
+        fm = r.get("flashmla", {}).get("loop", {}).get("ms", nan)
+        fa = r.get("fa3", {}).get("loop", {}).get("ms", nan)
+        log(
+            f"{r['B']:>4} {r['H']:>4} {r['S']:>6} | {pm:.4f} {r['jax_mla']['loop']['ms']:.4f} | "
+            f"{fm:.4f}   {fm / pm:.2f}      | {fa:.4f} {fa / pm:.2f}"
+        )
     log("==== 192/128 causal prefill, B=1 ====")
     for r in RES["prefill"]:
         j, c = r["jax_mla"], r.get("cudnn", {})
@@ -296,6 +385,17 @@ def main():
         "--quant",
         default="",
         help="comma list of cache formats to time jax_mla over as well: q8_0, q8_kv",
+    )
+    ap.add_argument(
+        "--paged",
+        type=int,
+        default=0,
+        help="also time jax_mla over the caches as pages of this many rows (16, 32, 64, 128)",
+    )
+    ap.add_argument(
+        "--flashmla-dir",
+        default="",
+        help="FlashMLA built by build.sh (its DEST/flashmla): time it over pages of 64",
     )
     a = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -329,7 +429,9 @@ def main():
             if a.rows
             else cases.GPU_MLA_DECODE
         )
-        bench_mla(fb, fi_ok, a.in_jit_calls, configs, tuple(f for f in a.quant.split(",") if f))
+        quant = tuple(f for f in a.quant.split(",") if f)
+        fm = load_flashmla(a.flashmla_dir)
+        bench_mla(fb, fi_ok, a.in_jit_calls, configs, quant, a.paged, fm)
     if "prefill" not in skip:
         bench_prefill(cases.GPU_PREFILL)
     save()

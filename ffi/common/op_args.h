@@ -12,17 +12,20 @@
 #include "ffi/common/cache_args.h"
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
+#include "ffi/common/paged_args.h"
 #include "ffi/common/params.h"
 
 namespace jax_mla {
 
-// kv_d is null for a float latent cache (kv_fmt 0).
+// kv_d is null for a float latent cache (kv_fmt 0). block_table is null for
+// a contiguous cache; else kv holds pages [num_pages, page_size, Dk].
 inline ffi::Error MlaArgs(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuffer* kv_d,
                           int64_t kv_fmt, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
                           ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                           ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t dv, int64_t v_offset,
-                          int64_t num_splits, AttentionParams* p) {
+                          int64_t num_splits, AttentionParams* p,
+                          const ffi::Buffer<ffi::S32>* block_table = nullptr) {
   const auto qd = q.dimensions();
   JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
       << "flash_mla: q must have rank 4 [B, Sq, H, Dk], got shape " << ShapeString(qd);
@@ -32,7 +35,13 @@ inline ffi::Error MlaArgs(ffi::AnyBuffer q, ffi::AnyBuffer kv, const ffi::AnyBuf
   CacheShape cs;
   RowView rows;
   JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_mla", "kv", kv, kv_d, kv_fmt, 3, &cs, &rows));
-  const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3], Skv = cs.seq;
+  const int64_t B = qd[0], Sq = qd[1], H = qd[2], Dk = qd[3];
+  int64_t Skv = cs.seq;
+  if (block_table != nullptr) {
+    JAX_MLA_RETURN_IF_ERROR(
+        PagedRows("flash_mla", "kv", *block_table, B, cs.batch, cs.seq, &rows, &Skv));
+    cs.batch = B;  // every query batch row reads its own pages
+  }
   JAX_MLA_CHECK(BatchSharable(B, cs.batch) && cs.dim == Dk, InvalidArgument)
       << "flash_mla: kv's logical shape " << ShapeString({cs.batch, cs.seq, cs.dim}) << " must be ["
       << B << ", Skv, " << Dk << "] to match q " << ShapeString(qd)
@@ -68,7 +77,8 @@ inline ffi::Error AttentionArgs(ffi::AnyBuffer q, ffi::AnyBuffer k, const ffi::A
                                 ffi::Result<ffi::Buffer<ffi::F32>> lse,
                                 ffi::Result<ffi::Buffer<ffi::F32>> part_out,
                                 ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t num_splits,
-                                AttentionParams* p) {
+                                AttentionParams* p,
+                                const ffi::Buffer<ffi::S32>* block_table = nullptr) {
   const auto qd = q.dimensions();
   JAX_MLA_CHECK(qd.size() == 4, InvalidArgument)
       << "flash_attention: q must have rank 4 [B, Sq, Hq, Dk], got shape " << ShapeString(qd);
@@ -80,7 +90,20 @@ inline ffi::Error AttentionArgs(ffi::AnyBuffer q, ffi::AnyBuffer k, const ffi::A
   JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_attention", "k", k, k_d, k_fmt, 4, &ks, &k_rows));
   JAX_MLA_RETURN_IF_ERROR(CacheRows("flash_attention", "v", v, v_d, v_fmt, 4, &vs, &v_rows));
   const int64_t B = qd[0], Sq = qd[1], Hq = qd[2], Dk = qd[3];
-  const int64_t Skv = ks.seq, Hkv = ks.heads, Dv = vs.dim;
+  int64_t Skv = ks.seq;
+  const int64_t Hkv = ks.heads, Dv = vs.dim;
+  if (block_table != nullptr) {  // k and v are pages [num_pages, page_size, Hkv, D]
+    JAX_MLA_CHECK(ks.batch == vs.batch && ks.seq == vs.seq, InvalidArgument)
+        << "flash_attention: k and v pages must have the same [num_pages, page_size], got "
+        << ShapeString({ks.batch, ks.seq}) << " and " << ShapeString({vs.batch, vs.seq});
+    int64_t unused;
+    JAX_MLA_RETURN_IF_ERROR(
+        PagedRows("flash_attention", "k", *block_table, B, ks.batch, ks.seq, &k_rows, &Skv));
+    JAX_MLA_RETURN_IF_ERROR(
+        PagedRows("flash_attention", "v", *block_table, B, vs.batch, vs.seq, &v_rows, &unused));
+    ks.seq = vs.seq = Skv;
+    ks.batch = vs.batch = B;
+  }
   const auto k_shape = ShapeString({ks.batch, ks.seq, ks.heads, ks.dim});
   const auto v_shape = ShapeString({vs.batch, vs.seq, vs.heads, vs.dim});
   JAX_MLA_CHECK(ks.batch == vs.batch && BatchSharable(B, ks.batch), InvalidArgument)

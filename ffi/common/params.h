@@ -33,6 +33,15 @@ struct RowView {
   int64_t scale_batch_stride = 0;
   int64_t scale_row_stride = 0;
   int64_t scale_head_stride = 0;
+  // Paged caches: when block_table != nullptr, data (and scales) hold pages
+  // [num_pages, page_size, ...], batch_stride (scale_batch_stride) is the stride
+  // between pages, and row t of batch b is row t % page_size of page
+  // block_table[b * max_pages + t / page_size]. A page index outside
+  // [0, num_pages) marks keys that are skipped, never read.
+  const int32_t* block_table = nullptr;
+  int64_t page_size = 0;
+  int64_t max_pages = 0;
+  int64_t num_pages = 0;
 
   int64_t UnitBytes() const { return fmt == QFormat::kNone ? DTypeBytes(dtype) : 1; }
 };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -25,14 +26,16 @@ static_assert(kQuantHeadsChunk % kKvTile == 0 && kQuantHeadsChunk % kPGroup == 0
 // Per-thread scratch (Grow).
 struct Scratch {
   std::vector<float> q, o, m, l, kernel;
-  std::vector<int64_t> end, chunk_end;
+  std::vector<int64_t> end, chunk_end, page_end;
   std::vector<RowBlock> blocks;
+  std::vector<char> staged;  // paged 8-bit V: one P group's rows (StageGroup)
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     Grow(q, size_t(rows * dk));
     Grow(o, size_t(rows * dv));
     Grow(m, size_t(rows));
     Grow(l, size_t(rows));
     Grow(end, size_t(rows));
+    Grow(page_end, size_t(rows));
     Grow(chunk_end, size_t(block_rows));
     Grow(blocks, size_t(heads));
     Grow(kernel, std::max({AttendScratchFloats(dk, dv, block_rows),
@@ -104,6 +107,173 @@ KvHeads HeadsOf(const RowView& view, int64_t b, int64_t h) {
   return heads;
 }
 
+// The nh KV heads' rows (R per head, at q, o, m, l with their key ends `end`)
+// attend keys [kv0, max end) of K and V batch row b of the views. `aligned`:
+// kv0 is a multiple of kPGroup (attend_heads_q8 needs it).
+void AttendRange(const AttentionParams& p, const KernelTable& kern, Scratch& scratch,
+                 const RowView& kview, const RowView& vview, int64_t b, int64_t h0, int64_t nh,
+                 int64_t R, int64_t kv0, const int64_t* end, float* q, float* o, float* m, float* l,
+                 bool aligned) {
+  const int64_t dk = p.dk, dv = p.dv;
+  const bool quantized = p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone;
+  // The KV heads' row blocks, for the kernels that take several heads.
+  auto head_blocks = [&] {
+    for (int64_t u = 0; u < nh; ++u)
+      scratch.blocks[u] =
+          RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R, l + u * R};
+    return scratch.blocks.data();
+  };
+  if (nh == 1) {
+    RowBlock block{R, q, end, o, m, l};
+    kern.attend(block, RowsOf(kview, b, h0), RowsOf(vview, b, h0), p.v_in_k, dk, dv, kv0,
+                scratch.kernel.data());
+  } else if (aligned && HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
+    // Several KV heads over an 8-bit cache: key by key across the heads, in
+    // memory order, as below.
+    kern.attend_heads_q8(head_blocks(), nh, HeadsOf(kview, b, h0), HeadsOf(vview, b, h0), dk, dv,
+                         kv0, scratch.kernel.data());
+  } else if (quantized) {
+    // Several KV heads over a quantized cache attend_heads_q8 does not take
+    // (q6_0, float with 8-bit, odd dims): one head at a time, but chunk by
+    // chunk of keys, so the heads of a key (adjacent in the cache) are read
+    // close together in time. The chunks fall on the 8-bit P groups (kv0
+    // does), and each call continues the rows' online softmax from where the
+    // last one left it.
+    int64_t kv_max = kv0;
+    for (int64_t e = 0; e < nh * R; ++e) kv_max = std::max(kv_max, end[e]);
+    int64_t* chunk_end = scratch.chunk_end.data();
+    for (int64_t c = kv0; c < kv_max; c += kQuantHeadsChunk) {
+      for (int64_t u = 0; u < nh; ++u) {
+        for (int64_t r = 0; r < R; ++r)
+          chunk_end[r] = std::min(end[u * R + r], c + kQuantHeadsChunk);
+        RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
+        kern.attend(block, RowsOf(kview, b, h0 + u), RowsOf(vview, b, h0 + u), p.v_in_k, dk, dv, c,
+                    scratch.kernel.data());
+      }
+    }
+  } else {
+    // Several KV heads with few rows each: the kernel walks the keys and
+    // reads all heads of a key together, in memory order.
+    kern.attend_heads(head_blocks(), nh, HeadsOf(kview, b, h0), HeadsOf(vview, b, h0), dk, dv, kv0,
+                      scratch.kernel.data());
+  }
+}
+
+// A paged view's page as a contiguous view (batch row 0) whose row t is row
+// t - first_key of the page: the kernels index keys by their position.
+RowView PageView(const RowView& view, int64_t page, int64_t first_key) {
+  RowView r = view;
+  r.block_table = nullptr;
+  r.data = static_cast<const char*>(view.data) +
+           (page * view.batch_stride - first_key * view.row_stride) * view.UnitBytes();
+  if (view.fmt != QFormat::kNone)
+    r.scales =
+        static_cast<const char*>(view.scales) +
+        (page * view.scale_batch_stride - first_key * view.scale_row_stride) * ScaleBytes(view.fmt);
+  r.batch_stride = r.scale_batch_stride = 0;
+  return r;
+}
+
+bool PageInRange(const RowView& view, int32_t page) {
+  return page >= 0 && int64_t(page) < view.num_pages;
+}
+
+// Copies keys [c0, c1) (of one P group, pages of sequence b, all in range)
+// of a paged view to `buf` and returns the contiguous view of them.
+RowView StageGroup(const RowView& view, int64_t b, int64_t c0, int64_t c1, char* buf) {
+  const int64_t ps = view.page_size, row_bytes = view.row_stride * view.UnitBytes();
+  const bool q = view.fmt != QFormat::kNone;
+  const int64_t scale_bytes = q ? view.scale_row_stride * ScaleBytes(view.fmt) : 0;
+  char* scales = buf + kPGroup * row_bytes;
+  for (int64_t t = c0; t < c1;) {
+    const int64_t j = t / ps, n = std::min(c1, (j + 1) * ps) - t;
+    const RowView page = PageView(view, view.block_table[b * view.max_pages + j], j * ps);
+    std::memcpy(buf + (t - c0) * row_bytes, static_cast<const char*>(page.data) + t * row_bytes,
+                size_t(n * row_bytes));
+    if (q)
+      std::memcpy(scales + (t - c0) * scale_bytes,
+                  static_cast<const char*>(page.scales) + t * scale_bytes, size_t(n * scale_bytes));
+    t += n;
+  }
+  RowView r = view;
+  r.block_table = nullptr;
+  r.data = buf - c0 * row_bytes;
+  if (q) r.scales = scales - c0 * scale_bytes;
+  r.batch_stride = r.scale_batch_stride = 0;
+  return r;
+}
+
+// The bytes StageGroup needs for one P group of a view.
+int64_t StagedBytes(const RowView& view) {
+  const int64_t scale_bytes =
+      view.fmt == QFormat::kNone ? 0 : view.scale_row_stride * ScaleBytes(view.fmt);
+  return kPGroup * (view.row_stride * view.UnitBytes() + scale_bytes);
+}
+
+// Paged caches (docs/design.md, "Paged caches"): the keys [kv0, max end) are
+// walked page by page, each call's views pointing at its page in place (runs
+// of consecutive pages in one call) with the rows' ends clipped to it, the
+// online softmax continuing across calls. Pages whose index is out of range
+// are skipped. With pages shorter than the 8-bit P group (kPGroup keys) over
+// 8-bit V, a group's pages are copied to scratch (StageGroup) and attended
+// in one call, so that P is rounded over the same groups as a contiguous
+// cache's.
+void AttendPaged(const AttentionParams& p, const KernelTable& kern, Scratch& scratch, int64_t b,
+                 int64_t h0, int64_t nh, int64_t R, int64_t kv0, const int64_t* end, float* q,
+                 float* o, float* m, float* l) {
+  const RowView& kv = p.k;
+  const int64_t ps = kv.page_size;
+  const int32_t* table = kv.block_table + b * kv.max_pages;
+  int64_t kv_max = kv0;
+  for (int64_t e = 0; e < nh * R; ++e) kv_max = std::max(kv_max, end[e]);
+  int64_t* clipped = scratch.page_end.data();
+  const auto attend = [&](const RowView& kview, const RowView& vview, int64_t c0, int64_t c1) {
+    for (int64_t e = 0; e < nh * R; ++e) clipped[e] = std::max(c0, std::min(end[e], c1));
+    AttendRange(p, kern, scratch, kview, vview, 0, h0, nh, R, c0, clipped, q, o, m, l,
+                c0 % kPGroup == 0);
+  };
+  const bool stage = ps < kPGroup && RoundsProbabilities(p.v.fmt);
+  const bool mla = p.v_in_k >= 0;
+  for (int64_t c = kv0; c < kv_max;) {
+    const int64_t g1 = std::min(kv_max, (c / kPGroup + 1) * kPGroup);
+    bool all_in_range = true;
+    for (int64_t j = c / ps; j * ps < g1; ++j) all_in_range &= PageInRange(kv, table[j]);
+    if (stage && all_in_range) {
+      const int64_t kb = StagedBytes(kv), vb = mla ? 0 : StagedBytes(p.v);
+      Grow(scratch.staged, size_t(kb + vb));
+      char* buf = scratch.staged.data();
+      const RowView kview = StageGroup(kv, b, c, g1, buf);
+      RowView vview;
+      if (mla) {  // V is a column slice of the staged K rows
+        vview = kview;
+        vview.data = static_cast<const char*>(kview.data) +
+                     (static_cast<const char*>(p.v.data) - static_cast<const char*>(kv.data));
+        vview.scales = static_cast<const char*>(kview.scales) +
+                       (static_cast<const char*>(p.v.scales) - static_cast<const char*>(kv.scales));
+      } else {
+        vview = StageGroup(p.v, b, c, g1, buf + kb);
+      }
+      attend(kview, vview, c, g1);
+      c = g1;
+      continue;
+    }
+    // One page, or a run of pages laid out one after another in the pool.
+    const int64_t j = c / ps;
+    int64_t c1 = std::min(kv_max, (j + 1) * ps);
+    if (!PageInRange(kv, table[j])) {
+      c = c1;  // never read
+      continue;
+    }
+    // A group with an out-of-range page goes page by page (its P groups are
+    // then rounded per call).
+    for (int64_t n = j + 1;
+         !stage && c1 < kv_max && table[n] == table[n - 1] + 1 && PageInRange(kv, table[n]); ++n)
+      c1 = std::min(kv_max, (n + 1) * ps);
+    attend(PageView(kv, table[j], j * ps), PageView(p.v, table[j], j * ps), c, c1);
+    c = c1;
+  }
+}
+
 void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern, int64_t item) {
   // Split innermost, so consecutive items share query rows.
   int64_t rest = item;
@@ -133,49 +303,11 @@ void RunItem(const AttentionParams& p, const Plan& plan, const KernelTable& kern
     LoadRows(p, kern, b, h0 + u, plan.group, i0, i1, g0, g1, kv0, kv1, q + u * R * dk, end + u * R,
              m + u * R, l + u * R, o + u * R * dv);
 
-  const int64_t bkv = b % p.kv_batch;
-  const bool quantized = p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone;
-  // The KV heads' row blocks, for the kernels that take several heads.
-  auto head_blocks = [&] {
-    for (int64_t u = 0; u < nh; ++u)
-      scratch.blocks[u] =
-          RowBlock{R, q + u * R * dk, end + u * R, o + u * R * dv, m + u * R, l + u * R};
-    return scratch.blocks.data();
-  };
-  if (nh == 1) {
-    RowBlock block{R, q, end, o, m, l};
-    kern.attend(block, RowsOf(p.k, bkv, h0), RowsOf(p.v, bkv, h0), p.v_in_k, dk, dv, kv0,
-                scratch.kernel.data());
-  } else if (HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
-    // Several KV heads over an 8-bit cache: key by key across the heads, in
-    // memory order, as below.
-    kern.attend_heads_q8(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0), dk, dv,
-                         kv0, scratch.kernel.data());
-  } else if (quantized) {
-    // Several KV heads over a quantized cache attend_heads_q8 does not take
-    // (q6_0, float with 8-bit, odd dims): one head at a time, but chunk by
-    // chunk of keys, so the heads of a key (adjacent in the cache) are read
-    // close together in time. The chunks fall on the 8-bit P groups (kv0
-    // does), and each call continues the rows' online softmax from where the
-    // last one left it.
-    int64_t kv_max = kv0;
-    for (int64_t e = 0; e < nh * R; ++e) kv_max = std::max(kv_max, end[e]);
-    int64_t* chunk_end = scratch.chunk_end.data();
-    for (int64_t c = kv0; c < kv_max; c += kQuantHeadsChunk) {
-      for (int64_t u = 0; u < nh; ++u) {
-        for (int64_t r = 0; r < R; ++r)
-          chunk_end[r] = std::min(end[u * R + r], c + kQuantHeadsChunk);
-        RowBlock block{R, q + u * R * dk, chunk_end, o + u * R * dv, m + u * R, l + u * R};
-        kern.attend(block, RowsOf(p.k, bkv, h0 + u), RowsOf(p.v, bkv, h0 + u), p.v_in_k, dk, dv, c,
-                    scratch.kernel.data());
-      }
-    }
-  } else {
-    // Several KV heads with few rows each: the kernel walks the keys and
-    // reads all heads of a key together, in memory order.
-    kern.attend_heads(head_blocks(), nh, HeadsOf(p.k, bkv, h0), HeadsOf(p.v, bkv, h0), dk, dv, kv0,
-                      scratch.kernel.data());
-  }
+  if (p.k.block_table != nullptr)
+    AttendPaged(p, kern, scratch, b, h0, nh, R, kv0, end, q, o, m, l);
+  else
+    AttendRange(p, kern, scratch, p.k, p.v, b % p.kv_batch, h0, nh, R, kv0, end, q, o, m, l,
+                /*aligned=*/true);
   for (int64_t u = 0; u < nh; ++u)
     StoreRows(p, b, h0 + u, plan.group, s, i0, i1, g0, g1, m + u * R, l + u * R, o + u * R * dv);
 }

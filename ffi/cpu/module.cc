@@ -3,6 +3,7 @@
 
 #include "ffi/common/capsule.h"
 #include "ffi/common/dtype.h"
+#include "ffi/common/paged_args.h"
 #include "ffi/common/quant_format.h"
 #include "ffi/cpu/flash.h"
 #include "ffi/cpu/handlers.h"
@@ -21,6 +22,11 @@ NB_MODULE(_cpu, m) {
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMla);
     d["jax_mla_flash_attention_quant"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionQuant);
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMlaQuant);
+    d["jax_mla_flash_attention_paged"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionPaged);
+    d["jax_mla_flash_mla_paged"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMlaPaged);
+    d["jax_mla_flash_attention_quant_paged"] =
+        EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionQuantPaged);
+    d["jax_mla_flash_mla_quant_paged"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashMlaQuantPaged);
     d["jax_mla_flash_attention_bwd"] = EncapsulateFfiHandler(jax_mla::cpu::kFlashAttentionBwd);
     return d;
   });
@@ -41,11 +47,14 @@ NB_MODULE(_cpu, m) {
         }
         d["formats"] = formats;
         d["kv_tile"] = jax_mla::cpu::kKvTile;
+        nb::list page_sizes;
+        for (int64_t s : jax_mla::kPageSizes) page_sizes.append(s);
+        d["page_sizes"] = page_sizes;
         return d;
       },
       "What the CPU kernels take: the head-dim rule (multiples of head_dim_multiple up to "
       "max_head_dim), the dtypes, the quantized formats and their FFI attribute codes, and "
-      "the KV tile.");
+      "the KV tile, and the page sizes of the *_paged targets.");
   m.def(
       "kv_tile", [] { return jax_mla::cpu::kKvTile; },
       "Keys per kernel tile; num_splits is clamped to the number of tiles.");

@@ -14,6 +14,9 @@ DTYPES = {"f16": ("__half", "float16"), "bf16": ("__nv_bfloat16", "bfloat16")}
 MLA_LAYOUT = (576, 512, 0)
 MLA_GROUPS = (1, 4)  # 16-row groups per block (mla/mla_config.h, MlaGroups)
 MLA_QUANT = {"q8_0": "QFormat::kQ8_0", "q8kv": "QFormat::kQ8KV"}  # 8-bit latent caches
+# Contiguous caches, then paged ones (block table, pages read in place); file tag -> kPaged.
+# The sm_90a attention kernel reads contiguous caches only.
+MLA_PAGING = {"": "false", "_paged": "true"}
 # flash_attention's (Dk, Dv) pairs: DeepSeek's 192/128, then equal dims.
 ATTENTION_DIMS = ((192, 128), (64, 64), (128, 128), (256, 256))
 # The pairs the sm_90a wgmma kernel (attention_sm90_kernel.cuh) also takes.
@@ -66,29 +69,32 @@ def main() -> None:
     dk, dv, _ = MLA_LAYOUT
     args = "const AttentionParams&, cudaStream_t"
     for tag, (ctype, _) in DTYPES.items():
-        for g in MLA_GROUPS:
-            files[f"mla_{dk}_{dv}_{tag}_g{g}.cu"] = instantiation(
-                "mla/mla_kernel.cuh", f"cudaError_t LaunchMla<{ctype}, {g}>({args})"
-            )
-            for qname, qfmt in MLA_QUANT.items():
-                files[f"mla_{dk}_{dv}_{qname}_{tag}_g{g}.cu"] = instantiation(
-                    "mla/mla_quant_kernel.cuh",
-                    f"cudaError_t LaunchMlaQuant<{ctype}, {g}, {qfmt}>({args})",
+        for ptag, paged in MLA_PAGING.items():
+            for g in MLA_GROUPS:
+                files[f"mla_{dk}_{dv}_{tag}_g{g}{ptag}.cu"] = instantiation(
+                    "mla/mla_kernel.cuh", f"cudaError_t LaunchMla<{ctype}, {g}, {paged}>({args})"
                 )
-        # The 64-row blocks' sm_90a (wgmma) kernels.
-        files[f"mla_{dk}_{dv}_{tag}_sm90_seesaw.cu"] = instantiation(
-            "mla/mla_sm90_seesaw_kernel.cuh",
-            f"cudaError_t LaunchMlaSm90Seesaw<{ctype}>(const AttentionParams&, "
-            "const CUtensorMap&, cudaStream_t)",
-        )
-        files[f"mla_{dk}_{dv}_{tag}_sm90_split.cu"] = instantiation(
-            "mla/mla_sm90_split_kernel.cuh", f"cudaError_t LaunchMlaSm90Split<{ctype}>({args})"
-        )
-        for adk, adv in ATTENTION_DIMS:
-            files[f"attention_{adk}_{adv}_{tag}.cu"] = instantiation(
-                "attention/attention_kernel.cuh",
-                f"cudaError_t LaunchAttention<{ctype}, {adk}, {adv}>({args})",
+                for qname, qfmt in MLA_QUANT.items():
+                    files[f"mla_{dk}_{dv}_{qname}_{tag}_g{g}{ptag}.cu"] = instantiation(
+                        "mla/mla_quant_kernel.cuh",
+                        f"cudaError_t LaunchMlaQuant<{ctype}, {g}, {qfmt}, {paged}>({args})",
+                    )
+            # The 64-row blocks' sm_90a (wgmma) kernels.
+            files[f"mla_{dk}_{dv}_{tag}_sm90_seesaw{ptag}.cu"] = instantiation(
+                "mla/mla_sm90_seesaw_kernel.cuh",
+                f"cudaError_t LaunchMlaSm90Seesaw<{ctype}, {paged}>(const AttentionParams&, "
+                "const CUtensorMap&, cudaStream_t)",
             )
+            files[f"mla_{dk}_{dv}_{tag}_sm90_split{ptag}.cu"] = instantiation(
+                "mla/mla_sm90_split_kernel.cuh",
+                f"cudaError_t LaunchMlaSm90Split<{ctype}, {paged}>({args})",
+            )
+        for adk, adv in ATTENTION_DIMS:
+            for ptag, paged in MLA_PAGING.items():
+                files[f"attention_{adk}_{adv}_{tag}{ptag}.cu"] = instantiation(
+                    "attention/attention_kernel.cuh",
+                    f"cudaError_t LaunchAttention<{ctype}, {adk}, {adv}, {paged}>({args})",
+                )
         for adk, adv in ATTENTION_SM90_DIMS:
             files[f"attention_sm90_{adk}_{adv}_{tag}.cu"] = instantiation(
                 "attention/attention_sm90_kernel.cuh",

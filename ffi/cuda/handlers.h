@@ -12,6 +12,10 @@ namespace jax_mla::cuda {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuant);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
+// The paged targets (ffi/common/paged_args.h).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaPaged);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuantPaged);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttentionPaged);
 
 // Keys per KV tile of the kernel serving head dim `dk` (num_splits is clamped
 // to the number of tiles).

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "ffi/common/capsule.h"
+#include "ffi/common/paged_args.h"
 #include "ffi/common/quant_format.h"
 #include "ffi/cuda/device.h"
 #include "ffi/cuda/handlers.h"
@@ -43,6 +44,15 @@ nb::dict Capabilities() {
   d["mla_formats"] = formats;
   d["mla_kernels"] = mla_kernels;
   d["attention_kernels"] = attention_kernels;
+  // Paged caches (ffi/common/paged_args.h): the ops with paged kernels (every
+  // mla_kernels family reads pages; of attention_kernels, mma_sync and auto,
+  // which takes it for paged calls) and the page sizes.
+  nb::list paged_ops, page_sizes;
+  paged_ops.append("flash_mla");
+  paged_ops.append("flash_attention");
+  for (int64_t size : jax_mla::kPageSizes) page_sizes.append(size);
+  d["paged_ops"] = paged_ops;
+  d["page_sizes"] = page_sizes;
   return d;
 }
 
@@ -54,6 +64,9 @@ NB_MODULE(_cuda, m) {
     d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttention);
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMla);
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuant);
+    d["jax_mla_flash_mla_paged"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaPaged);
+    d["jax_mla_flash_mla_quant_paged"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuantPaged);
+    d["jax_mla_flash_attention_paged"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttentionPaged);
     return d;
   });
   m.def("capabilities", &Capabilities,

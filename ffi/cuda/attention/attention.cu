@@ -3,7 +3,9 @@
 // kernel family, then the combine kernel when the keys are split. The CPU
 // handler's FFI signature (ffi/cpu/attention.cc) plus the `kernel` attribute
 // (kernel_family.h). The kernels are declared here (attention_launch.h) and
-// instantiated in ffi/cuda/inst/.
+// instantiated in ffi/cuda/inst/. jax_mla_flash_attention_paged (a block
+// table before q_pos, k and v as page pools read in place) runs the mma.sync
+// kernel's paged instantiation; the sm90 kernel reads contiguous caches only.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -14,6 +16,7 @@
 #include "ffi/common/check.h"
 #include "ffi/common/ffi_types.h"
 #include "ffi/common/op_args.h"
+#include "ffi/common/paged_args.h"
 #include "ffi/common/params.h"
 #include "ffi/cuda/attention/attention_launch.h"
 #include "ffi/cuda/common/combine.h"
@@ -27,16 +30,10 @@ namespace jax_mla::cuda {
 
 namespace {
 
-// The shared checks, then what the CUDA kernels take: one dtype, f16 or bf16,
-// for q, k and v, and the instantiated head-dim pairs.
-ffi::Error CheckAttention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                          ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
-                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
-                          ffi::Result<ffi::Buffer<ffi::F32>> part_out,
-                          ffi::Result<ffi::Buffer<ffi::F32>> part_lse, int64_t num_splits,
-                          AttentionParams* p) {
-  JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, nullptr, 0, v, nullptr, 0, q_pos, kv_len, out, lse,
-                                        part_out, part_lse, num_splits, p));
+// After the shared checks (AttentionArgs, paged or not), what the CUDA
+// kernels take: one dtype, f16 or bf16, for q, k and v, and the instantiated
+// head-dim pairs.
+ffi::Error SupportedAttention(const AttentionParams* p, int64_t num_splits) {
   const DType qt = p->q_dtype, kt = p->k.dtype, vt = p->v.dtype;
   const int64_t Dk = p->dk, Dv = p->dv;
   JAX_MLA_CHECK(qt == kt && qt == vt && qt != DType::kF32, Unimplemented)
@@ -68,13 +65,16 @@ bool HasSm90Kernel(int64_t dk, int64_t dv) {
 // tile size is the one the num_splits heuristic assumes). A forced family the
 // device or the pair cannot run is an error, never another kernel.
 ffi::Error ChooseAttentionKernel(const AttentionParams& p, AttentionKernel* kernel) {
+  const bool paged = p.k.block_table != nullptr;
   if (*kernel == AttentionKernel::kAuto) {
-    *kernel = p.num_splits == 1 && HasSm90Kernel(p.dk, p.dv) && RunsSm90a()
+    *kernel = !paged && p.num_splits == 1 && HasSm90Kernel(p.dk, p.dv) && RunsSm90a()
                   ? AttentionKernel::kSm90
                   : AttentionKernel::kMmaSync;
     return ffi::Error::Success();
   }
   if (*kernel == AttentionKernel::kSm90) {
+    JAX_MLA_CHECK(!paged, Unimplemented)
+        << "flash_attention (CUDA): kernel sm90 does not read paged caches; mma_sync does";
     JAX_MLA_CHECK(RunsSm90a(), Unimplemented)
         << "flash_attention (CUDA): kernel sm90 needs a compute capability 9.0 device and a "
            "module built for sm_90a";
@@ -85,20 +85,39 @@ ffi::Error ChooseAttentionKernel(const AttentionParams& p, AttentionKernel* kern
   return ffi::Error::Success();
 }
 
-template <typename T>
+template <typename T, bool kPaged>
 cudaError_t AttentionDispatch(const AttentionParams& p, AttentionKernel kernel,
                               cudaStream_t stream) {
-  if (kernel == AttentionKernel::kSm90) {
+  if (!kPaged && kernel == AttentionKernel::kSm90) {
 #define JAX_MLA_CASE_SM90(DK, DV) \
   if (p.dk == DK && p.dv == DV) return LaunchAttentionSm90<T, DK, DV>(p, stream);
     JAX_MLA_ATTENTION_SM90_HEAD_DIMS(JAX_MLA_CASE_SM90)
 #undef JAX_MLA_CASE_SM90
   }
 #define JAX_MLA_CASE(DK, DV) \
-  if (p.dk == DK && p.dv == DV) return LaunchAttention<T, DK, DV>(p, stream);
+  if (p.dk == DK && p.dv == DV) return LaunchAttention<T, DK, DV, kPaged>(p, stream);
   JAX_MLA_ATTENTION_HEAD_DIMS(JAX_MLA_CASE)
 #undef JAX_MLA_CASE
-  return cudaErrorInvalidValue;  // unreachable: CheckAttention admits only the pairs above
+  return cudaErrorInvalidValue;  // unreachable: SupportedAttention admits only the pairs above
+}
+
+// Runs a checked call: the kernel, then the combine when the keys are split.
+ffi::Error RunAttention(const AttentionParams& p, int32_t kernel, cudaStream_t stream) {
+  JAX_MLA_CHECK(kernel >= 0 && kernel < int32_t(std::size(kAttentionKernelNames)), InvalidArgument)
+      << "flash_attention (CUDA): kernel must be in [0, " << std::size(kAttentionKernelNames)
+      << "), got " << kernel;
+  if (p.batch == 0 || p.seq_q == 0 || p.heads_q == 0) return ffi::Error::Success();
+  AttentionKernel family = AttentionKernel(kernel);
+  JAX_MLA_RETURN_IF_ERROR(ChooseAttentionKernel(p, &family));
+  const bool bf16 = p.q_dtype == DType::kBF16;
+  if (p.k.block_table != nullptr)
+    JAX_MLA_CUDA_RETURN_IF_ERROR((bf16 ? AttentionDispatch<__nv_bfloat16, true>(p, family, stream)
+                                       : AttentionDispatch<__half, true>(p, family, stream)));
+  else
+    JAX_MLA_CUDA_RETURN_IF_ERROR((bf16 ? AttentionDispatch<__nv_bfloat16, false>(p, family, stream)
+                                       : AttentionDispatch<__half, false>(p, family, stream)));
+  if (p.num_splits > 1) JAX_MLA_CUDA_RETURN_IF_ERROR(LaunchCombine(p, stream));
+  return ffi::Error::Success();
 }
 
 ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -110,20 +129,27 @@ ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   AttentionParams p;
   p.scale = scale;
   p.causal = causal;
-  JAX_MLA_RETURN_IF_ERROR(
-      CheckAttention(q, k, v, q_pos, kv_len, out, lse, part_out, part_lse, num_splits, &p));
-  JAX_MLA_CHECK(kernel >= 0 && kernel < int32_t(std::size(kAttentionKernelNames)), InvalidArgument)
-      << "flash_attention (CUDA): kernel must be in [0, " << std::size(kAttentionKernelNames)
-      << "), got " << kernel;
-  if (p.batch == 0 || p.seq_q == 0 || p.heads_q == 0) return ffi::Error::Success();
-  AttentionKernel family = AttentionKernel(kernel);
-  JAX_MLA_RETURN_IF_ERROR(ChooseAttentionKernel(p, &family));
-  if (p.q_dtype == DType::kBF16)
-    JAX_MLA_CUDA_RETURN_IF_ERROR(AttentionDispatch<__nv_bfloat16>(p, family, stream));
-  else
-    JAX_MLA_CUDA_RETURN_IF_ERROR(AttentionDispatch<__half>(p, family, stream));
-  if (p.num_splits > 1) JAX_MLA_CUDA_RETURN_IF_ERROR(LaunchCombine(p, stream));
-  return ffi::Error::Success();
+  JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, nullptr, 0, v, nullptr, 0, q_pos, kv_len, out, lse,
+                                        part_out, part_lse, num_splits, &p));
+  JAX_MLA_RETURN_IF_ERROR(SupportedAttention(&p, num_splits));
+  return RunAttention(p, kernel, stream);
+}
+
+ffi::Error FlashAttentionPaged(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                               ffi::AnyBuffer v, ffi::Buffer<ffi::S32> block_table,
+                               ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> kv_len,
+                               ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                               ffi::Result<ffi::Buffer<ffi::F32>> part_out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> part_lse, float scale,
+                               bool causal, int64_t num_splits, int32_t kernel) {
+  AttentionParams p;
+  p.scale = scale;
+  p.causal = causal;
+  JAX_MLA_RETURN_IF_ERROR(AttentionArgs(q, k, nullptr, 0, v, nullptr, 0, q_pos, kv_len, out, lse,
+                                        part_out, part_lse, num_splits, &p, &block_table));
+  JAX_MLA_RETURN_IF_ERROR(SupportedAttention(&p, num_splits));
+  return RunAttention(p, kernel, stream);
 }
 
 }  // namespace
@@ -132,5 +158,9 @@ ffi::Error FlashAttention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     kFlashAttention, FlashAttention,
     AttentionBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    kFlashAttentionPaged, FlashAttentionPaged,
+    AttentionPagedBinding<ffi::PlatformStream<cudaStream_t>>().Attr<int32_t>("kernel"));
 
 }  // namespace jax_mla::cuda

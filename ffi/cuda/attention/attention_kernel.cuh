@@ -5,7 +5,9 @@
 // A operand of the P V product). K and V tiles are staged in shared memory by
 // a two-stage cp.async pipeline. Query rows are (position, head-in-group)
 // pairs, so grouped heads (GQA/MQA) share every K/V tile. Dk and Dv are
-// independent (DeepSeek's 192/128). Split-KV as in mla_kernel.cuh.
+// independent (DeepSeek's 192/128). Split-KV as in mla_kernel.cuh. With
+// kPaged, K and V rows come from the pages the block table names
+// (cache_rows.cuh): keys on skipped pages are zero-filled and masked.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,11 +18,12 @@
 #include "ffi/common/params.h"
 #include "ffi/cuda/attention/attention_config.h"
 #include "ffi/cuda/attention/attention_rows.cuh"
+#include "ffi/cuda/common/cache_rows.cuh"
 #include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
 
-template <typename T, int Dk, int Dv>
+template <typename T, int Dk, int Dv, bool kPaged>
 __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) {
   using Shape = AttnShape<Dk, Dv>;
   constexpr int kKeys = Shape::kKeys, kStages = Shape::kStages, kKRow = Shape::kKRow,
@@ -54,23 +57,29 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
   const int64_t t_begin = split * per < tiles ? split * per : tiles;
   const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
 
-  const int64_t kvb = b % p.kv_batch;
-  const T* k_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride + hk * p.k.head_stride;
-  const T* v_base = static_cast<const T*>(p.v.data) + kvb * p.v.batch_stride + hk * p.v.head_stride;
+  // One block table serves k and v (the pages of both hold the same keys).
+  const CacheRows<kPaged> rows(p.k, b);
+  const T* k_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride) +
+                    hk * p.k.head_stride;
+  const T* v_base = CacheRows<kPaged>::template Base<T>(p.v.data, b, p.kv_batch, p.v.batch_stride) +
+                    hk * p.v.head_stride;
   auto load_tile = [&](int64_t t, int stage) {
     char* dk = s_k + stage * kKeys * kKRow;
     for (int c = tid; c < kKeys * kKChunks; c += Shape::kThreads) {
       const int rr = c / kKChunks, cc = c % kKChunks;
       const int64_t j = t * kKeys + rr;
-      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dk + rr * kKRow + cc * 16, k_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dk + rr * kKRow + cc * 16, k_base + off + cc * 8, ok);
     }
     char* dv = s_v + stage * kKeys * kVRow;
     for (int c = tid; c < kKeys * kVChunks; c += Shape::kThreads) {
       const int rr = c / kVChunks, cc = c % kVChunks;
       const int64_t j = t * kKeys + rr;
-      const bool ok = j < kv_len;
-      CpAsync16(dv + rr * kVRow + cc * 16, v_base + (ok ? j : 0) * p.v.row_stride + cc * 8, ok);
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.v.batch_stride, p.v.row_stride, &off);
+      CpAsync16(dv + rr * kVRow + cc * 16, v_base + off + cc * 8, ok);
     }
   };
   auto row_offset = [&](int64_t r) {  // element offset of row r in [B, Sq, Hq, *] / Dim
@@ -134,15 +143,18 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
         Mma16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
       }
     }
-    const bool need_mask = (t + 1) * kKeys > n_min;
+    const bool need_mask = kPaged || (t + 1) * kKeys > n_min;
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
     for (int n = 0; n < kNT; ++n) {
       const int64_t key = t * kKeys + n * 8 + 2 * (lane % 4);
+      // Keys key and key + 1 share a page (page sizes are even).
+      const bool live = key >= kv_len || rows.Live(key);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[n][e] = (!need_mask || key + e < n_lo) ? s[n][e] * scale_log2 : -INFINITY;
-        s[n][2 + e] = (!need_mask || key + e < n_hi) ? s[n][2 + e] * scale_log2 : -INFINITY;
+        s[n][e] = (!need_mask || (live && key + e < n_lo)) ? s[n][e] * scale_log2 : -INFINITY;
+        s[n][2 + e] =
+            (!need_mask || (live && key + e < n_hi)) ? s[n][2 + e] * scale_log2 : -INFINITY;
         mx_lo = fmaxf(mx_lo, s[n][e]);
         mx_hi = fmaxf(mx_hi, s[n][2 + e]);
       }
@@ -196,16 +208,17 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
                             [&](int n, int e) { return o[n][e]; });
 }
 
-template <typename T, int Dk, int Dv>
+template <typename T, int Dk, int Dv, bool kPaged>
 cudaError_t LaunchAttention(const AttentionParams& p, cudaStream_t stream) {
   using Shape = AttnShape<Dk, Dv>;
-  cudaError_t err = cudaFuncSetAttribute(
-      AttentionKernel<T, Dk, Dv>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
+  cudaError_t err =
+      cudaFuncSetAttribute(AttentionKernel<T, Dk, Dv, kPaged>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
                   unsigned(p.batch * p.heads_kv));
-  AttentionKernel<T, Dk, Dv><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  AttentionKernel<T, Dk, Dv, kPaged><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

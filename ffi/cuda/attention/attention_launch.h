@@ -11,8 +11,9 @@
 
 namespace jax_mla::cuda {
 
-// mma.sync, every arch (attention_kernel.cuh).
-template <typename T, int Dk, int Dv>
+// mma.sync, every arch (attention_kernel.cuh); kPaged: k and v are paged
+// (RowView's block table, params.h).
+template <typename T, int Dk, int Dv, bool kPaged>
 cudaError_t LaunchAttention(const AttentionParams& p, cudaStream_t stream);
 // sm_90a wgmma (attention_sm90_kernel.cuh); only where RunsSm90a() (device.h).
 template <typename T, int Dk, int Dv>

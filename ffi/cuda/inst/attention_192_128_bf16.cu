@@ -2,5 +2,5 @@
 #include "ffi/cuda/attention/attention_kernel.cuh"
 
 namespace jax_mla::cuda {
-template cudaError_t LaunchAttention<__nv_bfloat16, 192, 128>(const AttentionParams&, cudaStream_t);
+template cudaError_t LaunchAttention<__nv_bfloat16, 192, 128, false>(const AttentionParams&, cudaStream_t);
 }  // namespace jax_mla::cuda

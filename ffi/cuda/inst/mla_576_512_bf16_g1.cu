@@ -2,5 +2,5 @@
 #include "ffi/cuda/mla/mla_kernel.cuh"
 
 namespace jax_mla::cuda {
-template cudaError_t LaunchMla<__nv_bfloat16, 1>(const AttentionParams&, cudaStream_t);
+template cudaError_t LaunchMla<__nv_bfloat16, 1, false>(const AttentionParams&, cudaStream_t);
 }  // namespace jax_mla::cuda

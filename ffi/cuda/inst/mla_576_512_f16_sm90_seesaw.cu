@@ -2,5 +2,5 @@
 #include "ffi/cuda/mla/mla_sm90_seesaw_kernel.cuh"
 
 namespace jax_mla::cuda {
-template cudaError_t LaunchMlaSm90Seesaw<__half>(const AttentionParams&, const CUtensorMap&, cudaStream_t);
+template cudaError_t LaunchMlaSm90Seesaw<__half, false>(const AttentionParams&, const CUtensorMap&, cudaStream_t);
 }  // namespace jax_mla::cuda

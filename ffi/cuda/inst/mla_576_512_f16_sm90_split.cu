@@ -2,5 +2,5 @@
 #include "ffi/cuda/mla/mla_sm90_split_kernel.cuh"
 
 namespace jax_mla::cuda {
-template cudaError_t LaunchMlaSm90Split<__half>(const AttentionParams&, cudaStream_t);
+template cudaError_t LaunchMlaSm90Split<__half, false>(const AttentionParams&, cudaStream_t);
 }  // namespace jax_mla::cuda

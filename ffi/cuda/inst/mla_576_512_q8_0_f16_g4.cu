@@ -2,5 +2,5 @@
 #include "ffi/cuda/mla/mla_quant_kernel.cuh"
 
 namespace jax_mla::cuda {
-template cudaError_t LaunchMlaQuant<__half, 4, QFormat::kQ8_0>(const AttentionParams&, cudaStream_t);
+template cudaError_t LaunchMlaQuant<__half, 4, QFormat::kQ8_0, false>(const AttentionParams&, cudaStream_t);
 }  // namespace jax_mla::cuda

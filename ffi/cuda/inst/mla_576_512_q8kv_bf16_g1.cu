@@ -2,5 +2,5 @@
 #include "ffi/cuda/mla/mla_quant_kernel.cuh"
 
 namespace jax_mla::cuda {
-template cudaError_t LaunchMlaQuant<__nv_bfloat16, 1, QFormat::kQ8KV>(const AttentionParams&, cudaStream_t);
+template cudaError_t LaunchMlaQuant<__nv_bfloat16, 1, QFormat::kQ8KV, false>(const AttentionParams&, cudaStream_t);
 }  // namespace jax_mla::cuda

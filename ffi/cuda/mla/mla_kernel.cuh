@@ -15,7 +15,9 @@
 // Each warp keeps a partial row sum over its own keys; the partials are added
 // at the end. With split-KV (num_splits > 1) block y handles a contiguous
 // range of tiles and writes normalized partials and their LSE; a combine
-// kernel merges them.
+// kernel merges them. With kPaged the tile rows come from the pages the block
+// table names (cache_rows.cuh): keys on skipped pages are zero-filled and
+// masked, and tiles and splits run across page boundaries unchanged.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +26,7 @@
 #include <cstdint>
 
 #include "ffi/common/params.h"
+#include "ffi/cuda/common/cache_rows.cuh"
 #include "ffi/cuda/common/kernel_utils.cuh"
 #include "ffi/cuda/mla/mla_config.h"
 
@@ -198,7 +201,7 @@ struct MlaBlockKeys {
   }
 };
 
-template <typename T, int G>
+template <typename T, int G, bool kPaged>
 __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p) {
   using Shape = MlaShape<G>;
   constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
@@ -220,15 +223,17 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
   const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
   const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
 
-  const T* kv_base = static_cast<const T*>(p.k.data) + (b % p.kv_batch) * p.k.batch_stride;
+  const CacheRows<kPaged> rows(p.k, b);
+  const T* kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
   auto load_tile = [&](int64_t t, int stage) {
     char* dst = s_kv + stage * kMlaKeys * kMlaRowBytes;
     for (int c = tid; c < kMlaKeys * kMlaChunks; c += kThreads) {
       const int rr = c / kMlaChunks, cc = c % kMlaChunks;
       const int64_t j = t * kMlaKeys + rr;
-      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8,
-                ok);
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + off + cc * 8, ok);
     }
   };
 
@@ -277,11 +282,13 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
       Mma16816<T>(s1, a1, bk[2], bk[3]);
     }
     const int64_t key = t * kMlaKeys + wg * 8 + 2 * (lane % 4);
+    // Keys key and key + 1 share a page (page sizes are even).
+    const bool live = key >= kv_len || rows.Live(key);
     float sc[4];
-    sc[0] = key < n_lo ? (s0[0] + s1[0]) * scale_log2 : -INFINITY;
-    sc[1] = key + 1 < n_lo ? (s0[1] + s1[1]) * scale_log2 : -INFINITY;
-    sc[2] = key < n_hi ? (s0[2] + s1[2]) * scale_log2 : -INFINITY;
-    sc[3] = key + 1 < n_hi ? (s0[3] + s1[3]) * scale_log2 : -INFINITY;
+    sc[0] = live && key < n_lo ? (s0[0] + s1[0]) * scale_log2 : -INFINITY;
+    sc[1] = live && key + 1 < n_lo ? (s0[1] + s1[1]) * scale_log2 : -INFINITY;
+    sc[2] = live && key < n_hi ? (s0[2] + s1[2]) * scale_log2 : -INFINITY;
+    sc[3] = live && key + 1 < n_hi ? (s0[3] + s1[3]) * scale_log2 : -INFINITY;
     MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
     NamedBarrier(bar, 128);
 
@@ -292,17 +299,18 @@ __global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p)
   MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
 }
 
-// Launches the main kernel for one (dtype, G); the caller launches the combine.
-template <typename T, int G>
+// Launches the main kernel for one (dtype, G, paged or not); the caller
+// launches the combine.
+template <typename T, int G, bool kPaged>
 cudaError_t LaunchMla(const AttentionParams& p, cudaStream_t stream) {
   using Shape = MlaShape<G>;
   cudaError_t err = cudaFuncSetAttribute(
-      MlaKernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
+      MlaKernel<T, G, kPaged>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
                   unsigned(p.batch));
-  MlaKernel<T, G><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  MlaKernel<T, G, kPaged><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -17,6 +17,8 @@
 //                the input type into a shared-memory tile.
 //   softmax, O += P V   exactly as the float kernel (P and V in the input type
 //                on the tensor cores, float32 accumulation).
+// A paged cache (kPaged) is read in place like the float kernel's: values
+// and scales through the block table, skipped pages zero-filled and masked.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +28,7 @@
 
 #include "ffi/common/params.h"
 #include "ffi/common/quant_format.h"
+#include "ffi/cuda/common/cache_rows.cuh"
 #include "ffi/cuda/common/kernel_utils.cuh"
 #include "ffi/cuda/mla/mla_config.h"
 #include "ffi/cuda/mla/mla_kernel.cuh"
@@ -59,7 +62,7 @@ __device__ __forceinline__ float ByteToFloat(uint32_t w_flipped, int i) {
          8388736.f;
 }
 
-template <typename T, int G, QFormat F>
+template <typename T, int G, QFormat F, bool kPaged>
 __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
     MlaQuantKernel(const AttentionParams p) {
   using Shape = MlaQuantShape<G, F>;
@@ -86,27 +89,31 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
   const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
   const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
 
-  const int64_t kv_b = b % p.kv_batch;
-  const char* qs_base = static_cast<const char*>(p.k.data) + kv_b * p.k.batch_stride;
+  const CacheRows<kPaged> rows(p.k, b);
   // Scale strides count scales: float16 (q8_0) or float32 (q8_kv).
-  const char* d_base = static_cast<const char*>(p.k.scales) +
-                       kv_b * p.k.scale_batch_stride * (F == QFormat::kQ8_0 ? 2 : 4);
+  const int64_t d_batch_bytes = p.k.scale_batch_stride * (F == QFormat::kQ8_0 ? 2 : 4);
+  const char* qs_base =
+      CacheRows<kPaged>::template Base<char>(p.k.data, b, p.kv_batch, p.k.batch_stride);
+  const char* d_base =
+      CacheRows<kPaged>::template Base<char>(p.k.scales, b, p.kv_batch, d_batch_bytes);
   auto load_tile = [&](int64_t t, int stage) {
     char* dst = s_kv + stage * Shape::kStageBytes;
     for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
       const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
       const int64_t j = t * kMlaKeys + rr;
-      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16,
-                qs_base + (ok ? j : 0) * p.k.row_stride + cc * 16, ok);
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + off + cc * 16, ok);
     }
     char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
     constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
     for (int c = tid; c < kMlaKeys * kWords; c += kThreads) {
       const int rr = c / kWords, ww = c % kWords;
       const int64_t j = t * kMlaKeys + rr;
-      const bool ok = j < kv_len;
-      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + (ok ? j : 0) * kScaleBytes + ww * 4, ok);
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, d_batch_bytes, kScaleBytes, &off);
+      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + off + ww * 4, ok);
     }
   };
 
@@ -245,10 +252,12 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
     }
     // The query was scaled before rounding: only the base-2 factor is left.
     const int64_t key = t * kMlaKeys + key0;
-    sc[0] = key < n_lo ? sc[0] * kLog2e : -INFINITY;
-    sc[1] = key + 1 < n_lo ? sc[1] * kLog2e : -INFINITY;
-    sc[2] = key < n_hi ? sc[2] * kLog2e : -INFINITY;
-    sc[3] = key + 1 < n_hi ? sc[3] * kLog2e : -INFINITY;
+    // Keys key and key + 1 share a page (page sizes are even).
+    const bool live = key >= kv_len || rows.Live(key);
+    sc[0] = live && key < n_lo ? sc[0] * kLog2e : -INFINITY;
+    sc[1] = live && key + 1 < n_lo ? sc[1] * kLog2e : -INFINITY;
+    sc[2] = live && key < n_hi ? sc[2] * kLog2e : -INFINITY;
+    sc[3] = live && key + 1 < n_hi ? sc[3] * kLog2e : -INFINITY;
     MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
     // P of the group's warps and the whole block's V conversion are visible after this.
     __syncthreads();
@@ -260,17 +269,19 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
   MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
 }
 
-// Launches the main kernel for one (dtype, G, format); the caller launches the combine.
-template <typename T, int G, QFormat F>
+// Launches the main kernel for one (dtype, G, format, paged or not); the
+// caller launches the combine.
+template <typename T, int G, QFormat F, bool kPaged>
 cudaError_t LaunchMlaQuant(const AttentionParams& p, cudaStream_t stream) {
   using Shape = MlaQuantShape<G, F>;
-  cudaError_t err = cudaFuncSetAttribute(
-      MlaQuantKernel<T, G, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
+  cudaError_t err =
+      cudaFuncSetAttribute(MlaQuantKernel<T, G, F, kPaged>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
                   unsigned(p.batch));
-  MlaQuantKernel<T, G, F><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  MlaQuantKernel<T, G, F, kPaged><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 

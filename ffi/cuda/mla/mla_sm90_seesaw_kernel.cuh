@@ -5,6 +5,15 @@
 // as the path for caches whose strides do not suit TMA. Everything that emits
 // sm_90a instructions compiles to nothing outside __CUDA_ARCH_FEAT_SM90_ALL;
 // the host launches it only where RunsSm90a() (device.h).
+//
+// Paged caches (kPaged): the tensor map covers the page pool [num_pages,
+// page_size, 576] in boxes of min(page_size, 64) keys (MlaKvMap), so a tile
+// is 64 / box keys' worth of boxes per column block, each at (row in page,
+// page) and 1024-byte aligned in the tile (the 128B swizzle follows the
+// shared address), all completing on the block's one barrier. A tile that
+// reaches past kv_len or touches a skipped page goes by the cp.async path
+// (rows through the block table, cache_rows.cuh; skipped ones zero-filled)
+// and its keys on skipped pages are masked like keys past the row's length.
 #pragma once
 
 #include <cuda.h>
@@ -17,6 +26,7 @@
 #include <type_traits>
 
 #include "ffi/common/params.h"
+#include "ffi/cuda/common/cache_rows.cuh"
 #include "ffi/cuda/common/kernel_utils.cuh"
 #include "ffi/cuda/common/wgmma.cuh"
 #include "ffi/cuda/mla/mla_config.h"
@@ -106,7 +116,7 @@ constexpr size_t kSeesawSmem = 3 * size_t(kSm90TileBytes) +              // Q, t
                                3 * 2 * kSm90Rows * sizeof(float) +       // alpha, m, sums
                                1024;                                     // alignment slack
 
-template <typename T>
+template <typename T, bool kPaged>
 __global__ void __launch_bounds__(kSeesawThreads, 1)
     MlaSm90SeesawKernel(const AttentionParams p, const __grid_constant__ CUtensorMap tm_kv) {
 #ifdef JAX_MLA_SM90A
@@ -133,9 +143,18 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   const MlaBlockKeys<kSm90Keys> span(p, b, split, row0, kSm90Rows);
   const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
   const int n = int(t_end - t_begin);
+  const CacheRows<kPaged> rows(p.k, b);
+  // Keys per TMA box: a paged tile is several boxes when pages are shorter.
+  const int box_keys = kPaged && p.k.page_size < kSm90Keys ? int(p.k.page_size) : kSm90Keys;
   // Whether tile i goes by TMA (same answer in the producer and the consumers).
   auto by_tma = [&](int i) {
     const int64_t key0 = (t_begin + i) * kSm90Keys;
+    if constexpr (kPaged) {
+      if (key0 + kSm90Keys > kv_len) return false;
+      for (int k = 0; k < kSm90Keys; k += box_keys)
+        if (!rows.Live(key0 + k)) return false;
+      return true;
+    }
     return key0 + kSm90Keys <= kv_len || kv_len == Skv;
   };
 
@@ -153,7 +172,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     SetMaxRegsDec<kSeesawProducerRegs>();
     if (warp > 8) return;
     const int64_t kvb = b % p.kv_batch;
-    const T* kv_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride;
+    const T* kv_base =
+        CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
     constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
     for (int i = 0; i < n; ++i) {
       const int buf = i & 1;
@@ -174,8 +194,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           }
           if (lane == 0) {
             MbarArriveExpectTx(bar + blk, uint32_t(kSm90Keys * 128));
-            TmaLoad4d(dst + blk * (kSm90Keys * 128), &tm_kv, blk * 64, 0, int(key0), int(kvb),
-                      bar + blk);
+            if constexpr (kPaged) {
+              for (int k = 0; k < kSm90Keys; k += box_keys)
+                TmaLoad4d(dst + blk * (kSm90Keys * 128) + k * 128, &tm_kv, blk * 64, 0,
+                          int(rows.Row(key0 + k)), int(rows.Page(key0 + k)), bar + blk);
+            } else {
+              TmaLoad4d(dst + blk * (kSm90Keys * 128), &tm_kv, blk * 64, 0, int(key0), int(kvb),
+                        bar + blk);
+            }
           } else {
             MbarArrive(bar + blk);
           }
@@ -186,9 +212,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         for (int c = lane; c < kSm90Keys * kChunks; c += 32) {
           const int rr = c / kChunks, cc = c % kChunks;
           const int64_t j = key0 + rr;
-          const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-          CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc),
-                    kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
+          // Keys past kv_len or on a skipped page are zero-filled, never read.
+          int64_t off;
+          const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+          CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + off + cc * 8, ok);
         }
 #pragma unroll 1
         for (int blk = 0; blk < 9; ++blk) MbarArriveCpAsync(bar + blk);
@@ -279,13 +306,26 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     const int64_t lim_lo64 = n_lo - key0, lim_hi64 = n_hi - key0;
     const int lim_lo = lim_lo64 < 0 ? 0 : (lim_lo64 > 64 ? 64 : int(lim_lo64));
     const int lim_hi = lim_hi64 < 0 ? 0 : (lim_hi64 > 64 ? 64 : int(lim_hi64));
+    // Keys on skipped pages (only in tiles the cp.async path loaded); keys
+    // key0 + 8jj and + 1 share a page (page sizes are even).
+    bool live[8];
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) live[jj] = true;
+    if constexpr (kPaged) {
+      if (!by_tma(j)) {
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj)
+          live[jj] = key0 + 8 * jj >= kv_len || rows.Live(key0 + 8 * jj);
+      }
+    }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[4 * jj + e] = 8 * jj + e < lim_lo ? s[4 * jj + e] * scale_log2 : -INFINITY;
-        s[4 * jj + 2 + e] = 8 * jj + e < lim_hi ? s[4 * jj + 2 + e] * scale_log2 : -INFINITY;
+        s[4 * jj + e] = live[jj] && 8 * jj + e < lim_lo ? s[4 * jj + e] * scale_log2 : -INFINITY;
+        s[4 * jj + 2 + e] =
+            live[jj] && 8 * jj + e < lim_hi ? s[4 * jj + 2 + e] * scale_log2 : -INFINITY;
         mx_lo = fmaxf(mx_lo, s[4 * jj + e]);
         mx_hi = fmaxf(mx_hi, s[4 * jj + 2 + e]);
       }
@@ -401,12 +441,13 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
 #endif
 }
 
-// Launches the seesaw kernel over the cache rows `tm_kv` maps (MlaKvMap,
-// mla_launch.h); the caller launches the combine. Only where RunsSm90a().
-template <typename T>
+// Launches the seesaw kernel over the cache rows (or pages) `tm_kv` maps
+// (MlaKvMap, mla_launch.h); the caller launches the combine. Only where
+// RunsSm90a().
+template <typename T, bool kPaged>
 cudaError_t LaunchMlaSm90Seesaw(const AttentionParams& p, const CUtensorMap& tm_kv,
                                 cudaStream_t stream) {
-  auto kernel = MlaSm90SeesawKernel<T>;
+  auto kernel = MlaSm90SeesawKernel<T, kPaged>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSeesawSmem));
   if (err != cudaSuccess) return err;

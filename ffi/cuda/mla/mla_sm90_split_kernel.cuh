@@ -17,7 +17,9 @@
 //   O += P V    warpgroup w accumulates output columns [256w, 256w + 256)
 //               (wgmma m64n256k16 x 4, P K-major, V = the same tile read
 //               MN-major in place: no V copy).
-// Split-KV partials and the combine are the mma.sync kernel's.
+// Split-KV partials and the combine are the mma.sync kernel's. A paged cache
+// (kPaged) is read like the mma.sync kernel's: rows through the block table
+// (cache_rows.cuh), skipped pages zero-filled and masked.
 //
 // Shared-memory layout (PTX ISA "Shared Memory Matrix Layout", 128B swizzle):
 // a [rows][576] tile is 9 column blocks of 64 elements, block b at b * rows *
@@ -43,6 +45,7 @@
 #include <type_traits>
 
 #include "ffi/common/params.h"
+#include "ffi/cuda/common/cache_rows.cuh"
 #include "ffi/cuda/common/kernel_utils.cuh"
 #include "ffi/cuda/common/wgmma.cuh"
 #include "ffi/cuda/mla/mla_config.h"
@@ -83,7 +86,7 @@ __device__ __forceinline__ void MlaSm90StoreRows(const AttentionParams& p, const
                             wg == 0 && lane % 4 == 0, m_lo, m_hi, sum_lo, sum_hi);
 }
 
-template <typename T>
+template <typename T, bool kPaged>
 __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const AttentionParams p) {
 #ifdef JAX_MLA_SM90A
   extern __shared__ __align__(1024) char smem_raw[];
@@ -107,15 +110,17 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
   const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
 
   constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
-  const T* kv_base = static_cast<const T*>(p.k.data) + (b % p.kv_batch) * p.k.batch_stride;
+  const CacheRows<kPaged> rows(p.k, b);
+  const T* kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
   auto load_tile = [&](int64_t t, int stage) {
     char* dst = s_kv + stage * kSm90TileBytes;
     for (int c = tid; c < kSm90Keys * kChunks; c += kSm90Threads) {
       const int rr = c / kChunks, cc = c % kChunks;
       const int64_t j = t * kSm90Keys + rr;
-      const bool ok = j < kv_len;  // keys past kv_len are zero-filled, never read
-      CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc),
-                kv_base + (ok ? j : 0) * p.k.row_stride + cc * 8, ok);
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + off + cc * 8, ok);
     }
   };
   if (t_begin < t_end) {
@@ -164,11 +169,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
+      // Keys key0 + 8j and + 1 share a page (page sizes are even).
+      const bool live = key0 + 8 * j >= kv_len || rows.Live(key0 + 8 * j);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t key = key0 + 8 * j + e;
-        s[4 * j + e] = key < n_lo ? s[4 * j + e] * scale_log2 : -INFINITY;
-        s[4 * j + 2 + e] = key < n_hi ? s[4 * j + 2 + e] * scale_log2 : -INFINITY;
+        s[4 * j + e] = live && key < n_lo ? s[4 * j + e] * scale_log2 : -INFINITY;
+        s[4 * j + 2 + e] = live && key < n_hi ? s[4 * j + 2 + e] * scale_log2 : -INFINITY;
         mx_lo = fmaxf(mx_lo, s[4 * j + e]);
         mx_hi = fmaxf(mx_hi, s[4 * j + 2 + e]);
       }
@@ -233,15 +240,15 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
 
 // Launches the key-split kernel above (auto's choice when the cache's strides
 // do not suit TMA; mla.cu). Only where RunsSm90a() (device.h).
-template <typename T>
+template <typename T, bool kPaged>
 cudaError_t LaunchMlaSm90Split(const AttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(
-      MlaSm90Kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSm90Smem));
+      MlaSm90Kernel<T, kPaged>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSm90Smem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + kSm90Rows - 1) / kSm90Rows), unsigned(p.num_splits),
                   unsigned(p.batch));
-  MlaSm90Kernel<T><<<grid, kSm90Threads, kSm90Smem, stream>>>(p);
+  MlaSm90Kernel<T, kPaged><<<grid, kSm90Threads, kSm90Smem, stream>>>(p);
   return cudaGetLastError();
 }
 
