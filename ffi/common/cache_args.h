@@ -51,7 +51,9 @@ inline ffi::Error CacheRows(const char* op, const char* name, ffi::AnyBuffer dat
     const auto qs_type = q6 ? ffi::DataType::U8 : fp8 ? ffi::DataType::F8E4M3FN : ffi::DataType::S8;
     JAX_MLA_CHECK(data.element_type() == qs_type, InvalidArgument)
         << op << ": " << name << ".qs of a " << QFormatName(fmt) << " cache must be "
-        << (q6 ? "uint8" : fp8 ? "float8_e4m3fn" : "int8");
+        << (q6    ? "uint8"
+            : fp8 ? "float8_e4m3fn"
+                  : "int8");
     JAX_MLA_CHECK(!q6 || last % 24 == 0, InvalidArgument)
         << op << ": " << name << ".qs of a q6_0 cache must have a last axis that is a multiple "
         << "of 24 (bytes per block of 32), got shape " << ShapeString(dd);

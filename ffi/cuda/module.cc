@@ -37,7 +37,8 @@ nb::dict Capabilities() {
   for (const char* name : jax_mla::cuda::kMlaKernelNames) mla_kernels.append(name);
   for (const char* name : jax_mla::cuda::kAttentionKernelNames) attention_kernels.append(name);
   nb::dict formats;
-  for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV}) formats[jax_mla::QFormatName(f)] = int64_t(f);
+  for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV, QFormat::kFP8E4M3})
+    formats[jax_mla::QFormatName(f)] = int64_t(f);
   d["dtypes"] = dtypes;
   d["attention_head_dims"] = attention_dims;
   d["mla_layouts"] = mla_layouts;
