@@ -4,10 +4,10 @@ racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
 and over each quantized format (8-bit, fp8_e4m3), each attention head-dim pair
 and kernel family, split-KV and its combine, causal, ragged kv_len with empty
 rows), and paged flash_mla and flash_attention (every page size, float and
-quantized latent caches,
-pages in a random order in a pool NaN wherever no live key is, block-table
-entries out of range both past kv_len and below it: those keys skipped, never
-read), each checked against the reference so a silent failure also shows.
+quantized latent caches, pages in a random order in a pool NaN wherever no
+live key is, block-table entries out of range both past kv_len and below it:
+those keys skipped, never read), each checked against the reference so a
+silent failure also shows.
 The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
