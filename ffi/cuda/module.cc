@@ -84,5 +84,5 @@ NB_MODULE(_cuda, m) {
         "Thread blocks a call makes without split-KV (flash_mla: dk = 576, heads_kv = 1).");
   m.def("mla_blocks_per_sm", &jax_mla::cuda::MlaBlocksPerSm, nb::arg("rows"), nb::arg("kv_fmt"),
         "flash_mla thread blocks that run at once on one SM (rows = Sq * H; kv_fmt 0 float, "
-        "1 q8_0, 2 q8_kv): the split heuristic fills that many per SM.");
+        "1 q8_0, 2 q8_kv, 4 fp8_e4m3): the split heuristic fills that many per SM.");
 }
