@@ -223,6 +223,9 @@ ATTN_FORMATS = [
     ("q6_0", jnp.bfloat16),
     ("q8_0", "q6_0"),
     ("q8_kv", "q8_0"),
+    ("fp8_e4m3", "fp8_e4m3"),
+    (jnp.bfloat16, "fp8_e4m3"),
+    ("fp8_e4m3", "q8_0"),
 ]
 
 
