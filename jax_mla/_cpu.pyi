@@ -2,7 +2,7 @@ def registrations() -> dict[str, object]:
     """FFI handler capsules by target name, for platform "cpu"."""
 
 def capabilities() -> dict[str, object]:
-    """What the CPU kernels take: the head-dim rule (multiples of head_dim_multiple up to max_head_dim), the dtypes, the quantized formats and their FFI attribute codes, and the KV tile."""
+    """What the CPU kernels take: the head-dim rule (multiples of head_dim_multiple up to max_head_dim), the dtypes, the quantized formats and their FFI attribute codes, the KV tile, and the page sizes of the *_paged targets."""
 
 def kv_tile() -> int:
     """Keys per kernel tile; num_splits is clamped to the number of tiles."""

@@ -5,7 +5,9 @@ def capabilities() -> dict[str, object]:
     """What this build supports: "dtypes", "attention_head_dims" ([Dk, Dv] pairs),
     "mla_layouts" ([Dk, dv, v_offset]), "mla_formats" (name -> FFI code), and the
     kernel families a call may force, "mla_kernels" and "attention_kernels"
-    (JAX_MLA_CUDA_MLA_KERNEL, JAX_MLA_CUDA_ATTENTION_KERNEL; "auto" first)."""
+    (JAX_MLA_CUDA_MLA_KERNEL, JAX_MLA_CUDA_ATTENTION_KERNEL; "auto" first), the
+    ops with kernels over paged caches, "paged_ops", and the page sizes of the
+    *_paged targets, "page_sizes"."""
 
 def sm_count(device: int = 0) -> int:
     """Multiprocessors of a CUDA device, 0 when there is none."""

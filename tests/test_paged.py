@@ -232,7 +232,8 @@ def test_traced_bad_page_is_skipped(rng, backend, fmt):
     assert (np.asarray(out) == 0).all() and np.isneginf(np.asarray(lse)).all()
 
 
-def test_gradient_to_q_and_pages(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_to_q_and_pages(rng, backend):
     page_size = 16
     kv_len = np.array([20, 40])
     q, kv = mla_case(rng, batch=2, seq_q=2, seq_kv=48, kv_len=kv_len, fmt=None)
@@ -244,17 +245,49 @@ def test_gradient_to_q_and_pages(rng):
 
     paged = loss(
         lambda q, c: jax_mla.flash_mla(
-            q, c, block_table=table, kv_len=kv_len, dv=32, causal=True, backend="reference"
+            q, c, block_table=table, kv_len=kv_len, dv=32, causal=True, backend=backend
         )
     )
     flat = loss(
-        lambda q, c: jax_mla.flash_mla(q, c, kv_len=kv_len, dv=32, causal=True, backend="reference")
+        lambda q, c: jax_mla.flash_mla(q, c, kv_len=kv_len, dv=32, causal=True, backend=backend)
     )
     dq, dpages = jax.grad(paged, (0, 1))(q, pages)
     dq_flat, dkv = jax.grad(flat, (0, 1))(q, kv)
     assert_same(dq, dq_flat, 1e-5)
     # Each page's gradient is its rows' in the contiguous cache.
     assert_same(dpages, paginate_like(dkv, table, page_size, kv_len, pages.shape[0]), 1e-5)
+
+
+def test_attention_gradient_and_vmap_over_quantized_pages(rng):
+    # k q8_0, v float: the scales placeholder of v beside mapped pages; the
+    # gradient flows to q and the float v pages.
+    page_size, kv_len = 16, np.array([40, 17])
+    q = randn(rng, (2, 2, 4, 32), jnp.float32)
+    k = jnp.nan_to_num(cache(rng, (2, 48, 2, 32), jnp.float32, kv_len))
+    v = jnp.nan_to_num(cache(rng, (2, 48, 2, 32), jnp.float32, kv_len))
+    k = jax_mla.quantize(k, "q8_0")
+    k_pages, table = paginate(rng, k, page_size, kv_len, spare=0)
+    v_pages = _relayout(v, page_size, kv_len, table, k_pages)
+    v_pages = jnp.nan_to_num(v_pages)
+
+    def run(q, k, v, table=None):
+        return jax_mla.flash_attention(q, k, v, block_table=table, kv_len=kv_len, causal=True)
+
+    both = jax.vmap(run, (None, 0, 0, None))(
+        q,
+        jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), k_pages),
+        jnp.stack([v_pages, -v_pages]),
+        table,
+    )
+    assert_same(both, jnp.stack([run(q, k, v), run(q, k, -v)]), 1e-5)
+
+    def loss(q, v, table=None):
+        return jnp.sum(jnp.sin(run(q, k if table is None else k_pages, v, table)))
+
+    dq, dv_pages = jax.grad(loss, (0, 1))(q, v_pages, table)
+    dq_flat, dv = jax.grad(loss, (0, 1))(q, v)
+    assert_same(dq, dq_flat, 1e-5)
+    assert_same(dv_pages, paginate_like(dv, table, page_size, kv_len, v_pages.shape[0]), 1e-5)
 
 
 def paginate_like(x, table, page_size, kv_len, num_pages):

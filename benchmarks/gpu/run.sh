@@ -14,15 +14,16 @@
 #             runs the collected tests as N processes side by side.
 #   sanitize  compute-sanitizer memcheck over benchmarks/gpu/sanitize_cases.py,
 #             jax_mla's kernels only; SANITIZE_TOOLS="memcheck racecheck" adds
-#             racecheck (on the --quick cases).
+#             racecheck (on the --quick cases); SANITIZE_ARGS=--paged-only runs the
+#             paged-cache cases alone.
 #   bench     python -m jax_mla $BENCH_ARGS, then benchmarks/gpu/side_by_side.py
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
-#   paged     paged caches: the GPU tests of the paged targets (tests/test_cuda_paged.py;
-#             the sanitize step's memcheck cases include paged calls), then FlashMLA built from
-#             .carry/flashmla (once per machine, into /tmp/fmb; sm_90a) and the MLA
-#             decode rows with jax_mla over pages of $PAGE (default 64) against
-#             FlashMLA and FlashInfer (pages of 64) on the same bytes
-#             (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g. --skip fa3).
+#   paged     FlashMLA built from .carry/flashmla (once per machine, into /tmp/fmb;
+#             sm_90a), then the MLA decode rows with jax_mla over pages of $PAGE
+#             (default 64) against FlashMLA and FlashInfer (pages of 64) on the same
+#             bytes (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g. --skip fa3).
+#             The paged targets' GPU tests run in the test step (alone:
+#             PYTEST_ARGS=tests/test_cuda_paged.py), their memcheck cases in sanitize.
 #   profile   Nsight Compute on one launch of each MLA kernel of
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
@@ -31,7 +32,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,32p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,33p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -103,8 +104,9 @@ step_sanitize() {
   for tool in ${SANITIZE_TOOLS:-memcheck}; do
     quick=""
     [ "$tool" = racecheck ] && quick=--quick
+    # shellcheck disable=SC2086
     "$SAN" --tool "$tool" --kernel-name kns=jax_mla --print-limit 20 \
-      python3 -P benchmarks/gpu/sanitize_cases.py $quick
+      python3 -P benchmarks/gpu/sanitize_cases.py $quick ${SANITIZE_ARGS:-}
     echo "$tool: exit $?"
   done
 }
@@ -117,8 +119,6 @@ step_bench() {
 }
 
 step_paged() {
-  python3 -P -X faulthandler -m pytest -p no:cacheprovider -q -rfs -m gpu \
-    tests/test_cuda_paged.py || return 1
   local fm=/tmp/fmb
   if ! ls "$fm"/flashmla/flash_mla/cuda*.so >/dev/null 2>&1; then
     MAX_JOBS="${MAX_JOBS:-12}" bash .carry/flashmla/build.sh .carry/flashmla/flashmla_src.tar.xz \

@@ -71,9 +71,10 @@ NB_MODULE(_cuda, m) {
     return d;
   });
   m.def("capabilities", &Capabilities,
-        "What this build supports: dtypes, head dims, MLA layouts and formats (FFI codes), and "
+        "What this build supports: dtypes, head dims, MLA layouts and formats (FFI codes), "
         "the kernel families a call may force (JAX_MLA_CUDA_MLA_KERNEL, "
-        "JAX_MLA_CUDA_ATTENTION_KERNEL).");
+        "JAX_MLA_CUDA_ATTENTION_KERNEL), the ops with paged kernels (paged_ops) and their "
+        "page sizes.");
   m.def("sm_count", &jax_mla::cuda::SmCount, nb::arg("device") = 0,
         "Multiprocessors of a CUDA device, 0 when there is none.");
   m.def("runtime_version", &jax_mla::cuda::RuntimeVersion);

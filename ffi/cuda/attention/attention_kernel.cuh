@@ -57,12 +57,12 @@ __global__ void __launch_bounds__(128) AttentionKernel(const AttentionParams p) 
   const int64_t t_begin = split * per < tiles ? split * per : tiles;
   const int64_t t_end = t_begin + per < tiles ? t_begin + per : tiles;
 
-  // One block table serves k and v (the pages of both hold the same keys).
+  // One block table serves k and v (the pages of both hold the same keys);
+  // a paged row's offset counts from the pool (batch row 0).
   const CacheRows<kPaged> rows(p.k, b);
-  const T* k_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride) +
-                    hk * p.k.head_stride;
-  const T* v_base = CacheRows<kPaged>::template Base<T>(p.v.data, b, p.kv_batch, p.v.batch_stride) +
-                    hk * p.v.head_stride;
+  const int64_t kvb = kPaged ? 0 : b % p.kv_batch;
+  const T* k_base = static_cast<const T*>(p.k.data) + kvb * p.k.batch_stride + hk * p.k.head_stride;
+  const T* v_base = static_cast<const T*>(p.v.data) + kvb * p.v.batch_stride + hk * p.v.head_stride;
   auto load_tile = [&](int64_t t, int stage) {
     char* dk = s_k + stage * kKeys * kKRow;
     for (int c = tid; c < kKeys * kKChunks; c += Shape::kThreads) {
