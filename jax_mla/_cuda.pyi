@@ -23,4 +23,4 @@ def work_items(batch: int, seq_q: int, heads_q: int, heads_kv: int, dk: int) -> 
 
 def mla_blocks_per_sm(rows: int, kv_fmt: int) -> int:
     """flash_mla thread blocks that run at once on one SM (rows = Sq * H; kv_fmt 0 float,
-    1 q8_0, 2 q8_kv): the split heuristic fills that many per SM."""
+    1 q8_0, 2 q8_kv, 4 fp8_e4m3): the split heuristic fills that many per SM."""

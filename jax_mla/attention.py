@@ -51,7 +51,8 @@ def flash_attention(
     Args:
       q: [B, Sq, Hq, Dk] float32, float16 or bfloat16.
       k: [B, Skv, Hkv, Dk], any of those float dtypes (need not match q), or
-        a QuantizedKV of that logical shape (q8_0, q8_kv, q6_0) read in place.
+        a QuantizedKV of that logical shape (q8_0, q8_kv, q6_0, fp8_e4m3) read
+        in place.
       v: [B, Skv, Hkv, Dv], likewise; k and v need not share a format. Over
         an 8-bit k (q8_0, q8_kv) the kernels round the scaled query rows to 8
         bits per block of 32 so that Q.K runs on integer dot products; over an

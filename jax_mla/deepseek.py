@@ -59,7 +59,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 import jax_mla
 from jax_mla._checks import PAGE_SIZES
-from jax_mla.quant import FORMATS, QuantizedKV, cache_float_dtype
+from jax_mla.quant import BLOCK_FORMATS, FORMATS, QuantizedKV, cache_float_dtype
 
 __all__ = [
     "MLAConfig",
@@ -542,7 +542,7 @@ def _positive(op: str, **values) -> None:
 def _empty_rows(op: str, cfg: MLAConfig, shape: tuple[int, ...], fmt: str | DTypeLike):
     """Zeros of `shape` (last axis the row) stored as fmt."""
     if isinstance(fmt, str) and fmt in FORMATS:
-        if fmt != "q8_kv" and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
+        if fmt in BLOCK_FORMATS and (cfg.cache_dim % 32 or cfg.kv_lora_rank % 32):
             raise ValueError(
                 f"{op}: {fmt} needs kv_lora_rank and the row width to be "
                 f"multiples of 32 (V starts a block), got kv_lora_rank "
@@ -557,7 +557,7 @@ def init_cache(
     cfg: MLAConfig, batch: int, max_len: int, fmt: str | DTypeLike = jnp.float16
 ) -> LatentCache:
     """An empty latent cache of `batch` rows of `max_len` tokens; fmt is "f32",
-    "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0"."""
+    "f16", "bf16" (or that dtype) or one of "q8_0", "q8_kv", "q6_0", "fp8_e4m3"."""
     _positive("init_cache", batch=batch, max_len=max_len)
     kv = _empty_rows("init_cache", cfg, (batch, max_len, cfg.cache_dim), fmt)
     return LatentCache(kv, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.bool_))

@@ -54,7 +54,8 @@ def flash_mla(
       q: [B, Sq, H, Dk] float32, float16 or bfloat16 (queries already absorbed
         into latent space).
       kv: [B, Skv, Dk] latent cache, any of those float dtypes, or a
-        QuantizedKV of that logical shape (q8_0, q8_kv, q6_0), read in place.
+        QuantizedKV of that logical shape (q8_0, q8_kv, q6_0, fp8_e4m3), read
+        in place.
         K is the whole row; V is kv[..., v_offset:v_offset + dv] of the same
         rows, read in place: no V copy (and no dequantized copy) is ever made.
         DeepSeek's rows are [c_kv | k_pe], so V is the first 512 columns

@@ -15,6 +15,9 @@ Formats (quantization along the last axis, docs/formats.md):
          high half; bytes 16..23 hold the high 2 bits, value j's (j < 16) in
          bits 4*(j // 8) .. +1 of byte 16 + j % 8 and value j + 16's in the two
          bits above them.
+  fp8_e4m3  one scale per row: qs float8_e4m3fn [..., D], d float32 [..., 1];
+         x ~ d * q, d = max|row| / 448, q = e4m3(x / d) rounded to nearest
+         even (|x / d| clamped to 448, e4m3fn's largest finite value).
 roundf rounds half away from zero (jnp.round rounds half to even: not it).
 All arithmetic is float32, as the C reference quantizers do theirs.
 """
@@ -33,12 +36,16 @@ from jax.typing import ArrayLike, DTypeLike
 
 __all__ = ["QuantizedKV", "quantize", "dequantize", "cache_update", "cache_bytes", "FORMATS"]
 
-FORMATS = ("q8_0", "q8_kv", "q6_0")
+FORMATS = ("q8_0", "q8_kv", "q6_0", "fp8_e4m3")
 # The short names the benchmark and the docs use. numpy reads "f16" as a
 # 16-byte float (float128), so they are mapped before numpy sees them.
 FLOAT_NAMES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
 CACHE_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in FLOAT_NAMES.values())
 BLOCK = 32  # values per block of q8_0 and q6_0
+BLOCK_FORMATS = ("q8_0", "q6_0")
+ROW_SCALED = ("q8_kv", "fp8_e4m3")  # one float32 scale per row
+FP8_MAX = 448.0  # e4m3fn's largest finite value
+_QS_DTYPES = {"q8_0": jnp.int8, "q8_kv": jnp.int8, "q6_0": jnp.uint8, "fp8_e4m3": jnp.float8_e4m3fn}
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +85,7 @@ def _check_float(name: str, x) -> None:
 def _check_last_axis(fmt: str, shape) -> None:
     if len(shape) == 0:
         raise ValueError(f"{fmt}: x must have at least one axis, got a scalar")
-    if fmt != "q8_kv" and shape[-1] % BLOCK:
+    if fmt in BLOCK_FORMATS and shape[-1] % BLOCK:
         raise ValueError(
             f"{fmt}: the last axis must be a multiple of {BLOCK}, got shape {tuple(shape)}"
         )
@@ -95,8 +102,8 @@ def check_quantized(op: str, name: str, x: QuantizedKV) -> None:
             raise TypeError(
                 f"{where}.{leaf} must be an array, got {type(getattr(x, leaf)).__name__}"
             )
-    qs_dtype = jnp.dtype(jnp.uint8 if x.fmt == "q6_0" else jnp.int8)
-    d_dtype = jnp.dtype(jnp.float32 if x.fmt == "q8_kv" else jnp.float16)
+    qs_dtype = jnp.dtype(_QS_DTYPES[x.fmt])
+    d_dtype = jnp.dtype(jnp.float32 if x.fmt in ROW_SCALED else jnp.float16)
     if jnp.dtype(x.qs.dtype) != qs_dtype:
         raise TypeError(
             f"{where}.qs of a {x.fmt} cache must be {qs_dtype}, got {jnp.dtype(x.qs.dtype)}"
@@ -113,7 +120,7 @@ def check_quantized(op: str, name: str, x: QuantizedKV) -> None:
             f"of 24 (bytes per block), got shape {tuple(x.qs.shape)}"
         )
     _check_last_axis(x.fmt, x.shape)
-    n_scales = 1 if x.fmt == "q8_kv" else x.shape[-1] // BLOCK
+    n_scales = 1 if x.fmt in ROW_SCALED else x.shape[-1] // BLOCK
     expected = tuple(x.qs.shape[:-1]) + (n_scales,)
     if tuple(x.d.shape) != expected:
         raise ValueError(
@@ -163,7 +170,14 @@ def _q6_0(x):
     return QuantizedKV(qs, d[..., 0].astype(jnp.float16), "q6_0")
 
 
-_QUANTIZERS = {"q8_0": _q8_0, "q8_kv": _q8_kv, "q6_0": _q6_0}
+def _fp8_e4m3(x):
+    d = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / jnp.float32(FP8_MAX)
+    # x / d may round just past 448, which e4m3fn has no finite value for.
+    y = jnp.clip(x / jnp.where(d == 0, 1, d), -FP8_MAX, FP8_MAX)
+    return QuantizedKV(y.astype(jnp.float8_e4m3fn), d, "fp8_e4m3")
+
+
+_QUANTIZERS = {"q8_0": _q8_0, "q8_kv": _q8_kv, "q6_0": _q6_0, "fp8_e4m3": _fp8_e4m3}
 
 
 def quantize(x: ArrayLike, fmt: str) -> QuantizedKV:
@@ -180,7 +194,7 @@ def dequantize(qkv: QuantizedKV, dtype: DTypeLike = jnp.float32) -> jax.Array:
         raise TypeError(f"qkv must be a QuantizedKV, got {type(qkv).__name__}")
     fmt = _check_format(qkv.fmt)
     d = qkv.d.astype(jnp.float32)
-    if fmt == "q8_kv":
+    if fmt in ROW_SCALED:
         return (qkv.qs.astype(jnp.float32) * d).astype(dtype)
     if fmt == "q8_0":
         x = _blocks(qkv.qs.astype(jnp.float32)) * d[..., None]

@@ -124,10 +124,12 @@ def test_gpu_cases_are_the_issue_shapes():
         (32, 128, 32768),
     ]
     assert all(c.seq_q == 1 and c.dims == (576, 512) for c in mla)
-    quant = [c for c in got if c.cache in ("q8_0", "q8_kv")]
+    quant = [c for c in got if c.cache in ("q8_0", "q8_kv", "fp8_e4m3")]
     rows = {(c.batch, c.heads, c.n_kv) for c in quant}
     assert len(rows) >= 2 and rows <= {(c.batch, c.heads, c.n_kv) for c in mla}
-    assert {c.cache for c in quant} == {"q8_0", "q8_kv"} and len(quant) == 2 * len(rows)
+    assert (64, 16, 16384) in rows  # the memory-bound row the 8-bit caches aim at
+    assert {c.cache for c in quant} == {"q8_0", "q8_kv", "fp8_e4m3"}
+    assert len(quant) == 3 * len(rows)
     prefill = [c for c in got if c.op == "flash_attention"]
     assert {(c.heads, c.seq_q) for c in prefill} >= {(16, 4096), (128, 4096)}
     assert all(
@@ -173,7 +175,7 @@ def test_quantized_op_rows_pass_their_checks(cpu, tmp_path):
                 "--tests",
                 "tg@256,pp16@128",
                 "--caches",
-                "q8_0,q8_kv,q6_0",
+                "q8_0,q8_kv,q6_0,fp8_e4m3",
                 "--no-model",
                 "--json",
                 str(out),
@@ -184,7 +186,7 @@ def test_quantized_op_rows_pass_their_checks(cpu, tmp_path):
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert {(r["cache"], r["backend"]) for r in rows} == {
-        (c, b) for c in ("q8_0", "q8_kv", "q6_0") for b in ("native", "jax")
+        (c, b) for c in ("q8_0", "q8_kv", "q6_0", "fp8_e4m3") for b in ("native", "jax")
     }
     assert all(
         r["err"] <= r["tolerance"] == ops.TOLERANCE["cpu"][r["backend"]][r["cache"]]
@@ -194,7 +196,7 @@ def test_quantized_op_rows_pass_their_checks(cpu, tmp_path):
     meta = data["meta"]
     assert meta["device"]["platform"] == "cpu" and meta["cpu"]["isa"]
     assert set(meta["versions"]) == {"python", "jax", "jaxlib", "numpy", "jax_mla"}
-    assert "--caches q8_0,q8_kv,q6_0" in meta["command"] and "commit" in meta
+    assert "--caches q8_0,q8_kv,q6_0,fp8_e4m3" in meta["command"] and "commit" in meta
 
 
 def test_a_failing_check_fails_the_run(cpu, monkeypatch, capsys):

@@ -33,7 +33,7 @@ def test_cpu_table_agrees_with_the_module():
     module = _ffi.module("cpu")
     assert table["kv_tile"] == module.kv_tile()
     assert sorted(table["formats"]) == sorted(quant.FORMATS)
-    assert sorted(table["formats"].values()) == [1, 2, 3]  # 0 is a float cache
+    assert sorted(table["formats"].values()) == [1, 2, 3, 4]  # 0 is a float cache
     assert table["dtypes"] == ["float32", "float16", "bfloat16"]
     assert table["max_head_dim"] % table["head_dim_multiple"] == 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jax_mla
@@ -181,10 +182,10 @@ def test_mla_direct_row_blocks_and_key_counts_on_each_isa(rng, isa, heads, num_s
         )
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv", "q6_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q8_kv", "q6_0", "fp8_e4m3"])
 @pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
 def test_quantized_mla_on_each_isa(rng, isa, fmt, heads):
-    # The quantized row conversions (int8 loads, q6_0 unpacking) per ISA.
+    # The quantized row conversions (int8 loads, q6_0 unpacking, e4m3) per ISA.
     check_mla_quant(
         rng,
         fmt,
@@ -198,6 +199,26 @@ def test_quantized_mla_on_each_isa(rng, isa, fmt, heads):
         kv_len=[KV_TILE + 13, 20],
         num_splits=2,
     )
+
+
+@pytest.mark.parametrize("heads", [16, 2], ids=["tile", "gemv"])
+def test_fp8_every_byte_on_each_isa(isa, heads):
+    # Over one key the output is V's row itself (weight 1), so it shows each
+    # converted value: every e4m3 byte (subnormals, -0, +-448, the NaNs at
+    # 0x7F and 0xFF) twice in V's 512 columns, times small, large and zero
+    # scales: exactly dequantize's d * value. (K and V rows share the
+    # conversion. Products are kept normal: XLA flushes subnormals.)
+    codes = np.tile(np.tile(np.arange(256, dtype=np.uint8), 2), (4, 1))
+    qs = jnp.asarray(codes.view(jnp.float8_e4m3fn)[:, None, None])  # [4, 1, 1, 512]
+    d = jnp.asarray([1.0, 2.0**-100, 3e5, 0.0], jnp.float32).reshape(4, 1, 1, 1)
+    v = jax_mla.QuantizedKV(qs, d, "fp8_e4m3")
+    q = jnp.ones((4, 1, heads, 64), jnp.float32)
+    k = jnp.zeros((4, 1, 1, 64), jnp.float32)
+    out = np.asarray(jax_mla.flash_attention(q, k, v, backend="native"))
+    want = np.asarray(jax_mla.dequantize(v))[:, 0, 0]
+    assert np.isnan(want).sum() == 4 * 4 and (want[1] != 0).sum() == 512 - 4  # only +-0 are 0
+    for h in range(heads):
+        np.testing.assert_array_equal(out[:, 0, h], want)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from jax_mla import _capabilities, _ffi
 from .conftest import cache, randn
 
 PAGE_SIZES = (16, 32, 64, 128)
-FORMATS = (None, "q8_0", "q8_kv", "q6_0")
+FORMATS = (None, "q8_0", "q8_kv", "q6_0", "fp8_e4m3")
 BACKENDS = ("reference", "native")
 SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
 # Paged and contiguous native calls differ only in where the online softmax

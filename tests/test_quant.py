@@ -1,6 +1,7 @@
 """Quantized cache formats: bit-exactness against the reference quantizers
-(gguf's Q8_0, a transcription of ik_llama.cpp's quantize_row_q6_0_ref),
-round-trip error bounds, pytree behaviour, cache updates and byte counts."""
+(gguf's Q8_0, a transcription of ik_llama.cpp's quantize_row_q6_0_ref, and
+fp8_e4m3's rounding from the e4m3 format's definition), round-trip error
+bounds, pytree behaviour, cache updates and byte counts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pytest
 
 import jax_mla
 from jax_mla import quant
+
+INTEGER_FORMATS = ("q8_0", "q8_kv", "q6_0")
 
 
 def varied(rng, shape):
@@ -69,7 +72,7 @@ def test_q6_0_matches_ik_llama_cpp_bit_for_bit(rng):
     np.testing.assert_array_equal(np.asarray(q.d).reshape(-1), d)
 
 
-@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("fmt", INTEGER_FORMATS)
 def test_round_trip_error_is_within_half_a_step(rng, fmt):
     # q is chosen with the float32 scale d32 (half a step from x at most; q6_0
     # clamps q = 64 to 63 at its positive extreme, a full step there), then
@@ -93,6 +96,54 @@ def test_round_trip_error_is_within_half_a_step(rng, fmt):
         assert np.max(err / np.maximum(amax, 1e-30)[..., None]) < 1 / 127
 
 
+def e4m3_values() -> np.ndarray:
+    """The 256 e4m3fn bytes' values in float64, from the format's definition:
+    sign, 4 exponent bits (bias 7), 3 mantissa bits; subnormals at exponent 0;
+    NaN at 0x7F and 0xFF (no infinities)."""
+    b = np.arange(256)
+    e, m = (b >> 3) & 0xF, b & 7
+    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7))
+    mag = np.where((b & 0x7F) == 0x7F, np.nan, mag)
+    return np.where(b & 0x80, -mag, mag)
+
+
+def test_fp8_e4m3_byte_values():
+    got = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float64)
+    np.testing.assert_array_equal(got, e4m3_values())
+
+
+def test_fp8_e4m3_rounds_to_nearest_with_a_row_scale(rng):
+    # d = max|row| / 448 in float32; each value is the e4m3 value nearest to
+    # x / d (float32), ties to even, found here by search over all 254 finite
+    # values in float64; the row's largest magnitude maps to +-448 exactly.
+    x = varied(rng, (6, 3, 80))
+    x[0, 0] = 0.0
+    x[1, 1, :40] *= 1e-6  # small values fall on e4m3's subnormals
+    q = jax_mla.quantize(jnp.asarray(x), "fp8_e4m3")
+    # (XLA may divide by 448 as a multiplication by its reciprocal: an ulp.)
+    d = np.asarray(q.d)
+    assert d.dtype == np.float32
+    np.testing.assert_array_max_ulp(d, np.abs(x).max(-1, keepdims=True) / np.float32(448), 1)
+    y = np.clip(x / np.where(d == 0, 1, d), -448, 448).astype(np.float64)
+    grid = e4m3_values()
+    finite = np.isfinite(grid)
+    dist = np.abs(y[..., None] - grid[finite])
+    best = dist.min(-1, keepdims=True)
+    ties = dist == best
+    codes = np.arange(256)[finite]
+    # Among equally near values, the one with an even mantissa.
+    even = ties & (codes % 2 == 0)
+    pick = np.where(even.any(-1, keepdims=True), even, ties).argmax(-1)
+    want = grid[finite][pick]
+    got = np.asarray(q.qs).astype(np.float64)
+    np.testing.assert_array_equal(got, np.where(y == 0, 0.0, want))
+    assert np.all(np.abs(got).max(-1)[np.abs(x).max(-1) > 0] == 448)
+    # dequantize is d * q in float32.
+    np.testing.assert_array_equal(
+        np.asarray(jax_mla.dequantize(q)), (got.astype(np.float32) * d).astype(np.float32)
+    )
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_all_zero_rows_stay_zero(fmt):
     q = jax_mla.quantize(jnp.zeros((2, 64), jnp.float32), fmt)
@@ -108,6 +159,7 @@ def test_shapes_and_dtypes(fmt):
         "q8_0": ((2, 5, 576), jnp.int8, (2, 5, 18), jnp.float16),
         "q8_kv": ((2, 5, 576), jnp.int8, (2, 5, 1), jnp.float32),
         "q6_0": ((2, 5, 432), jnp.uint8, (2, 5, 18), jnp.float16),
+        "fp8_e4m3": ((2, 5, 576), jnp.float8_e4m3fn, (2, 5, 1), jnp.float32),
     }[fmt]
     assert (q.qs.shape, q.qs.dtype, q.d.shape, q.d.dtype) == (qs_shape, qs_dtype, d_shape, d_dtype)
     assert jax_mla.dequantize(q, jnp.bfloat16).dtype == jnp.bfloat16
@@ -173,6 +225,7 @@ def test_cache_bytes():
     assert jax_mla.cache_bytes("q8_0", shape) == n + n // 32 * 2  # 34 bytes per 32 values
     assert jax_mla.cache_bytes("q6_0", shape) == n * 3 // 4 + n // 32 * 2  # 26 per 32
     assert jax_mla.cache_bytes("q8_kv", shape) == n + 16384 * 4
+    assert jax_mla.cache_bytes("fp8_e4m3", shape) == n + 16384 * 4  # 580 a token
     for name, size in (("f32", 4), ("f16", 2), ("bf16", 2), ("float32", 4), (jnp.bfloat16, 2)):
         assert jax_mla.cache_bytes(name, shape) == size * n, name
     q = jax_mla.quantize(jnp.zeros((2, 8, 64)), "q6_0")
@@ -187,7 +240,7 @@ def test_cache_bytes_refuses_what_no_cache_holds(fmt):
         match=re.escape(
             "cache_bytes: fmt must be a float dtype (f32, "
             "f16, bf16 or that numpy dtype) or one of "
-            f"q8_0, q8_kv, q6_0, got {fmt!r}"
+            f"q8_0, q8_kv, q6_0, fp8_e4m3, got {fmt!r}"
         ),
     ):
         jax_mla.cache_bytes(fmt, (1, 4, 64))

@@ -1,10 +1,10 @@
-"""The native kernels over quantized caches (q8_0, q8_kv, q6_0), read in place,
+"""The native kernels over quantized caches (q8_0, q8_kv, q6_0, fp8_e4m3), read in place,
 against jax_mla.reference.attention_quantized / mla_quantized (what the CPU
 kernels compute: the dequantized cache, the query rounded to 8 bits over 8-bit
 K, the softmax weights P rounded to 8 bits over 8-bit V); the C++ checks of
 the quantized operands; and no dequantized copy of a cache.
 
-Tolerance: over q6_0 or float V, kernel and reference see bit-identical values
+Tolerance: over q6_0, fp8_e4m3 or float V, kernel and reference see bit-identical values
 and the float tests' tolerance (conftest.F32_TOL: summation order and the
 vectorized exp) applies unchanged. Over 8-bit V each rounded weight q_t is an
 integer chosen from float32 values that kernel and reference compute a few
@@ -223,6 +223,9 @@ ATTN_FORMATS = [
     ("q6_0", jnp.bfloat16),
     ("q8_0", "q6_0"),
     ("q8_kv", "q8_0"),
+    ("fp8_e4m3", "fp8_e4m3"),
+    (jnp.bfloat16, "fp8_e4m3"),
+    ("fp8_e4m3", "q8_0"),
 ]
 
 
@@ -281,8 +284,9 @@ def check_attention_quant(
 def test_quantized_results_are_close_to_the_float_cache(rng, cpu, fmt):
     # End to end: attention over the quantized cache against float64 attention
     # over the float values it was made from. The bound is loose on purpose
-    # (it measures the format, not the kernel): 8-bit rows keep outputs within
-    # about 1e-2 of the float result, 6-bit rows within about 4e-2.
+    # (it measures the format, not the kernel): 8-bit integer rows keep outputs
+    # within about 1e-2 of the float result, 6-bit rows and fp8_e4m3's 3-bit
+    # mantissas (2.3e-2 here) within about 4e-2.
     q = randn(rng, (1, 1, 16, 576), jnp.float32) * 0.5
     x = randn(rng, (1, 500, 576), jnp.float32)
     out = np.asarray(jax_mla.flash_mla(q, jax_mla.quantize(x, fmt), backend="native"))
@@ -291,7 +295,7 @@ def test_quantized_results_are_close_to_the_float_cache(rng, cpu, fmt):
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     want = (p / p.sum(axis=-1, keepdims=True)) @ xn[:, :512]
     err = np.abs(out[0, 0] - want).max() / np.abs(want).max()
-    assert err < (4e-2 if fmt == "q6_0" else 1e-2), f"{fmt}: relative error {err:.3g}"
+    assert err < (1e-2 if fmt in EIGHT_BIT else 4e-2), f"{fmt}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -359,7 +363,7 @@ def test_v_offset_is_free_in_q8_kv(rng, cpu):
         (
             lambda kv: quant.QuantizedKV(kv.qs, kv.d, "q4_0"),
             ValueError,
-            r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0",
+            r"flash_mla: kv has format 'q4_0'; expected one of q8_0, q8_kv, q6_0, fp8_e4m3",
         ),
         (
             lambda kv: quant.QuantizedKV(kv.qs.astype(jnp.int16), kv.d, "q8_0"),
@@ -442,6 +446,12 @@ def mla_quant_ffi(q, qs, d, fmt_code, *, dv=64, v_offset=0):
         (dict(fmt_code=0), r"needs a quantized format"),
         (dict(fmt="q8_0", v_offset=16), r"v_offset 16 must fall on a block boundary .* q8_0"),
         (dict(fmt="q6_0"), r"kv.qs of a q6_0 cache must be uint8"),
+        (dict(fmt="fp8_e4m3"), r"kv.qs of a fp8_e4m3 cache must be float8_e4m3fn"),
+        (
+            dict(fmt="fp8_e4m3", qs=np.ones((1, 8, 128), jnp.float8_e4m3fn)),
+            r"kv.d of a fp8_e4m3 cache must be float32 with the shape of qs but a last "
+            r"axis of 1, got \[1, 8, 4\]",
+        ),
         (
             dict(fmt="q8_kv"),
             r"kv.d of a q8_kv cache must be float32 with the shape of qs but a last "

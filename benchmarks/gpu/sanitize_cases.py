@@ -1,14 +1,14 @@
 """Small flash_mla / flash_attention calls for compute-sanitizer (memcheck,
 racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
 16- and 64-row blocks over float caches in each kernel family the card runs
-and over each 8-bit format, each attention head-dim pair and kernel family,
-split-KV and its combine, causal, ragged kv_len with empty rows), the attention
-backward (jax_mla_flash_attention_bwd: each backward pair, GQA, causal, keys
-past kv_len, rows that see no key), and paged flash_mla and flash_attention
-(every page size, float and 8-bit latent caches, pages in a random order in a
-pool NaN wherever no live key is, block-table entries out of range both past
-kv_len and below it: those keys skipped, never read), each checked against the
-reference so a silent failure also shows.
+and over each quantized format (8-bit, fp8_e4m3), each attention head-dim pair
+and kernel family, split-KV and its combine, causal, ragged kv_len with empty
+rows), the attention backward (jax_mla_flash_attention_bwd: each backward pair,
+GQA, causal, keys past kv_len, rows that see no key), and paged flash_mla and
+flash_attention (every page size, float and quantized latent caches, pages in
+a random order in a pool NaN wherever no live key is, block-table entries out
+of range both past kv_len and below it: those keys skipped, never read), each
+checked against the reference so a silent failure also shows.
 The references run in float64 numpy on the host: XLA's own GEMM autotuning
 under the sanitizer was slow and crashed it (seen on the H100, 2026-11-25).
 Run: compute-sanitizer --tool memcheck python3 benchmarks/gpu/sanitize_cases.py [--quick]
@@ -89,6 +89,16 @@ def round_query_q8(q, scale):
     return (d * (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.float32)).reshape(x.shape)
 
 
+def quantized_reference(q, kvq, scale, dtype):
+    """(query, rows, scale) the reference takes for a quantized cache as the
+    kernels read it: over the 8-bit formats the scaled query rounded to 8 bits
+    (scale 1) and the dequantized rows; over fp8_e4m3 the query as it is and
+    the rows dequantized to the query's type (the kernel's K and V)."""
+    if kvq.fmt == "fp8_e4m3":
+        return q, np.asarray(jax_mla.dequantize(kvq, dtype), np.float32), scale
+    return round_query_q8(q, scale), np.asarray(jax_mla.dequantize(kvq)), 1.0
+
+
 def paged_mla(target, q, cache, table, kv_len, kw):
     """(out, lse) of a paged flash_mla target, called directly (the kernels'
     reads are what memcheck watches): cache is (kv,) or (qs, d) as pages."""
@@ -150,13 +160,8 @@ def paged_cases(caps, rng, check, dtype, tol, quick):
                     d = np.asarray(kvq.d).copy()
                     d[poison] = np.nan
                     cache = (kvq.qs, jnp.asarray(d))
-                    rows = np.asarray(jax_mla.dequantize(kvq))
-                    # The kernels round the scaled query to 8 bits (reference scale 1).
-                    target, q_ref, scale = (
-                        "jax_mla_flash_mla_quant_paged",
-                        round_query_q8(q, dk**-0.5),
-                        1.0,
-                    )
+                    target = "jax_mla_flash_mla_quant_paged"
+                    q_ref, rows, scale = quantized_reference(q, kvq, dk**-0.5, dtype)
                     attrs = dict(kv_fmt=np.int64(caps["mla_formats"][family]), kernel=np.int32(0))
                 else:
                     cache = (jnp.asarray(x, dtype),)
@@ -357,7 +362,7 @@ def main():
                 kvq = jax_mla.quantize(
                     jnp.asarray(rng.standard_normal((2, 100, dk_mla)), jnp.float32), fmt
                 )
-                kv = np.asarray(jax_mla.dequantize(kvq))
+                q_ref, kv, scale = quantized_reference(q, kvq, dk_mla**-0.5, dtype)
                 kv_len = jnp.array([100, 37], jnp.int32)
                 got = jax_mla.flash_mla(
                     q,
@@ -369,10 +374,10 @@ def main():
                     backend="native",
                 )
                 want = ref_attention(
-                    round_query_q8(q, dk_mla**-0.5),
+                    q_ref,
                     kv[:, :, None],
                     kv[:, :, None, :dv_mla],
-                    1.0,
+                    scale,
                     True,
                     np.asarray(kv_len) - seq_q,
                     np.asarray(kv_len),

@@ -29,7 +29,7 @@ inline ffi::Error CacheRows(const char* op, const char* name, ffi::AnyBuffer dat
   const char* layout = rank == 3 ? "[B, Skv, D]" : "[B, Skv, Hkv, D]";
   JAX_MLA_CHECK(IsValidQFormat(fmt_code), InvalidArgument)
       << op << ": " << name << " has unknown cache format code " << fmt_code
-      << " (0 float, 1 q8_0, 2 q8_kv, 3 q6_0)";
+      << " (0 float, 1 q8_0, 2 q8_kv, 3 q6_0, 4 fp8_e4m3)";
   const QFormat fmt = static_cast<QFormat>(fmt_code);
   JAX_MLA_CHECK(dd.size() == rank, InvalidArgument)
       << op << ": " << name << " must have rank " << int64_t(rank) << " " << layout
@@ -47,11 +47,13 @@ inline ffi::Error CacheRows(const char* op, const char* name, ffi::AnyBuffer dat
     view->dtype = *dtype;
     shape->dim = last;
   } else {
-    const bool q6 = fmt == QFormat::kQ6_0;
-    JAX_MLA_CHECK(data.element_type() == (q6 ? ffi::DataType::U8 : ffi::DataType::S8),
-                  InvalidArgument)
+    const bool q6 = fmt == QFormat::kQ6_0, fp8 = fmt == QFormat::kFP8E4M3;
+    const auto qs_type = q6 ? ffi::DataType::U8 : fp8 ? ffi::DataType::F8E4M3FN : ffi::DataType::S8;
+    JAX_MLA_CHECK(data.element_type() == qs_type, InvalidArgument)
         << op << ": " << name << ".qs of a " << QFormatName(fmt) << " cache must be "
-        << (q6 ? "uint8" : "int8");
+        << (q6    ? "uint8"
+            : fp8 ? "float8_e4m3fn"
+                  : "int8");
     JAX_MLA_CHECK(!q6 || last % 24 == 0, InvalidArgument)
         << op << ": " << name << ".qs of a q6_0 cache must have a last axis that is a multiple "
         << "of 24 (bytes per block of 32), got shape " << ShapeString(dd);
@@ -65,10 +67,10 @@ inline ffi::Error CacheRows(const char* op, const char* name, ffi::AnyBuffer dat
     const auto sd = scales->dimensions();
     bool scales_ok = sd.size() == rank && sd[rank - 1] == n_scales;
     for (size_t i = 0; scales_ok && i + 1 < rank; ++i) scales_ok = sd[i] == dd[i];
-    const auto scale_type = fmt == QFormat::kQ8KV ? ffi::DataType::F32 : ffi::DataType::F16;
+    const auto scale_type = IsRowScaled(fmt) ? ffi::DataType::F32 : ffi::DataType::F16;
     JAX_MLA_CHECK(scales_ok && scales->element_type() == scale_type, InvalidArgument)
         << op << ": " << name << ".d of a " << QFormatName(fmt) << " cache must be "
-        << (fmt == QFormat::kQ8KV ? "float32 " : "float16 ")
+        << (IsRowScaled(fmt) ? "float32 " : "float16 ")
         << "with the shape of qs but a last axis of " << n_scales << ", got " << ShapeString(sd);
     view->scales = scales->untyped_data();
     view->scale_head_stride = n_scales;

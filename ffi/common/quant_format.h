@@ -1,5 +1,6 @@
 // The quantized cache formats (docs/formats.md, jax_mla/quant.py), as every backend
-// reads them: storage sizes, scale types and the q6_0 block unpacking. A
+// reads them: storage sizes, scale types, the q6_0 block unpacking and the
+// e4m3 value decoding. A
 // cache in one of these formats arrives as two buffers, `qs` (the values) and
 // `d` (the scales), quantized along the last axis.
 #pragma once
@@ -10,11 +11,11 @@
 namespace jax_mla {
 
 // Numbered as the Python wrappers pass them (the `*_fmt` attributes).
-enum class QFormat : int64_t { kNone = 0, kQ8_0 = 1, kQ8KV = 2, kQ6_0 = 3 };
+enum class QFormat : int64_t { kNone = 0, kQ8_0 = 1, kQ8KV = 2, kQ6_0 = 3, kFP8E4M3 = 4 };
 
 inline constexpr int64_t kQBlock = 32;  // values per block of q8_0 and q6_0
 
-inline bool IsValidQFormat(int64_t f) { return f >= 0 && f <= 3; }
+inline bool IsValidQFormat(int64_t f) { return f >= 0 && f <= 4; }
 
 inline const char* QFormatName(QFormat f) {
   switch (f) {
@@ -22,6 +23,7 @@ inline const char* QFormatName(QFormat f) {
     case QFormat::kQ8_0: return "q8_0";
     case QFormat::kQ8KV: return "q8_kv";
     case QFormat::kQ6_0: return "q6_0";
+    case QFormat::kFP8E4M3: return "fp8_e4m3";
   }
   return "?";
 }
@@ -31,11 +33,29 @@ inline bool IsBlockFormat(QFormat f) { return f == QFormat::kQ8_0 || f == QForma
 // Bytes of qs for n values (n a multiple of kQBlock for the block formats).
 inline int64_t QsBytes(QFormat f, int64_t n) { return f == QFormat::kQ6_0 ? n * 3 / 4 : n; }
 
-// Scales per row of n values: one per block, or one per row for q8_kv.
-inline int64_t ScalesPerRow(QFormat f, int64_t n) { return f == QFormat::kQ8KV ? 1 : n / kQBlock; }
+// q8_kv and fp8_e4m3 keep one float32 scale per row (per token, per KV head).
+inline bool IsRowScaled(QFormat f) { return f == QFormat::kQ8KV || f == QFormat::kFP8E4M3; }
 
-// Scales are float16 for the block formats and float32 for q8_kv.
-inline int64_t ScaleBytes(QFormat f) { return f == QFormat::kQ8KV ? 4 : 2; }
+// Scales per row of n values: one per block, or one per row.
+inline int64_t ScalesPerRow(QFormat f, int64_t n) { return IsRowScaled(f) ? 1 : n / kQBlock; }
+
+// Scales are float16 for the block formats and float32 for the row-scaled ones.
+inline int64_t ScaleBytes(QFormat f) { return IsRowScaled(f) ? 4 : 2; }
+
+// fp8_e4m3 stores each value as an e4m3fn byte (sign, 4 exponent bits with
+// bias 7, 3 mantissa bits; no infinities, NaN at 0x7F and 0xFF, largest
+// finite 448) and the row as d * value, d = max|row| / 448. The value of one
+// byte, exactly (every e4m3 value is a float32):
+//   exponent e > 0: (1 + m / 8) * 2^(e - 7); e = 0: m / 8 * 2^-6.
+// The vector paths use that the same bits shifted left by 7 are a float16
+// of value * 2^-8, subnormals included.
+inline float E4M3ToFloat(uint8_t b) {
+  const int e = (b >> 3) & 0xF, m = b & 0x7;
+  const float mag = (b & 0x7F) == 0x7F ? NAN
+                    : e == 0           ? std::ldexp(float(m), -9)
+                                       : std::ldexp(float(8 + m), e - 10);
+  return b & 0x80 ? -mag : mag;
+}
 
 // Unpacks one q6_0 block (24 bytes) into its 32 signed values q - 32, in
 // [-32, 31]. Byte layout (quant.py): bytes 0..15 hold the low nibbles, value

@@ -42,7 +42,7 @@ NB_MODULE(_cpu, m) {
         for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) dtypes.append(DTypeName(t));
         d["dtypes"] = dtypes;
         nb::dict formats;
-        for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV, QFormat::kQ6_0}) {
+        for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV, QFormat::kQ6_0, QFormat::kFP8E4M3}) {
           formats[QFormatName(f)] = static_cast<int64_t>(f);
         }
         d["formats"] = formats;

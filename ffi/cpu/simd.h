@@ -26,6 +26,7 @@
 #endif
 
 #include "ffi/common/dtype.h"
+#include "ffi/common/quant_format.h"
 
 namespace jax_mla::cpu::JAX_MLA_ISA::simd {
 
@@ -73,6 +74,19 @@ inline F32 LoadBF16(const uint16_t* p) {
 inline F32 LoadI8(const int8_t* p) {
   return {_mm512_cvtepi32_ps(
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+
+// 16 fp8_e4m3 bytes as float32, exactly: the bits of each value's magnitude
+// shifted left by 7 are a float16 of value * 2^-8 (quant_format.h), the sign
+// goes to bit 15, and the NaN bytes get an all-ones exponent.
+inline F32 LoadE4M3(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
+  const __m256i nan =
+      _mm256_and_si256(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F)), _mm256_set1_epi16(0x7C00));
+  const __m256i sign = _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16(-0x8000));
+  const __m256i h = _mm256_or_si256(_mm256_or_si256(_mm256_slli_epi16(mag, 7), sign), nan);
+  return {_mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f))};
 }
 
 // Register blocking: 32 zmm registers.
@@ -146,6 +160,16 @@ inline F32 LoadBF16(const uint16_t* p) {
 inline F32 LoadI8(const int8_t* p) {
   return {_mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))};
+}
+// 8 fp8_e4m3 bytes as float32, exactly, through F16C as in the AVX-512 copy.
+inline F32 LoadE4M3(const uint8_t* p) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i mag = _mm_and_si128(b, _mm_set1_epi16(0x7F));
+  const __m128i nan =
+      _mm_and_si128(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)), _mm_set1_epi16(0x7C00));
+  const __m128i sign = _mm_and_si128(_mm_slli_epi16(b, 8), _mm_set1_epi16(-0x8000));
+  const __m128i h = _mm_or_si128(_mm_or_si128(_mm_slli_epi16(mag, 7), sign), nan);
+  return {_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.f))};
 }
 
 // Register blocking: 16 ymm registers. Q.K's 6 keys x 2 row vectors and
@@ -226,6 +250,11 @@ inline F32 LoadBF16(const uint16_t* p) {
 inline F32 LoadI8(const int8_t* p) {
   F32 r;
   for (int i = 0; i < F32::kWidth; ++i) r.v[i] = float(p[i]);
+  return r;
+}
+inline F32 LoadE4M3(const uint8_t* p) {
+  F32 r;
+  for (int i = 0; i < F32::kWidth; ++i) r.v[i] = E4M3ToFloat(p[i]);
   return r;
 }
 

@@ -13,7 +13,8 @@ DTYPES = {"f16": ("__half", "float16"), "bf16": ("__nv_bfloat16", "bfloat16")}
 # kernels' constants (mla/mla_config.h) are built for.
 MLA_LAYOUT = (576, 512, 0)
 MLA_GROUPS = (1, 4)  # 16-row groups per block (mla/mla_config.h, MlaGroups)
-MLA_QUANT = {"q8_0": "QFormat::kQ8_0", "q8kv": "QFormat::kQ8KV"}  # 8-bit latent caches
+# Quantized latent caches (8-bit integer, fp8).
+MLA_QUANT = {"q8_0": "QFormat::kQ8_0", "q8kv": "QFormat::kQ8KV", "fp8": "QFormat::kFP8E4M3"}
 # Contiguous caches, then paged ones (block table, pages read in place); file tag -> kPaged.
 # The sm_90a attention kernel reads contiguous caches only.
 MLA_PAGING = {"": "false", "_paged": "true"}

@@ -40,7 +40,8 @@ nb::dict Capabilities() {
   for (const char* name : jax_mla::cuda::kMlaKernelNames) mla_kernels.append(name);
   for (const char* name : jax_mla::cuda::kAttentionKernelNames) attention_kernels.append(name);
   nb::dict formats;
-  for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV}) formats[jax_mla::QFormatName(f)] = int64_t(f);
+  for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV, QFormat::kFP8E4M3})
+    formats[jax_mla::QFormatName(f)] = int64_t(f);
   d["dtypes"] = dtypes;
   d["attention_head_dims"] = attention_dims;
   d["attention_bwd_head_dims"] = attention_bwd_dims;
@@ -90,5 +91,5 @@ NB_MODULE(_cuda, m) {
         "Thread blocks a call makes without split-KV (flash_mla: dk = 576, heads_kv = 1).");
   m.def("mla_blocks_per_sm", &jax_mla::cuda::MlaBlocksPerSm, nb::arg("rows"), nb::arg("kv_fmt"),
         "flash_mla thread blocks that run at once on one SM (rows = Sq * H; kv_fmt 0 float, "
-        "1 q8_0, 2 q8_kv): the split heuristic fills that many per SM.");
+        "1 q8_0, 2 q8_kv, 4 fp8_e4m3): the split heuristic fills that many per SM.");
 }

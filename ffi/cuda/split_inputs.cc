@@ -30,7 +30,8 @@ int64_t WorkItems(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_k
 }
 
 int MlaBlocksPerSm(int64_t rows, int64_t kv_fmt) {
-  const bool quant = kv_fmt == int64_t(QFormat::kQ8_0) || kv_fmt == int64_t(QFormat::kQ8KV);
+  const bool quant = kv_fmt == int64_t(QFormat::kQ8_0) || kv_fmt == int64_t(QFormat::kQ8KV) ||
+                     kv_fmt == int64_t(QFormat::kFP8E4M3);
   return quant && MlaGroups(rows) == 1 ? MlaQuantShape<1, QFormat::kQ8_0>::kMinBlocks : 1;
 }
 

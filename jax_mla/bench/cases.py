@@ -36,6 +36,7 @@ CACHES = {
     "q8_0": "q8_0",
     "q8_kv": "q8_kv",
     "q6_0": "q6_0",
+    "fp8_e4m3": "fp8_e4m3",
 }
 QUERY_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -47,7 +48,7 @@ CPU_FULL_TESTS = ("tg@1024", "tg@4096", "tg@16384", "pp512@512", "pp512@4096")
 # GPU: bf16 queries and caches. MLA decode at the (B, H, S) configurations the
 # FlashInfer and FlashMLA comparisons use; 192/128 causal prefill of S queries
 # over S keys, batch 1, at (H, S) where cuDNN's figures were taken; the 8-bit
-# latent formats on a memory-bound and a compute-bound decode row.
+# and FP8 latent formats on a memory-bound and a compute-bound decode row.
 GPU_MLA_DECODE = (
     (1, 16, 16384),
     (64, 16, 4096),
@@ -57,7 +58,7 @@ GPU_MLA_DECODE = (
     (32, 128, 32768),
 )
 GPU_PREFILL = ((16, 4096), (16, 16384), (128, 4096))
-GPU_QUANT_FORMATS = ("q8_0", "q8_kv")
+GPU_QUANT_FORMATS = ("q8_0", "q8_kv", "fp8_e4m3")
 GPU_QUANT_DECODE = ((64, 16, 16384), (128, 128, 8192))
 GPU_QUICK_MLA_DECODE = ((1, 16, 16384), (64, 16, 4096), (128, 128, 4096))
 GPU_QUICK_PREFILL = ((16, 1024),)

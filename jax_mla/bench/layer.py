@@ -49,6 +49,7 @@ MODEL_CACHES = {
     "q8_0": "q8_0",
     "q8_kv": "q8_kv",
     "q6_0": "q6_0",
+    "fp8_e4m3": "fp8_e4m3",
 }
 MODEL_QUICK_TESTS = ("pp512", "tg64@1024", "pg512")
 MODEL_FULL_TESTS = ("pp512", "pp2048", "tg64@512", "tg64@4096", "tg64@16384", "pg2048")

@@ -33,12 +33,21 @@ TOLERANCE = {
             "q8_0": 3e-2,
             "q8_kv": 3e-2,
             "q6_0": 1e-4,
+            "fp8_e4m3": 1e-4,
         },
-        "jax": {"f32": 1e-4, "f16": 5e-3, "bf16": 4e-2, "q8_0": 4e-2, "q8_kv": 4e-2, "q6_0": 4e-2},
+        "jax": {
+            "f32": 1e-4,
+            "f16": 5e-3,
+            "bf16": 4e-2,
+            "q8_0": 4e-2,
+            "q8_kv": 4e-2,
+            "q6_0": 4e-2,
+            "fp8_e4m3": 4e-2,
+        },
     },
     "gpu": {
-        "native": {"f16": 1e-2, "bf16": 1e-2, "q8_0": 3e-2, "q8_kv": 3e-2},
-        "jax": {"f16": 1e-2, "bf16": 4e-2, "q8_0": 4e-2, "q8_kv": 4e-2},
+        "native": {"f16": 1e-2, "bf16": 1e-2, "q8_0": 3e-2, "q8_kv": 3e-2, "fp8_e4m3": 1e-2},
+        "jax": {"f16": 1e-2, "bf16": 4e-2, "q8_0": 4e-2, "q8_kv": 4e-2, "fp8_e4m3": 4e-2},
     },
 }
 # Above this many reference FLOPs (dense, float32 at HIGHEST precision), the

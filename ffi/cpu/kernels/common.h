@@ -1,5 +1,6 @@
 // Per-ISA helpers shared by the attention kernels: the vector width and tile
-// constants, cache rows and scales to float32 (float, q8_0, q6_0, q8_kv),
+// constants, cache rows and scales to float32 (float, q8_0, q6_0, q8_kv,
+// fp8_e4m3),
 // the rounded-P threshold, the 8-bit query blocks and key scales of the
 // integer Q.K paths, and LoadAs.
 //
@@ -144,10 +145,15 @@ void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
   if (r.fmt == QFormat::kNone) return ToFloat(row, r.dtype, dst, n);
   const char* scales = static_cast<const char*>(r.scales) + t * r.scale_row_bytes;
   const int8_t* qs = static_cast<const int8_t*>(row);
-  if (r.fmt == QFormat::kQ8KV) {
+  if (r.fmt == QFormat::kQ8KV || r.fmt == QFormat::kFP8E4M3) {
     float d;
     std::memcpy(&d, scales, sizeof d);
-    return I8ToFloat(qs, d, dst, n);
+    if (r.fmt == QFormat::kQ8KV) return I8ToFloat(qs, d, dst, n);
+    // Exact e4m3 values times d: one float32 rounding, as dequantize's.
+    const F32 scale = F32::Splat(d);
+    for (int64_t i = 0; i < n; i += W)
+      simd::Mul(simd::LoadE4M3(reinterpret_cast<const uint8_t*>(qs) + i), scale).Store(dst + i);
+    return;
   }
   float d[kMaxHeadDim / kQBlock + 1];
   ScalesToFloat(scales, (n + kQBlock - 1) / kQBlock, d);

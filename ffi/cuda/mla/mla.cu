@@ -56,8 +56,10 @@ ffi::Error SupportedMlaQuant(const AttentionParams* p, int64_t dv, int64_t v_off
   JAX_MLA_CHECK(p->q_dtype != DType::kF32, Unimplemented)
       << "flash_mla (CUDA): q must be float16 or bfloat16 over a quantized cache, got "
       << DTypeName(p->q_dtype);
-  JAX_MLA_CHECK(p->k.fmt == QFormat::kQ8_0 || p->k.fmt == QFormat::kQ8KV, Unimplemented)
-      << "flash_mla (CUDA): quantized caches q8_0 and q8_kv are supported, got "
+  JAX_MLA_CHECK(
+      p->k.fmt == QFormat::kQ8_0 || p->k.fmt == QFormat::kQ8KV || p->k.fmt == QFormat::kFP8E4M3,
+      Unimplemented)
+      << "flash_mla (CUDA): quantized caches q8_0, q8_kv and fp8_e4m3 are supported, got "
       << QFormatName(p->k.fmt);
   JAX_MLA_CHECK(p->dk == kMlaDk && dv == kMlaDv && v_offset == 0, Unimplemented)
       << "flash_mla (CUDA): supports Dk = 576, dv = 512, v_offset = 0, got Dk = " << p->dk
@@ -108,8 +110,11 @@ cudaError_t MlaQuantDispatch(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T, bool kPaged>
 cudaError_t MlaQuantDispatch(const AttentionParams& p, cudaStream_t stream) {
-  return p.k.fmt == QFormat::kQ8_0 ? MlaQuantDispatch<T, QFormat::kQ8_0, kPaged>(p, stream)
-                                   : MlaQuantDispatch<T, QFormat::kQ8KV, kPaged>(p, stream);
+  switch (p.k.fmt) {
+    case QFormat::kQ8_0: return MlaQuantDispatch<T, QFormat::kQ8_0, kPaged>(p, stream);
+    case QFormat::kFP8E4M3: return MlaQuantDispatch<T, QFormat::kFP8E4M3, kPaged>(p, stream);
+    default: return MlaQuantDispatch<T, QFormat::kQ8KV, kPaged>(p, stream);
+  }
 }
 
 template <bool kPaged>

@@ -36,7 +36,8 @@ constexpr int kMlaQsChunks = kMlaDk / 16;       // 16-byte chunks per int8 row
 constexpr int kMlaQdStride = 20;                // query block scales per row (18, padded to 16 B)
 constexpr int kMlaVRowBytes = kMlaDv * 2 + 16;  // padded dequantized V row
 
-// Staged scale bytes per key: 18 float16 block scales (q8_0) or one float32 (q8_kv).
+// Staged scale bytes per key: 18 float16 block scales (q8_0) or one float32
+// (q8_kv, fp8_e4m3).
 template <QFormat F>
 struct MlaScaleBytes {
   static constexpr int value = F == QFormat::kQ8_0 ? kMlaBlocks * 2 : 4;
@@ -50,10 +51,14 @@ struct MlaQuantShape {
   // Two 16-row blocks fit on an SM (4 warps each hide each other's latency).
   static constexpr int kMinBlocks = G == 1 ? 2 : 1;
   static constexpr int kStageBytes = kMlaKeys * kMlaQsRowBytes + kMlaKeys * MlaScaleBytes<F>::value;
-  static constexpr size_t kSmem = size_t(kRows) * kMlaQsRowBytes +    // Q, int8
-                                  size_t(kRows) * kMlaQdStride * 4 +  // Q block scales
-                                  size_t(kStages) * kStageBytes +     // K/V tiles, int8
-                                  size_t(kMlaKeys) * kMlaVRowBytes +  // V, dequantized
+  static constexpr size_t kSmem8 = size_t(kRows) * kMlaQsRowBytes +    // Q, int8
+                                   size_t(kRows) * kMlaQdStride * 4 +  // Q block scales
+                                   size_t(kStages) * kStageBytes +     // K/V tiles, int8
+                                   size_t(kMlaKeys) * kMlaVRowBytes;   // V, dequantized
+  static constexpr size_t kSmemFp8 = size_t(kRows) * kMlaRowBytes +    // Q, in its type
+                                     size_t(kStages) * kStageBytes +   // K/V tiles, e4m3
+                                     size_t(kMlaKeys) * kMlaRowBytes;  // K/V, dequantized
+  static constexpr size_t kSmem = (F == QFormat::kFP8E4M3 ? kSmemFp8 : kSmem8) +
                                   size_t(G) * 16 * kMlaPRowBytes + 2 * G * 64 * sizeof(float);
 };
 

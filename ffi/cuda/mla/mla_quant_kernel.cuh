@@ -1,4 +1,5 @@
-// flash_mla over an 8-bit latent cache (q8_0, q8_kv; ffi/common/quant_format.h),
+// flash_mla over an 8-bit latent cache (q8_0, q8_kv; ffi/common/quant_format.h)
+// or an fp8_e4m3 one (below),
 // read in place: the int8 values and the scales of each KV tile are staged in
 // shared memory by cp.async, K and V from the same rows (V = the first 512
 // columns, block-aligned), as in the float kernel (mla_kernel.cuh), whose
@@ -19,6 +20,13 @@
 //                on the tensor cores, float32 accumulation).
 // A paged cache (kPaged) is read in place like the float kernel's: values
 // and scales through the block table, skipped pages zero-filled and masked.
+//
+// Over fp8_e4m3 (MlaFp8Kernel) nothing is rounded but the cache's values to
+// the input type: each staged tile's 576 columns are converted in registers,
+// d * value in float32 (the value jax_mla.dequantize computes), rounded to T
+// into one shared-memory tile that serves as K and V, and the rest is the
+// float kernel's (Q in T, S = Q K^T and O += P V on f16/bf16 tensor cores):
+// the result is the float kernel's over jax_mla.dequantize(kv, T).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -269,19 +277,172 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
   MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
 }
 
+// Two e4m3 bytes (the low 16 bits of `pair`, the first in the low byte) as
+// floats, exactly. sm_89+ converts them in one instruction; before it the
+// bits of each magnitude shifted left by 7 are a float16 of value * 2^-8
+// (quant_format.h; subnormals included), the sign goes to bit 15 and the NaN
+// bytes (0x7F, 0xFF) get an all-ones exponent.
+__device__ __forceinline__ float2 E4M3x2ToFloat2(uint32_t pair) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(uint16_t(pair)));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+#else
+  const uint32_t t = __byte_perm(pair, 0u, 0x4140u);  // byte i into 16-bit lane i
+  const uint32_t mag = t & 0x007F007Fu;
+  const uint32_t nan = __vcmpeq2(mag, 0x007F007Fu) & 0x7C007C00u;
+  const uint32_t h = (mag << 7) | ((t & 0x00800080u) << 8) | nan;
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  return make_float2(f.x * 256.f, f.y * 256.f);
+#endif
+}
+
+template <typename T, int G, bool kPaged>
+__global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, QFormat::kFP8E4M3>::kMinBlocks))
+    MlaFp8Kernel(const AttentionParams p) {
+  using Shape = MlaQuantShape<G, QFormat::kFP8E4M3>;
+  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+  extern __shared__ __align__(128) char smem[];
+  char* s_q = smem;                                 // [16G][576] T (+pad)
+  char* s_kv = s_q + Shape::kRows * kMlaRowBytes;   // stage s: [32][576] e4m3 (+pad), [32] d
+  char* s_t = s_kv + kStages * Shape::kStageBytes;  // [32][576] T (+pad)
+  char* s_p = s_t + kMlaKeys * kMlaRowBytes;        // [G][16][32] (+pad)
+  float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
+  float* s_sum = s_max + G * 64;                                          // [G][4][16]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int grp = warp / 4, wg = warp % 4;
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y;
+  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
+  const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
+  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, Shape::kRows);
+  const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
+  const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
+  const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
+
+  const CacheRows<kPaged> rows(p.k, b);
+  const int64_t d_batch_bytes = p.k.scale_batch_stride * 4;  // float32 scales
+  const char* qs_base =
+      CacheRows<kPaged>::template Base<char>(p.k.data, b, p.kv_batch, p.k.batch_stride);
+  const char* d_base =
+      CacheRows<kPaged>::template Base<char>(p.k.scales, b, p.kv_batch, d_batch_bytes);
+  auto load_tile = [&](int64_t t, int stage) {
+    char* dst = s_kv + stage * Shape::kStageBytes;
+    for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
+      const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
+      const int64_t j = t * kMlaKeys + rr;
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + off + cc * 16, ok);
+    }
+    char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
+    for (int rr = tid; rr < kMlaKeys; rr += kThreads) {
+      int64_t off;
+      const bool ok = rows.Locate(t * kMlaKeys + rr, kv_len, d_batch_bytes, 4, &off);
+      CpAsync4(d_dst + rr * 4, d_base + off, ok);
+    }
+  };
+
+  // Q (in its type) goes with the first tile's group.
+  if (t_begin < t_end) {
+    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+    for (int c = tid; c < Shape::kRows * kMlaChunks; c += kThreads) {
+      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
+      const bool ok = row0 + rr < R;
+      CpAsync16(s_q + rr * kMlaRowBytes + cc * 16, q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
+    }
+  }
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (t_begin + s < t_end) load_tile(t_begin + s, s);
+    CpAsyncCommit();
+  }
+
+  float o[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+  const float scale_log2 = p.scale * kLog2e;
+  const int bar = 1 + grp;
+  const char* q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
+  const char* p_frag = s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
+  char* p_store = s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int it = int(t - t_begin);
+    CpAsyncWait<kStages - 2>();
+    // Also: every warp is done with the last tile's s_t.
+    __syncthreads();
+    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
+    CpAsyncCommit();
+    const char* tile = s_kv + (it % kStages) * Shape::kStageBytes;
+    const char* tile_d = tile + kMlaKeys * kMlaQsRowBytes;
+
+    // The tile's rows as d * value, rounded to T: 16 values per step.
+    for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
+      const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
+      const uint4 raw = *reinterpret_cast<const uint4*>(tile + rr * kMlaQsRowBytes + cc * 16);
+      const float d = *reinterpret_cast<const float*>(tile_d + rr * 4);
+      const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+      uint32_t out[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float2 f = E4M3x2ToFloat2(w[i / 2] >> (16 * (i % 2)));
+        out[i] = PackPair<T>(f.x * d, f.y * d);
+      }
+      uint4* dst = reinterpret_cast<uint4*>(s_t + rr * kMlaRowBytes + cc * 32);
+      dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+      dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+    }
+    __syncthreads();
+
+    // From here on the float kernel's step (mla_kernel.cuh) over s_t.
+    float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+    const char* k_frag = s_t + (wg * 8 + lane % 8) * kMlaRowBytes + (lane / 8) * 16;
+#pragma unroll
+    for (int kk = 0; kk < kMlaDk / 16; kk += 2) {
+      uint32_t a0[4], a1[4], bk[4];
+      LdMatrixX4(a0, q_frag + kk * 32);
+      LdMatrixX4(a1, q_frag + (kk + 1) * 32);
+      LdMatrixX4(bk, k_frag + kk * 32);
+      Mma16816<T>(s0, a0, bk[0], bk[1]);
+      Mma16816<T>(s1, a1, bk[2], bk[3]);
+    }
+    const int64_t key = t * kMlaKeys + wg * 8 + 2 * (lane % 4);
+    // Keys key and key + 1 share a page (page sizes are even).
+    const bool live = key >= kv_len || rows.Live(key);
+    float sc[4];
+    sc[0] = live && key < n_lo ? (s0[0] + s1[0]) * scale_log2 : -INFINITY;
+    sc[1] = live && key + 1 < n_lo ? (s0[1] + s1[1]) * scale_log2 : -INFINITY;
+    sc[2] = live && key < n_hi ? (s0[2] + s1[2]) * scale_log2 : -INFINITY;
+    sc[3] = live && key + 1 < n_hi ? (s0[3] + s1[3]) * scale_log2 : -INFINITY;
+    MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
+    NamedBarrier(bar, 128);
+    MlaPvTile<T, kMlaRowBytes>(o, p_frag, s_t, wg, lane);
+  }
+  CpAsyncWait<0>();
+  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
+}
+
 // Launches the main kernel for one (dtype, G, format, paged or not); the
 // caller launches the combine.
 template <typename T, int G, QFormat F, bool kPaged>
 cudaError_t LaunchMlaQuant(const AttentionParams& p, cudaStream_t stream) {
   using Shape = MlaQuantShape<G, F>;
+  constexpr auto kernel = [] {
+    if constexpr (F == QFormat::kFP8E4M3)
+      return MlaFp8Kernel<T, G, kPaged>;
+    else
+      return MlaQuantKernel<T, G, F, kPaged>;
+  }();
   cudaError_t err =
-      cudaFuncSetAttribute(MlaQuantKernel<T, G, F, kPaged>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
   const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
                   unsigned(p.batch));
-  MlaQuantKernel<T, G, F, kPaged><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  kernel<<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
