@@ -226,7 +226,7 @@ int CheckForward() {
   p.v.batch_stride = Skv * Hkv * Dv, p.v.row_stride = Hkv * Dv, p.v.head_stride = Dv;
   p.q_pos = q_pos.data(), p.kv_len = kv_len.data(), p.out = out.data(), p.lse = lse.data();
   RunGrid({unsigned((Sq * Hq / Hkv + 63) / 64), 1u, unsigned(B * Hkv)},
-          [&] { jax_mla::cuda::AttentionKernel<T, Dk, Dv>(p); });
+          [&] { jax_mla::cuda::AttentionKernel<T, Dk, Dv, /*kPaged=*/false>(p); });
   double worst = 0;
   for (int i = 0; i < Sq; ++i)
     for (int h = 0; h < Hq; ++h) {

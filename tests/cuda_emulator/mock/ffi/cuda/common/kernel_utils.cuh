@@ -31,6 +31,12 @@ struct float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+// The paged kernels' table reads and page-size shift (ffi/cuda/common/cache_rows.cuh).
+template <typename U>
+inline U __ldg(const U* p) {
+  return *p;
+}
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
 struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
