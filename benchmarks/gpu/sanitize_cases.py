@@ -112,7 +112,8 @@ def paged_mla(target, q, cache, table, kv_len, kw):
     )
     call = jax.ffi.ffi_call(target, out_types)
     positions = (jnp.zeros((b,), jnp.int32), jnp.asarray(kv_len, jnp.int32))
-    return jax.block_until_ready(call(q, *cache, jnp.asarray(table), *positions, **kw))
+    out, lse, _, _ = call(q, *cache, jnp.asarray(table), *positions, **kw)
+    return jax.block_until_ready((out, lse))
 
 
 def paged_cases(caps, rng, check, dtype, tol, quick):
