@@ -202,6 +202,23 @@ def flash_mla(
     return (out, lse) if return_lse else out
 
 
+def _attributes(dv, v_offset, scale, causal, kv_fmt: int, kernel) -> dict:
+    """The attributes every flash_mla target takes, in the C++ types of its
+    handler; the contiguous calls add num_splits per shard, the paged ones
+    once."""
+    attrs = dict(
+        scale=np.float32(scale),  # C++ float
+        causal=np.bool_(causal),  # C++ bool
+        dv=np.int64(dv),  # C++ int64_t
+        v_offset=np.int64(v_offset),  # C++ int64_t
+    )
+    if kv_fmt:
+        attrs["kv_fmt"] = np.int64(kv_fmt)
+    if kernel is not None:
+        attrs["kernel"] = kernel  # C++ int32_t
+    return attrs
+
+
 @functools.cache
 def _native(
     dv: int,
@@ -228,16 +245,7 @@ def _native(
     if paged:
         return _paged_call(dv, v_offset, scale, causal, num_splits, kv_fmt, kernel)
     n_cache = 2 if kv_fmt else 1
-    attrs = dict(
-        scale=np.float32(scale),  # C++ float
-        causal=np.bool_(causal),  # C++ bool
-        dv=np.int64(dv),  # C++ int64_t
-        v_offset=np.int64(v_offset),  # C++ int64_t
-    )
-    if kv_fmt:
-        attrs["kv_fmt"] = np.int64(kv_fmt)
-    if kernel is not None:
-        attrs["kernel"] = kernel  # C++ int32_t
+    attrs = _attributes(dv, v_offset, scale, causal, kv_fmt, kernel)
     target = _TARGET_QUANT if kv_fmt else _TARGET
 
     def ffi(splits: int):
@@ -318,17 +326,8 @@ def _paged_call(
     on replicated operands. Its vmap rule folds the vmapped axis into the
     batch, and a vmapped cache into the pages (_batching.fold_vmap_paged)."""
     n_cache = 2 if kv_fmt else 1
-    attrs = dict(
-        scale=np.float32(scale),  # C++ float
-        causal=np.bool_(causal),  # C++ bool
-        dv=np.int64(dv),  # C++ int64_t
-        v_offset=np.int64(v_offset),  # C++ int64_t
-        num_splits=np.int64(num_splits),  # C++ int64_t
-    )
-    if kv_fmt:
-        attrs["kv_fmt"] = np.int64(kv_fmt)
-    if kernel is not None:
-        attrs["kernel"] = kernel  # C++ int32_t
+    attrs = _attributes(dv, v_offset, scale, causal, kv_fmt, kernel)
+    attrs["num_splits"] = np.int64(num_splits)  # C++ int64_t
     target = (_TARGET_QUANT if kv_fmt else _TARGET) + _PAGED
 
     @jax.custom_batching.custom_vmap
