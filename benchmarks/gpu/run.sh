@@ -123,8 +123,17 @@ step_sanitize() {
 step_bench() {
   # shellcheck disable=SC2086
   python3 -P -m jax_mla ${BENCH_ARGS:-}
+  fi_deps
   # shellcheck disable=SC2086
   python3 -P benchmarks/gpu/side_by_side.py ${SIDE_BY_SIDE_ARGS:-}
+}
+
+# FlashInfer's one dependency the GPU image lacks, next to its unpacked tree
+# (side_by_side.py --site).
+fi_deps() {
+  python3 -c "import tvm_ffi" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --target /tmp/fisite \
+      .carry/flashinfer_mla/apache_tvm_ffi-*.whl
 }
 
 step_paged() {
@@ -133,6 +142,7 @@ step_paged() {
     MAX_JOBS="${MAX_JOBS:-12}" bash .carry/flashmla/build.sh .carry/flashmla/flashmla_src.tar.xz \
       "$fm" | tail -5
   fi
+  fi_deps
   # shellcheck disable=SC2086
   python3 -P benchmarks/gpu/side_by_side.py --paged "${PAGE:-64}" --flashmla-dir "$fm/flashmla" \
     --skip prefill ${SIDE_BY_SIDE_ARGS:-}
@@ -178,7 +188,7 @@ for step in "$@"; do
   limit="${!var:-${LIMIT[$step]}}"
   start=$(date +%s)
   # timeout runs the step in a child shell that sees the step functions.
-  export -f "step_$step"
+  export -f "step_$step" fi_deps
   timeout "$limit" bash -c "step_$step" 2>&1 | log "$step"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || status=1
