@@ -18,6 +18,7 @@ Semantics shared by both ops (docs/design.md, "Positions and lengths"):
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -33,6 +34,15 @@ __all__ = [
     "round_query_q8",
     "visible_mask",
 ]
+
+
+# The public functions are jitted (their static options named): run eagerly, a
+# reference of a few hundred ops would dispatch and compile each op on its own,
+# several seconds for every new shape.
+def _jit(fn):
+    static = ("dv", "v_offset", "scale", "causal", "round_p")
+    names = [n for n in static if n in inspect.signature(fn).parameters]
+    return jax.jit(fn, static_argnames=names)
 
 
 def _per_batch(x, batch: int, default) -> jax.Array:
@@ -54,6 +64,7 @@ def visible_mask(q_pos, kv_len, seq_q: int, seq_kv: int, causal: bool, key_mask=
     return mask
 
 
+@_jit
 def attention(q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None, key_mask=None):
     """Reference flash_attention. Returns (out [B, Sq, Hq, Dv] in q.dtype, lse [B, Hq, Sq] f32).
 
@@ -136,6 +147,7 @@ def _normalized(o, m, l, dtype):
     return out, lse.reshape(batch, heads_kv * group, seq_q).astype(jnp.float32)
 
 
+@_jit
 def mla(
     q, kv, *, dv=512, v_offset=0, scale=None, causal=False, q_pos=None, kv_len=None, key_mask=None
 ):
@@ -191,6 +203,7 @@ def round_query_q8(x) -> jax.Array:
     return (d * r).reshape(x.shape[:-1] + (-1,))[..., :dim]
 
 
+@_jit
 def attention_quantized(
     q, k, v, *, scale=None, causal=False, q_pos=None, kv_len=None, round_p=True, key_mask=None
 ):
@@ -233,7 +246,7 @@ def _query_as_computed(q, k, scale):
 def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len, key_mask=None):
     """attention over float K and 8-bit V (int8 values v_qs [B, Skv, Hkv, Dv],
     scales v_d [B, Skv, Hkv, ceil(Dv / 32) or 1]) with P rounded."""
-    batch = q.shape[0]
+    batch, seq_q = q.shape[:2]
     seq_kv, heads_kv = kf.shape[1], kf.shape[2]
     dv = v_qs.shape[-1]
     hi = jax.lax.Precision.HIGHEST
@@ -251,22 +264,28 @@ def _attention_rounded_p(q, kf, v_qs, v_d, *, scale, causal, q_pos, kv_len, key_
     vd = jnp.pad(vd, [(0, 0), (0, pad_k), (0, 0), (0, 0)])
     vq = jnp.pad(vq, [(0, 0), (0, pad_k), (0, 0), (0, nbv * 32 - dv)])
 
-    vd_t = jnp.moveaxis(vd, 2, 1)  # [B, Hkv, Skv', nbv]
-    x = p[..., None] * vd_t[:, :, None, None]  # [B, Hkv, G, Sq, Skv', nbv]
-    x = x.reshape(x.shape[:4] + (n_groups, P_GROUP, nbv))
-    amax = jnp.max(x, axis=5, keepdims=True)
+    # The (G, Sq) rows of a KV head are folded into one axis R: XLA:CPU (jax
+    # 0.10) crashes running some fusions of arrays of rank 7 (the einsum below
+    # with G and Sq apart), so nothing here goes past rank 6.
+    group = p.shape[2]
+    rows = group * p.shape[3]
+    p = p.reshape(batch, heads_kv, rows, n_groups, P_GROUP)
+    vd_t = jnp.moveaxis(vd, 2, 1).reshape(batch, heads_kv, 1, n_groups, P_GROUP, nbv)
+    x = p[..., None] * vd_t  # [B, Hkv, R, n_groups, P_GROUP, nbv]
+    amax = jnp.max(x, axis=4, keepdims=True)
     d = _exact_div(amax, P_LEVELS)
     inv = jnp.where(amax < P_TINY, 0.0, jnp.float32(1) / jnp.where(amax < P_TINY, 1.0, d))
     pq = jnp.round(x * inv)  # half to even
     vqg = vq.reshape(batch, n_groups, P_GROUP, heads_kv, nbv, 32)
     # Exact integer sums per group (each < 2^24), then the group scales.
-    inner = jnp.einsum("bhgqnkj,bnkhjc->bhgqnjc", pq, vqg, precision=hi)
-    o = jnp.sum(d[..., 0, :, None] * inner, axis=4)  # [B, Hkv, G, Sq, nbv, 32]
-    o = o.reshape(o.shape[:4] + (nbv * 32,))[..., :dv]
+    inner = jnp.einsum("bhrnkj,bnkhjc->bhrnjc", pq, vqg, precision=hi)
+    o = jnp.sum(d[..., 0, :, None] * inner, axis=3)  # [B, Hkv, R, nbv, 32]
+    o = o.reshape(batch, heads_kv, group, seq_q, nbv * 32)[..., :dv]
     o = jnp.moveaxis(o, 3, 1)  # [B, Sq, Hkv, G, Dv]
     return _normalized(o, m, l, q.dtype)
 
 
+@_jit
 def mla_quantized(
     q,
     kv,
