@@ -40,7 +40,7 @@ __all__ = [
 # reference of a few hundred ops would dispatch and compile each op on its own,
 # several seconds for every new shape.
 def _jit(fn):
-    static = ("dv", "v_offset", "scale", "causal", "round_p")
+    static = ("dv", "v_offset", "causal", "round_p")
     names = [n for n in static if n in inspect.signature(fn).parameters]
     return jax.jit(fn, static_argnames=names)
 
