@@ -15,13 +15,6 @@
 namespace jax_mla::cpu::JAX_MLA_ISA {
 namespace {
 
-// Float K and V read in place, for blocks of up to kDirectMaxRows rows
-// (decode with many heads per KV head, MLA's 16): no converted tile. The
-// tile path writes the whole float32 K tile (64 x 576 floats, 147 KB) to L2
-// and reads it back for Q.K and again once per row block for P.V; here Q.K
-// converts the next W dims of its KB keys into a small buffer in L1 (two
-// chunks in flight, so the broadcasts never wait on the stores just made)
-// and P.V converts V in registers, once per key and row block.
 // The bytes to prefetch for the next key block: `bytes` from `at`, then
 // `bytes2` from `at2` (its rows cross a page boundary of a paged cache).
 struct NextRows {
@@ -31,6 +24,13 @@ struct NextRows {
   int64_t bytes2 = 0;
 };
 
+// Float K and V read in place, for blocks of up to kDirectMaxRows rows
+// (decode with many heads per KV head, MLA's 16): no converted tile. The
+// tile path writes the whole float32 K tile (64 x 576 floats, 147 KB) to L2
+// and reads it back for Q.K and again once per row block for P.V; here Q.K
+// converts the next W dims of its KB keys into a small buffer in L1 (two
+// chunks in flight, so the broadcasts never wait on the stores just made)
+// and P.V converts V in registers, once per key and row block.
 template <DType KT, int RV, int KB>
 void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, float* st, int64_t t0,
               float* buf, const NextRows& next) {
