@@ -1,6 +1,7 @@
 """Paged against contiguous MLA decode on the CPU, side by side in one process:
 16 heads, one query, a cache of SKV (default 16384) 576-wide rows, V the
-first 512 columns, for each cache format and page size. The pages of the
+first 512 columns, for each cache format (float: f16, bf16, f32; else a
+quantized format of the f16 rows) and page size. The pages of the
 paged cache are shuffled (no two consecutive positions in consecutive pages,
 the worst case for the driver, which merges runs of consecutive pages into
 one kernel call) or, with --sequential, laid out in order.
@@ -57,7 +58,8 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((1, 1, 16, 576)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((1, args.skv, 576)), jnp.float16)
+    x = rng.standard_normal((1, args.skv, 576))
+    floats = {"f16": jnp.float16, "bf16": jnp.bfloat16, "f32": jnp.float32}
     contiguous = jax.jit(lambda q, kv: jax_mla.flash_mla(q, kv, backend="native"))
     paged_call = jax.jit(
         lambda q, kv, table: jax_mla.flash_mla(q, kv, block_table=table, backend="native")
@@ -69,7 +71,8 @@ def main():
     )
     print(f"{'format':>7} {'page':>5} {'contiguous ms':>14} {'paged ms':>9} {'paged/contig':>13}")
     for fmt in args.formats.split(","):
-        kv = x if fmt == "f16" else jax_mla.quantize(x, fmt)
+        f16 = jnp.asarray(x, jnp.float16)
+        kv = jnp.asarray(x, floats[fmt]) if fmt in floats else jax_mla.quantize(f16, fmt)
         for page_size in map(int, args.pages.split(",")):
             pages, table = paged(kv, page_size, rng, args.sequential)
             expected = contiguous(q, kv)

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -28,7 +27,6 @@ struct Scratch {
   std::vector<float> q, o, m, l, kernel;
   std::vector<int64_t> end, chunk_end, page_end;
   std::vector<RowBlock> blocks;
-  std::vector<char> staged;  // paged 8-bit V: one P group's rows (StageGroup)
   void Reserve(int64_t heads, int64_t rows, int64_t block_rows, int64_t dk, int64_t dv) {
     Grow(q, size_t(rows * dk));
     Grow(o, size_t(rows * dv));
@@ -159,65 +157,18 @@ void AttendRange(const AttentionParams& p, const KernelTable& kern, Scratch& scr
   }
 }
 
-// A paged view's page as a contiguous view (batch row 0) whose row t is row
-// t - first_key of the page: the kernels index keys by their position.
-RowView PageView(const RowView& view, int64_t page, int64_t first_key) {
-  RowView r = view;
-  r.block_table = nullptr;
-  r.data = static_cast<const char*>(view.data) +
-           (page * view.batch_stride - first_key * view.row_stride) * view.UnitBytes();
-  if (view.fmt != QFormat::kNone)
-    r.scales =
-        static_cast<const char*>(view.scales) +
-        (page * view.scale_batch_stride - first_key * view.scale_row_stride) * ScaleBytes(view.fmt);
-  r.batch_stride = r.scale_batch_stride = 0;
-  return r;
-}
-
 bool PageInRange(const RowView& view, int32_t page) {
   return page >= 0 && int64_t(page) < view.num_pages;
 }
 
-// Copies keys [c0, c1) (of one P group, pages of sequence b, all in range)
-// of a paged view to `buf` and returns the contiguous view of them.
-RowView StageGroup(const RowView& view, int64_t b, int64_t c0, int64_t c1, char* buf) {
-  const int64_t ps = view.page_size, row_bytes = view.row_stride * view.UnitBytes();
-  const bool q = view.fmt != QFormat::kNone;
-  const int64_t scale_bytes = q ? view.scale_row_stride * ScaleBytes(view.fmt) : 0;
-  char* scales = buf + kPGroup * row_bytes;
-  for (int64_t t = c0; t < c1;) {
-    const int64_t j = t / ps, n = std::min(c1, (j + 1) * ps) - t;
-    const RowView page = PageView(view, view.block_table[b * view.max_pages + j], j * ps);
-    std::memcpy(buf + (t - c0) * row_bytes, static_cast<const char*>(page.data) + t * row_bytes,
-                size_t(n * row_bytes));
-    if (q)
-      std::memcpy(scales + (t - c0) * scale_bytes,
-                  static_cast<const char*>(page.scales) + t * scale_bytes, size_t(n * scale_bytes));
-    t += n;
-  }
-  RowView r = view;
-  r.block_table = nullptr;
-  r.data = buf - c0 * row_bytes;
-  if (q) r.scales = scales - c0 * scale_bytes;
-  r.batch_stride = r.scale_batch_stride = 0;
-  return r;
-}
-
-// The bytes StageGroup needs for one P group of a view.
-int64_t StagedBytes(const RowView& view) {
-  const int64_t scale_bytes =
-      view.fmt == QFormat::kNone ? 0 : view.scale_row_stride * ScaleBytes(view.fmt);
-  return kPGroup * (view.row_stride * view.UnitBytes() + scale_bytes);
-}
-
-// Paged caches (docs/design.md, "Paged caches"): the keys [kv0, max end) are
-// walked page by page, each call's views pointing at its page in place (runs
-// of consecutive pages in one call) with the rows' ends clipped to it, the
-// online softmax continuing across calls. Pages whose index is out of range
-// are skipped. With pages shorter than the 8-bit P group (kPGroup keys) over
-// 8-bit V, a group's pages are copied to scratch (StageGroup) and attended
-// in one call, so that P is rounded over the same groups as a contiguous
-// cache's.
+// Paged caches (docs/design.md, "Paged caches"): the kernels read the pages
+// in place (RowsOf gives them the sequence's block-table row), so the keys
+// [kv0, max end) go in one call per span of pages in range, normally one
+// call for all of them. Pages whose index is out of range are skipped, never
+// read; a span that starts after one inside a 64-key P group (or tile) has
+// its first call end at the group's end, so that the later calls' groups and
+// tiles are a contiguous cache's (only the broken group's 8-bit P is rounded
+// per call).
 void AttendPaged(const AttentionParams& p, const KernelTable& kern, Scratch& scratch, int64_t b,
                  int64_t h0, int64_t nh, int64_t R, int64_t kv0, const int64_t* end, float* q,
                  float* o, float* m, float* l) {
@@ -227,57 +178,16 @@ void AttendPaged(const AttentionParams& p, const KernelTable& kern, Scratch& scr
   int64_t kv_max = kv0;
   for (int64_t e = 0; e < nh * R; ++e) kv_max = std::max(kv_max, end[e]);
   int64_t* clipped = scratch.page_end.data();
-  const auto attend = [&](const RowView& kview, const RowView& vview, int64_t c0, int64_t c1) {
-    for (int64_t e = 0; e < nh * R; ++e) clipped[e] = std::max(c0, std::min(end[e], c1));
-    AttendRange(p, kern, scratch, kview, vview, 0, h0, nh, R, c0, clipped, q, o, m, l,
-                c0 % kPGroup == 0);
-  };
-  const bool stage = ps < kPGroup && RoundsProbabilities(p.v.fmt);
-  const bool mla = p.v_in_k >= 0;
   for (int64_t c = kv0; c < kv_max;) {
-    const int64_t j = c / ps;
-    if (!PageInRange(kv, table[j])) {
-      c = std::min(kv_max, (j + 1) * ps);  // never read
+    int64_t span = std::min(kv_max, (c / ps + 1) * ps);
+    if (!PageInRange(kv, table[c / ps])) {
+      c = span;  // never read
       continue;
     }
-    // The run of pages from j that lie one after another in the pool: one
-    // call reads it in place.
-    int64_t run_end = std::min(kv_max, (j + 1) * ps);
-    for (int64_t n = j + 1;
-         run_end < kv_max && table[n] == table[n - 1] + 1 && PageInRange(kv, table[n]); ++n)
-      run_end = std::min(kv_max, (n + 1) * ps);
-    const int64_t g1 = std::min(kv_max, (c / kPGroup + 1) * kPGroup);
-    if (stage && run_end >= g1) {  // whole P groups in place: the run cut at a group's end
-      const int64_t c1 = run_end == kv_max ? kv_max : run_end / kPGroup * kPGroup;
-      attend(PageView(kv, table[j], j * ps), PageView(p.v, table[j], j * ps), c, c1);
-      c = c1;
-      continue;
-    }
-    bool all_in_range = true;
-    for (int64_t i = j; i * ps < g1; ++i) all_in_range &= PageInRange(kv, table[i]);
-    if (stage && all_in_range) {
-      const int64_t kb = StagedBytes(kv), vb = mla ? 0 : StagedBytes(p.v);
-      Grow(scratch.staged, size_t(kb + vb));
-      char* buf = scratch.staged.data();
-      const RowView kview = StageGroup(kv, b, c, g1, buf);
-      RowView vview;
-      if (mla) {  // V is a column slice of the staged K rows
-        vview = kview;
-        vview.data = static_cast<const char*>(kview.data) +
-                     (static_cast<const char*>(p.v.data) - static_cast<const char*>(kv.data));
-        vview.scales = static_cast<const char*>(kview.scales) +
-                       (static_cast<const char*>(p.v.scales) - static_cast<const char*>(kv.scales));
-      } else {
-        vview = StageGroup(p.v, b, c, g1, buf + kb);
-      }
-      attend(kview, vview, c, g1);
-      c = g1;
-      continue;
-    }
-    // A run of pages (over 8-bit V with small pages, one that ends inside a
-    // group with an out-of-range page: that group's P is then rounded per call).
-    const int64_t c1 = stage ? std::min(run_end, g1) : run_end;
-    attend(PageView(kv, table[j], j * ps), PageView(p.v, table[j], j * ps), c, c1);
+    while (span < kv_max && PageInRange(kv, table[span / ps])) span = std::min(kv_max, span + ps);
+    const int64_t c1 = c % kPGroup == 0 ? span : std::min(span, (c / kPGroup + 1) * kPGroup);
+    for (int64_t e = 0; e < nh * R; ++e) clipped[e] = std::max(c, std::min(end[e], c1));
+    AttendRange(p, kern, scratch, p.k, p.v, b, h0, nh, R, c, clipped, q, o, m, l, c % kPGroup == 0);
     c = c1;
   }
 }
@@ -367,17 +277,26 @@ void Combine(const AttentionParams& p, const KernelTable& kern) {
 }  // namespace
 
 KvRows RowsOf(const RowView& view, int64_t b, int64_t h) {
+  const bool paged = view.block_table != nullptr;
+  const int64_t batch_row = paged ? 0 : b;  // paged: the batch stride is the page stride
   KvRows rows;
   rows.data = static_cast<const char*>(view.data) +
-              (b * view.batch_stride + h * view.head_stride) * view.UnitBytes();
+              (batch_row * view.batch_stride + h * view.head_stride) * view.UnitBytes();
   rows.dtype = view.dtype;
   rows.row_bytes = view.row_stride * view.UnitBytes();
   rows.fmt = view.fmt;
   if (view.fmt != QFormat::kNone) {
     const int64_t sb = ScaleBytes(view.fmt);
     rows.scales = static_cast<const char*>(view.scales) +
-                  (b * view.scale_batch_stride + h * view.scale_head_stride) * sb;
+                  (batch_row * view.scale_batch_stride + h * view.scale_head_stride) * sb;
     rows.scale_row_bytes = view.scale_row_stride * sb;
+    if (paged) rows.page_scale_bytes = view.scale_batch_stride * sb;
+  }
+  if (paged) {
+    rows.pages = view.block_table + b * view.max_pages;
+    while ((int64_t(1) << rows.page_shift) < view.page_size) ++rows.page_shift;
+    rows.page_mask = view.page_size - 1;
+    rows.page_bytes = view.batch_stride * view.UnitBytes();
   }
   return rows;
 }

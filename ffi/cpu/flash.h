@@ -36,7 +36,9 @@ struct Plan {
   int64_t items = 0;
 };
 
-// The rows of (K/V batch b, KV head h) of a view.
+// The rows of (K/V batch b, KV head h) of a view; of a paged view, those of
+// sequence b, read in place through its block-table row (page sizes are
+// powers of two).
 KvRows RowsOf(const RowView& view, int64_t b, int64_t h);
 
 // Splits cover whole key tiles, so trailing splits may be empty (their LSE is

@@ -91,20 +91,16 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   if (simd::kDirect && !int8 && k.fmt == QFormat::kNone &&
       (v_in_k >= 0 || v.fmt == QFormat::kNone) && rp <= std::min<int64_t>(kDirectMaxRows, 2 * W) &&
       kDirectTiles * rp <= dv + kTilePad) {
-    const DType vdt = v_in_k >= 0 ? k.dtype : v.dtype;
-    const char* vbase = v_in_k >= 0
-                            ? static_cast<const char*>(k.data) + v_in_k * DTypeBytes(k.dtype)
-                            : static_cast<const char*>(v.data);
-    const int64_t vrb = v_in_k >= 0 ? k.row_bytes : v.row_bytes;
+    const KvRows vr = v_in_k >= 0 ? k.Offset(v_in_k * DTypeBytes(k.dtype), 0) : v;
     switch (k.dtype) {
       case DType::kF32:
-        AttendDirectV<DType::kF32>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+        AttendDirectV<DType::kF32>(rows, w, rp, k, vr, dk, dv, kv_begin, kv_end);
         break;
       case DType::kF16:
-        AttendDirectV<DType::kF16>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+        AttendDirectV<DType::kF16>(rows, w, rp, k, vr, dk, dv, kv_begin, kv_end);
         break;
       case DType::kBF16:
-        AttendDirectV<DType::kBF16>(vdt, rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+        AttendDirectV<DType::kBF16>(rows, w, rp, k, vr, dk, dv, kv_begin, kv_end);
         break;
     }
     for (int64_t r = 0; r < R; ++r) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "ffi/common/dtype.h"
@@ -27,9 +28,14 @@ struct RowBlock {
   float* l = nullptr;            // [n_rows] running sum of exp(score - m)
 };
 
-// Key and value rows of one (batch, kv head): row t starts at
-// data + t * row_bytes. Float rows hold elements of dtype; quantized rows
-// (fmt != kNone) hold qs, with their scales at scales + t * scale_row_bytes.
+// Key and value rows of one (batch, kv head): row t starts at Row(t), its
+// scales (quantized rows) at Scales(t). Float rows hold elements of dtype;
+// quantized rows (fmt != kNone) hold qs. Contiguous (pages == nullptr): row t
+// at data + t * row_bytes, its scales at scales + t * scale_row_bytes. Paged
+// (docs/design.md, "Paged caches"): row t is row t & page_mask of page
+// pages[t >> page_shift], whose rows (scales) start page_bytes
+// (page_scale_bytes) times the page index after data (scales); a kernel reads
+// only rows of the keys it is given, so only their pages' entries.
 struct KvRows {
   const void* data = nullptr;
   DType dtype = DType::kF32;
@@ -37,6 +43,36 @@ struct KvRows {
   QFormat fmt = QFormat::kNone;
   const void* scales = nullptr;
   int64_t scale_row_bytes = 0;
+  const int32_t* pages = nullptr;  // this sequence's block-table row, or nullptr
+  int page_shift = 0;              // log2 of the page size
+  int64_t page_mask = 0;           // page size - 1
+  int64_t page_bytes = 0;
+  int64_t page_scale_bytes = 0;
+
+  const char* Row(int64_t t) const {
+    const char* base = static_cast<const char*>(data);
+    if (pages == nullptr) return base + t * row_bytes;
+    return base + pages[t >> page_shift] * page_bytes + (t & page_mask) * row_bytes;
+  }
+  const char* Scales(int64_t t) const {
+    const char* base = static_cast<const char*>(scales);
+    if (pages == nullptr) return base + t * scale_row_bytes;
+    return base + pages[t >> page_shift] * page_scale_bytes + (t & page_mask) * scale_row_bytes;
+  }
+  // The end of the run of rows from t that lie one after another in memory
+  // (the end of t's page; contiguous rows: no end).
+  int64_t RunEnd(int64_t t) const {
+    if (pages == nullptr) return std::numeric_limits<int64_t>::max();
+    return (t | page_mask) + 1;
+  }
+  // The same rows starting `bytes` (`scale_bytes`) further into each row
+  // (MLA's V columns inside the K rows).
+  KvRows Offset(int64_t bytes, int64_t scale_bytes) const {
+    KvRows r = *this;
+    r.data = static_cast<const char*>(data) + bytes;
+    if (scales != nullptr) r.scales = static_cast<const char*>(scales) + scale_bytes;
+    return r;
+  }
 };
 
 // The rows of consecutive KV heads of one view: head u's rows (scales) start

@@ -76,9 +76,8 @@ void Merge(const float* const* src, const float* w, int64_t ns, float* dst, int6
   }
 }
 
-const void* RowPtr(const KvRows& rows, int64_t t) {
-  return static_cast<const char*>(rows.data) + t * rows.row_bytes;
-}
+// Row t of `rows` (contiguous or paged: KvRows::Row).
+const void* RowPtr(const KvRows& rows, int64_t t) { return rows.Row(t); }
 
 // Converts n float16 scales to float32 (F16C for whole vectors).
 void ScalesToFloat(const char* src, int64_t n, float* dst) {
@@ -143,7 +142,7 @@ void I8ToFloat(const int8_t* src, float d, float* dst, int64_t n) {
 void RowToFloat(const KvRows& r, int64_t t, float* dst, int64_t n) {
   const void* row = RowPtr(r, t);
   if (r.fmt == QFormat::kNone) return ToFloat(row, r.dtype, dst, n);
-  const char* scales = static_cast<const char*>(r.scales) + t * r.scale_row_bytes;
+  const char* scales = r.Scales(t);
   const int8_t* qs = static_cast<const int8_t*>(row);
   if (r.fmt == QFormat::kQ8KV || r.fmt == QFormat::kFP8E4M3) {
     float d;
@@ -184,7 +183,7 @@ void BlockScales(const char* scales, QFormat fmt, int64_t nb, float* dst) {
 
 // Row t's block scales (BlockScales).
 void RowScales(const KvRows& r, int64_t t, int64_t nb, float* dst) {
-  BlockScales(static_cast<const char*>(r.scales) + t * r.scale_row_bytes, r.fmt, nb, dst);
+  BlockScales(r.Scales(t), r.fmt, nb, dst);
 }
 
 // The int8 values of row t as float32, unscaled (n a multiple of 16).

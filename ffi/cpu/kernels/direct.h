@@ -15,6 +15,15 @@
 namespace jax_mla::cpu::JAX_MLA_ISA {
 namespace {
 
+// The bytes to prefetch for the next key block: `bytes` from `at`, then
+// `bytes2` from `at2` (its rows cross a page boundary of a paged cache).
+struct NextRows {
+  const char* at = nullptr;
+  int64_t bytes = 0;
+  const char* at2 = nullptr;
+  int64_t bytes2 = 0;
+};
+
 // Float K and V read in place, for blocks of up to kDirectMaxRows rows
 // (decode with many heads per KV head, MLA's 16): no converted tile. The
 // tile path writes the whole float32 K tile (64 x 576 floats, 147 KB) to L2
@@ -24,21 +33,22 @@ namespace {
 // and P.V converts V in registers, once per key and row block.
 template <DType KT, int RV, int KB>
 void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, float* st, int64_t t0,
-              float* buf, const char* next, int64_t next_bytes) {
+              float* buf, const NextRows& next) {
   F32 acc[KB][RV];
   for (auto& row : acc)
     for (F32& a : row) a = F32::Zero();
   const auto convert = [&](int64_t dc, float* b) {
     for (int i = 0; i < KB; ++i) LoadAs<KT>(kr[i], dc).Store(b + i * W);
   };
-  // The next block's rows (next_bytes from `next`) are prefetched a few
-  // lines per chunk, so that they come from L2, not L3, when converted.
+  // The next block's rows are prefetched a few lines per chunk, so that
+  // they come from L2, not L3, when converted.
   const int64_t chunks = dk / W;
-  const int64_t lines = (next_bytes + 63) / 64, per_chunk = (lines + chunks - 1) / chunks;
+  const int64_t lines1 = (next.bytes + 63) / 64, lines = lines1 + (next.bytes2 + 63) / 64;
+  const int64_t per_chunk = (lines + chunks - 1) / chunks;
   convert(0, buf);
   for (int64_t dc = 0, c = 0; dc < dk; dc += W, ++c) {
     for (int64_t l = c * per_chunk; l < std::min(lines, (c + 1) * per_chunk); ++l)
-      __builtin_prefetch(next + l * 64);
+      __builtin_prefetch(l < lines1 ? next.at + l * 64 : next.at2 + (l - lines1) * 64);
     const float* cur = buf + (c & 1) * KB * W;
     if (dc + W < dk) convert(dc + W, buf + ((c + 1) & 1) * KB * W);
     for (int dd = 0; dd < W; ++dd) {
@@ -54,24 +64,29 @@ void QkDirect(const float* qt, int64_t rp, const void* const* kr, int64_t dk, fl
     for (int j = 0; j < RV; ++j) acc[i][j].Store(st + (t0 + i) * rp + j * W);
 }
 
-// o[r][d0 ..) = corr[r] * o[r][d0 ..) + sum_{t < tn} st[t][r] * V[t][d0 ..) for RB
-// rows from r0 and DB vectors of dims, V row t at vbase + t * vrb.
+// o[r][d0 ..) = corr[r] * o[r][d0 ..) + sum_{t < tn} st[t][r] * V[t0 + t][d0 ..)
+// for RB rows from r0 and DB vectors of dims; V's rows are walked a run of
+// rows adjacent in memory (a page) at a time.
 template <DType VT, int RB, int DB>
-void PvDirect(const float* st, int64_t rp, int64_t r0, const float* corr, const char* vbase,
-              int64_t vrb, int64_t tn, float* o, int64_t dv, int64_t d0) {
+void PvDirect(const float* st, int64_t rp, int64_t r0, const float* corr, const KvRows& v,
+              int64_t t0, int64_t tn, float* o, int64_t dv, int64_t d0) {
   F32 acc[RB][DB];
   for (int i = 0; i < RB; ++i) {
     const F32 c = F32::Splat(corr[r0 + i]);
     for (int j = 0; j < DB; ++j)
       acc[i][j] = simd::Mul(F32::Load(o + (r0 + i) * dv + d0 + j * W), c);
   }
-  const char* vr = vbase;
-  for (int64_t t = 0; t < tn; ++t, vr += vrb) {
-    F32 v[DB];
-    for (int j = 0; j < DB; ++j) v[j] = LoadAs<VT>(vr, d0 + j * W);
-    for (int i = 0; i < RB; ++i) {
-      const F32 p = F32::Splat(st[t * rp + r0 + i]);
-      for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, v[j], acc[i][j]);
+  const int64_t vrb = v.row_bytes;
+  for (int64_t t = 0; t < tn;) {
+    const int64_t run = std::min(tn, v.RunEnd(t0 + t) - t0);
+    const char* vr = v.Row(t0 + t);
+    for (; t < run; ++t, vr += vrb) {
+      F32 x[DB];
+      for (int j = 0; j < DB; ++j) x[j] = LoadAs<VT>(vr, d0 + j * W);
+      for (int i = 0; i < RB; ++i) {
+        const F32 p = F32::Splat(st[t * rp + r0 + i]);
+        for (int j = 0; j < DB; ++j) acc[i][j] = simd::Fma(p, x[j], acc[i][j]);
+      }
     }
   }
   for (int i = 0; i < RB; ++i)
@@ -95,17 +110,17 @@ constexpr int64_t PvDirectPasses(int64_t R) {
 // PvDirect reads (tn keys x DB vectors) stays in L1 for every row block
 // after the first, instead of coming again from L2 once per row block.
 template <DType VT>
-void PvDirectAll(const float* st, int64_t rp, int64_t R, const float* corr, const char* vbase,
-                 int64_t vrb, int64_t tn, float* o, int64_t dv) {
+void PvDirectAll(const float* st, int64_t rp, int64_t R, const float* corr, const KvRows& v,
+                 int64_t t0, int64_t tn, float* o, int64_t dv) {
   constexpr int RB = simd::kPvDirectRows, DB = simd::kPvDirectVecs;
   const int64_t full = PvDirectFullBlocks(R) * RB;
   const auto rows = [&](auto db, int64_t d0) {
     constexpr int D = decltype(db)::value;
     int64_t r0 = 0;
-    for (; r0 < full; r0 += RB) PvDirect<VT, RB, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
-    for (; r0 + 4 <= R; r0 += 4) PvDirect<VT, 4, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
-    for (; r0 + 2 <= R; r0 += 2) PvDirect<VT, 2, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
-    for (; r0 < R; ++r0) PvDirect<VT, 1, D>(st, rp, r0, corr, vbase, vrb, tn, o, dv, d0);
+    for (; r0 < full; r0 += RB) PvDirect<VT, RB, D>(st, rp, r0, corr, v, t0, tn, o, dv, d0);
+    for (; r0 + 4 <= R; r0 += 4) PvDirect<VT, 4, D>(st, rp, r0, corr, v, t0, tn, o, dv, d0);
+    for (; r0 + 2 <= R; r0 += 2) PvDirect<VT, 2, D>(st, rp, r0, corr, v, t0, tn, o, dv, d0);
+    for (; r0 < R; ++r0) PvDirect<VT, 1, D>(st, rp, r0, corr, v, t0, tn, o, dv, d0);
   };
   int64_t d0 = 0;
   for (; d0 + DB * W <= dv; d0 += DB * W) rows(std::integral_constant<int, DB>{}, d0);
@@ -118,12 +133,11 @@ constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kDirectTiles = 4;
 
 // Attend's tile loop over float K and V read in place (QkDirect, PvDirect);
-// Q is transposed in w.qt and the softmax state is in w. V row t is at
-// vbase + t * vrb.
+// Q is transposed in w.qt and the softmax state is in w. V's rows are `v`'s
+// (MLA: the V columns of K's rows).
 template <DType KT, DType VT>
-void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows& k,
-                  const char* vbase, int64_t vrb, int64_t dk, int64_t dv, int64_t kv_begin,
-                  int64_t kv_end) {
+void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows& k, const KvRows& v,
+                  int64_t dk, int64_t dv, int64_t kv_begin, int64_t kv_end) {
   const int64_t R = rows.n_rows;
   float* buf = w.kt;  // QkDirect's two chunks of KB x W floats
   // When P.V covers all rows in one pass over V (a single row block),
@@ -143,11 +157,22 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
     const void* kr[KB];
     // Keys past tn repeat the last valid row; Softmax masks their scores.
     for (int i = 0; i < KB; ++i) kr[i] = RowPtr(k, t0 + std::min<int64_t>(t + i, tn - 1));
-    // The rows of the next KB keys (up to kv_end), contiguous in the cache.
-    const int64_t n_next = std::clamp<int64_t>(kv_end - (t0 + t + KB), 0, KB);
-    const char* next = static_cast<const char*>(RowPtr(k, t0 + t + (n_next > 0 ? KB : 0)));
-    const int64_t next_bytes = n_next > 0 ? (n_next - 1) * k.row_bytes + dk * DTypeBytes(KT) : 0;
-    QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next, next_bytes);
+    // The rows of the next KB keys (up to kv_end): adjacent in memory, or
+    // two runs where they cross a page boundary (KB is at most a page).
+    static_assert(KB <= 16, "a key block spans at most two pages of 16 keys or more");
+    NextRows next;
+    const int64_t a = t0 + t + KB, b = std::min(kv_end, a + KB);
+    const auto bytes = [&](int64_t n) { return (n - 1) * k.row_bytes + dk * DTypeBytes(KT); };
+    if (a < b) {
+      const int64_t a2 = std::min(b, k.RunEnd(a));
+      next.at = k.Row(a);
+      next.bytes = bytes(a2 - a);
+      if (a2 < b) {
+        next.at2 = k.Row(a2);
+        next.bytes2 = bytes(b - a2);
+      }
+    }
+    QkDirect<KT, RV, KB>(w.qt, rp, kr, dk, ws.st, t, buf, next);
   };
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += TS) {
     const int64_t tn = std::min(TS, kv_end - t0);
@@ -163,22 +188,20 @@ void AttendDirect(const RowBlock& rows, const Work& w, int64_t rp, const KvRows&
       });
     }
     Softmax(ws, rp, tn);
-    const char* vt = vbase + t0 * vrb;
-    PvDirectAll<VT>(ws.st, rp, R, w.corr, vt, vrb, tn, rows.o, dv);
+    PvDirectAll<VT>(ws.st, rp, R, w.corr, v, t0, tn, rows.o, dv);
   }
 }
 
 template <DType KT>
-void AttendDirectV(DType vdt, const RowBlock& rows, const Work& w, int64_t rp, const KvRows& k,
-                   const char* vbase, int64_t vrb, int64_t dk, int64_t dv, int64_t kv_begin,
-                   int64_t kv_end) {
-  switch (vdt) {
+void AttendDirectV(const RowBlock& rows, const Work& w, int64_t rp, const KvRows& k,
+                   const KvRows& v, int64_t dk, int64_t dv, int64_t kv_begin, int64_t kv_end) {
+  switch (v.dtype) {
     case DType::kF32:
-      return AttendDirect<KT, DType::kF32>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+      return AttendDirect<KT, DType::kF32>(rows, w, rp, k, v, dk, dv, kv_begin, kv_end);
     case DType::kF16:
-      return AttendDirect<KT, DType::kF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+      return AttendDirect<KT, DType::kF16>(rows, w, rp, k, v, dk, dv, kv_begin, kv_end);
     case DType::kBF16:
-      return AttendDirect<KT, DType::kBF16>(rows, w, rp, k, vbase, vrb, dk, dv, kv_begin, kv_end);
+      return AttendDirect<KT, DType::kBF16>(rows, w, rp, k, v, dk, dv, kv_begin, kv_end);
   }
 }
 

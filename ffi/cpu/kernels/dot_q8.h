@@ -143,8 +143,7 @@ void PrepareQueryLanesQ8(const float* x, int64_t dk, QueryLanes out) {
 
 #if defined(__AVX2__)
 inline float DotQ8(QueryLanes q, const KvRows& k, int64_t t, int64_t dk) {
-  return DotQ8Row(q, static_cast<const int8_t*>(RowPtr(k, t)),
-                  static_cast<const char*>(k.scales) + t * k.scale_row_bytes, k.fmt, dk);
+  return DotQ8Row(q, static_cast<const int8_t*>(RowPtr(k, t)), k.Scales(t), k.fmt, dk);
 }
 #else
 constexpr bool kInt8Dot = false;

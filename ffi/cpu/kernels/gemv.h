@@ -155,14 +155,15 @@ void AttendFewQ(const RowBlock& rows, const KS& k, const KvRows& v, int64_t dk, 
       if constexpr (std::is_same_v<KS, Dequantized>) {
         if (dot8) {
           // One head's rows are a cache-row stride apart (the heads of a key
-          // are adjacent): prefetch the K rows kAhead keys on, and this
-          // group's V rows, which P.V reads next.
+          // are adjacent): prefetch the K rows kAhead keys on (the row's
+          // last key at most: a paged cache's table holds no page past it),
+          // and this group's V rows, which P.V reads next.
           constexpr int64_t kAhead = 16;
           for (int64_t t = 0; t < n; ++t) {
-            const char* kn = static_cast<const char*>(RowPtr(k.r, g0 + t + kAhead));
+            const int64_t ta = std::min(g0 + t + kAhead, end - 1);
+            const char* kn = k.r.Row(ta);
             for (int64_t b = 0; b < dk; b += 64) __builtin_prefetch(kn + b);
-            __builtin_prefetch(static_cast<const char*>(k.r.scales) +
-                               (g0 + t + kAhead) * k.r.scale_row_bytes);
+            __builtin_prefetch(k.r.Scales(ta));
             const char* vr = static_cast<const char*>(RowPtr(v, g0 + t));
             for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vr + b);
             s[t] = DotQ8(ql.Lanes(), k.r, g0 + t, dk);

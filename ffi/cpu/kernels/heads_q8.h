@@ -270,20 +270,22 @@ void HeadsQ8Flush(const HeadsQ8Work& w, int64_t r, float* o) {
 }
 #endif
 
-// V's scales of keys g0 .. g0 + n (n <= kPGroup) of one head, key-minor:
-// vd[j * kPGroup + t] = key g0 + t's scale of block j (RowScales). Gathered
-// 16 (AVX2: 8) keys at a time, two float16 scales a dword (the last of an
-// odd count with the one before it, so no read passes the row's scales).
-void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_t n, int64_t nbv,
-                  float* vd) {
-  const int srb = int(scale_row_bytes);
+// V's scales of keys g0 .. g0 + n (n <= kPGroup) of one head (its rows
+// `v`), key-minor: vd[j * kPGroup + t] = key g0 + t's scale of block j
+// (RowScales). Gathered 16 (AVX2: 8) keys at a time, two float16 scales a
+// dword (the last of an odd count with the one before it, so no read passes
+// the row's scales). g0 is a multiple of kPGroup, so each gather's keys lie
+// in one page of a paged cache (pages hold 16 keys or more).
+void GroupVScales(const KvRows& v, int64_t g0, int64_t n, int64_t nbv, float* vd) {
+  const QFormat fmt = v.fmt;
+  [[maybe_unused]] const int srb = int(v.scale_row_bytes);
 #if defined(__AVX512F__)
   const __m512i idx =
       _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                          _mm512_set1_epi32(srb));
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 m = n - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - t)) - 1);
-    const char* b = base + t * srb;
+    const char* b = v.Scales(g0 + t);
     if (fmt == QFormat::kQ8KV) {
       const __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, b, 1);
       for (int64_t j = 0; j < nbv; ++j) _mm512_storeu_ps(vd + j * kPGroup + t, d);
@@ -303,7 +305,7 @@ void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_
   for (int64_t t = 0; t < n; t += 8) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n - t)),
                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const char* b = base + t * srb;
+    const char* b = v.Scales(g0 + t);
     if (fmt == QFormat::kQ8KV) {
       const __m256 d = _mm256_mask_i32gather_ps(
           _mm256_setzero_ps(), reinterpret_cast<const float*>(b), idx, _mm256_castsi256_ps(m), 1);
@@ -327,7 +329,7 @@ void GroupVScales(const char* base, int64_t scale_row_bytes, QFormat fmt, int64_
 #else
   float vdt[kMaxHeadDim / kQBlock];
   for (int64_t t = 0; t < n; ++t) {
-    BlockScales(base + t * scale_row_bytes, fmt, nbv, vdt);
+    BlockScales(v.Scales(g0 + t), fmt, nbv, vdt);
     for (int64_t j = 0; j < nbv; ++j) vd[j * kPGroup + t] = vdt[j];
   }
 #endif
@@ -363,13 +365,8 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
       std::fill(w.Acc(u * R + r), w.Acc(u * R + r) + dv, 0.f);  // int32 0 has float 0's bits
     }
   }
-  // Head u's row t (scales) at head0's + t * row bytes + u * head bytes.
-  const char* const kd0 = static_cast<const char*>(k.head0.data);
-  const char* const ks0 = static_cast<const char*>(k.head0.scales);
-  const char* const vd0 = static_cast<const char*>(v.head0.data);
-  const char* const vs0 = static_cast<const char*>(v.head0.scales);
-  const int64_t krb = k.head0.row_bytes, ksrb = k.head0.scale_row_bytes;
-  const int64_t vrb = v.head0.row_bytes, vsrb = v.head0.scale_row_bytes;
+  // Head u's row t (scales) at head0's row t (scales) + u * head bytes.
+  const KvRows &k0 = k.head0, &v0 = v.head0;
   const int64_t khb = k.head_bytes, kshb = k.scale_head_bytes;
   const int64_t vhb = v.head_bytes, vshb = v.scale_head_bytes;
   const int64_t nbv = w.nbv;
@@ -380,19 +377,23 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
         w.n[u * R + r] = std::clamp<int64_t>(rows[u].end[r] - g0, 0, nmax);
     // 1. Scores, key by key across the heads. K rows, values and scales
     // are four streams, more than the hardware prefetchers keep ahead of:
-    // the K rows and scales kAhead keys on are prefetched, and the group's
+    // the K rows and scales kAhead keys on (up to the last key: a paged
+    // cache's table holds no page past it) are prefetched, and the group's
     // V rows and scales, which steps 2 and 3 read.
     constexpr int64_t kAhead = 4;
     for (int64_t t = 0; t < nmax; ++t) {
-      const char* kt = kd0 + (g0 + t) * krb;
-      const char* kst = ks0 + (g0 + t) * ksrb;
-      const char* vt = vd0 + (g0 + t) * vrb;
-      const char* vst = vs0 + (g0 + t) * vsrb;
+      const int64_t ta = std::min(g0 + t + kAhead, kv_end - 1);
+      const char* kt = k0.Row(g0 + t);
+      const char* kst = k0.Scales(g0 + t);
+      const char* kat = k0.Row(ta);
+      const char* kast = k0.Scales(ta);
+      const char* vt = v0.Row(g0 + t);
+      const char* vst = v0.Scales(g0 + t);
       for (int64_t u = 0; u < nh; ++u) {
-        const char* ka = kt + kAhead * krb + u * khb;
+        const char* ka = kat + u * khb;
         for (int64_t b = 0; b < dk; b += 64) __builtin_prefetch(ka + b);
         __builtin_prefetch(ka + dk - 1);
-        __builtin_prefetch(kst + kAhead * ksrb + u * kshb);
+        __builtin_prefetch(kast + u * kshb);
         const char* vr = vt + u * vhb;
         for (int64_t b = 0; b < dv; b += 64) __builtin_prefetch(vr + b);
         __builtin_prefetch(vr + dv - 1);
@@ -405,12 +406,13 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
           const int64_t row = u * R + r;
           if (w.n[row] <= t) continue;
 #if defined(__AVX2__)
-          w.S(row)[t] = DotQ8Row(lanes(row), krow, kst + u * kshb, k.head0.fmt, dk);
+          w.S(row)[t] = DotQ8Row(lanes(row), krow, kst + u * kshb, k0.fmt, dk);
 #else
           if (!converted) {
-            KvRows kr = k.head0;
+            KvRows kr = k0;  // the row alone, as row 0 of contiguous rows
             kr.data = krow;
             kr.scales = kst + u * kshb;
+            kr.pages = nullptr;
             RowToFloat(kr, 0, w.kbuf, dk);
           }
           converted = true;
@@ -428,7 +430,7 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
       int64_t nu = 0;
       for (int64_t r = 0; r < R; ++r) nu = std::max(nu, w.n[u * R + r]);
       if (nu == 0) continue;
-      GroupVScales(vs0 + g0 * vsrb + u * vshb, vsrb, v.head0.fmt, nu, nbv, w.vd);
+      GroupVScales(v0.Offset(u * vhb, u * vshb), g0, nu, nbv, w.vd);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t row = u * R + r;
         if (w.n[row] == 0) continue;
@@ -447,7 +449,7 @@ void AttendHeadsQ8(const RowBlock* rows, int64_t nh, const KvHeads& k, const KvH
       int64_t vstep[kHeadsQ8Keys];  // head stride, 0 for the zero row
       for (int64_t i = 0; i < kHeadsQ8Keys; ++i) {
         const bool valid = t + i < nmax;
-        vt[i] = valid ? reinterpret_cast<const int8_t*>(vd0 + (g0 + t + i) * vrb) : kZeroRow;
+        vt[i] = valid ? reinterpret_cast<const int8_t*>(v0.Row(g0 + t + i)) : kZeroRow;
         vstep[i] = valid ? vhb : 0;
       }
       for (int64_t u = 0; u < nh; ++u) {
