@@ -9,42 +9,15 @@ import functools
 import math
 import os
 import re
-import shutil
-import tempfile
 import zlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-def _share_compilations() -> str | None:
-    """Points JAX's persistent compilation cache at a folder for this run
-    unless the user set one, and returns it (None when the user did). Many
-    tests compile the same programs (each ISA path of a kernel test, the
-    references, the layer in the notebooks and examples): the cache lets them
-    reuse each other's executables across tests and across the pytest-xdist
-    workers and subprocesses, which inherit the environment. Set before jax is
-    imported, which reads these variables then."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return None
-    path = tempfile.mkdtemp(prefix="jax_mla_tests_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-    return path
-
-
-_COMPILATION_CACHE = _share_compilations()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-import jax_mla  # noqa: E402
-from jax_mla import _capabilities, _ffi, reference  # noqa: E402
-
-if _COMPILATION_CACHE is not None:  # in case jax was imported before this file
-    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+import jax_mla
+from jax_mla import _capabilities, _ffi, reference
 
 # Every kernel test also checks that the kernel writes every output element:
 # the CPU kernels fill their outputs with NaN before computing (read per call;
@@ -104,13 +77,6 @@ def on_gpu() -> bool:
 # kernel_config markers give the operation and fixed values; test parameters
 # of these names, or dict parameters holding them, fill in the rest.
 CONFIG_FIELDS = ("dtypes", "dk", "dv", "v_offset", "fmt")
-
-
-def pytest_unconfigure(config):
-    # The process that made the cache folder (the only one, or pytest-xdist's
-    # controller, after its workers have stopped) removes it.
-    if _COMPILATION_CACHE is not None:
-        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
