@@ -5,7 +5,6 @@ the one comparison helper."""
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -221,12 +220,11 @@ def visible_keys(q_pos, kv_len, batch: int, seq_q: int, seq_kv: int, causal: boo
     return counts
 
 
-@functools.partial(jax.jit, static_argnames=("causal",))
+# reference.attention and reference.mla are jitted themselves.
 def _reference_attention(q, k, v, q_pos, kv_len, scale, *, causal):
     return reference.attention(q, k, v, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len)
 
 
-@functools.partial(jax.jit, static_argnames=("dv", "v_offset", "causal"))
 def _reference_mla(q, kv, q_pos, kv_len, scale, *, dv, v_offset, causal):
     return reference.mla(
         q, kv, dv=dv, v_offset=v_offset, scale=scale, causal=causal, q_pos=q_pos, kv_len=kv_len
