@@ -7,6 +7,11 @@
 // never read (cp.async zero-fills it) and its score is masked. Callers ask
 // only for keys below the row's kv_len (<= max_pages * page_size), so the
 // block-table read stays inside the table.
+//
+// The table entries a tile's copies need are read a tile ahead (Fetch, into
+// a TilePages the thread keeps in registers) and the copies address their
+// rows from those (Locate with the TilePages): a cp.async never waits on a
+// block-table load (benchmarks/NOTES.md, "CUDA 11" and "CUDA 12").
 #pragma once
 
 #include <cstdint>
@@ -14,6 +19,22 @@
 #include "ffi/common/params.h"
 
 namespace jax_mla::cuda {
+
+// The block-table entries of one tile of kKeys keys (its first key a multiple
+// of kKeys), one per run of 16 keys: pages hold 16 keys or more, so a run
+// never spans two pages (a page of 16 or 32 keys holds several runs, and a
+// tile several pages when pages are shorter than it). entry[s] is the table's
+// value for keys [key0 + 16 s, key0 + 16 s + 16) as read, checked against
+// [0, num_pages) where it is used (CacheRows::Valid), or -1 when key0 + 16 s
+// is at or past kv_len (then not read: the table has max_pages entries and
+// kv_len <= max_pages * page_size). Registers only (the callers index it with
+// compile-time slots); unused for contiguous caches.
+template <int kKeys>
+struct TilePages {
+  static_assert(kKeys % 16 == 0, "tiles are whole 16-key runs");
+  static constexpr int kSlots = kKeys / 16;
+  int32_t entry[kSlots];
+};
 
 template <bool kPaged>
 struct CacheRows {
@@ -47,6 +68,36 @@ struct CacheRows {
     if constexpr (kPaged) return Page(j) >= 0;
     return true;
   }
+  // The table entry of key j's page as read, -1 when j >= kv_len (not read);
+  // 0 (contiguous). A load nothing waits on until Valid looks at it.
+  __device__ __forceinline__ int32_t Entry(int64_t j, int64_t kv_len) const {
+    if constexpr (kPaged) return j < kv_len ? __ldg(table + (j >> (__ffsll(v.page_size) - 1))) : -1;
+    return 0;
+  }
+  // Whether an entry names a page of the pool (always, contiguous).
+  __device__ __forceinline__ bool Valid(int32_t entry) const {
+    if constexpr (kPaged) return entry >= 0 && entry < v.num_pages;
+    return true;
+  }
+  // The entries of the tile of kKeys keys starting at key0 (TilePages): the
+  // loads are issued here, their values first used by the tile's copies.
+  template <int kKeys>
+  __device__ __forceinline__ TilePages<kKeys> Fetch(int64_t key0, int64_t kv_len) const {
+    TilePages<kKeys> tp;
+#pragma unroll
+    for (int s = 0; s < TilePages<kKeys>::kSlots; ++s) tp.entry[s] = Entry(key0 + 16 * s, kv_len);
+    return tp;
+  }
+  // The entry of key rr of the tile (0 <= rr < kKeys), chosen among the
+  // slots without indexing the register array at run time.
+  template <int kKeys>
+  static __device__ __forceinline__ int32_t SlotEntry(const TilePages<kKeys>& tp, int rr) {
+    int32_t e = tp.entry[0];
+#pragma unroll
+    for (int s = 1; s < TilePages<kKeys>::kSlots; ++s)
+      if (rr >= 16 * s) e = tp.entry[s];
+    return e;
+  }
   // Key j's row index within its page (paged) or batch row (contiguous).
   __device__ __forceinline__ int64_t Row(int64_t j) const {
     if constexpr (kPaged) return j & (v.page_size - 1);
@@ -67,6 +118,20 @@ struct CacheRows {
     const bool ok = j < kv_len;
     *off = (ok ? j : 0) * row_stride;
     return ok;
+  }
+  // The same for key j = key0 + rr of the tile whose entries tp holds
+  // (Fetch(key0)), with no block-table load: what the tiles' copies call.
+  template <int kKeys>
+  __device__ __forceinline__ bool Locate(const TilePages<kKeys>& tp, int rr, int64_t j,
+                                         int64_t kv_len, int64_t batch_stride, int64_t row_stride,
+                                         int64_t* off) const {
+    if constexpr (kPaged) {
+      const int32_t page = SlotEntry(tp, rr);
+      const bool ok = j < kv_len && Valid(page);
+      *off = ok ? int64_t(page) * batch_stride + Row(j) * row_stride : 0;
+      return ok;
+    }
+    return Locate(j, kv_len, batch_stride, row_stride, off);
   }
 };
 

@@ -17,7 +17,14 @@
 // range of tiles and writes normalized partials and their LSE; a combine
 // kernel merges them. With kPaged the tile rows come from the pages the block
 // table names (cache_rows.cuh): keys on skipped pages are zero-filled and
-// masked, and tiles and splits run across page boundaries unchanged.
+// masked, and tiles and splits run across page boundaries unchanged; the
+// table entries a tile needs are read one tile before its copies and its
+// masking use them.
+//
+// One kernel (MlaTileKernel) runs this loop for every cache format; what
+// differs is its tile source: how a tile is staged, converted, scored and
+// read as V (MlaFloatTiles here, the 8-bit and fp8 ones in
+// mla_quant_kernel.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -201,117 +208,225 @@ struct MlaBlockKeys {
   }
 };
 
-template <typename T, int G, bool kPaged>
-__global__ void __launch_bounds__(128 * G, 1) MlaKernel(const AttentionParams p) {
-  using Shape = MlaShape<G>;
-  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
+// Q in T into s_q ([kRows][576], padded rows) by cp.async, rows past R
+// zero-filled: the float and fp8 sources' query (the caller commits it with
+// the first tile's group).
+template <typename T, int kRows, int kThreads>
+__device__ __forceinline__ void MlaStageQuery(const AttentionParams& p, char* s_q, int64_t b,
+                                              int64_t row0, int tid) {
+  const int64_t R = p.seq_q * p.heads_q;
+  const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
+  for (int c = tid; c < kRows * kMlaChunks; c += kThreads) {
+    const int rr = c / kMlaChunks, cc = c % kMlaChunks;
+    const bool ok = row0 + rr < R;
+    CpAsync16(s_q + rr * kMlaRowBytes + cc * 16, q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
+  }
+}
+
+// S = Q K^T for warp wg's 8 keys of a tile of T rows (kMlaRowBytes apart):
+// the group's 16 rows (q_frag, this lane's ldmatrix address in Q) against keys
+// [8 wg, 8 wg + 8), two accumulators for two mma chains, summed into sc
+// (unscaled). The float and fp8 sources' scores.
+template <typename T>
+__device__ __forceinline__ void MlaScoresT(const char* q_frag, const char* tile, int wg, int lane,
+                                           float (&sc)[4]) {
+  float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+  const char* k_frag = tile + (wg * 8 + lane % 8) * kMlaRowBytes + (lane / 8) * 16;
+#pragma unroll
+  for (int kk = 0; kk < kMlaDk / 16; kk += 2) {
+    uint32_t a0[4], a1[4], bk[4];
+    LdMatrixX4(a0, q_frag + kk * 32);
+    LdMatrixX4(a1, q_frag + (kk + 1) * 32);
+    LdMatrixX4(bk, k_frag + kk * 32);
+    Mma16816<T>(s0, a0, bk[0], bk[1]);
+    Mma16816<T>(s1, a1, bk[2], bk[3]);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sc[i] = s0[i] + s1[i];
+}
+
+// The mma.sync flash_mla block: one kernel for every cache format, its tile
+// source Src saying how a tile is staged, converted and scored. Src provides
+//   Elem, kGroups (G), kStages, kMinBlocks, kPaged, kSmem;
+//   Src(p, smem, b, grp, lane)     its shared-memory layout (s_p, s_max and
+//                                  s_sum, which this loop uses, included);
+//   LoadQuery / PrepareQuery       Q's cp.async (before the first tiles' and
+//                                  in their group) / Q's synchronous part
+//                                  (after them), when the block has tiles;
+//   LoadTile(p, rows, pages, t, stage, kv_len, tid)   tile t's cp.asyncs into
+//                                  stage, rows addressed through pages (the
+//                                  tile's table entries, read a tile ahead);
+//   PrepareTile(stage, tid)        the staged tile turned into what Scores and
+//                                  Pv read (a conversion; block-wide barriers
+//                                  it needs included);
+//   ScoreScale(p), Scores(stage, wg, lane, sc)   warp wg's 4 scores of its
+//                                  keys [8 wg, 8 wg + 8), times ScoreScale =
+//                                  the base-2 logits;
+//   SyncP(bar)                     the barrier after which the group's P (and
+//                                  whatever Pv reads) is complete;
+//   Pv(o, p_frag, stage, wg, lane) O += P V.
+// The sources: MlaFloatTiles below, MlaQ8Tiles and MlaFp8Tiles
+// (mla_quant_kernel.cuh).
+template <class Src>
+__global__ void __launch_bounds__(128 * Src::kGroups, Src::kMinBlocks)
+    MlaTileKernel(const AttentionParams p) {
+  using T = typename Src::Elem;
+  constexpr int G = Src::kGroups, kRows = 16 * G, kStages = Src::kStages;
+  constexpr bool kPaged = Src::kPaged;
   extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;                                      // [16G][576] (+pad)
-  char* s_kv = s_q + Shape::kRows * kMlaRowBytes;        // [stages][32][576] (+pad)
-  char* s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;  // [G][16][32] (+pad)
-  float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
-  float* s_sum = s_max + G * 64;                                          // [G][4][16]
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int grp = warp / 4, wg = warp % 4;
   const int64_t b = blockIdx.z;
   const int split = blockIdx.y;
-  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
-  const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
-  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, Shape::kRows);
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, kRows);
   const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
   const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
   const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
 
   const CacheRows<kPaged> rows(p.k, b);
-  const T* kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
-  auto load_tile = [&](int64_t t, int stage) {
-    char* dst = s_kv + stage * kMlaKeys * kMlaRowBytes;
-    for (int c = tid; c < kMlaKeys * kMlaChunks; c += kThreads) {
-      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
-      const int64_t j = t * kMlaKeys + rr;
-      // Keys past kv_len or on a skipped page are zero-filled, never read.
-      int64_t off;
-      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
-      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + off + cc * 8, ok);
-    }
-  };
-
-  if (t_begin < t_end) {
-    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
-    for (int c = tid; c < Shape::kRows * kMlaChunks; c += kThreads) {
-      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
-      const bool ok = row0 + rr < R;
-      CpAsync16(s_q + rr * kMlaRowBytes + cc * 16, q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
-    }
-  }
+  Src src(p, smem, b, grp, lane);
+  if (t_begin < t_end) src.LoadQuery(p, b, row0, tid);
   for (int s = 0; s < kStages - 1; ++s) {
-    if (t_begin + s < t_end) load_tile(t_begin + s, s);
+    if (t_begin + s < t_end)
+      src.LoadTile(p, rows, rows.template Fetch<kMlaKeys>((t_begin + s) * kMlaKeys, kv_len),
+                   t_begin + s, s, kv_len, tid);
     CpAsyncCommit();
   }
+  if (t_begin < t_end) src.PrepareQuery(p, b, row0, tid);
+  // Paged: the table entries of the next tile to copy and of this thread's
+  // keys in the next tile to score, each read one tile before it is used, so
+  // neither the copies nor the masking wait on a block-table load.
+  TilePages<kMlaKeys> ahead =
+      rows.template Fetch<kMlaKeys>((t_begin + kStages - 1) * kMlaKeys, kv_len);
+  const int key_in_tile = wg * 8 + 2 * (lane % 4);  // this thread's two keys of a tile
+  int32_t live_ahead = rows.Entry(t_begin * kMlaKeys + key_in_tile, kv_len);
 
   float o[16][4];
 #pragma unroll
   for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
-  const float scale_log2 = p.scale * kLog2e;
+  const float score_scale = src.ScoreScale(p);
   const int bar = 1 + grp;
-
-  const char* q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
-  const char* p_frag = s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
-  char* p_store = s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
+  const char* p_frag = src.s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
+  char* p_store = src.s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int it = int(t - t_begin);
     CpAsyncWait<kStages - 2>();
+    // Also: every warp is done with the stage the copies below overwrite (and
+    // with the last tile's converted copy, if the source keeps one).
     __syncthreads();
-    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
+    if (t + kStages - 1 < t_end)
+      src.LoadTile(p, rows, ahead, t + kStages - 1, (it + kStages - 1) % kStages, kv_len, tid);
     CpAsyncCommit();
-    const char* tile = s_kv + (it % kStages) * kMlaKeys * kMlaRowBytes;
+    ahead = rows.template Fetch<kMlaKeys>((t + kStages) * kMlaKeys, kv_len);
+    const int32_t live_entry = live_ahead;
+    live_ahead = rows.Entry((t + 1) * kMlaKeys + key_in_tile, kv_len);
+    const int stage = it % kStages;
+    src.PrepareTile(stage, tid);
 
-    // S = Q K^T for this warp's 8 keys; two accumulators for two mma chains.
-    float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-    const char* k_frag = tile + (wg * 8 + lane % 8) * kMlaRowBytes + (lane / 8) * 16;
-#pragma unroll
-    for (int kk = 0; kk < kMlaDk / 16; kk += 2) {
-      uint32_t a0[4], a1[4], bk[4];
-      LdMatrixX4(a0, q_frag + kk * 32);
-      LdMatrixX4(a1, q_frag + (kk + 1) * 32);
-      LdMatrixX4(bk, k_frag + kk * 32);
-      Mma16816<T>(s0, a0, bk[0], bk[1]);
-      Mma16816<T>(s1, a1, bk[2], bk[3]);
-    }
-    const int64_t key = t * kMlaKeys + wg * 8 + 2 * (lane % 4);
-    // Keys key and key + 1 share a page (page sizes are even).
-    const bool live = key >= kv_len || rows.Live(key);
     float sc[4];
-    sc[0] = live && key < n_lo ? (s0[0] + s1[0]) * scale_log2 : -INFINITY;
-    sc[1] = live && key + 1 < n_lo ? (s0[1] + s1[1]) * scale_log2 : -INFINITY;
-    sc[2] = live && key < n_hi ? (s0[2] + s1[2]) * scale_log2 : -INFINITY;
-    sc[3] = live && key + 1 < n_hi ? (s0[3] + s1[3]) * scale_log2 : -INFINITY;
-    MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
-    NamedBarrier(bar, 128);
-
-    // O += P V, V = columns [128 wg, 128 wg + 128) of the same tile rows.
-    MlaPvTile<T, kMlaRowBytes>(o, p_frag, tile, wg, lane);
+    src.Scores(stage, wg, lane, sc);
+    const int64_t key = t * kMlaKeys + key_in_tile;
+    // Keys key and key + 1 share a page (page sizes are even).
+    const bool live = key >= kv_len || rows.Valid(live_entry);
+    sc[0] = live && key < n_lo ? sc[0] * score_scale : -INFINITY;
+    sc[1] = live && key + 1 < n_lo ? sc[1] * score_scale : -INFINITY;
+    sc[2] = live && key < n_hi ? sc[2] * score_scale : -INFINITY;
+    sc[3] = live && key + 1 < n_hi ? sc[3] * score_scale : -INFINITY;
+    MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, src.s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
+    src.SyncP(bar);
+    src.Pv(o, p_frag, stage, wg, lane);
   }
   CpAsyncWait<0>();
-  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
+  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o,
+                  src.s_sum);
 }
 
-// Launches the main kernel for one (dtype, G, paged or not); the caller
-// launches the combine.
-template <typename T, int G, bool kPaged>
-cudaError_t LaunchMla(const AttentionParams& p, cudaStream_t stream) {
-  using Shape = MlaShape<G>;
+// Launches the mma.sync kernel over the tile source Src; the caller launches
+// the combine.
+template <class Src>
+cudaError_t LaunchMlaTiles(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int kRows = 16 * Src::kGroups;
   cudaError_t err = cudaFuncSetAttribute(
-      MlaKernel<T, G, kPaged>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
+      MlaTileKernel<Src>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Src::kSmem));
   if (err != cudaSuccess) return err;
   const int64_t rows = p.seq_q * p.heads_q;
-  const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
-                  unsigned(p.batch));
-  MlaKernel<T, G, kPaged><<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
+  const dim3 grid(unsigned((rows + kRows - 1) / kRows), unsigned(p.num_splits), unsigned(p.batch));
+  MlaTileKernel<Src><<<grid, 128 * Src::kGroups, Src::kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The float source: the cache's rows in T, staged as they are, one tile
+// serving as K and V (V = its first 512 columns, read in place).
+template <typename T, int G, bool Paged>
+struct MlaFloatTiles {
+  using Elem = T;
+  using Shape = MlaShape<G>;
+  static constexpr int kGroups = G, kStages = Shape::kStages, kMinBlocks = 1;
+  static constexpr bool kPaged = Paged;
+  static constexpr size_t kSmem = Shape::kSmem;
+
+  char* s_q;     // [16G][576] (+pad)
+  char* s_kv;    // [stages][32][576] (+pad)
+  char* s_p;     // [G][16][32] (+pad)
+  float* s_max;  // [G][4][16]
+  float* s_sum;  // [G][4][16]
+  const T* kv_base;
+  const char* q_frag;  // this lane's ldmatrix address in its group's Q rows
+
+  __device__ __forceinline__ MlaFloatTiles(const AttentionParams& p, char* smem, int64_t b, int grp,
+                                           int lane) {
+    s_q = smem;
+    s_kv = s_q + Shape::kRows * kMlaRowBytes;
+    s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;
+    s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);
+    s_sum = s_max + G * 64;
+    kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
+    q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
+  }
+  __device__ __forceinline__ float ScoreScale(const AttentionParams& p) const {
+    return p.scale * kLog2e;
+  }
+  __device__ __forceinline__ void LoadQuery(const AttentionParams& p, int64_t b, int64_t row0,
+                                            int tid) {
+    MlaStageQuery<T, Shape::kRows, Shape::kThreads>(p, s_q, b, row0, tid);
+  }
+  __device__ __forceinline__ void PrepareQuery(const AttentionParams&, int64_t, int64_t, int) {}
+  __device__ __forceinline__ const char* Tile(int stage) const {
+    return s_kv + stage * kMlaKeys * kMlaRowBytes;
+  }
+  __device__ __forceinline__ void LoadTile(const AttentionParams& p, const CacheRows<kPaged>& rows,
+                                           const TilePages<kMlaKeys>& pages, int64_t t, int stage,
+                                           int64_t kv_len, int tid) {
+    char* dst = s_kv + stage * kMlaKeys * kMlaRowBytes;
+    for (int c = tid; c < kMlaKeys * kMlaChunks; c += Shape::kThreads) {
+      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
+      const int64_t j = t * kMlaKeys + rr;
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + off + cc * 8, ok);
+    }
+  }
+  __device__ __forceinline__ void PrepareTile(int, int) {}
+  __device__ __forceinline__ void Scores(int stage, int wg, int lane, float (&sc)[4]) const {
+    MlaScoresT<T>(q_frag, Tile(stage), wg, lane, sc);
+  }
+  __device__ __forceinline__ void SyncP(int bar) const { NamedBarrier(bar, 128); }
+  // V = columns [128 wg, 128 wg + 128) of the same tile rows.
+  __device__ __forceinline__ void Pv(float (&o)[16][4], const char* p_frag, int stage, int wg,
+                                     int lane) const {
+    MlaPvTile<T, kMlaRowBytes>(o, p_frag, Tile(stage), wg, lane);
+  }
+};
+
+// Launches the float kernel for one (dtype, G, paged or not).
+template <typename T, int G, bool kPaged>
+cudaError_t LaunchMla(const AttentionParams& p, cudaStream_t stream) {
+  return LaunchMlaTiles<MlaFloatTiles<T, G, kPaged>>(p, stream);
 }
 
 }  // namespace jax_mla::cuda

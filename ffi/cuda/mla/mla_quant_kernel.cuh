@@ -4,7 +4,8 @@
 // shared memory by cp.async, K and V from the same rows (V = the first 512
 // columns, block-aligned), as in the float kernel (mla_kernel.cuh), whose
 // block layout (G row groups of 4 warps, 16 query rows per group, 32-key
-// tiles, split-KV partials) this kernel shares.
+// tiles, split-KV partials) and tile loop (MlaTileKernel) these sources
+// (MlaQ8Tiles, MlaFp8Tiles) plug into.
 //
 // Semantics (quant_format.h, QuantizesQueries): the query rows are scaled and
 // rounded to 8 bits per block of 32 with q8_0's rule and a float32 scale,
@@ -21,7 +22,7 @@
 // A paged cache (kPaged) is read in place like the float kernel's: values
 // and scales through the block table, skipped pages zero-filled and masked.
 //
-// Over fp8_e4m3 (MlaFp8Kernel) nothing is rounded but the cache's values to
+// Over fp8_e4m3 (MlaFp8Tiles) nothing is rounded but the cache's values to
 // the input type: each staged tile's 576 columns are converted in registers,
 // d * value in float32 (the value jax_mla.dequantize computes), rounded to T
 // into one shared-memory tile that serves as K and V, and the rest is the
@@ -70,69 +71,59 @@ __device__ __forceinline__ float ByteToFloat(uint32_t w_flipped, int i) {
          8388736.f;
 }
 
-template <typename T, int G, QFormat F, bool kPaged>
-__global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
-    MlaQuantKernel(const AttentionParams p) {
+// The 8-bit integer source (q8_0, q8_kv): the int8 rows and their scales
+// staged as they are; Q rounded to 8 bits once per block; per tile V
+// dequantized into s_v, S = Q K^T on int8 tensor cores.
+template <typename T, int G, QFormat F, bool Paged>
+struct MlaQ8Tiles {
+  using Elem = T;
   using Shape = MlaQuantShape<G, F>;
-  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
-  constexpr int kScaleBytes = MlaScaleBytes<F>::value;
-  extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;  // [16G][576] int8 (+pad)
-  float* s_qd = reinterpret_cast<float*>(s_q + Shape::kRows * kMlaQsRowBytes);  // [16G][20]
-  char* s_kv = reinterpret_cast<char*>(s_qd + Shape::kRows * kMlaQdStride);
-  // stage s: [32][576] int8 (+pad), then [32] scales
-  char* s_v = s_kv + kStages * Shape::kStageBytes;                        // [32][512] T (+pad)
-  char* s_p = s_v + kMlaKeys * kMlaVRowBytes;                             // [G][16][32] (+pad)
-  float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
-  float* s_sum = s_max + G * 64;                                          // [G][4][16]
+  static constexpr int kGroups = G, kStages = Shape::kStages, kMinBlocks = Shape::kMinBlocks;
+  static constexpr bool kPaged = Paged;
+  static constexpr size_t kSmem = Shape::kSmem;
+  static constexpr int kThreads = Shape::kThreads;
+  static constexpr int kScaleBytes = MlaScaleBytes<F>::value;
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int grp = warp / 4, wg = warp % 4;
-  const int64_t b = blockIdx.z;
-  const int split = blockIdx.y;
-  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
-  const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
-  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, Shape::kRows);
-  const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
-  const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
-  const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
+  char* s_q;     // [16G][576] int8 (+pad)
+  float* s_qd;   // [16G][20]
+  char* s_kv;    // stage s: [32][576] int8 (+pad), then [32] scales
+  char* s_v;     // [32][512] T (+pad)
+  char* s_p;     // [G][16][32] (+pad)
+  float* s_max;  // [G][4][16]
+  float* s_sum;  // [G][4][16]
+  int64_t d_batch_bytes;
+  const char* qs_base;
+  const char* d_base;
+  const char* q_frag;
+  const float* qd_lo;
+  const float* qd_hi;
 
-  const CacheRows<kPaged> rows(p.k, b);
-  // Scale strides count scales: float16 (q8_0) or float32 (q8_kv).
-  const int64_t d_batch_bytes = p.k.scale_batch_stride * (F == QFormat::kQ8_0 ? 2 : 4);
-  const char* qs_base =
-      CacheRows<kPaged>::template Base<char>(p.k.data, b, p.kv_batch, p.k.batch_stride);
-  const char* d_base =
-      CacheRows<kPaged>::template Base<char>(p.k.scales, b, p.kv_batch, d_batch_bytes);
-  auto load_tile = [&](int64_t t, int stage) {
-    char* dst = s_kv + stage * Shape::kStageBytes;
-    for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
-      const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
-      const int64_t j = t * kMlaKeys + rr;
-      // Keys past kv_len or on a skipped page are zero-filled, never read.
-      int64_t off;
-      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
-      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + off + cc * 16, ok);
-    }
-    char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
-    constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
-    for (int c = tid; c < kMlaKeys * kWords; c += kThreads) {
-      const int rr = c / kWords, ww = c % kWords;
-      const int64_t j = t * kMlaKeys + rr;
-      int64_t off;
-      const bool ok = rows.Locate(j, kv_len, d_batch_bytes, kScaleBytes, &off);
-      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + off + ww * 4, ok);
-    }
-  };
-
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (t_begin + s < t_end) load_tile(t_begin + s, s);
-    CpAsyncCommit();
+  __device__ __forceinline__ MlaQ8Tiles(const AttentionParams& p, char* smem, int64_t b, int grp,
+                                        int lane) {
+    s_q = smem;
+    s_qd = reinterpret_cast<float*>(s_q + Shape::kRows * kMlaQsRowBytes);
+    s_kv = reinterpret_cast<char*>(s_qd + Shape::kRows * kMlaQdStride);
+    s_v = s_kv + kStages * Shape::kStageBytes;
+    s_p = s_v + kMlaKeys * kMlaVRowBytes;
+    s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);
+    s_sum = s_max + G * 64;
+    // Scale strides count scales: float16 (q8_0) or float32 (q8_kv).
+    d_batch_bytes = p.k.scale_batch_stride * (F == QFormat::kQ8_0 ? 2 : 4);
+    qs_base = CacheRows<kPaged>::template Base<char>(p.k.data, b, p.kv_batch, p.k.batch_stride);
+    d_base = CacheRows<kPaged>::template Base<char>(p.k.scales, b, p.kv_batch, d_batch_bytes);
+    q_frag = s_q + (grp * 16 + lane % 16) * kMlaQsRowBytes + (lane / 16) * 16;
+    qd_lo = s_qd + (grp * 16 + lane / 4) * kMlaQdStride;
+    qd_hi = qd_lo + 8 * kMlaQdStride;
   }
-
+  // The query was scaled before rounding: only the base-2 factor is left.
+  __device__ __forceinline__ float ScoreScale(const AttentionParams&) const { return kLog2e; }
+  __device__ __forceinline__ void LoadQuery(const AttentionParams&, int64_t, int64_t, int) {}
   // The block's query rows, scaled and rounded to 8 bits per block of 32
-  // (RoundQueryToQ8's arithmetic, float32, IEEE division and reciprocal).
-  if (t_begin < t_end) {
+  // (RoundQueryToQ8's arithmetic, float32, IEEE division and reciprocal),
+  // while the first tiles load.
+  __device__ __forceinline__ void PrepareQuery(const AttentionParams& p, int64_t b, int64_t row0,
+                                               int tid) {
+    const int64_t R = p.seq_q * p.heads_q;
     const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
     for (int it = tid; it < Shape::kRows * kMlaBlocks; it += kThreads) {
       const int rr = it / kMlaBlocks, kb = it % kMlaBlocks;
@@ -170,31 +161,36 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       s_qd[rr * kMlaQdStride + kb] = d;
     }
   }
-
-  float o[16][4];
-#pragma unroll
-  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
-  const int bar = 1 + grp;
-
-  const char* q_frag = s_q + (grp * 16 + lane % 16) * kMlaQsRowBytes + (lane / 16) * 16;
-  const float* qd_lo = s_qd + (grp * 16 + lane / 4) * kMlaQdStride;
-  const float* qd_hi = qd_lo + 8 * kMlaQdStride;
-  const char* p_frag = s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
-  char* p_store = s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
-  const int key0 = wg * 8 + 2 * (lane % 4);  // this thread's two keys in the tile
-
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int it = int(t - t_begin);
-    CpAsyncWait<kStages - 2>();
-    __syncthreads();
-    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
-    CpAsyncCommit();
-    const char* tile = s_kv + (it % kStages) * Shape::kStageBytes;
+  __device__ __forceinline__ const char* Tile(int stage) const {
+    return s_kv + stage * Shape::kStageBytes;
+  }
+  __device__ __forceinline__ void LoadTile(const AttentionParams& p, const CacheRows<kPaged>& rows,
+                                           const TilePages<kMlaKeys>& pages, int64_t t, int stage,
+                                           int64_t kv_len, int tid) {
+    char* dst = s_kv + stage * Shape::kStageBytes;
+    for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
+      const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
+      const int64_t j = t * kMlaKeys + rr;
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + off + cc * 16, ok);
+    }
+    char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
+    constexpr int kWords = kScaleBytes / 4;  // 4-byte words of scales per key
+    for (int c = tid; c < kMlaKeys * kWords; c += kThreads) {
+      const int rr = c / kWords, ww = c % kWords;
+      const int64_t j = t * kMlaKeys + rr;
+      int64_t off;
+      const bool ok = rows.Locate(pages, rr, j, kv_len, d_batch_bytes, kScaleBytes, &off);
+      CpAsync4(d_dst + rr * kScaleBytes + ww * 4, d_base + off + ww * 4, ok);
+    }
+  }
+  // V = d * q for the first 512 columns, into s_v in the input type.
+  // (Unrolled: every thread's 16-byte loads are in flight together.)
+  __device__ __forceinline__ void PrepareTile(int stage, int tid) {
+    const char* tile = Tile(stage);
     const char* tile_d = tile + kMlaKeys * kMlaQsRowBytes;
-
-    // V = d * q for the first 512 columns, into s_v in the input type.
-    // (Unrolled: every thread's 16-byte loads are in flight together.)
 #pragma unroll
     for (int i = 0; i < kMlaKeys * (kMlaDv / 16) / kThreads; ++i) {
       const int c = tid + i * kThreads;
@@ -215,9 +211,14 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
       dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
     }
-
-    // S = Q K^T, one 32-value block per int8 mma, scaled per block.
-    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+  }
+  // S = Q K^T, one 32-value block per int8 mma, scaled per block.
+  __device__ __forceinline__ void Scores(int stage, int wg, int lane, float (&sc)[4]) const {
+    const char* tile = Tile(stage);
+    const char* tile_d = tile + kMlaKeys * kMlaQsRowBytes;
+    const int key0 = wg * 8 + 2 * (lane % 4);  // this thread's two keys in the tile
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sc[i] = 0.f;
     const char* k_frag = tile + (wg * 8 + lane % 8) * kMlaQsRowBytes + (lane / 8) * 16;
     const char* kd0 = tile_d + key0 * kScaleBytes;
     const char* kd1 = kd0 + kScaleBytes;
@@ -258,24 +259,15 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, F>::kMinBlocks))
       sc[2] *= k0;
       sc[3] *= k1;
     }
-    // The query was scaled before rounding: only the base-2 factor is left.
-    const int64_t key = t * kMlaKeys + key0;
-    // Keys key and key + 1 share a page (page sizes are even).
-    const bool live = key >= kv_len || rows.Live(key);
-    sc[0] = live && key < n_lo ? sc[0] * kLog2e : -INFINITY;
-    sc[1] = live && key + 1 < n_lo ? sc[1] * kLog2e : -INFINITY;
-    sc[2] = live && key < n_hi ? sc[2] * kLog2e : -INFINITY;
-    sc[3] = live && key + 1 < n_hi ? sc[3] * kLog2e : -INFINITY;
-    MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
-    // P of the group's warps and the whole block's V conversion are visible after this.
-    __syncthreads();
-
-    // O += P V, V = columns [128 wg, 128 wg + 128) of the dequantized tile.
+  }
+  // P of the group's warps and the whole block's V conversion are visible after this.
+  __device__ __forceinline__ void SyncP(int) const { __syncthreads(); }
+  // V = columns [128 wg, 128 wg + 128) of the dequantized tile.
+  __device__ __forceinline__ void Pv(float (&o)[16][4], const char* p_frag, int, int wg,
+                                     int lane) const {
     MlaPvTile<T, kMlaVRowBytes>(o, p_frag, s_v, wg, lane);
   }
-  CpAsyncWait<0>();
-  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
-}
+};
 
 // Two e4m3 bytes (the low 16 bits of `pair`, the first in the low byte) as
 // floats, exactly. sm_89+ converts them in one instruction; before it the
@@ -297,89 +289,75 @@ __device__ __forceinline__ float2 E4M3x2ToFloat2(uint32_t pair) {
 #endif
 }
 
-template <typename T, int G, bool kPaged>
-__global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, QFormat::kFP8E4M3>::kMinBlocks))
-    MlaFp8Kernel(const AttentionParams p) {
+// The fp8_e4m3 source: the e4m3 rows and their float32 scales staged as they
+// are; per tile all 576 columns converted to d * value in T into s_t, which
+// then serves as K and V exactly as the float source's tile does.
+template <typename T, int G, bool Paged>
+struct MlaFp8Tiles {
+  using Elem = T;
   using Shape = MlaQuantShape<G, QFormat::kFP8E4M3>;
-  constexpr int kThreads = Shape::kThreads, kStages = Shape::kStages;
-  extern __shared__ __align__(128) char smem[];
-  char* s_q = smem;                                 // [16G][576] T (+pad)
-  char* s_kv = s_q + Shape::kRows * kMlaRowBytes;   // stage s: [32][576] e4m3 (+pad), [32] d
-  char* s_t = s_kv + kStages * Shape::kStageBytes;  // [32][576] T (+pad)
-  char* s_p = s_t + kMlaKeys * kMlaRowBytes;        // [G][16][32] (+pad)
-  float* s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);  // [G][4][16]
-  float* s_sum = s_max + G * 64;                                          // [G][4][16]
+  static constexpr int kGroups = G, kStages = Shape::kStages, kMinBlocks = Shape::kMinBlocks;
+  static constexpr bool kPaged = Paged;
+  static constexpr size_t kSmem = Shape::kSmem;
+  static constexpr int kThreads = Shape::kThreads;
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int grp = warp / 4, wg = warp % 4;
-  const int64_t b = blockIdx.z;
-  const int split = blockIdx.y;
-  const int64_t H = p.heads_q, Sq = p.seq_q, R = Sq * H;
-  const int64_t row0 = int64_t(blockIdx.x) * Shape::kRows;
-  const MlaBlockKeys<kMlaKeys> span(p, b, split, row0, Shape::kRows);
-  const int64_t kv_len = span.kv_len, t_begin = span.t_begin, t_end = span.t_end;
-  const int64_t r_lo = row0 + grp * 16 + lane / 4, r_hi = r_lo + 8;
-  const int64_t n_lo = span.Visible(r_lo), n_hi = span.Visible(r_hi);
+  char* s_q;     // [16G][576] T (+pad)
+  char* s_kv;    // stage s: [32][576] e4m3 (+pad), [32] d
+  char* s_t;     // [32][576] T (+pad)
+  char* s_p;     // [G][16][32] (+pad)
+  float* s_max;  // [G][4][16]
+  float* s_sum;  // [G][4][16]
+  int64_t d_batch_bytes;
+  const char* qs_base;
+  const char* d_base;
+  const char* q_frag;
 
-  const CacheRows<kPaged> rows(p.k, b);
-  const int64_t d_batch_bytes = p.k.scale_batch_stride * 4;  // float32 scales
-  const char* qs_base =
-      CacheRows<kPaged>::template Base<char>(p.k.data, b, p.kv_batch, p.k.batch_stride);
-  const char* d_base =
-      CacheRows<kPaged>::template Base<char>(p.k.scales, b, p.kv_batch, d_batch_bytes);
-  auto load_tile = [&](int64_t t, int stage) {
+  __device__ __forceinline__ MlaFp8Tiles(const AttentionParams& p, char* smem, int64_t b, int grp,
+                                         int lane) {
+    s_q = smem;
+    s_kv = s_q + Shape::kRows * kMlaRowBytes;
+    s_t = s_kv + kStages * Shape::kStageBytes;
+    s_p = s_t + kMlaKeys * kMlaRowBytes;
+    s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);
+    s_sum = s_max + G * 64;
+    d_batch_bytes = p.k.scale_batch_stride * 4;  // float32 scales
+    qs_base = CacheRows<kPaged>::template Base<char>(p.k.data, b, p.kv_batch, p.k.batch_stride);
+    d_base = CacheRows<kPaged>::template Base<char>(p.k.scales, b, p.kv_batch, d_batch_bytes);
+    q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
+  }
+  __device__ __forceinline__ float ScoreScale(const AttentionParams& p) const {
+    return p.scale * kLog2e;
+  }
+  // Q (in its type) goes with the first tile's group.
+  __device__ __forceinline__ void LoadQuery(const AttentionParams& p, int64_t b, int64_t row0,
+                                            int tid) {
+    MlaStageQuery<T, Shape::kRows, kThreads>(p, s_q, b, row0, tid);
+  }
+  __device__ __forceinline__ void PrepareQuery(const AttentionParams&, int64_t, int64_t, int) {}
+  __device__ __forceinline__ void LoadTile(const AttentionParams& p, const CacheRows<kPaged>& rows,
+                                           const TilePages<kMlaKeys>& pages, int64_t t, int stage,
+                                           int64_t kv_len, int tid) {
     char* dst = s_kv + stage * Shape::kStageBytes;
     for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
       const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
       const int64_t j = t * kMlaKeys + rr;
       // Keys past kv_len or on a skipped page are zero-filled, never read.
       int64_t off;
-      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
       CpAsync16(dst + rr * kMlaQsRowBytes + cc * 16, qs_base + off + cc * 16, ok);
     }
     char* d_dst = dst + kMlaKeys * kMlaQsRowBytes;
     for (int rr = tid; rr < kMlaKeys; rr += kThreads) {
       int64_t off;
-      const bool ok = rows.Locate(t * kMlaKeys + rr, kv_len, d_batch_bytes, 4, &off);
+      const bool ok = rows.Locate(pages, rr, t * kMlaKeys + rr, kv_len, d_batch_bytes, 4, &off);
       CpAsync4(d_dst + rr * 4, d_base + off, ok);
     }
-  };
-
-  // Q (in its type) goes with the first tile's group.
-  if (t_begin < t_end) {
-    const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
-    for (int c = tid; c < Shape::kRows * kMlaChunks; c += kThreads) {
-      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
-      const bool ok = row0 + rr < R;
-      CpAsync16(s_q + rr * kMlaRowBytes + cc * 16, q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
-    }
   }
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (t_begin + s < t_end) load_tile(t_begin + s, s);
-    CpAsyncCommit();
-  }
-
-  float o[16][4];
-#pragma unroll
-  for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
-  const float scale_log2 = p.scale * kLog2e;
-  const int bar = 1 + grp;
-  const char* q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
-  const char* p_frag = s_p + (grp * 16 + lane % 16) * kMlaPRowBytes + (lane / 16) * 16;
-  char* p_store = s_p + (grp * 16 + lane / 4) * kMlaPRowBytes + (wg * 8 + 2 * (lane % 4)) * 2;
-
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int it = int(t - t_begin);
-    CpAsyncWait<kStages - 2>();
-    // Also: every warp is done with the last tile's s_t.
-    __syncthreads();
-    if (t + kStages - 1 < t_end) load_tile(t + kStages - 1, (it + kStages - 1) % kStages);
-    CpAsyncCommit();
-    const char* tile = s_kv + (it % kStages) * Shape::kStageBytes;
+  // The tile's rows as d * value, rounded to T: 16 values per step; the
+  // whole block's conversion is visible after the barrier.
+  __device__ __forceinline__ void PrepareTile(int stage, int tid) {
+    const char* tile = s_kv + stage * Shape::kStageBytes;
     const char* tile_d = tile + kMlaKeys * kMlaQsRowBytes;
-
-    // The tile's rows as d * value, rounded to T: 16 values per step.
     for (int c = tid; c < kMlaKeys * kMlaQsChunks; c += kThreads) {
       const int rr = c / kMlaQsChunks, cc = c % kMlaQsChunks;
       const uint4 raw = *reinterpret_cast<const uint4*>(tile + rr * kMlaQsRowBytes + cc * 16);
@@ -396,54 +374,26 @@ __global__ void __launch_bounds__(128 * G, (MlaQuantShape<G, QFormat::kFP8E4M3>:
       dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
     }
     __syncthreads();
-
-    // From here on the float kernel's step (mla_kernel.cuh) over s_t.
-    float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-    const char* k_frag = s_t + (wg * 8 + lane % 8) * kMlaRowBytes + (lane / 8) * 16;
-#pragma unroll
-    for (int kk = 0; kk < kMlaDk / 16; kk += 2) {
-      uint32_t a0[4], a1[4], bk[4];
-      LdMatrixX4(a0, q_frag + kk * 32);
-      LdMatrixX4(a1, q_frag + (kk + 1) * 32);
-      LdMatrixX4(bk, k_frag + kk * 32);
-      Mma16816<T>(s0, a0, bk[0], bk[1]);
-      Mma16816<T>(s1, a1, bk[2], bk[3]);
-    }
-    const int64_t key = t * kMlaKeys + wg * 8 + 2 * (lane % 4);
-    // Keys key and key + 1 share a page (page sizes are even).
-    const bool live = key >= kv_len || rows.Live(key);
-    float sc[4];
-    sc[0] = live && key < n_lo ? (s0[0] + s1[0]) * scale_log2 : -INFINITY;
-    sc[1] = live && key + 1 < n_lo ? (s0[1] + s1[1]) * scale_log2 : -INFINITY;
-    sc[2] = live && key < n_hi ? (s0[2] + s1[2]) * scale_log2 : -INFINITY;
-    sc[3] = live && key + 1 < n_hi ? (s0[3] + s1[3]) * scale_log2 : -INFINITY;
-    MlaSoftmaxStep<T>(sc, grp, wg, lane, bar, s_max, p_store, m_lo, m_hi, l_lo, l_hi, o);
-    NamedBarrier(bar, 128);
+  }
+  // From here on the float source's step over s_t.
+  __device__ __forceinline__ void Scores(int, int wg, int lane, float (&sc)[4]) const {
+    MlaScoresT<T>(q_frag, s_t, wg, lane, sc);
+  }
+  __device__ __forceinline__ void SyncP(int bar) const { NamedBarrier(bar, 128); }
+  __device__ __forceinline__ void Pv(float (&o)[16][4], const char* p_frag, int, int wg,
+                                     int lane) const {
     MlaPvTile<T, kMlaRowBytes>(o, p_frag, s_t, wg, lane);
   }
-  CpAsyncWait<0>();
-  MlaStoreRows<T>(p, b, split, grp, wg, lane, bar, r_lo, r_hi, m_lo, m_hi, l_lo, l_hi, o, s_sum);
-}
+};
 
-// Launches the main kernel for one (dtype, G, format, paged or not); the
-// caller launches the combine.
+// Launches the kernel for one (dtype, G, format, paged or not); the caller
+// launches the combine.
 template <typename T, int G, QFormat F, bool kPaged>
 cudaError_t LaunchMlaQuant(const AttentionParams& p, cudaStream_t stream) {
-  using Shape = MlaQuantShape<G, F>;
-  constexpr auto kernel = [] {
-    if constexpr (F == QFormat::kFP8E4M3)
-      return MlaFp8Kernel<T, G, kPaged>;
-    else
-      return MlaQuantKernel<T, G, F, kPaged>;
-  }();
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
-  if (err != cudaSuccess) return err;
-  const int64_t rows = p.seq_q * p.heads_q;
-  const dim3 grid(unsigned((rows + Shape::kRows - 1) / Shape::kRows), unsigned(p.num_splits),
-                  unsigned(p.batch));
-  kernel<<<grid, Shape::kThreads, Shape::kSmem, stream>>>(p);
-  return cudaGetLastError();
+  if constexpr (F == QFormat::kFP8E4M3)
+    return LaunchMlaTiles<MlaFp8Tiles<T, G, kPaged>>(p, stream);
+  else
+    return LaunchMlaTiles<MlaQ8Tiles<T, G, F, kPaged>>(p, stream);
 }
 
 }  // namespace jax_mla::cuda
