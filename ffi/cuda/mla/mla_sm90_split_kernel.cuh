@@ -112,14 +112,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
   constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
   const CacheRows<kPaged> rows(p.k, b);
   const T* kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
-  auto load_tile = [&](int64_t t, int stage) {
+  // Rows addressed through the tile's table entries (paged), read a tile
+  // ahead: no copy waits on a block-table load.
+  auto load_tile = [&](int64_t t, int stage, const TilePages<kSm90Keys>& pages) {
     char* dst = s_kv + stage * kSm90TileBytes;
     for (int c = tid; c < kSm90Keys * kChunks; c += kSm90Threads) {
       const int rr = c / kChunks, cc = c % kChunks;
       const int64_t j = t * kSm90Keys + rr;
       // Keys past kv_len or on a skipped page are zero-filled, never read.
       int64_t off;
-      const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
       CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + off + cc * 8, ok);
     }
   };
@@ -130,9 +132,18 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
       const bool ok = row0 + rr < R;
       CpAsync16(s_q + Swizzle128(kSm90Rows, rr, cc), q_base + (ok ? rr : 0) * kMlaDk + cc * 8, ok);
     }
-    load_tile(t_begin, 0);
+    load_tile(t_begin, 0, rows.template Fetch<kSm90Keys>(t_begin * kSm90Keys, kv_len));
   }
   CpAsyncCommit();
+  // Paged: the entries of the next tile to copy, and of this thread's keys
+  // (two 16-key runs: keys [32 wg, 32 wg + 32) of a tile) in the next tile to
+  // score, each read one tile before it is used.
+  TilePages<kSm90Keys> ahead = rows.template Fetch<kSm90Keys>((t_begin + 1) * kSm90Keys, kv_len);
+  const int key_in_tile = wg * 32 + 2 * (lane % 4);  // + 8j, j < 4: this thread's keys
+  int32_t live_ahead[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    live_ahead[h] = rows.Entry(t_begin * kSm90Keys + key_in_tile + 16 * h, kv_len);
 
   float o[128];
 #pragma unroll
@@ -160,17 +171,24 @@ __global__ void __launch_bounds__(kSm90Threads, 1) MlaSm90Kernel(const Attention
     WgmmaCommit();
     // The next tile's copies are issued while the tensor cores work (its
     // stage was last read by the previous PV, finished before the barrier).
-    if (t + 1 < t_end) load_tile(t + 1, stage ^ 1);
+    if (t + 1 < t_end) load_tile(t + 1, stage ^ 1, ahead);
     CpAsyncCommit();
+    ahead = rows.template Fetch<kSm90Keys>((t + 2) * kSm90Keys, kv_len);
+    int32_t live_entry[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      live_entry[h] = live_ahead[h];
+      live_ahead[h] = rows.Entry((t + 1) * kSm90Keys + key_in_tile + 16 * h, kv_len);
+    }
     WgmmaWait<0>();
     Sm90Touch(s);
 
-    const int64_t key0 = t * kSm90Keys + wg * 32 + 2 * (lane % 4);
+    const int64_t key0 = t * kSm90Keys + key_in_tile;
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      // Keys key0 + 8j and + 1 share a page (page sizes are even).
-      const bool live = key0 + 8 * j >= kv_len || rows.Live(key0 + 8 * j);
+      // Keys key0 + 8j and + 1 share a page (page sizes are even), in run j / 2.
+      const bool live = key0 + 8 * j >= kv_len || rows.Valid(live_entry[j / 2]);
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t key = key0 + 8 * j + e;
