@@ -171,21 +171,40 @@ def test_paged_equals_contiguous(rng, gpu, page_size, fmt, family, rows, num_spl
     assert np.isfinite(np.asarray(got[0], np.float32)).all()
 
 
+def assert_identical(got, want, what: str) -> None:
+    """got == want bit for bit (out, lse), or a message naming the case, the
+    first differing (batch, head) and the largest difference."""
+    for name, g, w in (("out", got[0], want[0]), ("lse", got[1], want[1])):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        same = (g == w) | (np.isnan(g) & np.isnan(w))
+        if not same.all():
+            first = np.argwhere(~same)[0]
+            diff = np.nanmax(np.abs(g.astype(np.float64) - w)[~same])
+            raise AssertionError(
+                f"{what}: paged {name} differs from contiguous at index {tuple(first)} "
+                f"([B, Sq, H, dv] or [B, H, Sq]), {int((~same).sum())} elements, max |diff| {diff}"
+            )
+
+
+@pytest.mark.parametrize("heads", [16, 64], ids=["h16", "h64"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fmt", CACHES)
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
-def test_out_of_range_pages_are_skipped(rng, gpu, page_size, fmt, family):
+def test_out_of_range_pages_are_skipped(rng, gpu, page_size, fmt, family, heads):
     """Entries outside [0, num_pages) below kv_len: those keys contribute
     nothing (a row left with none gives 0 and LSE -inf), like the contiguous
-    call over the cache without them (non-causal, so positions do not matter)."""
+    call over the cache without them (non-causal, so positions do not matter).
+    16 heads: the 16-row blocks; 64: the 64-row ones (every family)."""
     if fmt in FORMATS and family != "auto":
         pytest.skip("quantized caches have one kernel family")
+    if heads == 16 and family != "auto":
+        pytest.skip("16-row blocks run mma.sync in every family")
     if family.startswith("sm90") and not runs_sm90a():
         pytest.skip("sm_90a kernels need a compute capability 9.0 device")
     max_pages = math.ceil(260 / page_size)
     seq_kv = max_pages * page_size
     kv_len = [seq_kv, seq_kv - 7, 2 * page_size, page_size + 5]
-    batch, heads = len(kv_len), 64
+    batch = len(kv_len)
     dtype = jnp.bfloat16 if fmt in FORMATS else jnp.dtype(fmt)
     q = jnp.asarray(rng.standard_normal((batch, 1, heads, DK), np.float32)).astype(dtype)
     cache, suffix, attrs = case_cache(rng, fmt, batch, seq_kv, kv_len)
@@ -221,6 +240,48 @@ def test_out_of_range_pages_are_skipped(rng, gpu, page_size, fmt, family):
     got = mla_call(f"{target}_paged", q, tuple(map(jnp.asarray, pools)), table, zeros, kv_len, **kw)
     visible = np.broadcast_to(kept_len[:, None], (batch, 1))
     assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+@pytest.mark.parametrize("heads", [16, 128], ids=["h16", "h128"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fmt", ["bfloat16", *FORMATS])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_paged_long_rows_equal_contiguous(rng, gpu, page_size, fmt, family, heads, num_splits):
+    """Rows of about 1100 keys: many more tiles per block than pipeline
+    stages, so the page entries read a tile ahead of the copies and masks
+    roll through the whole range; tiles span pages (pages of 16 and 32 are
+    shorter than the 32- and 64-key tiles) or share one (64, 128); 5 splits
+    start tiles mid-page; kv_len ends mid-page and mid-tile, and one row ends
+    on the table's last entry. Bit-identical to the contiguous call."""
+    if fmt in FORMATS and family != "auto":
+        pytest.skip("quantized caches have one kernel family")
+    if heads == 16 and family != "auto":
+        pytest.skip("16-row blocks run mma.sync in every family")
+    if family.startswith("sm90") and not runs_sm90a():
+        pytest.skip("sm_90a kernels need a compute capability 9.0 device")
+    max_pages = math.ceil(1100 / page_size)
+    seq_kv = max_pages * page_size
+    kv_len = [seq_kv - 37, 531, 16 + 64 + 3, seq_kv]
+    batch = len(kv_len)
+    dtype = jnp.bfloat16
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, DK), np.float32)).astype(dtype)
+    cache, suffix, attrs = case_cache(rng, fmt, batch, seq_kv, kv_len)
+    pools, table = page_pool(rng, cache, page_size, spare=3, kv_len=kv_len)
+    kw = dict(
+        num_splits=num_splits,
+        kernel=FAMILIES.index(family),
+        scale=np.float32(0.07),
+        causal=np.bool_(False),
+        **attrs,
+    )
+    target = f"jax_mla_flash_mla{suffix}"
+    zeros = [0] * batch
+    want = mla_call(target, q, tuple(map(jnp.asarray, cache)), None, zeros, kv_len, **kw)
+    got = mla_call(f"{target}_paged", q, tuple(map(jnp.asarray, pools)), table, zeros, kv_len, **kw)
+    what = f"{family} {fmt} page={page_size} H={heads} splits={num_splits} kv_len={kv_len}"
+    assert_identical(got, want, what)
+    assert np.isfinite(np.asarray(got[0], np.float32)).all(), what
 
 
 def paged_decode_args(page_size=16, table_shape=(1, 1), num_pages=2):

@@ -123,9 +123,11 @@ def paged_cases(caps, rng, check, dtype, tol, quick):
     attention over the live keys alone."""
     ((dk, dv, _),) = caps["mla_layouts"]
     page_sizes = caps["page_sizes"][::2] if quick else caps["page_sizes"]
-    kv_len = np.array([150, 77, 0], np.int32)
     for page_size in page_sizes:
         max_pages = -(-160 // page_size)
+        # The last row reaches the table's last entry: the entries read a tile
+        # ahead must stop at kv_len, not run past the table.
+        kv_len = np.array([150, 77, 0, max_pages * page_size], np.int32)
         batch, num_pages = len(kv_len), len(kv_len) * max_pages + 2
         table = rng.permutation(num_pages)[: batch * max_pages].reshape(batch, max_pages)
         table = table.astype(np.int32)
