@@ -21,8 +21,10 @@
 #             $SIDE_BY_SIDE_ARGS (the peers: FlashInfer, cuDNN).
 #   paged     FlashMLA built from .carry/flashmla (once per machine, into /tmp/fmb;
 #             sm_90a), then the MLA decode rows with jax_mla over pages of $PAGE
-#             (default 64) against FlashMLA and FlashInfer (pages of 64) on the same
-#             bytes (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g. --skip fa3).
+#             (default 64; a list, e.g. "64 16", runs once per size) against FlashMLA
+#             and FlashInfer (pages of 64) on the same bytes, jax_mla's contiguous call
+#             in the same run (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g.
+#             --skip fa3).
 #             The paged targets' GPU tests run in the test step (alone:
 #             PYTEST_ARGS=tests/test_cuda_paged.py), their memcheck cases in sanitize.
 #   backward  benchmarks/gpu/backward.py $BACKWARD_ARGS: the attention backward
@@ -41,7 +43,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,42p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,44p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -143,9 +145,15 @@ step_paged() {
       "$fm" | tail -5
   fi
   fi_deps
-  # shellcheck disable=SC2086
-  python3 -P benchmarks/gpu/side_by_side.py --paged "${PAGE:-64}" --flashmla-dir "$fm/flashmla" \
-    --skip prefill ${SIDE_BY_SIDE_ARGS:-}
+  local page status=0
+  for page in ${PAGE:-64}; do
+    # shellcheck disable=SC2086
+    python3 -P benchmarks/gpu/side_by_side.py --paged "$page" --flashmla-dir "$fm/flashmla" \
+      --skip prefill ${SIDE_BY_SIDE_ARGS:-} || status=1
+    [ -n "${OUT:-}" ] && [ -f "$OUT/side_by_side.json" ] &&
+      mv "$OUT/side_by_side.json" "$OUT/side_by_side_page$page.json"
+  done
+  return $status
 }
 
 step_backward() {
