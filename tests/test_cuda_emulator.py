@@ -1,10 +1,12 @@
-"""The CUDA attention kernels' fragment logic on the CPU: tests/cuda_emulator/
+"""The CUDA attention and MLA kernels' fragment logic on the CPU: tests/cuda_emulator/
 compiles the mma.sync kernels as host C++ over an emulation of the device
 helpers (one thread per CUDA thread; ldmatrix and mma.sync with the PTX
 fragment layouts) and checks them against float64 loops. The forward kernel,
 which the GPU tests validate, checks the emulation itself; the backward
 kernels' cases cover every code path of each pair's shape (GQA, causal,
-q_pos, kv_len, the column split). Races are not emulated (racecheck on the
+q_pos, kv_len, the column split); the MLA mma.sync kernel's 16-row blocks
+over paged caches (mla_paged) equal its contiguous call bit for bit and the
+float64 attention over the live keys. Races are not emulated (racecheck on the
 GPU covers them). Needs a C++20 compiler; the sources come from the
 repository checkout next to this file."""
 
@@ -19,7 +21,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
-KERNELS = ("attention_kernel.cuh", "attention_bwd_kernel.cuh")
+KERNELS = (
+    "attention/attention_kernel.cuh",
+    "attention/attention_bwd_kernel.cuh",
+    "mla/mla_kernel.cuh",
+)
 CASES = (
     "forward",
     "bwd_64x64",
@@ -28,13 +34,14 @@ CASES = (
     "bwd_128x128_f16",
     "bwd_128x128_gqa3",
     "bwd_256x256",
+    "mla_paged",
 )
 
 
 def host_copy(name: str) -> str:
     """A kernel header without its launcher (host code with <<<>>>), which
     is its file's last template."""
-    text = (ROOT / "ffi" / "cuda" / "attention" / name).read_text()
+    text = (ROOT / "ffi" / "cuda" / name).read_text()
     launcher = re.search(r"template <[^>]*>\ncudaError_t Launch\w+\(", text)
     assert launcher, f"{name}: no launcher found"
     return text[: launcher.start()] + "}  // namespace jax_mla::cuda\n"

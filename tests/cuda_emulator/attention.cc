@@ -1,11 +1,14 @@
-// The mma.sync attention kernels run through the host emulator
+// The mma.sync attention and MLA kernels run through the host emulator
 // (mock/ffi/cuda/common/kernel_utils.cuh) against float64 loops:
 //   forward     the forward kernel (attention_kernel.cuh), which the GPU tests
 //               validate, so the emulator's fragment layouts are checked too;
 //   bwd_*       the backward's KV and Q kernels (attention_bwd_kernel.cuh):
 //               dq, dk, dv within two ulps of the inputs' type times the
 //               gradient's magnitude, every element written, keys past kv_len
-//               (NaN in k and v) exactly 0, rows that see no key dq = 0.
+//               (NaN in k and v) exactly 0, rows that see no key dq = 0;
+//   mla_paged   flash_mla's mma.sync kernel in 16-row blocks over pages
+//               (mla_kernel.cuh): equal to its contiguous call bit for bit,
+//               and skipped pages, against float64.
 // Built by tests/test_cuda_emulator.py with the kernel headers' launchers
 // (host code with <<<>>>) cut off into kernels.h. Usage: attention CASE...
 #include <algorithm>
@@ -253,6 +256,167 @@ int CheckForward() {
   return !ok;
 }
 
+// One run of flash_mla's mma.sync kernel in 16-row blocks (the float
+// source, mla_kernel.cuh) over a cache: contiguous [B, Skv, 576] or, with a
+// table, pages [num_pages, page, 576]; out and lse, or the split partials.
+struct MlaRun {
+  std::vector<__nv_bfloat16> out;
+  std::vector<float> lse, part_out, part_lse;
+};
+template <bool kPaged>
+MlaRun RunMla(const std::vector<__nv_bfloat16>& q, const std::vector<__nv_bfloat16>& kv, int B,
+              int H, int Skv, std::vector<int> kv_len, int num_splits,
+              const std::vector<int32_t>* table = nullptr, int page = 0, int num_pages = 0) {
+  using jax_mla::cuda::kMlaDk;
+  using jax_mla::cuda::kMlaDv;
+  MlaRun r;
+  r.out.assign(size_t(B) * H * kMlaDv, Round<__nv_bfloat16>(NAN));
+  r.lse.assign(size_t(B) * H, NAN);
+  if (num_splits > 1) {
+    r.part_out.assign(size_t(B) * num_splits * H * kMlaDv, NAN);
+    r.part_lse.assign(size_t(B) * num_splits * H, NAN);
+  }
+  std::vector<int> q_pos(B, 0);
+  AttentionParams p;
+  p.batch = B, p.kv_batch = B, p.seq_q = 1, p.heads_q = H, p.heads_kv = 1, p.seq_kv = Skv;
+  p.dk = kMlaDk, p.dv = kMlaDv, p.scale = 1.f / 24.f, p.causal = false, p.v_in_k = 0;
+  p.q = q.data(), p.k.data = kv.data();
+  p.k.batch_stride = int64_t(kPaged ? page : Skv) * kMlaDk;
+  p.k.row_stride = kMlaDk, p.k.head_stride = kMlaDk;
+  if (kPaged) {
+    p.k.block_table = table->data(), p.k.page_size = page, p.k.max_pages = Skv / page;
+    p.k.num_pages = num_pages;
+  }
+  p.v = p.k;
+  p.q_pos = q_pos.data(), p.kv_len = kv_len.data(), p.out = r.out.data(), p.lse = r.lse.data();
+  p.num_splits = num_splits, p.part_out = r.part_out.data(), p.part_lse = r.part_lse.data();
+  using Src = jax_mla::cuda::MlaFloatTiles<__nv_bfloat16, 1, kPaged>;
+  RunGrid({unsigned((H + 15) / 16), unsigned(num_splits), unsigned(B)},
+          [&] { jax_mla::cuda::MlaTileKernel<Src>(p); });
+  return r;
+}
+
+template <typename U>
+bool SameBits(const std::vector<U>& a, const std::vector<U>& b) {
+  return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(U)) == 0;
+}
+
+// flash_mla's mma.sync kernel (the float source, 16 heads: one 16-row block),
+// bf16, against float64 attention over the live keys, and over pages of 16, 32,
+// 64 and 128 keys in a shuffled pool (NaN in every slot no live key
+// occupies): bit-identical to the contiguous call, 1 and 3 splits (3: the
+// partials compared), then with table entries out of range below kv_len
+// (skipped keys; a row whose every page is skipped gives 0 and LSE -inf)
+// against float64. Rows of ~200 keys: more tiles than pipeline stages, tiles
+// spanning pages (16) or sharing one (64, 128), kv_len mid-page and mid-tile.
+int CheckMlaPaged() {
+  using T = __nv_bfloat16;
+  using jax_mla::cuda::kMlaDk;
+  using jax_mla::cuda::kMlaDv;
+  const int B = 3, H = 16;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal;
+  int bad = 0;
+  // float64 attention of batch row b over the keys live[b][j] of rows.
+  auto check = [&](const char* what, const MlaRun& got, const std::vector<T>& q,
+                   const std::vector<T>& rows, int Skv,
+                   const std::vector<std::vector<bool>>& live) {
+    double worst = 0;
+    int wrong_empty = 0;
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        std::vector<double> s;
+        std::vector<int> keys;
+        double m = -INFINITY, total = 0;
+        for (int j = 0; j < Skv; ++j) {
+          if (!live[b][j]) continue;
+          double acc = 0;
+          for (int d = 0; d < kMlaDk; ++d)
+            acc += F(q[(size_t(b) * H + h) * kMlaDk + d]) *
+                   F(rows[(size_t(b) * Skv + j) * kMlaDk + d]);
+          s.push_back(acc / 24.0);
+          keys.push_back(j);
+          m = std::max(m, s.back());
+        }
+        const float lse = got.lse[b * H + h];
+        if (keys.empty()) {  // no key: output 0, LSE -inf
+          wrong_empty += !(lse == -INFINITY);
+          for (int d = 0; d < kMlaDv; ++d)
+            wrong_empty += F(got.out[(size_t(b) * H + h) * kMlaDv + d]) != 0;
+          continue;
+        }
+        for (double x : s) total += std::exp(x - m);
+        worst = std::max(worst, std::abs(lse - (m + std::log(total))));
+        for (int d = 0; d < kMlaDv; ++d) {
+          double o = 0;
+          for (size_t i = 0; i < keys.size(); ++i)
+            o += std::exp(s[i] - m) / total * F(rows[(size_t(b) * Skv + keys[i]) * kMlaDk + d]);
+          const double g = F(got.out[(size_t(b) * H + h) * kMlaDv + d]);
+          worst = std::max(worst, std::isfinite(g) ? std::abs(g - o) : INFINITY);
+        }
+      }
+    // Two bf16 ulps of outputs up to about 3 in magnitude (as the forward).
+    const bool ok = worst < 2e-2 && wrong_empty == 0;
+    printf("  %s %s: max |diff| %g, empty rows wrong %d\n", what, ok ? "ok" : "FAIL", worst,
+           wrong_empty);
+    return ok ? 0 : 1;
+  };
+  for (int page : {16, 32, 64, 128}) {
+    const int max_pages = (200 + page - 1) / page, Skv = max_pages * page;
+    const std::vector<int> kv_len{Skv, Skv / 2 + 3, 37};
+    std::vector<T> q(size_t(B) * H * kMlaDk), kv(size_t(B) * Skv * kMlaDk);
+    for (auto& e : q) e = Round<T>(normal(rng));
+    for (int b = 0; b < B; ++b)  // keys past kv_len do not exist: NaN shows a read
+      for (int j = 0; j < Skv; ++j)
+        for (int d = 0; d < kMlaDk; ++d)
+          kv[(size_t(b) * Skv + j) * kMlaDk + d] = Round<T>(j < kv_len[b] ? normal(rng) : NAN);
+    // The pages in a shuffled pool of 2 spare pages (NaN), entries of pages no
+    // key below kv_len reaches out of range.
+    const int num_pages = B * max_pages + 2;
+    std::vector<int32_t> order(num_pages), table(size_t(B) * max_pages);
+    for (int i = 0; i < num_pages; ++i) order[i] = i;
+    std::shuffle(order.begin(), order.end(), rng);
+    std::vector<T> pool(size_t(num_pages) * page * kMlaDk, Round<T>(NAN));
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < max_pages; ++j) {
+        const int32_t at = order[b * max_pages + j];
+        memcpy(&pool[size_t(at) * page * kMlaDk], &kv[(size_t(b) * Skv + j * page) * kMlaDk],
+               size_t(page) * kMlaDk * sizeof(T));
+        table[b * max_pages + j] = j * page < kv_len[b] ? at : (j % 2 ? -1 : num_pages + 3);
+      }
+    std::vector<std::vector<bool>> live(B, std::vector<bool>(Skv));
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < Skv; ++j) live[b][j] = j < kv_len[b];
+    printf(" page %d\n", page);
+    const MlaRun contiguous = RunMla<false>(q, kv, B, H, Skv, kv_len, 1);
+    bad += check("contiguous vs float64", contiguous, q, kv, Skv, live);
+    const MlaRun paged = RunMla<true>(q, pool, B, H, Skv, kv_len, 1, &table, page, num_pages);
+    const bool same1 = SameBits(paged.out, contiguous.out) && SameBits(paged.lse, contiguous.lse);
+    printf("  paged == contiguous, 1 split: %s\n", same1 ? "ok" : "FAIL");
+    bad += !same1;
+    const MlaRun c3 = RunMla<false>(q, kv, B, H, Skv, kv_len, 3);
+    const MlaRun p3 = RunMla<true>(q, pool, B, H, Skv, kv_len, 3, &table, page, num_pages);
+    const bool same3 = SameBits(p3.part_out, c3.part_out) && SameBits(p3.part_lse, c3.part_lse);
+    printf("  paged == contiguous, 3 splits (partials): %s\n", same3 ? "ok" : "FAIL");
+    bad += !same3;
+    // Skipped pages below kv_len: row 0 its second page, row 1 its first, row
+    // 2 every page (no key left).
+    std::vector<int32_t> holes = table;
+    holes[0 * max_pages + 1] = -7;
+    holes[1 * max_pages + 0] = num_pages;
+    for (int j = 0; j * page < kv_len[2]; ++j) holes[2 * max_pages + j] = j % 2 ? -1 : 1 << 30;
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < Skv; ++j) {
+        const int32_t e = holes[b * max_pages + j / page];
+        live[b][j] = j < kv_len[b] && e >= 0 && e < num_pages;
+      }
+    const MlaRun skipped = RunMla<true>(q, pool, B, H, Skv, kv_len, 1, &holes, page, num_pages);
+    bad += check("skipped pages vs float64", skipped, q, kv, Skv, live);
+  }
+  if (bad) printf("  FAIL: %d checks\n", bad);
+  return bad;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -275,6 +439,8 @@ int main(int argc, char** argv) {
       bad += CheckBackward<BF16, 128, 128>({2, 23, 6, 2, 50, true, {27, -4}, {50, 31}}, 6);
     } else if (name == "bwd_256x256") {  // the column split, kv_len < Skv
       bad += CheckBackward<BF16, 256, 256>({2, 5, 2, 1, 40, true, {30, 2}, {35, 3}}, 4);
+    } else if (name == "mla_paged") {
+      bad += CheckMlaPaged();
     } else {
       printf("unknown case\n");
       ++bad;

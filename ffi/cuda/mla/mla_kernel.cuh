@@ -245,6 +245,70 @@ __device__ __forceinline__ void MlaScoresT(const char* q_frag, const char* tile,
   for (int i = 0; i < 4; ++i) sc[i] = s0[i] + s1[i];
 }
 
+// The float source: the cache's rows in T, staged as they are, one tile
+// serving as K and V (V = its first 512 columns, read in place).
+template <typename T, int G, bool Paged>
+struct MlaFloatTiles {
+  using Elem = T;
+  using Shape = MlaShape<G>;
+  static constexpr int kGroups = G, kStages = Shape::kStages, kMinBlocks = 1;
+  static constexpr bool kPaged = Paged;
+  static constexpr size_t kSmem = Shape::kSmem;
+
+  char* s_q;     // [16G][576] (+pad)
+  char* s_kv;    // [stages][32][576] (+pad)
+  char* s_p;     // [G][16][32] (+pad)
+  float* s_max;  // [G][4][16]
+  float* s_sum;  // [G][4][16]
+  const T* kv_base;
+  const char* q_frag;  // this lane's ldmatrix address in its group's Q rows
+
+  __device__ __forceinline__ MlaFloatTiles(const AttentionParams& p, char* smem, int64_t b, int grp,
+                                           int lane) {
+    s_q = smem;
+    s_kv = s_q + Shape::kRows * kMlaRowBytes;
+    s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;
+    s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);
+    s_sum = s_max + G * 64;
+    kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
+    q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
+  }
+  __device__ __forceinline__ float ScoreScale(const AttentionParams& p) const {
+    return p.scale * kLog2e;
+  }
+  __device__ __forceinline__ void LoadQuery(const AttentionParams& p, int64_t b, int64_t row0,
+                                            int tid) {
+    MlaStageQuery<T, Shape::kRows, Shape::kThreads>(p, s_q, b, row0, tid);
+  }
+  __device__ __forceinline__ void PrepareQuery(const AttentionParams&, int64_t, int64_t, int) {}
+  __device__ __forceinline__ const char* Tile(int stage) const {
+    return s_kv + stage * kMlaKeys * kMlaRowBytes;
+  }
+  __device__ __forceinline__ void LoadTile(const AttentionParams& p, const CacheRows<kPaged>& rows,
+                                           const TilePages<kMlaKeys>& pages, int64_t t, int stage,
+                                           int64_t kv_len, int tid) {
+    char* dst = s_kv + stage * kMlaKeys * kMlaRowBytes;
+    for (int c = tid; c < kMlaKeys * kMlaChunks; c += Shape::kThreads) {
+      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
+      const int64_t j = t * kMlaKeys + rr;
+      // Keys past kv_len or on a skipped page are zero-filled, never read.
+      int64_t off;
+      const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + off + cc * 8, ok);
+    }
+  }
+  __device__ __forceinline__ void PrepareTile(int, int) {}
+  __device__ __forceinline__ void Scores(int stage, int wg, int lane, float (&sc)[4]) const {
+    MlaScoresT<T>(q_frag, Tile(stage), wg, lane, sc);
+  }
+  __device__ __forceinline__ void SyncP(int bar) const { NamedBarrier(bar, 128); }
+  // V = columns [128 wg, 128 wg + 128) of the same tile rows.
+  __device__ __forceinline__ void Pv(float (&o)[16][4], const char* p_frag, int stage, int wg,
+                                     int lane) const {
+    MlaPvTile<T, kMlaRowBytes>(o, p_frag, Tile(stage), wg, lane);
+  }
+};
+
 // The mma.sync flash_mla block: one kernel for every cache format, its tile
 // source Src saying how a tile is staged, converted and scored. Src provides
 //   Elem, kGroups (G), kStages, kMinBlocks, kPaged, kSmem;
@@ -265,7 +329,7 @@ __device__ __forceinline__ void MlaScoresT(const char* q_frag, const char* tile,
 //   SyncP(bar)                     the barrier after which the group's P (and
 //                                  whatever Pv reads) is complete;
 //   Pv(o, p_frag, stage, wg, lane) O += P V.
-// The sources: MlaFloatTiles below, MlaQ8Tiles and MlaFp8Tiles
+// The sources: MlaFloatTiles above, MlaQ8Tiles and MlaFp8Tiles
 // (mla_quant_kernel.cuh).
 template <class Src>
 __global__ void __launch_bounds__(128 * Src::kGroups, Src::kMinBlocks)
@@ -358,70 +422,6 @@ cudaError_t LaunchMlaTiles(const AttentionParams& p, cudaStream_t stream) {
   MlaTileKernel<Src><<<grid, 128 * Src::kGroups, Src::kSmem, stream>>>(p);
   return cudaGetLastError();
 }
-
-// The float source: the cache's rows in T, staged as they are, one tile
-// serving as K and V (V = its first 512 columns, read in place).
-template <typename T, int G, bool Paged>
-struct MlaFloatTiles {
-  using Elem = T;
-  using Shape = MlaShape<G>;
-  static constexpr int kGroups = G, kStages = Shape::kStages, kMinBlocks = 1;
-  static constexpr bool kPaged = Paged;
-  static constexpr size_t kSmem = Shape::kSmem;
-
-  char* s_q;     // [16G][576] (+pad)
-  char* s_kv;    // [stages][32][576] (+pad)
-  char* s_p;     // [G][16][32] (+pad)
-  float* s_max;  // [G][4][16]
-  float* s_sum;  // [G][4][16]
-  const T* kv_base;
-  const char* q_frag;  // this lane's ldmatrix address in its group's Q rows
-
-  __device__ __forceinline__ MlaFloatTiles(const AttentionParams& p, char* smem, int64_t b, int grp,
-                                           int lane) {
-    s_q = smem;
-    s_kv = s_q + Shape::kRows * kMlaRowBytes;
-    s_p = s_kv + kStages * kMlaKeys * kMlaRowBytes;
-    s_max = reinterpret_cast<float*>(s_p + G * 16 * kMlaPRowBytes);
-    s_sum = s_max + G * 64;
-    kv_base = CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
-    q_frag = s_q + (grp * 16 + lane % 16) * kMlaRowBytes + (lane / 16) * 16;
-  }
-  __device__ __forceinline__ float ScoreScale(const AttentionParams& p) const {
-    return p.scale * kLog2e;
-  }
-  __device__ __forceinline__ void LoadQuery(const AttentionParams& p, int64_t b, int64_t row0,
-                                            int tid) {
-    MlaStageQuery<T, Shape::kRows, Shape::kThreads>(p, s_q, b, row0, tid);
-  }
-  __device__ __forceinline__ void PrepareQuery(const AttentionParams&, int64_t, int64_t, int) {}
-  __device__ __forceinline__ const char* Tile(int stage) const {
-    return s_kv + stage * kMlaKeys * kMlaRowBytes;
-  }
-  __device__ __forceinline__ void LoadTile(const AttentionParams& p, const CacheRows<kPaged>& rows,
-                                           const TilePages<kMlaKeys>& pages, int64_t t, int stage,
-                                           int64_t kv_len, int tid) {
-    char* dst = s_kv + stage * kMlaKeys * kMlaRowBytes;
-    for (int c = tid; c < kMlaKeys * kMlaChunks; c += Shape::kThreads) {
-      const int rr = c / kMlaChunks, cc = c % kMlaChunks;
-      const int64_t j = t * kMlaKeys + rr;
-      // Keys past kv_len or on a skipped page are zero-filled, never read.
-      int64_t off;
-      const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
-      CpAsync16(dst + rr * kMlaRowBytes + cc * 16, kv_base + off + cc * 8, ok);
-    }
-  }
-  __device__ __forceinline__ void PrepareTile(int, int) {}
-  __device__ __forceinline__ void Scores(int stage, int wg, int lane, float (&sc)[4]) const {
-    MlaScoresT<T>(q_frag, Tile(stage), wg, lane, sc);
-  }
-  __device__ __forceinline__ void SyncP(int bar) const { NamedBarrier(bar, 128); }
-  // V = columns [128 wg, 128 wg + 128) of the same tile rows.
-  __device__ __forceinline__ void Pv(float (&o)[16][4], const char* p_frag, int stage, int wg,
-                                     int lane) const {
-    MlaPvTile<T, kMlaRowBytes>(o, p_frag, Tile(stage), wg, lane);
-  }
-};
 
 // Launches the float kernel for one (dtype, G, paged or not).
 template <typename T, int G, bool kPaged>

@@ -9,6 +9,7 @@
 // covers them on the GPU).
 #pragma once
 #include <barrier>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,7 +18,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -166,6 +167,12 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
     memcpy(smem, gmem, 16);
   else
     memset(smem, 0, 16);
+}
+// A named barrier of the whole block (the emulated blocks have 128 threads:
+// the MLA kernel's 16-row blocks, whose one row group's barrier is all of them).
+inline void NamedBarrier(int, int threads) {
+  assert(threads == 128);
+  emu::block->bar.arrive_and_wait();
 }
 inline void CpAsyncCommit() {}
 template <int N>
