@@ -24,7 +24,8 @@
 #             (default 64; a list, e.g. "64 16", runs once per size) against FlashMLA
 #             and FlashInfer (pages of 64) on the same bytes, jax_mla's contiguous call
 #             in the same run (side_by_side.py --paged; $SIDE_BY_SIDE_ARGS adds, e.g.
-#             --skip fa3).
+#             --skip fa3, or --shuffle: jax_mla's and FlashMLA's pages in a random
+#             order of the pool).
 #             The paged targets' GPU tests run in the test step (alone:
 #             PYTEST_ARGS=tests/test_cuda_paged.py), their memcheck cases in sanitize.
 #   backward  benchmarks/gpu/backward.py $BACKWARD_ARGS: the attention backward
@@ -43,7 +44,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,44p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,45p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter

@@ -19,14 +19,15 @@ format's error, not only the kernel's.
 
 Paged caches (--paged P): jax_mla is also timed over the same bytes viewed as
 pages of P rows (jax_mla.flash_mla's block_table, an in-order table so the
-result is the contiguous one's), and, with --flashmla-dir (FlashMLA built by
+result is the contiguous one's; --shuffle: the pages copied to a random order
+of the pool, the table to match), and, with --flashmla-dir (FlashMLA built by
 /work/shared/tools/flashmla's build.sh; sm_90a), DeepSeek's FlashMLA, which
 reads pages of 64 natively, over the same bytes; FlashInfer's fa3 already reads
 them as pages of 64.
 
 Usage (device): python3 -P benchmarks/gpu/side_by_side.py --fi-dir .carry/flashinfer_mla
   [--rows 64,16,16384/128,128,8192] [--quant q8_0,q8_kv] [--skip prefill,fa3]
-  [--paged 64 --flashmla-dir /tmp/fmb/flashmla]
+  [--paged 64 [--shuffle] --flashmla-dir /tmp/fmb/flashmla]
 Writes $OUT/side_by_side.json and prints a table last.
 """
 
@@ -83,7 +84,7 @@ def load_flashmla(fm_dir):
         return None
 
 
-def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=(), paged=0, fm=None):
+def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=(), paged=0, fm=None, shuffle=False):
     import torch
 
     ws = (
@@ -94,16 +95,17 @@ def bench_mla(fb, fi_ok, in_jit_calls, configs, quant=(), paged=0, fm=None):
     for B, H, S in configs:
         row = dict(B=B, H=H, S=S)
         RES["mla"].append(row)
-        mla_row(row, fb, ws, in_jit_calls, quant, paged, fm)
+        mla_row(row, fb, ws, in_jit_calls, quant, paged, fm, shuffle)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # this row's tensors died with mla_row's frame
         save()
 
 
-def mla_row(row, fb, ws, in_jit_calls, quant, paged=0, fm=None):
+def mla_row(row, fb, ws, in_jit_calls, quant, paged=0, fm=None, shuffle=False):
     """Fills row with one MLA decode configuration's timings (FlashInfer's
     when ws, its workspace, is given; jax_mla paged with pages of `paged`
-    rows and FlashMLA's when fm is given)."""
+    rows and FlashMLA's when fm is given; with shuffle, those two read pages
+    placed in a random order of the pool, through the matching table)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -160,8 +162,11 @@ def mla_row(row, fb, ws, in_jit_calls, quant, paged=0, fm=None):
         from jax_mla.bench.cases import SCALE
 
         n_pages = B * S // paged
-        table = jnp.arange(n_pages, dtype=jnp.int32).reshape(B, S // paged)
+        order = np.random.default_rng(1).permutation(n_pages) if shuffle else np.arange(n_pages)
+        table = jnp.asarray(order, jnp.int32).reshape(B, S // paged)
         pages = [kv.reshape(n_pages, paged, 576) for kv in kvj]
+        if shuffle:  # logical page i at pool slot order[i]
+            pages = [jnp.zeros_like(pg).at[table.reshape(-1)].set(pg) for pg in pages]
         ours_p = jax.jit(
             lambda q, pg, bt: jax_mla.flash_mla(
                 q, pg, block_table=bt, dv=512, scale=SCALE, backend="native"
@@ -171,7 +176,9 @@ def mla_row(row, fb, ws, in_jit_calls, quant, paged=0, fm=None):
         t = timing.time_calls(
             ours_p, lambda i: (qj, pages[i % ncp], table), budget_s=BUDGET_S, back_to_back=True
         )
-        row["jax_mla_paged"] = dict(loop=metrics(case, t.seconds), calls=t.calls, page=paged)
+        row["jax_mla_paged"] = dict(
+            loop=metrics(case, t.seconds), calls=t.calls, page=paged, shuffled=shuffle
+        )
         outs["jax_mla_paged"] = np.asarray(ours_p(qj, pages[0], table).astype(jnp.float32))[:, 0]
         del pages
     if fm is not None:
@@ -181,6 +188,15 @@ def mla_row(row, fb, ws, in_jit_calls, quant, paged=0, fm=None):
             fq = q[:, None].contiguous()  # [B, 1, H, 576]
             fcaches = [kv.view(B * S // 64, 64, 1, 576) for kv in kvs]
             ftable = torch.arange(B * S // 64, dtype=torch.int32, device=dev).view(B, S // 64)
+            if shuffle:  # logical page i at pool slot order[i]
+                order = np.random.default_rng(2).permutation(B * S // 64)
+                ftable = torch.as_tensor(order, dtype=torch.int32, device=dev).view(B, S // 64)
+                shuffled = []
+                for fc in fcaches:
+                    pool = torch.empty_like(fc)
+                    pool[ftable.view(-1).long()] = fc
+                    shuffled.append(pool)
+                fcaches = shuffled
             seqlens = torch.full((B,), S, dtype=torch.int32, device=dev)
             sched, _ = fm.get_mla_metadata()
 
@@ -347,9 +363,11 @@ def summary():
             )
     rows = [r for r in RES["mla"] if "jax_mla_paged" in r]
     if rows:
+        shuffled = rows[0]["jax_mla_paged"].get("shuffled")
+        tables = "shuffled (jax_mla, FlashMLA)" if shuffled else "in pool order"
         log(
             f"==== MLA decode, paged (pages of {rows[0]['jax_mla_paged']['page']} for jax_mla, "
-            "64 for FlashMLA and fa3; ms, back-to-back calls) ===="
+            f"64 for FlashMLA and fa3; tables {tables}; ms, back-to-back calls) ===="
         )
         log(f"{'B':>4} {'H':>4} {'S':>6} | paged   contig. | FlashMLA fm/paged | fa3     fa3/paged")
     for r in rows:
@@ -393,6 +411,12 @@ def main():
         help="also time jax_mla over the caches as pages of this many rows (16, 32, 64, 128)",
     )
     ap.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="with --paged: jax_mla's and FlashMLA's pages in a random order of the pool "
+        "(fa3 keeps its in-order table)",
+    )
+    ap.add_argument(
         "--flashmla-dir",
         default="",
         help="FlashMLA built by build.sh (its DEST/flashmla): time it over pages of 64",
@@ -431,7 +455,7 @@ def main():
         )
         quant = tuple(f for f in a.quant.split(",") if f)
         fm = load_flashmla(a.flashmla_dir)
-        bench_mla(fb, fi_ok, a.in_jit_calls, configs, quant, a.paged, fm)
+        bench_mla(fb, fi_ok, a.in_jit_calls, configs, quant, a.paged, fm, a.shuffle)
     if "prefill" not in skip:
         bench_prefill(cases.GPU_PREFILL)
     save()
