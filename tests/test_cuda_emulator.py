@@ -4,10 +4,10 @@ helpers (one thread per CUDA thread; ldmatrix and mma.sync with the PTX
 fragment layouts) and checks them against float64 loops. The forward kernel,
 which the GPU tests validate, checks the emulation itself; the backward
 kernels' cases cover every code path of each pair's shape (GQA, causal,
-q_pos, kv_len, the column split); the MLA mma.sync kernel's 16-row blocks
-over paged caches (mla_paged) equal its contiguous call bit for bit and the
-float64 attention over the live keys. Races are not emulated (racecheck on the
-GPU covers them). Needs a C++20 compiler; the sources come from the
+q_pos, kv_len, the column split); the MLA mma.sync kernel's 16- and 64-row
+blocks over paged caches (mla_paged, mla_paged_g4) equal its contiguous call
+bit for bit and the float64 attention over the live keys. Races are not
+emulated (racecheck on the GPU covers them). Needs a C++20 compiler; the sources come from the
 repository checkout next to this file."""
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ CASES = (
     "bwd_128x128_gqa3",
     "bwd_256x256",
     "mla_paged",
+    "mla_paged_g4",
 )
 
 

@@ -8,7 +8,8 @@
 //               (NaN in k and v) exactly 0, rows that see no key dq = 0;
 //   mla_paged   flash_mla's mma.sync kernel in 16-row blocks over pages
 //               (mla_kernel.cuh): equal to its contiguous call bit for bit,
-//               and skipped pages, against float64.
+//               and skipped pages, against float64; mla_paged_g4 the same
+//               in 64-row blocks.
 // Built by tests/test_cuda_emulator.py with the kernel headers' launchers
 // (host code with <<<>>>) cut off into kernels.h. Usage: attention CASE...
 #include <algorithm>
@@ -33,19 +34,19 @@ using jax_mla::AttentionBwdParams;
 using jax_mla::AttentionParams;
 using jax_mla::VisibleKeys;
 
-// Runs kernel() as every block of `grid`, one block at a time, 128 threads each.
+// Runs kernel() as every block of `grid`, one block at a time, block_threads threads each.
 template <typename F>
-void RunGrid(Dim3 grid, const F& kernel) {
+void RunGrid(Dim3 grid, const F& kernel, unsigned block_threads = 128) {
   gridDim = grid;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        emu::Block block;
+        emu::Block block{int(block_threads)};
         emu::block = &block;
         // Garbage, so a read of shared memory nothing wrote shows.
         memset(jax_mla::cuda::smem, 0x7f, sizeof(jax_mla::cuda::smem));
         std::vector<std::thread> threads;
-        for (unsigned t = 0; t < 128; ++t)
+        for (unsigned t = 0; t < block_threads; ++t)
           threads.emplace_back([&, t] {
             threadIdx = {t, 0, 0};
             blockIdx = {x, y, z};
@@ -256,14 +257,14 @@ int CheckForward() {
   return !ok;
 }
 
-// One run of flash_mla's mma.sync kernel in 16-row blocks (the float
+// One run of flash_mla's mma.sync kernel in blocks of 16 G rows (the float
 // source, mla_kernel.cuh) over a cache: contiguous [B, Skv, 576] or, with a
 // table, pages [num_pages, page, 576]; out and lse, or the split partials.
 struct MlaRun {
   std::vector<__nv_bfloat16> out;
   std::vector<float> lse, part_out, part_lse;
 };
-template <bool kPaged>
+template <int G, bool kPaged>
 MlaRun RunMla(const std::vector<__nv_bfloat16>& q, const std::vector<__nv_bfloat16>& kv, int B,
               int H, int Skv, std::vector<int> kv_len, int num_splits,
               const std::vector<int32_t>* table = nullptr, int page = 0, int num_pages = 0) {
@@ -290,9 +291,10 @@ MlaRun RunMla(const std::vector<__nv_bfloat16>& q, const std::vector<__nv_bfloat
   p.v = p.k;
   p.q_pos = q_pos.data(), p.kv_len = kv_len.data(), p.out = r.out.data(), p.lse = r.lse.data();
   p.num_splits = num_splits, p.part_out = r.part_out.data(), p.part_lse = r.part_lse.data();
-  using Src = jax_mla::cuda::MlaFloatTiles<__nv_bfloat16, 1, kPaged>;
-  RunGrid({unsigned((H + 15) / 16), unsigned(num_splits), unsigned(B)},
-          [&] { jax_mla::cuda::MlaTileKernel<Src>(p); });
+  using Src = jax_mla::cuda::MlaFloatTiles<__nv_bfloat16, G, kPaged>;
+  RunGrid(
+      {unsigned((H + 16 * G - 1) / (16 * G)), unsigned(num_splits), unsigned(B)},
+      [&] { jax_mla::cuda::MlaTileKernel<Src>(p); }, 128 * G);
   return r;
 }
 
@@ -301,19 +303,21 @@ bool SameBits(const std::vector<U>& a, const std::vector<U>& b) {
   return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(U)) == 0;
 }
 
-// flash_mla's mma.sync kernel (the float source, 16 heads: one 16-row block),
-// bf16, against float64 attention over the live keys, and over pages of 16, 32,
-// 64 and 128 keys in a shuffled pool (NaN in every slot no live key
-// occupies): bit-identical to the contiguous call, 1 and 3 splits (3: the
-// partials compared), then with table entries out of range below kv_len
-// (skipped keys; a row whose every page is skipped gives 0 and LSE -inf)
-// against float64. Rows of ~200 keys: more tiles than pipeline stages, tiles
-// spanning pages (16) or sharing one (64, 128), kv_len mid-page and mid-tile.
-int CheckMlaPaged() {
+// flash_mla's mma.sync kernel (the float source, 16 G heads: one block of
+// 16 G rows, G = 1 or 4), bf16, against float64 attention over the live keys,
+// and over pages of the given sizes in a shuffled pool (NaN in every slot no
+// live key occupies): bit-identical to the contiguous call with 1 and 3 splits
+// (3: the partials compared), then with table entries out of range below
+// kv_len (skipped keys; a row whose every page is skipped gives 0 and LSE
+// -inf) against float64. Rows of ~170 keys: more tiles than pipeline stages;
+// pages of 16 (two a tile), 32 (one) or 128 (four tiles a page); kv_len
+// mid-page and mid-tile. (A block is 128 G host threads: the emulation is slow.)
+template <int G>
+int CheckMlaPaged(std::vector<int> page_sizes) {
   using T = __nv_bfloat16;
   using jax_mla::cuda::kMlaDk;
   using jax_mla::cuda::kMlaDv;
-  const int B = 3, H = 16;
+  const int B = 3, H = 16 * G;
   std::mt19937_64 rng(7);
   std::normal_distribution<float> normal;
   int bad = 0;
@@ -361,8 +365,8 @@ int CheckMlaPaged() {
            wrong_empty);
     return ok ? 0 : 1;
   };
-  for (int page : {16, 32, 64, 128}) {
-    const int max_pages = (200 + page - 1) / page, Skv = max_pages * page;
+  for (int page : page_sizes) {
+    const int max_pages = (170 + page - 1) / page, Skv = max_pages * page;
     const std::vector<int> kv_len{Skv, Skv / 2 + 3, 37};
     std::vector<T> q(size_t(B) * H * kMlaDk), kv(size_t(B) * Skv * kMlaDk);
     for (auto& e : q) e = Round<T>(normal(rng));
@@ -388,14 +392,14 @@ int CheckMlaPaged() {
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < Skv; ++j) live[b][j] = j < kv_len[b];
     printf(" page %d\n", page);
-    const MlaRun contiguous = RunMla<false>(q, kv, B, H, Skv, kv_len, 1);
+    const MlaRun contiguous = RunMla<G, false>(q, kv, B, H, Skv, kv_len, 1);
     bad += check("contiguous vs float64", contiguous, q, kv, Skv, live);
-    const MlaRun paged = RunMla<true>(q, pool, B, H, Skv, kv_len, 1, &table, page, num_pages);
+    const MlaRun paged = RunMla<G, true>(q, pool, B, H, Skv, kv_len, 1, &table, page, num_pages);
     const bool same1 = SameBits(paged.out, contiguous.out) && SameBits(paged.lse, contiguous.lse);
     printf("  paged == contiguous, 1 split: %s\n", same1 ? "ok" : "FAIL");
     bad += !same1;
-    const MlaRun c3 = RunMla<false>(q, kv, B, H, Skv, kv_len, 3);
-    const MlaRun p3 = RunMla<true>(q, pool, B, H, Skv, kv_len, 3, &table, page, num_pages);
+    const MlaRun c3 = RunMla<G, false>(q, kv, B, H, Skv, kv_len, 3);
+    const MlaRun p3 = RunMla<G, true>(q, pool, B, H, Skv, kv_len, 3, &table, page, num_pages);
     const bool same3 = SameBits(p3.part_out, c3.part_out) && SameBits(p3.part_lse, c3.part_lse);
     printf("  paged == contiguous, 3 splits (partials): %s\n", same3 ? "ok" : "FAIL");
     bad += !same3;
@@ -410,7 +414,7 @@ int CheckMlaPaged() {
         const int32_t e = holes[b * max_pages + j / page];
         live[b][j] = j < kv_len[b] && e >= 0 && e < num_pages;
       }
-    const MlaRun skipped = RunMla<true>(q, pool, B, H, Skv, kv_len, 1, &holes, page, num_pages);
+    const MlaRun skipped = RunMla<G, true>(q, pool, B, H, Skv, kv_len, 1, &holes, page, num_pages);
     bad += check("skipped pages vs float64", skipped, q, kv, Skv, live);
   }
   if (bad) printf("  FAIL: %d checks\n", bad);
@@ -439,8 +443,10 @@ int main(int argc, char** argv) {
       bad += CheckBackward<BF16, 128, 128>({2, 23, 6, 2, 50, true, {27, -4}, {50, 31}}, 6);
     } else if (name == "bwd_256x256") {  // the column split, kv_len < Skv
       bad += CheckBackward<BF16, 256, 256>({2, 5, 2, 1, 40, true, {30, 2}, {35, 3}}, 4);
-    } else if (name == "mla_paged") {
-      bad += CheckMlaPaged();
+    } else if (name == "mla_paged") {  // 16-row blocks
+      bad += CheckMlaPaged<1>({16, 32, 128});
+    } else if (name == "mla_paged_g4") {  // 64-row blocks: 512 threads, a barrier per row group
+      bad += CheckMlaPaged<4>({16});
     } else {
       printf("unknown case\n");
       ++bad;

@@ -74,9 +74,15 @@ struct Warp {
   uint32_t a[32][4], b[32][2];
   float f[32];
 };
+// A block of `threads` threads (128, or 512 for the MLA kernel's 64-row
+// blocks): its barrier, its warps, and named barriers 1..4 of 128 threads
+// (a row group of the MLA kernel).
 struct Block {
-  std::barrier<> bar{128};
-  Warp warps[4];
+  explicit Block(int threads = 128) : bar(threads) {}
+  std::barrier<> bar;
+  Warp warps[16];
+  std::barrier<> named[5] = {std::barrier<>(128), std::barrier<>(128), std::barrier<>(128),
+                             std::barrier<>(128), std::barrier<>(128)};
 };
 inline Block* block = nullptr;
 inline Warp& MyWarp() { return block->warps[threadIdx.x / 32]; }
@@ -168,11 +174,10 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
   else
     memset(smem, 0, 16);
 }
-// A named barrier of the whole block (the emulated blocks have 128 threads:
-// the MLA kernel's 16-row blocks, whose one row group's barrier is all of them).
-inline void NamedBarrier(int, int threads) {
-  assert(threads == 128);
-  emu::block->bar.arrive_and_wait();
+// Named barrier `id` of 128 threads (the MLA kernel's row groups).
+inline void NamedBarrier(int id, int threads) {
+  assert(threads == 128 && id >= 1 && id <= 4);
+  emu::block->named[id].arrive_and_wait();
 }
 inline void CpAsyncCommit() {}
 template <int N>
