@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "tests" / "cuda_emulator"
-KERNELS = ("attention_kernel.cuh", "attention_bwd_kernel.cuh")
+KERNELS = ("attention_kernel.cuh", "attention_bwd_kernel.cuh", "attention_quant_kernel.cuh")
 CASES = (
     "forward",
     "bwd_64x64",
@@ -28,6 +28,10 @@ CASES = (
     "bwd_128x128_f16",
     "bwd_128x128_gqa3",
     "bwd_256x256",
+    "quant_q8_0",
+    "quant_q8_kv",
+    "quant_mixed",
+    "quant_splits",
 )
 
 

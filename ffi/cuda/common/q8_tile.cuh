@@ -1,7 +1,8 @@
 // Device helpers of the kernels over 8-bit caches (q8_0, q8_kv;
-// ffi/common/quant_format.h): the query rounded to 8 bits, the int8 tensor-core
-// product, the 4-byte copies of the scales and the exact int8 -> float
-// conversion. Shared by mla/mla_quant_kernel.cuh and
+// ffi/common/quant_format.h): the query rounded to 8 bits, the int8 mma's
+// result as a float and the exact int8 -> float conversion (the int8 mma and
+// the 4-byte copies of the scales are in kernel_utils.cuh with the other
+// PTX). Shared by mla/mla_quant_kernel.cuh and
 // attention/attention_quant_kernel.cuh.
 #pragma once
 
@@ -13,24 +14,6 @@
 #include "ffi/cuda/common/kernel_utils.cuh"
 
 namespace jax_mla::cuda {
-
-// c = a * b on a 16x8x32 int8 tile, c initialized to `init` (s32 accumulation).
-// Fragments as ldmatrix gives them from int8 rows (16 bytes a matrix row): A
-// from the query rows, B from the key rows.
-__device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
-                                      int init) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%10,%10,%10};\n"
-      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(init));
-}
-
-// 4-byte asynchronous copy (the scales are only 4-byte aligned); zero-filled when !valid.
-__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
-               "r"(valid ? 4 : 0));
-}
 
 // An integer |c| < 2^22 as the bits of the float 1.5 * 2^23 + c: accumulating
 // from this start makes the mma's int32 result a float after one subtraction.
