@@ -4,7 +4,9 @@ helpers (one thread per CUDA thread; ldmatrix and mma.sync with the PTX
 fragment layouts) and checks them against float64 loops. The forward kernel,
 which the GPU tests validate, checks the emulation itself; the backward
 kernels' cases cover every code path of each pair's shape (GQA, causal,
-q_pos, kv_len, the column split). Races are not emulated (racecheck on the
+q_pos, kv_len, the column split); the kernel over 8-bit caches' cases every
+pair of k and v formats (with the int8 mma.sync m16n8k32), GQA, causal,
+empty rows and split-KV partials. Races are not emulated (racecheck on the
 GPU covers them). Needs a C++20 compiler; the sources come from the
 repository checkout next to this file."""
 
