@@ -38,10 +38,12 @@ def cpu() -> dict:
 @functools.cache
 def cuda() -> dict:
     """The CUDA module's table: dtypes, attention_head_dims ([Dk, Dv] pairs),
-    attention_bwd_head_dims (the pairs of the native backward), mla_layouts
-    ([Dk, dv, v_offset]), mla_formats (name -> code), mla_kernels,
-    attention_kernels, page_sizes (those of the *_paged targets; absent:
-    none)."""
+    attention_bwd_head_dims (the pairs of the native backward),
+    attention_formats (name -> code: the formats flash_attention's k and v
+    may both be in, contiguous; absent: none) and attention_quant_head_dims
+    (the pairs it takes over them), mla_layouts ([Dk, dv, v_offset]),
+    mla_formats (name -> code), mla_kernels, attention_kernels, page_sizes
+    (those of the *_paged targets; absent: none)."""
     return _table("gpu")
 
 
@@ -49,8 +51,10 @@ def format_code(platform: str, fmt: str | None) -> int:
     """The FFI attribute code of a cache format on `platform` (0: a float cache)."""
     if fmt is None:
         return 0
-    formats = cuda()["mla_formats"] if _backend.is_gpu(platform) else cpu()["formats"]
-    return formats[fmt]
+    if _backend.is_gpu(platform):
+        table = cuda()
+        return {**table["mla_formats"], **table.get("attention_formats", {})}[fmt]
+    return cpu()["formats"][fmt]
 
 
 def cpu_head_dims_problem(table: dict, dims: dict[str, int]) -> str | None:
@@ -77,13 +81,43 @@ def _cuda_dtypes_problem(table: dict, dtypes: dict[str, jnp.dtype]) -> str | Non
 
 
 def cuda_attention_problem(
-    table: dict, dtypes: dict[str, jnp.dtype], dk: int, dv: int
+    table: dict,
+    dtypes: dict[str, jnp.dtype],
+    dk: int,
+    dv: int,
+    k_fmt: str | None = None,
+    v_fmt: str | None = None,
 ) -> str | None:
-    pairs = tuple(tuple(p) for p in table["attention_head_dims"])
-    problem = _cuda_dtypes_problem(table, dtypes)
-    if problem is None and (dk, dv) not in pairs:
-        problem = f"the CUDA kernel supports (Dk, Dv) in {pairs}; got {(dk, dv)} {_ANY}"
-    return problem
+    """`dtypes`: q's and those of the float caches among k and v; `k_fmt`,
+    `v_fmt`: a quantized cache's format (None for a float one)."""
+    if k_fmt is None and v_fmt is None:
+        pairs = tuple(tuple(p) for p in table["attention_head_dims"])
+        problem = _cuda_dtypes_problem(table, dtypes)
+        if problem is None and (dk, dv) not in pairs:
+            problem = f"the CUDA kernel supports (Dk, Dv) in {pairs}; got {(dk, dv)} {_ANY}"
+        return problem
+    formats = tuple(table.get("attention_formats", ()))
+    pairs = tuple(tuple(p) for p in table.get("attention_quant_head_dims", ()))
+    if k_fmt not in formats or v_fmt not in formats:
+        got = ", ".join(
+            f"{name} {fmt or jnp.dtype(dtypes[name])}" for name, fmt in (("k", k_fmt), ("v", v_fmt))
+        )
+        takes = f"both in {' or '.join(formats)}" if formats else "in no quantized format"
+        return (
+            f"the CUDA kernel takes quantized k and v {takes} (each its own), or both "
+            f"float; got {got} (backend='reference' and the CPU kernel take any)"
+        )
+    if jnp.dtype(dtypes["q"]).name not in table["dtypes"]:
+        return (
+            f"the CUDA kernel takes q {' or '.join(table['dtypes'])} over quantized "
+            f"caches; got q {jnp.dtype(dtypes['q'])} {_ANY}"
+        )
+    if (dk, dv) not in pairs:
+        return (
+            f"the CUDA kernel supports (Dk, Dv) in {pairs} over quantized caches; got "
+            f"{(dk, dv)} {_ANY}"
+        )
+    return None
 
 
 def cuda_attention_bwd_problem(
@@ -159,12 +193,15 @@ def check_page_size(op: str, platform: str, page_size: int) -> None:
 
 
 def check_cuda_attention(op: str, q, k, v) -> None:
-    _raise(
-        op,
-        cuda_attention_problem(
-            cuda(), dict(q=q.dtype, k=k.dtype, v=v.dtype), q.shape[-1], v.shape[-1]
-        ),
-    )
+    """k and v: float arrays or QuantizedKV (v's head dim is its logical one)."""
+    fmts = {
+        name: c.fmt if isinstance(c, quant.QuantizedKV) else None
+        for name, c in (("k", k), ("v", v))
+    }
+    dtypes = {"q": q.dtype}
+    dtypes.update((name, c.dtype) for name, c in (("k", k), ("v", v)) if fmts[name] is None)
+    problem = cuda_attention_problem(cuda(), dtypes, q.shape[-1], v.shape[-1], fmts["k"], fmts["v"])
+    _raise(op, problem)
 
 
 def check_cuda_mla(op: str, q, kv, dv: int, v_offset: int) -> None:

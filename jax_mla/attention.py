@@ -57,7 +57,9 @@ def flash_attention(
         an 8-bit k (q8_0, q8_kv) the kernels round the scaled query rows to 8
         bits per block of 32 so that Q.K runs on integer dot products; over an
         8-bit v the CPU kernels round the softmax weights to 8 bits so that
-        P.V does (reference.attention_quantized defines both).
+        P.V does (reference.attention_quantized defines both). The CUDA
+        kernel takes quantized k and v both q8_0 or q8_kv (each its own),
+        contiguous, and rounds the query only (round_p=False).
       scale: static float multiplying q.k; default 1/sqrt(Dk).
       causal: a bool; the query at absolute position p sees keys j <= p.
       q_pos: int32 scalar or [B]: absolute position of query row 0, so row i

@@ -124,22 +124,23 @@ def test_gpu_cases_are_the_issue_shapes():
         (32, 128, 32768),
     ]
     assert all(c.seq_q == 1 and c.dims == (576, 512) for c in mla)
-    quant = [c for c in got if c.cache in ("q8_0", "q8_kv", "fp8_e4m3")]
+    quant = [c for c in got if c.op == "flash_mla" and c.cache != "bf16"]
     rows = {(c.batch, c.heads, c.n_kv) for c in quant}
     assert len(rows) >= 2 and rows <= {(c.batch, c.heads, c.n_kv) for c in mla}
     assert (64, 16, 16384) in rows  # the memory-bound row the 8-bit caches aim at
     assert {c.cache for c in quant} == {"q8_0", "q8_kv", "fp8_e4m3"}
     assert len(quant) == 3 * len(rows)
-    prefill = [c for c in got if c.op == "flash_attention"]
+    std = [c for c in got if c.op == "flash_attention"]
+    assert all(c.dims == (192, 128) and c.kv_heads == c.heads for c in std)
+    prefill = [c for c in std if c.seq_q > 1]
     assert {(c.heads, c.seq_q) for c in prefill} >= {(16, 4096), (128, 4096)}
-    assert all(
-        c.causal
-        and c.seq_q == c.n_kv
-        and c.dims == (192, 128)
-        and c.batch == 1
-        and c.cache == "bf16"
-        for c in prefill
-    )
+    assert all(c.causal and c.seq_q == c.n_kv and c.batch == 1 for c in prefill)
+    decode = [c for c in std if c.seq_q == 1]
+    assert {(c.batch, c.heads, c.n_kv) for c in decode} >= {(64, 16, 4096)}
+    # Every 192/128 row over bf16 and over q8_0, next to each other.
+    shapes = [(c.batch, c.heads, c.seq_q, c.n_kv) for c in std]
+    assert [c.cache for c in std] == ["bf16", "q8_0"] * (len(std) // 2)
+    assert shapes[::2] == shapes[1::2]
     quick = cases.gpu_cases(quick=True)
     assert 0 < len(quick) < len(got)
     assert max(c.seq_q for c in quick if c.op == "flash_attention") < 4096

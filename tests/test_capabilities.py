@@ -22,6 +22,8 @@ CUDA = {
     "attention_bwd_head_dims": [[192, 128], [64, 64], [128, 128], [256, 256]],
     "mla_layouts": [[576, 512, 0]],
     "mla_formats": {"q8_0": 1, "q8_kv": 2},
+    "attention_formats": {"q8_0": 1, "q8_kv": 2},
+    "attention_quant_head_dims": [[192, 128]],
     "mla_kernels": ["auto"],
     "attention_kernels": ["auto"],
 }
@@ -84,6 +86,44 @@ def test_cuda_messages_come_from_the_table():
     problem = _capabilities.cuda_mla_problem(CUDA, dict(q=F32), "q8_0", 576, 512, 0)
     assert "takes q float16 or bfloat16 over a quantized cache; got q float32" in problem
     assert _capabilities.cuda_mla_problem(CUDA, dict(q=BF16), "q8_kv", 576, 512, 0) is None
+
+
+def test_cuda_quantized_attention_messages_come_from_the_table():
+    problem = _capabilities.cuda_attention_problem
+    assert problem(CUDA, dict(q=BF16), 192, 128, "q8_0", "q8_kv") is None
+    assert problem(CUDA, dict(q=F16), 192, 128, "q8_kv", "q8_kv") is None
+    assert (
+        "takes quantized k and v both in q8_0 or q8_kv (each its own), or both float; "
+        "got k q6_0, v q8_0"
+    ) in problem(CUDA, dict(q=BF16), 192, 128, "q6_0", "q8_0")
+    assert "got k bfloat16, v q8_0" in problem(CUDA, dict(q=BF16, k=BF16), 192, 128, None, "q8_0")
+    assert "got k q8_kv, v float16" in problem(CUDA, dict(q=F16, v=F16), 192, 128, "q8_kv", None)
+    assert "takes q float16 or bfloat16 over quantized caches; got q float32" in problem(
+        CUDA, dict(q=F32), 192, 128, "q8_0", "q8_0"
+    )
+    assert "(Dk, Dv) in ((192, 128),) over quantized caches; got (128, 128)" in problem(
+        CUDA, dict(q=F16), 128, 128, "q8_0", "q8_0"
+    )
+    # A module without the kernel lists no formats.
+    table = {k: v for k, v in CUDA.items() if not k.startswith("attention_quant")}
+    table.pop("attention_formats")
+    assert "in no quantized format" in problem(table, dict(q=F16), 192, 128, "q8_0", "q8_0")
+
+
+def test_cuda_attention_check_reads_quantized_caches(rng, monkeypatch):
+    # The check the op makes on GPU calls, over a made-up table: a QuantizedKV
+    # is named by its format, a float cache by its dtype.
+    monkeypatch.setattr(_capabilities, "cuda", lambda: CUDA)
+    q = randn(rng, (1, 1, 4, 192), jnp.bfloat16)
+    k8 = jax_mla.quantize(randn(rng, (1, 8, 2, 192), jnp.float32), "q8_0")
+    v8 = jax_mla.quantize(randn(rng, (1, 8, 2, 128), jnp.float32), "q8_kv")
+    v_float = randn(rng, (1, 8, 2, 128), jnp.bfloat16)
+    _capabilities.check_cuda_attention("flash_attention", q, k8, v8)
+    with pytest.raises(NotImplementedError, match="flash_attention: .*got k q8_0, v bfloat16"):
+        _capabilities.check_cuda_attention("flash_attention", q, k8, v_float)
+    v6 = jax_mla.quantize(randn(rng, (1, 8, 2, 128), jnp.float32), "q6_0")
+    with pytest.raises(NotImplementedError, match=r"got k q8_0, v q6_0"):
+        _capabilities.check_cuda_attention("flash_attention", q, k8, v6)
 
 
 def test_cuda_rule_follows_the_table():

@@ -384,6 +384,19 @@ def test_many_native_calls_in_one_jit(rng, gpu, layout):
 # float kernels' GPU tolerance holds. Over fp8_e4m3 the kernel is the float
 # kernel over the cache dequantized to the query's type (K and V = d * value
 # rounded to it): the reference over dequantize(kv, dtype), same tolerance.
+def rounded_query(q, scale=None) -> np.ndarray:
+    """The query as the 8-bit kernels take it: reference.round_query_q8(q *
+    scale) (scale None: 1/sqrt(Dk)), float32. Rounded on the CPU, whose values
+    are the kernels' (and numpy's): run by XLA:GPU the same function gave a
+    reference that 14 flash_mla cases missed by up to 2.5e-3 (H100, 5742033;
+    an FMA contraction moving ties is the suspect, not confirmed)."""
+    s = np.float32(1 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(
+            jax_mla.reference.round_query_q8(jnp.asarray(np.asarray(q, np.float32)) * s)
+        )
+
+
 def check_mla_quant_gpu(
     rng,
     fmt,
@@ -413,16 +426,7 @@ def check_mla_quant_gpu(
         assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
         return got
     # The 8-bit kernels round the query but not P (P.V on f16/bf16 tensor cores).
-    # Rounded on the CPU, whose values are the kernels' (and numpy's): run by
-    # XLA:GPU the same function gave a reference that 14 of these cases
-    # missed by up to 2.5e-3 (H100, 5742033; an FMA contraction moving ties
-    # is the suspect, not confirmed).
-    s = np.float32(1 / np.sqrt(dk) if scale is None else scale)
-    with jax.default_device(jax.devices("cpu")[0]):
-        q_ref = np.asarray(
-            jax_mla.reference.round_query_q8(jnp.asarray(np.asarray(q, np.float32)) * s)
-        )
-    want = reference_mla(q_ref, jax_mla.dequantize(kv), scale=1.0, **kw)
+    want = reference_mla(rounded_query(q, scale), jax_mla.dequantize(kv), scale=1.0, **kw)
     assert_attention(got, want, dtype, visible, f32_tol=gpu_tol(dtype))
     return got
 

@@ -4,7 +4,9 @@ helpers (one thread per CUDA thread; ldmatrix and mma.sync with the PTX
 fragment layouts) and checks them against float64 loops. The forward kernel,
 which the GPU tests validate, checks the emulation itself; the backward
 kernels' cases cover every code path of each pair's shape (GQA, causal,
-q_pos, kv_len, the column split); the MLA mma.sync kernel's 16- and 64-row
+q_pos, kv_len, the column split); the kernel over 8-bit caches' cases every
+pair of k and v formats (with the int8 mma.sync m16n8k32), GQA, causal,
+empty rows and split-KV partials; the MLA mma.sync kernel's 16- and 64-row
 blocks over paged caches (mla_paged, mla_paged_g4) equal its contiguous call
 bit for bit and the float64 attention over the live keys. Races are not
 emulated (racecheck on the GPU covers them). Needs a C++20 compiler; the sources come from the
@@ -24,6 +26,7 @@ EMULATOR = ROOT / "tests" / "cuda_emulator"
 KERNELS = (
     "attention/attention_kernel.cuh",
     "attention/attention_bwd_kernel.cuh",
+    "attention/attention_quant_kernel.cuh",
     "mla/mla_kernel.cuh",
 )
 CASES = (
@@ -36,6 +39,10 @@ CASES = (
     "bwd_256x256",
     "mla_paged",
     "mla_paged_g4",
+    "quant_q8_0",
+    "quant_q8_kv",
+    "quant_mixed",
+    "quant_splits",
 )
 
 

@@ -3,7 +3,8 @@ racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
 16- and 64-row blocks over float caches in each kernel family the card runs
 and over each quantized format (8-bit, fp8_e4m3), each attention head-dim pair
 and kernel family, split-KV and its combine, causal, ragged kv_len with empty
-rows), the attention backward (jax_mla_flash_attention_bwd: each backward pair,
+rows, flash_attention over each pair of 8-bit k and v formats with their
+scales NaN past kv_len), the attention backward (jax_mla_flash_attention_bwd: each backward pair,
 GQA, causal, keys past kv_len, rows that see no key), and paged flash_mla and
 flash_attention (every page size, float and quantized latent caches, pages in
 a random order in a pool NaN wherever no live key is, block-table entries out
@@ -97,6 +98,51 @@ def quantized_reference(q, kvq, scale, dtype):
     if kvq.fmt == "fp8_e4m3":
         return q, np.asarray(jax_mla.dequantize(kvq, dtype), np.float32), scale
     return round_query_q8(q, scale), np.asarray(jax_mla.dequantize(kvq)), 1.0
+
+
+def quantized_attention_cases(caps, rng, check, dtype, tol, quick):
+    """flash_attention over 8-bit k and v (each pair of attention_formats, at
+    attention_quant_head_dims): GQA, causal, decode and prefill, a batch row
+    with no key and scales NaN past kv_len (never read), and an MHA decode
+    the heuristic splits (the combine)."""
+    formats = list(caps.get("attention_formats", {}))
+    pairs = [(k, v) for k in formats for v in formats]
+    dims = caps.get("attention_quant_head_dims", [])
+    for k_fmt, v_fmt in pairs[:1] if quick else pairs:
+        for dk, dv in dims:
+            # (B, Sq, Hq, Hkv, Skv, kv_len)
+            shapes = [(2, 70, 4, 2, 90, [90, 0]), (2, 1, 16, 16, 1000, [1000, 517])]
+            if not quick:
+                shapes.append((2, 1, 4, 2, 90, [77, 0]))
+            for batch, seq_q, heads_q, heads_kv, seq_kv, kv_len in shapes:
+                q = jnp.asarray(rng.standard_normal((batch, seq_q, heads_q, dk)), dtype)
+                caches = []
+                for fmt, d in ((k_fmt, dk), (v_fmt, dv)):
+                    x = rng.standard_normal((batch, seq_kv, heads_kv, d)).astype(np.float32)
+                    c = jax_mla.quantize(jnp.asarray(x), fmt)
+                    scales = np.asarray(c.d).copy()
+                    for b, n in enumerate(kv_len):
+                        scales[b, n:] = np.nan
+                    caches.append(jax_mla.QuantizedKV(c.qs, jnp.asarray(scales), fmt))
+                got = jax_mla.flash_attention(
+                    q,
+                    *caches,
+                    causal=True,
+                    kv_len=jnp.asarray(kv_len, jnp.int32),
+                    backend="native",
+                )
+                k, v = (np.asarray(jax_mla.dequantize(c)) for c in caches)
+                want = ref_attention(
+                    round_query_q8(q, dk**-0.5),
+                    k,
+                    v,
+                    1.0,
+                    True,
+                    np.asarray(kv_len) - seq_q,
+                    np.asarray(kv_len),
+                )
+                name = f"attention {k_fmt}/{v_fmt} {dtype.name} {dk}/{dv} Sq={seq_q} Hq={heads_q}"
+                check(name, got, want, tol)
 
 
 def paged_mla(target, q, cache, table, kv_len, kw):
@@ -411,6 +457,7 @@ def main():
                     )
                     check(f"attention {family} {dtype.name} {dk}/{dv} Sq={seq_q}", got, want, tol)
         os.environ.pop("JAX_MLA_CUDA_ATTENTION_KERNEL")
+        quantized_attention_cases(caps, rng, check, dtype, tol, quick)
         backward_cases(caps, rng, dtype, quick, check)
     if "flash_mla" in caps.get("paged_ops", []):
         paged_cases(caps, rng, check, jnp.dtype(jnp.bfloat16), 2e-2, quick)

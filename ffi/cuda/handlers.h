@@ -13,6 +13,8 @@ namespace jax_mla::cuda {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMla);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuant);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttention);
+// Over 8-bit k and v caches (q8_0, q8_kv), contiguous.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashAttentionQuant);
 // The paged targets (ffi/common/paged_args.h).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaPaged);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(kFlashMlaQuantPaged);

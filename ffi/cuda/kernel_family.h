@@ -24,8 +24,9 @@ inline constexpr const char* kMlaKernelNames[] = {"auto", "mma_sync", "sm90_spli
 // flash_attention's kernel.
 enum class AttentionKernel : int32_t {
   kAuto = 0,     // sm90 for its pairs where RunsSm90a(), num_splits == 1 and the
-                 // cache is contiguous, else mma_sync
-  kMmaSync = 1,  // attention/attention_kernel.cuh, every arch and pair, paged or not
+                 // cache is float and contiguous, else mma_sync
+  kMmaSync = 1,  // attention/attention_kernel.cuh, every arch and pair, paged or not;
+                 // attention_quant_kernel.cuh over 8-bit caches
   kSm90 = 2,     // attention/attention_sm90_kernel.cuh, sm_90a, its pairs, contiguous
 };
 inline constexpr const char* kAttentionKernelNames[] = {"auto", "mma_sync", "sm90"};

@@ -23,7 +23,8 @@ namespace {
 nb::dict Capabilities() {
   using jax_mla::QFormat;
   nb::dict d;
-  nb::list dtypes, attention_dims, attention_bwd_dims, mla_layouts, mla_kernels, attention_kernels;
+  nb::list dtypes, attention_dims, attention_bwd_dims, attention_quant_dims, mla_layouts,
+      mla_kernels, attention_kernels;
 #define JAX_MLA_DTYPE(NAME) dtypes.append(NAME);
   JAX_MLA_CUDA_DTYPES(JAX_MLA_DTYPE)
 #undef JAX_MLA_DTYPE
@@ -33,20 +34,29 @@ nb::dict Capabilities() {
 #define JAX_MLA_PAIR(DK, DV) attention_bwd_dims.append(nb::list(nb::make_tuple(DK, DV)));
   JAX_MLA_ATTENTION_BWD_HEAD_DIMS(JAX_MLA_PAIR)
 #undef JAX_MLA_PAIR
+#define JAX_MLA_PAIR(DK, DV) attention_quant_dims.append(nb::list(nb::make_tuple(DK, DV)));
+  JAX_MLA_ATTENTION_QUANT_HEAD_DIMS(JAX_MLA_PAIR)
+#undef JAX_MLA_PAIR
 #define JAX_MLA_LAYOUT(DK, DV, V_OFFSET) \
   mla_layouts.append(nb::list(nb::make_tuple(DK, DV, V_OFFSET)));
   JAX_MLA_MLA_LAYOUTS(JAX_MLA_LAYOUT)
 #undef JAX_MLA_LAYOUT
   for (const char* name : jax_mla::cuda::kMlaKernelNames) mla_kernels.append(name);
   for (const char* name : jax_mla::cuda::kAttentionKernelNames) attention_kernels.append(name);
-  nb::dict formats;
+  nb::dict formats, attention_formats;
   for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV, QFormat::kFP8E4M3})
     formats[jax_mla::QFormatName(f)] = int64_t(f);
+  // flash_attention over quantized caches: k and v both in one of these
+  // (each its own), contiguous, at attention_quant_head_dims.
+  for (QFormat f : {QFormat::kQ8_0, QFormat::kQ8KV})
+    attention_formats[jax_mla::QFormatName(f)] = int64_t(f);
   d["dtypes"] = dtypes;
   d["attention_head_dims"] = attention_dims;
   d["attention_bwd_head_dims"] = attention_bwd_dims;
   d["mla_layouts"] = mla_layouts;
   d["mla_formats"] = formats;
+  d["attention_formats"] = attention_formats;
+  d["attention_quant_head_dims"] = attention_quant_dims;
   d["mla_kernels"] = mla_kernels;
   d["attention_kernels"] = attention_kernels;
   // Paged caches (ffi/common/paged_args.h): the ops with paged kernels (every
@@ -67,6 +77,7 @@ NB_MODULE(_cuda, m) {
   m.def("registrations", [] {
     nb::dict d;
     d["jax_mla_flash_attention"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttention);
+    d["jax_mla_flash_attention_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttentionQuant);
     d["jax_mla_flash_attention_bwd"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashAttentionBwd);
     d["jax_mla_flash_mla"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMla);
     d["jax_mla_flash_mla_quant"] = EncapsulateFfiHandler(jax_mla::cuda::kFlashMlaQuant);
@@ -77,7 +88,7 @@ NB_MODULE(_cuda, m) {
   });
   m.def("capabilities", &Capabilities,
         "What this build supports: dtypes, head dims (forward and backward), MLA layouts and "
-        "formats (FFI codes), "
+        "formats (FFI codes), flash_attention's quantized formats and their head dims, "
         "the kernel families a call may force (JAX_MLA_CUDA_MLA_KERNEL, "
         "JAX_MLA_CUDA_ATTENTION_KERNEL), the ops with paged kernels (paged_ops) and their "
         "page sizes.");

@@ -47,8 +47,10 @@ CPU_FULL_TESTS = ("tg@1024", "tg@4096", "tg@16384", "pp512@512", "pp512@4096")
 
 # GPU: bf16 queries and caches. MLA decode at the (B, H, S) configurations the
 # FlashInfer and FlashMLA comparisons use; 192/128 causal prefill of S queries
-# over S keys, batch 1, at (H, S) where cuDNN's figures were taken; the 8-bit
-# and FP8 latent formats on a memory-bound and a compute-bound decode row.
+# over S keys, batch 1, at (H, S) where cuDNN's figures were taken, and 192/128
+# decode at (B, H, S) (as many KV heads as query heads), each 192/128 row over
+# bf16 and over q8_0 K and V; the 8-bit and FP8 latent formats on a
+# memory-bound and a compute-bound decode row.
 GPU_MLA_DECODE = (
     (1, 16, 16384),
     (64, 16, 4096),
@@ -58,10 +60,13 @@ GPU_MLA_DECODE = (
     (32, 128, 32768),
 )
 GPU_PREFILL = ((16, 4096), (16, 16384), (128, 4096))
+GPU_ATTENTION_DECODE = ((64, 16, 4096), (1, 128, 16384))
+GPU_ATTENTION_CACHES = ("bf16", "q8_0")
 GPU_QUANT_FORMATS = ("q8_0", "q8_kv", "fp8_e4m3")
 GPU_QUANT_DECODE = ((64, 16, 16384), (128, 128, 8192))
 GPU_QUICK_MLA_DECODE = ((1, 16, 16384), (64, 16, 4096), (128, 128, 4096))
 GPU_QUICK_PREFILL = ((16, 1024),)
+GPU_QUICK_ATTENTION_DECODE = ((16, 16, 1024),)
 GPU_QUICK_QUANT_DECODE = ((64, 16, 4096),)
 
 
@@ -140,11 +145,16 @@ def cpu_cases(tests, ops=OPS, caches=("f16",)) -> list[Case]:
 
 def gpu_cases(quick: bool, ops=OPS) -> list[Case]:
     """The GPU shapes: bf16 MLA decode, the 8-bit latent caches on a few decode
-    rows, and 192/128 causal prefill."""
-    decode, quant, prefill = (
-        (GPU_QUICK_MLA_DECODE, GPU_QUICK_QUANT_DECODE, GPU_QUICK_PREFILL)
+    rows, and 192/128 causal prefill and decode over bf16 and q8_0 caches."""
+    decode, quant, prefill, std_decode = (
+        (
+            GPU_QUICK_MLA_DECODE,
+            GPU_QUICK_QUANT_DECODE,
+            GPU_QUICK_PREFILL,
+            GPU_QUICK_ATTENTION_DECODE,
+        )
         if quick
-        else (GPU_MLA_DECODE, GPU_QUANT_DECODE, GPU_PREFILL)
+        else (GPU_MLA_DECODE, GPU_QUANT_DECODE, GPU_PREFILL, GPU_ATTENTION_DECODE)
     )
     cases = []
     if "flash_mla" in ops:
@@ -155,7 +165,16 @@ def gpu_cases(quick: bool, ops=OPS) -> list[Case]:
             for fmt in GPU_QUANT_FORMATS
         ]
     if "flash_attention" in ops:
-        cases += [Case("flash_attention", s, s, "bf16", 1, h, "bf16") for h, s in prefill]
+        cases += [
+            Case("flash_attention", s, s, cache, 1, h, "bf16")
+            for h, s in prefill
+            for cache in GPU_ATTENTION_CACHES
+        ]
+        cases += [
+            Case("flash_attention", 1, s, cache, b, h, "bf16")
+            for b, h, s in std_decode
+            for cache in GPU_ATTENTION_CACHES
+        ]
     return cases
 
 

@@ -10,6 +10,13 @@
 //               (mla_kernel.cuh): equal to its contiguous call bit for bit,
 //               and skipped pages, against float64; mla_paged_g4 the same
 //               in 64-row blocks.
+//   quant_*     the kernel over 8-bit k and v (attention_quant_kernel.cuh),
+//               each format pair, against float64 attention over the
+//               dequantized caches with the query rounded to 8 bits
+//               (quant_format.h): outputs within two ulps of the type times
+//               max |v|, every element written, scales NaN past kv_len, rows
+//               that see no key exactly 0 and LSE -inf; split-KV partials
+//               merged here as the combine kernel merges them.
 // Built by tests/test_cuda_emulator.py with the kernel headers' launchers
 // (host code with <<<>>>) cut off into kernels.h. Usage: attention CASE...
 #include <algorithm>
@@ -19,6 +26,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -204,6 +212,161 @@ int CheckBackward(const Case& c, uint64_t seed) {
   }
   if (bad) printf("  FAIL: %d checks (exact zeros included)\n", bad);
   return bad;
+}
+
+// The kernel over 8-bit caches: k and v in formats k_fmt / v_fmt (q8_0: a
+// float16 scale per block of 32; q8_kv: a float32 scale per row), int8
+// values uniform in [-127, 127], scales NaN past kv_len.
+template <typename T, int Dk, int Dv>
+int CheckQuant(const Case& c, jax_mla::QFormat k_fmt, jax_mla::QFormat v_fmt, int splits,
+               uint64_t seed) {
+  using jax_mla::QFormat;
+  const int B = c.B, Sq = c.Sq, Hq = c.Hq, Hkv = c.Hkv, Skv = c.Skv, group = Hq / Hkv;
+  std::vector<int> q_pos = c.q_pos, kv_len = c.kv_len;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> byte(-127, 127);
+  std::uniform_real_distribution<float> uniform(0.005f, 0.02f);
+  std::vector<T> q(size_t(B) * Sq * Hq * Dk);
+  for (auto& e : q) e = Round<T>(normal(rng));
+  // One cache: int8 values, raw scales (uint16 float16 bits or float32) and
+  // their float values (NaN past kv_len).
+  struct Cache {
+    std::vector<int8_t> qs;
+    std::vector<uint16_t> d16;
+    std::vector<float> d32, scale;  // scale[(b, j, h, block)] as a float
+    int per_row;                    // scales per row
+  };
+  auto make = [&](QFormat fmt, int D) {
+    Cache x;
+    x.per_row = fmt == QFormat::kQ8_0 ? D / 32 : 1;
+    x.qs.resize(size_t(B) * Skv * Hkv * D);
+    for (auto& e : x.qs) e = int8_t(byte(rng));
+    x.scale.resize(size_t(B) * Skv * Hkv * x.per_row);
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < Skv; ++j)
+        for (int i = 0; i < Hkv * x.per_row; ++i) {
+          const size_t at = (size_t(b) * Skv + j) * Hkv * x.per_row + i;
+          const bool live = j < std::clamp(kv_len[b], 0, Skv);
+          x.scale[at] = live ? uniform(rng) : NAN;
+          if (fmt == QFormat::kQ8_0) {  // rounded to float16, the value the kernel reads
+            x.d16.push_back(emu::HalfBits(x.scale[at]));
+            x.scale[at] = F(__half{x.d16.back()});
+          }
+        }
+    if (fmt != QFormat::kQ8_0) x.d32 = x.scale;
+    return x;
+  };
+  Cache k = make(k_fmt, Dk), v = make(v_fmt, Dv);
+  auto value = [&](const Cache& x, int D, int b, int j, int h, int d) {  // float32 d * q
+    const float s = x.scale[(size_t(b) * Skv + j) * Hkv * x.per_row + h * x.per_row +
+                            (x.per_row > 1 ? d / 32 : 0)];
+    return double(s * float(x.qs[At(b, j, h, d, Skv, Hkv, D)]));
+  };
+  const float scale = 1.f / std::sqrt(float(Dk));
+
+  AttentionParams p;
+  p.batch = B, p.kv_batch = B, p.seq_q = Sq, p.heads_q = Hq, p.heads_kv = Hkv, p.seq_kv = Skv;
+  p.dk = Dk, p.dv = Dv, p.scale = scale, p.causal = c.causal, p.num_splits = splits;
+  p.q = q.data(),
+  p.q_dtype = std::is_same_v<T, __half> ? jax_mla::DType::kF16 : jax_mla::DType::kBF16;
+  for (auto [view, x, D, fmt] :
+       {std::tuple{&p.k, &k, Dk, k_fmt}, std::tuple{&p.v, &v, Dv, v_fmt}}) {
+    view->fmt = fmt;
+    view->data = x->qs.data();
+    view->batch_stride = int64_t(Skv) * Hkv * D, view->row_stride = Hkv * D, view->head_stride = D;
+    view->scales = fmt == QFormat::kQ8_0 ? static_cast<const void*>(x->d16.data())
+                                         : static_cast<const void*>(x->d32.data());
+    view->scale_head_stride = x->per_row, view->scale_row_stride = Hkv * x->per_row;
+    view->scale_batch_stride = int64_t(Skv) * Hkv * x->per_row;
+  }
+  // NaN first: an element no block writes fails.
+  std::vector<T> out(size_t(B) * Sq * Hq * Dv, Round<T>(NAN));
+  std::vector<float> lse(size_t(B) * Hq * Sq, NAN), part_out(out.size() * splits, NAN),
+      part_lse(lse.size() * splits, NAN);
+  p.q_pos = q_pos.data(), p.kv_len = kv_len.data(), p.out = out.data(), p.lse = lse.data();
+  p.part_out = part_out.data(), p.part_lse = part_lse.data();
+  RunGrid({unsigned((Sq * group + 63) / 64), unsigned(splits), unsigned(B * Hkv)},
+          [&] { jax_mla::cuda::AttentionQuantKernel<T, Dk, Dv>(p); });
+
+  // The split partials ([B, ns, Sq, Hq, *]) merged by their LSE, as the combine does.
+  std::vector<double> got_out(out.size()), got_lse(lse.size());
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < Sq; ++i)
+      for (int h = 0; h < Hq; ++h) {
+        const size_t row = (size_t(b) * Sq + i) * Hq + h, stat = (size_t(b) * Hq + h) * Sq + i;
+        if (splits == 1) {
+          got_lse[stat] = lse[stat];
+          for (int d = 0; d < Dv; ++d) got_out[row * Dv + d] = F(out[row * Dv + d]);
+          continue;
+        }
+        auto at = [&](int s) { return (size_t(b) * splits + s) * Sq * Hq + size_t(i) * Hq + h; };
+        double m = -INFINITY, total = 0;
+        for (int s = 0; s < splits; ++s) m = std::max(m, double(part_lse[at(s)]));
+        for (int s = 0; s < splits; ++s)
+          if (m > -INFINITY) total += std::exp(part_lse[at(s)] - m);
+        got_lse[stat] = m > -INFINITY ? m + std::log(total) : -INFINITY;
+        for (int d = 0; d < Dv; ++d) {
+          double o = 0;
+          for (int s = 0; s < splits; ++s)
+            if (m > -INFINITY)
+              o += std::exp(part_lse[at(s)] - got_lse[stat]) * part_out[at(s) * Dv + d];
+          got_out[row * Dv + d] = o;
+        }
+      }
+
+  double worst_out = 0, worst_lse = 0, v_max = 0;
+  int bad = 0;
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < Sq; ++i) {
+      const int64_t n = VisibleKeys(int64_t(q_pos[b]) + i, kv_len[b], Skv, c.causal);
+      for (int h = 0; h < Hq; ++h) {
+        const int hk = h / group;
+        const size_t row = (size_t(b) * Sq + i) * Hq + h, stat = (size_t(b) * Hq + h) * Sq + i;
+        if (n == 0) {  // exactly 0 and -inf
+          bad += !(got_lse[stat] == -INFINITY);
+          for (int d = 0; d < Dv; ++d) bad += !(got_out[row * Dv + d] == 0.0);
+          continue;
+        }
+        // The query as the kernels take it (RoundQueryToQ8's arithmetic).
+        std::vector<double> qr(Dk);
+        for (int blk = 0; blk < Dk / 32; ++blk) {
+          float x[32], amax = 0.f;
+          for (int e = 0; e < 32; ++e) {
+            x[e] = F(q[At(b, i, h, blk * 32 + e, Sq, Hq, Dk)]) * scale;
+            amax = std::max(amax, std::fabs(x[e]));
+          }
+          const float dq = amax / 127.f, id = dq != 0.f ? 1.f / dq : 0.f;
+          for (int e = 0; e < 32; ++e) qr[blk * 32 + e] = double(dq) * std::round(x[e] * id);
+        }
+        std::vector<double> s(n);
+        double m = -INFINITY, total = 0;
+        for (int j = 0; j < n; ++j) {
+          double acc = 0;
+          for (int d = 0; d < Dk; ++d) acc += qr[d] * value(k, Dk, b, j, hk, d);
+          s[j] = acc;
+          m = std::max(m, acc);
+        }
+        for (int j = 0; j < n; ++j) total += std::exp(s[j] - m);
+        worst_lse = std::max(worst_lse, std::abs(got_lse[stat] - (m + std::log(total))));
+        for (int d = 0; d < Dv; ++d) {
+          double o = 0;
+          for (int j = 0; j < n; ++j) {
+            const double vj = value(v, Dv, b, j, hk, d);
+            v_max = std::max(v_max, std::abs(vj));
+            o += std::exp(s[j] - m) / total * vj;
+          }
+          const double e = std::abs(got_out[row * Dv + d] - o);
+          worst_out = std::isnan(e) ? INFINITY : std::max(worst_out, e);
+        }
+      }
+    }
+  // P and V are rounded to T on the tensor cores: two ulps of T times max |v|.
+  const double tol = 2 * std::ldexp(1.0, std::is_same_v<T, __half> ? -10 : -7) * v_max;
+  const bool ok = worst_out <= tol && worst_lse <= 1e-4 && bad == 0;
+  printf("  out %g (tol %g), lse %g, exact-zero failures %d: %s\n", worst_out, tol, worst_lse, bad,
+         ok ? "ok" : "FAIL");
+  return !ok;
 }
 
 // The forward 192/128 bf16 kernel, causal GQA, against float64 attention.
@@ -425,6 +588,7 @@ int CheckMlaPaged(std::vector<int> page_sizes) {
 
 int main(int argc, char** argv) {
   using BF16 = __nv_bfloat16;
+  constexpr auto kQ8_0 = jax_mla::QFormat::kQ8_0, kQ8KV = jax_mla::QFormat::kQ8KV;
   int bad = 0;
   for (int a = 1; a < argc; ++a) {
     const std::string name = argv[a];
@@ -447,6 +611,19 @@ int main(int argc, char** argv) {
       bad += CheckMlaPaged<1>({16, 32, 128});
     } else if (name == "mla_paged_g4") {  // 64-row blocks: 512 threads, a barrier per row group
       bad += CheckMlaPaged<4>({16});
+    } else if (name == "quant_q8_0") {  // GQA 4, causal prefill, a short row, two row tiles
+      bad += CheckQuant<BF16, 192, 128>({2, 37, 8, 2, 70, true, {33, -5}, {70, 33}}, kQ8_0, kQ8_0,
+                                        1, 7);
+    } else if (name == "quant_q8_kv") {  // MHA, not causal, kv_len inside the second tile
+      bad += CheckQuant<__half, 192, 128>({1, 9, 2, 2, 130, false, {0}, {65}}, kQ8KV, kQ8KV, 1, 8);
+    } else if (name == "quant_mixed") {  // GQA 16 (4 positions a block), both mixed pairs
+      bad += CheckQuant<__half, 192, 128>({1, 5, 16, 1, 77, true, {72}, {77}}, kQ8_0, kQ8KV, 1, 9);
+      bad += CheckQuant<BF16, 192, 128>({2, 5, 16, 1, 77, true, {40, -2}, {77, 50}}, kQ8KV, kQ8_0,
+                                        1, 10);
+    } else if (name ==
+               "quant_splits") {  // decode split 3 ways (one split empty), a row with no key
+      bad += CheckQuant<BF16, 192, 128>({2, 1, 4, 4, 200, true, {199, 0}, {200, 0}}, kQ8_0, kQ8KV,
+                                        3, 11);
     } else {
       printf("unknown case\n");
       ++bad;

@@ -15,6 +15,10 @@ namespace jax_mla::cuda {
 // (RowView's block table, params.h).
 template <typename T, int Dk, int Dv, bool kPaged>
 cudaError_t LaunchAttention(const AttentionParams& p, cudaStream_t stream);
+// mma.sync over 8-bit K and V, contiguous (attention_quant_kernel.cuh): k and
+// v each q8_0 or q8_kv (RowView::fmt, read at run time).
+template <typename T, int Dk, int Dv>
+cudaError_t LaunchAttentionQuant(const AttentionParams& p, cudaStream_t stream);
 // sm_90a wgmma (attention_sm90_kernel.cuh); only where RunsSm90a() (device.h).
 template <typename T, int Dk, int Dv>
 cudaError_t LaunchAttentionSm90(const AttentionParams& p, cudaStream_t stream);

@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels: the element types, tensor-core
-// mma.sync (m16n8k16, f32 accumulation), ldmatrix, cp.async, named barriers.
+// mma.sync (m16n8k16, f32 accumulation; m16n8k32 int8, s32), ldmatrix,
+// cp.async, named barriers.
 // Fragment layouts follow the PTX ISA "mma.m16n8k16" figures: with g = lane / 4
 // and t = lane % 4, an A fragment holds (row g | g + 8, cols 2t.. | 2t + 8..),
 // a B fragment (k 2t.. | 2t + 8.., col g), a C fragment (row g | g + 8, cols 2t, 2t + 1).
@@ -48,6 +49,18 @@ __device__ __forceinline__ void Mma16816<__half>(float c[4], const uint32_t a[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// c = a * b on a 16x8x32 int8 tile, c initialized to `init` (s32 accumulation).
+// Fragments as ldmatrix gives them from int8 rows (16 bytes a matrix row): A
+// from the query rows, B from the key rows.
+__device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
+                                      int init) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%10,%10,%10};\n"
+      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(init));
+}
+
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -71,6 +84,12 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool val
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
                "r"(valid ? 16 : 0));
 }
+// 4-byte asynchronous copy (the scales are only 4-byte aligned); zero-filled when !valid.
+__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {

@@ -39,37 +39,11 @@
 #include "ffi/common/quant_format.h"
 #include "ffi/cuda/common/cache_rows.cuh"
 #include "ffi/cuda/common/kernel_utils.cuh"
+#include "ffi/cuda/common/q8_tile.cuh"
 #include "ffi/cuda/mla/mla_config.h"
 #include "ffi/cuda/mla/mla_kernel.cuh"
 
 namespace jax_mla::cuda {
-
-// c = a * b on a 16x8x32 int8 tile, c initialized to `init` (s32 accumulation).
-__device__ __forceinline__ void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1,
-                                      int init) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%10,%10,%10};\n"
-      : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(init));
-}
-
-// 4-byte asynchronous copy (the scales are only 4-byte aligned); zero-filled when !valid.
-__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)), "l"(gmem),
-               "r"(valid ? 4 : 0));
-}
-
-// An integer |c| < 2^22 as the bits of the float 1.5 * 2^23 + c: accumulating
-// from this start makes the mma's int32 result a float after one subtraction.
-constexpr int kMagicInt = 0x4B400000;
-constexpr float kMagicFloat = 12582912.f;
-
-// The float of the signed byte i of w ^ 0x80808080 (exact: 2^23 + 128 + q).
-__device__ __forceinline__ float ByteToFloat(uint32_t w_flipped, int i) {
-  return __int_as_float(int(__byte_perm(w_flipped, 0x4B000000u, 0x7650u + unsigned(i)))) -
-         8388736.f;
-}
 
 // The 8-bit integer source (q8_0, q8_kv): the int8 rows and their scales
 // staged as they are; Q rounded to 8 bits once per block; per tile V
@@ -127,34 +101,9 @@ struct MlaQ8Tiles {
     const T* q_base = static_cast<const T*>(p.q) + (b * R + row0) * kMlaDk;
     for (int it = tid; it < Shape::kRows * kMlaBlocks; it += kThreads) {
       const int rr = it / kMlaBlocks, kb = it % kMlaBlocks;
-      float x[32];
-      if (row0 + rr < R) {
-        const uint4* src = reinterpret_cast<const uint4*>(q_base + rr * kMlaDk + kb * 32);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const uint4 v = src[c];
-          const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) x[c * 8 + i] = __fmul_rn(float(e[i]), p.scale);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) x[i] = 0.f;
-      }
-      float amax = 0.f;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(x[i]));
-      const float d = __fdiv_rn(amax, 127.f);
-      const float id = d != 0.f ? __frcp_rn(d) : 0.f;
       uint32_t packed[8];
-#pragma unroll
-      for (int w = 0; w < 8; ++w) {
-        uint32_t word = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          word |= uint32_t(uint8_t(int8_t(roundf(__fmul_rn(x[w * 4 + i], id))))) << (8 * i);
-        packed[w] = word;
-      }
+      const float d =
+          RoundQ8Block<T>(q_base + rr * kMlaDk + kb * 32, p.scale, row0 + rr < R, packed);
       uint4* dst = reinterpret_cast<uint4*>(s_q + rr * kMlaQsRowBytes + kb * 32);
       dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
       dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);

@@ -2,9 +2,12 @@
 // so that the CUDA kernels' fragment logic runs without a GPU
 // (tests/test_cuda_emulator.py): this file shadows the real one on the include
 // path. One std::thread per CUDA thread of a block; the warp collectives
-// (ldmatrix, mma.sync m16n8k16, shuffles) exchange their operands through
-// per-warp slots between two barriers, with the PTX ISA's fragment layouts;
-// the products are float sums of the exact 16-bit inputs. cp.async is a
+// (ldmatrix, mma.sync m16n8k16 and m16n8k32 int8, shuffles) exchange their
+// operands through per-warp slots between two barriers, with the PTX ISA's
+// fragment layouts; the products are float sums of the exact 16-bit inputs
+// (int32 sums of the int8 ones). The few CUDA intrinsics the kernels over
+// 8-bit caches use (ffi/cuda/common/q8_tile.cuh) are defined by their
+// semantics. cp.async is a
 // synchronous copy, so races are not emulated (compute-sanitizer's racecheck
 // covers them on the GPU).
 #pragma once
@@ -24,14 +27,39 @@
 
 struct __nv_bfloat16 {
   uint16_t x;
+  operator float() const;
 };
 struct __half {
   uint16_t x;
+  operator float() const;
+};
+struct __half2 {
+  __half x, y;
 };
 struct float2 {
   float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+struct uint4 {
+  uint32_t x, y, z, w;
+};
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+inline float __int_as_float(int i) {
+  float f;
+  memcpy(&f, &i, 4);
+  return f;
+}
+// Byte n of the result is byte (s >> 4n) & 7 of y:x.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = uint64_t(y) << 32 | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= unsigned(v >> (8 * ((s >> (4 * n)) & 7)) & 0xff) << (8 * n);
+  return r;
+}
+// IEEE float32 arithmetic, round to nearest (the host compiles without contraction).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.f / a; }
 // The paged kernels' table reads and page-size shift (ffi/cuda/common/cache_rows.cuh).
 template <typename U>
 inline U __ldg(const U* p) {
@@ -94,6 +122,11 @@ inline float Elem(uint32_t w, int half) {
 }
 }  // namespace emu
 
+inline __nv_bfloat16::operator float() const { return emu::ToFloat(*this); }
+inline __half::operator float() const { return emu::ToFloat(*this); }
+inline float __half2float(__half h) { return emu::ToFloat(h); }
+inline float2 __half22float2(__half2 h) { return {emu::ToFloat(h.x), emu::ToFloat(h.y)}; }
+
 inline void __syncthreads() { emu::block->bar.arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int m) {
   auto& w = emu::MyWarp();
@@ -147,6 +180,38 @@ inline void Mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) 
   }
 }
 
+// c = init + a * b on a 16x8x32 int8 tile (A: row g | g + 8, bytes 4t.. | 16 + 4t..;
+// B: k 4t.. | 16 + 4t.., col g).
+inline void MmaS8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1, int init) {
+  auto& w = emu::MyWarp();
+  const int lane = threadIdx.x % 32;
+  for (int i = 0; i < 4; ++i) w.a[lane][i] = a[i];
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  w.bar.arrive_and_wait();
+  int A[16][32], B[32][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int i = 0; i < 4; ++i) {
+      auto byte = [&](uint32_t v) { return int(int8_t(v >> (8 * i))); };
+      A[g][4 * t + i] = byte(w.a[l][0]);
+      A[g + 8][4 * t + i] = byte(w.a[l][1]);
+      A[g][16 + 4 * t + i] = byte(w.a[l][2]);
+      A[g + 8][16 + 4 * t + i] = byte(w.a[l][3]);
+      B[4 * t + i][g] = byte(w.b[l][0]);
+      B[16 + 4 * t + i][g] = byte(w.b[l][1]);
+    }
+  }
+  w.bar.arrive_and_wait();
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + e % 2;
+    int acc = init;
+    for (int k = 0; k < 32; ++k) acc += A[row][k] * B[k][col];
+    c[e] = acc;
+  }
+}
+
 inline void LdMatrix(uint32_t r[4], const void* p, bool trans) {
   auto& w = emu::MyWarp();
   const int lane = threadIdx.x % 32;
@@ -178,6 +243,12 @@ inline void CpAsync16(void* smem, const void* gmem, bool valid) {
 inline void NamedBarrier(int id, int threads) {
   assert(threads == 128 && id >= 1 && id <= 4);
   emu::block->named[id].arrive_and_wait();
+}
+inline void CpAsync4(void* smem, const void* gmem, bool valid) {
+  if (valid)
+    memcpy(smem, gmem, 4);
+  else
+    memset(smem, 0, 4);
 }
 inline void CpAsyncCommit() {}
 template <int N>
