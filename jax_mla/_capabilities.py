@@ -38,7 +38,8 @@ def cpu() -> dict:
 @functools.cache
 def cuda() -> dict:
     """The CUDA module's table: dtypes, attention_head_dims ([Dk, Dv] pairs),
-    attention_bwd_head_dims (the pairs of the native backward), mla_layouts
+    attention_bwd_head_dims (the pairs of the native backward),
+    attention_bwd_sm90_head_dims (those its sm90 family takes), mla_layouts
     ([Dk, dv, v_offset]), mla_formats (name -> code), mla_kernels,
     attention_kernels, page_sizes (those of the *_paged targets; absent:
     none)."""
