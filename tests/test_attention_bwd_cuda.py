@@ -33,7 +33,7 @@ SM90_DIMS = [tuple(d) for d in CUDA.get("attention_bwd_sm90_head_dims", [])]
 # The kernels' blocks (ffi/cuda/attention/attention_bwd_config.h): 64 keys
 # per KV block, 32 query rows per step of it, 64 query rows per Q block. The
 # sm90 kernels' (attention_bwd_sm90_kernel.cuh): 128 keys per KV block, 32
-# query rows per step, 128 query rows per Q block, 64 keys per step of it.
+# query rows per step of it, 128 query rows per Q block, 64 keys per step of it.
 BLOCK = 64
 # The families a test forces (auto is tested against them below).
 FAMILIES = ["mma_sync", "sm90"]

@@ -5,7 +5,7 @@
 // warpgroups that both load (cp.async into 128B-swizzled tiles, two stages,
 // one __syncthreads per tile) and both compute:
 //   KV kernel (dK, dV of 128 keys, 64 per warpgroup): per block of kQRows
-//     query rows (every head of the GQA group, as in the mma.sync kernel),
+//     (32) query rows (every head of the GQA group, as in the mma.sync kernel),
 //     S^T = K Q^T and dP^T = V dO^T with both operands in shared memory,
 //     P^T = exp(S^T - lse) and dS^T = P^T (dP^T - delta) on the accumulators,
 //     then dV += P^T dO and dK += dS^T Q with P^T and dS^T repacked as
@@ -39,7 +39,8 @@ struct AttnBwdSm90Shape {
   static constexpr int kStages = 2;
   // KV kernel: dK (Dk / 2 registers a thread) + dV (64) + S^T and dP^T
   // (kQRows / 2 each) + their packed copies must fit 255 registers without
-  // spills: 32 query rows a tile (ptxas spilled at 64, Dk = 192 and 128).
+  // spills: 32 query rows a step (64 spilled 148 bytes at Dk = 192, and at
+  // Dk = 128 4 to 12 bytes, in the loop or not, with every small change).
   static constexpr int kKvKeys = 128;
   static constexpr int kQRows = 32;
   static constexpr int kKBytes = kKvKeys * Dk * 2, kVBytes = kKvKeys * Dv * 2;
@@ -210,11 +211,11 @@ __global__ void __launch_bounds__(256, 1) AttentionBwdSm90KvKernel(const Attenti
 #pragma unroll
   for (int i = 0; i < 64; ++i) dv[i] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
-  const int64_t key_lo = j0 + 64 * cw + 16 * wwarp + lane / 4, key_hi = key_lo + 8;
-  // The same as int32 for the masks (row facts hold visible-key counts as
-  // int32, so a key at or past 2^31 - 1 is never visible).
-  const int32_t mkey_lo = int32_t(key_lo < INT32_MAX ? key_lo : INT32_MAX);
-  const int32_t mkey_hi = int32_t(key_hi < INT32_MAX ? key_hi : INT32_MAX);
+  // The lane's two keys as int32 for the masks (row facts hold visible-key
+  // counts as int32, so a key at or past 2^31 - 1 is never visible).
+  const int64_t key0 = j0 + 64 * cw + 16 * wwarp + lane / 4;
+  const int32_t mkey_lo = int32_t(key0 < INT32_MAX ? key0 : INT32_MAX);
+  const int32_t mkey_hi = int32_t(key0 + 8 < INT32_MAX ? key0 + 8 : INT32_MAX);
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int it = int(t - t_begin), st = it % kStages;
@@ -303,8 +304,14 @@ __global__ void __launch_bounds__(256, 1) AttentionBwdSm90KvKernel(const Attenti
   }
   CpAsyncWait<0>();
 
-  // Every key of the block below Skv is written (zeros past kv_len).
-  const int col = 2 * (lane % 4);
+  // Every key of the block below Skv is written (zeros past kv_len). The
+  // lane's keys are recomputed from opaque indices: kept across the loop, a
+  // register of them was spilled.
+  const int etid = int(bwd90::Opaque(threadIdx.x)), elane = etid % 32;
+  const int64_t key_lo = int64_t(bwd90::Opaque(blockIdx.x)) * kKeys + (etid / 128) * 64 +
+                         ((etid / 32) % 4) * 16 + elane / 4;
+  const int64_t key_hi = key_lo + 8;
+  const int col = 2 * (elane % 4);
   float* gk = p.grad_k + (b * Skv * Hkv + hk) * Dk + col;
   float* gv = p.grad_v + (b * Skv * Hkv + hk) * Dv + col;
 #pragma unroll
