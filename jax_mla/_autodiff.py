@@ -103,7 +103,7 @@ def attention(
             )
         if native_backward_problem(platform, q, k, v, dout) is None:
             delta = _delta(out, dout, dlse)
-            dq, dk, dv = _native_backward(op, scale, causal)(
+            dq, dk, dv = _native_backward(op, scale, causal, _backward_kernel(platform))(
                 q, k, v, dout, lse, delta, q_pos, kv_len
             )
         else:
@@ -160,7 +160,7 @@ def mla(
         v = None if isinstance(kv, QuantizedKV) else kv[:, :, None, v_offset : v_offset + dv]
         if native_backward_problem(platform, q, k, v, dout) is None:
             delta = _delta(out, dout, dlse)
-            dq, dk, dvv = _native_backward(op, scale, causal)(
+            dq, dk, dvv = _native_backward(op, scale, causal, _backward_kernel(platform))(
                 q, k, v, dout, lse, delta, q_pos, kv_len
             )
         else:
@@ -351,13 +351,27 @@ def _delta(out, dout, dlse) -> jax.Array:
 # ------------------------------------------------------------------ native backward
 
 
+def _backward_kernel(platform: str) -> np.int32 | None:
+    """The CUDA backward's `kernel` attribute: flash_attention's family
+    (JAX_MLA_CUDA_ATTENTION_KERNEL, read when the backward is traced), whose
+    names the backward shares; None on the CPU, whose handler takes none."""
+    if not _backend.is_gpu(platform):
+        return None
+    from jax_mla._cuda_kernels import cuda_kernel_attr  # GPU calls only
+
+    return cuda_kernel_attr("flash_attention")
+
+
 @functools.cache
-def _native_backward(op: str, scale: float, causal: bool):
+def _native_backward(op: str, scale: float, causal: bool, kernel: np.int32 | None = None):
     """The FFI call of jax_mla_flash_attention_bwd (the contract is in
     docs/design.md, "Autodiff"): (q, k, v, dout, lse, delta, q_pos, kv_len)
     -> (dq, dk, dv) float32 (the callers cast them to the inputs' dtypes),
-    with sharding rules like the forward's (_sharding.partitioned_backward)."""
+    with sharding rules like the forward's (_sharding.partitioned_backward).
+    kernel: the CUDA kernel family (_backward_kernel), None on the CPU."""
     attrs = dict(scale=np.float32(scale), causal=np.bool_(causal))  # C++ float, bool
+    if kernel is not None:
+        attrs["kernel"] = np.int32(kernel)  # C++ int32_t
 
     def ffi(q, k, v, dout, lse, delta, q_pos, kv_len):
         out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))

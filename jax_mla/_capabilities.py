@@ -39,6 +39,7 @@ def cpu() -> dict:
 def cuda() -> dict:
     """The CUDA module's table: dtypes, attention_head_dims ([Dk, Dv] pairs),
     attention_bwd_head_dims (the pairs of the native backward),
+    attention_bwd_sm90_head_dims (those its sm90 family takes),
     attention_formats (name -> code: the formats flash_attention's k and v
     may both be in, contiguous; absent: none) and attention_quant_head_dims
     (the pairs it takes over them), mla_layouts ([Dk, dv, v_offset]),

@@ -4,11 +4,13 @@ def registrations() -> dict[str, object]:
 def capabilities() -> dict[str, object]:
     """What this build supports: "dtypes", "attention_head_dims" ([Dk, Dv] pairs),
     "attention_bwd_head_dims" (the pairs of the native backward),
+    "attention_bwd_sm90_head_dims" (those its sm90 family takes, sm_90a),
     "attention_formats" (name -> FFI code: the formats flash_attention's k and
     v may both be in, contiguous) and "attention_quant_head_dims" (the pairs it
     takes over them), "mla_layouts" ([Dk, dv, v_offset]), "mla_formats" (name -> FFI code), and the
     kernel families a call may force, "mla_kernels" and "attention_kernels"
-    (JAX_MLA_CUDA_MLA_KERNEL, JAX_MLA_CUDA_ATTENTION_KERNEL; "auto" first), the
+    (JAX_MLA_CUDA_MLA_KERNEL, JAX_MLA_CUDA_ATTENTION_KERNEL, which also picks the
+    attention backward's family; "auto" first), the
     ops with kernels over paged caches, "paged_ops", and the page sizes of the
     *_paged targets, "page_sizes"."""
 

@@ -2,8 +2,9 @@
 FFI calls (0 = auto, else an index into the module's capabilities()
 "mla_kernels" / "attention_kernels"), from JAX_MLA_CUDA_MLA_KERNEL /
 JAX_MLA_CUDA_ATTENTION_KERNEL read when the call is traced, so one process
-(a test, a benchmark) can run every kernel on one card. The CPU calls take no
-such attribute."""
+(a test, a benchmark) can run every kernel on one card. The attention
+backward (jax_mla_flash_attention_bwd) takes flash_attention's attribute and
+names. The CPU calls take no such attribute."""
 
 from __future__ import annotations
 

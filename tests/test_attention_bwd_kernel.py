@@ -25,8 +25,12 @@ SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
 F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
 
 
-def attention_bwd_ffi(q, k, v, dout, lse, delta, q_pos, kv_len, *, scale, causal, shapes=None):
-    """The target called as the contract says: (dq, dk, dv) in float32."""
+def attention_bwd_ffi(
+    q, k, v, dout, lse, delta, q_pos, kv_len, *, scale, causal, shapes=None, kernel=None
+):
+    """The target called as the contract says: (dq, dk, dv) in float32.
+    kernel: the CUDA target's kernel-family attribute (an index into
+    capabilities()["attention_kernels"]); None for the CPU one, which takes none."""
     if shapes is None:
         batch, seq_q, heads_q, dk = q.shape
         seq_kv, heads_kv = v.shape[1:3]
@@ -36,9 +40,10 @@ def attention_bwd_ffi(q, k, v, dout, lse, delta, q_pos, kv_len, *, scale, causal
         tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
         vmap_method="sequential",
     )
-    outs = call(
-        q, k, v, dout, lse, delta, q_pos, kv_len, scale=np.float32(scale), causal=np.bool_(causal)
-    )
+    attrs = dict(scale=np.float32(scale), causal=np.bool_(causal))
+    if kernel is not None:
+        attrs["kernel"] = np.int32(kernel)
+    outs = call(q, k, v, dout, lse, delta, q_pos, kv_len, **attrs)
     return jax.block_until_ready(outs)
 
 

@@ -8,13 +8,16 @@ calls, best pass of the median):
   jax_mla     the backward of jax.vjp(flash_attention): delta, the native
               kernels (dq, dk, dv in float32), the casts to bf16; the forward's
               residuals are computed once, outside the timing;
-  kernel      the native target alone (jax_mla_flash_attention_bwd);
+  kernel      the native target alone (jax_mla_flash_attention_bwd), its auto
+              family, then each family forced (mma_sync; sm90 on Hopper), as
+              kernel_<family> (its gradients against auto's: max|d|/max);
   cudnn       torch.autograd.grad of F.scaled_dot_product_attention under
               sdpa_kernel(SDPBackend.CUDNN_ATTENTION) (its preprocessing included).
 TFLOP/s counts the five GEMMs of a flash backward over the visible pairs
 (S, dP, dV, dK, dQ: 2 B H pairs (3 Dk + 2 Dv)) for every side; jax_mla's
 kernels do two more (S and dP recomputed for dQ), not counted. "ratio" is
-jax_mla's TFLOP/s over cuDNN's. "max|d|/max" compares jax_mla's gradients
+jax_mla's TFLOP/s (auto: sm90 on Hopper) over cuDNN's; "kernel", "mma_sync"
+and "sm90" the target's alone in each family. "max|d|/max" compares jax_mla's gradients
 with cuDNN's (max |difference| over max |cuDNN's|, per gradient).
 
 Usage (device): python3 -P benchmarks/gpu/backward.py [--seqs 4096,16384] [--heads 16,128]
@@ -43,6 +46,19 @@ def log(*a):
 def flops(heads: int, seq: int) -> int:
     pairs = seq * (seq + 1) // 2  # causal, S queries over S keys
     return 2 * heads * pairs * (3 * DK + 2 * DV)
+
+
+def families() -> list[str]:
+    """The backward kernel families this card runs for 192/128: mma_sync, and
+    sm90 on compute capability 9.0 (where the module lists the pair)."""
+    import jax
+
+    import jax_mla
+
+    caps = jax_mla._ffi.module("gpu").capabilities()
+    hopper = getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+    sm90 = hopper and [DK, DV] in [list(d) for d in caps.get("attention_bwd_sm90_head_dims", [])]
+    return ["mma_sync"] + (["sm90"] if sm90 else [])
 
 
 def row(heads: int, seq: int) -> dict:
@@ -85,12 +101,28 @@ def row(heads: int, seq: int) -> dict:
     )(qj, kj, vj)
     delta = jnp.swapaxes(jnp.sum(dj.astype(jnp.float32) * out.astype(jnp.float32), -1), 1, 2)
     pos = (jnp.zeros((1,), jnp.int32), jnp.full((1,), seq, jnp.int32))
-    kernel = jax.jit(_autodiff._native_backward("flash_attention", SCALE, True))
     args = (qj, kj, vj, dj, lse, delta) + pos
-    jax.block_until_ready(kernel(*args))
-    t = timing.time_calls(kernel, lambda i: args, budget_s=BUDGET_S, back_to_back=True)
-    res["kernel"] = dict(ms=t.seconds * 1e3, TFLOPs=work / t.seconds / 1e12)
-    log(f"H={heads} S={seq}: jax_mla {res['jax_mla']}, kernel {res['kernel']}")
+    names = list(jax_mla._ffi.module("gpu").capabilities()["attention_kernels"])
+    auto = None
+    for family in ["auto"] + families():
+        kernel = jax.jit(
+            _autodiff._native_backward(
+                "flash_attention", SCALE, True, np.int32(names.index(family))
+            )
+        )
+        got = jax.block_until_ready(kernel(*args))
+        t = timing.time_calls(kernel, lambda i: args, budget_s=BUDGET_S, back_to_back=True)
+        key = "kernel" if family == "auto" else f"kernel_{family}"
+        res[key] = dict(ms=t.seconds * 1e3, TFLOPs=work / t.seconds / 1e12)
+        if auto is None:
+            auto = [np.asarray(g) for g in got]
+        else:
+            res[key]["max_rel_diff_vs_auto"] = {
+                name: float(np.abs(np.asarray(g) - a).max() / max(np.abs(a).max(), 1e-30))
+                for name, g, a in zip(("dq", "dk", "dv"), got, auto)
+            }
+        log(f"H={heads} S={seq}: {key} {res[key]}")
+    log(f"H={heads} S={seq}: jax_mla {res['jax_mla']}")
 
     try:
         qt, kt, vt, dt = (x.transpose(1, 2).detach() for x in (q, k, v, dout))
@@ -155,16 +187,18 @@ def main():
                 json.dump(rows, fh, indent=1)
     log("\n==== 192/128 causal backward, bf16, B = 1 (TFLOP/s of 5 GEMMs) ====")
     log(
-        f"{'H':>4} {'S':>6} {'jax_mla ms':>11} {'TFLOP/s':>8} {'kernel':>8} "
-        f"{'cuDNN ms':>9} {'TFLOP/s':>8} {'ratio':>6}"
+        f"{'H':>4} {'S':>6} {'jax_mla ms':>11} {'TFLOP/s':>8} {'kernel':>8} {'mma_sync':>9} "
+        f"{'sm90':>8} {'cuDNN ms':>9} {'TFLOP/s':>8} {'ratio':>6}"
     )
     nan = float("nan")
     for r in rows:
         j, kr, c = r.get("jax_mla", {}), r.get("kernel", {}), r.get("cudnn", {})
+        mma, sm90 = r.get("kernel_mma_sync", {}), r.get("kernel_sm90", {})
         log(
             f"{r['H']:>4} {r['S']:>6} {j.get('ms', nan):>11.3f} {j.get('TFLOPs', nan):>8.1f} "
-            f"{kr.get('TFLOPs', nan):>8.1f} {c.get('ms', nan):>9.3f} {c.get('TFLOPs', nan):>8.1f} "
-            f"{r.get('ratio', nan):>6.2f}"
+            f"{kr.get('TFLOPs', nan):>8.1f} {mma.get('TFLOPs', nan):>9.1f} "
+            f"{sm90.get('TFLOPs', nan):>8.1f} {c.get('ms', nan):>9.3f} "
+            f"{c.get('TFLOPs', nan):>8.1f} {r.get('ratio', nan):>6.2f}"
         )
 
 

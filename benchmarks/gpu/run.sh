@@ -29,7 +29,8 @@
 #             The paged targets' GPU tests run in the test step (alone:
 #             PYTEST_ARGS=tests/test_cuda_paged.py), their memcheck cases in sanitize.
 #   backward  benchmarks/gpu/backward.py $BACKWARD_ARGS: the attention backward
-#             (192/128 causal, bf16) against cuDNN's through torch SDPA.
+#             (192/128 causal, bf16), auto and each kernel family the card runs
+#             (mma_sync; sm90 on Hopper), against cuDNN's through torch SDPA.
 #   layer     the DeepSeek layer rows (python -m jax_mla --model-only: bf16, every
 #             mode next to plain JAX that decompresses the cache at every step,
 #             contexts up to 64k), one process per batch size in $LAYER_BATCHES
@@ -44,7 +45,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,45p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,46p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter

@@ -4,8 +4,8 @@ racecheck): every kernel variant the CUDA module lists in capabilities() (MLA
 and over each quantized format (8-bit, fp8_e4m3), each attention head-dim pair
 and kernel family, split-KV and its combine, causal, ragged kv_len with empty
 rows, flash_attention over each pair of 8-bit k and v formats with their
-scales NaN past kv_len), the attention backward (jax_mla_flash_attention_bwd: each backward pair,
-GQA, causal, keys past kv_len, rows that see no key), and paged flash_mla and
+scales NaN past kv_len), the attention backward (jax_mla_flash_attention_bwd: each backward pair
+and kernel family, GQA, causal, keys past kv_len, rows that see no key), and paged flash_mla and
 flash_attention (every page size, float and quantized latent caches, pages in
 a random order in a pool NaN wherever no live key is, block-table entries out
 of range both past kv_len and below it: those keys skipped, never read), each
@@ -306,16 +306,33 @@ def families(names):
 
 
 def backward_cases(caps, rng, dtype, quick, check):
-    """The attention backward, called as the autodiff calls it: keys past
-    kv_len hold NaN (never read), batch row 1 has no keys at all."""
+    """The attention backward, called as the autodiff calls it, in each kernel
+    family the card runs for the pair (mma_sync; sm90 on Hopper for its
+    pairs): keys past kv_len hold NaN (never read), batch row 1 has no keys at
+    all; Skv = 300 spans three of the sm90 KV kernel's 128-key blocks, Sq = 70
+    parts of its 32-row steps and Q kernel's 128-row blocks."""
     tol = 2e-2 if dtype == jnp.bfloat16 else 3e-3
     bwd_dims = caps.get("attention_bwd_head_dims", [])
+    sm90_dims = [list(d) for d in caps.get("attention_bwd_sm90_head_dims", [])]
+    names = list(caps["attention_kernels"])
     for dk, dv in bwd_dims[:1] if quick else bwd_dims:
-        for seq_q, causal in ((70, True),) if quick else ((1, False), (70, True), (70, False)):
-            seq_kv, kv_len = 90, np.array([77, 0], np.int32)
+        for family in families(["mma_sync", "sm90"]):
+            if family == "sm90" and [dk, dv] not in sm90_dims:
+                continue
+            backward_family_cases(
+                names.index(family), family, dk, dv, rng, dtype, tol, quick, check
+            )
+
+
+def backward_family_cases(kernel, family, dk, dv, rng, dtype, tol, quick, check):
+    """backward_cases' calls of one pair, kernel family forced (`kernel`: its index)."""
+    lengths = ((300, 261),) if quick else ((90, 77), (300, 261))
+    for seq_q, causal in ((70, True),) if quick else ((1, False), (70, True), (70, False)):
+        for seq_kv, n in lengths:
+            kv_len = np.array([n, 0], np.int32)
             q, dout = (rng.standard_normal((2, seq_q, 4, d)) for d in (dk, dv))
             k, v = (rng.standard_normal((2, seq_kv, 2, d)) for d in (dk, dv))
-            k[0, 77:] = v[0, 77:] = np.nan
+            k[0, n:] = v[0, n:] = np.nan
             k[1], v[1] = np.nan, np.nan
             q, k, v, dout = (jnp.asarray(x, dtype) for x in (q, k, v, dout))
             q_pos = kv_len - seq_q
@@ -336,6 +353,7 @@ def backward_cases(caps, rng, dtype, quick, check):
                     jnp.asarray(kv_len, jnp.int32),
                     scale=np.float32(dk**-0.5),
                     causal=np.bool_(causal),
+                    kernel=np.int32(kernel),
                 )
             )
             for name, g, w in zip(("dq", "dk", "dv"), got, want):
@@ -343,7 +361,8 @@ def backward_cases(caps, rng, dtype, quick, check):
                 # relative to the largest.
                 scaled = tol * max(1.0, float(np.abs(w).max()))
                 check(
-                    f"attention_bwd {dtype.name} {dk}/{dv} Sq={seq_q} causal={causal} {name}",
+                    f"attention_bwd {family} {dtype.name} {dk}/{dv} Sq={seq_q} Skv={seq_kv} "
+                    f"causal={causal} {name}",
                     g,
                     w,
                     scaled,

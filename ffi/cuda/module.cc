@@ -23,8 +23,8 @@ namespace {
 nb::dict Capabilities() {
   using jax_mla::QFormat;
   nb::dict d;
-  nb::list dtypes, attention_dims, attention_bwd_dims, attention_quant_dims, mla_layouts,
-      mla_kernels, attention_kernels;
+  nb::list dtypes, attention_dims, attention_bwd_dims, attention_quant_dims,
+      attention_bwd_sm90_dims, mla_layouts, mla_kernels, attention_kernels;
 #define JAX_MLA_DTYPE(NAME) dtypes.append(NAME);
   JAX_MLA_CUDA_DTYPES(JAX_MLA_DTYPE)
 #undef JAX_MLA_DTYPE
@@ -36,6 +36,9 @@ nb::dict Capabilities() {
 #undef JAX_MLA_PAIR
 #define JAX_MLA_PAIR(DK, DV) attention_quant_dims.append(nb::list(nb::make_tuple(DK, DV)));
   JAX_MLA_ATTENTION_QUANT_HEAD_DIMS(JAX_MLA_PAIR)
+#undef JAX_MLA_PAIR
+#define JAX_MLA_PAIR(DK, DV) attention_bwd_sm90_dims.append(nb::list(nb::make_tuple(DK, DV)));
+  JAX_MLA_ATTENTION_BWD_SM90_HEAD_DIMS(JAX_MLA_PAIR)
 #undef JAX_MLA_PAIR
 #define JAX_MLA_LAYOUT(DK, DV, V_OFFSET) \
   mla_layouts.append(nb::list(nb::make_tuple(DK, DV, V_OFFSET)));
@@ -53,6 +56,8 @@ nb::dict Capabilities() {
   d["dtypes"] = dtypes;
   d["attention_head_dims"] = attention_dims;
   d["attention_bwd_head_dims"] = attention_bwd_dims;
+  // Of those, the pairs the backward's sm90 family (wgmma, sm_90a) takes.
+  d["attention_bwd_sm90_head_dims"] = attention_bwd_sm90_dims;
   d["mla_layouts"] = mla_layouts;
   d["mla_formats"] = formats;
   d["attention_formats"] = attention_formats;

@@ -1,7 +1,7 @@
-// Declaration of the attention backward's launcher, for the handler
+// Declarations of the attention backward's launchers, for the handler
 // (attention_bwd.cu): the kernel bodies (attention_bwd_kernel.cuh) are
 // included only by the instantiation files in ffi/cuda/inst/
-// (generate_kernels.py). It launches the KV kernel, then the Q kernel, on
+// (generate_kernels.py). Each launches its KV kernel, then its Q kernel, on
 // `stream`.
 #pragma once
 
@@ -14,5 +14,8 @@ namespace jax_mla::cuda {
 // mma.sync, every arch (attention_bwd_kernel.cuh).
 template <typename T, int Dk, int Dv>
 cudaError_t LaunchAttentionBwd(const AttentionBwdParams& p, cudaStream_t stream);
+// sm_90a wgmma (attention_bwd_sm90_kernel.cuh); only where RunsSm90a() (device.h).
+template <typename T, int Dk, int Dv>
+cudaError_t LaunchAttentionBwdSm90(const AttentionBwdParams& p, cudaStream_t stream);
 
 }  // namespace jax_mla::cuda

@@ -16,6 +16,9 @@
 // The pairs the kernel over 8-bit (q8_0, q8_kv) K and V takes (mma.sync, every arch).
 #define JAX_MLA_ATTENTION_QUANT_HEAD_DIMS(X) X(192, 128)
 #define JAX_MLA_ATTENTION_QUANT_HEAD_DIMS_TEXT "(192, 128)"
+// The pairs the sm_90a wgmma backward also takes.
+#define JAX_MLA_ATTENTION_BWD_SM90_HEAD_DIMS(X) X(192, 128) X(128, 128)
+#define JAX_MLA_ATTENTION_BWD_SM90_HEAD_DIMS_TEXT "(192, 128) or (128, 128)"
 // flash_mla's latent layouts (Dk, dv, v_offset).
 #define JAX_MLA_MLA_LAYOUTS(X) X(576, 512, 0)
 // The element types of q and the float caches (numpy names).
