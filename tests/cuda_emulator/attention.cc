@@ -529,7 +529,9 @@ int CheckMlaPaged(std::vector<int> page_sizes) {
     return ok ? 0 : 1;
   };
   for (int page : page_sizes) {
-    const int max_pages = (170 + page - 1) / page, Skv = max_pages * page;
+    // About 100 keys: pages of 16 make tiles span pages, pages of 128 hold
+    // several tiles; longer rows only cost emulation time.
+    const int max_pages = (100 + page - 1) / page, Skv = max_pages * page;
     const std::vector<int> kv_len{Skv, Skv / 2 + 3, 37};
     std::vector<T> q(size_t(B) * H * kMlaDk), kv(size_t(B) * Skv * kMlaDk);
     for (auto& e : q) e = Round<T>(normal(rng));
@@ -561,11 +563,13 @@ int CheckMlaPaged(std::vector<int> page_sizes) {
     const bool same1 = SameBits(paged.out, contiguous.out) && SameBits(paged.lse, contiguous.lse);
     printf("  paged == contiguous, 1 split: %s\n", same1 ? "ok" : "FAIL");
     bad += !same1;
-    const MlaRun c3 = RunMla<G, false>(q, kv, B, H, Skv, kv_len, 3);
-    const MlaRun p3 = RunMla<G, true>(q, pool, B, H, Skv, kv_len, 3, &table, page, num_pages);
-    const bool same3 = SameBits(p3.part_out, c3.part_out) && SameBits(p3.part_lse, c3.part_lse);
-    printf("  paged == contiguous, 3 splits (partials): %s\n", same3 ? "ok" : "FAIL");
-    bad += !same3;
+    if (page == page_sizes.front()) {  // split-KV over pages: the first page size only
+      const MlaRun c3 = RunMla<G, false>(q, kv, B, H, Skv, kv_len, 3);
+      const MlaRun p3 = RunMla<G, true>(q, pool, B, H, Skv, kv_len, 3, &table, page, num_pages);
+      const bool same3 = SameBits(p3.part_out, c3.part_out) && SameBits(p3.part_lse, c3.part_lse);
+      printf("  paged == contiguous, 3 splits (partials): %s\n", same3 ? "ok" : "FAIL");
+      bad += !same3;
+    }
     // Skipped pages below kv_len: row 0 its second page, row 1 its first, row
     // 2 every page (no key left).
     std::vector<int32_t> holes = table;
