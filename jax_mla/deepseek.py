@@ -47,6 +47,7 @@ scale by mscale(factor, mscale_all_dim)^2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -356,6 +357,13 @@ def init_params(
     key: jax.Array, cfg: MLAConfig, dtype: DTypeLike = jnp.float32
 ) -> dict[str, jax.Array]:
     """Random parameters: matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1^2)."""
+    return _init_params(key, cfg, jnp.dtype(dtype))
+
+
+# One compiled program for all the parameters: run op by op, each draw and
+# scaling compiled on its own (seconds for a layer).
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_params(key: jax.Array, cfg: MLAConfig, dtype: np.dtype) -> dict[str, jax.Array]:
     shapes = param_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
     params = {}

@@ -25,6 +25,7 @@ All arithmetic is float32, as the C reference quantizers do theirs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -177,7 +178,14 @@ def _fp8_e4m3(x):
     return QuantizedKV(y.astype(jnp.float8_e4m3fn), d, "fp8_e4m3")
 
 
-_QUANTIZERS = {"q8_0": _q8_0, "q8_kv": _q8_kv, "q6_0": _q6_0, "fp8_e4m3": _fp8_e4m3}
+# Each quantizer is one compiled program: called eagerly op by op, a q6_0
+# quantization compiles some twenty small programs the first time.
+_QUANTIZERS = {
+    "q8_0": jax.jit(_q8_0),
+    "q8_kv": jax.jit(_q8_kv),
+    "q6_0": jax.jit(_q6_0),
+    "fp8_e4m3": jax.jit(_fp8_e4m3),
+}
 
 
 def quantize(x: ArrayLike, fmt: str) -> QuantizedKV:
@@ -192,7 +200,13 @@ def dequantize(qkv: QuantizedKV, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """The values a QuantizedKV stands for, as `dtype`."""
     if not isinstance(qkv, QuantizedKV):
         raise TypeError(f"qkv must be a QuantizedKV, got {type(qkv).__name__}")
-    fmt = _check_format(qkv.fmt)
+    _check_format(qkv.fmt)
+    return _dequantize(qkv, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(qkv: QuantizedKV, dtype: np.dtype) -> jax.Array:
+    fmt = qkv.fmt
     d = qkv.d.astype(jnp.float32)
     if fmt in ROW_SCALED:
         return (qkv.qs.astype(jnp.float32) * d).astype(dtype)
