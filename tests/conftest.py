@@ -12,8 +12,8 @@ import zlib
 
 # XLA:CPU's LLVM backend at -O0 for the suite: most of its time is XLA
 # compiling small programs (each reference, layer and eager op once per shape),
-# which -O0 roughly halves, while what they compute does not change (XLA's
-# float semantics are fixed before LLVM; the kernels are prebuilt C++). Read
+# which -O0 roughly halves; the kernels are prebuilt C++, and XLA's own
+# results move by an ulp at most, far inside the tolerances. Read
 # when JAX creates its CPU client, so before any array exists; a level the
 # caller set wins.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
