@@ -181,10 +181,8 @@ def _fp8_e4m3(x):
 # Each quantizer is one compiled program: called eagerly op by op, a q6_0
 # quantization compiles some twenty small programs the first time.
 _QUANTIZERS = {
-    "q8_0": jax.jit(_q8_0),
-    "q8_kv": jax.jit(_q8_kv),
-    "q6_0": jax.jit(_q6_0),
-    "fp8_e4m3": jax.jit(_fp8_e4m3),
+    fmt: jax.jit(fn)
+    for fmt, fn in {"q8_0": _q8_0, "q8_kv": _q8_kv, "q6_0": _q6_0, "fp8_e4m3": _fp8_e4m3}.items()
 }
 
 
