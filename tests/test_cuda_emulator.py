@@ -8,7 +8,8 @@ q_pos, kv_len, the column split); the kernel over 8-bit caches' cases every
 pair of k and v formats (with the int8 mma.sync m16n8k32), GQA, causal,
 empty rows and split-KV partials; the MLA mma.sync kernel's 16- and 64-row
 blocks over paged caches (mla_paged, mla_paged_g4) equal its contiguous call
-bit for bit and the float64 attention over the live keys. Races are not
+bit for bit and the float64 attention over the live keys, and read no
+block-table entry past kv_len (such a read aborts). Races are not
 emulated (racecheck on the GPU covers them). Needs a C++20 compiler; the sources come from the
 repository checkout next to this file."""
 

@@ -8,8 +8,8 @@
 //               (NaN in k and v) exactly 0, rows that see no key dq = 0;
 //   mla_paged   flash_mla's mma.sync kernel in 16-row blocks over pages
 //               (mla_kernel.cuh): equal to its contiguous call bit for bit,
-//               and skipped pages, against float64; mla_paged_g4 the same
-//               in 64-row blocks.
+//               and skipped pages, against float64, with no table entry
+//               past kv_len read; mla_paged_g4 the same in 64-row blocks.
 //   quant_*     the kernel over 8-bit k and v (attention_quant_kernel.cuh),
 //               each format pair, against float64 attention over the
 //               dequantized caches with the query rounded to 8 bits
@@ -539,8 +539,8 @@ int CheckMlaPaged(std::vector<int> page_sizes) {
       for (int j = 0; j < Skv; ++j)
         for (int d = 0; d < kMlaDk; ++d)
           kv[(size_t(b) * Skv + j) * kMlaDk + d] = Round<T>(j < kv_len[b] ? normal(rng) : NAN);
-    // The pages in a shuffled pool of 2 spare pages (NaN), entries of pages no
-    // key below kv_len reaches out of range.
+    // The pages in a shuffled pool of 2 spare pages (NaN); entries of pages no
+    // key below kv_len reaches are emu::kUnreadEntry (a read aborts).
     const int num_pages = B * max_pages + 2;
     std::vector<int32_t> order(num_pages), table(size_t(B) * max_pages);
     for (int i = 0; i < num_pages; ++i) order[i] = i;
@@ -551,7 +551,7 @@ int CheckMlaPaged(std::vector<int> page_sizes) {
         const int32_t at = order[b * max_pages + j];
         memcpy(&pool[size_t(at) * page * kMlaDk], &kv[(size_t(b) * Skv + j * page) * kMlaDk],
                size_t(page) * kMlaDk * sizeof(T));
-        table[b * max_pages + j] = j * page < kv_len[b] ? at : (j % 2 ? -1 : num_pages + 3);
+        table[b * max_pages + j] = j * page < kv_len[b] ? at : emu::kUnreadEntry;
       }
     std::vector<std::vector<bool>> live(B, std::vector<bool>(Skv));
     for (int b = 0; b < B; ++b)

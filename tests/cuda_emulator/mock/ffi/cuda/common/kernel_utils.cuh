@@ -15,6 +15,8 @@
 #include <cassert>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -61,8 +63,20 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.f / a; }
 // The paged kernels' table reads and page-size shift (ffi/cuda/common/cache_rows.cuh).
+// The harness stores kUnreadEntry in the table entries past each row's
+// kv_len, which a kernel may not read (docs/design.md, "Paged caches"): a
+// read of one aborts, whatever the kernel would do with its value.
+namespace emu {
+inline constexpr int32_t kUnreadEntry = 0x7eadbeef;
+}  // namespace emu
 template <typename U>
 inline U __ldg(const U* p) {
+  if constexpr (sizeof(U) == sizeof(int32_t)) {
+    if (*p == U(emu::kUnreadEntry)) {
+      fprintf(stderr, "block-table entry past kv_len read\n");
+      abort();
+    }
+  }
   return *p;
 }
 inline int __ffsll(long long x) { return __builtin_ffsll(x); }
