@@ -11,7 +11,8 @@
 #             reference (sm_90a cards only).
 #   test      pytest -m gpu over tests/ ($PYTEST_ARGS adds to or narrows it,
 #             e.g. PYTEST_ARGS="tests/test_cuda.py -k family"); TEST_JOBS=N
-#             runs the collected tests as N processes side by side.
+#             runs the collected tests as N processes side by side, each going
+#             on in a fresh process after a failure (a CUDA fault is sticky).
 #   sanitize  compute-sanitizer memcheck over benchmarks/gpu/sanitize_cases.py,
 #             jax_mla's kernels only; SANITIZE_TOOLS="memcheck racecheck" adds
 #             racecheck (on the --quick cases); SANITIZE_ARGS=--paged-only runs the
@@ -45,7 +46,7 @@
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n '2,46p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,47p' "$0"; exit 2; }
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}" PYTHONUNBUFFERED=1 \
   XLA_PYTHON_CLIENT_PREALLOCATE=false
 # One of the GPU machine's preinstalled pytest plugins crashed the interpreter
@@ -95,6 +96,35 @@ step_test() {
   # reference, so TEST_JOBS processes share the card: the collected test ids
   # are dealt out round-robin, and each share's lines stream out prefixed with
   # its number (a step cut off by its time limit still shows what ran).
+  # A kernel fault is sticky (every later CUDA call of the process fails), so
+  # a share stops at its first failure (-x) and goes on in a fresh process
+  # with the ids not reported yet; a test that kills its process (no status
+  # printed) is reported CRASHED and left out.
+  share() {  # share N IDS: run the ids in file IDS, lines prefixed with [N]
+    local n=$1 rest=$2 status=0 rc crashed
+    while [ -s "$rest" ]; do
+      xargs -a "$rest" -d '\n' $pytest -vv -x 2>&1 | tee "$rest.out" | sed -u "s/^/[$n] /"
+      rc=${PIPESTATUS[0]}
+      [ "$rc" -eq 0 ] && break
+      status=1
+      grep -oE "^tests/[^ ]+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)" "$rest.out" |
+        cut -d' ' -f1 >"$rest.done"
+      crashed=""
+      # xargs: 123 when pytest failed, 125 when a signal killed it (then the
+      # test it had started printed no status).
+      if [ "$rc" -ne 123 ]; then
+        crashed=$(grep -oE "^tests/[^ ]+::[^ ]+" "$rest.out" | tail -n 1)
+        grep -qxF "$crashed" "$rest.done" && crashed=""
+        [ -n "$crashed" ] || crashed=$(grep -vxFf "$rest.done" "$rest" | head -n 1)
+        echo "[$n] $crashed CRASHED (exit $rc)"
+      fi
+      grep -vxFf <(cat "$rest.done"; [ -n "$crashed" ] && echo "$crashed") "$rest" >"$rest.next"
+      # Nothing reported and nothing dropped: a collection error; stop.
+      cmp -s "$rest" "$rest.next" && break
+      mv "$rest.next" "$rest"
+    done
+    return $status
+  }
   dir=$(mktemp -d)
   echo "collecting"
   $pytest --collect-only ${PYTEST_ARGS:-tests} | grep "::" >"$dir/ids" || return 1
@@ -102,8 +132,7 @@ step_test() {
   for ((i = 0; i < jobs; i++)); do
     awk -v n="$jobs" -v i="$i" 'NR % n == i' "$dir/ids" >"$dir/ids.$i"
     [ -s "$dir/ids.$i" ] || continue
-    (xargs -a "$dir/ids.$i" -d '\n' $pytest -vv 2>&1 |
-      sed -u "s/^/[$i] /"; exit "${PIPESTATUS[0]}") &
+    share "$i" "$dir/ids.$i" &
   done
   for ((i = 0; i < jobs; i++)); do
     [ -s "$dir/ids.$i" ] || continue
