@@ -9,7 +9,11 @@
 // 8-bit caches use (ffi/cuda/common/q8_tile.cuh) are defined by their
 // semantics. cp.async is a
 // synchronous copy, so races are not emulated (compute-sanitizer's racecheck
-// covers them on the GPU).
+// covers them on the GPU). The kernels that take shared addresses (SmemAddr:
+// the sm_90a ones, mock wgmma.cuh) have their dynamic shared memory in
+// smem_raw, at a shared address that is 16-byte aligned but not 1024-byte
+// aligned, so their alignment to the swizzle period runs; their copies into
+// it and the wgmma reads from it abort past the launch's size.
 #pragma once
 #include <barrier>
 #include <cassert>
@@ -22,6 +26,7 @@
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__
@@ -152,7 +157,36 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   return r;
 }
 
+// The sm_90a kernels' dynamic shared memory (the others use the driver's own array).
 namespace jax_mla::cuda {
+alignas(1024) inline char smem_raw[240000];
+}  // namespace jax_mla::cuda
+namespace emu {
+inline constexpr uint32_t kSharedBase = 0x190;  // smem_raw's shared address
+inline size_t shared_bytes = 0;                 // the launch's dynamic shared memory
+// Whether p is in smem_raw; then its `bytes` bytes must lie within the launch's size.
+inline bool InShared(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const char* base = jax_mla::cuda::smem_raw;
+  if (c < base || c >= base + sizeof(jax_mla::cuda::smem_raw)) return false;
+  if (size_t(c - base) + bytes > shared_bytes) {
+    fprintf(stderr, "shared memory access at %zu + %zu past the launch's %zu bytes\n",
+            size_t(c - base), bytes, shared_bytes);
+    abort();
+  }
+  return true;
+}
+}  // namespace emu
+
+namespace jax_mla::cuda {
+inline uint32_t SmemAddr(const void* p) {
+  if (!emu::InShared(p, 1)) {
+    fprintf(stderr, "SmemAddr of a pointer outside smem_raw\n");
+    abort();
+  }
+  return uint32_t(emu::kSharedBase + (static_cast<const char*>(p) - smem_raw));
+}
+
 template <typename T>
 inline uint32_t PackPair(float lo, float hi);
 template <>
@@ -248,6 +282,7 @@ inline void LdMatrix(uint32_t r[4], const void* p, bool trans) {
 inline void LdMatrixX4(uint32_t r[4], const void* p) { LdMatrix(r, p, false); }
 inline void LdMatrixX4Trans(uint32_t r[4], const void* p) { LdMatrix(r, p, true); }
 inline void CpAsync16(void* smem, const void* gmem, bool valid) {
+  emu::InShared(smem, 16);  // bounds, where smem is in smem_raw
   if (valid)
     memcpy(smem, gmem, 16);
   else
