@@ -4,7 +4,11 @@ helpers (one thread per CUDA thread; ldmatrix and mma.sync with the PTX
 fragment layouts) and checks them against float64 loops. The forward kernel,
 which the GPU tests validate, checks the emulation itself; the backward
 kernels' cases cover every code path of each pair's shape (GQA, causal,
-q_pos, kv_len, the column split); the kernel over 8-bit caches' cases every
+q_pos, kv_len, the column split), those of the sm_90a backward (bwd90_*)
+too, over an emulation of wgmma that reads each shared-memory descriptor
+with its own model of the PTX 128B-swizzled K- and MN-major layouts (so a
+layout the kernel gets wrong fails) and runs each operation at the wait
+that retires it; the kernel over 8-bit caches' cases every
 pair of k and v formats (with the int8 mma.sync m16n8k32), GQA, causal,
 empty rows and split-KV partials; the MLA mma.sync kernel's 16- and 64-row
 blocks over paged caches (mla_paged, mla_paged_g4) equal its contiguous call
@@ -27,6 +31,7 @@ EMULATOR = ROOT / "tests" / "cuda_emulator"
 KERNELS = (
     "attention/attention_kernel.cuh",
     "attention/attention_bwd_kernel.cuh",
+    "attention/attention_bwd_sm90_kernel.cuh",
     "attention/attention_quant_kernel.cuh",
     "mla/mla_kernel.cuh",
 )
@@ -38,6 +43,10 @@ CASES = (
     "bwd_128x128_f16",
     "bwd_128x128_gqa3",
     "bwd_256x256",
+    "bwd90_192x128",
+    "bwd90_192x128_f16",
+    "bwd90_128x128",
+    "bwd90_128x128_f16",
     "mla_paged",
     "mla_paged_g4",
     "quant_q8_0",

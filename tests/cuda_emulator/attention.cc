@@ -6,6 +6,9 @@
 //               dq, dk, dv within two ulps of the inputs' type times the
 //               gradient's magnitude, every element written, keys past kv_len
 //               (NaN in k and v) exactly 0, rows that see no key dq = 0;
+//   bwd90_*     the same for the sm_90a backward (attention_bwd_sm90_kernel.cuh,
+//               256 threads, wgmma emulated by mock/ffi/cuda/common/wgmma.cuh
+//               with its own model of the swizzled shared-memory layouts);
 //   mla_paged   flash_mla's mma.sync kernel in 16-row blocks over pages
 //               (mla_kernel.cuh): equal to its contiguous call bit for bit,
 //               and skipped pages, against float64, with no table entry
@@ -42,10 +45,13 @@ using jax_mla::AttentionBwdParams;
 using jax_mla::AttentionParams;
 using jax_mla::VisibleKeys;
 
-// Runs kernel() as every block of `grid`, one block at a time, block_threads threads each.
+// Runs kernel() as every block of `grid`, one block at a time, block_threads
+// threads each; shared_bytes: the dynamic shared memory of a kernel in
+// smem_raw (the sm_90a ones).
 template <typename F>
-void RunGrid(Dim3 grid, const F& kernel, unsigned block_threads = 128) {
+void RunGrid(Dim3 grid, const F& kernel, unsigned block_threads = 128, size_t shared_bytes = 0) {
   gridDim = grid;
+  emu::shared_bytes = shared_bytes;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -53,6 +59,7 @@ void RunGrid(Dim3 grid, const F& kernel, unsigned block_threads = 128) {
         emu::block = &block;
         // Garbage, so a read of shared memory nothing wrote shows.
         memset(jax_mla::cuda::smem, 0x7f, sizeof(jax_mla::cuda::smem));
+        memset(jax_mla::cuda::smem_raw, 0x7f, sizeof(jax_mla::cuda::smem_raw));
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < block_threads; ++t)
           threads.emplace_back([&, t] {
@@ -109,7 +116,9 @@ struct Case {
   std::vector<int> q_pos, kv_len;
 };
 
-template <typename T, int Dk, int Dv>
+// The backward's KV and Q kernels, mma.sync or (kSm90) sm_90a wgmma, against
+// float64.
+template <typename T, int Dk, int Dv, bool kSm90 = false>
 int CheckBackward(const Case& c, uint64_t seed) {
   const int B = c.B, Sq = c.Sq, Hq = c.Hq, Hkv = c.Hkv, Skv = c.Skv, group = Hq / Hkv;
   std::vector<int> q_pos = c.q_pos, kv_len = c.kv_len;
@@ -187,15 +196,28 @@ int CheckBackward(const Case& c, uint64_t seed) {
   p.v.batch_stride = int64_t(Skv) * Hkv * Dv, p.v.row_stride = Hkv * Dv, p.v.head_stride = Dv;
   p.lse = lse.data(), p.delta = delta.data(), p.q_pos = q_pos.data(), p.kv_len = kv_len.data();
   p.grad_q = gq.data(), p.grad_k = gk.data(), p.grad_v = gv.data();
-  // The grids of LaunchAttentionBwd.
-  using Shape = jax_mla::cuda::AttnBwdShape<Dk, Dv>;
   const unsigned bh = unsigned(B * Hkv);
-  if (Skv > 0)
-    RunGrid({unsigned((Skv + Shape::kKvKeys - 1) / Shape::kKvKeys), unsigned(Shape::kSplit), bh},
-            [&] { jax_mla::cuda::AttentionBwdKvKernel<T, Dk, Dv>(p); });
-  if (Sq * group > 0)
-    RunGrid({unsigned((Sq * group + Shape::kRows - 1) / Shape::kRows), 1u, bh},
-            [&] { jax_mla::cuda::AttentionBwdQKernel<T, Dk, Dv>(p); });
+  if constexpr (kSm90) {  // the grids of LaunchAttentionBwdSm90
+    using Shape = jax_mla::cuda::AttnBwdSm90Shape<Dk, Dv>;
+    if (Skv > 0)
+      RunGrid(
+          {unsigned((Skv + Shape::kKvKeys - 1) / Shape::kKvKeys), 1u, bh},
+          [&] { jax_mla::cuda::AttentionBwdSm90KvKernel<T, Dk, Dv>(p); }, Shape::kThreads,
+          Shape::kKvSmem);
+    if (Sq * group > 0)
+      RunGrid(
+          {unsigned((Sq * group + Shape::kRows - 1) / Shape::kRows), 1u, bh},
+          [&] { jax_mla::cuda::AttentionBwdSm90QKernel<T, Dk, Dv>(p); }, Shape::kThreads,
+          Shape::kQSmem);
+  } else {  // the grids of LaunchAttentionBwd
+    using Shape = jax_mla::cuda::AttnBwdShape<Dk, Dv>;
+    if (Skv > 0)
+      RunGrid({unsigned((Skv + Shape::kKvKeys - 1) / Shape::kKvKeys), unsigned(Shape::kSplit), bh},
+              [&] { jax_mla::cuda::AttentionBwdKvKernel<T, Dk, Dv>(p); });
+    if (Sq * group > 0)
+      RunGrid({unsigned((Sq * group + Shape::kRows - 1) / Shape::kRows), 1u, bh},
+              [&] { jax_mla::cuda::AttentionBwdQKernel<T, Dk, Dv>(p); });
+  }
 
   const double ulp = std::ldexp(1.0, std::is_same_v<T, __half> ? -10 : -7);
   int bad = Fails("dq", gq, dq, ulp) + Fails("dk", gk, dk, ulp) + Fails("dv", gv, dv, ulp);
@@ -611,6 +633,20 @@ int main(int argc, char** argv) {
       bad += CheckBackward<BF16, 128, 128>({2, 23, 6, 2, 50, true, {27, -4}, {50, 31}}, 6);
     } else if (name == "bwd_256x256") {  // the column split, kv_len < Skv
       bad += CheckBackward<BF16, 256, 256>({2, 5, 2, 1, 40, true, {30, 2}, {35, 3}}, 4);
+    } else if (name == "bwd90_192x128") {  // GQA 2, q_pos > 0, kv_len mid-block, 2 row tiles
+      bad +=
+          CheckBackward<BF16, 192, 128, true>({2, 70, 4, 2, 300, true, {129, 230}, {300, 255}}, 21);
+    } else if (name == "bwd90_192x128_f16") {  // not causal: kv_len 0 and short; MQA group 6
+      bad += CheckBackward<__half, 192, 128, true>({2, 50, 4, 2, 260, false, {0, 0}, {0, 131}}, 22);
+      bad += CheckBackward<__half, 192, 128, true>({1, 19, 6, 1, 133, false, {0}, {133}}, 23);
+    } else if (name == "bwd90_128x128") {  // group 3 (a position's rows span steps), q_pos < 0
+      bad += CheckBackward<BF16, 128, 128, true>({2, 23, 6, 2, 50, true, {27, -4}, {50, 31}}, 24);
+      bad +=
+          CheckBackward<BF16, 128, 128, true>({2, 70, 4, 2, 140, true, {-33, -70}, {140, 140}}, 25);
+    } else if (name == "bwd90_128x128_f16") {  // Sq = 1 under GQA 8, kv_len 1; ragged tiles
+      bad += CheckBackward<__half, 128, 128, true>(
+          {3, 1, 16, 2, 390, true, {389, 127, 0}, {390, 128, 1}}, 26);
+      bad += CheckBackward<__half, 128, 128, true>({1, 133, 2, 2, 261, true, {0}, {261}}, 27);
     } else if (name == "mla_paged") {  // 16-row blocks
       bad += CheckMlaPaged<1>({16, 32, 128});
     } else if (name == "mla_paged_g4") {  // 64-row blocks: 512 threads, a barrier per row group
