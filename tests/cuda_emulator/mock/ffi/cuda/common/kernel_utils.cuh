@@ -176,6 +176,21 @@ inline bool InShared(const void* p, size_t bytes) {
   }
   return true;
 }
+// The 16x16 A tile of a 16-bit m16n8k16 product from the warp's published
+// fragments w.a (PTX layout: row g | g + 8, columns 2t.. | 8 + 2t..), the
+// layout of a wgmma's register A per warp too.
+template <typename T>
+inline void GatherA16(const Warp& w, float A[16][16]) {
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = Elem<T>(w.a[l][0], h);
+      A[g + 8][2 * t + h] = Elem<T>(w.a[l][1], h);
+      A[g][2 * t + 8 + h] = Elem<T>(w.a[l][2], h);
+      A[g + 8][2 * t + 8 + h] = Elem<T>(w.a[l][3], h);
+    }
+  }
+}
 }  // namespace emu
 
 namespace jax_mla::cuda {
@@ -207,13 +222,10 @@ inline void Mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) 
   w.b[lane][1] = b1;
   w.bar.arrive_and_wait();
   float A[16][16], B[16][8];
+  emu::GatherA16<T>(w, A);
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
     for (int h = 0; h < 2; ++h) {
-      A[g][2 * t + h] = emu::Elem<T>(w.a[l][0], h);
-      A[g + 8][2 * t + h] = emu::Elem<T>(w.a[l][1], h);
-      A[g][2 * t + 8 + h] = emu::Elem<T>(w.a[l][2], h);
-      A[g + 8][2 * t + 8 + h] = emu::Elem<T>(w.a[l][3], h);
       B[2 * t + h][g] = emu::Elem<T>(w.b[l][0], h);
       B[2 * t + 8 + h][g] = emu::Elem<T>(w.b[l][1], h);
     }

@@ -167,15 +167,7 @@ inline void RS(float* d, const uint32_t* a_regs, uint64_t b_desc, int trans_b, i
     for (int i = 0; i < 4; ++i) w.a[lane][i] = a_regs[i];
     w.bar.arrive_and_wait();
     float A[16][16];
-    for (int l = 0; l < 32; ++l) {
-      const int g = l / 4, t = l % 4;
-      for (int h = 0; h < 2; ++h) {
-        A[g][2 * t + h] = emu::Elem<T>(w.a[l][0], h);
-        A[g + 8][2 * t + h] = emu::Elem<T>(w.a[l][1], h);
-        A[g][2 * t + 8 + h] = emu::Elem<T>(w.a[l][2], h);
-        A[g + 8][2 * t + 8 + h] = emu::Elem<T>(w.a[l][3], h);
-      }
-    }
+    emu::GatherA16<T>(w, A);
     w.bar.arrive_and_wait();
     const Desc b = Decode(b_desc);
     Mma<T, N>(d, [&](int r, int k) { return A[r % 16][k]; }, b, trans_b, accumulate);
