@@ -59,7 +59,7 @@ void RunGrid(Dim3 grid, const F& kernel, unsigned block_threads = 128, size_t sh
         emu::block = &block;
         // Garbage, so a read of shared memory nothing wrote shows.
         memset(jax_mla::cuda::smem, 0x7f, sizeof(jax_mla::cuda::smem));
-        memset(jax_mla::cuda::smem_raw, 0x7f, sizeof(jax_mla::cuda::smem_raw));
+        memset(jax_mla::cuda::smem_raw, 0x7f, shared_bytes);  // past it, a read aborts
         std::vector<std::thread> threads;
         for (unsigned t = 0; t < block_threads; ++t)
           threads.emplace_back([&, t] {
