@@ -69,7 +69,8 @@ struct CacheRows {
     return true;
   }
   // The table entry of key j's page as read, -1 when j >= kv_len (not read);
-  // 0 (contiguous). A load nothing waits on until Valid looks at it.
+  // 0 (contiguous). A load nothing waits on until Valid looks at it. j must
+  // not be negative: a key below 0 is read, before the batch row's entries.
   __device__ __forceinline__ int32_t Entry(int64_t j, int64_t kv_len) const {
     if constexpr (kPaged) return j < kv_len ? __ldg(table + (j >> (__ffsll(v.page_size) - 1))) : -1;
     return 0;
