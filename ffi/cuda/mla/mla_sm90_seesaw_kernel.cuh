@@ -146,26 +146,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   const CacheRows<kPaged> rows(p.k, b);
   // Keys per TMA box: a paged tile is several boxes when pages are shorter.
   const int box_keys = kPaged && p.k.page_size < kSm90Keys ? int(p.k.page_size) : kSm90Keys;
-  // Tile i's table entries (paged; none read for i outside [0, n)). Producer
-  // and consumers each read them one tile before they use them, so no copy,
-  // wait or mask waits on a block-table load. Outside [0, n) the keys asked
-  // for start at 0, not at tile i's: with length 0, Fetch reads every key
-  // below it, and tile -1 of a range starting at key 0 (warpgroup 0's first
-  // "other" tile) has keys -64..-1, entries before the batch row's table row.
-  auto fetch = [&](int i) {
-    const bool in = i >= 0 && i < n;
-    return rows.template Fetch<kSm90Keys>(in ? (t_begin + i) * kSm90Keys : 0, in ? kv_len : 0);
-  };
-  // Whether tile i (entries `pages`) goes by TMA: the same answer in the
-  // producer and the consumers, from the same entries.
-  auto by_tma = [&](int i, const TilePages<kSm90Keys>& pages) {
+  // Whether tile i goes by TMA (same answer in the producer and the consumers).
+  auto by_tma = [&](int i) {
     const int64_t key0 = (t_begin + i) * kSm90Keys;
     if constexpr (kPaged) {
-      bool live = key0 + kSm90Keys <= kv_len;
-#pragma unroll
-      for (int s = 0; s < TilePages<kSm90Keys>::kSlots; ++s)
-        live = live && rows.Valid(pages.entry[s]);
-      return live;
+      if (key0 + kSm90Keys > kv_len) return false;
+      for (int k = 0; k < kSm90Keys; k += box_keys)
+        if (!rows.Live(key0 + k)) return false;
+      return true;
     }
     return key0 + kSm90Keys <= kv_len || kv_len == Skv;
   };
@@ -187,10 +175,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
     const T* kv_base =
         CacheRows<kPaged>::template Base<T>(p.k.data, b, p.kv_batch, p.k.batch_stride);
     constexpr int kChunks = kMlaDk / 8;  // 16-byte chunks per row
-    TilePages<kSm90Keys> ahead = fetch(0);
     for (int i = 0; i < n; ++i) {
-      const TilePages<kSm90Keys> pages = ahead;
-      ahead = fetch(i + 1);  // used next tile: in flight during this tile's waits
       const int buf = i & 1;
       const uint32_t use = uint32_t(i >> 1);
       // Tile i - 2 released (first use: at once): its owner's columns (warpgroup
@@ -200,7 +185,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
       uint64_t* bar = full + buf * 9;
       const int64_t key0 = (t_begin + i) * kSm90Keys;
       MbarWait(empty + 2 * buf + buf, parity);
-      if (by_tma(i, pages)) {
+      if (by_tma(i)) {
 #pragma unroll 1
         for (int bi = 0; bi < 9; ++bi) {
           const int blk = SeesawBlock(bi, buf);
@@ -210,12 +195,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           if (lane == 0) {
             MbarArriveExpectTx(bar + blk, uint32_t(kSm90Keys * 128));
             if constexpr (kPaged) {
-              // One box per page run: slots 16 s that start a box of box_keys keys.
-#pragma unroll
-              for (int s = 0; s < TilePages<kSm90Keys>::kSlots; ++s)
-                if ((16 * s) % box_keys == 0)
-                  TmaLoad4d(dst + blk * (kSm90Keys * 128) + 16 * s * 128, &tm_kv, blk * 64, 0,
-                            int(rows.Row(key0 + 16 * s)), pages.entry[s], bar + blk);
+              for (int k = 0; k < kSm90Keys; k += box_keys)
+                TmaLoad4d(dst + blk * (kSm90Keys * 128) + k * 128, &tm_kv, blk * 64, 0,
+                          int(rows.Row(key0 + k)), int(rows.Page(key0 + k)), bar + blk);
             } else {
               TmaLoad4d(dst + blk * (kSm90Keys * 128), &tm_kv, blk * 64, 0, int(key0), int(kvb),
                         bar + blk);
@@ -232,7 +214,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
           const int64_t j = key0 + rr;
           // Keys past kv_len or on a skipped page are zero-filled, never read.
           int64_t off;
-          const bool ok = rows.Locate(pages, rr, j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
+          const bool ok = rows.Locate(j, kv_len, p.k.batch_stride, p.k.row_stride, &off);
           CpAsync16(dst + Swizzle128(kSm90Keys, rr, cc), kv_base + off + cc * 8, ok);
         }
 #pragma unroll 1
@@ -281,12 +263,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   };
   // S_i = Q K_i^T over the column blocks [bi0, bi1) in SeesawBlock order (the
   // whole tile by default), one wgmma group.
-  // tma: whether tile i came by TMA (else cp.async: generic-proxy writes that
-  // the wgmma reads need a proxy fence after).
-  auto issue_s = [&](int i, bool tma, int bi0, int bi1) {
+  auto issue_s = [&](int i, int bi0 = 0, int bi1 = 9) {
     const int buf = i & 1;
     const uint32_t parity = uint32_t(i >> 1) & 1;
-    const bool fence = !tma;
+    const bool fence = !by_tma(i);  // cp.async (generic proxy) writes -> wgmma reads
     const uint32_t tile = tile_addr(buf);
     Sm90Touch(s);
     WgmmaFence();
@@ -320,23 +300,22 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // (D) up to P_j V_j: softmax of S_j (each row's keys past its
   // visible count masked) on the chain's m, P_j into the tile's rope block,
   // alpha_j and m_j published (pready), the row sums updated; alpha_j comes back.
-  auto softmax_publish = [&](int j, bool tma, const TilePages<kSm90Keys>& pages, float& al_lo,
-                             float& al_hi) {
+  auto softmax_publish = [&](int j, float& al_lo, float& al_hi) {
     const int buf = j & 1;
     const int64_t key0 = (t_begin + j) * kSm90Keys + 2 * (lane % 4);
     const int64_t lim_lo64 = n_lo - key0, lim_hi64 = n_hi - key0;
     const int lim_lo = lim_lo64 < 0 ? 0 : (lim_lo64 > 64 ? 64 : int(lim_lo64));
     const int lim_hi = lim_hi64 < 0 ? 0 : (lim_hi64 > 64 ? 64 : int(lim_hi64));
     // Keys on skipped pages (only in tiles the cp.async path loaded); keys
-    // key0 + 8jj and + 1 share a page (page sizes are even), in run jj / 2.
+    // key0 + 8jj and + 1 share a page (page sizes are even).
     bool live[8];
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) live[jj] = true;
     if constexpr (kPaged) {
-      if (!tma) {
+      if (!by_tma(j)) {
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj)
-          live[jj] = key0 + 8 * jj >= kv_len || rows.Valid(pages.entry[jj / 2]);
+          live[jj] = key0 + 8 * jj >= kv_len || rows.Live(key0 + 8 * jj);
       }
     }
     float mx_lo = -INFINITY, mx_hi = -INFINITY;
@@ -388,10 +367,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // (B): the other warpgroup's tile j - 1: wait for its P, take alpha and m
   // (m_{j-1}, the chain), then (with this warpgroup's wgmmas retired) rescale
   // and issue this warpgroup's P V of it.
-  auto other_scale = [&](int j, bool tma_other, float& al_lo, float& al_hi) {
+  auto other_scale = [&](int j, float& al_lo, float& al_hi) {
     const int ob = (j - 1) & 1;
     MbarWait(pready + ob, uint32_t((j - 1) >> 1) & 1);
-    if (!tma_other) FenceProxyAsync();
+    if (!by_tma(j - 1)) FenceProxyAsync();
     al_lo = s_alpha[ob * kSm90Rows + rl];
     al_hi = s_alpha[ob * kSm90Rows + rh];
     m_lo = s_m[ob * kSm90Rows + rl];
@@ -408,21 +387,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
   // otherwise ptxas serializes every wgmma of the kernel (C7515; seen with P V
   // in flight across the back edge: a wait after every HGMMA, 0.98 ms instead
   // of 0.94 for the key-split kernel at 128,128,8192).
-  // The entries of this warpgroup's next tile and of the other's tile before
-  // it, read one iteration ahead.
-  TilePages<kSm90Keys> own_ahead = fetch(wg), other_ahead = fetch(wg - 1);
   for (int j = wg; n > 0 && j - 1 < n; j += 2) {  // n > 0: then j >= n means j >= 1
-    const TilePages<kSm90Keys> own = own_ahead, other = other_ahead;
-    own_ahead = fetch(j + 2);
-    other_ahead = fetch(j + 1);
-    const bool tma_own = by_tma(j, own), tma_other = by_tma(j - 1, other);
     float bl_lo = 1.f, bl_hi = 1.f;
     if (j < n) {
-      issue_s(j, tma_own, 0, 4);  // (A) this warpgroup's column blocks, loaded first
+      issue_s(j, 0, 4);  // (A) this warpgroup's column blocks, loaded first
       if (j >= 1) {
         // (B) the other's tile j - 1, waited for at once: that releases
         // this warpgroup's half of buffer j - 1 before it waits for more data.
-        other_scale(j, tma_other, bl_lo, bl_hi);
+        other_scale(j, bl_lo, bl_hi);
         WgmmaWait<0>();
         Sm90Touch(s);
         other_pv(j, bl_lo, bl_hi);
@@ -430,20 +402,20 @@ __global__ void __launch_bounds__(kSeesawThreads, 1)
         Sm90Touch(o);
         release(j - 1);
       }
-      issue_s(j, tma_own, 4, 9);  // (C) the rest of S_j
+      issue_s(j, 4, 9);  // (C) the rest of S_j
       WgmmaWait<0>();
       Sm90Touch(s);
       Sm90Touch(o);
       // (D)
       float al_lo, al_hi;
-      softmax_publish(j, tma_own, own, al_lo, al_hi);
+      softmax_publish(j, al_lo, al_hi);
       rescale(al_lo, al_hi);
       issue_pv(j & 1);
       WgmmaWait<0>();  // before the loop's back edge (see above)
       Sm90Touch(o);
       release(j);
     } else {
-      other_scale(j, tma_other, bl_lo, bl_hi);
+      other_scale(j, bl_lo, bl_hi);
       other_pv(j, bl_lo, bl_hi);
       WgmmaWait<0>();
       Sm90Touch(o);
