@@ -42,6 +42,11 @@
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
 #             num_splits.
+#   ab        two builds side by side: the working tree (A) and the working tree
+#             with the files under $AB_DIR laid over it (B, e.g. an older kernel
+#             header at its repository path), then jax_mla's MLA decode rows
+#             $AB_ROWS (side_by_side.py --rows; paged with $PAGE, default 64)
+#             timed A B A B, no peers.
 # Limits: TIMEOUT_<STEP> seconds (defaults below). Logs: each step's into
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
@@ -210,13 +215,34 @@ step_profile() {
     python3 -P benchmarks/gpu/profile_mla.py ${PROFILE_ROW:-128 128 8192}
 }
 
+step_ab() {
+  [ -d "${AB_DIR:-}" ] || { echo "ab: AB_DIR is not a folder"; return 2; }
+  local v src=$PWD tree
+  for v in a b; do
+    tree=$(mktemp -d)
+    cp -r "$src"/. "$tree"
+    [ "$v" = b ] && cp -r "$AB_DIR"/. "$tree"
+    (cd "$tree" && CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel -q \
+      --no-build-isolation --no-deps -w "/tmp/ab/$v" -Ccmake.define.JAX_MLA_CUDA=ON \
+      "-Ccmake.define.JAX_MLA_CUDA_ARCHS=${CUDA_ARCHS:-90a}" . >/dev/null) || return 1
+  done
+  local round
+  for round in a b a b; do
+    python3 -m pip install --no-deps --force-reinstall -q /tmp/ab/$round/jax_mla-*.whl || return 1
+    echo "== build $round"
+    # shellcheck disable=SC2086
+    python3 -P benchmarks/gpu/side_by_side.py --skip fa3,prefill --paged "${PAGE:-64}" \
+      --rows "${AB_ROWS:-128,128,4096/128,128,8192/32,128,32768}" | grep -A8 "paged ("
+  done
+}
+
 step_sweep() {
   python3 -P benchmarks/gpu/split_sweep.py \
     --rows "${SWEEP_ROWS:-128,128,8192:1,2,3,4/1,16,16384:32,64,128/64,16,4096:1,2,4}"
 }
 
 declare -A LIMIT=([build]=600 [unit]=60 [test]=900 [sanitize]=600 [bench]=600 [paged]=600
-                  [backward]=600 [layer]=600 [profile]=300 [sweep]=300)
+                  [backward]=600 [layer]=600 [profile]=300 [sweep]=300 [ab]=600)
 status=0
 for step in "$@"; do
   if [ -z "${LIMIT[$step]:-}" ]; then
