@@ -42,11 +42,11 @@
 #             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
 #             num_splits.
-#   ab        two builds side by side: the working tree (A) and the working tree
-#             with the files under $AB_DIR laid over it (B, e.g. an older kernel
-#             header at its repository path), then jax_mla's MLA decode rows
-#             $AB_ROWS (side_by_side.py --rows; paged with $PAGE, default 64)
-#             timed A B A B, no peers.
+#   ab        builds side by side: the working tree (a) and, for each folder of
+#             $AB_DIRS, the working tree with that folder's files laid over it (b,
+#             c, ...: e.g. another form of a kernel header at its repository
+#             path), then jax_mla's MLA decode rows $AB_ROWS (side_by_side.py
+#             --rows; paged with $PAGE, default 64) timed a b ... a b ..., no peers.
 # Limits: TIMEOUT_<STEP> seconds (defaults below). Logs: each step's into
 # $OUT/<step>.log when $OUT is set (the device tool brings $OUT back), and a
 # summary into $OUT/run.log; without $OUT, to the terminal only.
@@ -216,20 +216,25 @@ step_profile() {
 }
 
 step_ab() {
-  [ -d "${AB_DIR:-}" ] || { echo "ab: AB_DIR is not a folder"; return 2; }
-  local v src=$PWD tree
-  for v in a b; do
+  # shellcheck disable=SC2206  # AB_DIRS is a list of words
+  local dirs=("" ${AB_DIRS:-}) letters=(a b c d e f) names=() src=$PWD tree i
+  [ ${#dirs[@]} -gt 1 ] && [ ${#dirs[@]} -le 6 ] || { echo "ab: AB_DIRS: 1 to 5 folders"; return 2; }
+  for ((i = 0; i < ${#dirs[@]}; i++)); do
+    [ "$i" -eq 0 ] || [ -d "${dirs[$i]}" ] || { echo "ab: ${dirs[$i]} is not a folder"; return 2; }
+    names+=("${letters[$i]}")
     tree=$(mktemp -d)
-    cp -r "$src"/. "$tree"
-    [ "$v" = b ] && cp -r "$AB_DIR"/. "$tree"
+    # Not build/: its CMake cache names the tree it was configured in.
+    tar -C "$src" --exclude=./build --exclude=./.carry -cf - . | tar -C "$tree" -xf - || return 1
+    [ "$i" -gt 0 ] && { cp -r "${dirs[$i]}"/. "$tree" || return 1; }
+    echo "== build ${names[$i]}: ${dirs[$i]:-the working tree}"
     (cd "$tree" && CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel -q \
-      --no-build-isolation --no-deps -w "/tmp/ab/$v" -Ccmake.define.JAX_MLA_CUDA=ON \
+      --no-build-isolation --no-deps -w "/tmp/ab/${names[$i]}" -Ccmake.define.JAX_MLA_CUDA=ON \
       "-Ccmake.define.JAX_MLA_CUDA_ARCHS=${CUDA_ARCHS:-90a}" . >/dev/null) || return 1
   done
   local round
-  for round in a b a b; do
+  for round in "${names[@]}" "${names[@]}"; do
     python3 -m pip install --no-deps --force-reinstall -q /tmp/ab/$round/jax_mla-*.whl || return 1
-    echo "== build $round"
+    echo "== run $round"
     # shellcheck disable=SC2086
     python3 -P benchmarks/gpu/side_by_side.py --skip fa3,prefill --paged "${PAGE:-64}" \
       --rows "${AB_ROWS:-128,128,4096/128,128,8192/32,128,32768}" | grep -A8 "paged ("
