@@ -39,7 +39,8 @@
 #             JSON in $OUT/layer_b<B>.json. All three batches may need more than
 #             one call's 10 minutes: LAYER_BATCHES=64 runs the largest alone.
 #   profile   Nsight Compute on one launch of each MLA kernel of
-#             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192").
+#             benchmarks/gpu/profile_mla.py $PROFILE_ROW (default "128 128 8192"; add
+#             "--page 64" for the paged kernel over the same rows).
 #   sweep     benchmarks/gpu/split_sweep.py --rows $SWEEP_ROWS: decode time against
 #             num_splits.
 #   ab        builds side by side: the working tree (a) and, for each folder of
