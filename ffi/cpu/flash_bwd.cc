@@ -13,12 +13,12 @@ namespace {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The fused plan needs at least this many (batch, KV head) tasks. Its tasks
-// are few and of equal cost for equal kv_len, so a pool of T threads runs
-// them at an efficiency of n / (T ceil(n / T)); it does 5/7 of the other
-// plan's GEMM work, so it wins while that efficiency is above 5/7: with
-// n >= 16, on every pool of up to 11 threads (and 16, 32, ... where they
-// divide n). 16 is DeepSeek's 16 heads at batch 1. Decided by the shape
+// The fused plan needs at least this many (batch, KV head) items. They are
+// few and of equal cost for equal kv_len, so a pool of T threads runs n of
+// them at an efficiency of n / (T ceil(n / T)) >= n / (n + T - 1); the plan
+// does 5/7 of the split plan's GEMM work, so it wins while that is above
+// 5/7: for every n >= 16 on pools of up to 7 threads (n = 16 exactly: up to
+// 11, and 16). 16 is DeepSeek's 16 heads at batch 1. Decided by the shape
 // alone, never by the pool, so that a result never depends on the machine.
 constexpr int64_t kFusedMinTasks = 16;
 
