@@ -1,12 +1,17 @@
 """The CPU attention backward kernel (jax_mla_flash_attention_bwd), called
 directly: its dq, dk, dv against jax.vjp of the pure-JAX reference and against
 a float64 numpy backward, over dtypes, GQA ratios, causal masks, awkward
-lengths and positions, on every ISA path; and its C++ argument checks."""
+lengths and positions, on every ISA path and both work plans (fused: dQ added
+by the dK/dV items, taken when batch * KV heads >= FUSED_MIN_TASKS; split: dQ
+items of their own); and its C++ argument checks."""
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,9 @@ from .conftest import F32_TOL, assert_close, cache, positions, randn, visible_ke
 # The kernel's blocks (ffi/cpu/kernels.h kBwdRows, kBwdKeys): lengths are
 # chosen around them.
 BLOCK = 64
+# ffi/cpu/flash_bwd.cc kFusedMinTasks: from this many (batch, KV head) pairs
+# on, the backward runs the fused plan.
+FUSED_MIN_TASKS = 16
 SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
 
 F16, BF16, F32 = jnp.float16, jnp.bfloat16, jnp.float32
@@ -255,9 +263,115 @@ CASES = {
 }
 
 
+# Shapes with batch * heads_kv >= FUSED_MIN_TASKS: the fused plan.
+FUSED_CASES = {
+    # GQA 2, causal, bf16, a partial last key block and a short kv_len
+    "fused_gqa_causal_bf16": dict(
+        batch=2,
+        seq_q=BLOCK + 3,
+        heads_q=16,
+        heads_kv=8,
+        seq_kv=2 * BLOCK + 5,
+        dk=64,
+        dv=32,
+        dtypes=(BF16,) * 4,
+        causal=True,
+        kv_len=[2 * BLOCK + 5, 37],
+    ),
+    # MQA over 16 batch rows of their own kv_len and q_pos: empty caches,
+    # queries before position 0 (rows that see nothing), Sq > Skv
+    "fused_mqa_positions": dict(
+        batch=16,
+        seq_q=BLOCK + 7,
+        heads_q=3,
+        heads_kv=1,
+        seq_kv=BLOCK + 2,
+        dk=48,
+        dv=16,
+        causal=True,
+        q_pos=[-9, 0, 3, -70, 40, 100, 0, 1, -1, 5, 60, 2, -3, 7, 0, 11],
+        kv_len=[30, 0, BLOCK + 2, 5, 17, BLOCK + 2, 1, BLOCK, 2, 9, BLOCK + 1, 0, 40, 3, 64, 8],
+    ),
+    # one query row, f16, not causal, MHA
+    "fused_sq1_f16": dict(
+        batch=4,
+        seq_q=1,
+        heads_q=4,
+        heads_kv=4,
+        seq_kv=BLOCK + 7,
+        dk=80,
+        dv=48,
+        dtypes=(F16,) * 4,
+    ),
+    # DeepSeek's dims and 16 heads at batch 1, odd lengths, negative q_pos
+    "fused_192x128_odd": dict(
+        batch=1,
+        seq_q=BLOCK + 1,
+        heads_q=16,
+        heads_kv=16,
+        seq_kv=BLOCK + 9,
+        dk=192,
+        dv=128,
+        dtypes=(F32, BF16, BF16, F32),
+        causal=True,
+        q_pos=[-2],
+    ),
+}
+
+
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_float64_numpy(cpu, rng, case):
     check_bwd(rng, **case)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES.values(), ids=FUSED_CASES.keys())
+def test_fused_plan_matches_float64_numpy(cpu, rng, case):
+    assert case["batch"] * case["heads_kv"] >= FUSED_MIN_TASKS
+    check_bwd(rng, **case)
+
+
+def test_plans_agree(cpu, rng):
+    # The same problem through both plans: batch 4 of 4 KV heads (fused)
+    # against each batch row alone (split). Different summation orders, so
+    # equal to float32 rounding, not bitwise.
+    batch, seq_q, heads_q, heads_kv, seq_kv, dk, dv = 4, BLOCK + 5, 8, 4, 2 * BLOCK + 3, 64, 32
+    assert batch * heads_kv >= FUSED_MIN_TASKS > heads_kv
+    kv_len = np.array([seq_kv, BLOCK + 1, 9, 0])
+    q_pos = np.array([seq_kv - seq_q, -4, 20, 0])
+    q = randn(rng, (batch, seq_q, heads_q, dk), F32)
+    k = cache(rng, (batch, seq_kv, heads_kv, dk), BF16, kv_len)
+    v = cache(rng, (batch, seq_kv, heads_kv, dv), BF16, kv_len)
+    dout = randn(rng, (batch, seq_q, heads_q, dv), F32)
+    lse, delta, _ = numpy_backward(
+        *(np.asarray(f32(x), np.float64) for x in (q, k, v, dout)),
+        rng.standard_normal((batch, heads_q, seq_q)),
+        q_pos,
+        kv_len,
+        0.125,
+        True,
+    )
+    lse, delta = f32(lse), f32(delta)
+    args = (
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        jnp.asarray(q_pos, jnp.int32),
+        jnp.asarray(kv_len, jnp.int32),
+    )
+    fused = attention_bwd_ffi(*args, scale=0.125, causal=True)
+    split = [
+        attention_bwd_ffi(*(x[b : b + 1] for x in args), scale=0.125, causal=True)
+        for b in range(batch)
+    ]
+    for name, f, parts in zip(("dq", "dk", "dv"), fused, zip(*split)):
+        want = np.concatenate([np.asarray(x) for x in parts])
+        try:
+            assert_close(f, want, jnp.float32, f32_tol=grad_tol(want, 0.125, dk, dv))
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
 
 
 @pytest.mark.parametrize("case", ["gqa_192x128_causal", "bf16_sq_gt_skv"])
@@ -289,24 +403,81 @@ def isa(request, monkeypatch, cpu):
     return request.param
 
 
-@pytest.mark.parametrize("case", ["gqa_192x128_causal", "mixed_two_blocks", "mla_576x512"])
+ALL_CASES = CASES | FUSED_CASES
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gqa_192x128_causal", "mixed_two_blocks", "mla_576x512", "fused_gqa_causal_bf16"],
+)
 def test_each_isa(rng, isa, case):
     # Each ISA's GEMM blocks and their tails: rows in blocks of 6 (4 in the
     # generic copy) with 1-5 left over, lanes in 4 (AVX-512) or 2 vectors
-    # with single vectors after (a block's 1-64 keys; Dv 208 = 13 x 16).
+    # with single vectors after (a block's 1-64 keys; Dv 208 = 13 x 16);
+    # the fused plan's dQ product.
     assert _ffi.module("cpu").isa() == isa
-    check_bwd(rng, **CASES[case])
+    check_bwd(rng, **ALL_CASES[case])
 
 
-def test_results_do_not_depend_on_threads(cpu):
+@pytest.mark.parametrize("case", ["mixed_two_blocks", "fused_gqa_causal_bf16"])
+def test_results_do_not_depend_on_threads(cpu, case):
     # Many work items over the pool's threads: the same inputs, the same bits.
-    case = CASES["mixed_two_blocks"]
-    first, again = (check_bwd(np.random.default_rng(7), **case) for _ in range(2))
+    first, again = (check_bwd(np.random.default_rng(7), **ALL_CASES[case]) for _ in range(2))
     for a, b in zip(first, again):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_every_result_element_is_written(cpu, rng, monkeypatch):
+ONE_THREAD = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+import jax, jax.numpy as jnp, numpy as np
+import jax_mla._ffi  # registers the targets
+args = np.load(sys.argv[1])
+args = [args[f"a{i}"] for i in range(8)]
+call = jax.ffi.ffi_call(
+    "jax_mla_flash_attention_bwd",
+    tuple(jax.ShapeDtypeStruct(args[i].shape, jnp.float32) for i in range(3)),
+)
+with jax.default_device(jax.devices("cpu")[0]):
+    grads = call(*args, scale=np.float32(0.125), causal=np.bool_(True))
+np.savez(sys.argv[2], *(np.asarray(g) for g in grads))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity (Linux) and two CPUs to compare with one",
+)
+@pytest.mark.parametrize("batch, heads_kv", [(2, 8), (1, 2)], ids=["fused", "split"])
+def test_results_do_not_depend_on_thread_count(cpu, rng, tmp_path, batch, heads_kv):
+    # The same call in a process pinned to one CPU (XLA sizes its CPU thread
+    # pools from the process's CPU affinity, and whatever threads it has take
+    # turns on that CPU): the same bits as with this process's pool.
+    seq_q, heads_q, seq_kv, dk, dv = 2 * BLOCK + 3, 2 * heads_kv, 3 * BLOCK + 1, 64, 32
+    args = [
+        randn(rng, (batch, seq_q, heads_q, dk), F32),
+        randn(rng, (batch, seq_kv, heads_kv, dk), F32),
+        randn(rng, (batch, seq_kv, heads_kv, dv), F32),
+        randn(rng, (batch, seq_q, heads_q, dv), F32),
+        f32(rng.uniform(3.0, 5.0, (batch, heads_q, seq_q))),
+        randn(rng, (batch, heads_q, seq_q), F32),
+        jnp.full((batch,), seq_kv - seq_q, jnp.int32),
+        jnp.full((batch,), seq_kv, jnp.int32),
+    ]
+    here = attention_bwd_ffi(*args, scale=0.125, causal=True)
+    np.savez(tmp_path / "args.npz", **{f"a{i}": np.asarray(x) for i, x in enumerate(args)})
+    subprocess.run(
+        [sys.executable, "-P", "-c", ONE_THREAD, tmp_path / "args.npz", tmp_path / "grads.npz"],
+        check=True,
+        cwd=tmp_path,
+    )
+    there = np.load(tmp_path / "grads.npz")
+    for i, g in enumerate(here):
+        np.testing.assert_array_equal(np.asarray(g), there[f"arr_{i}"])
+
+
+@pytest.mark.parametrize("heads_kv", [1, 8], ids=["split", "fused"])
+def test_every_result_element_is_written(cpu, rng, monkeypatch, heads_kv):
     # JAX_MLA_DEBUG_NAN_FILL=1 fills dq, dk and dv with NaN first: an element
     # no work item writes stays NaN and fails check_bwd's finiteness check
     # (keys past kv_len, rows past the last block, an empty batch row).
@@ -315,8 +486,8 @@ def test_every_result_element_is_written(cpu, rng, monkeypatch):
         rng,
         batch=2,
         seq_q=BLOCK + 5,
-        heads_q=2,
-        heads_kv=1,
+        heads_q=2 * heads_kv,
+        heads_kv=heads_kv,
         seq_kv=2 * BLOCK + 3,
         dk=64,
         dv=32,
@@ -326,13 +497,22 @@ def test_every_result_element_is_written(cpu, rng, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("heads_kv", [2, 8], ids=["split", "fused"])
 @pytest.mark.parametrize("seq_q, seq_kv", [(3, 0), (0, 5)], ids=["no_keys", "no_queries"])
-def test_empty_axes(cpu, rng, monkeypatch, seq_q, seq_kv):
+def test_empty_axes(cpu, rng, monkeypatch, seq_q, seq_kv, heads_kv):
     # No keys: dq is 0; no queries: dk and dv are 0; written, not left as
     # the NaN fill put them.
     monkeypatch.setenv("JAX_MLA_DEBUG_NAN_FILL", "1")
     check_bwd(
-        rng, batch=2, seq_q=seq_q, heads_q=4, heads_kv=2, seq_kv=seq_kv, dk=32, dv=16, causal=True
+        rng,
+        batch=2,
+        seq_q=seq_q,
+        heads_q=2 * heads_kv,
+        heads_kv=heads_kv,
+        seq_kv=seq_kv,
+        dk=32,
+        dv=16,
+        causal=True,
     )
 
 

@@ -170,6 +170,10 @@ ATTENTION_CASES = {
     "f32-over-bf16": dict(shape=(2, 3, 11, 2, 1, 48, 16), dtypes="fbb", causal=True, lse=True),
     "mixed": dict(shape=(1, 3, 11, 4, 4, 32, 16), dtypes="bfh", causal=False, lse=True),
     "192-128": dict(shape=(1, 3, 9, 2, 1, 192, 128), dtypes="fff", causal=True, lse=True),
+    # 16 (batch, KV head) pairs: the CPU kernel's fused plan (dQ added by the dK/dV items).
+    "gqa-16-pairs": dict(
+        shape=(4, 7, 23, 8, 4, 32, 16), dtypes="fbf", causal=True, kv_len=[23, 15, 0, 9], lse=True
+    ),
 }
 DTYPES = {"f": jnp.float32, "h": jnp.float16, "b": jnp.bfloat16}
 
@@ -292,6 +296,8 @@ MLA_CASES = {
     "f32-over-f16": dict(
         shape=(2, 5, 11, 2, 48), dv=16, v_offset=32, dtypes="fh", causal=True, q_pos=[-2, 3]
     ),
+    # 16 batch rows of the one KV head: the CPU kernel's fused plan.
+    "batch-16": dict(shape=(16, 3, 9, 2, 32), dv=16, v_offset=16, dtypes="ff", causal=True),
 }
 
 

@@ -86,6 +86,8 @@ struct KvHeads {
 // The backward's view of one (batch, query head): position i's query (Dk
 // values) at q + i * q_stride and its output gradient (Dv values) at
 // dout + i * dout_stride, in elements of their dtypes; its LSE and delta.
+// dq: where attend_bwd_kv adds dS K (unscaled) into position i's dQ row at
+// dq + i * dq_stride; nullptr when dQ comes from attend_bwd_q instead.
 struct BwdQuery {
   const void* q = nullptr;
   DType q_dtype = DType::kF32;
@@ -95,6 +97,8 @@ struct BwdQuery {
   int64_t dout_stride = 0;
   const float* lse = nullptr;    // [Sq]
   const float* delta = nullptr;  // [Sq]
+  float* dq = nullptr;
+  int64_t dq_stride = 0;
 };
 
 struct KernelTable {
@@ -125,7 +129,10 @@ struct KernelTable {
   // dK and dV of keys [j0, j1) (j1 - j0 <= kBwdKeys) of one (batch, KV head)
   // over every position of the heads[g], g < n_heads, that share it: rows j0
   // to j1 of grad_k and grad_v (row t at grad_k + t * gk_stride, ...), k and
-  // v's row 0 at key 0. `scratch` holds BwdKvScratchFloats(dk, dv) floats.
+  // v's row 0 at key 0; and where heads[g].dq is set, dS K of those keys
+  // added into every position's dQ row of head g (not scaled). Keys of a
+  // block that a row does not see add exactly 0. `scratch` holds
+  // BwdKvScratchFloats(dk, dv) floats.
   void (*attend_bwd_kv)(const BwdQuery* heads, int64_t n_heads, const int64_t* end, int64_t seq_q,
                         const KvRows& k, const KvRows& v, int64_t dk, int64_t dv, float scale,
                         int64_t j0, int64_t j1, float* grad_k, int64_t gk_stride, float* grad_v,
@@ -197,9 +204,10 @@ static_assert(kBwdRows % 16 == 0 && kBwdKeys % 16 == 0, "blocks are whole vector
 
 // attend_bwd_kv: K and V transposed [dk + dv, keys], the block's queries
 // (scaled) and output gradients [rows, dk + dv], the scores and their
-// gradients [rows, keys] each, and one converted row.
+// gradients [rows, keys] each, K as stored [keys, dk], and one converted row.
 inline size_t BwdKvScratchFloats(int64_t dk, int64_t dv) {
-  return size_t((dk + dv) * (kBwdKeys + kBwdRows) + 2 * kBwdRows * kBwdKeys + std::max(dk, dv));
+  return size_t((dk + dv) * (kBwdKeys + kBwdRows) + 2 * kBwdRows * kBwdKeys + kBwdKeys * dk +
+                std::max(dk, dv));
 }
 
 // attend_bwd_q: Q and dO transposed [dk + dv, rows], a K and V tile

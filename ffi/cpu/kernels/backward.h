@@ -2,17 +2,20 @@
 // keeps only its output and LSE, so P is recomputed from the LSE:
 //   P = exp(S - lse), dP = dO V^T, dS = P (dP - delta),
 //   dV = P^T dO, dK = scale dS^T Q, dQ = scale dS K
-// (S the scaled scores). Two kinds of work item, each the only writer of its
-// result rows, so that no result depends on thread timing and none needs
-// atomics or a reduction across threads:
+// (S the scaled scores). Each result element has one writer and a fixed
+// summation order, so that no result depends on thread timing and none needs
+// atomics or a reduction across threads. Two kernels:
 //   AttendBwdKv: a block of keys of one KV head over every query of the heads
-//     that share it (dK, dV), keys in the vector lanes;
+//     that share it (dK, dV), keys in the vector lanes; given the heads' dQ
+//     rows it also adds dS K into them (5 GEMMs per query-key pair), which
+//     the driver allows only when one task runs every key block of the KV
+//     head in order;
 //   AttendBwdQ: a block of query rows of one head over the keys they see
-//     (dQ), rows in the vector lanes.
-// Both recompute S and dP: 7 GEMMs per query-key pair instead of 5, the price
-// of not accumulating dQ across threads. Every GEMM is Gemm (c (+)= a b with a
-// broadcast from any strides and b's rows in the lanes), so each operand is
-// transposed once, when its block is loaded. Float32 throughout.
+//     (dQ), rows in the vector lanes, for the driver's other plan, in which
+//     dQ has its own items that recompute S and dP (7 GEMMs per pair).
+// Every GEMM is Gemm (c (+)= a b with a broadcast from any strides and b's
+// rows in the lanes), so each operand is laid out once, when its block is
+// loaded. Float32 throughout.
 //
 // A fragment of ffi/cpu/kernels.cc, compiled once per ISA level inside its
 // namespace (see common.h).
@@ -133,16 +136,17 @@ void AttendBwdKv(const BwdQuery* heads, int64_t n_heads, const int64_t* end, int
                  int64_t j1, float* grad_k, int64_t gk_stride, float* grad_v, int64_t gv_stride,
                  float* scratch) {
   const int64_t nk = j1 - j0, kp = RoundUp(nk, W);
-  float* kt = scratch;              // [dk, kp] K transposed
-  float* vt = kt + dk * kKeys;      // [dv, kp] V transposed
-  float* qs = vt + dv * kKeys;      // [rows, dk] queries times scale
-  float* od = qs + kRows * dk;      // [rows, dv] output gradients
-  float* s = od + kRows * dv;       // [rows, kp] scores, then P
-  float* dp = s + kRows * kKeys;    // [rows, kp] dP, then dS
-  float* row = dp + kRows * kKeys;  // one converted row
+  float* kt = scratch;             // [dk, kp] K transposed
+  float* vt = kt + dk * kKeys;     // [dv, kp] V transposed
+  float* qs = vt + dv * kKeys;     // [rows, dk] queries times scale
+  float* od = qs + kRows * dk;     // [rows, dv] output gradients
+  float* s = od + kRows * dv;      // [rows, kp] scores, then P
+  float* dp = s + kRows * kKeys;   // [rows, kp] dP, then dS
+  float* kn = dp + kRows * kKeys;  // [nk, dk] K as stored, for dQ += dS K
+  float* row = kn + kKeys * dk;    // one converted row
   for (int64_t t = 0; t < nk; ++t) {
-    RowToFloat(k, j0 + t, row, dk);
-    for (int64_t d = 0; d < dk; ++d) kt[d * kp + t] = row[d];
+    RowToFloat(k, j0 + t, kn + t * dk, dk);
+    for (int64_t d = 0; d < dk; ++d) kt[d * kp + t] = kn[t * dk + d];
     RowToFloat(v, j0 + t, row, dv);
     for (int64_t d = 0; d < dv; ++d) vt[d * kp + t] = row[d];
   }
@@ -187,6 +191,10 @@ void AttendBwdKv(const BwdQuery* heads, int64_t n_heads, const int64_t* end, int
       }
       Gemm<true>(s, 1, kp, od, dv, R, gv, gv_stride, nk, dv);   // dV += P^T dO
       Gemm<true>(dp, 1, kp, qs, dk, R, gk, gk_stride, nk, dk);  // dK += dS^T (scale Q)
+      // dQ += dS K over the block's keys (the lanes past nk hold dS = 0);
+      // the driver zeroes the rows first and scales them at the end.
+      if (h.dq != nullptr)
+        Gemm<true>(dp, kp, 1, kn, dk, nk, h.dq + i0 * h.dq_stride, h.dq_stride, R, dk);
     }
   }
 }
