@@ -66,6 +66,14 @@ log() {  # log NAME: stdin to $OUT/NAME.log (and the terminal) or the terminal
   if [ -n "$LOGS" ]; then tee -a "$LOGS/$1.log"; else cat; fi
 }
 
+# cuda_wheel DIR ARCHS: a wheel of the tree in the current folder, the CUDA
+# module forced on for ARCHS, into DIR; only errors, warnings and the result shown.
+cuda_wheel() {
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel --no-build-isolation --no-deps -v \
+    -w "$1" -Ccmake.define.JAX_MLA_CUDA=ON "-Ccmake.define.JAX_MLA_CUDA_ARCHS=$2" . 2>&1 |
+    grep -E "error|warning: |Successfully built"
+}
+
 step_build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   git log -1 --format="commit %h %s" 2>/dev/null || true
@@ -73,10 +81,7 @@ step_build() {
   # install it instead of compiling again.
   local wheels="${WHEEL_DIR:-/tmp/jax_mla_wheel}"
   rm -rf "$wheels"
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel --no-build-isolation --no-deps -v \
-    -w "$wheels" -Ccmake.define.JAX_MLA_CUDA=ON \
-    "-Ccmake.define.JAX_MLA_CUDA_ARCHS=${CUDA_ARCHS:-80;90a}" . 2>&1 |
-    grep -E "error|warning: |Successfully built" || return 1
+  cuda_wheel "$wheels" "${CUDA_ARCHS:-80;90a}" || return 1
   python3 -m pip install --no-deps --force-reinstall -q "$wheels"/jax_mla-*.whl || return 1
   ls -l "$wheels"
   python3 -P -c "import jax, jax_mla
@@ -228,9 +233,7 @@ step_ab() {
     tar -C "$src" --exclude=./build --exclude=./.carry -cf - . | tar -C "$tree" -xf - || return 1
     [ "$i" -gt 0 ] && { cp -r "${dirs[$i]}"/. "$tree" || return 1; }
     echo "== build ${names[$i]}: ${dirs[$i]:-the working tree}"
-    (cd "$tree" && CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel -q \
-      --no-build-isolation --no-deps -w "/tmp/ab/${names[$i]}" -Ccmake.define.JAX_MLA_CUDA=ON \
-      "-Ccmake.define.JAX_MLA_CUDA_ARCHS=${CUDA_ARCHS:-90a}" . >/dev/null) || return 1
+    (cd "$tree" && cuda_wheel "/tmp/ab/${names[$i]}" "${CUDA_ARCHS:-90a}") || return 1
   done
   local round
   for round in "${names[@]}" "${names[@]}"; do
@@ -259,7 +262,7 @@ for step in "$@"; do
   limit="${!var:-${LIMIT[$step]}}"
   start=$(date +%s)
   # timeout runs the step in a child shell that sees the step functions.
-  export -f "step_$step" fi_deps
+  export -f "step_$step" fi_deps cuda_wheel
   timeout "$limit" bash -c "step_$step" 2>&1 | log "$step"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || status=1
