@@ -22,6 +22,10 @@ constexpr int64_t kQuantHeadsChunk = 256;
 static_assert(kQuantHeadsChunk % kKvTile == 0 && kQuantHeadsChunk % kPGroup == 0,
               "chunks must fall on tiles and P groups");
 
+// Floats of one thread's tile-kernel working set the driver aims to keep in
+// L2 (512 KiB a core on Zen 3): 192/128 blocks of 128 rows take 70k.
+constexpr int64_t kTileBudgetFloats = 96 * 1024;
+
 // Per-thread scratch (Grow).
 struct Scratch {
   std::vector<float> q, o, m, l, kernel;
@@ -105,6 +109,19 @@ KvHeads HeadsOf(const RowView& view, int64_t b, int64_t h) {
   return heads;
 }
 
+// Rows per kernel call for a block of R rows of one KV head: all of them
+// when the tile kernel's working set for that many (Q transposed, the
+// scores, O, the K and V tiles) fits kTileBudgetFloats and both caches are
+// float; else calls of kTargetRows (MLA's wide rows; the 8-bit kernels, tuned
+// for that many), each as a block of that size would have been. Rows are
+// independent, so results do not depend on how a block is cut.
+int64_t RowsPerCall(const AttentionParams& p, int64_t R) {
+  if (p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone) return std::min(R, kTargetRows);
+  const int64_t fits =
+      (kTileBudgetFloats - kKvTile * (p.dk + p.dv + kTilePad)) / (p.dk + p.dv + kKvTile);
+  return fits >= R ? R : std::min(R, kTargetRows);
+}
+
 // The nh KV heads' rows (R per head, at q, o, m, l with their key ends `end`)
 // attend keys [kv0, max end) of K and V batch row b of the views. `aligned`:
 // kv0 is a multiple of kPGroup (attend_heads_q8 needs it).
@@ -122,9 +139,12 @@ void AttendRange(const AttentionParams& p, const KernelTable& kern, Scratch& scr
     return scratch.blocks.data();
   };
   if (nh == 1) {
-    RowBlock block{R, q, end, o, m, l};
-    kern.attend(block, RowsOf(kview, b, h0), RowsOf(vview, b, h0), p.v_in_k, dk, dv, kv0,
-                scratch.kernel.data());
+    const int64_t step = RowsPerCall(p, R);
+    for (int64_t r0 = 0; r0 < R; r0 += step) {
+      RowBlock block{std::min(step, R - r0), q + r0 * dk, end + r0, o + r0 * dv, m + r0, l + r0};
+      kern.attend(block, RowsOf(kview, b, h0), RowsOf(vview, b, h0), p.v_in_k, dk, dv, kv0,
+                  scratch.kernel.data());
+    }
   } else if (aligned && HeadsQ8Takes(p.k.fmt, p.v.fmt, dk, dv) && p.v_in_k < 0) {
     // Several KV heads over an 8-bit cache: key by key across the heads, in
     // memory order, as below.
@@ -309,6 +329,9 @@ Plan MakePlan(int64_t batch, int64_t seq_q, int64_t heads_q, int64_t heads_kv, i
   plan.heads_blk = std::min(plan.group, kMaxHeadsPerBlock);
   plan.n_head_blk = CeilDiv(plan.group, plan.heads_blk);
   plan.pos_blk = std::max<int64_t>(1, std::min(seq_q, kTargetRows / plan.heads_blk));
+  const int64_t long_pos_blk = std::max<int64_t>(1, std::min(seq_q, kLongRows / plan.heads_blk));
+  if (batch * heads_kv * plan.n_head_blk * CeilDiv(seq_q, long_pos_blk) >= kLongMinItems)
+    plan.pos_blk = long_pos_blk;
   plan.n_pos_blk = CeilDiv(seq_q, plan.pos_blk);
   const int64_t rows = plan.heads_blk * plan.pos_blk;
   plan.kv_heads_blk = rows < kMinRowsPerKvHead ? heads_kv : 1;

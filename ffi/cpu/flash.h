@@ -14,6 +14,14 @@ namespace jax_mla::cpu {
 // enough query positions to reach this many rows, so that each converted key
 // tile is reused across many rows.
 inline constexpr int64_t kTargetRows = 32;
+// Long prefill (enough query rows that blocks of this many still make at
+// least kLongMinItems work items): blocks of this many rows, so that each
+// K/V tile, converted once per block, serves four times as many rows. The
+// conversion reads K and V rows a whole row of heads apart (a new page per
+// row), which cost as much as the tile's GEMMs at 32 rows (NOTES 16). The
+// driver hands the kernel at most LongRowsPerCall of them at a time.
+inline constexpr int64_t kLongRows = 128;
+inline constexpr int64_t kLongMinItems = 64;
 // At most this many heads of one KV head go in a block (bounds the scratch).
 inline constexpr int64_t kMaxHeadsPerBlock = 128;
 // Below this many rows per KV head (decode with small GQA groups), one work

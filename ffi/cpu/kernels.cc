@@ -12,6 +12,9 @@
 //      are needed and the online softmax below is vectorized across rows;
 //   3. online softmax per row, masking keys past each row's end;
 //   4. O += P V with value dims in the lanes, V un-transposed.
+// On the float path, steps 2-4 skip the rows that are done (a causal block's
+// rows before its diagonal) and the keys no row of a row block sees, so a
+// long block's diagonal costs no more than a short one's.
 // With fewer rows than half a vector (decode with small GQA groups) that
 // would waste the lanes; AttendFew then runs one GEMV per row instead. Blocks
 // of up to 16 rows over float caches (MLA decode) skip step 1 and read K and
@@ -120,10 +123,20 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
   const float* vtile = v_from_k ? w.kt + v_in_k : w.vt;
   const int64_t vstride = v_from_k ? dk : dv + kTilePad;
 
+  // A row that sees none of a tile sees none of the later ones. On the float
+  // path (the 8-bit ones round P over every row) the leading rows that are
+  // done (causal rows before the block's diagonal) are skipped from Q.K to
+  // P.V: from `lo` on, in whole vectors from `lv` for Q.K and the softmax;
+  // and a block of rows skips the keys none of its rows sees.
+  const bool skip = !int8 && !qpv;
+  int64_t lo = 0;
   for (int64_t t0 = kv_begin; t0 < kv_end; t0 += T) {
     // Keys past the block's largest end are never read: they may lie past
     // kv_len and hold anything. Padding rows of the tile are zeros.
     const int64_t tn = std::min(T, kv_end - t0);
+    if (skip)
+      while (rows.end[lo] <= t0) ++lo;  // stops below R: some row ends past t0
+    const int64_t lv = lo / W * W;
     for (int64_t t = 0; t < tn; ++t) {
       if (!int8) RowToFloat(k, t0 + t, w.kt + t * dk, dk);
       if (qpv) {
@@ -136,6 +149,12 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     if (tn < T && !int8) std::fill(w.kt + tn * dk, w.kt + T * dk, 0.f);
     for (int64_t r = 0; r < rp; ++r)
       w.cnt[r] = r < R ? float(std::clamp<int64_t>(rows.end[r] - t0, 0, tn)) : 0.f;
+    // The tile's keys rows [r0, r0 + n) see: the most any of them sees.
+    const auto seen = [&](int64_t r0, int64_t n) {
+      float most = 0.f;
+      for (int64_t r = r0; r < r0 + n; ++r) most = std::max(most, w.cnt[r]);
+      return int64_t(most);
+    };
 
     if (int8) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -169,17 +188,21 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
       for (int64_t t = 0; t < tn; t += KB) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, 0);
     } else {
       constexpr int RV = simd::kQkRowVecs;
+      // Scores a row does not see are left as they are: the softmax masks
+      // them by the row's count.
       const auto block = [&](auto kb, int64_t t) {
         constexpr int KB = decltype(kb)::value;
-        int64_t r0 = 0;
-        for (; r0 + RV * W <= rp; r0 += RV * W) QkLanes<RV, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
-        for (; r0 < rp; r0 += W) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
+        int64_t r0 = lv;
+        for (; r0 + RV * W <= rp; r0 += RV * W)
+          if (t < seen(r0, RV * W)) QkLanes<RV, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
+        for (; r0 < rp; r0 += W)
+          if (t < seen(r0, W)) QkLanes<1, KB>(w.qt, rp, w.kt, dk, w.st, t, r0);
       };
       ForKeyBlocks<simd::kQkKeysMain, simd::kQkKeys>(tn, block);
     }
 
-    Softmax(w, rp, tn);
-    for (int64_t r = 0; r < R; ++r) {
+    Softmax(w, rp, tn, lv);
+    for (int64_t r = lv; r < R; ++r) {
       const float c = w.corr[r];
       if (c == 1.f) continue;
       float* o = rows.o + r * dv;
@@ -187,7 +210,7 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
     }
 
     constexpr int RB = simd::kPvRows;
-    int64_t r0 = 0;
+    int64_t r0 = lo;
     if (qpv) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       QuantizeProbsU8(w.st, rp, tn, w.vd, nbv, pqd, w.ps);
@@ -202,8 +225,14 @@ void Attend(const RowBlock& rows, const KvRows& k, const KvRows& v, int64_t v_in
 #endif
       continue;
     }
-    for (; r0 + RB <= R; r0 += RB) PvRows<RB>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
-    for (; r0 < R; ++r0) PvRows<1>(w.st, rp, r0, vtile, vstride, tn, rows.o, dv);
+    // Each block of rows only up to the last key one of them sees (their
+    // probabilities past it are 0).
+    for (; r0 + RB <= R; r0 += RB)
+      if (const int64_t n = seen(r0, RB); n > 0)
+        PvRows<RB>(w.st, rp, r0, vtile, vstride, n, rows.o, dv);
+    for (; r0 < R; ++r0)
+      if (const int64_t n = seen(r0, 1); n > 0)
+        PvRows<1>(w.st, rp, r0, vtile, vstride, n, rows.o, dv);
   }
 
   for (int64_t r = 0; r < R; ++r) {

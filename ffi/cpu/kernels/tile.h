@@ -41,10 +41,11 @@ Work Carve(float* scratch, int64_t dk, int64_t dv, int64_t rp) {
   return w;
 }
 
-// Online-softmax update for one tile; st holds scores in, probabilities out.
-void Softmax(const Work& w, int64_t rp, int64_t tn) {
+// Online-softmax update for one tile, rows [r_begin, rp) (r_begin a multiple
+// of W); st holds scores in, probabilities out.
+void Softmax(const Work& w, int64_t rp, int64_t tn, int64_t r_begin = 0) {
   const F32 neg_inf = F32::Splat(kNegInf), zero = F32::Zero(), one = F32::Splat(1.f);
-  for (int64_t r0 = 0; r0 < rp; r0 += W) {
+  for (int64_t r0 = r_begin; r0 < rp; r0 += W) {
     const F32 n = F32::Load(w.cnt + r0);
     F32 mx = neg_inf;
     for (int64_t t = 0; t < tn; ++t) {
