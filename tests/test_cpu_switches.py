@@ -13,8 +13,18 @@ import pytest
 import jax_mla
 from jax_mla import _ffi, _splits
 
-from .conftest import KV_TILE, assert_close, check_attention, check_mla, randn, reference_attention
+from .conftest import (
+    KV_TILE,
+    assert_close,
+    cache,
+    check_attention,
+    check_mla,
+    native_attention,
+    randn,
+    reference_attention,
+)
 from .test_quant_kernels import check_attention_quant, check_mla_quant
+from .test_reference import attention_f64
 
 SUPPORTED_ISAS = _ffi.module("cpu").supported_isas().split(",")
 BUILT_ISAS = _ffi.module("cpu").built_isas().split(",")
@@ -151,6 +161,108 @@ def test_tile_row_blocks_and_key_counts_on_each_isa(rng, isa, seq_q, heads_q, he
         causal=causal,
         q_pos=[KV_TILE + 23 - seq_q, 11 - seq_q, 2 * KV_TILE + 1 - seq_q],
         kv_len=kv_len,
+    )
+
+
+# Long prefill: the driver's blocks of kLongRows (128) query rows (at least
+# kLongMinItems = 64 work items of them, see test_heuristics), whole to the
+# float tile kernel when the head dims fit its L2 budget (96/80), else 32 rows
+# at a time (256/256); causal blocks whose diagonal falls inside a key tile at
+# an offset that is no multiple of a vector (q_pos 13, 75) or of the 6-key Q.K
+# blocks, rows before position 0 (q_pos -50: empty rows), kv_len cutting the
+# block (30: most rows end there), and GQA 3 (126-row blocks: 42 positions x 3
+# heads, a padded last vector).
+LONG_PREFILL_CASES = {
+    "mha_causal": dict(
+        batch=2,
+        seq_q=3 * 128 + 37,
+        heads_q=8,
+        heads_kv=8,
+        seq_kv=3 * 128 + 37 + 75,
+        dk=96,
+        dv=80,
+        causal=True,
+        q_pos=[13, 75],
+        kv_len=[3 * 128 + 37 + 13, 3 * 128 + 37 + 75],
+    ),
+    "gqa3_causal_empty_rows": dict(
+        batch=1,
+        seq_q=16 * 42,
+        heads_q=12,
+        heads_kv=4,
+        seq_kv=16 * 42,
+        dk=64,
+        dv=48,
+        causal=True,
+        q_pos=-50,
+        kv_len=16 * 42 - 5,
+    ),
+    "mha_not_causal_short_kv": dict(
+        batch=2,
+        seq_q=4 * 128,
+        heads_q=8,
+        heads_kv=8,
+        seq_kv=KV_TILE + 3,
+        dk=96,
+        dv=80,
+        kv_len=[KV_TILE + 3, 30],
+    ),
+    "wide_dims_32_rows_a_call": dict(
+        batch=1,
+        seq_q=4 * 128 - 1,
+        heads_q=16,
+        heads_kv=16,
+        seq_kv=4 * 128 - 1,
+        dk=256,
+        dv=256,
+        causal=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LONG_PREFILL_CASES.values(), ids=LONG_PREFILL_CASES.keys())
+def test_long_prefill_blocks_on_each_isa(rng, isa, case):
+    # Mixed dtypes against the reference (check_attention: empty rows exact,
+    # NaN past kv_len), and the float32 call against float64 numpy.
+    check_attention(rng, dtypes=(jnp.float32, jnp.bfloat16, jnp.float16), **case)
+    q = randn(rng, (case["batch"], case["seq_q"], case["heads_q"], case["dk"]), jnp.float32)
+    k = cache(rng, (case["batch"], case["seq_kv"], case["heads_kv"], case["dk"]), jnp.float32)
+    v = cache(rng, (case["batch"], case["seq_kv"], case["heads_kv"], case["dv"]), jnp.float32)
+    kw = {key: case.get(key) for key in ("causal", "q_pos", "kv_len")}
+    kw["causal"] = bool(kw["causal"])
+    out, lse = native_attention(q, k, v, **kw)
+    want_out, want_lse = attention_f64(q, k, v, **kw)
+    assert_close(lse, want_lse, jnp.float32)
+    assert_close(out, want_out, jnp.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_long_prefill_mla_splits_on_each_isa(rng, isa, num_splits):
+    # flash_mla's long prefill with small dims (16 heads x 8 positions = 128
+    # rows a call, V inside the K rows) and forced key splits: each split's
+    # rows start at its first key, so rows before it are done from the start.
+    check_mla(
+        rng,
+        batch=2,
+        seq_q=33 * 8 - 3,
+        heads=16,
+        seq_kv=33 * 8 + 40,
+        dk=64,
+        dv=48,
+        v_offset=16,
+        dtypes=(jnp.float32, jnp.bfloat16),
+        causal=True,
+        kv_len=[33 * 8 + 40, 33 * 8 - 10],
+        num_splits=num_splits,
+    )
+
+
+@pytest.mark.parametrize("k_fmt, v_fmt", [("q8_0", "q8_0"), (jnp.float16, "q8_0")])
+def test_long_prefill_quantized_on_each_isa(rng, isa, k_fmt, v_fmt):
+    # 8-bit caches in long prefill: blocks of 128 rows handed to the 8-bit
+    # tile kernels 32 at a time, as blocks of 32 would have been.
+    check_attention_quant(
+        rng, k_fmt, v_fmt, 1, 4 * 128 - 5, 16, 16, 4 * 128 + 20, True, None, [4 * 128 + 11], 64, 64
     )
 
 

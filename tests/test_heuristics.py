@@ -79,6 +79,23 @@ def test_work_items_scale_with_batch(shape):
     assert work_items(batch, 4 * seq_q, heads_q, heads_kv) >= n
 
 
+@pytest.mark.parametrize(
+    "shape, items",
+    [
+        # (batch, seq_q, heads_q, heads_kv): blocks of 128 rows once they still
+        # make 64 items (the long-prefill cases of test_cpu_switches), else 32.
+        ((1, 4096, 16, 16), 16 * 32),
+        ((2, 3 * 128 + 37, 8, 8), 64),
+        ((1, 16 * 42, 12, 4), 64),  # GQA 3: 42 positions x 3 heads
+        ((2, 33 * 8 - 3, 16, 1), 66),  # MLA: 8 positions x 16 heads
+        ((2, 3 * 128, 8, 8), 2 * 8 * 12),  # 48 items of 128: stays at 32 rows
+        ((1, 64, 16, 16), 16 * 2),
+    ],
+)
+def test_work_items_of_long_prefill(shape, items):
+    assert _ffi.module("cpu").work_items(*shape) == items
+
+
 @pytest.mark.parametrize("shape", [(0, 1, 16, 1), (2, 0, 16, 1), (2, 1, 0, 1)])
 def test_work_items_of_empty_problems(shape):
     assert _ffi.module("cpu").work_items(*shape) == 0
