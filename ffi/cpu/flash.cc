@@ -112,14 +112,18 @@ KvHeads HeadsOf(const RowView& view, int64_t b, int64_t h) {
 // Rows per kernel call for a block of R rows of one KV head: all of them
 // when the tile kernel's working set for that many (Q transposed, the
 // scores, O, the K and V tiles) fits kTileBudgetFloats and both caches are
-// float; else calls of kTargetRows (MLA's wide rows; the 8-bit kernels, tuned
-// for that many), each as a block of that size would have been. Rows are
-// independent, so results do not depend on how a block is cut.
-int64_t RowsPerCall(const AttentionParams& p, int64_t R) {
-  if (p.k.fmt != QFormat::kNone || p.v.fmt != QFormat::kNone) return std::min(R, kTargetRows);
+// float; else calls the size of a block of MakePlan's short plan (kTargetRows
+// rows, or the group's heads where there are more: MLA's wide rows, the 8-bit
+// kernels, tuned for that many), so a block the long plan did not enlarge
+// (e.g. 128-head decode) still goes whole. Rows are independent, so results
+// do not depend on how a block is cut.
+int64_t RowsPerCall(const AttentionParams& p, bool quantized, int64_t R) {
   const int64_t fits =
       (kTileBudgetFloats - kKvTile * (p.dk + p.dv + kTilePad)) / (p.dk + p.dv + kKvTile);
-  return fits >= R ? R : std::min(R, kTargetRows);
+  if (!quantized && fits >= R) return R;
+  const int64_t short_rows =
+      std::max(kTargetRows, std::min(p.heads_q / p.heads_kv, kMaxHeadsPerBlock));
+  return std::min(R, short_rows);
 }
 
 // The nh KV heads' rows (R per head, at q, o, m, l with their key ends `end`)
@@ -139,7 +143,7 @@ void AttendRange(const AttentionParams& p, const KernelTable& kern, Scratch& scr
     return scratch.blocks.data();
   };
   if (nh == 1) {
-    const int64_t step = RowsPerCall(p, R);
+    const int64_t step = RowsPerCall(p, quantized, R);
     for (int64_t r0 = 0; r0 < R; r0 += step) {
       RowBlock block{std::min(step, R - r0), q + r0 * dk, end + r0, o + r0 * dv, m + r0, l + r0};
       kern.attend(block, RowsOf(kview, b, h0), RowsOf(vview, b, h0), p.v_in_k, dk, dv, kv0,

@@ -19,7 +19,7 @@ inline constexpr int64_t kTargetRows = 32;
 // K/V tile, converted once per block, serves four times as many rows. The
 // conversion reads K and V rows a whole row of heads apart (a new page per
 // row), which cost as much as the tile's GEMMs at 32 rows (NOTES 16). The
-// driver hands the kernel at most LongRowsPerCall of them at a time.
+// driver hands the kernel at most RowsPerCall (flash.cc) of them at a time.
 inline constexpr int64_t kLongRows = 128;
 inline constexpr int64_t kLongMinItems = 64;
 // At most this many heads of one KV head go in a block (bounds the scratch).
